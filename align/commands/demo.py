@@ -23,8 +23,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
     p.add_argument("--artifacts", default="artifacts/shapes", help="base model, shards and runs (cached)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method (default: 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: small models run fastest single-threaded)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the driver: base training, sampling (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running training runs side by side, one thread each (default: 2)")
     p.add_argument("--methods", default=None, help="comma-separated subset of dpo,dpo-flipped,kto,kto-flipped")
     p.add_argument("--lr", type=float, default=None, help="override the learning rate of every method")
     p.add_argument("--beta", type=float, default=None, help="override beta of every method")
@@ -33,7 +35,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
     from align.demo.run import DemoConfig, quick_config, run_demo
 
     cfg = (quick_config if args.quick else DemoConfig)(out=args.out, artifacts=args.artifacts, seeds=args.seeds)
@@ -41,6 +44,8 @@ def main(argv: list[str]) -> int:
         for name in ("lr", "beta", "steps"):
             if getattr(args, name) is not None:
                 setattr(mcfg, name, getattr(args, name))
+    if args.workers is not None:
+        cfg.workers = max(1, args.workers)
     if args.methods:
         cfg.methods = tuple(m.strip() for m in args.methods.split(","))
     summary = run_demo(cfg, command="align demo " + " ".join(argv))

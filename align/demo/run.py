@@ -1,8 +1,10 @@
-"""The whole demo: world -> base -> on-policy preferences -> DPO / KTO (+ flipped controls) -> judge -> report.
+"""The whole demo: world -> base -> on-policy preferences -> every method x seeds (in worker processes) ->
+judge -> report.
 
-Every training run goes through the real LightningModules and data modules (``DPOModule`` on pair shards,
-``KTOModule`` on single-image shards) with a Lightning ``Trainer``; a callback samples the policy on the
-held-out captions every ``eval_every`` steps and records the judge's score, so each run yields a curve.
+Every training run goes through the real LightningModules and data modules (``align.demo.methods``); a callback
+samples the policy on held-out captions every ``eval_every`` steps and records the judge's score, so each run
+yields a curve. Runs are independent once the base model and the shards exist, so ``workers`` processes (one
+torch thread each: the tiny model runs best single-threaded) share them.
 """
 
 from __future__ import annotations
@@ -10,26 +12,19 @@ from __future__ import annotations
 import json
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log
 from align.demo.evaluate import evaluate, make_pipeline, sample
+from align.demo.methods import METHODS, MethodConfig, RunContext, run_job
 from align.demo.prefs import build_records, pair_samples, single_samples, summary, write_pairs, write_singles
-
-
-@dataclass
-class MethodConfig:
-    steps: int = 120
-    lr: float = 1e-5
-    beta: float = 2000.0
-    batch_size: int = 8
 
 
 @dataclass
@@ -48,6 +43,7 @@ class DemoConfig:
     dpo: MethodConfig = field(default_factory=MethodConfig)
     kto: MethodConfig = field(default_factory=lambda: MethodConfig(lr=1e-5, beta=2000.0, batch_size=16))
     methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped")
+    workers: int = 2  # processes running training jobs side by side (one torch thread each)
     # "base": on-policy samples of the base model (the demo); "rendered": renders of each caption's scene with
     # every colour wrong with probability 0.5 (off-policy, known-good and known-bad images; for toy-scale tests)
     pref_source: str = "base"
@@ -91,58 +87,44 @@ def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np
     return np.stack(out)
 
 
-class JudgeCurve(L.Callback):
-    """Samples the policy on the held-out captions every ``every`` steps and at the end; records the judge score."""
-
-    def __init__(self, evaluate_fn, every: int):
-        self.evaluate_fn, self.every = evaluate_fn, every
-        self.curve: list[tuple[int, float]] = []
-        self.last = None
-
-    def _eval(self, trainer, module):
-        step = trainer.global_step
-        if self.curve and self.curve[-1][0] == step:
-            return
-        res = self.evaluate_fn(module.unet)
-        self.curve.append((step, res["score"]))
-        self.last = res
-        log(f"  step {step}: judge {res['score']:.4f} ({res['seconds']:.0f}s to sample)")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every == 0:
-            self._eval(trainer, module)
-
-    def on_train_end(self, trainer, module):
-        self._eval(trainer, module)
+def run_jobs(ctx: RunContext, jobs: list[tuple[str, int]], workers: int) -> list[dict]:
+    """Run (method, seed) jobs, in ``workers`` spawned processes when > 1; results in job order."""
+    if workers <= 1:
+        return [run_job(ctx, m, s) for m, s in jobs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, ctx, m, s) for m, s in jobs]
+        return [f.result() for f in futures]
 
 
-def train_one(method: str, seed: int, base_dir: Path, shards: Path, mcfg: MethodConfig, curve: JudgeCurve,
-              run_dir: Path):
-    from align.data.kto import KTODataModule
-    from align.data.pickapic import PickAPicDataModule
-    from align.modules import DPOModule, KTOModule
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    common = dict(model=str(base_dir), optimizer=partial(torch.optim.AdamW, lr=mcfg.lr, weight_decay=0.0))
-    loader = dict(batch_size=mcfg.batch_size, resolution=world.SIZE, crop="center", flip_prob=0.0, num_workers=0,
-                  batches_per_epoch=mcfg.steps, seed=seed)
-    if method.startswith("dpo"):
-        module = DPOModule(beta=mcfg.beta, **common)
-        data = PickAPicDataModule(train_shards=str(shards), **loader)
+def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> tuple[dict, dict]:
+    """On-policy (or rendered) images for the training captions, judged, written as pair and single shards
+    (and their flipped controls). Returns (shard dirs, summary)."""
+    eval_kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+    if cfg.pref_source == "base":
+        images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)), **eval_kw)
     else:
-        module = KTOModule(beta=mcfg.beta, **common)
-        data = KTODataModule(shards=str(shards), p_desirable=0.5, **loader)
-    logger = L.pytorch.loggers.CSVLogger(str(run_dir), name=method, version=f"seed{seed}")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=mcfg.steps, logger=logger, log_every_n_steps=5,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, callbacks=[curve], num_sanity_val_steps=0)
-    trainer.fit(module, data)
-    return module
+        images = rendered_samples(train_caps, cfg.images_per_caption)
+    rec = build_records(train_caps, images, cfg.images_per_caption)
+    shards = {}
+    for flipped in (False, True):
+        sfx = "-flipped" if flipped else ""
+        shards[f"pairs{sfx}"] = str(data_dir / f"pairs{sfx}")
+        write_pairs(shards[f"pairs{sfx}"], pair_samples(rec, flipped), shards=4)
+        shards[f"singles{sfx}"] = str(data_dir / f"singles{sfx}")
+        write_singles(shards[f"singles{sfx}"], single_samples(rec, flipped), shards=4)
+    pref_summary = summary(rec)
+    if pref_summary["decisive_pairs"] == 0 or not 0 < pref_summary["desirable"] < pref_summary["images"]:
+        raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class empty): "
+                           f"{pref_summary}; train the base longer or sample more images per caption")
+    return shards, pref_summary
 
 
 def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     from align.models import load_components
 
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
     timings: dict[str, float] = {}
     t_all = time.time()
     out, art = Path(cfg.out), Path(cfg.artifacts)
@@ -155,52 +137,32 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     train_caps, eval_caps = caption_sets(cfg)
     base = load_components(str(base_dir))
     base_pipe = make_pipeline(base)
-    eval_kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
-    eval_fn = lambda pipe: evaluate(pipe, eval_caps, list(cfg.eval_seeds), **eval_kw)  # noqa: E731
-
     t = time.time()
-    base_eval = eval_fn(base_pipe)
+    base_eval = evaluate(base_pipe, eval_caps, list(cfg.eval_seeds), steps=cfg.sample_steps, guidance=cfg.guidance)
     timings["evaluate base"] = time.time() - t
     log(f"base model: judge score {base_eval['score']:.4f} on {len(eval_caps)} held-out captions x "
         f"{len(cfg.eval_seeds)} seeds")
 
     t = time.time()
-    pref_seeds = list(range(cfg.images_per_caption))
-    if cfg.pref_source == "base":
-        images = sample(base_pipe, train_caps, pref_seeds, **eval_kw)
-    else:
-        images = rendered_samples(train_caps, cfg.images_per_caption)
-    rec = build_records(train_caps, images, cfg.images_per_caption)
-    data_dir = art / "prefs"
-    shards = {}
-    for flipped in (False, True):
-        sfx = "-flipped" if flipped else ""
-        shards[f"dpo{sfx}"] = data_dir / f"pairs{sfx}"
-        write_pairs(shards[f"dpo{sfx}"], pair_samples(rec, flipped), shards=4)
-        shards[f"kto{sfx}"] = data_dir / f"singles{sfx}"
-        write_singles(shards[f"kto{sfx}"], single_samples(rec, flipped), shards=4)
-    pref_summary = summary(rec)
-    if pref_summary["decisive_pairs"] == 0 or not 0 < pref_summary["desirable"] < pref_summary["images"]:
-        raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class empty): "
-                           f"{pref_summary}; train the base longer or sample more images per caption")
+    shards, pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
     timings["preference data (sample + judge + shards)"] = time.time() - t
     log(f"preference data: {pref_summary}")
 
-    results: dict = {}
+    ctx = RunContext(base_dir=str(base_dir), run_dir=str(art / "runs"), shards=shards, eval_captions=eval_caps,
+                     long_eval_captions=[], train_captions=train_caps, eval_seeds=list(cfg.eval_seeds),
+                     sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=cfg.eval_every,
+                     methods={"dpo": cfg.dpo, "kto": cfg.kto}, extra={"base_score": base_eval["score"]})
+    t = time.time()
+    jobs = [(m, s) for m in cfg.methods for s in range(cfg.seeds)]
+    log(f"{len(jobs)} training runs ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on {cfg.workers} worker(s)")
+    done = run_jobs(ctx, jobs, cfg.workers)
+    timings[f"training runs ({len(jobs)}, {cfg.workers} workers)"] = time.time() - t
+    results: dict = {m: [] for m in cfg.methods}
     samples: dict = {"base": base_eval["images"]}
-    for method in cfg.methods:
-        mcfg = cfg.dpo if method.startswith("dpo") else cfg.kto
-        t = time.time()
-        results[method] = []
-        for seed in range(cfg.seeds):
-            log(f"{method} seed {seed}: {mcfg.steps} steps (lr {mcfg.lr}, beta {mcfg.beta}, batch {mcfg.batch_size})")
-            curve = JudgeCurve(lambda unet: eval_fn(make_pipeline(base, unet=unet)), cfg.eval_every)
-            curve.curve.append((0, base_eval["score"]))
-            train_one(method, seed, base_dir, shards[method], mcfg, curve, art / "runs")
-            results[method].append({"seed": seed, "final": curve.curve[-1][1], "curve": curve.curve})
-            if seed == 0:
-                samples[method] = curve.last["images"]
-        timings[f"{method} ({cfg.seeds} seeds, train + evaluate)"] = time.time() - t
+    for r in done:
+        results[r["method"]].append({k: r[k] for k in ("seed", "final", "curve", "seconds")})
+        if r["seed"] == 0:
+            samples[r["method"]] = r["images"]
 
     timings["total"] = time.time() - t_all
     summary_out = {

@@ -1,0 +1,152 @@
+"""One training run of one method for one seed: the demo's unit of work, run in a worker process.
+
+A run gets a ``RunContext`` (plain paths and numbers, so it pickles into a worker), trains through the real
+LightningModule of its method with a ``JudgeCurve`` callback that samples the policy on held-out captions every
+``eval_every`` steps, and returns ``{"seed", "final", "curve", "images"}``. ``METHODS`` maps a method name to
+its runner; ``flipped`` variants train on the same data with the preference reversed (the control).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from align.demo import world
+from align.demo.base import log
+
+
+@dataclass
+class MethodConfig:
+    steps: int = 120
+    lr: float = 1e-5
+    beta: float = 2000.0
+    batch_size: int = 8
+    extra: dict = field(default_factory=dict)  # method-specific options (LoRA rank, DDIM steps, ...)
+
+
+@dataclass
+class RunContext:
+    """Everything a worker needs for one run (picklable)."""
+
+    base_dir: str
+    run_dir: str
+    shards: dict  # name -> shard directory ("pairs", "pairs-flipped", "singles", "singles-flipped", "long", ...)
+    eval_captions: list
+    long_eval_captions: list
+    train_captions: list
+    eval_seeds: list
+    sample_steps: int
+    guidance: float
+    eval_every: int
+    methods: dict  # method family ("dpo", "kto", "sft", "rft") -> MethodConfig
+    extra: dict = field(default_factory=dict)  # paths made by the driver (e.g. the preference model's export)
+
+
+_COMPONENTS: dict = {}
+
+
+def base_components(base_dir: str):
+    """The base model's components, loaded once per process (runs only read them: they build their own copies)."""
+    from align.models import load_components
+
+    if base_dir not in _COMPONENTS:
+        _COMPONENTS[base_dir] = load_components(base_dir)
+    return _COMPONENTS[base_dir]
+
+
+class JudgeCurve(L.Callback):
+    """Calls ``evaluate_fn(module)`` every ``every`` steps and at the end; records (step, judge score)."""
+
+    def __init__(self, evaluate_fn, every: int, start: tuple[int, float] | None = None, label: str = ""):
+        self.evaluate_fn, self.every, self.label = evaluate_fn, every, label
+        self.curve: list[tuple[int, float]] = [start] if start else []
+        self.last: dict | None = None
+
+    def _eval(self, trainer, module):
+        step = trainer.global_step
+        if self.curve and self.curve[-1][0] == step and self.last is not None:
+            return
+        res = self.evaluate_fn(module)
+        self.curve.append((step, res["score"]))
+        self.last = res
+        log(f"  {self.label} step {step}: judge {res['score']:.4f} ({res['seconds']:.0f}s to sample)")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0:
+            self._eval(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        self._eval(trainer, module)
+
+
+def fit(module, data, steps: int, run_dir: str, name: str, seed: int, callbacks: list) -> None:
+    """A CPU Lightning fit with the demo's settings: CSV metrics, no checkpoints, gradient clipping at 1."""
+    logger = L.pytorch.loggers.CSVLogger(run_dir, name=name, version=f"seed{seed}")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger, log_every_n_steps=5,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=1.0, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, data)
+
+
+def short_caption_curve(ctx: RunContext, label: str) -> JudgeCurve:
+    """The curve on the held-out short captions, sampling the module's UNet with the base's other parts."""
+    from align.demo.evaluate import evaluate, make_pipeline
+
+    base = base_components(ctx.base_dir)
+
+    def evaluate_fn(module):
+        return evaluate(make_pipeline(base, unet=module.unet), ctx.eval_captions, ctx.eval_seeds,
+                        steps=ctx.sample_steps, guidance=ctx.guidance)
+
+    return JudgeCurve(evaluate_fn, ctx.eval_every, start=(0, ctx.extra["base_score"]), label=label)
+
+
+def loader_args(mcfg: MethodConfig, seed: int) -> dict:
+    return dict(batch_size=mcfg.batch_size, resolution=world.SIZE, crop="center", flip_prob=0.0, num_workers=0,
+                batches_per_epoch=mcfg.steps, seed=seed)
+
+
+def run_preference(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
+    """DPO on judge-labelled pairs, or KTO on judge-labelled singles (``-flipped``: labels reversed)."""
+    from align.data.kto import KTODataModule
+    from align.data.pickapic import PickAPicDataModule
+    from align.modules import DPOModule, KTOModule
+
+    family = method.split("-")[0]
+    mcfg = ctx.methods[family]
+    flipped = "-flipped" if method.endswith("-flipped") else ""
+    common = dict(model=ctx.base_dir, optimizer=partial(torch.optim.AdamW, lr=mcfg.lr, weight_decay=0.0),
+                  beta=mcfg.beta, seed=seed, **mcfg.extra)
+    if family == "dpo":
+        module = DPOModule(**common)
+        data = PickAPicDataModule(train_shards=ctx.shards["pairs" + flipped], **loader_args(mcfg, seed))
+    else:
+        module = KTOModule(**common)
+        data = KTODataModule(shards=ctx.shards["singles" + flipped], p_desirable=0.5, **loader_args(mcfg, seed))
+    curve = short_caption_curve(ctx, f"{method}/{seed}")
+    fit(module, data, mcfg.steps, ctx.run_dir, method, seed, [curve])
+    return curve
+
+
+METHODS = {
+    "dpo": run_preference,
+    "dpo-flipped": run_preference,
+    "kto": run_preference,
+    "kto-flipped": run_preference,
+}
+
+
+def run_job(ctx: RunContext, method: str, seed: int, threads: int = 1) -> dict:
+    """Worker entry point: one method, one seed. Returns the curve, the final score and the final samples."""
+    torch.set_num_threads(threads)
+    L.seed_everything(seed, workers=True, verbose=False)
+    t = time.time()
+    log(f"{method} seed {seed}: start")
+    curve = METHODS[method](ctx, method, seed)
+    return {"method": method, "seed": seed, "final": curve.curve[-1][1], "curve": curve.curve,
+            "images": curve.last["images"], "seconds": time.time() - t}

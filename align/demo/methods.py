@@ -133,11 +133,48 @@ def run_preference(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
     return curve
 
 
+def run_sft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
+    """LongAlign SFT on long-caption shards with segment encoding (``sft-segment``) or CLIP's 77-token
+    truncation (``sft-truncate``), judged on held-out long captions for the facts past token 77."""
+    from align.demo.longalign import module_eval, train_sft
+
+    mcfg = ctx.methods["sft"]
+    encoder = method.split("-", 1)[1]
+
+    def evaluate_fn(module):
+        return module_eval(module, ctx.long_eval_captions, ctx.eval_seeds, steps=ctx.sample_steps,
+                           guidance=ctx.guidance)
+
+    curve = JudgeCurve(evaluate_fn, ctx.eval_every, start=(0, ctx.extra["base_long_score"][encoder]),
+                       label=f"{method}/{seed}")
+    train_sft(ctx.base_dir, ctx.shards["long"], encoder, seed, mcfg.steps, mcfg.lr, mcfg.batch_size, [curve],
+              ctx.run_dir, **mcfg.extra)
+    return curve
+
+
+def run_rft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
+    """Reward fine-tuning of a new LoRA on the training captions: ``rft-judge`` maximises the judge's
+    differentiable relaxation, ``rft-clip`` the tiny CLIP preference model trained on the judge's pairs (with
+    LongAlign's S_w)."""
+    from align.demo.rft import train_rft
+
+    mcfg = ctx.methods["rft"]
+    reward, source = ("shapes-judge", None) if method == "rft-judge" else ("denscore", ctx.extra["preference_model"])
+    curve = short_caption_curve(ctx, f"{method}/{seed}")
+    train_rft(ctx.base_dir, ctx.train_captions, reward, source, seed, mcfg.steps, mcfg.lr, mcfg.batch_size, [curve],
+              ctx.run_dir, guidance=ctx.guidance, **mcfg.extra)
+    return curve
+
+
 METHODS = {
     "dpo": run_preference,
     "dpo-flipped": run_preference,
     "kto": run_preference,
     "kto-flipped": run_preference,
+    "sft-segment": run_sft,
+    "sft-truncate": run_sft,
+    "rft-judge": run_rft,
+    "rft-clip": run_rft,
 }
 
 

@@ -14,7 +14,34 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def plot_curves(results: dict, base_score: float, path: Path) -> None:
+def expectation(method: str) -> str:
+    """What a method must do to the judge score: "down" for the flipped controls, "control" for truncation (it
+    cannot see facts past token 77), "up" for everything else."""
+    if method.endswith("-flipped"):
+        return "down"
+    return "control" if method.endswith("-truncate") else "up"
+
+
+def verdict(method: str, runs: list[dict], baseline: float, results: dict) -> str:
+    m, sd = mean_spread([r["final"] for r in runs])
+    want = expectation(method)
+    direction = "raises" if m > baseline else "lowers" if m < baseline else "leaves"
+    head = f"{direction} the score by {abs(m - baseline):.4f} (2 sd = {2 * sd:.4f})"
+    if len(runs) < 2:
+        return f"{head}; no verdict with one training seed"
+    if want == "control":
+        return f"{head}; control (no expectation)"
+    ok = (m - baseline > 2 * sd) if want == "up" else (baseline - m > 2 * sd)
+    out = f"{head}; expected {want}: {'yes' if ok else 'NOT shown at this scale'}"
+    rival = method.replace("-segment", "-truncate")
+    if rival != method and rival in results:
+        mr, sdr = mean_spread([r["final"] for r in results[rival]])
+        beats = m - mr > 2 * max(sd, sdr)
+        out += f"; beats {rival} ({mr:.4f}) by {m - mr:+.4f}: {'yes' if beats else 'NOT shown at this scale'}"
+    return out
+
+
+def plot_curves(results: dict, baselines: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,10 +53,11 @@ def plot_curves(results: dict, base_score: float, path: Path) -> None:
         vals = np.array([[v for _, v in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
         line, = ax.plot(steps, vals.mean(0), marker="o", label=method, linestyle="--" if "flipped" in method else "-")
         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
-    ax.axhline(base_score, color="grey", lw=0.8, label="base")
+    for value in sorted(set(baselines.values())):
+        ax.axhline(value, color="grey", lw=0.8, linestyle=":")
     ax.set_xlabel("training step")
     ax.set_ylabel("judge score (fraction of facts satisfied)")
-    ax.set_title("held-out captions; mean over training seeds, band = min..max")
+    ax.set_title("held-out captions; mean over training seeds, band = min..max; dotted: base", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -56,7 +84,8 @@ def sample_grid(samples: dict, captions: list[str], per_caption: int, path: Path
 def write_report(out: Path, summary: dict, samples: dict, captions: list[str], per_caption: int,
                  extra_sections: list[str] | None = None) -> Path:
     out = Path(out)
-    plot_curves(summary["results"], summary["base_score"], out / "judge_curves.png")
+    baselines = summary["baselines"]
+    plot_curves(summary["results"], baselines, out / "judge_curves.png")
     sample_grid(samples, captions, per_caption, out / "samples.png")
     cfg = summary["config"]
     base = summary["base_score"]
@@ -69,27 +98,20 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
         f"{cfg['seeds']} training seeds (the base is one fixed model).", "",
         "## Results", "",
-        "| model | judge score (mean ± sd over seeds) | change vs base | per seed |",
-        "|---|---|---|---|",
-        f"| base | {base:.4f} | — | — |",
+        "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change vs base | per seed |",
+        "|---|---|---|---|---|---|",
+        f"| base | short captions | {base:.4f} | — | — | — |",
     ]
     for method, runs in summary["results"].items():
         finals = [r["final"] for r in runs]
         m, sd = mean_spread(finals)
-        lines.append(f"| {method} | {m:.4f} ± {sd:.4f} | {m - base:+.4f} | {', '.join(f'{v:.4f}' for v in finals)} |")
-    lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd; the flipped control 'lowers' it "
-              "when base - mean > 2 sd):", ""]
+        b = baselines[method]
+        lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in finals)} |")
+    lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd; a flipped control 'lowers' it when "
+              "base - mean > 2 sd; segment encoding 'beats' truncation when the difference of means > 2 sd):", ""]
     for method, runs in summary["results"].items():
-        m, sd = mean_spread([r["final"] for r in runs])
-        want_up = "flipped" not in method
-        if len(runs) < 2:
-            verdict = "no verdict with one training seed"
-        else:
-            ok = (m - base > 2 * sd) if want_up else (base - m > 2 * sd)
-            verdict = "yes" if ok else "NOT shown at this scale"
-        direction = "raises" if m > base else "lowers" if m < base else "leaves"
-        lines.append(f"- {method}: {direction} the score by {abs(m - base):.4f} (2 sd = {2 * sd:.4f}); expected "
-                     f"{'up' if want_up else 'down'}: {verdict}")
+        lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'])}")
     p = summary["preferences"]
     lines += ["", "## Data", "",
               f"Preference data: the base sampled {p['images']} images for {p['captions']} training captions "

@@ -42,7 +42,12 @@ class DemoConfig:
     guidance: float = 4.0
     dpo: MethodConfig = field(default_factory=MethodConfig)
     kto: MethodConfig = field(default_factory=lambda: MethodConfig(lr=1e-5, beta=2000.0, batch_size=16))
-    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped")
+    sft: MethodConfig = field(default_factory=lambda: MethodConfig(lr=2e-4, batch_size=8))
+    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=40, lr=3e-3, batch_size=8))
+    long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
+    preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
+    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate", "rft-judge",
+                      "rft-clip")
     workers: int = 2  # processes running training jobs side by side (one torch thread each)
     # "base": on-policy samples of the base model (the demo); "rendered": renders of each caption's scene with
     # every colour wrong with probability 0.5 (off-policy, known-good and known-bad images; for toy-scale tests)
@@ -119,6 +124,33 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
     return shards, pref_summary
 
 
+def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str], str, dict]:
+    """(held-out long captions, long-caption SFT shards, the base's score on them per encoder)."""
+    from align.demo.longalign import evaluate_long, long_eval_captions, write_long_caption_shards
+
+    long_caps = long_eval_captions(cfg.eval_captions, max_objects=cfg.base.max_objects)
+    shards = write_long_caption_shards(data_dir / "long", cfg.long_scenes, seed=cfg.base.seed + 17,
+                                       max_objects=cfg.base.max_objects, exclude=long_caps)
+    scores = {enc: evaluate_long(base, base.unet, enc, long_caps, list(cfg.eval_seeds), steps=cfg.sample_steps,
+                                 guidance=cfg.guidance)["score"] for enc in ("segment", "truncate")}
+    return long_caps, str(shards), scores
+
+
+def preference_model(cfg: DemoConfig, shards: dict, out_dir: Path) -> tuple[Path, float]:
+    """The tiny CLIP preference model ``rft-clip`` optimises, trained on the judge's pairs: the on-policy pairs
+    and as many judge-labelled rendered pairs (caption's scene vs one corruption)."""
+    from align.demo.prefs import write_pairs
+    from align.demo.reward_model import pairwise_accuracy, rendered_pairs, train_preference_model
+    from align.rewards import build_reward
+
+    write_pairs(out_dir / "rendered-pairs", rendered_pairs(2000, seed=cfg.base.seed + 29), shards=4)
+    export = train_preference_model([shards["pairs"], str(out_dir / "rendered-pairs")], out_dir,
+                                    steps=cfg.preference_model_steps, seed=cfg.base.seed)
+    acc = pairwise_accuracy(build_reward("denscore", str(export)), rendered_pairs(300, seed=cfg.base.seed + 31))
+    log(f"preference model: held-out pairwise accuracy {acc:.3f} on rendered judge pairs")
+    return export, acc
+
+
 def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     from align.models import load_components
 
@@ -148,10 +180,22 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     timings["preference data (sample + judge + shards)"] = time.time() - t
     log(f"preference data: {pref_summary}")
 
+    extra: dict = {"base_score": base_eval["score"]}
+    long_caps: list[str] = []
+    if any(m.startswith("sft-") for m in cfg.methods):
+        t = time.time()
+        long_caps, shards["long"], extra["base_long_score"] = long_caption_data(cfg, base, art / "prefs")
+        timings["long-caption data + base on long captions"] = time.time() - t
+        log(f"base model on long captions (facts past token 77): {extra['base_long_score']}")
+    if "rft-clip" in cfg.methods:
+        t = time.time()
+        export, extra["preference_model_accuracy"] = preference_model(cfg, shards, art / "preference_model")
+        extra["preference_model"] = str(export)
+        timings["tiny CLIP preference model"] = time.time() - t
     ctx = RunContext(base_dir=str(base_dir), run_dir=str(art / "runs"), shards=shards, eval_captions=eval_caps,
-                     long_eval_captions=[], train_captions=train_caps, eval_seeds=list(cfg.eval_seeds),
+                     long_eval_captions=long_caps, train_captions=train_caps, eval_seeds=list(cfg.eval_seeds),
                      sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=cfg.eval_every,
-                     methods={"dpo": cfg.dpo, "kto": cfg.kto}, extra={"base_score": base_eval["score"]})
+                     methods={"dpo": cfg.dpo, "kto": cfg.kto, "sft": cfg.sft, "rft": cfg.rft}, extra=extra)
     t = time.time()
     jobs = [(m, s) for m in cfg.methods for s in range(cfg.seeds)]
     log(f"{len(jobs)} training runs ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on {cfg.workers} worker(s)")
@@ -165,9 +209,16 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
             samples[r["method"]] = r["images"]
 
     timings["total"] = time.time() - t_all
+    baselines, eval_sets = {}, {}
+    for m in cfg.methods:
+        long = m.startswith("sft-")
+        baselines[m] = extra["base_long_score"][m.split("-", 1)[1]] if long else base_eval["score"]
+        eval_sets[m] = "long captions, facts past token 77" if long else "short captions"
     summary_out = {
         "config": asdict(cfg), "base_score": base_eval["score"], "preferences": pref_summary,
-        "results": results, "timings_s": timings, "eval_captions": eval_caps,
+        "baselines": baselines, "eval_sets": eval_sets, "base_long_score": extra.get("base_long_score"),
+        "preference_model": extra.get("preference_model_accuracy"),
+        "results": results, "timings_s": timings, "eval_captions": eval_caps, "long_eval_captions": long_caps,
         "torch_threads": torch.get_num_threads(), "command": command,
     }
     (out / "demo.json").write_text(json.dumps(summary_out, indent=2, default=float) + "\n")

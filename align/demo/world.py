@@ -4,8 +4,10 @@ A scene is a list of objects, at most one per cell; its caption has one sentence
 ``"a red square in the top left. a blue triangle in the bottom right."``. Everything is deterministic given a
 ``random.Random``; rendering draws without anti-aliasing, so colours are exact on rendered images.
 
-Long captions (LongAlign) describe the same scenes with a verbose sentence per object after a preamble of
-sentences that carry no facts, so that the last objects' sentences sit beyond CLIP's 77 tokens.
+Long captions (LongAlign) describe the same scenes with a sentence per object (the short sentence's words plus
+a fact-free tail) after a preamble of sentences that carry no facts. The preamble alone is 92 CLIP tokens, so
+every object's sentence starts beyond CLIP's 77 tokens: a 77-token encoder never sees any fact of a long caption
+(``align.demo.longalign.cells_beyond`` names the cells whose sentence lies past the limit).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ LONG_PREAMBLE = (
     "this is a small synthetic picture drawn for a test of long prompts.",
     "the background of the whole picture is a plain dark grey without any texture or pattern at all.",
     "the picture is divided into four equal parts and every part holds at most a single object.",
-)
+    "the parts are not marked by any lines, and a part without an object shows only the plain background.",
+    "every object is drawn with one flat colour and sharp edges, without any outline, shading or shadow.",
+)  # no colour, shape or position words (the judge reads none of it); 92 CLIP tokens
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,7 @@ def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = GR
 
 def sentence(obj: Obj, long: bool = False) -> str:
     if long:
-        return (f"in the {obj.position} part of the picture there is one {obj.color} {obj.shape}, "
-                f"drawn flat and fairly large.")
+        return f"a {obj.color} {obj.shape} in the {obj.position}, drawn flat and fairly large."
     return f"a {obj.color} {obj.shape} in the {obj.position}."
 
 

@@ -15,6 +15,11 @@ Per step (official ``unet_reward.py``; DESIGN.md "LongAlign"):
    direction of the batch across ranks (``direction: batch``) or a saved one (``direction: <file>``); loss =
    ``rft_loss`` = 0.5 * (1 - mean S_w).
 
+A reward without embeddings (not CLIP-based, e.g. the shapes world's ``shapes-judge``) is used *directly*, as in
+DRaFT / AlignProp: step 4 becomes loss = 1 - mean ``reward.score(images, prompts, grad=True)`` (the reward is
+expected in [0, 1], higher better), logged as ``train/reward_mean`` / ``val/reward_mean``; ``w``,
+``direction``, ``direction_fallback`` and ``splitter`` do not apply to it. Steps 1-3 are the same.
+
 Bad input is skipped and logged, never trained on: prompts without segments are dropped
 (``train/skipped_no_segments``; the prompt data module already drops them at read time); a batch that cannot
 define a direction (one prompt) uses ``direction_fallback`` (``train/direction_fallback``) or, without one, is
@@ -117,10 +122,13 @@ class RFTModule(DiffusionModule):
     """Reward fine-tuning with LongAlign's decomposed, reweighted segment-level preference score.
 
     Args:
-        reward / reward_source / reward_options: a CLIP-based registry reward (``denscore``, ``pickscore``,
-            ``hps``, ``clip``), where its weights are, and extra factory options. Frozen, never checkpointed.
+        reward / reward_source / reward_options: a registry reward, where its weights are, and extra factory
+            options. Frozen, never checkpointed. A CLIP-based one (``denscore``, ``pickscore``, ``hps``,
+            ``clip``) gets LongAlign's segment-level S_w; any other (``shapes-judge``) is maximised directly
+            (loss = 1 - mean score; see the module doc).
         reward_dtype: ``float32`` or ``bfloat16`` for the reward's weights.
-        w: the weight of the text-irrelevant part in S_w (0.3; 1 recovers the original score).
+        w: the weight of the text-irrelevant part in S_w (0.3; 1 recovers the original score). ``w``,
+            ``direction``, ``direction_fallback`` and ``splitter`` apply to CLIP-based rewards only.
         direction: ``batch`` (v per batch, averaged across ranks) or a saved direction file (fixed v).
         direction_fallback: a saved direction used when a batch cannot define one (None: skip such batches).
         splitter: how prompts are split into segments for the reward (``official``).
@@ -153,8 +161,8 @@ class RFTModule(DiffusionModule):
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[reward_dtype]
         reward_model = build_reward(reward, reward_source, dtype=dtype, **(reward_options or {}))
-        if not all(hasattr(reward_model, a) for a in ("embed_images", "embed_segments")):
-            raise ValueError(f"reward {reward!r} is not CLIP-based: LongAlign's decomposition needs its embeddings")
+        # no embeddings: LongAlign's decomposition does not apply; the reward is maximised directly
+        direct = not all(hasattr(reward_model, a) for a in ("embed_images", "embed_segments"))
         if kwargs.get("prompt_encoder_args") is None:
             spec = read_encoder_spec(init_lora) or read_encoder_spec(_local_dir(kwargs.get("model")))
             if spec is not None:
@@ -166,7 +174,7 @@ class RFTModule(DiffusionModule):
         if init_lora is not None:
             merged = merge_lora_into_unet(self.unet, init_lora, sdxl=self.components.is_sdxl)
             log.info("merged %d LoRA layers of %s into the base UNet", merged, init_lora)
-        self.reward_model = reward_model
+        self.reward_model, self.direct_reward = reward_model, direct
         self.w, self.splitter = w, splitter
         self.num_steps, self.grad_steps, self.guidance_scale = num_steps, grad_steps, guidance_scale
         self.resolution = resolution or self.components.resolution
@@ -311,8 +319,32 @@ class RFTModule(DiffusionModule):
         image_emb = self.reward_model.embed_images(self.crop_for_reward(images), grad=grad)
         return score_segments(self.reward_model, None, texts, direction, w=self.w, grad=grad, image_emb=image_emb)
 
+    def direct_scores(self, prompts: list[str], grad_indices: list[int], grad: bool) -> torch.Tensor:
+        """A direct reward's scores (N,) of a rollout for ``prompts``."""
+        images = self.crop_for_reward(self.decode(self.rollout(prompts, grad_indices)))
+        return self.reward_model.score(images, prompts, grad=grad)
+
+    def direct_training_step(self, prompts: list[str]):
+        """loss = 1 - mean reward (DRaFT / AlignProp), with the same skips as the CLIP path."""
+        if self.any_rank(not prompts, self.device):
+            self.count("skipped_empty_batch" if not prompts else "skipped_other_rank")
+            self.log_counts()
+            return None
+        scores = self.direct_scores(prompts, self.grad_indices(), grad=True)
+        if self.any_rank(not bool(torch.isfinite(scores.detach()).all()), self.device):
+            self.count("skipped_nonfinite")
+            log.warning("step %d: non-finite reward on some rank; skipping the step", self.global_step)
+            self.log_counts()
+            return None
+        loss = 1 - scores.mean()
+        self.log_metrics("train", {"loss": loss.detach(), "reward_mean": scores.detach().mean()}, len(prompts))
+        self.log_counts()
+        return loss
+
     def training_step(self, batch: dict, batch_idx: int):
         self.log_skipped(batch)
+        if self.direct_reward:
+            return self.direct_training_step(list(batch["caption"]))
         prompts, texts, v, source = self.prepare_texts(list(batch["caption"]))
         degenerate, empty = v is None, len(prompts) == 0
         if self.any_rank(degenerate or empty, self.device):
@@ -344,6 +376,8 @@ class RFTModule(DiffusionModule):
         self.log_metrics(prefix, metrics, batch_size)
 
     def validation_step(self, batch: dict, batch_idx: int):
+        if self.direct_reward:
+            return self.direct_validation_step(list(batch["caption"]), batch_idx)
         prompts, texts, v, source = self.prepare_texts(list(batch["caption"]))
         if self.any_rank(v is None or not prompts, self.device):
             return None
@@ -355,6 +389,18 @@ class RFTModule(DiffusionModule):
             self.count("val_nonfinite")
             return None
         self.log_reward("val", 0.5 * (1 - out.decomposed.weighted.mean()), out, len(prompts), source)
+
+    def direct_validation_step(self, prompts: list[str], batch_idx: int):
+        if self.any_rank(not prompts, self.device):
+            return None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.seed * 100_003 + batch_idx)
+            scores = self.direct_scores(prompts, [], grad=False)
+        if not bool(torch.isfinite(scores).all()):
+            self.count("val_nonfinite")
+            return None
+        self.log_metrics("val", {"loss": 1 - scores.mean(), "reward_mean": scores.mean()}, len(prompts))
 
     # ---- export -------------------------------------------------------------------------------------
     def export(self, out_dir: str | Path) -> Path:

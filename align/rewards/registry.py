@@ -31,6 +31,7 @@ def register_reward(name: str):
 
 def _ensure_builtins() -> None:
     # importing the modules registers their factories
+    from align.demo import soft_judge  # noqa: F401  (the shapes world's differentiable judge, "shapes-judge")
     from align.rewards import aesthetic, clip_score, denscore, hps, image_reward, pickscore  # noqa: F401
 
 

@@ -70,12 +70,19 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=2,
                      base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
                      pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0,), eval_every=1,
-                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2), kto=MethodConfig(steps=2, batch_size=2))
+                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2), kto=MethodConfig(steps=2, batch_size=2),
+                     sft=MethodConfig(steps=2, batch_size=2), rft=MethodConfig(steps=2, batch_size=2,
+                                                                               extra={"num_steps": 2, "grad_steps": 1}),
+                     long_scenes=8, preference_model_steps=2, workers=2)
     summary = run_demo(cfg)
     for name in ("README.md", "judge_curves.png", "samples.png", "demo.json"):
         assert (tmp_path / "report" / name).is_file()
     data = json.loads((tmp_path / "report" / "demo.json").read_text())
-    assert set(data["results"]) == {"dpo", "dpo-flipped", "kto", "kto-flipped"}
+    assert set(data["results"]) == {"dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
+                                    "rft-judge", "rft-clip"}
+    assert data["eval_sets"]["sft-segment"].startswith("long captions")
+    assert set(data["base_long_score"]) == {"segment", "truncate"}
+    assert (tmp_path / "art" / "preference_model" / "export").is_dir()
     for runs in data["results"].values():
         assert [r["seed"] for r in runs] == [0, 1]
         assert [s for s, _ in runs[0]["curve"]] == [0, 1, 2]

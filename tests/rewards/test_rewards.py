@@ -21,7 +21,7 @@ def _cos(a, b):
 
 
 def test_registry_names_and_aliases():
-    assert available_rewards() == ["aesthetic", "clip", "denscore", "hps", "imagereward", "pickscore"]
+    assert available_rewards() == ["aesthetic", "clip", "denscore", "hps", "imagereward", "pickscore", "shapes-judge"]
     assert canonical_name("HPSv2") == "hps" and canonical_name("ImageReward") == "imagereward"
     with pytest.raises(ValueError, match="unknown reward 'nope'.*pickscore"):
         build_reward("nope")

@@ -1,11 +1,13 @@
-"""The shapes-world demo: base model, judge-made preferences, DPO/KTO + flipped controls, judged report.
+"""The shapes-world demo: base model, judge-made preferences, every method + controls, judged report.
 
 Usage::
 
     align demo [--quick] [--out reports/] [--seeds 3] [--artifacts artifacts/shapes] [--threads 1]
 
 Builds the world, trains the base model once (cached under ``<artifacts>/base``), samples it to make on-policy
-preference shards, trains every method for ``--seeds`` training seeds through the real Lightning modules,
+preference shards and long-caption shards, trains every method (DPO, KTO and their flipped controls, LongAlign
+SFT with segment encoding and with 77-token truncation, RFT with the judge's relaxation and with a tiny CLIP
+preference model) for ``--seeds`` training seeds through the real Lightning modules,
 judges every model on held-out captions with fixed sampling seeds, and writes ``<out>/README.md`` (table,
 verdicts, timings), ``<out>/judge_curves.png``, ``<out>/samples.png`` and ``<out>/demo.json``.
 """
@@ -22,12 +24,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="fewer captions and steps (the CI-scale demo)")
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
     p.add_argument("--artifacts", default="artifacts/shapes", help="base model, shards and runs (cached)")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per method (default: 3)")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the driver: base training, sampling (default: all cores)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes running training runs side by side, one thread each (default: 2)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of dpo,dpo-flipped,kto,kto-flipped")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of dpo,dpo-flipped,kto,kto-flipped,sft-segment,sft-truncate,"
+                        "rft-judge,rft-clip (default: all)")
     p.add_argument("--lr", type=float, default=None, help="override the learning rate of every method")
     p.add_argument("--beta", type=float, default=None, help="override beta of every method")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
@@ -39,7 +43,8 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(max(1, args.threads))
     from align.demo.run import DemoConfig, quick_config, run_demo
 
-    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, artifacts=args.artifacts, seeds=args.seeds)
+    seeds = {} if args.seeds is None else {"seeds": args.seeds}
+    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, artifacts=args.artifacts, **seeds)
     for mcfg in (cfg.dpo, cfg.kto):
         for name in ("lr", "beta", "steps"):
             if getattr(args, name) is not None:

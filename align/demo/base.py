@@ -8,7 +8,10 @@ loss, and a tiny UNet learns to follow captions in a few hundred steps; with the
 the loss by ~1e-3 at those steps and the same UNet ignored its captions after 800 steps (measured). Its noise
 schedule is rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
 Flawed"): with SD's schedule the last timestep keeps 7% of the image, so the model learned to read where the
-object is from the starting noise instead of from the caption.
+object is from the starting noise instead of from the caption. And its VAE downsamples by 4 (one more block than
+the ``tiny`` preset's), so the tiny UNet works on 8x8 latents: its two levels then span the whole picture, and it
+learned which cell a caption names within ~900 steps (judge 0.63 at 900 steps, vs 0.17 after 800 steps on the
+preset's 16x16 latents, where objects landed wherever the starting noise put them; measured).
 
 The result is a diffusers pipeline directory (``load_components(dir)`` / ``StableDiffusionPipeline.from_pretrained``)
 with a ``demo_base.json`` recording the settings; it is reused when the settings match.
@@ -39,12 +42,13 @@ class BaseConfig:
     vae_steps: int = 400
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 1200
+    unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True
+    vae_blocks: int = 3  # down blocks of the VAE: 2 is the tiny preset's (16x16 latents), 3 gives 8x8
     seed: int = 0
 
 
@@ -66,6 +70,18 @@ def render_dataset(n: int, seed: int, max_objects: int = world.GRID * world.GRID
 def _progress(stage: str, step: int, total: int, loss: float, start: float) -> None:
     if step == 1 or step % max(1, total // 10) == 0 or step == total:
         log(f"{stage} step {step}/{total} loss {loss:.4f} ({time.time() - start:.0f}s)")
+
+
+def demo_vae(blocks: int):
+    """The tiny preset's VAE with ``blocks`` down/up blocks (channels doubling from 8): downsampling 2**(blocks-1)."""
+    from diffusers import AutoencoderKL
+
+    from align.models.presets import get_preset
+
+    config = dict(get_preset("tiny").vae)
+    config.update(block_out_channels=[8 * 2 ** i for i in range(blocks)],
+                  down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks)
+    return AutoencoderKL(**config)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: BaseConfig, gen: torch.Generator) -> None:
@@ -150,6 +166,9 @@ def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool =
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     parts = load_components("tiny", seed=cfg.seed)
+    if cfg.vae_blocks != len(parts.vae.config.block_out_channels):
+        parts.vae = demo_vae(cfg.vae_blocks)
+        parts.unet.register_to_config(sample_size=world.SIZE // 2 ** (cfg.vae_blocks - 1))
     schedule = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if cfg.zero_terminal_snr else {}
     parts.noise_scheduler = type(parts.noise_scheduler).from_config(
         parts.noise_scheduler.config, prediction_type=cfg.prediction_type, **schedule)

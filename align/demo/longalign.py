@@ -26,6 +26,7 @@ from align.demo import world
 from align.demo.judge import judge, parse_caption
 
 ENCODERS = {"segment": "segment", "truncate": "clip"}  # demo arm -> DiffusionModule prompt_encoder
+CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TRUNCATION = 77  # CLIP's positions: <sot> + 75 content tokens + <eot>
 
 
@@ -105,11 +106,13 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
 
 def train_sft(base_dir: str | Path, shards: str | Path, encoder: str, seed: int, steps: int, lr: float,
               batch_size: int = 8, callbacks=(), run_dir: str | Path | None = None, lora_rank: int = 0,
-              caption_dropout: float = 0.0, weight_decay: float = 0.0):
+              caption_dropout: float = 0.0, weight_decay: float = 0.0, lora_targets=None):
     """LongAlign SFT of the base on long-caption shards with ``encoder`` ``segment`` or ``truncate``, through
     ``SFTModule`` + ``LongCaptionDataModule`` and a Lightning Trainer on CPU; returns the trained module.
 
     ``lora_rank`` 0 fine-tunes the full UNet; the text encoder stays frozen in both arms (as in LongAlign).
+    ``lora_targets``: the LoRA's target modules (default: every attention projection; ``CROSS_ATTENTION``: the
+    cross-attention projections only, which read the conditioning).
     """
     from align.data.longcaption import LongCaptionDataModule
     from align.modules import SFTModule
@@ -117,8 +120,9 @@ def train_sft(base_dir: str | Path, shards: str | Path, encoder: str, seed: int,
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
     L.seed_everything(seed, workers=True, verbose=False)
+    extra = {} if lora_targets is None else {"lora_targets": list(lora_targets)}
     module = SFTModule(model=str(base_dir), prompt_encoder=ENCODERS[encoder], lora_rank=lora_rank,
-                       caption_dropout=caption_dropout, seed=seed,
+                       caption_dropout=caption_dropout, seed=seed, **extra,
                        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay))
     data = LongCaptionDataModule(sources=str(shards), batch_size=batch_size, resolution=world.SIZE, crop="center",
                                  flip_prob=0.0, num_workers=0, batches_per_epoch=steps, seed=seed)

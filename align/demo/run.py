@@ -36,13 +36,13 @@ class DemoConfig:
     pref_captions: int = 256
     images_per_caption: int = 4
     eval_captions: int = 8
-    eval_seeds: tuple = tuple(range(1000, 1012))
-    eval_every: int = 40
-    sample_steps: int = 20
+    eval_seeds: tuple = tuple(range(1000, 1024))
+    eval_every: int = 50
+    sample_steps: int = 10
     guidance: float = 4.0
-    dpo: MethodConfig = field(default_factory=MethodConfig)
-    kto: MethodConfig = field(default_factory=lambda: MethodConfig(lr=1e-5, beta=2000.0, batch_size=16))
-    sft: MethodConfig = field(default_factory=lambda: MethodConfig(lr=2e-4, batch_size=8))
+    dpo: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=1e-4, beta=1000.0, batch_size=16))
+    kto: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=1e-4, beta=500.0, batch_size=16))
+    sft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=120, lr=2e-4, batch_size=8))
     rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=40, lr=3e-3, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
@@ -55,10 +55,15 @@ class DemoConfig:
 
 
 def quick_config(**kw) -> DemoConfig:
-    """``--quick``: the same pipeline with fewer captions, steps and evaluation points."""
-    cfg = DemoConfig(pref_captions=64, eval_captions=8, eval_seeds=tuple(range(1000, 1006)), eval_every=20,
-                     sample_steps=10, dpo=MethodConfig(steps=40), kto=MethodConfig(steps=40, batch_size=16), **kw)
-    return cfg
+    """``--quick``: the same pipeline (same base, cached) with one training seed, fewer captions, steps and
+    sampling seeds; judged at the end of each run only."""
+    kw.setdefault("seeds", 1)
+    return DemoConfig(pref_captions=64, eval_seeds=tuple(range(1000, 1008)), eval_every=0,
+                      dpo=MethodConfig(steps=50, lr=1e-4, beta=1000.0, batch_size=16),
+                      kto=MethodConfig(steps=50, lr=1e-4, beta=500.0, batch_size=16),
+                      sft=MethodConfig(steps=50, lr=2e-4, batch_size=8),
+                      rft=MethodConfig(steps=15, lr=3e-3, batch_size=8),
+                      long_scenes=400, preference_model_steps=100, **kw)
 
 
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:

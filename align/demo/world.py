@@ -57,7 +57,8 @@ def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = GR
 
 def sentence(obj: Obj, long: bool = False) -> str:
     if long:
-        return f"a {obj.color} {obj.shape} in the {obj.position}, drawn flat and fairly large."
+        return (f"a {obj.color} {obj.shape} in the {obj.position}, drawn flat and fairly large with sharp edges, "
+                f"a single object on its own in that part of the picture.")
     return f"a {obj.color} {obj.shape} in the {obj.position}."
 
 

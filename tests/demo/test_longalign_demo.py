@@ -11,7 +11,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base
 from align.demo.judge import judge, parse_caption
-from align.demo.longalign import (cells_beyond, evaluate_long, long_eval_captions, resolve_encoder, train_sft,
+from align.demo.longalign import (CROSS_ATTENTION, cells_beyond, evaluate_long, long_eval_captions, resolve_encoder, train_sft,
                                   write_long_caption_shards)
 from align.models.tokenizer import build_clip_tokenizer
 
@@ -91,27 +91,26 @@ def test_truncation_drops_the_late_facts_and_segments_keep_them(toy_base):
     assert seg.shape[1] > 77 and trunc.shape[1] == 77
 
 
-@pytest.mark.parametrize("encoder", ["segment", "truncate"])
-def test_train_sft_two_steps_and_evaluate(toy_base, tmp_path, encoder):
+@pytest.mark.parametrize("encoder,lora_rank", [("segment", 4), ("truncate", 0)])
+def test_train_sft_two_steps_and_evaluate(toy_base, tmp_path, encoder, lora_rank):
+    from align.models import load_components
+
     held_out = long_eval_captions(2, seed=3)
     shards = write_long_caption_shards(tmp_path / "long", n_scenes=16, seed=0, exclude=held_out)
-    before = {k: v.clone() for k, v in toy_base_unet_state(toy_base).items()}
+    before = load_components(str(toy_base)).unet.state_dict()
     module = train_sft(toy_base, shards, encoder, seed=0, steps=2, lr=1e-3, batch_size=4, run_dir=tmp_path / "runs",
-                       lora_rank=4)
+                       lora_rank=lora_rank, lora_targets=CROSS_ATTENTION if lora_rank else None)
     assert type(module.prompt_encoder).__name__ == ("SegmentTextEncoder" if encoder == "segment"
                                                     else "CLIPPromptEncoder")
-    lora = {k: v for k, v in module.unet.state_dict().items() if "lora_B" in k}
-    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the LoRA moved off its zero init
-    base = {k: v for k, v in module.unet.state_dict().items() if "lora" not in k and "base_layer" not in k}
-    assert all(torch.equal(v, before[k]) for k, v in base.items() if k in before)
+    after = module.unet.state_dict()
+    if lora_rank:  # a LoRA on the cross-attention projections only, moved off its zero init; base weights kept
+        lora = {k: v for k, v in after.items() if "lora_B" in k}
+        assert lora and all(".attn2." in k for k in lora) and any(v.abs().sum() > 0 for v in lora.values())
+        assert all(torch.equal(v, before[k.replace(".base_layer", "")]) for k, v in after.items() if "lora" not in k)
+    else:  # full fine-tuning: the UNet moved
+        assert any(not torch.equal(v, before[k]) for k, v in after.items())
     res = evaluate_long(module.components, module.unet, module.prompt_encoder, held_out, seeds=[0, 1], steps=2)
     assert res["images"].shape == (4, world.SIZE, world.SIZE, 3)
     assert res["cells"] == [{o.cell for o in parse_caption(c)} for c in held_out]
     assert 0.0 <= res["score"] <= 1.0 and len(res["scores"]) == 4
     assert (tmp_path / "runs" / f"longalign-{encoder}" / "seed0" / "hparams.yaml").is_file()
-
-
-def toy_base_unet_state(base_dir):
-    from align.models import load_components
-
-    return load_components(str(base_dir)).unet.state_dict()

@@ -85,7 +85,7 @@ test-all: $(STAMP) ## every test, the slow ones too
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
 demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/ (QUICK=1: 1 seed, fewer steps)
-	$(ALIGN) demo $(if $(QUICK),--quick) --out reports $(ARGS)
+	$(ALIGN) demo $(if $(QUICK),--quick --out reports/quick,--out reports) $(ARGS)
 
 bench: $(STAMP) ## benchmarks on this machine: Lightning vs a bare loop (tiny), FLOPs of SD1.5/SDXL DPO and KTO steps (meta device)
 	$(ALIGN) bench --objective dpo kto --preset tiny --batch 4 --steps 20 --compare-bare --threads 1 $(ARGS)

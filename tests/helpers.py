@@ -35,3 +35,14 @@ def single_sample(key: str, caption="a red square", label=True, image=None, **ex
     """A raw webdataset sample in the single-image (KTO) schema; ``label`` is written as given."""
     meta = {"caption": caption, "label": label, "image_uid": f"uid-{key}", **extra}
     return {"__key__": key, "jpg": image if image is not None else jpeg(), "json": json.dumps(meta).encode()}
+
+
+def perturb_lora(module, seed=0):
+    """peft starts lora_B at zero (so lora_A gets no gradient): move every LoRA weight off its init."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))

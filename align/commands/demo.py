@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of dpo,dpo-flipped,kto,kto-flipped,sft-segment,sft-truncate,"
                         "rft-judge,rft-clip (default: all)")
-    p.add_argument("--lr", type=float, default=None, help="override the learning rate of every method")
-    p.add_argument("--beta", type=float, default=None, help="override beta of every method")
+    p.add_argument("--lr", type=float, default=None, help="override the learning rate of DPO and KTO")
+    p.add_argument("--beta", type=float, default=None, help="override beta of DPO and KTO")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -45,8 +45,9 @@ def main(argv: list[str]) -> int:
 
     seeds = {} if args.seeds is None else {"seeds": args.seeds}
     cfg = (quick_config if args.quick else DemoConfig)(out=args.out, artifacts=args.artifacts, **seeds)
-    for mcfg in (cfg.dpo, cfg.kto):
-        for name in ("lr", "beta", "steps"):
+    for family in ("dpo", "kto", "sft", "rft"):
+        mcfg = getattr(cfg, family)
+        for name in ("lr", "beta", "steps") if family in ("dpo", "kto") else ("steps",):
             if getattr(args, name) is not None:
                 setattr(mcfg, name, getattr(args, name))
     if args.workers is not None:

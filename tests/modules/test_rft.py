@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import perturb_lora
+
 from align.modules.rft import RFTModule, ddim_timesteps, grad_step_indices
 from align.objectives.reward import rft_loss
 
@@ -36,15 +38,6 @@ def make(denscore_dir, **kw):
                 reward_source=str(denscore_dir), num_steps=4, grad_steps=2, guidance_scale=7.5)
     args.update(kw)
     return RFTModule(**args).train()
-
-
-def perturb_lora(module, seed=0):
-    """peft starts lora_B at zero (so lora_A gets no gradient): move every LoRA weight off its init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.unet.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 def test_schedule_matches_the_official_one():

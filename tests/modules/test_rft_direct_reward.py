@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from helpers import perturb_lora
+
 from align.demo.soft_judge import SoftJudge
 from align.modules.rft import RFTModule
 
@@ -15,15 +17,6 @@ def make(**kw):
     args = dict(model="tiny", lora_rank=4, reward="shapes-judge", num_steps=4, grad_steps=1, guidance_scale=4.0)
     args.update(kw)
     return RFTModule(**args).train()
-
-
-def perturb_lora(module, seed=0):
-    """peft starts lora_B at zero (so lora_A gets no gradient): move every LoRA weight off its init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.unet.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 def record_logs(module, monkeypatch) -> dict:

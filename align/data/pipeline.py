@@ -145,7 +145,9 @@ def sample_stream(shards: list[str], decode, counter: SkipCounter, *, shuffle: b
         lambda: rank_shards(shards, shuffle=shuffle, seed=seed),
         wds.tarfile_to_samples(handler=counter.handler),
         decode_stage(decode, counter),
-        *([wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16))] if shuffle and shuffle_buffer > 1 else []),
+        # seeded: webdataset otherwise seeds the buffer from the pid and the clock, and no run would repeat
+        *([wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed)]
+          if shuffle and shuffle_buffer > 1 else []),
     )
 
 
@@ -154,7 +156,7 @@ def mix_streams(streams: list, probabilities: list[float], seed: int):
 
     def source():
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(hash((seed, rank, worker, "mix")))
+        rng = random.Random(f"{seed}/{rank}/{worker}/mix")  # str seeds are hashed with sha512: same in every process
         iterators = [iter(stream) for stream in streams]
         while True:
             yield next(iterators[rng.choices(range(len(iterators)), weights=probabilities)[0]])

@@ -122,7 +122,8 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
               "## Timings (seconds)", "", *(f"- {k}: {v:.0f}" for k, v in summary["timings_s"].items()), "",
               "![judge curves](judge_curves.png)", "", "![samples](samples.png)", "",
               "Sample grid: rows are the first held-out captions (`samples.txt`), columns the models (training "
-              "seed 0, sampling seed of the first column of the evaluation).", ""]
+              "seed 0, first sampling seed); the sft-* columns show the held-out long captions instead "
+              "(`long_eval_captions` in demo.json).", ""]
     lines += extra_sections or []
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")

@@ -74,11 +74,13 @@ def long_eval_captions(n: int, seed: int = 7919, exclude=(), max_objects: int = 
 
 
 def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max_objects: int = 1, exclude=(),
-                              shards: int = 4) -> Path:
+                              shards: int = 16) -> Path:
     """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as long-caption
     shards (``jpg``, ``txt``, ``json``; ``align.data.schema``) ``longcaption-000000.tar`` ... in ``out_dir``.
 
-    Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Returns ``out_dir``.
+    Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are written in random
+    order, so shards need no buffer shuffle (see ``train_sft``); many small shards give each training seed its own
+    order of shards. Returns ``out_dir``.
     """
     from align.data.synthetic import _write_shards
     from align.demo.prefs import png_free_jpeg
@@ -106,13 +108,15 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
 
 def train_sft(base_dir: str | Path, shards: str | Path, encoder: str, seed: int, steps: int, lr: float,
               batch_size: int = 8, callbacks=(), run_dir: str | Path | None = None, lora_rank: int = 0,
-              caption_dropout: float = 0.0, weight_decay: float = 0.0, lora_targets=None):
+              caption_dropout: float = 0.0, weight_decay: float = 0.0, lora_targets=None, shuffle_buffer: int = 0):
     """LongAlign SFT of the base on long-caption shards with ``encoder`` ``segment`` or ``truncate``, through
     ``SFTModule`` + ``LongCaptionDataModule`` and a Lightning Trainer on CPU; returns the trained module.
 
     ``lora_rank`` 0 fine-tunes the full UNet; the text encoder stays frozen in both arms (as in LongAlign).
     ``lora_targets``: the LoRA's target modules (default: every attention projection; ``CROSS_ATTENTION``: the
     cross-attention projections only, which read the conditioning).
+    ``shuffle_buffer``: the data module's (seeded) buffer shuffle; 0 by default, as the shards already hold the
+    scenes in random order.
     """
     from align.data.longcaption import LongCaptionDataModule
     from align.modules import SFTModule
@@ -125,7 +129,8 @@ def train_sft(base_dir: str | Path, shards: str | Path, encoder: str, seed: int,
                        caption_dropout=caption_dropout, seed=seed, **extra,
                        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay))
     data = LongCaptionDataModule(sources=str(shards), batch_size=batch_size, resolution=world.SIZE, crop="center",
-                                 flip_prob=0.0, num_workers=0, batches_per_epoch=steps, seed=seed)
+                                 flip_prob=0.0, num_workers=0, batches_per_epoch=steps, seed=seed,
+                                 shuffle_buffer=shuffle_buffer)
     logger = False
     if run_dir is not None:
         logger = L.pytorch.loggers.CSVLogger(str(run_dir), name=f"longalign-{encoder}", version=f"seed{seed}")

@@ -37,13 +37,13 @@ class DemoConfig:
     images_per_caption: int = 4
     eval_captions: int = 8
     eval_seeds: tuple = tuple(range(1000, 1024))
-    eval_every: int = 50
+    eval_every: int = 75
     sample_steps: int = 10
     guidance: float = 4.0
-    dpo: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=1e-4, beta=1000.0, batch_size=16))
-    kto: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=1e-4, beta=500.0, batch_size=16))
+    dpo: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=2e-5, beta=2000.0, batch_size=16))
+    kto: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=3e-5, beta=1000.0, batch_size=16))
     sft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=120, lr=2e-4, batch_size=8))
-    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=40, lr=3e-3, batch_size=8))
+    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=40, lr=1e-2, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
     methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate", "rft-judge",
@@ -59,10 +59,10 @@ def quick_config(**kw) -> DemoConfig:
     sampling seeds; judged at the end of each run only."""
     kw.setdefault("seeds", 1)
     return DemoConfig(pref_captions=64, eval_seeds=tuple(range(1000, 1008)), eval_every=0,
-                      dpo=MethodConfig(steps=50, lr=1e-4, beta=1000.0, batch_size=16),
-                      kto=MethodConfig(steps=50, lr=1e-4, beta=500.0, batch_size=16),
+                      dpo=MethodConfig(steps=50, lr=2e-5, beta=2000.0, batch_size=16),
+                      kto=MethodConfig(steps=50, lr=3e-5, beta=1000.0, batch_size=16),
                       sft=MethodConfig(steps=50, lr=2e-4, batch_size=8),
-                      rft=MethodConfig(steps=15, lr=3e-3, batch_size=8),
+                      rft=MethodConfig(steps=15, lr=1e-2, batch_size=8),
                       long_scenes=400, preference_model_steps=100, **kw)
 
 

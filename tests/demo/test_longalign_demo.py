@@ -58,7 +58,7 @@ def test_shards_are_long_caption_schema_with_true_long_captions(tmp_path, tok):
     from align.data.longcaption import LongCaptionDataModule
 
     held_out = long_eval_captions(8, seed=3)
-    shards = write_long_caption_shards(tmp_path / "long", n_scenes=24, seed=0, exclude=held_out)
+    shards = write_long_caption_shards(tmp_path / "long", n_scenes=24, seed=0, exclude=held_out, shards=4)
     assert len(list(shards.glob("longcaption-*.tar"))) == 4
     dm = LongCaptionDataModule(sources=str(shards), batch_size=6, resolution=world.SIZE, num_workers=0,
                                batches_per_epoch=4, shuffle_buffer=0)
@@ -109,6 +109,10 @@ def test_train_sft_two_steps_and_evaluate(toy_base, tmp_path, encoder, lora_rank
         assert all(torch.equal(v, before[k.replace(".base_layer", "")]) for k, v in after.items() if "lora" not in k)
     else:  # full fine-tuning: the UNet moved
         assert any(not torch.equal(v, before[k]) for k, v in after.items())
+    if lora_rank:  # reproducible: the same seed trains the same weights (no clock-seeded shuffle buffer)
+        again = train_sft(toy_base, shards, encoder, seed=0, steps=2, lr=1e-3, batch_size=4, lora_rank=lora_rank,
+                          lora_targets=CROSS_ATTENTION).unet.state_dict()
+        assert all(torch.equal(v, again[k]) for k, v in after.items() if "lora" in k)
     res = evaluate_long(module.components, module.unet, module.prompt_encoder, held_out, seeds=[0, 1], steps=2)
     assert res["images"].shape == (4, world.SIZE, world.SIZE, 3)
     assert res["cells"] == [{o.cell for o in parse_caption(c)} for c in held_out]

@@ -118,6 +118,9 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
               f"(disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; {p['pairs']} pairs "
               f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as in the official "
               f"code); {p['desirable']} of {p['images']} images desirable (every fact satisfied).", "",
+              *([f"Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
+                 f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.", ""]
+                if summary.get("preference_model") is not None else []),
               "## Settings", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", "",
               "## Timings (seconds)", "", *(f"- {k}: {v:.0f}" for k, v in summary["timings_s"].items()), "",
               "![judge curves](judge_curves.png)", "", "![samples](samples.png)", "",

@@ -21,12 +21,8 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128)}
 
 
-def render(shape: str, color: str, background: str, size: int, rng: random.Random) -> Image.Image:
-    """One shape of ``color`` on ``background``, at a jittered position and scale."""
-    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    r = size * rng.uniform(0.22, 0.32)
-    cx, cy = size * rng.uniform(0.35, 0.65), size * rng.uniform(0.35, 0.65)
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float) -> None:
+    """A filled circle, square or triangle of radius ``r`` centred at (cx, cy)."""
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
         draw.ellipse(box, fill=COLORS[color])
@@ -34,6 +30,15 @@ def render(shape: str, color: str, background: str, size: int, rng: random.Rando
         draw.rectangle(box, fill=COLORS[color])
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+
+
+def render(shape: str, color: str, background: str, size: int, rng: random.Random) -> Image.Image:
+    """One shape of ``color`` on ``background``, at a jittered position and scale."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    r = size * rng.uniform(0.22, 0.32)
+    cx, cy = size * rng.uniform(0.35, 0.65), size * rng.uniform(0.35, 0.65)
+    draw_shape(draw, shape, color, cx, cy, r)
     return image
 
 

@@ -16,22 +16,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from align.data.synthetic import BACKGROUNDS, COLORS, SHAPES, _write_shards, jpeg_bytes
+from align.data.synthetic import BACKGROUNDS, COLORS, SHAPES, _write_shards, draw_shape, jpeg_bytes
 
 CELLS = ["top left corner", "top middle", "top right corner",
          "middle of the left side", "center", "middle of the right side",
          "bottom left corner", "bottom middle", "bottom right corner"]
 SIZES = {"small": 0.22, "large": 0.40}  # radius as a fraction of a grid cell's side
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
 
 
 def _article(word: str) -> str:

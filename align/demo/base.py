@@ -36,13 +36,13 @@ from align.demo import world
 @dataclass
 class BaseConfig:
     scenes: int = 4000
-    max_objects: int = 1
+    max_objects: int = 2  # one or two objects per scene (see ``align.demo.run.caption_sets`` for why two)
     p_color: float = 0.25
     p_shape: float = 0.15
     vae_steps: int = 400
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 1000
+    unet_steps: int = 1500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1

@@ -67,7 +67,7 @@ def quick_config(**kw) -> DemoConfig:
     return DemoConfig(pref_captions=64, eval_captions=16, eval_every=0,
                       dpo=MethodConfig(steps=50, lr=2e-5, beta=2000.0, batch_size=16),
                       kto=MethodConfig(steps=50, lr=3e-5, beta=1000.0, batch_size=16),
-                      sft=MethodConfig(steps=50, lr=2e-3, batch_size=8, extra=SFT_LORA),
+                      sft=MethodConfig(steps=80, lr=2e-3, batch_size=8, extra=SFT_LORA),
                       rft=MethodConfig(steps=30, lr=1e-3, batch_size=8),
                       long_scenes=400, preference_model_steps=100, **kw)
 

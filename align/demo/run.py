@@ -48,7 +48,7 @@ class DemoConfig:
     kto: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=3e-5, beta=1000.0, batch_size=16))
     sft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=80, lr=2e-3, batch_size=8, extra=SFT_LORA))
     # AdamW moves every parameter by ~lr per step: 1e-3 on the rank-8 LoRA climbs the soft judge, 3e-3 and more
-    # lowered it (measured, see docs/demo/README.md)
+    # lowered it (measured: docs/demo/findings.md)
     rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=120, lr=1e-3, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
@@ -158,12 +158,13 @@ def preference_model(cfg: DemoConfig, shards: dict, out_dir: Path) -> tuple[Path
     from align.demo.reward_model import pairwise_accuracy, rendered_pairs, train_preference_model
     from align.rewards import build_reward
 
-    write_pairs(out_dir / "rendered-pairs", rendered_pairs(2000, seed=cfg.base.seed + 29,
-                                                                     max_objects=cfg.base.max_objects), shards=4)
+    objects = cfg.base.max_objects
+    train_pairs = rendered_pairs(2000, seed=cfg.base.seed + 29, max_objects=objects)
+    write_pairs(out_dir / "rendered-pairs", train_pairs, shards=4)
     export = train_preference_model([shards["pairs"], str(out_dir / "rendered-pairs")], out_dir,
                                     steps=cfg.preference_model_steps, seed=cfg.base.seed)
-    acc = pairwise_accuracy(build_reward("denscore", str(export)), rendered_pairs(300, seed=cfg.base.seed + 31,
-                                                                               max_objects=cfg.base.max_objects))
+    held_out = rendered_pairs(300, seed=cfg.base.seed + 31, max_objects=objects)
+    acc = pairwise_accuracy(build_reward("denscore", str(export)), held_out)
     log(f"preference model: held-out pairwise accuracy {acc:.3f} on rendered judge pairs")
     return export, acc
 

@@ -85,7 +85,9 @@ def test_truncation_drops_the_late_facts_and_segments_keep_them(toy_base):
         seg = resolve_encoder(parts, "segment")([a, b]).embeds
         short = resolve_encoder(parts, "truncate")(["a red square in the top left.",
                                                      "a blue triangle in the bottom right."]).embeds
-    assert torch.equal(trunc[0], trunc[1])  # the 77-token encoder cannot tell the two captions apart
+    # the 77-token encoder cannot tell the two captions apart (same tokens; rows of a batched matmul may round
+    # differently, so not bitwise: seen once on a loaded machine)
+    torch.testing.assert_close(trunc[0], trunc[1], rtol=0, atol=1e-5)
     assert not torch.allclose(seg[0], seg[1])
     assert not torch.allclose(short[0], short[1])
     assert seg.shape[1] > 77 and trunc.shape[1] == 77

@@ -23,12 +23,13 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log
 from align.demo.evaluate import evaluate, make_pipeline, sample
+from align.demo.longalign import CROSS_ATTENTION
 from align.demo.methods import METHODS, MethodConfig, RunContext, run_job
 from align.demo.prefs import build_records, pair_samples, single_samples, summary, write_pairs, write_singles
 
 
 # LongAlign SFT as a rank-32 LoRA on the cross-attention projections (the text -> image path)
-SFT_LORA = {"lora_rank": 32, "lora_targets": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]}
+SFT_LORA = {"lora_rank": 32, "lora_targets": list(CROSS_ATTENTION)}
 
 
 @dataclass

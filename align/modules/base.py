@@ -28,6 +28,17 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 EXPORT_INFO = "align_export.json"  # written beside a LoRA export: the base model it was trained on
 
 
+def check_timestep_range(timestep_range, num_train_timesteps: int) -> tuple[int, int]:
+    """``(low, high)`` with 0 <= low < high <= num_train_timesteps; None means every timestep."""
+    if timestep_range is None:
+        return 0, num_train_timesteps
+    low, high = (int(v) for v in timestep_range)
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"timestep_range must be [low, high) with 0 <= low < high <= {num_train_timesteps}, "
+                         f"got {list(timestep_range)}")
+    return low, high
+
+
 class DiffusionModule(L.LightningModule):
     """Base of the DPO, KTO, SFT and RFT modules.
 
@@ -42,6 +53,10 @@ class DiffusionModule(L.LightningModule):
         reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA), ``copy`` or
             ``none`` (objectives without a reference, e.g. SFT).
         caption_dropout: probability of replacing a caption by the empty string.
+        timestep_range: ``[low, high)``: train on timesteps drawn uniformly from that range instead of from all of
+            ``[0, num_train_timesteps)`` (the official objectives' choice, and the default). High-noise steps are
+            where layout and colour are decided; at low noise a preference pair differs in pixel detail the
+            policy can fit in either direction (measured in the shapes world: ``docs/demo/findings.md``).
         gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the policy UNet.
         reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd state).
         frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet in that dtype
@@ -54,7 +69,8 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, model: str = "tiny", prompt_encoder: str = "clip", prompt_encoder_args: dict | None = None,
                  lora_rank: int = 0,
                  lora_alpha: float | None = None, lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
-                 reference: str = "auto", caption_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 reference: str = "auto", caption_dropout: float = 0.0, timestep_range: tuple[int, int] | None = None,
+                 gradient_checkpointing: bool = False,
                  channels_last: bool = False, compile_unet: bool = False, reference_inference_mode: bool = True,
                  frozen_dtype: str | None = None, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  seed: int = 0):
@@ -97,6 +113,7 @@ class DiffusionModule(L.LightningModule):
                 part.float()
         self.scheduler = parts.noise_scheduler
         self.prediction_type = self.scheduler.config.prediction_type
+        self.timestep_range = check_timestep_range(timestep_range, self.scheduler.config.num_train_timesteps)
         self.caption_dropout = caption_dropout
         self._skipped: dict[str, int] = {}
 
@@ -201,7 +218,8 @@ class DiffusionModule(L.LightningModule):
         """Noise and timesteps, shared across ``group`` consecutive blocks of the batch (pairs: group=2)."""
         n = latents.shape[0] // group
         noise = torch.randn_like(latents[:n]).repeat(group, *([1] * (latents.ndim - 1)))
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=latents.device).repeat(group)
+        low, high = self.timestep_range
+        t = torch.randint(low, high, (n,), device=latents.device).repeat(group)
         return noise, t
 
     # ---- denoising errors ---------------------------------------------------------------------------

@@ -34,6 +34,22 @@ def test_pair_shares_noise_and_timestep(batch, monkeypatch):
     assert not torch.equal(seen["latents"][:b], seen["latents"][b:])  # winners and losers differ
 
 
+def test_timestep_range_bounds_the_sampled_timesteps(batch):
+    m = DPOModule(model="tiny", timestep_range=(600, 610)).train()
+    latents = torch.zeros(400, 4, 4, 4)
+    noise, t = m.sample_noise(latents, group=2)
+    assert int(t.min()) >= 600 and int(t.max()) <= 609 and len(set(t.tolist())) == 10
+    assert torch.equal(t[:200], t[200:]) and torch.equal(noise[:200], noise[200:])
+    _, t_all = DPOModule(model="tiny").sample_noise(latents)
+    assert int(t_all.min()) < 600  # the default draws from every timestep
+
+
+@pytest.mark.parametrize("bad", [(500, 500), (-1, 10), (0, 1001)])
+def test_a_bad_timestep_range_fails_at_start(bad):
+    with pytest.raises(ValueError, match="timestep_range"):
+        DPOModule(model="tiny", timestep_range=bad)
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_loss_is_log2_when_policy_equals_reference(batch, lora_rank):
     m = DPOModule(model="tiny", lora_rank=lora_rank).train()

@@ -138,7 +138,7 @@ def convert_rate(model: str, resolution: int, shards: str, pairs: int) -> None:
     import torch
 
     from align.data.commands.cache_latents import Encoder
-    from align.data.writer import iter_tar_samples
+    from align.data.tars import iter_tar_samples
     from align.models import load_components
 
     settings = {"model": model, "model_fingerprint": "-", "resolution": resolution, "flip": False, "dtype": "fp32",

@@ -20,34 +20,32 @@ a different source is refused and nothing in it is touched. On resume, shards li
 size and sha256 verify are kept; the others are rewritten. Every run ends by writing ``summary.json`` (rows
 read, written, skipped by reason) and printing it.
 
-Also here: shard I/O helpers shared by the reading commands (``verify``, ``kto-labels``) and image
-preparation shared by all converters.
+Reading shards back lives in :mod:`align.data.tars`; the converters' shared helpers (image preparation,
+JSONL reading, command-line options) in :mod:`align.data.convert_helpers`.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import io
 import json
 import math
 import multiprocessing as mp
 import os
 import queue as queue_module
 import sys
-import tarfile
 import time
 import traceback
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
+
+from align.data.tars import READ_ERRORS, sha256_file
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 MANIFEST_FORMAT = "align-shards/1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class ForeignOutputError(RuntimeError):
@@ -56,10 +54,6 @@ class ForeignOutputError(RuntimeError):
 
 class BusyOutputError(ForeignOutputError):
     """Another live process is writing the output folder."""
-
-
-class ImageError(ValueError):
-    """Image bytes that cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -125,234 +119,7 @@ class Summary:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- images
-
-def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality: int = 95) -> bytes:
-    """Validated RGB JPEG bytes, downscaled so the longer side is <= ``max_side`` and the shorter side is
-    <= ``shorter_side`` (0 = no limit; never upscales). A JPEG that needs no change is decoded (so
-    truncated data is caught) and returned as is; anything else is re-encoded at ``quality``.
-    Raises :class:`ImageError` for bytes that cannot be decoded."""
-    from PIL import Image
-
-    if not data:
-        raise ImageError("empty image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            scale = 1.0
-            if max_side and max(width, height) > max_side:
-                scale = min(scale, max_side / max(width, height))
-            if shorter_side and min(width, height) > shorter_side:
-                scale = min(scale, shorter_side / min(width, height))
-            if scale == 1.0 and image.format == "JPEG" and image.mode == "RGB":
-                # Validation only: DCT-scaled decoding still reads every entropy-coded byte (so truncation
-                # is caught) at half the cost of a full decode.
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                image.load()
-                return bytes(data)
-            target = (max(1, round(width * scale)), max(1, round(height * scale)))
-            if image.format == "JPEG" and scale < 1.0:
-                image.draft("RGB", target)  # DCT-domain downscale to >= target: much faster decoding
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                converted = Image.new("RGB", rgba.size, (255, 255, 255))
-                converted.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                converted = image.convert("RGB")
-            if converted.size != target:
-                converted = converted.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            out = io.BytesIO()
-            converted.save(out, "JPEG", quality=quality)
-            return out.getvalue()
-    except Exception as exn:  # any failure of a third-party decoder on bad bytes is a bad image
-        raise ImageError(f"{type(exn).__name__}: {exn}") from None
-
-
-def long_caption_sample(image: bytes | None, caption: str | None, meta: dict, opts: dict,
-                        key: str | None = None) -> dict | Skip:
-    """A long-caption sample (``jpg``, ``txt``, ``json``) or the reason it cannot be one. ``opts`` carries
-    ``max_side``, ``shorter_side`` and ``quality`` (see :func:`prepare_jpeg`)."""
-    caption = caption.strip() if isinstance(caption, str) else ""
-    if not caption:
-        return Skip("missing_caption")
-    if not image:
-        return Skip("missing_image")
-    try:
-        jpg = prepare_jpeg(image, opts.get("max_side", 0), opts.get("shorter_side", 0), opts.get("quality", 95))
-    except ImageError:
-        return Skip("undecodable_image")
-    sample = {"jpg": jpg, "txt": caption, "json": meta}
-    if key is not None:
-        sample["__key__"] = key
-    return sample
-
-
-def image_options(args) -> dict:
-    """The image options of parsed :func:`add_image_args` arguments (they are part of the fingerprint)."""
-    return {"max_side": args.max_side, "shorter_side": args.shorter_side, "quality": args.quality}
-
-
-def chunk_units(rows: list, shard_size: int, name: str, payload: Callable[[list], Any]) -> list[Unit]:
-    """Split an in-memory list of rows into units of one shard each: ``Unit(f"{name}:{k}", len, payload(chunk))``."""
-    return [Unit(f"{name}:{k // shard_size}", len(rows[k:k + shard_size]), payload(rows[k:k + shard_size]))
-            for k in range(0, len(rows), shard_size)]
-
-
-def iter_jsonl(path: str | os.PathLike, start: int = 0) -> Iterator[tuple[int, Any]]:
-    """(byte offset, parsed object or None when the line is not JSON) for every non-blank line."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        while True:
-            offset = handle.tell()
-            line = handle.readline()
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                yield offset, json.loads(line)
-            except ValueError:
-                yield offset, None
-
-
-def read_jsonl_at(handle, offset: int) -> Any:
-    handle.seek(offset)
-    return json.loads(handle.readline())
-
-
-def dotted(obj: Any, path: str) -> Any:
-    """``obj["a"]["b"]`` for ``path`` "a.b"; None when any step is missing."""
-    for part in path.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return None
-        obj = obj[part]
-    return obj
-
-
-def norm_relpath(path: str) -> str:
-    """A relative path as a stable key: forward slashes, no leading ``./`` or ``/``."""
-    path = str(path).replace("\\", "/")
-    while path.startswith("./"):
-        path = path[2:]
-    return path.lstrip("/")
-
-
-def find_image(directory: str | os.PathLike, stem: str) -> Path | None:
-    """``directory/<stem>.jpg|.jpeg|.png|.webp`` (first that exists), or None."""
-    for suffix in IMAGE_SUFFIXES:
-        path = Path(directory) / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def add_image_args(parser, max_side: int = 0, shorter_side: int = 0) -> None:
-    parser.add_argument("--max-side", type=int, default=max_side,
-                        help=f"downscale so the longer side is at most this (0 = keep; default {max_side})")
-    parser.add_argument("--shorter-side", type=int, default=shorter_side,
-                        help=f"downscale so the shorter side is at most this (0 = keep; default {shorter_side})")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-
-
-def add_writer_args(parser, prefix: str, shard_size: int = 1000) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created; resumable)")
-    parser.add_argument("--prefix", default=prefix, help=f"shard name prefix (default {prefix})")
-    parser.add_argument("--shard-size", type=int, default=shard_size,
-                        help=f"input rows per shard (default {shard_size})")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                        help="worker processes (output is identical for any number)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# --------------------------------------------------------------------------------------- shard helpers
-
-def expand_shard_paths(specs: Iterable[str], suffix: str = ".tar") -> tuple[list[str], list[str]]:
-    """Expand paths, globs, brace patterns (``shards-{000000..000009}.tar``) and folders (every ``*.tar`` in
-    them) into (existing paths in order, specs that matched nothing). Duplicates are kept once."""
-    from braceexpand import braceexpand
-
-    found: list[str] = []
-    missing: list[str] = []
-    for spec in specs:
-        for pattern in braceexpand(spec):
-            if os.path.isdir(pattern):
-                matches = sorted(str(p) for p in Path(pattern).rglob(f"*{suffix}") if p.is_file())
-            elif glob.has_magic(pattern):
-                matches = sorted(glob.glob(pattern, recursive=True))
-            else:
-                matches = [pattern] if os.path.isfile(pattern) else []
-            if not matches:
-                missing.append(pattern)
-            found.extend(matches)
-    seen: set[str] = set()
-    unique = [p for p in found if not (p in seen or seen.add(p))]
-    return unique, missing
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """Tar member name -> (sample key, field), exactly as webdataset groups members."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(name)
-    return (key or name), (ext or "")
-
-
-def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """Yield (key, {field: TarInfo}, open tar) for each run of consecutive members sharing a key (a new sample
-    also starts when a field repeats), like webdataset's grouping; read a member with
-    ``tar.extractfile(info)`` (random access: only the members read are read). A damaged tar raises
-    ``tarfile.TarError`` / ``OSError`` / ``EOFError`` where the damage is."""
-    with tarfile.open(path, "r:*") as tar:
-        key, group = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key or ext in group:
-                if key is not None:
-                    yield key, group, tar
-                key, group = member_key, {}
-            group[ext] = member
-        if key is not None:
-            yield key, group, tar
-
-
-def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    """A member's bytes; raises EOFError when the archive ends early."""
-    handle = tar.extractfile(member)
-    data = handle.read() if handle else b""
-    if len(data) != member.size:
-        raise EOFError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
-    return data
-
-
-def iter_tar_samples(path: str, fields: Callable[[str], bool] | None = None
-                     ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """Yield (key, {field: bytes}) per sample, reading members as they stream by (fine for compressed tars);
-    fields for which ``fields(field)`` is false are listed with value None and not read."""
-    with tarfile.open(path, "r:*") as tar:
-        key, sample = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key or ext in sample:
-                if key is not None:
-                    yield key, sample
-                key, sample = member_key, {}
-            sample[ext] = read_member(tar, member) if fields is None or fields(ext) else None
-        if key is not None:
-            yield key, sample
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
+# ------------------------------------------------------------------------------------------ manifest
 
 def file_identity(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list:
     """(name relative to ``root``, size) of an input file, for source fingerprints. Not the mtime (copies
@@ -385,9 +152,6 @@ def fingerprint(obj: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------- writing
-
-READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)  # pyarrow's errors derive from these
-
 
 class _HashingFile:
     """A write-only file wrapper that hashes and counts what goes through it."""

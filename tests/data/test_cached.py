@@ -17,8 +17,8 @@ from align.data.commands.cache_latents import main as cache_main
 from align.data.kto import KTODataModule, decode_single
 from align.data.pickapic import PickAPicDataModule, decode_pair
 from align.data.pipeline import SkipSample
+from align.data.tars import iter_tar_samples
 from align.data.transforms import ImageTransform
-from align.data.writer import iter_tar_samples
 from align.modules import DPOModule
 from align.modules.kto import KTOModule
 

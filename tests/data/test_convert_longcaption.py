@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from align.data.commands import coco, folder, journeydb, sam, verify
-from align.data.writer import iter_tar_samples
+from align.data.tars import iter_tar_samples
 
 
 def image(seed: int, size=(24, 16), fmt="JPEG") -> bytes:

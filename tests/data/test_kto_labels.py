@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from align.data.commands import kto_labels, verify
-from align.data.writer import iter_tar_samples
+from align.data.tars import iter_tar_samples
 
 COLORS = {u: (i * 19 % 256, i * 53 % 256, i * 101 % 256) for i, u in enumerate("ABCDEFGHIJKLM")}
 

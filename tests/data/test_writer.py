@@ -1,18 +1,16 @@
-"""align.data.writer: deterministic partitioning, atomic shards, manifest, resume, foreign folders, helpers."""
+"""align.data.writer: deterministic partitioning, atomic shards, manifest, resume, foreign folders; read back."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from align.data import writer
-from align.data.writer import ForeignOutputError, ImageError, Skip, Unit, write_shards
+from align.data import tars, writer
+from align.data.writer import ForeignOutputError, Skip, Unit, write_shards
 
 CONVERTED: list[str] = []
 
@@ -78,7 +76,7 @@ def test_partition_within_units_and_summary(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["skipped_total"] == 4
     for name in names:
         record = manifest["shards"][name]
-        assert writer.sha256_file(out / name) == record["sha256"] and (out / name).stat().st_size == record["bytes"]
+        assert tars.sha256_file(out / name) == record["sha256"] and (out / name).stat().st_size == record["bytes"]
         for member in members(out / name):
             assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o444)
     assert members(out / names[5]) == []  # all rows skipped: a valid, empty shard keeps the numbering
@@ -164,39 +162,19 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging(tmp_path: Path) -> None:
             == {p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.tar")})
 
 
-def _image(size, mode="RGB", fmt="JPEG") -> bytes:
-    out = io.BytesIO()
-    Image.new(mode, size, (10, 200, 30, 0)[: len(mode)] if mode != "L" else 5).save(out, fmt)
-    return out.getvalue()
-
-
-def test_prepare_jpeg() -> None:
-    small = _image((16, 12))
-    assert writer.prepare_jpeg(small, max_side=16) == small  # nothing to do: bytes pass through
-    big = Image.open(io.BytesIO(writer.prepare_jpeg(_image((64, 32)), max_side=16)))
-    assert big.format == "JPEG" and big.size == (16, 8)
-    short = Image.open(io.BytesIO(writer.prepare_jpeg(_image((64, 32)), shorter_side=16)))
-    assert short.size == (32, 16)
-    rgba = Image.open(io.BytesIO(writer.prepare_jpeg(_image((8, 8), "RGBA", "PNG"))))
-    assert rgba.mode == "RGB" and rgba.getpixel((0, 0))[0] > 240  # transparent -> white, not black
-    for bad in (b"", b"garbage", small[: len(small) // 2]):
-        with pytest.raises(ImageError):
-            writer.prepare_jpeg(bad)
-
-
 def test_expand_and_read_shards(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write(out, units(*PLAN))
-    paths, missing = writer.expand_shard_paths([str(out / "toy-{000000..000002}.tar"), str(out / "toy-00000[45].tar"),
-                                                str(tmp_path / "nope-*.tar")])
+    paths, missing = tars.expand_shard_paths([str(out / "toy-{000000..000002}.tar"), str(out / "toy-00000[45].tar"),
+                                              str(tmp_path / "nope-*.tar")])
     assert [Path(p).name for p in paths] == ["toy-000000.tar", "toy-000001.tar", "toy-000002.tar",
                                              "toy-000004.tar", "toy-000005.tar"]
     assert missing == [str(tmp_path / "nope-*.tar")]
-    assert len(writer.expand_shard_paths([str(out)])[0]) == 6
-    samples = list(writer.iter_tar_samples(paths[0]))
+    assert len(tars.expand_shard_paths([str(out)])[0]) == 6
+    samples = list(tars.iter_tar_samples(paths[0]))
     assert [k for k, _ in samples] == ["0000000000", "0000000001"]
     assert samples[0][1] == {"json": b'{"value": "a"}', "txt": b"a"}
-    lazy = list(writer.iter_tar_samples(paths[0], fields=lambda f: f == "txt"))
+    lazy = list(tars.iter_tar_samples(paths[0], fields=lambda f: f == "txt"))
     assert lazy[1][1] == {"json": None, "txt": b"b"}
 
 

@@ -40,9 +40,9 @@ from align.data.cached import (COMMAND, EMBEDS, PAIR_MOMENTS, PAIR_MOMENTS_FLIP,
 from align.data.images import decode_image
 from align.data.pipeline import SkipSample
 from align.data.schema import PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, pair_meta_problem, single_meta_problem
+from align.data.tars import READ_ERRORS, expand_shard_paths, iter_tar_groups, iter_tar_samples
 from align.data.transforms import ImageTransform
-from align.data.writer import (READ_ERRORS, Skip, Unit, expand_shard_paths, file_identity, iter_tar_groups,
-                               iter_tar_samples, load_manifest, run_command, write_shards)
+from align.data.writer import Skip, Unit, file_identity, load_manifest, run_command, write_shards
 
 # settings that change the cached values: an existing output made with other values is refused
 CHECKED = ("schema", "model_fingerprint", "resolution", "flip", "dtype", "store_dtype", "prompt_encoder")

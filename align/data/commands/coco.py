@@ -19,8 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from align.data.writer import (add_image_args, add_writer_args, chunk_units, file_identity, image_options,
-                               long_caption_sample, run_command, write_shards)
+from align.data.convert_helpers import add_image_args, add_writer_args, chunk_units, image_options, long_caption_sample
+from align.data.writer import file_identity, run_command, write_shards
 
 
 def clean(caption: str) -> str:

@@ -16,9 +16,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-from align.data.writer import (IMAGE_SUFFIXES, add_image_args, add_writer_args, chunk_units, dotted,
-                               file_identity, image_options, iter_jsonl, long_caption_sample, norm_relpath,
-                               run_command, write_shards)
+from align.data.convert_helpers import (IMAGE_SUFFIXES, add_image_args, add_writer_args, chunk_units, dotted,
+                                        image_options, iter_jsonl, long_caption_sample, norm_relpath)
+from align.data.writer import file_identity, run_command, write_shards
 
 
 def convert_files(payload: tuple, need):

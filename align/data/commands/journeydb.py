@@ -20,9 +20,10 @@ import tarfile
 from array import array
 from pathlib import Path
 
-from align.data.writer import (IMAGE_SUFFIXES, Skip, Unit, add_image_args, add_writer_args, dotted,
-                               expand_shard_paths, file_identity, image_options, iter_jsonl, long_caption_sample,
-                               norm_relpath, read_jsonl_at, read_member, run_command, write_shards)
+from align.data.convert_helpers import (IMAGE_SUFFIXES, add_image_args, add_writer_args, dotted, image_options,
+                                        iter_jsonl, long_caption_sample, norm_relpath, read_jsonl_at)
+from align.data.tars import expand_shard_paths, read_member
+from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
 
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 

@@ -31,9 +31,10 @@ import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
+from align.data.convert_helpers import add_writer_args
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
-from align.data.writer import (Skip, Unit, add_writer_args, expand_shard_paths, file_identity, iter_tar_groups,
-                               read_member, run_command, write_shards)
+from align.data.tars import expand_shard_paths, iter_tar_groups, read_member
+from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
 
 POLICIES = ("preferred-once", "always-won", "drop-contested")
 UID_KEYS = ("image_0_uid", "image_1_uid")

@@ -20,9 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from align.data.convert_helpers import (ImageError, add_image_args, add_writer_args, find_image, image_options,
+                                        prepare_jpeg)
 from align.data.schema import PAIR_OPTIONAL_META, pair_meta_problem
-from align.data.writer import (ImageError, Skip, Unit, add_image_args, add_writer_args, file_identity, find_image,
-                               image_options, prepare_jpeg, run_command, write_shards)
+from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
 
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 UID_COLUMNS = ("image_0_uid", "image_1_uid")

@@ -17,8 +17,9 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from align.data.writer import (Unit, add_image_args, add_writer_args, expand_shard_paths, file_identity,
-                               image_options, long_caption_sample, read_member, run_command, write_shards)
+from align.data.convert_helpers import add_image_args, add_writer_args, image_options, long_caption_sample
+from align.data.tars import expand_shard_paths, read_member
+from align.data.writer import Unit, file_identity, run_command, write_shards
 
 
 def _is_image(member: tarfile.TarInfo) -> bool:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from align.data.schema import (LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, pair_meta_problem,
                                single_meta_problem)
-from align.data.writer import MANIFEST, expand_shard_paths, iter_tar_samples, sha256_file
+from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
+from align.data.writer import MANIFEST
 
 SCHEMAS = ("pair", "single", "long")
 

@@ -1,0 +1,103 @@
+"""Reading shard tars: expanding shard specs into paths, grouping members into samples as webdataset does.
+
+Kept apart from :mod:`align.data.writer` so that the commands that only read shards (``verify``, ``kto-labels``,
+``cache-latents``) and the writer's own resume check share one small reader without the writing machinery.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)  # pyarrow's errors derive from these
+
+
+def expand_shard_paths(specs: Iterable[str], suffix: str = ".tar") -> tuple[list[str], list[str]]:
+    """Expand paths, globs, brace patterns (``shards-{000000..000009}.tar``) and folders (every ``*.tar`` in
+    them) into (existing paths in order, specs that matched nothing). Duplicates are kept once."""
+    from braceexpand import braceexpand
+
+    found: list[str] = []
+    missing: list[str] = []
+    for spec in specs:
+        for pattern in braceexpand(spec):
+            if os.path.isdir(pattern):
+                matches = sorted(str(p) for p in Path(pattern).rglob(f"*{suffix}") if p.is_file())
+            elif glob.has_magic(pattern):
+                matches = sorted(glob.glob(pattern, recursive=True))
+            else:
+                matches = [pattern] if os.path.isfile(pattern) else []
+            if not matches:
+                missing.append(pattern)
+            found.extend(matches)
+    seen: set[str] = set()
+    unique = [p for p in found if not (p in seen or seen.add(p))]
+    return unique, missing
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Tar member name -> (sample key, field), exactly as webdataset groups members."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name)
+    return (key or name), (ext or "")
+
+
+def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
+    """Yield (key, {field: TarInfo}, open tar) for each run of consecutive members sharing a key (a new sample
+    also starts when a field repeats), like webdataset's grouping; read a member with
+    ``tar.extractfile(info)`` (random access: only the members read are read). A damaged tar raises
+    ``tarfile.TarError`` / ``OSError`` / ``EOFError`` where the damage is."""
+    with tarfile.open(path, "r:*") as tar:
+        key, group = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key or ext in group:
+                if key is not None:
+                    yield key, group, tar
+                key, group = member_key, {}
+            group[ext] = member
+        if key is not None:
+            yield key, group, tar
+
+
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A member's bytes; raises EOFError when the archive ends early."""
+    handle = tar.extractfile(member)
+    data = handle.read() if handle else b""
+    if len(data) != member.size:
+        raise EOFError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
+    return data
+
+
+def iter_tar_samples(path: str, fields: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """Yield (key, {field: bytes}) per sample, reading members as they stream by (fine for compressed tars);
+    fields for which ``fields(field)`` is false are listed with value None and not read."""
+    with tarfile.open(path, "r:*") as tar:
+        key, sample = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key or ext in sample:
+                if key is not None:
+                    yield key, sample
+                key, sample = member_key, {}
+            sample[ext] = read_member(tar, member) if fields is None or fields(ext) else None
+        if key is not None:
+            yield key, sample
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

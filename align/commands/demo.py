@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer captions and steps (the CI-scale demo)")
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
-    p.add_argument("--artifacts", default="artifacts/shapes", help="base model, shards and runs (cached)")
+    p.add_argument("--artifacts", default=None,
+                   help="base model, shards and runs, cached (default: artifacts/shapes; --quick: artifacts/shapes-quick)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the driver: base training, sampling (default: all cores)")
@@ -43,8 +44,8 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(max(1, args.threads))
     from align.demo.run import DemoConfig, quick_config, run_demo
 
-    seeds = {} if args.seeds is None else {"seeds": args.seeds}
-    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, artifacts=args.artifacts, **seeds)
+    given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
+    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, **given)
     for family in ("dpo", "kto", "sft", "rft"):
         mcfg = getattr(cfg, family)
         for name in ("lr", "beta", "steps") if family in ("dpo", "kto") else ("steps",):

@@ -12,7 +12,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig
 from align.demo.prefs import build_records, pair_samples, single_samples, write_pairs, write_singles
-from align.demo.run import DemoConfig, MethodConfig, run_demo
+from align.demo.run import HIGH_NOISE, DemoConfig, MethodConfig, run_demo
 
 
 def _rendered_records(n: int = 6, k: int = 3):
@@ -69,7 +69,8 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=2,
                      base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
                      pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0,), eval_every=1,
-                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2), kto=MethodConfig(steps=2, batch_size=2),
+                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
+                     kto=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
                      sft=MethodConfig(steps=2, batch_size=2), rft=MethodConfig(steps=2, batch_size=2,
                                                                                extra={"num_steps": 2, "grad_steps": 1}),
                      long_scenes=8, preference_model_steps=2, workers=2)

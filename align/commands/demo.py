@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
 
     given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
     cfg = (quick_config if args.quick else DemoConfig)(out=args.out, **given)
-    for family in ("dpo", "kto", "sft", "rft"):
+    for family in ("dpo", "kto", "sft", "rft", "rft_clip"):
         mcfg = getattr(cfg, family)
         for name in ("lr", "beta", "steps") if family in ("dpo", "kto") else ("steps",):
             if getattr(args, name) is not None:

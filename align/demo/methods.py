@@ -42,7 +42,7 @@ class RunContext:
     sample_steps: int
     guidance: float
     eval_every: int
-    methods: dict  # method family ("dpo", "kto", "sft", "rft") -> MethodConfig
+    methods: dict  # method family ("dpo", "kto", "sft", "rft") or method ("rft-clip") -> MethodConfig
     extra: dict = field(default_factory=dict)  # paths made by the driver (e.g. the preference model's export)
 
 
@@ -157,7 +157,7 @@ def run_rft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
     LongAlign's S_w)."""
     from align.demo.rft import train_rft
 
-    mcfg = ctx.methods["rft"]
+    mcfg = ctx.methods.get(method, ctx.methods["rft"])
     reward, source = ("shapes-judge", None) if method == "rft-judge" else ("denscore", ctx.extra["preference_model"])
     curve = short_caption_curve(ctx, f"{method}/{seed}")
     train_rft(ctx.base_dir, ctx.train_captions, reward, source, seed, mcfg.steps, mcfg.lr, mcfg.batch_size, [curve],

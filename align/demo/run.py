@@ -61,7 +61,9 @@ class DemoConfig:
     sft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=80, lr=2e-3, batch_size=8, extra=SFT_LORA))
     # AdamW moves every parameter by ~lr per step: 1e-3 on the rank-8 LoRA climbs the soft judge, 3e-3 and more
     # lowered it; past ~60 steps the hard judge fell on some seeds while the soft one kept rising (docs/demo/findings.md)
-    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=60, lr=1e-3, batch_size=8))
+    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=60, lr=1e-3, batch_size=8))  # rft-judge
+    # rft-clip: its reward (the tiny CLIP model) kept raising the judge to 120 steps (0.624 on 32 captions, session 3)
+    rft_clip: MethodConfig = field(default_factory=lambda: MethodConfig(steps=120, lr=1e-3, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
     methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate", "rft-judge",
@@ -84,6 +86,7 @@ def quick_config(**kw) -> DemoConfig:
                       kto=MethodConfig(steps=50, lr=2e-5, beta=1000.0, batch_size=16, extra=HIGH_NOISE),
                       sft=MethodConfig(steps=80, lr=2e-3, batch_size=8, extra=SFT_LORA),
                       rft=MethodConfig(steps=30, lr=1e-3, batch_size=8),
+                      rft_clip=MethodConfig(steps=30, lr=1e-3, batch_size=8),
                       long_scenes=400, preference_model_steps=100, **kw)
 
 
@@ -228,7 +231,8 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     ctx = RunContext(base_dir=str(base_dir), run_dir=str(art / "runs"), shards=shards, eval_captions=eval_caps,
                      long_eval_captions=long_caps, train_captions=train_caps, eval_seeds=list(cfg.eval_seeds),
                      sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=cfg.eval_every,
-                     methods={"dpo": cfg.dpo, "kto": cfg.kto, "sft": cfg.sft, "rft": cfg.rft}, extra=extra)
+                     methods={"dpo": cfg.dpo, "kto": cfg.kto, "sft": cfg.sft, "rft": cfg.rft,
+                              "rft-clip": cfg.rft_clip}, extra=extra)
     t = time.time()
     jobs = [(m, s) for m in cfg.methods for s in range(cfg.seeds)]
     log(f"{len(jobs)} training runs ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on {cfg.workers} worker(s)")

@@ -71,8 +71,9 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
                      pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0,), eval_every=1,
                      sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
                      kto=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
-                     sft=MethodConfig(steps=2, batch_size=2), rft=MethodConfig(steps=2, batch_size=2,
-                                                                               extra={"num_steps": 2, "grad_steps": 1}),
+                     sft=MethodConfig(steps=2, batch_size=2),
+                     rft=MethodConfig(steps=2, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
+                     rft_clip=MethodConfig(steps=3, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
                      long_scenes=8, preference_model_steps=2, workers=2)
     summary = run_demo(cfg)
     for name in ("README.md", "judge_curves.png", "samples.png", "demo.json"):
@@ -83,9 +84,10 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert data["eval_sets"]["sft-segment"].startswith("long captions")
     assert set(data["base_long_score"]) == {"segment", "truncate"}
     assert (tmp_path / "art" / "preference_model" / "export").is_dir()
-    for runs in data["results"].values():
+    for method, runs in data["results"].items():
         assert [r["seed"] for r in runs] == [0, 1]
-        assert [s for s, _ in runs[0]["curve"]] == [0, 1, 2]
+        steps = 3 if method == "rft-clip" else 2  # rft-clip has its own settings
+        assert [s for s, _ in runs[0]["curve"]] == list(range(steps + 1))
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert "| dpo |" in (tmp_path / "report" / "README.md").read_text()

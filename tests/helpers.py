@@ -46,3 +46,16 @@ def perturb_lora(module, seed=0):
         for name, p in module.unet.named_parameters():
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def run_cache(*args) -> int:
+    """``align data cache-latents`` in-process, one torch thread, no progress bar; the caller's thread count kept."""
+    import torch
+
+    from align.data.commands.cache_latents import main as cache_main
+
+    threads = torch.get_num_threads()
+    try:
+        return cache_main([*map(str, args), "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)

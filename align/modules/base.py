@@ -53,8 +53,9 @@ class DiffusionModule(L.LightningModule):
         reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA), ``copy`` or
             ``none`` (objectives without a reference, e.g. SFT).
         caption_dropout: probability of replacing a caption by the empty string.
-        timestep_range: ``[low, high)``: train on timesteps drawn uniformly from that range instead of from all of
-            ``[0, num_train_timesteps)`` (the official objectives' choice, and the default). High-noise steps are
+        timestep_range: ``[low, high)``: DPO, KTO and SFT train on timesteps drawn uniformly from that range instead
+            of from all of ``[0, num_train_timesteps)`` (the official objectives' choice, and the default; RFT
+            follows its own DDIM trajectory). High-noise steps are
             where layout and colour are decided; at low noise a preference pair differs in pixel detail the
             policy can fit in either direction (measured in the shapes world: ``docs/demo/findings.md``).
         gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the policy UNet.

@@ -9,11 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import write_tar
+from helpers import run_cache, write_tar
 from PIL import Image
 
 from align.data.cached import decode_cached_pair, decode_cached_single, model_fingerprint, npy_tensor
-from align.data.commands.cache_latents import main as cache_main
 from align.data.kto import KTODataModule, decode_single
 from align.data.pickapic import PickAPicDataModule, decode_pair
 from align.data.pipeline import SkipSample
@@ -47,14 +46,6 @@ def single(i: int, label: bool) -> dict:
     meta = {"caption": f"single image {i}", "label": label, "image_uid": f"s{i}"}
     return {"__key__": f"s{i:03d}", "jpg": noise_jpeg(100 + i, SIZES[i % len(SIZES)]),
             "json": json.dumps(meta).encode()}
-
-
-def run_cache(*args) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return cache_main([*map(str, args), "--no-progress", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
 from align.data.cached import npy_bytes
 from align.data.commands import verify
-from align.data.commands.cache_latents import main as cache_main
 from align.data.tars import iter_tar_samples
 from align.data.writer import Unit, write_shards
+from helpers import run_cache
 
 
 def jpeg(seed: int) -> bytes:
@@ -102,14 +101,6 @@ def test_nothing_to_verify(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ latent caches
-
-def run_cache(*args) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return cache_main([*map(str, args), "--no-progress", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):

@@ -12,7 +12,8 @@ object is from the starting noise instead of from the caption. And its VAE downs
 the ``tiny`` preset's), so the tiny UNet works on 8x8 latents: its two levels then span the whole picture, and it
 learned which cell a caption names within ~900 steps (judge 0.63 at 900 steps, vs 0.17 after 800 steps on the
 preset's 16x16 latents, where objects landed wherever the starting noise put them; measured on one-object
-scenes). The default world now has one or two objects per scene; 1500 steps give judge 0.572 on held-out captions.
+scenes). The default world now has one or two objects per scene; 1500 steps give judge 0.544 on the demo's 64
+held-out captions (0.572 on the first 32).
 
 The result is a diffusers pipeline directory (``load_components(dir)`` / ``StableDiffusionPipeline.from_pretrained``)
 with a ``demo_base.json`` recording the settings; it is reused when the settings match.

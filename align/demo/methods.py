@@ -26,6 +26,7 @@ class MethodConfig:
     beta: float = 2000.0
     batch_size: int = 8
     extra: dict = field(default_factory=dict)  # method-specific options (LoRA rank, DDIM steps, ...)
+    eval_every: int | None = None  # judge this method every N steps (None: the demo's ``eval_every``)
 
 
 @dataclass
@@ -92,7 +93,11 @@ def fit(module, data, steps: int, run_dir: str, name: str, seed: int, callbacks:
     trainer.fit(module, data)
 
 
-def short_caption_curve(ctx: RunContext, label: str) -> JudgeCurve:
+def eval_every(ctx: RunContext, mcfg: MethodConfig) -> int:
+    return ctx.eval_every if mcfg.eval_every is None else mcfg.eval_every
+
+
+def short_caption_curve(ctx: RunContext, mcfg: MethodConfig, label: str) -> JudgeCurve:
     """The curve on the held-out short captions, sampling the module's UNet with the base's other parts."""
     from align.demo.evaluate import evaluate, make_pipeline
 
@@ -102,7 +107,7 @@ def short_caption_curve(ctx: RunContext, label: str) -> JudgeCurve:
         return evaluate(make_pipeline(base, unet=module.unet), ctx.eval_captions, ctx.eval_seeds,
                         steps=ctx.sample_steps, guidance=ctx.guidance)
 
-    return JudgeCurve(evaluate_fn, ctx.eval_every, start=(0, ctx.extra["base_score"]), label=label)
+    return JudgeCurve(evaluate_fn, eval_every(ctx, mcfg), start=(0, ctx.extra["base_score"]), label=label)
 
 
 def loader_args(mcfg: MethodConfig, seed: int) -> dict:
@@ -127,7 +132,7 @@ def run_preference(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
     else:
         module = KTOModule(**common)
         data = KTODataModule(shards=ctx.shards["singles" + flipped], p_desirable=0.5, **loader_args(mcfg, seed))
-    curve = short_caption_curve(ctx, f"{method}/{seed}")
+    curve = short_caption_curve(ctx, mcfg, f"{method}/{seed}")
     fit(module, data, mcfg.steps, ctx.run_dir, method, seed, [curve])
     return curve
 
@@ -144,7 +149,7 @@ def run_sft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
         return module_eval(module, ctx.long_eval_captions, ctx.eval_seeds, steps=ctx.sample_steps,
                            guidance=ctx.guidance)
 
-    curve = JudgeCurve(evaluate_fn, ctx.eval_every, start=(0, ctx.extra["base_long_score"][encoder]),
+    curve = JudgeCurve(evaluate_fn, eval_every(ctx, mcfg), start=(0, ctx.extra["base_long_score"][encoder]),
                        label=f"{method}/{seed}")
     train_sft(ctx.base_dir, ctx.shards["long"], encoder, seed, mcfg.steps, mcfg.lr, mcfg.batch_size, [curve],
               ctx.run_dir, **mcfg.extra)
@@ -159,7 +164,7 @@ def run_rft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
 
     mcfg = ctx.methods.get(method, ctx.methods["rft"])
     reward, source = ("shapes-judge", None) if method == "rft-judge" else ("denscore", ctx.extra["preference_model"])
-    curve = short_caption_curve(ctx, f"{method}/{seed}")
+    curve = short_caption_curve(ctx, mcfg, f"{method}/{seed}")
     train_rft(ctx.base_dir, ctx.train_captions, reward, source, seed, mcfg.steps, mcfg.lr, mcfg.batch_size, [curve],
               ctx.run_dir, guidance=ctx.guidance, **mcfg.extra)
     return curve

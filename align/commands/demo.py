@@ -3,6 +3,10 @@
 Usage::
 
     align demo [--quick] [--out reports/] [--seeds 3] [--artifacts artifacts/shapes] [--threads 1]
+    align demo --eval-set validation --methods dpo,dpo-flipped --steps 250 --eval-every 50 --out reports-val
+
+``--eval-set validation`` judges on other held-out captions and seeds (also kept out of training): for choosing
+settings without looking at the report's test set.
 
 Builds the world, trains the base model once (cached under ``<artifacts>/base``), samples it to make on-policy
 preference shards and long-caption shards, trains every method (DPO, KTO and their flipped controls, LongAlign
@@ -19,7 +23,7 @@ import os
 import sys
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer captions and steps (the CI-scale demo)")
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
@@ -36,25 +40,46 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="override beta of DPO and KTO")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=None, help="override the batch size of every method")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="judge every method every N steps (0: at the end only; default: each method's own)")
+    p.add_argument("--eval-set", choices=("test", "validation"), default="test",
+                   help="held-out captions and seeds to judge on (default: test, the report's)")
+    return p
+
+
+def demo_config(args: argparse.Namespace):
+    """The ``DemoConfig`` the command line asks for: the full or quick defaults with its overrides applied."""
+    from align.demo.run import DemoConfig, quick_config
+
+    given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
+    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, eval_set=args.eval_set, **given)
+    if args.eval_every is not None:
+        cfg.eval_every = max(0, args.eval_every)
+    for family in ("dpo", "kto", "sft", "rft", "rft_clip"):
+        mcfg = getattr(cfg, family)
+        for name in ("lr", "beta", "steps", "batch_size") if family in ("dpo", "kto") else ("steps", "batch_size"):
+            if getattr(args, name) is not None:
+                setattr(mcfg, name, getattr(args, name))
+        if args.eval_every is not None:
+            mcfg.eval_every = None  # the command line's, for every method
+    if args.workers is not None:
+        cfg.workers = max(1, args.workers)
+    if args.methods:
+        cfg.methods = tuple(m.strip() for m in args.methods.split(","))
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     import torch
 
     if args.threads:
         torch.set_num_threads(max(1, args.threads))
-    from align.demo.run import DemoConfig, quick_config, run_demo
+    from align.demo.run import run_demo
 
-    given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
-    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, **given)
-    for family in ("dpo", "kto", "sft", "rft", "rft_clip"):
-        mcfg = getattr(cfg, family)
-        for name in ("lr", "beta", "steps") if family in ("dpo", "kto") else ("steps",):
-            if getattr(args, name) is not None:
-                setattr(mcfg, name, getattr(args, name))
-    if args.workers is not None:
-        cfg.workers = max(1, args.workers)
-    if args.methods:
-        cfg.methods = tuple(m.strip() for m in args.methods.split(","))
+    cfg = demo_config(args)
     summary = run_demo(cfg, command="align demo " + " ".join(argv))
     print(f"align demo: report written to {os.path.join(args.out, 'README.md')} "
           f"({summary['timings_s']['total']:.0f}s)")

@@ -94,7 +94,8 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         f"Command: `{summary.get('command', 'align demo')}`  ",
         f"torch threads: {summary['torch_threads']}; total time {summary['timings_s']['total']:.0f}s", "",
         "Judge score = fraction of a caption's facts (colour and shape of each object at its position) that the "
-        f"image satisfies, on {len(captions)} held-out captions x {per_caption} fixed sampling seeds "
+        f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} set) x {per_caption} "
+        f"fixed sampling seeds "
         f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
         f"{cfg['seeds']} training seeds (the base is one fixed model).", "",
         "## Results", "",

@@ -35,6 +35,7 @@ SFT_LORA = {"lora_rank": 32, "lora_targets": list(CROSS_ATTENTION)}
 HIGH_NOISE = {"timestep_range": [500, 1000]}
 
 
+VALIDATION_LONG_SEED = 104723  # draws the validation long captions (the test ones: long_eval_captions' default)
 QUICK_BASE_STEPS = 500  # UNet steps of the --quick base: 124 s with its VAE on 2 cores (the full base: 1500, 432 s)
 
 
@@ -50,6 +51,10 @@ class DemoConfig:
     # spread over training seeds hid DPO's gain; docs/demo/findings.md §5)
     eval_captions: int = 64
     eval_seeds: tuple = tuple(range(1000, 1008))
+    # "test": the report's held-out captions and seeds. "validation": other held-out captions (also kept out of
+    # training) and other seeds, for choosing settings without looking at the report's set (findings §8)
+    eval_set: str = "test"
+    validation_seeds: tuple = tuple(range(2000, 2016))
     eval_every: int = 75
     sample_steps: int = 10
     guidance: float = 4.0
@@ -97,7 +102,8 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(training captions for preference data, held-out evaluation captions), fixed by seeds.
 
     Held-out captions are distinct captions never used for training (at most a quarter of the distinct
-    captions the world has: 416 with one or two objects per scene); training captions are drawn from the world's
+    captions the world draws: 414 with one or two objects per scene; ``eval_set="validation"``: the rest of that
+    quarter after the test captions, and training then avoids the whole quarter); training captions are drawn from the world's
     scene distribution with the held-out ones removed, repeats allowed. Why two objects: with one object per scene
     the world has only 32 captions, so the held-out ones are exactly the combinations the training captions lack,
     and a method that learns its training captions better moves held-out ones the other way (measured: DPO
@@ -109,12 +115,21 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
         c = world.caption(s)
         if c not in pool:
             pool.append(c)
-    held_out = pool[:min(cfg.eval_captions, len(pool) // 4)]
-    excluded = set(held_out)
+    quarter = len(pool) // 4
+    test = pool[:min(cfg.eval_captions, quarter)]
+    if cfg.eval_set == "validation":  # the rest of the held-out quarter, at most as many as the test captions
+        held_out, excluded = pool[len(test):min(quarter, 2 * len(test))], set(pool[:quarter])
+    else:
+        held_out, excluded = test, set(test)
     train = [c for c in (world.caption(s) for s in world.scenes(8 * cfg.pref_captions + 100, seed=104729,
                                                                  max_objects=cfg.base.max_objects))
              if c not in excluded]
     return train[:cfg.pref_captions], held_out
+
+
+def judged_seeds(cfg: DemoConfig) -> list[int]:
+    """The sampling seeds every model is judged with (``eval_set`` picks test or validation seeds)."""
+    return list(cfg.validation_seeds if cfg.eval_set == "validation" else cfg.eval_seeds)
 
 
 def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np.ndarray:
@@ -164,10 +179,14 @@ def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str],
     """(held-out long captions, long-caption SFT shards, the base's score on them per encoder)."""
     from align.demo.longalign import evaluate_long, long_eval_captions, write_long_caption_shards
 
-    long_caps = long_eval_captions(cfg.eval_captions, max_objects=cfg.base.max_objects)
+    objects = cfg.base.max_objects
+    long_caps = test_caps = long_eval_captions(cfg.eval_captions, max_objects=objects)
+    if cfg.eval_set == "validation":
+        long_caps = long_eval_captions(cfg.eval_captions, seed=VALIDATION_LONG_SEED, exclude=test_caps,
+                                       max_objects=objects)
     shards = write_long_caption_shards(data_dir / "long", cfg.long_scenes, seed=cfg.base.seed + 17,
-                                       max_objects=cfg.base.max_objects, exclude=long_caps)
-    scores = {enc: evaluate_long(base, base.unet, enc, long_caps, list(cfg.eval_seeds), steps=cfg.sample_steps,
+                                       max_objects=objects, exclude=list(dict.fromkeys(test_caps + long_caps)))
+    scores = {enc: evaluate_long(base, base.unet, enc, long_caps, judged_seeds(cfg), steps=cfg.sample_steps,
                                  guidance=cfg.guidance)["score"] for enc in ("segment", "truncate")}
     return long_caps, str(shards), scores
 
@@ -196,6 +215,9 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
+    if cfg.eval_set not in ("test", "validation"):
+        raise ValueError(f"eval_set must be 'test' or 'validation', got {cfg.eval_set!r}")
+    seeds = judged_seeds(cfg)
     timings: dict[str, float] = {}
     t_all = time.time()
     out, art = Path(cfg.out), Path(cfg.artifacts)
@@ -209,10 +231,10 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     base = load_components(str(base_dir))
     base_pipe = make_pipeline(base)
     t = time.time()
-    base_eval = evaluate(base_pipe, eval_caps, list(cfg.eval_seeds), steps=cfg.sample_steps, guidance=cfg.guidance)
+    base_eval = evaluate(base_pipe, eval_caps, seeds, steps=cfg.sample_steps, guidance=cfg.guidance)
     timings["evaluate base"] = time.time() - t
-    log(f"base model: judge score {base_eval['score']:.4f} on {len(eval_caps)} held-out captions x "
-        f"{len(cfg.eval_seeds)} seeds")
+    log(f"base model: judge score {base_eval['score']:.4f} on {len(eval_caps)} {cfg.eval_set} captions x "
+        f"{len(seeds)} seeds")
 
     t = time.time()
     shards, pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
@@ -232,7 +254,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         extra["preference_model"] = str(export)
         timings["tiny CLIP preference model"] = time.time() - t
     ctx = RunContext(base_dir=str(base_dir), run_dir=str(art / "runs"), shards=shards, eval_captions=eval_caps,
-                     long_eval_captions=long_caps, train_captions=train_caps, eval_seeds=list(cfg.eval_seeds),
+                     long_eval_captions=long_caps, train_captions=train_caps, eval_seeds=seeds,
                      sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=cfg.eval_every,
                      methods={"dpo": cfg.dpo, "kto": cfg.kto, "sft": cfg.sft, "rft": cfg.rft,
                               "rft-clip": cfg.rft_clip}, extra=extra)
@@ -264,5 +286,5 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     (out / "demo.json").write_text(json.dumps(summary_out, indent=2, default=float) + "\n")
     from align.demo.report import write_report
 
-    write_report(out, summary_out, samples, eval_caps, len(cfg.eval_seeds))
+    write_report(out, summary_out, samples, eval_caps, len(seeds))
     return summary_out

@@ -69,7 +69,7 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=2,
                      base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
                      pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0,), eval_every=1,
-                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
+                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE, eval_every=2),
                      kto=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
                      sft=MethodConfig(steps=2, batch_size=2),
                      rft=MethodConfig(steps=2, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
@@ -87,7 +87,8 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     for method, runs in data["results"].items():
         assert [r["seed"] for r in runs] == [0, 1]
         steps = 3 if method == "rft-clip" else 2  # rft-clip has its own settings
-        assert [s for s, _ in runs[0]["curve"]] == list(range(steps + 1))
+        judged = [0, 2] if method.startswith("dpo") else list(range(steps + 1))  # DPO: judged every 2 steps
+        assert [s for s, _ in runs[0]["curve"]] == judged
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert "| dpo |" in (tmp_path / "report" / "README.md").read_text()
@@ -107,3 +108,31 @@ def test_segment_encoding_beats_truncation_on_facts_past_token_77(tmp_path):
     truncate = [r["final"] for r in summary["results"]["sft-truncate"]]
     assert min(segment) > max(truncate), (segment, truncate)
     assert min(segment) > summary["baselines"]["sft-segment"], (segment, summary["baselines"])
+
+
+def test_validation_captions_and_seeds_are_disjoint_from_training_and_from_the_test_set():
+    from align.demo.run import caption_sets, judged_seeds
+
+    train, test = caption_sets(DemoConfig())
+    val_train, val = caption_sets(DemoConfig(eval_set="validation"))
+    assert len(test) == 64 and 0 < len(val) <= 64
+    assert not set(val) & set(test)
+    assert not set(val_train) & (set(val) | set(test))
+    assert not set(train) & set(test)
+    assert not set(judged_seeds(DemoConfig(eval_set="validation"))) & set(judged_seeds(DemoConfig()))
+    with pytest.raises(ValueError, match="eval_set"):
+        run_demo(DemoConfig(eval_set="train"))
+
+
+def test_demo_command_line_overrides():
+    from align.commands.demo import demo_config, parser
+
+    cfg = demo_config(parser().parse_args([]))
+    assert cfg.eval_set == "test" and cfg.dpo.eval_every == 25 and cfg.kto.eval_every is None
+    cfg = demo_config(parser().parse_args(["--eval-set", "validation", "--eval-every", "50", "--batch-size", "4",
+                                           "--steps", "7", "--methods", "dpo,kto"]))
+    assert cfg.eval_set == "validation" and cfg.eval_every == 50 and cfg.methods == ("dpo", "kto")
+    for mcfg in (cfg.dpo, cfg.kto, cfg.sft, cfg.rft, cfg.rft_clip):
+        assert (mcfg.eval_every, mcfg.batch_size, mcfg.steps) == (None, 4, 7)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--eval-set", "train"])

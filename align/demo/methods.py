@@ -3,7 +3,8 @@
 A run gets a ``RunContext`` (plain paths and numbers, so it pickles into a worker), trains through the real
 LightningModule of its method with a ``JudgeCurve`` callback that samples the policy on held-out captions every
 ``eval_every`` steps, and returns ``{"seed", "final", "curve", "images"}``. ``METHODS`` maps a method name to
-its runner; ``flipped`` variants train on the same data with the preference reversed (the control).
+its runner; ``flipped`` variants train on the same data with the preference reversed (the control), ``dpo-shuffled``
+on the same pairs with random winners (the label-free control).
 """
 
 from __future__ import annotations
@@ -116,22 +117,23 @@ def loader_args(mcfg: MethodConfig, seed: int) -> dict:
 
 
 def run_preference(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
-    """DPO on judge-labelled pairs, or KTO on judge-labelled singles (``-flipped``: labels reversed)."""
+    """DPO on judge-labelled pairs, or KTO on judge-labelled singles (``-flipped``: labels reversed;
+    ``dpo-shuffled``: random winners)."""
     from align.data.kto import KTODataModule
     from align.data.pickapic import PickAPicDataModule
     from align.modules import DPOModule, KTOModule
 
     family = method.split("-")[0]
     mcfg = ctx.methods[family]
-    flipped = "-flipped" if method.endswith("-flipped") else ""
+    variant = method[len(family):]  # "", "-flipped" or "-shuffled": which shards
     common = dict(model=ctx.base_dir, optimizer=partial(torch.optim.AdamW, lr=mcfg.lr, weight_decay=0.0),
                   beta=mcfg.beta, seed=seed, **mcfg.extra)
     if family == "dpo":
         module = DPOModule(**common)
-        data = PickAPicDataModule(train_shards=ctx.shards["pairs" + flipped], **loader_args(mcfg, seed))
+        data = PickAPicDataModule(train_shards=ctx.shards["pairs" + variant], **loader_args(mcfg, seed))
     else:
         module = KTOModule(**common)
-        data = KTODataModule(shards=ctx.shards["singles" + flipped], p_desirable=0.5, **loader_args(mcfg, seed))
+        data = KTODataModule(shards=ctx.shards["singles" + variant], p_desirable=0.5, **loader_args(mcfg, seed))
     curve = short_caption_curve(ctx, mcfg, f"{method}/{seed}")
     fit(module, data, mcfg.steps, ctx.run_dir, method, seed, [curve])
     return curve
@@ -173,6 +175,7 @@ def run_rft(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
 METHODS = {
     "dpo": run_preference,
     "dpo-flipped": run_preference,
+    "dpo-shuffled": run_preference,  # the label-free control (docs/demo/findings.md §8)
     "kto": run_preference,
     "kto-flipped": run_preference,
     "sft-segment": run_sft,

@@ -4,7 +4,9 @@ The base model samples ``images_per_caption`` images for each training caption (
 them. Pairs (Pick-a-Pic schema): every two images of a caption; the one satisfying more facts wins
 (``label_0`` 1 or 0), equal scores are kept as ties (0.5, which the DPO data module drops as the official code
 does). KTO singles: an image is desirable when it satisfies every fact of its caption. ``flipped`` writes the
-control: winners and losers swapped, desirable and undesirable swapped.
+control: winners and losers swapped, desirable and undesirable swapped. ``shuffled_seed`` writes the label-free
+control: each decisive pair's winner drawn at random (same images, same ties), which measures what DPO training
+on these images does whatever the preference.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ def build_records(captions: list[str], images: np.ndarray, per_caption: int) -> 
     return {"captions": captions, "images": images, "scores": scores, "per_caption": per_caption}
 
 
-def pair_samples(rec: dict, flipped: bool = False) -> list[dict]:
+def pair_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = None) -> list[dict]:
     out = []
+    rng = np.random.default_rng(shuffled_seed) if shuffled_seed is not None else None
     k = rec["per_caption"]
     for i, cap in enumerate(rec["captions"]):
         for a, b in itertools.combinations(range(k), 2):
             ia, ib = i * k + a, i * k + b
             sa, sb = rec["scores"][ia], rec["scores"][ib]
             label_0 = 0.5 if sa == sb else float(sa > sb)
-            if flipped and label_0 != 0.5:
+            if label_0 != 0.5 and (flipped or (rng is not None and rng.random() < 0.5)):
                 label_0 = 1.0 - label_0
             out.append({"caption": cap, "label_0": label_0, "label_1": 1.0 - label_0,
                         "image_0": rec["images"][ia], "image_1": rec["images"][ib],

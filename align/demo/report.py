@@ -16,10 +16,16 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 def expectation(method: str) -> str:
     """What a method must do to the judge score: "down" for the flipped controls, "control" for truncation (it
-    cannot see facts past token 77), "up" for everything else."""
+    cannot see facts past token 77) and for random labels (what training on the images does whatever the
+    labels), "up" for everything else."""
     if method.endswith("-flipped"):
         return "down"
-    return "control" if method.endswith("-truncate") else "up"
+    return "control" if method.endswith(("-truncate", "-shuffled")) else "up"
+
+
+# the control each method is also compared with when it ran: segment encoding vs truncation; DPO and its flipped
+# control vs DPO on random winners (what training on the same images does whatever the preference)
+RIVALS = {"sft-segment": "sft-truncate", "dpo": "dpo-shuffled", "dpo-flipped": "dpo-shuffled"}
 
 
 def verdict(method: str, runs: list[dict], baseline: float, results: dict) -> str:
@@ -33,11 +39,13 @@ def verdict(method: str, runs: list[dict], baseline: float, results: dict) -> st
         return f"{head}; control (no expectation)"
     ok = (m - baseline > 2 * sd) if want == "up" else (baseline - m > 2 * sd)
     out = f"{head}; expected {want}: {'yes' if ok else 'NOT shown at this scale'}"
-    rival = method.replace("-segment", "-truncate")
-    if rival != method and rival in results:
+    rival = RIVALS.get(method)
+    if rival in results:
         mr, sdr = mean_spread([r["final"] for r in results[rival]])
-        beats = m - mr > 2 * max(sd, sdr)
-        out += f"; beats {rival} ({mr:.4f}) by {m - mr:+.4f}: {'yes' if beats else 'NOT shown at this scale'}"
+        gap = (m - mr) if want == "up" else (mr - m)
+        word = "beats" if want == "up" else "falls below"
+        out += (f"; {word} {rival} ({mr:.4f}) by {abs(m - mr):.4f}: "
+                f"{'yes' if gap > 2 * max(sd, sdr) else 'NOT shown at this scale'}")
     return out
 
 
@@ -51,7 +59,8 @@ def plot_curves(results: dict, baselines: dict, path: Path) -> None:
     for method, runs in results.items():
         steps = [s for s, _ in runs[0]["curve"]]
         vals = np.array([[v for _, v in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
-        line, = ax.plot(steps, vals.mean(0), marker="o", label=method, linestyle="--" if "flipped" in method else "-")
+        style = "--" if "flipped" in method else "-." if "shuffled" in method else "-"
+        line, = ax.plot(steps, vals.mean(0), marker="o", label=method, linestyle=style)
         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
     for value in sorted(set(baselines.values())):
         ax.axhline(value, color="grey", lw=0.8, linestyle=":")
@@ -110,7 +119,8 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f} | "
                      f"{', '.join(f'{v:.4f}' for v in finals)} |")
     lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd; a flipped control 'lowers' it when "
-              "base - mean > 2 sd; segment encoding 'beats' truncation when the difference of means > 2 sd):", ""]
+              "base - mean > 2 sd; segment encoding 'beats' truncation, and DPO or its flipped control differs from "
+              "DPO on random winners, when the difference of means > 2 sd, the larger of the two):", ""]
     for method, runs in summary["results"].items():
         lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'])}")
     p = summary["preferences"]

@@ -74,8 +74,9 @@ class DemoConfig:
     rft_clip: MethodConfig = field(default_factory=lambda: MethodConfig(steps=120, lr=1e-3, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
-    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate", "rft-judge",
-                      "rft-clip")
+    # dpo-shuffled: DPO on random winners, the label-free control DPO and its flipped control are compared with
+    methods: tuple = ("dpo", "dpo-flipped", "dpo-shuffled", "kto", "kto-flipped", "sft-segment", "sft-truncate",
+                      "rft-judge", "rft-clip")
     workers: int = 2  # processes running training jobs side by side (one torch thread each)
     # "base": on-policy samples of the base model (the demo); "rendered": renders of each caption's scene with
     # every colour wrong with probability 0.5 (off-policy, known-good and known-bad images; for toy-scale tests)
@@ -87,6 +88,7 @@ def quick_config(**kw) -> DemoConfig:
     so the full demo's base is never replaced), one training seed, fewer captions and steps; judged at the end of
     each run only. Its numbers check that everything runs; the full demo's are the evidence."""
     kw.setdefault("seeds", 1)
+    kw.setdefault("methods", tuple(m for m in DemoConfig.methods if m != "dpo-shuffled"))  # keeps it under 5 min
     kw.setdefault("artifacts", "artifacts/shapes-quick")
     return DemoConfig(base=BaseConfig(scenes=2000, vae_steps=200, unet_steps=QUICK_BASE_STEPS),
                       pref_captions=64, eval_captions=16, eval_every=0,
@@ -101,14 +103,14 @@ def quick_config(**kw) -> DemoConfig:
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(training captions for preference data, held-out evaluation captions), fixed by seeds.
 
-    Held-out captions are distinct captions never used for training (at most a quarter of the distinct
-    captions the world draws: 414 with one or two objects per scene; ``eval_set="validation"``: the rest of that
-    quarter after the test captions, and training then avoids the whole quarter); training captions are drawn from the world's
+    Held-out captions are distinct captions never used for training (at most a quarter of the distinct captions the
+    world draws: 414 with one or two objects per scene; ``eval_set="validation"``: the rest of that quarter after
+    the test captions, and training then avoids the whole quarter); training captions are drawn from the world's
     scene distribution with the held-out ones removed, repeats allowed. Why two objects: with one object per scene
     the world has only 32 captions, so the held-out ones are exactly the combinations the training captions lack,
-    and a method that learns its training captions better moves held-out ones the other way (measured: DPO
-    raised its training captions and lowered the held-out ones, the flipped control the reverse). With two
-    objects every held-out sentence also occurs in training captions, next to other sentences.
+    and a method that learns its training captions better moves held-out ones the other way (measured: DPO raised
+    its training captions and lowered the held-out ones, the flipped control the reverse). With two objects every
+    held-out sentence also occurs in training captions, next to other sentences.
     """
     pool: list[str] = []
     for s in world.scenes(4000, seed=7919, max_objects=cfg.base.max_objects):
@@ -154,7 +156,7 @@ def run_jobs(ctx: RunContext, jobs: list[tuple[str, int]], workers: int) -> list
 
 def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> tuple[dict, dict]:
     """On-policy (or rendered) images for the training captions, judged, written as pair and single shards
-    (and their flipped controls). Returns (shard dirs, summary)."""
+    (and their flipped controls; random-winner pairs when ``dpo-shuffled`` runs). Returns (shard dirs, summary)."""
     eval_kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
     if cfg.pref_source == "base":
         images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)), **eval_kw)
@@ -168,6 +170,9 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
         write_pairs(shards[f"pairs{sfx}"], pair_samples(rec, flipped), shards=4)
         shards[f"singles{sfx}"] = str(data_dir / f"singles{sfx}")
         write_singles(shards[f"singles{sfx}"], single_samples(rec, flipped), shards=4)
+    if "dpo-shuffled" in cfg.methods:
+        shards["pairs-shuffled"] = str(data_dir / "pairs-shuffled")
+        write_pairs(shards["pairs-shuffled"], pair_samples(rec, shuffled_seed=0), shards=4)
     pref_summary = summary(rec)
     if pref_summary["decisive_pairs"] == 0 or not 0 < pref_summary["desirable"] < pref_summary["images"]:
         raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class empty): "

@@ -41,6 +41,15 @@ def test_pairs_and_singles_follow_the_judge_and_flip(tmp_path):
         assert p["label_0"] == (0.5 if p["score_0"] == p["score_1"] else float(p["score_0"] > p["score_1"]))
     flipped = pair_samples(rec, flipped=True)
     assert [f["label_0"] for f in flipped] == [p["label_0"] if p["label_0"] == 0.5 else 1 - p["label_0"] for p in pairs]
+    shuffled = pair_samples(_rendered_records(n=40), shuffled_seed=0)  # random winners, same images and ties
+    truth = pair_samples(_rendered_records(n=40))
+    kept = [s["label_0"] == t["label_0"] for s, t in zip(shuffled, truth) if t["label_0"] != 0.5]
+    assert 0.3 < sum(kept) / len(kept) < 0.7
+    assert all(s["label_0"] == 0.5 for s, t in zip(shuffled, truth) if t["label_0"] == 0.5)
+    assert all(s["image_0_uid"] == t["image_0_uid"] and s["label_0"] + s["label_1"] == 1
+               for s, t in zip(shuffled, truth))
+    assert [s["label_0"] for s in pair_samples(_rendered_records(n=40), shuffled_seed=0)] == \
+        [s["label_0"] for s in shuffled]
     singles = single_samples(rec)
     assert [s["label"] for s in singles] == [bool(s == 1.0) for s in rec["scores"]]
     assert [s["label"] for s in single_samples(rec, flipped=True)] == [not s["label"] for s in singles]
@@ -80,7 +89,7 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
         assert (tmp_path / "report" / name).is_file()
     data = json.loads((tmp_path / "report" / "demo.json").read_text())
     assert set(data["results"]) == {"dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
-                                    "rft-judge", "rft-clip"}
+                                    "rft-judge", "rft-clip", "dpo-shuffled"}
     assert data["eval_sets"]["sft-segment"].startswith("long captions")
     assert set(data["base_long_score"]) == {"segment", "truncate"}
     assert (tmp_path / "art" / "preference_model" / "export").is_dir()
@@ -91,6 +100,8 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
         assert [s for s, _ in runs[0]["curve"]] == judged
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
+    assert (tmp_path / "art" / "prefs" / "pairs-shuffled" / "pairs-000000.tar").is_file()
+    assert "dpo-shuffled: " in (tmp_path / "report" / "README.md").read_text()
     assert "| dpo |" in (tmp_path / "report" / "README.md").read_text()
     assert 0.0 <= summary["base_score"] <= 1.0
 
@@ -136,3 +147,21 @@ def test_demo_command_line_overrides():
         assert (mcfg.eval_every, mcfg.batch_size, mcfg.steps) == (None, 4, 7)
     with pytest.raises(SystemExit):
         parser().parse_args(["--eval-set", "train"])
+
+
+def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():
+    from align.demo.report import verdict
+
+    runs = lambda *finals: [{"final": f} for f in finals]  # noqa: E731
+    results = {"dpo": runs(0.570, 0.575), "dpo-flipped": runs(0.545, 0.547), "dpo-shuffled": runs(0.550, 0.552)}
+    # dpo: mean 0.5725, sd 0.0035; shuffled 0.551, sd 0.0014; flipped 0.546, sd 0.0014; base 0.55
+    assert verdict("dpo", results["dpo"], 0.55, results) == (
+        "raises the score by 0.0225 (2 sd = 0.0071); expected up: yes; beats dpo-shuffled (0.5510) by 0.0215: yes")
+    assert verdict("dpo-flipped", results["dpo-flipped"], 0.55, results) == (
+        "lowers the score by 0.0040 (2 sd = 0.0028); expected down: yes; falls below dpo-shuffled (0.5510) by "
+        "0.0050: yes")
+    assert verdict("dpo-shuffled", results["dpo-shuffled"], 0.55, results).endswith("control (no expectation)")
+    close = {**results, "dpo-flipped": runs(0.549, 0.551)}  # 0.550 vs 0.551: within 2 sd
+    assert verdict("dpo-flipped", close["dpo-flipped"], 0.55, close).endswith(
+        "falls below dpo-shuffled (0.5510) by 0.0010: NOT shown at this scale")
+    assert "dpo-shuffled" not in verdict("dpo", results["dpo"], 0.55, {"dpo": results["dpo"]})

@@ -118,7 +118,7 @@ def loader_args(mcfg: MethodConfig, seed: int) -> dict:
 
 def run_preference(ctx: RunContext, method: str, seed: int) -> JudgeCurve:
     """DPO on judge-labelled pairs, or KTO on judge-labelled singles (``-flipped``: labels reversed;
-    ``dpo-shuffled``: random winners)."""
+    ``-shuffled``: random labels)."""
     from align.data.kto import KTODataModule
     from align.data.pickapic import PickAPicDataModule
     from align.modules import DPOModule, KTOModule
@@ -178,6 +178,7 @@ METHODS = {
     "dpo-shuffled": run_preference,  # the label-free control (docs/demo/findings.md §8)
     "kto": run_preference,
     "kto-flipped": run_preference,
+    "kto-shuffled": run_preference,  # KTO's label-free control; not in the default report (time)
     "sft-segment": run_sft,
     "sft-truncate": run_sft,
     "rft-judge": run_rft,

@@ -5,8 +5,8 @@ them. Pairs (Pick-a-Pic schema): every two images of a caption; the one satisfyi
 (``label_0`` 1 or 0), equal scores are kept as ties (0.5, which the DPO data module drops as the official code
 does). KTO singles: an image is desirable when it satisfies every fact of its caption. ``flipped`` writes the
 control: winners and losers swapped, desirable and undesirable swapped. ``shuffled_seed`` writes the label-free
-control: each decisive pair's winner drawn at random (same images, same ties), which measures what DPO training
-on these images does whatever the preference.
+control: each decisive pair's winner drawn at random (same images, same ties), or the KTO labels permuted across
+images (same class sizes), which measures what training on these images does whatever the preference.
 """
 
 from __future__ import annotations
@@ -55,14 +55,17 @@ def pair_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = N
     return out
 
 
-def single_samples(rec: dict, flipped: bool = False) -> list[dict]:
+def single_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = None) -> list[dict]:
+    """KTO singles; ``shuffled_seed``: the judge's labels permuted across images (same class sizes, random labels)."""
     out = []
     k = rec["per_caption"]
+    labels = np.asarray(rec["scores"]) == 1.0
+    if shuffled_seed is not None:
+        labels = np.random.default_rng(shuffled_seed).permutation(labels)
     for i, cap in enumerate(rec["captions"]):
         for j in range(k):
             idx = i * k + j
-            desirable = bool(rec["scores"][idx] == 1.0)
-            out.append({"caption": cap, "label": desirable != flipped, "image": rec["images"][idx],
+            out.append({"caption": cap, "label": bool(labels[idx]) != flipped, "image": rec["images"][idx],
                         "image_uid": f"shapes-{idx:07d}", "score": float(rec["scores"][idx])})
     return out
 

@@ -23,9 +23,10 @@ def expectation(method: str) -> str:
     return "control" if method.endswith(("-truncate", "-shuffled")) else "up"
 
 
-# the control each method is also compared with when it ran: segment encoding vs truncation; DPO and its flipped
-# control vs DPO on random winners (what training on the same images does whatever the preference)
-RIVALS = {"sft-segment": "sft-truncate", "dpo": "dpo-shuffled", "dpo-flipped": "dpo-shuffled"}
+# the control each method is also compared with when it ran: segment encoding vs truncation; DPO, KTO and their
+# flipped controls vs the same method on random labels (what training on the same images does whatever the labels)
+RIVALS = {"sft-segment": "sft-truncate", "dpo": "dpo-shuffled", "dpo-flipped": "dpo-shuffled",
+          "kto": "kto-shuffled", "kto-flipped": "kto-shuffled"}
 
 
 def verdict(method: str, runs: list[dict], baseline: float, results: dict) -> str:
@@ -119,8 +120,8 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f} | "
                      f"{', '.join(f'{v:.4f}' for v in finals)} |")
     lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd; a flipped control 'lowers' it when "
-              "base - mean > 2 sd; segment encoding 'beats' truncation, and DPO or its flipped control differs from "
-              "DPO on random winners, when the difference of means > 2 sd, the larger of the two):", ""]
+              "base - mean > 2 sd; segment encoding 'beats' truncation, and DPO, KTO or a flipped control differs from "
+              "the same method on random labels, when the difference of means > 2 sd, the larger of the two):", ""]
     for method, runs in summary["results"].items():
         lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'])}")
     p = summary["preferences"]

@@ -156,7 +156,8 @@ def run_jobs(ctx: RunContext, jobs: list[tuple[str, int]], workers: int) -> list
 
 def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> tuple[dict, dict]:
     """On-policy (or rendered) images for the training captions, judged, written as pair and single shards
-    (and their flipped controls; random-winner pairs when ``dpo-shuffled`` runs). Returns (shard dirs, summary)."""
+    (and their flipped controls; random labels when ``dpo-shuffled`` / ``kto-shuffled`` run). Returns (shard dirs,
+    summary)."""
     eval_kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
     if cfg.pref_source == "base":
         images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)), **eval_kw)
@@ -173,6 +174,9 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
     if "dpo-shuffled" in cfg.methods:
         shards["pairs-shuffled"] = str(data_dir / "pairs-shuffled")
         write_pairs(shards["pairs-shuffled"], pair_samples(rec, shuffled_seed=0), shards=4)
+    if "kto-shuffled" in cfg.methods:
+        shards["singles-shuffled"] = str(data_dir / "singles-shuffled")
+        write_singles(shards["singles-shuffled"], single_samples(rec, shuffled_seed=0), shards=4)
     pref_summary = summary(rec)
     if pref_summary["decisive_pairs"] == 0 or not 0 < pref_summary["desirable"] < pref_summary["images"]:
         raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class empty): "

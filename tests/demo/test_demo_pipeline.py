@@ -52,6 +52,11 @@ def test_pairs_and_singles_follow_the_judge_and_flip(tmp_path):
         [s["label_0"] for s in shuffled]
     singles = single_samples(rec)
     assert [s["label"] for s in singles] == [bool(s == 1.0) for s in rec["scores"]]
+    many = _rendered_records(n=40)
+    true_labels = [s["label"] for s in single_samples(many)]
+    random_labels = [s["label"] for s in single_samples(many, shuffled_seed=0)]  # permuted: same class sizes
+    assert sum(random_labels) == sum(true_labels) and random_labels != true_labels
+    assert random_labels == [s["label"] for s in single_samples(many, shuffled_seed=0)]
     assert [s["label"] for s in single_samples(rec, flipped=True)] == [not s["label"] for s in singles]
 
     write_pairs(tmp_path / "pairs", pairs, shards=2)
@@ -84,12 +89,13 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
                      rft=MethodConfig(steps=2, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
                      rft_clip=MethodConfig(steps=3, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
                      long_scenes=8, preference_model_steps=2, workers=2)
+    cfg.methods += ("kto-shuffled",)  # not a default method
     summary = run_demo(cfg)
     for name in ("README.md", "judge_curves.png", "samples.png", "demo.json"):
         assert (tmp_path / "report" / name).is_file()
     data = json.loads((tmp_path / "report" / "demo.json").read_text())
     assert set(data["results"]) == {"dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
-                                    "rft-judge", "rft-clip", "dpo-shuffled"}
+                                    "rft-judge", "rft-clip", "dpo-shuffled", "kto-shuffled"}
     assert data["eval_sets"]["sft-segment"].startswith("long captions")
     assert set(data["base_long_score"]) == {"segment", "truncate"}
     assert (tmp_path / "art" / "preference_model" / "export").is_dir()
@@ -101,6 +107,7 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-shuffled" / "pairs-000000.tar").is_file()
+    assert (tmp_path / "art" / "prefs" / "singles-shuffled" / "singles-000000.tar").is_file()
     assert "dpo-shuffled: " in (tmp_path / "report" / "README.md").read_text()
     assert "| dpo |" in (tmp_path / "report" / "README.md").read_text()
     assert 0.0 <= summary["base_score"] <= 1.0

@@ -3,8 +3,8 @@
 A run gets a ``RunContext`` (plain paths and numbers, so it pickles into a worker), trains through the real
 LightningModule of its method with a ``JudgeCurve`` callback that samples the policy on held-out captions every
 ``eval_every`` steps, and returns ``{"seed", "final", "curve", "images"}``. ``METHODS`` maps a method name to
-its runner; ``flipped`` variants train on the same data with the preference reversed (the control), ``dpo-shuffled``
-on the same pairs with random winners (the label-free control).
+its runner; ``-flipped`` variants train on the same data with the preference reversed (the control),
+``-shuffled`` ones with random labels (the label-free control: what training on these images does by itself).
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="processes running training runs side by side, one thread each (default: 2)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,sft-segment,"
-                        "sft-truncate,rft-judge,rft-clip (default: all; --quick: all but dpo-shuffled), "
-                        "or kto-shuffled")
+                        "sft-truncate,rft-judge,rft-clip,kto-shuffled (default: all but the label-free controls "
+                        "dpo-shuffled and kto-shuffled)")
     p.add_argument("--lr", type=float, default=None, help="override the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="override beta of DPO and KTO")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every method")

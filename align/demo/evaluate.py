@@ -41,6 +41,11 @@ def sample(pipe, captions: list[str], seeds: list[int], steps: int = 20, guidanc
     return np.concatenate(out)
 
 
+def first_seeds_score(scores, seeds_per_caption: int, k: int | None) -> float:
+    """Mean of caption-major ``scores`` (``seeds_per_caption`` per caption) over each caption's first ``k`` seeds."""
+    return float(np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_caption)[:, :k].mean())
+
+
 def evaluate(pipe, captions: list[str], seeds: list[int], encoder=None, only_cells=None, **kw) -> dict:
     """Mean judge score (fraction of facts satisfied) of samples for ``captions`` x ``seeds``."""
     t = time.time()

@@ -95,7 +95,7 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
                  extra_sections: list[str] | None = None) -> Path:
     out = Path(out)
     baselines = summary["baselines"]
-    plot_curves(summary["results"], baselines, out / "judge_curves.png")
+    plot_curves(summary["results"], summary.get("curve_baselines", baselines), out / "judge_curves.png")
     sample_grid(samples, captions, per_caption, out / "samples.png")
     cfg = summary["config"]
     base = summary["base_score"]
@@ -107,7 +107,9 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} set) x {per_caption} "
         f"fixed sampling seeds "
         f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
-        f"{cfg['seeds']} training seeds (the base is one fixed model).", "",
+        f"{cfg['seeds']} training seeds (the base is one fixed model). The curves (`judge_curves.png`) are judged "
+        f"on the first {min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling seeds at every "
+        "step, the table on all of them.", "",
         "## Results", "",
         "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change vs base | per seed |",
         "|---|---|---|---|---|---|",

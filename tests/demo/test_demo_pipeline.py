@@ -82,14 +82,14 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     torch.set_num_threads(1)
     cfg = DemoConfig(out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=2,
                      base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
-                     pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0,), eval_every=1,
+                     pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0, 1), curve_seeds=1, eval_every=1,
                      sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE, eval_every=2),
                      kto=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
                      sft=MethodConfig(steps=2, batch_size=2),
                      rft=MethodConfig(steps=2, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
                      rft_clip=MethodConfig(steps=3, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
                      long_scenes=8, preference_model_steps=2, workers=2)
-    cfg.methods += ("kto-shuffled",)  # not a default method
+    cfg.methods += ("dpo-shuffled", "kto-shuffled")  # not default methods
     summary = run_demo(cfg)
     for name in ("README.md", "judge_curves.png", "samples.png", "demo.json"):
         assert (tmp_path / "report" / name).is_file()
@@ -104,6 +104,8 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
         steps = 3 if method == "rft-clip" else 2  # rft-clip has its own settings
         judged = [0, 2] if method.startswith("dpo") else list(range(steps + 1))  # DPO: judged every 2 steps
         assert [s for s, _ in runs[0]["curve"]] == judged
+        assert all(r["final"] is not None for r in runs)
+    assert set(data["curve_baselines"]) == set(data["results"])
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-shuffled" / "pairs-000000.tar").is_file()
@@ -172,3 +174,29 @@ def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():
     assert verdict("dpo-flipped", close["dpo-flipped"], 0.55, close).endswith(
         "falls below dpo-shuffled (0.5510) by 0.0010: NOT shown at this scale")
     assert "dpo-shuffled" not in verdict("dpo", results["dpo"], 0.55, {"dpo": results["dpo"]})
+
+
+def test_judge_curve_judges_points_on_the_first_seeds_and_the_end_on_all():
+    from types import SimpleNamespace
+
+    from align.demo.evaluate import first_seeds_score
+    from align.demo.methods import JudgeCurve
+
+    # caption-major scores of 2 captions x 4 seeds: first two seeds of each caption 1, 0 / 1, 1 -> 0.75
+    assert first_seeds_score([1, 0, 0, 0, 1, 1, 0, 1], 4, 2) == 0.75
+    assert first_seeds_score([1, 0, 0, 0, 1, 1, 0, 1], 4, None) == 0.5
+    calls = []
+
+    def evaluate_fn(module, seeds):  # a model whose score per image is its seed / 10, on 2 captions
+        calls.append(list(seeds))
+        return {"score": float(np.mean(seeds)) / 10, "scores": np.array([s / 10 for _ in range(2) for s in seeds]),
+                "images": None, "seconds": 0.0}
+
+    curve = JudgeCurve(evaluate_fn, every=2, seeds=[1, 2, 3, 4], curve_seeds=2, start=(0, 0.9))
+    for step in range(1, 5):
+        curve.on_train_batch_end(SimpleNamespace(global_step=step, max_steps=4), None, None, None, step - 1)
+    curve.on_train_end(SimpleNamespace(global_step=4, max_steps=4), None)
+    assert calls == [[1, 2], [1, 2, 3, 4]]  # step 2 on the curve's seeds; step 4 once, on all of them
+    assert [s for s, _ in curve.curve] == [0, 2, 4]
+    assert [v for _, v in curve.curve] == pytest.approx([0.9, 0.15, 0.15])
+    assert curve.final == pytest.approx(0.25)

@@ -46,6 +46,11 @@ def first_seeds_score(scores, seeds_per_caption: int, k: int | None) -> float:
     return float(np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_caption)[:, :k].mean())
 
 
+def caption_means(scores, seeds_per_caption: int) -> list[float]:
+    """Each caption's mean score over its sampling seeds (``scores`` caption-major)."""
+    return np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_caption).mean(1).tolist()
+
+
 def evaluate(pipe, captions: list[str], seeds: list[int], encoder=None, only_cells=None, **kw) -> dict:
     """Mean judge score (fraction of facts satisfied) of samples for ``captions`` x ``seeds``."""
     t = time.time()

@@ -203,11 +203,15 @@ METHODS = {
 
 
 def run_job(ctx: RunContext, method: str, seed: int, threads: int = 1) -> dict:
-    """Worker entry point: one method, one seed. Returns the curve, the final score and the final samples."""
+    """Worker entry point: one method, one seed. Returns the curve, the final score (also per held-out caption,
+    for the report's judging error) and the final samples."""
     torch.set_num_threads(threads)
     L.seed_everything(seed, workers=True, verbose=False)
     t = time.time()
     log(f"{method} seed {seed}: start")
     curve = METHODS[method](ctx, method, seed)
+    from align.demo.evaluate import caption_means
+
     return {"method": method, "seed": seed, "final": curve.final, "curve": curve.curve,
+            "caption_scores": caption_means(curve.last["scores"], len(ctx.eval_seeds)),
             "images": curve.last["images"], "seconds": time.time() - t}

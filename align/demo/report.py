@@ -29,24 +29,58 @@ RIVALS = {"sft-segment": "sft-truncate", "dpo": "dpo-shuffled", "dpo-flipped": "
           "kto": "kto-shuffled", "kto-flipped": "kto-shuffled"}
 
 
-def verdict(method: str, runs: list[dict], baseline: float, results: dict) -> str:
+def judging_error(runs: list[dict], reference) -> float | None:
+    """Standard error of a mean change that comes from the finite set of held-out captions judged.
+
+    ``reference``: the base's per-caption scores, or the runs of the method compared with. The change per
+    caption (averaged over training seeds and sampling seeds) is treated as a sample of captions:
+    sd / sqrt(#captions). The spread over training seeds misses this part, because every training seed is judged
+    on the same captions and seeds and so shares their luck (measured: docs/demo/findings.md §9). None when the
+    per-caption scores are missing (reports written before they were recorded).
+    """
+    def per_caption(x):
+        if isinstance(x, list) and x and isinstance(x[0], dict):
+            if any("caption_scores" not in r for r in x):
+                return None
+            return np.mean([r["caption_scores"] for r in x], axis=0)
+        return None if x is None else np.asarray(x, dtype=np.float64)
+
+    a, b = per_caption(runs), per_caption(reference)
+    if a is None or b is None or len(a) < 2 or len(a) != len(b):
+        return None
+    diff = a - b
+    return float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def _shown(gap: float, sd: float, se: float | None) -> str:
+    """Whether a change (``gap``, signed so that positive is the expected direction) is beyond 2 sd over training
+    seeds and, when known, beyond 2 judging standard errors."""
+    if gap <= 2 * sd:
+        return "NOT shown at this scale"
+    if se is not None and gap <= 2 * se:
+        return "NOT shown: beyond 2 sd over seeds, within 2 judging SE"
+    return "yes"
+
+
+def verdict(method: str, runs: list[dict], baseline: float, results: dict, caption_baseline=None) -> str:
     m, sd = mean_spread([r["final"] for r in runs])
     want = expectation(method)
+    se = judging_error(runs, caption_baseline)
     direction = "raises" if m > baseline else "lowers" if m < baseline else "leaves"
-    head = f"{direction} the score by {abs(m - baseline):.4f} (2 sd = {2 * sd:.4f})"
+    head = f"{direction} the score by {abs(m - baseline):.4f} (2 sd = {2 * sd:.4f}"
+    head += ")" if se is None else f", 2 judging SE = {2 * se:.4f})"
     if len(runs) < 2:
         return f"{head}; no verdict with one training seed"
     if want == "control":
         return f"{head}; control (no expectation)"
-    ok = (m - baseline > 2 * sd) if want == "up" else (baseline - m > 2 * sd)
-    out = f"{head}; expected {want}: {'yes' if ok else 'NOT shown at this scale'}"
+    out = f"{head}; expected {want}: {_shown((m - baseline) if want == 'up' else (baseline - m), sd, se)}"
     rival = RIVALS.get(method)
     if rival in results:
         mr, sdr = mean_spread([r["final"] for r in results[rival]])
         gap = (m - mr) if want == "up" else (mr - m)
         word = "beats" if want == "up" else "falls below"
         out += (f"; {word} {rival} ({mr:.4f}) by {abs(m - mr):.4f}: "
-                f"{'yes' if gap > 2 * max(sd, sdr) else 'NOT shown at this scale'}")
+                f"{_shown(gap, max(sd, sdr), judging_error(runs, results[rival]))}")
     return out
 
 
@@ -111,7 +145,8 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         f"on the first {min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling seeds at every "
         "step, the table on all of them.", "",
         "## Results", "",
-        "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change vs base | per seed |",
+        "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change vs base "
+        "(judging SE) | per seed |",
         "|---|---|---|---|---|---|",
         f"| base | short captions | {base:.4f} | — | — | — |",
     ]
@@ -119,13 +154,19 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         finals = [r["final"] for r in runs]
         m, sd = mean_spread(finals)
         b = baselines[method]
-        lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f} | "
-                     f"{', '.join(f'{v:.4f}' for v in finals)} |")
-    lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd; a flipped control 'lowers' it when "
-              "base - mean > 2 sd; segment encoding 'beats' truncation, and DPO, KTO or a flipped control differs from "
-              "the same method on random labels, when the difference of means > 2 sd, the larger of the two):", ""]
+        se = judging_error(runs, summary.get("caption_baselines", {}).get(method))
+        lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f}"
+                     f"{'' if se is None else f' ({se:.4f})'} | {', '.join(f'{v:.4f}' for v in finals)} |")
+    lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd over training seeds; a flipped "
+              "control 'lowers' it when base - mean > 2 sd; segment encoding 'beats' truncation, and DPO, KTO or a "
+              "flipped control differs from the same method on random labels, when the difference of means > 2 sd, "
+              "the larger of the two. Each must also exceed 2 judging SE: the standard error of the change over the "
+              "held-out captions (per-caption changes averaged over training and sampling seeds, sd / "
+              "sqrt(#captions)), which the spread over training seeds misses because every seed is judged on the "
+              "same captions and sampling seeds):", ""]
     for method, runs in summary["results"].items():
-        lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'])}")
+        cap_base = summary.get("caption_baselines", {}).get(method)
+        lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'], cap_base)}")
     p = summary["preferences"]
     lines += ["", "## Data", "",
               f"Preference data: the base sampled {p['images']} images for {p['captions']} training captions "

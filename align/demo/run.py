@@ -22,7 +22,7 @@ import torch
 
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log
-from align.demo.evaluate import evaluate, first_seeds_score, make_pipeline, sample
+from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline, sample
 from align.demo.longalign import CROSS_ATTENTION
 from align.demo.methods import METHODS, MethodConfig, RunContext, run_job
 from align.demo.prefs import build_records, pair_samples, single_samples, summary, write_pairs, write_singles
@@ -255,6 +255,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
 
     extra: dict = {"base_score": base_eval["score"], "base_curve_score": base_curve}
     long_caps: list[str] = []
+    long_base: dict = {}
     if any(m.startswith("sft-") for m in cfg.methods):
         t = time.time()
         long_caps, shards["long"], long_base = long_caption_data(cfg, base, art / "prefs")
@@ -281,20 +282,23 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     results: dict = {m: [] for m in cfg.methods}
     samples: dict = {"base": base_eval["images"]}
     for r in done:
-        results[r["method"]].append({k: r[k] for k in ("seed", "final", "curve", "seconds")})
+        results[r["method"]].append({k: r[k] for k in ("seed", "final", "curve", "caption_scores", "seconds")})
         if r["seed"] == 0:
             samples[r["method"]] = r["images"]
 
     timings["total"] = time.time() - t_all
-    baselines, curve_baselines, eval_sets = {}, {}, {}
+    baselines, curve_baselines, caption_baselines, eval_sets = {}, {}, {}, {}
     for m in cfg.methods:
         long = m.startswith("sft-")
         baselines[m] = extra["base_long_score"][m.split("-", 1)[1]] if long else base_eval["score"]
         curve_baselines[m] = extra["base_long_curve_score"][m.split("-", 1)[1]] if long else base_curve
+        caption_baselines[m] = caption_means((long_base[m.split("-", 1)[1]] if long else base_eval)["scores"],
+                                             len(seeds))
         eval_sets[m] = "long captions, facts past token 77" if long else "short captions"
     summary_out = {
         "config": asdict(cfg), "base_score": base_eval["score"], "preferences": pref_summary,
-        "baselines": baselines, "curve_baselines": curve_baselines, "eval_sets": eval_sets, "base_long_score": extra.get("base_long_score"),
+        "baselines": baselines, "curve_baselines": curve_baselines, "caption_baselines": caption_baselines,
+        "eval_sets": eval_sets, "base_long_score": extra.get("base_long_score"),
         "preference_model": extra.get("preference_model_accuracy"),
         "results": results, "timings_s": timings, "eval_captions": eval_caps, "long_eval_captions": long_caps,
         "torch_threads": torch.get_num_threads(), "command": command,

@@ -106,6 +106,9 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
         assert [s for s, _ in runs[0]["curve"]] == judged
         assert all(r["final"] is not None for r in runs)
     assert set(data["curve_baselines"]) == set(data["results"])
+    assert all(len(r["caption_scores"]) == 3 for runs in data["results"].values() for r in runs)
+    assert all(len(v) == 3 for v in data["caption_baselines"].values())
+    assert "2 judging SE" in (tmp_path / "report" / "README.md").read_text()
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-shuffled" / "pairs-000000.tar").is_file()
@@ -200,3 +203,20 @@ def test_judge_curve_judges_points_on_the_first_seeds_and_the_end_on_all():
     assert [s for s, _ in curve.curve] == [0, 2, 4]
     assert [v for _, v in curve.curve] == pytest.approx([0.9, 0.15, 0.15])
     assert curve.final == pytest.approx(0.25)
+
+
+def test_verdicts_also_require_the_change_beyond_two_judging_standard_errors():
+    from align.demo.report import judging_error, verdict
+
+    runs = [{"final": 0.6, "caption_scores": [0.6, 0.5, 0.7]}, {"final": 0.6, "caption_scores": [0.6, 0.7, 0.5]}]
+    # per caption, mean over the two seeds: 0.6, 0.6, 0.6; minus the base's 0.5, 0.6, 0.4: 0.1, 0.0, 0.2
+    # -> sd 0.1, judging SE 0.1 / sqrt(3) = 0.0577; the change, +0.1, is beyond 2 sd (0) but not 2 SE (0.1155)
+    assert judging_error(runs, [0.5, 0.6, 0.4]) == pytest.approx(0.1 / np.sqrt(3))
+    assert verdict("dpo", runs, 0.5, {"dpo": runs}, [0.5, 0.6, 0.4]) == (
+        "raises the score by 0.1000 (2 sd = 0.0000, 2 judging SE = 0.1155); expected up: NOT shown: beyond 2 sd "
+        "over seeds, within 2 judging SE")
+    assert verdict("dpo", runs, 0.5, {"dpo": runs}, [0.55, 0.55, 0.55]).endswith("expected up: yes")  # SE 0
+    # against a rival: per-caption differences of the two methods' means
+    rival = [{"final": 0.5, "caption_scores": [0.5, 0.5, 0.5]}, {"final": 0.5, "caption_scores": [0.5, 0.5, 0.5]}]
+    assert judging_error(runs, rival) == pytest.approx(0.0)
+    assert judging_error(runs, None) is None and judging_error([{"final": 0.6}], [0.5, 0.6]) is None

@@ -3,7 +3,7 @@
 With ``reward="shapes-judge"`` the reward is the judge's differentiable relaxation (``align.demo.soft_judge``),
 maximised directly through the sampling chain (``RFTModule``'s direct-reward path); the exact judge stays the
 evaluator (the callbacks sample ``module.unet`` and judge). Training goes through the real ``RFTModule`` and
-``PromptDataModule`` with a Lightning ``Trainer``, in the style of ``align.demo.run.train_one``.
+``PromptDataModule`` with a Lightning ``Trainer``, as the other methods' runs (``align.demo.methods.fit``).
 """
 
 from __future__ import annotations

@@ -220,3 +220,24 @@ def test_verdicts_also_require_the_change_beyond_two_judging_standard_errors():
     rival = [{"final": 0.5, "caption_scores": [0.5, 0.5, 0.5]}, {"final": 0.5, "caption_scores": [0.5, 0.5, 0.5]}]
     assert judging_error(runs, rival) == pytest.approx(0.0)
     assert judging_error(runs, None) is None and judging_error([{"final": 0.6}], [0.5, 0.6]) is None
+
+
+def test_judging_does_not_change_what_training_draws_from_the_random_generators():
+    import random
+    from types import SimpleNamespace
+
+    from align.demo.methods import JudgeCurve
+
+    def evaluate_fn(module, seeds):  # a judging that consumes every generator training might use
+        torch.rand(3), random.random(), np.random.rand()
+        return {"score": 0.5, "scores": np.full(2 * len(seeds), 0.5), "images": None, "seconds": 0.0}
+
+    def draws(judge: bool):
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)
+        curve = JudgeCurve(evaluate_fn, every=1 if judge else 0, seeds=[1, 2])
+        curve.on_train_batch_end(SimpleNamespace(global_step=1, max_steps=2), None, None, None, 0)
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand()), len(curve.curve)
+
+    judged, unjudged = draws(True), draws(False)
+    assert judged[3] == 1 and unjudged[3] == 0
+    assert judged[:3] == unjudged[:3]

@@ -70,9 +70,9 @@ class JudgeCurve(L.Callback):
 
     ``evaluate_fn(module, seeds)`` returns ``evaluate``'s dict. The curve, ``[(step, score)]``, is judged on the
     first ``curve_seeds`` sampling seeds at every point (the end's point is that subset of the end's images), so
-    its points compare; ``final`` is the score on all seeds. Why two: with 8 seeds a model's score moved by
-    ~0.008 with the choice of seeds, as much as the methods' effects (docs/demo/findings.md §9), so the number
-    the report judges a method by is averaged over more seeds, while the curve's points stay affordable.
+    its points compare; ``final`` is the score on all seeds. Why two: with 8 seeds a model's change moved by
+    0.006-0.016 (sd) with the choice of seeds, as much as the methods' effects (docs/demo/findings.md §9), so the
+    number the report judges a method by is averaged over more seeds, while the curve's points stay affordable.
     Judging runs on forked random states, so a run's training is the same whether and how often it is judged
     (it was not: one judging at step 75 moved RFT's final score by up to 0.06, findings §9).
     """

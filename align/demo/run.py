@@ -48,7 +48,7 @@ class DemoConfig:
     pref_captions: int = 256
     images_per_caption: int = 4
     # many captions (64, not 32: with 32 the spread over training seeds hid DPO's gain; docs/demo/findings.md §5)
-    # and 16 sampling seeds for the final score: with 8, a model's score still moved by ~0.008 with the choice of
+    # and 16 sampling seeds for the final score: with 8, a model's change moved by 0.006-0.016 with the choice of
     # seeds, as much as the methods' effects (findings §9). Curve points use the first ``curve_seeds`` (time)
     eval_captions: int = 64
     eval_seeds: tuple = tuple(range(1000, 1016))

@@ -293,10 +293,10 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     baselines, curve_baselines, caption_baselines, eval_sets = {}, {}, {}, {}
     for m in cfg.methods:
         long = m.startswith("sft-")
-        baselines[m] = extra["base_long_score"][m.split("-", 1)[1]] if long else base_eval["score"]
-        curve_baselines[m] = extra["base_long_curve_score"][m.split("-", 1)[1]] if long else base_curve
-        caption_baselines[m] = caption_means((long_base[m.split("-", 1)[1]] if long else base_eval)["scores"],
-                                             len(seeds))
+        judged = long_base[m.split("-", 1)[1]] if long else base_eval  # the base on the captions m is judged on
+        baselines[m] = judged["score"]
+        curve_baselines[m] = first_seeds_score(judged["scores"], len(seeds), cfg.curve_seeds)
+        caption_baselines[m] = caption_means(judged["scores"], len(seeds))
         eval_sets[m] = "long captions, facts past token 77" if long else "short captions"
     summary_out = {
         "config": asdict(cfg), "base_score": base_eval["score"], "preferences": pref_summary,

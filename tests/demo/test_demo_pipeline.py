@@ -97,6 +97,7 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert set(data["results"]) == {"dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
                                     "rft-judge", "rft-clip", "dpo-shuffled", "kto-shuffled"}
     assert data["eval_sets"]["sft-segment"].startswith("long captions")
+    assert all([r["seed"] for r in runs] == [0, 1] for runs in data["results"].values())  # job order kept
     assert set(data["base_long_score"]) == {"segment", "truncate"}
     assert (tmp_path / "art" / "preference_model" / "export").is_dir()
     for method, runs in data["results"].items():
@@ -131,6 +132,15 @@ def test_segment_encoding_beats_truncation_on_facts_past_token_77(tmp_path):
     truncate = [r["final"] for r in summary["results"]["sft-truncate"]]
     assert min(segment) > max(truncate), (segment, truncate)
     assert min(segment) > summary["baselines"]["sft-segment"], (segment, summary["baselines"])
+
+
+def test_jobs_start_longest_first_and_otherwise_keep_their_order():
+    from align.demo.run import longest_first
+
+    jobs = [(m, s) for m in ("dpo", "kto", "rft-judge", "sft-segment", "rft-clip") for s in (0, 1)]
+    assert longest_first(jobs) == [("rft-judge", 0), ("rft-judge", 1), ("rft-clip", 0), ("rft-clip", 1),
+                                   ("dpo", 0), ("dpo", 1), ("kto", 0), ("kto", 1), ("sft-segment", 0),
+                                   ("sft-segment", 1)]
 
 
 def test_validation_captions_and_seeds_are_disjoint_from_training_and_from_the_test_set():

@@ -93,7 +93,7 @@ def quick_config(**kw) -> DemoConfig:
     so the full demo's base is never replaced), one training seed, fewer captions and steps; judged at the end of
     each run only. Its numbers check that everything runs; the full demo's are the evidence. Sized for a margin
     under 5 minutes: at session 6's sizes (base 500 UNet steps, DPO 50, RFT 30) it took 4:54 to 5:05 from nothing
-    cached on the same 2-core machine (docs/benchmarks.md)."""
+    cached on the same 2-core machine, at these 4:01 (docs/benchmarks.md)."""
     kw.setdefault("seeds", 1)
     kw.setdefault("eval_seeds", tuple(range(1000, 1008)))  # 8 seeds: keeps it under 5 min
     kw.setdefault("artifacts", "artifacts/shapes-quick")
@@ -155,7 +155,8 @@ def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np
 def longest_first(jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """``jobs`` with the RFT runs first (they sample with gradients: 115-165 s each in the report, the others
     50-90 s), so the runs left when one worker runs dry are short ones. A run's result does not depend on its
-    order or worker (each seeds everything; measured: reports reproduce to the last digit across orders)."""
+    order or worker (each seeds everything): the session-7 report, run in this order, equals session 6's, run in
+    method order, to the last digit."""
     return sorted(jobs, key=lambda job: not job[0].startswith("rft"))
 
 

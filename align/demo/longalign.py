@@ -74,9 +74,10 @@ def long_eval_captions(n: int, seed: int = 7919, exclude=(), max_objects: int = 
 
 
 def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max_objects: int = 1, exclude=(),
-                              shards: int = 16) -> Path:
+                              shards: int = 16, long: bool = True) -> Path:
     """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as long-caption
     shards (``jpg``, ``txt``, ``json``; ``align.data.schema``) ``longcaption-000000.tar`` ... in ``out_dir``.
+    ``long=False`` writes the short captions instead (plain SFT on correct data: findings §10's diagnostic).
 
     Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are written in random
     order, so shards need no buffer shuffle (see ``train_sft``); many small shards give each training seed its own
@@ -90,7 +91,7 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
     def make(i, rng):
         for _ in range(10_000):
             scene = world.random_scene(rng, max_objects=max_objects)
-            cap = world.caption(scene, long=True)
+            cap = world.caption(scene, long=long)
             if cap not in excluded:
                 break
         else:

@@ -13,30 +13,17 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RUNS = [(lr, 150, seed, drop) for drop in (0.0, 0.1) for lr in (1e-4, 2e-5) for seed in (0, 1)]
 
 
 def write_shards(out: Path) -> None:
-    from align.data.synthetic import _write_shards
-    from align.demo import world
-    from align.demo.prefs import png_free_jpeg
+    from align.demo.longalign import write_long_caption_shards
     from align.demo.run import DemoConfig, caption_sets
 
     _, test = caption_sets(DemoConfig())
-    excluded = set(test)
-
-    def make(i, rng):
-        while True:
-            scene = world.random_scene(rng, max_objects=2)
-            if world.caption(scene) not in excluded:
-                break
-        return {"__key__": f"{i:09d}", "jpg": png_free_jpeg(np.asarray(world.render(scene, rng))),
-                "txt": world.caption(scene).encode(), "json": json.dumps({"index": i}).encode()}
-
-    _write_shards(out, "longcaption", 2000, 16, make, 5)
+    write_long_caption_shards(out, 2000, seed=5, max_objects=2, exclude=test, long=False)
 
 
 def job(art: str, shards: str, run: tuple) -> dict:
@@ -62,10 +49,11 @@ if __name__ == "__main__":
     write_shards(out / "shards")
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(job, [art] * len(RUNS), [str(out / "shards")] * len(RUNS), RUNS))
+    from align.demo.report import judging_error
+
     summary = json.loads((report / "demo.json").read_text())
-    base, base_caps = summary["base_score"], np.array(summary["caption_baselines"]["dpo"])
+    base, base_caps = summary["base_score"], summary["caption_baselines"]["dpo"]
     for r in results:
-        d = np.array(r["caption_scores"]) - base_caps
         print(f"lr {r['lr']:g}, caption dropout {r['caption_dropout']}, seed {r['seed']}: {r['score']:.4f} "
-              f"(change {r['score'] - base:+.4f}, judging SE {d.std(ddof=1) / np.sqrt(len(d)):.4f})")
+              f"(change {r['score'] - base:+.4f}, judging SE {judging_error([r], base_caps):.4f})")
     (out / "clean_sft.json").write_text(json.dumps(results, indent=1))

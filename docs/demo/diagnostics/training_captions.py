@@ -10,10 +10,10 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 
 from align.demo.evaluate import caption_means, evaluate, make_pipeline
+from align.demo.report import judging_error, mean_spread
 from align.demo.run import DemoConfig, RunContext, caption_sets, run_jobs
 from align.models import load_components
 
@@ -37,15 +37,13 @@ if __name__ == "__main__":
                      sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=0, methods=methods,
                      extra={"base_score": base["score"], "base_curve_score": base["score"]})
     done = run_jobs(ctx, [(m, s) for m in METHODS for s in range(cfg.seeds)], workers=2)
-    base_caps = np.array(caption_means(base["scores"], len(seeds)))
+    base_caps = caption_means(base["scores"], len(seeds))
     print(f"base {base['score']:.4f} on {len(judged)} training captions x {len(seeds)} seeds")
     for m in METHODS:
         runs = [r for r in done if r["method"] == m]
-        finals = np.array([r["final"] for r in runs])
-        per_caption = np.mean([r["caption_scores"] for r in runs], 0) - base_caps
-        print(f"{m}: {finals.mean():.4f} ± {finals.std(ddof=1):.4f}, change {finals.mean() - base['score']:+.4f}, "
-              f"judging SE {per_caption.std(ddof=1) / np.sqrt(len(per_caption)):.4f}, per seed "
-              f"{np.round(finals, 4).tolist()}")
+        mean, sd = mean_spread([r["final"] for r in runs])
+        print(f"{m}: {mean:.4f} ± {sd:.4f}, change {mean - base['score']:+.4f}, judging SE "
+              f"{judging_error(runs, base_caps):.4f}, per seed {[round(r['final'], 4) for r in runs]}")
     json.dump({"base": base["score"], "judged": judged, "runs": [{k: r[k] for k in ("method", "seed", "final")}
                                                                    for r in done]},
               open(f"{out}/training_captions.json", "w"), indent=1)

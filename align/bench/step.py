@@ -39,6 +39,7 @@ class StepConfig:
     channels_last: bool = False
     compile_unet: bool = False
     reference_inference_mode: bool = True
+    frozen_dtype: str | None = None  # bf16 / fp16: the frozen reference, VAE and text encoders stored in it
     cached_latents: bool = True  # VAE moments in the batch (a latent cache): the VAE encoder does not run
     cached_text: bool = True  # prompt embeddings in the batch (the same cache): the text encoders do not run
     optimizer: str = "adamw"
@@ -109,16 +110,19 @@ def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool
     """The objective's LightningModule with ``cfg``'s switches, on ``device`` (or the meta device).
 
     ``meta=True`` builds every weight on the meta device: shapes only, no memory, for FLOP counts and memory
-    estimates of full-size presets on a laptop.
+    estimates of full-size presets on a laptop. Otherwise the weights are created on ``device`` directly: random
+    initialisation of SDXL's 3.5 B parameters on the host, then a copy to the GPU, would cost more than the
+    benchmark's steps.
     """
     cls = module_class(cfg.objective)
+    target = torch.device("meta") if meta else torch.device(device)
     kwargs = dict(model=cfg.preset, lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing,
                   channels_last=cfg.channels_last, compile_unet=cfg.compile_unet,
-                  reference_inference_mode=cfg.reference_inference_mode,
+                  reference_inference_mode=cfg.reference_inference_mode, frozen_dtype=cfg.frozen_dtype,
                   optimizer=optimizer_factory(cfg.optimizer, cfg.lr), seed=cfg.seed)
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    with target:
         module = cls(**kwargs)
-    return module.to(torch.device("meta") if meta else device).train()
+    return module.to(target).train()
 
 
 def latent_shape(module, cfg: StepConfig) -> tuple[int, int, int]:

@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the policy UNet")
     p.add_argument("--reference-no-grad", action="store_true",
                    help="reference forward under no_grad instead of inference_mode")
+    p.add_argument("--frozen-dtype", choices=["bf16", "fp16"], default=None,
+                   help="store the frozen reference UNet, VAE and text encoders in this dtype (configs/perf/lowmem.yaml)")
     p.add_argument("--pixels", action="store_true", help="encode pixels with the VAE (default: cached latents)")
     p.add_argument("--captions", action="store_true",
                    help="encode captions with the text encoders (default: cached prompt embeddings)")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                          precision=precision, lora_rank=args.lora_rank,
                          gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
                          compile_unet=args.compile, reference_inference_mode=not args.reference_no_grad,
+                         frozen_dtype=args.frozen_dtype,
                          cached_latents=not args.pixels, cached_text=not args.captions, optimizer=args.optimizer,
                          lr=args.lr, grad_clip=args.grad_clip or None)
         try:

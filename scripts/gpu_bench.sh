@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md, measured in one go on a CUDA machine, from the repository root.
+#
+#   scripts/gpu_bench.sh core  [OUTDIR]   speed (SD1.5 DPO/KTO) and memory (SD1.5 1 pair, SDXL 2 pairs at 1024 px)
+#   scripts/gpu_bench.sh extra [OUTDIR]   switches: compile + channels-last + fused AdamW, larger batch, LoRA,
+#                                         8-bit AdamW, and a real `align fit` of the tiny preset in bf16 on the GPU
+#
+# Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
+# OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
+# that fails (out of memory, say) does not stop the others. ALIGN overrides how align is called
+# (default: `python3 -m align.cli`, which needs only the repository on PYTHONPATH).
+set -u
+PART=${1:-core}
+OUTDIR=${2:-reports/gpu}
+mkdir -p "$OUTDIR"
+ALIGN=${ALIGN:-python3 -m align.cli}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+run() {  # run LIMIT_S ARGS...: one command, logged, time-limited; failures are logged, not fatal
+  local limit=$1; shift
+  echo "### $(date -u +%H:%M:%S) $*" | tee -a "$OUTDIR/log.txt"
+  timeout "$limit" "$@" >>"$OUTDIR/log.txt" 2>&1
+  local rc=$?
+  tail -n 6 "$OUTDIR/log.txt" | grep -v '^###' | sed 's/^/    /'
+  echo "    -> exit $rc" | tee -a "$OUTDIR/log.txt"
+}
+bench() { local limit=$1; shift; run "$limit" $ALIGN bench --json "$OUTDIR/bench.jsonl" "$@"; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, lightning, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| lightning', lightning.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+} 2>&1 | tee -a "$OUTDIR/log.txt"
+
+case "$PART" in
+core)
+  # speed: SD1.5 architecture, 512 px, bf16 (auto on CUDA), cached latents and embeddings; Lightning vs bare
+  bench 150 --objective dpo --preset sd15-arch --batch 4 --steps 20 --compare-bare
+  bench 120 --objective dpo --preset sd15-arch --batch 8 --steps 20
+  bench 120 --objective kto --preset sd15-arch --batch 8 --steps 20
+  # memory: SD1.5 full DPO, 1 pair (goal: under 24 GB); SDXL full DPO, 2 pairs, 1024 px (goal: fits 80 GB)
+  bench 90 --objective dpo --preset sd15-arch --batch 1 --steps 10
+  bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing
+  bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
+  bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing --optimizer adafactor
+  ;;
+extra)
+  bench 240 --objective dpo --preset sd15-arch --batch 4 --steps 20 --warmup 5 --channels-last --compile --optimizer adamw-fused
+  bench 120 --objective dpo --preset sd15-arch --batch 16 --steps 10
+  bench 120 --objective dpo --preset sd15-arch --batch 4 --steps 20 --lora-rank 64
+  bench 120 --objective dpo --preset sd15-arch --batch 4 --steps 20 --optimizer adamw8bit
+  # a real training run on the GPU: synthetic shards, the tiny preset, bf16-mixed, CSV logs only
+  run 60 $ALIGN data synthetic pickapic --out "$OUTDIR/synthetic"
+  cat >"$OUTDIR/gpu_overlay.yaml" <<EOF
+trainer:
+  accelerator: gpu
+  precision: bf16-mixed
+  default_root_dir: $OUTDIR/fit
+  logger:
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {save_dir: $OUTDIR/fit, name: csv}
+data:
+  init_args: {train_shards: $OUTDIR/synthetic, val_shards: $OUTDIR/synthetic/pairs-000000.tar}
+EOF
+  run 180 $ALIGN fit --config configs/dpo/tiny.yaml --config "$OUTDIR/gpu_overlay.yaml"
+  ;;
+*) echo "usage: $0 core|extra [OUTDIR]" >&2; exit 2 ;;
+esac
+
+python3 - "$OUTDIR/bench.jsonl" <<'EOF'
+import json, sys
+from align.bench.report import format_table
+try:
+    rows = [json.loads(line) for line in open(sys.argv[1])]
+except FileNotFoundError:
+    sys.exit("no bench rows were written")
+print(format_table(rows))
+for r in rows:
+    print(f"{r['objective']} {r['preset']} b{r['batch']} {r['mode']}: median {1000 * r['median_step_s']:.1f} ms, "
+          f"{r['achieved_tflops']:.1f} of {r['peak_tflops']:.0f} TFLOP/s ({100 * r['frac_of_peak']:.1f}%), "
+          f"peak {r['peak_mem_mb'] / 1024:.2f} GiB, lora {r['lora_rank']} ckpt {r['gradient_checkpointing']} "
+          f"frozen {r['frozen_dtype']} opt {r['optimizer']} compile {r['compile_unet']}")
+EOF

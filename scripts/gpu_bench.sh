@@ -33,15 +33,16 @@ bench() { local limit=$1; shift; run "$limit" $ALIGN bench --json "$OUTDIR/bench
 
 case "$PART" in
 core)
+  # most important first: a command cut off by the caller's time limit loses the least
   # speed: SD1.5 architecture, 512 px, bf16 (auto on CUDA), cached latents and embeddings; Lightning vs bare
   bench 150 --objective dpo --preset sd15-arch --batch 4 --steps 20 --compare-bare
-  bench 120 --objective dpo --preset sd15-arch --batch 8 --steps 20
-  bench 120 --objective kto --preset sd15-arch --batch 8 --steps 20
   # memory: SD1.5 full DPO, 1 pair (goal: under 24 GB); SDXL full DPO, 2 pairs, 1024 px (goal: fits 80 GB)
   bench 90 --objective dpo --preset sd15-arch --batch 1 --steps 10
   bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing
-  bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
   bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing --optimizer adafactor
+  bench 150 --objective dpo --preset sdxl-arch --batch 2 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
+  bench 120 --objective dpo --preset sd15-arch --batch 8 --steps 20
+  bench 120 --objective kto --preset sd15-arch --batch 8 --steps 20
   ;;
 extra)
   bench 240 --objective dpo --preset sd15-arch --batch 4 --steps 20 --warmup 5 --channels-last --compile --optimizer adamw-fused

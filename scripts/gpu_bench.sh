@@ -2,8 +2,9 @@
 # The GPU figures of docs/benchmarks.md, measured in one go on a CUDA machine, from the repository root.
 #
 #   scripts/gpu_bench.sh core  [OUTDIR]   speed (SD1.5 DPO/KTO) and memory (SD1.5 1 pair, SDXL 2 pairs at 1024 px)
-#   scripts/gpu_bench.sh extra [OUTDIR]   switches: compile + channels-last + fused AdamW, larger batch, LoRA,
-#                                         8-bit AdamW, and a real `align fit` of the tiny preset in bf16 on the GPU
+#   scripts/gpu_bench.sh extra [OUTDIR]   profiles of the SD1.5 step; switches: larger batch, compile +
+#                                         channels-last + fused AdamW, LoRA, 8-bit AdamW; and a real
+#                                         `align fit` of the tiny preset in bf16 on the GPU
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -45,10 +46,12 @@ core)
   bench 120 --objective kto --preset sd15-arch --batch 8 --steps 20
   ;;
 extra)
-  bench 240 --objective dpo --preset sd15-arch --batch 4 --steps 20 --warmup 5 --channels-last --compile --optimizer adamw-fused
-  bench 120 --objective dpo --preset sd15-arch --batch 16 --steps 10
-  bench 120 --objective dpo --preset sd15-arch --batch 4 --steps 20 --lora-rank 64
-  bench 120 --objective dpo --preset sd15-arch --batch 4 --steps 20 --optimizer adamw8bit
+  # where the SD1.5 step's time goes (GPU kernel time vs wall, launches, host-device syncs), bare and Lightning
+  run 90 python3 scripts/profile_step.py --preset sd15-arch --batch 4 --mode bare
+  run 90 python3 scripts/profile_step.py --preset sd15-arch --batch 4 --mode lightning
+  bench 90 --objective dpo --preset sd15-arch --batch 16 --steps 10
+  bench 240 --objective dpo --preset sd15-arch --batch 8 --steps 10 --warmup 4 --channels-last --compile --optimizer adamw-fused
+  bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --lora-rank 64
   # a real training run on the GPU: synthetic shards, the tiny preset, bf16-mixed, CSV logs only
   run 60 $ALIGN data synthetic pickapic --out "$OUTDIR/synthetic"
   cat >"$OUTDIR/gpu_overlay.yaml" <<EOF
@@ -62,7 +65,8 @@ trainer:
 data:
   init_args: {train_shards: $OUTDIR/synthetic, val_shards: $OUTDIR/synthetic/pairs-000000.tar}
 EOF
-  run 180 $ALIGN fit --config configs/dpo/tiny.yaml --config "$OUTDIR/gpu_overlay.yaml"
+  run 120 $ALIGN fit --config configs/dpo/tiny.yaml --config "$OUTDIR/gpu_overlay.yaml"
+  bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --optimizer adamw8bit  # needs bitsandbytes
   ;;
 *) echo "usage: $0 core|extra [OUTDIR]" >&2; exit 2 ;;
 esac

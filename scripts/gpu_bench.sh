@@ -53,19 +53,21 @@ extra)
   bench 240 --objective dpo --preset sd15-arch --batch 8 --steps 10 --warmup 4 --channels-last --compile --optimizer adamw-fused
   bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --lora-rank 64
   # a real training run on the GPU: synthetic shards, the tiny preset, bf16-mixed, CSV logs only
-  run 60 $ALIGN data synthetic pickapic --out "$OUTDIR/synthetic"
-  cat >"$OUTDIR/gpu_overlay.yaml" <<EOF
+  WORK=$(mktemp -d)  # shards, checkpoints and exports stay out of OUTDIR
+  run 60 $ALIGN data synthetic pickapic --out "$WORK/synthetic"
+  cat >"$WORK/gpu_overlay.yaml" <<EOF
 trainer:
   accelerator: gpu
   precision: bf16-mixed
-  default_root_dir: $OUTDIR/fit
+  default_root_dir: $WORK/fit
   logger:
     - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {save_dir: $OUTDIR/fit, name: csv}
+      init_args: {save_dir: $WORK/fit, name: csv}
 data:
-  init_args: {train_shards: $OUTDIR/synthetic, val_shards: $OUTDIR/synthetic/pairs-000000.tar}
+  init_args: {train_shards: $WORK/synthetic, val_shards: $WORK/synthetic/pairs-000000.tar}
 EOF
-  run 120 $ALIGN fit --config configs/dpo/tiny.yaml --config "$OUTDIR/gpu_overlay.yaml"
+  run 120 $ALIGN fit --config configs/dpo/tiny.yaml --config "$WORK/gpu_overlay.yaml"
+  cp "$WORK"/fit/csv/version_0/metrics.csv "$OUTDIR/fit_metrics.csv" 2>/dev/null
   bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --optimizer adamw8bit  # needs bitsandbytes
   ;;
 *) echo "usage: $0 core|extra [OUTDIR]" >&2; exit 2 ;;

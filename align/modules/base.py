@@ -100,8 +100,10 @@ class DiffusionModule(L.LightningModule):
                                              init_lora_weights="gaussian", target_modules=list(lora_targets)))
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+        if channels_last:  # the reference too: cuDNN would otherwise convert its every conv input to NHWC
+            for unet in (self.unet, self.ref_unet):
+                if unet is not None:
+                    unet.to(memory_format=torch.channels_last)
         if compile_unet:
             self.unet.compile()
         if frozen_dtype is not None:
@@ -265,6 +267,23 @@ class DiffusionModule(L.LightningModule):
         grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (``configs/optim/adamw_fused``):
+        with fp16's gradient scaler a fused step unscales the gradients itself, so they are still scaled when
+        clipping runs. bf16-mixed has no scaler: the gradients are true gradients and are clipped here as
+        Lightning would clip them. With a scaler (``16-mixed``) Lightning's rule stands."""
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        if (gradient_clip_val and getattr(plugin, "scaler", None) is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(trainable_parameters(self))

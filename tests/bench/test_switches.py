@@ -99,8 +99,8 @@ def test_reference_forward_keeps_no_autograd_state(inference):
 
 
 def test_channels_last_changes_the_weight_layout():
-    def conv_weights(module):
-        return [m.weight for m in module.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    def conv_weights(module):  # policy and reference
+        return [m.weight for u in unets(module) for m in u.modules() if isinstance(m, torch.nn.Conv2d)]
 
     on = build_module(StepConfig(channels_last=True))
     off = build_module(StepConfig(channels_last=False))
@@ -154,6 +154,25 @@ def test_optimizer_switch_steps_the_trainable_weights(name, check):
     before = [p.detach().clone() for p in step.params]
     step(make_batch(module, cfg), 0)
     assert any(not torch.equal(a, b) for a, b in zip(before, step.params))
+
+
+def test_fused_adamw_is_clipped_under_bf16_mixed(monkeypatch):
+    """Lightning's bf16-mixed plugin raises on clipping with a fused optimizer; the module clips itself."""
+    import lightning as L
+
+    from align.bench.runner import _loader
+
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, *a, **k: norms.append(m) or clip(p, m, *a, **k))
+    cfg = StepConfig(batch=1, optimizer="adamw-fused", lr=1e-3)
+    module = build_module(cfg)
+    before = [p.detach().clone() for p in module.unet.parameters()]
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=0.5, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=_loader(make_batch(module, cfg), 2))
+    assert norms == [0.5, 0.5]
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
 
 
 def test_8bit_adamw_is_optional():

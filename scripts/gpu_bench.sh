@@ -5,6 +5,7 @@
 #   scripts/gpu_bench.sh extra [OUTDIR]   profiles of the SD1.5 step; switches: larger batch, compile +
 #                                         channels-last + fused AdamW, LoRA, 8-bit AdamW; and a real
 #                                         `align fit` of the tiny preset in bf16 on the GPU
+#   scripts/gpu_bench.sh fast  [OUTDIR]   SD1.5 DPO at 16 pairs with every speed switch, without and with compile
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -70,7 +71,13 @@ EOF
   cp "$WORK"/fit/csv/version_0/metrics.csv "$OUTDIR/fit_metrics.csv" 2>/dev/null
   bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --optimizer adamw8bit  # needs bitsandbytes
   ;;
-*) echo "usage: $0 core|extra [OUTDIR]" >&2; exit 2 ;;
+fast)
+  # the SD1.5 step with every speed switch: channels-last (policy and reference), fused AdamW, frozen parts in
+  # bf16 (no per-op casts of the reference's weights), then + torch.compile of the policy UNet
+  bench 120 --objective dpo --preset sd15-arch --batch 16 --steps 10 --channels-last --optimizer adamw-fused --frozen-dtype bf16
+  bench 300 --objective dpo --preset sd15-arch --batch 16 --steps 10 --warmup 4 --channels-last --compile --optimizer adamw-fused --frozen-dtype bf16
+  ;;
+*) echo "usage: $0 core|extra|fast [OUTDIR]" >&2; exit 2 ;;
 esac
 
 python3 - "$OUTDIR/bench.jsonl" <<'EOF'

@@ -24,7 +24,9 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 
 def summarise(prof, steps: int, wall: float, device: torch.device) -> None:
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    # as torch's own "Self CUDA time total": kernels and copies, not user annotations such as ProfilerStep#
+    kernel_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     syncs = {e.key: e.count // steps for e in events if e.key.startswith(SYNC_EVENTS)}
     items = sum(e.count for e in events if e.key == "aten::_local_scalar_dense") // steps

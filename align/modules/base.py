@@ -266,7 +266,7 @@ class DiffusionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # one foreach pass, not a norm per tensor
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (``configs/optim/adamw_fused``):

@@ -175,6 +175,17 @@ def test_fused_adamw_is_clipped_under_bf16_mixed(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
 
 
+def test_logged_grad_norm_is_the_total_norm(monkeypatch):
+    cfg = StepConfig(batch=1)
+    module = build_module(cfg)
+    module.training_step(make_batch(module, cfg), 0).backward()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    module.on_before_optimizer_step(None)
+    by_hand = sum(float((p.grad.double() ** 2).sum()) for p in module.unet.parameters() if p.grad is not None) ** 0.5
+    assert float(logged["train/grad_norm"]) == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_8bit_adamw_is_optional():
     try:
         import bitsandbytes  # noqa: F401

@@ -27,7 +27,7 @@ def summarise(prof, steps: int, wall: float, device: torch.device) -> None:
     # as torch's own "Self CUDA time total": kernels and copies, not user annotations such as ProfilerStep#
     kernel_us = sum(e.self_device_time_total for e in events
                     if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)  # cudaLaunchKernel[ExC], cuLaunchKernel[Ex]
     syncs = {e.key: e.count // steps for e in events if e.key.startswith(SYNC_EVENTS)}
     items = sum(e.count for e in events if e.key == "aten::_local_scalar_dense") // steps
     print(f"per step: wall {1000 * wall / steps:.1f} ms | GPU kernels {kernel_us / 1000 / steps:.1f} ms "

@@ -15,7 +15,7 @@ TINY_DENSCORE := data/synthetic/tiny-denscore
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft test test-all bench eval demo clean
+.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft test test-all bench bench-gpu eval demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SF
 bench: $(STAMP) ## benchmarks on this machine: Lightning vs a bare loop (tiny), FLOPs of SD1.5/SDXL DPO and KTO steps (meta device)
 	$(ALIGN) bench --objective dpo kto --preset tiny --batch 4 --steps 20 --compare-bare --threads 1 $(ARGS)
 	$(ALIGN) bench --objective dpo kto --preset sd15-arch sdxl-arch --batch 1 --flops-only
+
+bench-gpu: $(STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md (PART=core|extra|fast; rows to reports/gpu)
+	PYTHON=$(BIN)/python ALIGN=$(ALIGN) bash scripts/gpu_bench.sh $(or $(PART),core) reports/gpu
 
 # ---- evaluation: sample the newest tiny DPO export and the tiny base, score both, win rates, FID ----------
 EVAL_CHECKPOINT ?=

@@ -9,14 +9,21 @@
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
-# that fails (out of memory, say) does not stop the others. ALIGN overrides how align is called
-# (default: `python3 -m align.cli`, which needs only the repository on PYTHONPATH).
+# that fails (out of memory, say) does not stop the others. PYTHON (default python3) and ALIGN (default
+# `$PYTHON -m align.cli`, which needs only the repository on PYTHONPATH) say how Python and align are called;
+# `make bench-gpu PART=...` sets both to the project's .venv.
 set -u
 PART=${1:-core}
 OUTDIR=${2:-reports/gpu}
 mkdir -p "$OUTDIR"
-ALIGN=${ALIGN:-python3 -m align.cli}
+PY=${PYTHON:-python3}
+ALIGN=${ALIGN:-$PY -m align.cli}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_bench.sh: torch sees no CUDA device here; this script measures a GPU (make bench runs the CPU figures)" >&2
+  exit 2
+fi
 
 run() {  # run LIMIT_S ARGS...: one command, logged, time-limited; failures are logged, not fatal
   local limit=$1; shift
@@ -26,11 +33,11 @@ run() {  # run LIMIT_S ARGS...: one command, logged, time-limited; failures are 
   tail -n 6 "$OUTDIR/log.txt" | grep -v '^###' | sed 's/^/    /'
   echo "    -> exit $rc" | tee -a "$OUTDIR/log.txt"
 }
-bench() { local limit=$1; shift; run "$limit" $ALIGN bench --json "$OUTDIR/bench.jsonl" "$@"; }
+bench() { local limit=$1; shift; run "$limit" $ALIGN bench --device cuda --json "$OUTDIR/bench.jsonl" "$@"; }
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, lightning, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| lightning', lightning.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+  $PY -c "import torch, lightning, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| lightning', lightning.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 } 2>&1 | tee -a "$OUTDIR/log.txt"
 
 case "$PART" in
@@ -48,8 +55,8 @@ core)
   ;;
 extra)
   # where the SD1.5 step's time goes (GPU kernel time vs wall, launches, host-device syncs), bare and Lightning
-  run 90 python3 scripts/profile_step.py --preset sd15-arch --batch 4 --mode bare
-  run 90 python3 scripts/profile_step.py --preset sd15-arch --batch 4 --mode lightning
+  run 90 $PY scripts/profile_step.py --preset sd15-arch --batch 4 --mode bare
+  run 90 $PY scripts/profile_step.py --preset sd15-arch --batch 4 --mode lightning
   bench 90 --objective dpo --preset sd15-arch --batch 16 --steps 10
   bench 240 --objective dpo --preset sd15-arch --batch 8 --steps 10 --warmup 4 --channels-last --compile --optimizer adamw-fused
   bench 90 --objective dpo --preset sd15-arch --batch 4 --steps 20 --lora-rank 64
@@ -80,7 +87,7 @@ fast)
 *) echo "usage: $0 core|extra|fast [OUTDIR]" >&2; exit 2 ;;
 esac
 
-python3 - "$OUTDIR/bench.jsonl" <<'EOF'
+$PY - "$OUTDIR/bench.jsonl" <<'EOF'
 import json, sys
 from align.bench.report import format_table
 try:

@@ -3,9 +3,9 @@
     python scripts/profile_step.py --preset sd15-arch --batch 4 [--mode bare|lightning] [--compile] ...
 
 Prints, per step: wall time, the time the GPU spent in kernels (the sum of kernel durations), kernel launches,
-and host-device synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / device-to-host
-copies, each of which stops the host from queueing work ahead of the GPU); then the ops with the most host
-time. A step whose GPU time is far below its wall time is launch- or sync-bound, not compute-bound.
+host-device synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``, each of which stops the
+host from queueing work ahead of the GPU) and ``cudaMemcpy*`` calls (copies either way; one from pageable host
+memory may synchronise too); then the ops with the most host time. A step whose GPU time is far below its wall time is launch- or sync-bound, not compute-bound.
 """
 
 from __future__ import annotations

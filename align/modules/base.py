@@ -269,15 +269,28 @@ class DiffusionModule(L.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # one foreach pass, not a norm per tensor
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (``configs/optim/adamw_fused``):
-        with fp16's gradient scaler a fused step unscales the gradients itself, so they are still scaled when
-        clipping runs. bf16-mixed has no scaler: the gradients are true gradients and are clipped here as
-        Lightning would clip them. With a scaler (``16-mixed``) Lightning's rule stands."""
-        plugin = getattr(self.trainer, "precision_plugin", None)
-        if (gradient_clip_val and getattr(plugin, "scaler", None) is None
+        """Clip where Lightning's own clipping would refuse or be wrong; otherwise Lightning's clipping.
+
+        * FSDP (``configs/trainer/fsdp_sdxl.yaml``): each rank holds a shard of the gradients, so the norm must be
+          taken over every rank's shard; Lightning's FSDP plugin refuses norm clipping (it has no handle on the
+          root module) and ``torch.nn.utils.clip_grad_norm_`` would clip each shard by its own norm. The root FSDP
+          module's ``clip_grad_norm_`` does it right.
+        * A fused optimizer (``configs/optim/adamw_fused.yaml``) under bf16-mixed: Lightning's mixed-precision
+          plugin refuses because with fp16's gradient scaler a fused step unscales the gradients itself. bf16 has
+          no scaler: the gradients are true gradients and are clipped here. With a scaler, Lightning's rule stands.
+        """
+        if not gradient_clip_val:
+            return
+        by_value = gradient_clip_algorithm == "value"
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) and not by_value:
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        if (getattr(self.trainer.precision_plugin, "scaler", None) is None
                 and getattr(optimizer, "_step_supports_amp_scaling", False)):
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
+            if by_value:
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

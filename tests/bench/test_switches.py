@@ -175,6 +175,26 @@ def test_fused_adamw_is_clipped_under_bf16_mixed(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
 
 
+def test_fsdp_clips_through_the_root_fsdp_module(monkeypatch):
+    """Under FSDP the norm is over every rank's shard: the root FSDP module's clip_grad_norm_ (Lightning's FSDP
+    plugin raises on norm clipping). Lightning runs FSDP on CUDA only, so the dispatch is checked with stubs."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    calls = []
+    module = build_module(StepConfig(batch=1))
+    root = SimpleNamespace(clip_grad_norm_=calls.append)
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(
+        strategy=FSDPStrategy(), model=root, precision_plugin=SimpleNamespace(scaler=None))))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("per-shard clipping"))
+    optimizer = module.configure_optimizers()
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert calls == [1.0]
+    module.configure_gradient_clipping(optimizer, None, "norm")  # no clipping asked: nothing called
+    assert calls == [1.0]
+
+
 def test_logged_grad_norm_is_the_total_norm(monkeypatch):
     cfg = StepConfig(batch=1)
     module = build_module(cfg)

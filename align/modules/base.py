@@ -263,7 +263,14 @@ class DiffusionModule(L.LightningModule):
         for reason, total in self._skipped.items():
             self.log(f"train/skipped/{reason}", float(total), reduce_fx="max")
 
+    def _fsdp(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._fsdp():  # local gradient shards: the total norm is logged by configure_gradient_clipping
+            return
         grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # one foreach pass, not a norm per tensor
@@ -282,10 +289,8 @@ class DiffusionModule(L.LightningModule):
         if not gradient_clip_val:
             return
         by_value = gradient_clip_algorithm == "value"
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(self.trainer.strategy, FSDPStrategy) and not by_value:
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        if self._fsdp() and not by_value:  # returns the total norm over all shards, before clipping
+            self.log("train/grad_norm", self.trainer.model.clip_grad_norm_(gradient_clip_val))
             return
         if (getattr(self.trainer.precision_plugin, "scaler", None) is None
                 and getattr(optimizer, "_step_supports_amp_scaling", False)):

@@ -182,15 +182,19 @@ def test_fsdp_clips_through_the_root_fsdp_module(monkeypatch):
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    calls = []
+    calls, logged = [], {}
     module = build_module(StepConfig(batch=1))
-    root = SimpleNamespace(clip_grad_norm_=calls.append)
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(
-        strategy=FSDPStrategy(), model=root, precision_plugin=SimpleNamespace(scaler=None))))
+    root = SimpleNamespace(clip_grad_norm_=lambda max_norm: calls.append(max_norm) or torch.tensor(3.0))
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), model=root, precision_plugin=SimpleNamespace(scaler=None))
+    module._trainer = trainer
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("per-shard clipping"))
     optimizer = module.configure_optimizers()
+    module.on_before_optimizer_step(optimizer)  # a shard's norm is not the gradient norm: not logged here
+    assert logged == {}
     module.configure_gradient_clipping(optimizer, 1.0, "norm")
-    assert calls == [1.0]
+    assert calls == [1.0] and float(logged["train/grad_norm"]) == 3.0  # FSDP's total norm
     module.configure_gradient_clipping(optimizer, None, "norm")  # no clipping asked: nothing called
     assert calls == [1.0]
 

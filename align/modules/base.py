@@ -292,13 +292,12 @@ class DiffusionModule(L.LightningModule):
         if self._fsdp() and not by_value:  # returns the total norm over all shards, before clipping
             self.log("train/grad_norm", self.trainer.model.clip_grad_norm_(gradient_clip_val))
             return
-        if (getattr(self.trainer.precision_plugin, "scaler", None) is None
-                and getattr(optimizer, "_step_supports_amp_scaling", False)):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if by_value:
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "scaler", None) is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            from lightning.pytorch.plugins.precision import Precision
+
+            # the base plugin's clipping, without the mixed-precision plugin's refusal
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)

@@ -6,6 +6,8 @@
 #                                         channels-last + fused AdamW, LoRA, 8-bit AdamW; and a real
 #                                         `align fit` of the tiny preset in bf16 on the GPU
 #   scripts/gpu_bench.sh fast  [OUTDIR]   SD1.5 DPO at 16 pairs with every speed switch, without and with compile
+#   scripts/gpu_bench.sh compile [OUTDIR] the reference UNet compiled too, at 16 and 24 pairs (fits one 10-minute call)
+#   scripts/gpu_bench.sh graphs  [OUTDIR] the same at 16 pairs with CUDA graphs (compile mode reduce-overhead)
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -84,7 +86,16 @@ fast)
   bench 120 --objective dpo --preset sd15-arch --batch 16 --steps 10 --channels-last --optimizer adamw-fused --frozen-dtype bf16
   bench 300 --objective dpo --preset sd15-arch --batch 16 --steps 10 --warmup 4 --channels-last --compile --optimizer adamw-fused --frozen-dtype bf16
   ;;
-*) echo "usage: $0 core|extra|fast [OUTDIR]" >&2; exit 2 ;;
+compile)
+  # the reference's forward (a quarter of the step's FLOPs) compiled as well; then 24 pairs, which the compiled
+  # step's smaller activations leave room for (16 pairs compiled: 42.8 GiB)
+  bench 330 --objective dpo --preset sd15-arch --batch 16 --steps 10 --warmup 4 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference
+  bench 240 --objective dpo --preset sd15-arch --batch 24 --steps 10 --warmup 4 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference
+  ;;
+graphs)
+  bench 540 --objective dpo --preset sd15-arch --steps 10 --warmup 6 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference --batch 16 --compile-mode reduce-overhead
+  ;;
+*) echo "usage: $0 core|extra|fast|compile|graphs [OUTDIR]" >&2; exit 2 ;;
 esac
 
 $PY - "$OUTDIR/bench.jsonl" <<'EOF'

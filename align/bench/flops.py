@@ -48,7 +48,8 @@ def count_step_flops(cfg: StepConfig, meta: bool = True, device: torch.device | 
     cached_text = cfg.cached_text
     # The meta device cannot run the cached-embeddings path (it branches on a tensor's value); count the
     # text encoders and drop them below instead: with cached embeddings they do not run, and nothing else changes.
-    cfg = cfg.replace(gradient_checkpointing=False, compile_unet=False, cached_text=cfg.cached_text and not meta)
+    cfg = cfg.replace(gradient_checkpointing=False, compile_unet=False, compile_reference=False,
+                      cached_text=cfg.cached_text and not meta)
     module = build_module(cfg, device=device, meta=meta)
     batch = make_batch(module, cfg)
     with warnings.catch_warnings():

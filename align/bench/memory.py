@@ -124,7 +124,8 @@ def activation_memory(cfg: StepConfig, dtype: torch.dtype = torch.float32) -> Ac
 
 
 def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
-    cfg = cfg.replace(compile_unet=False, cached_text=False)  # the text encoders run without grad: saved nothing
+    # the text encoders run without grad: saved nothing
+    cfg = cfg.replace(compile_unet=False, compile_reference=False, cached_text=False)
     module = build_module(cfg, meta=True)
     if dtype != torch.float32:
         diffusers_log = logging.getLogger("diffusers")
@@ -202,7 +203,7 @@ class StaticMemory:
 
 def static_memory(cfg: StepConfig) -> StaticMemory:
     """Analytic weight + gradient + optimizer-state bytes of ``cfg`` (one GPU, no sharding)."""
-    module = build_module(cfg.replace(compile_unet=False), meta=True)
+    module = build_module(cfg.replace(compile_unet=False, compile_reference=False), meta=True)
     trainable = [p for p in module.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_policy = sum(p.numel() for p in module.unet.parameters())

@@ -38,6 +38,8 @@ class StepConfig:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile_unet: bool = False
+    compile_reference: bool = False
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
     reference_inference_mode: bool = True
     frozen_dtype: str | None = None  # bf16 / fp16: the frozen reference, VAE and text encoders stored in it
     cached_latents: bool = True  # VAE moments in the batch (a latent cache): the VAE encoder does not run
@@ -118,6 +120,7 @@ def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool
     target = torch.device("meta") if meta else torch.device(device)
     kwargs = dict(model=cfg.preset, lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing,
                   channels_last=cfg.channels_last, compile_unet=cfg.compile_unet,
+                  compile_reference=cfg.compile_reference, compile_mode=cfg.compile_mode,
                   reference_inference_mode=cfg.reference_inference_mode, frozen_dtype=cfg.frozen_dtype,
                   optimizer=optimizer_factory(cfg.optimizer, cfg.lr), seed=cfg.seed)
     with target:

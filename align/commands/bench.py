@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the policy UNet")
+    p.add_argument("--compile-reference", action="store_true", help="torch.compile the frozen reference UNet")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile's mode: reduce-overhead (CUDA graphs), max-autotune, ... (default: its default)")
     p.add_argument("--reference-no-grad", action="store_true",
                    help="reference forward under no_grad instead of inference_mode")
     p.add_argument("--frozen-dtype", choices=["bf16", "fp16"], default=None,
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = StepConfig(objective=objective, preset=preset, batch=args.batch, resolution=args.resolution,
                          precision=precision, lora_rank=args.lora_rank,
                          gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
-                         compile_unet=args.compile, reference_inference_mode=not args.reference_no_grad,
+                         compile_unet=args.compile, compile_reference=args.compile_reference,
+                         compile_mode=args.compile_mode, reference_inference_mode=not args.reference_no_grad,
                          frozen_dtype=args.frozen_dtype,
                          cached_latents=not args.pixels, cached_text=not args.captions, optimizer=args.optimizer,
                          lr=args.lr, grad_clip=args.grad_clip or None)

@@ -59,6 +59,11 @@ class DiffusionModule(L.LightningModule):
             where layout and colour are decided; at low noise a preference pair differs in pixel detail the
             policy can fit in either direction (measured in the shapes world: ``docs/demo/findings.md``).
         gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the policy UNet.
+        compile_reference: also ``torch.compile`` the frozen reference UNet (a forward-only graph; a LoRA
+            reference is the policy UNet itself, so it follows ``compile_unet``).
+        compile_mode: ``torch.compile``'s ``mode`` for both (None: its default; ``reduce-overhead`` adds CUDA
+            graphs, ``max-autotune-no-cudagraphs`` benchmarks kernels at the first step); torch rejects an unknown
+            mode when the module is built.
         reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd state).
         frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet in that dtype
             (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype and outputs back to float32.
@@ -72,7 +77,8 @@ class DiffusionModule(L.LightningModule):
                  lora_alpha: float | None = None, lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
                  reference: str = "auto", caption_dropout: float = 0.0, timestep_range: tuple[int, int] | None = None,
                  gradient_checkpointing: bool = False,
-                 channels_last: bool = False, compile_unet: bool = False, reference_inference_mode: bool = True,
+                 channels_last: bool = False, compile_unet: bool = False, compile_reference: bool = False,
+                 compile_mode: str | None = None, reference_inference_mode: bool = True,
                  frozen_dtype: str | None = None, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  seed: int = 0):
         super().__init__()
@@ -105,7 +111,9 @@ class DiffusionModule(L.LightningModule):
                 if unet is not None:
                     unet.to(memory_format=torch.channels_last)
         if compile_unet:
-            self.unet.compile()
+            self.unet.compile(mode=compile_mode)
+        if compile_reference and self.ref_unet is not None:
+            self.ref_unet.compile(mode=compile_mode)
         if frozen_dtype is not None:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if frozen_dtype not in dtypes:

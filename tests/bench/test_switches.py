@@ -114,6 +114,20 @@ def test_compile_switch_compiles_the_policy_unet_only():
     assert on.ref_unet._compiled_call_impl is None
 
 
+def test_compile_reference_compiles_the_reference_with_the_mode(monkeypatch):
+    calls = []
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (calls.append((self, kw)), real(self, **kw)))
+    module = build_module(StepConfig(compile_reference=True, compile_mode="max-autotune-no-cudagraphs"))
+    assert module.unet._compiled_call_impl is None and module.ref_unet._compiled_call_impl is not None
+    assert calls == [(module.ref_unet, {"mode": "max-autotune-no-cudagraphs"})]
+
+
+def test_an_unknown_compile_mode_fails_when_the_module_is_built():
+    with pytest.raises(RuntimeError, match="bogus"):
+        build_module(StepConfig(compile_unet=True, compile_mode="bogus"))
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("32", torch.float32)])
 def test_bf16_autocast_runs_the_unet_in_bf16(precision, dtype):
     cfg = StepConfig(batch=1, precision=precision)

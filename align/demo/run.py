@@ -36,8 +36,8 @@ HIGH_NOISE = {"timestep_range": [500, 1000]}
 
 
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions (the test ones: long_eval_captions' default)
-# UNet steps of the --quick base (the full base: 1000). On the narrow base of findings §10, 500: judge 0.334; 350: 0.336;
-# 300: 0.262
+# UNet steps of the --quick base (the full base: 1000). On the narrow base of findings §10, 500: judge 0.334;
+# 350: 0.336; 300: 0.262
 QUICK_BASE_STEPS = 350
 
 

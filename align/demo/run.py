@@ -51,7 +51,7 @@ class DemoConfig:
     images_per_caption: int = 4
     # many captions (64, not 32: with 32 the spread over training seeds hid DPO's gain; docs/demo/findings.md §5)
     # and 8 sampling seeds: on the earlier, narrower base the methods' changes (~0.01) were as small as the luck of
-    # 8 seeds (0.006-0.016, findings §9) and 16 were used; on the current base they are 0.05-0.15 (findings §11),
+    # 8 seeds (0.006-0.016, findings §9) and 16 were used; on the current base they are 0.05-0.16 (findings §11),
     # and judging is most of a run's time. Curve points (DPO's midpoint) are judged on the first ``curve_seeds``
     eval_captions: int = 64
     eval_seeds: tuple = tuple(range(1000, 1008))

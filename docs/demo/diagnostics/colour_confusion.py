@@ -32,6 +32,7 @@ def vae_round_trip(vae, n: int = 200) -> str:
     right = sum(read_image(im)[o.cell].color == o.color for s, im in zip(scenes, out) for o in s)
     return f"VAE round trip: {right} of {sum(len(s) for s in scenes)} object colours read back right"
 
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     base = load_components(sys.argv[1])

@@ -6,6 +6,14 @@ from align.modules.base import DiffusionModule
 from align.objectives.dpo import dpo_loss
 
 
+def check_no_ties(datamodule) -> None:
+    """DPO reads a pair as (winner, loser) and ignores its label, so a 0.5/0.5 pair would train as a win for
+    image 0. The official code drops ties; a data module set to keep them fails here, before the first step."""
+    if datamodule is not None and getattr(datamodule, "drop_ties", True) is False:
+        raise ValueError("DPO needs a winner in every pair, but the data module keeps ties (drop_ties: false); "
+                         "set data.init_args.drop_ties: true, as the official code does")
+
+
 class DPOModule(DiffusionModule):
     """Diffusion-DPO on batches of 2B images (winners first); winner and loser share noise and timestep.
 
@@ -17,6 +25,9 @@ class DPOModule(DiffusionModule):
     def __init__(self, beta: float = 5000.0, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
+
+    def on_fit_start(self) -> None:
+        check_no_ties(getattr(self.trainer, "datamodule", None))
 
     def pair_errors(self, batch: dict):
         cond = self.prompt_embeds(batch).repeat(2)  # one caption per pair, shared by winner and loser

@@ -172,3 +172,16 @@ def test_frozen_dtype_stores_frozen_parts_in_bf16_and_still_trains(batch):
     assert any(p.grad is not None for p in m.unet.parameters())
     with pytest.raises(ValueError, match="frozen_dtype"):
         DPOModule(model="tiny", frozen_dtype="int8")
+
+
+def test_a_data_module_that_keeps_ties_fails_before_the_first_step(pair_shards, monkeypatch):
+    import lightning as L
+
+    m = DPOModule(model="tiny")
+    monkeypatch.setattr(m, "training_step", lambda *a: pytest.fail("a step ran"))
+    dm = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=1,
+                            drop_ties=False)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="drop_ties"):
+        trainer.fit(m, datamodule=dm)

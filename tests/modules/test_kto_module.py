@@ -89,3 +89,15 @@ def test_end_to_end_tiny_fit_and_export(tmp_path, kto_shards, monkeypatch):
     for name in ("train/loss", "train/reward_desirable", "train/reward_undesirable", "train/reference_point",
                  "train/frac_desirable"):
         assert name in metrics
+
+
+def test_mismatched_reference_point_with_one_image_per_batch_fails_before_the_first_step(kto_shards, monkeypatch):
+    import lightning as L
+
+    m = KTOModule(model="tiny", reference_point="mismatched")
+    monkeypatch.setattr(m, "training_step", lambda *a: pytest.fail("a step ran"))
+    dm = KTODataModule(str(kto_shards), batch_size=1, resolution=32, num_workers=0, batches_per_epoch=1)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        trainer.fit(m, datamodule=dm)

@@ -5,7 +5,9 @@ Why not ``wds.WebDataset(...)`` as is: its default node splitter raises under DD
 unequal batch counts (a DDP hang at the epoch's end), and its handlers drop bad samples without telling the
 training loop. Here each rank reads a disjoint slice of the shards (``wds.split_by_node``), loops over it
 until it has produced exactly ``batches`` batches per epoch, and every sample carries the count of samples
-skipped (by reason) since the previous one, so the module can log ``train/skipped/<reason>``.
+skipped (by reason) since the previous one, so the module can log ``train/skipped/<reason>``. A whole pass
+over a rank's shards that yields no usable sample (the wrong schema for the module, every shard corrupt) is an
+error naming the skip counts, not an endless loop of skips.
 """
 
 from __future__ import annotations
@@ -59,14 +61,27 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
 
 
 class SkipCounter:
-    """Counts skipped samples in one worker; ``flush`` hands the counts to the next emitted sample."""
+    """Counts skipped samples in one worker; ``flush`` hands the counts to the next emitted sample.
+
+    Logs the first ``LOGGED`` skips of each reason one by one, then only at 100, 1000, ... of that reason: the
+    counts reach the training log anyway, and a bad shard set must not write a line per sample.
+    """
+
+    LOGGED = 10
 
     def __init__(self):
         self.counts: Counter = Counter()
+        self.total: Counter = Counter()  # since the start, never flushed: for messages
 
     def skip(self, reason: str, detail: object = "") -> None:
         self.counts[reason] += 1
-        log.log(logging.DEBUG if reason in FILTERED else logging.WARNING, "skipped a sample (%s) %s", reason, detail)
+        self.total[reason] += 1
+        n = self.total[reason]
+        level = logging.DEBUG if reason in FILTERED else logging.WARNING
+        if n <= self.LOGGED:
+            log.log(level, "skipped a sample (%s) %s", reason, detail)
+        elif n >= 100 and str(n).strip("0") == "1":
+            log.log(level, "skipped %d samples (%s) so far in this worker; latest: %s", n, reason, detail)
 
     def handler(self, exn: Exception) -> bool:
         """A webdataset handler: a shard or member that cannot be read is counted and passed over."""
@@ -78,8 +93,20 @@ class SkipCounter:
         return out
 
 
-def rank_shards(shards: list[str], shuffle: bool, seed: int, repeat: bool = True) -> Iterator[dict]:
-    """This rank's and this worker's shards (disjoint across both), reshuffled each pass, forever if ``repeat``."""
+class PassWatch:
+    """Usable samples a stream has yielded in the current pass over its shards (see ``rank_shards``)."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter, self.yielded = counter, 0
+
+
+def rank_shards(shards: list[str], shuffle: bool, seed: int, repeat: bool = True,
+                watch: PassWatch | None = None) -> Iterator[dict]:
+    """This rank's and this worker's shards (disjoint across both), reshuffled each pass, forever if ``repeat``.
+
+    With ``watch``: a pass whose shards yielded no usable sample raises, naming the skip counts (the next passes
+    would read the same shards and find nothing either).
+    """
     rank, world, worker, workers = wds.utils.pytorch_worker_info()
     mine = list(wds.split_by_worker(wds.split_by_node(shards)))
     if not mine:
@@ -90,13 +117,21 @@ def rank_shards(shards: list[str], shuffle: bool, seed: int, repeat: bool = True
         order = list(mine)
         if shuffle:
             random.Random(hash((seed, rank, worker, epoch))).shuffle(order)
+        if watch is not None:
+            watch.yielded = 0
         yield from ({"url": url} for url in order)
+        if watch is not None and watch.yielded == 0:
+            raise RuntimeError(
+                f"no usable sample in {len(mine)} shard(s) of rank {rank} worker {worker} ({mine[0]}, ...): skipped "
+                f"{dict(watch.counter.total) or 'none; the shards hold no sample of this kind'}. Are these shards in "
+                f"the schema this data module reads? `align data verify` names each bad sample")
         epoch += 1
         if not repeat:
             return
 
 
-def decode_stage(decode: Callable[[dict, SkipCounter], dict | None], counter: SkipCounter):
+def decode_stage(decode: Callable[[dict, SkipCounter], dict | None], counter: SkipCounter,
+                 watch: PassWatch | None = None):
     """Apply ``decode`` to each raw sample; SkipSample and any decode error are counted, never raised."""
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
@@ -112,6 +147,8 @@ def decode_stage(decode: Callable[[dict, SkipCounter], dict | None], counter: Sk
             if out is None:
                 continue
             out[SKIPPED] = counter.flush()
+            if watch is not None:
+                watch.yielded += 1
             yield out
 
     return stage
@@ -140,11 +177,13 @@ def merge_skips(samples: list[dict]) -> dict[str, int]:
 
 def sample_stream(shards: list[str], decode, counter: SkipCounter, *, shuffle: bool, shuffle_buffer: int,
                   seed: int) -> wds.DataPipeline:
-    """Decoded samples from this rank's shards, looping forever: the part every loader shares."""
+    """Decoded samples from this rank's shards, looping forever (an error after a pass with no usable sample):
+    the part every loader shares."""
+    watch = PassWatch(counter)  # one per stream: KTO's two class streams share a counter, not a watch
     return wds.DataPipeline(
-        lambda: rank_shards(shards, shuffle=shuffle, seed=seed),
+        lambda: rank_shards(shards, shuffle=shuffle, seed=seed, watch=watch),
         wds.tarfile_to_samples(handler=counter.handler),
-        decode_stage(decode, counter),
+        decode_stage(decode, counter, watch),
         # seeded: webdataset otherwise seeds the buffer from the pid and the clock, and no run would repeat
         *([wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed)]
           if shuffle and shuffle_buffer > 1 else []),

@@ -56,3 +56,11 @@ def test_config_errors_name_the_problem(tmp_path):
         KTODataModule(desirable_shards=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no shards match"):
         KTODataModule(str(tmp_path / "none-*.tar"))
+
+
+def test_shards_without_one_class_fail_instead_of_waiting_for_it(tmp_path):
+    write_tar(tmp_path / "a.tar", [single_sample(f"d{i}", label=True) for i in range(6)])
+    dm = KTODataModule(str(tmp_path), p_desirable=0.5, batch_size=4, resolution=16, num_workers=0,
+                       batches_per_epoch=2)
+    with pytest.raises(RuntimeError, match="no usable sample.*hold no sample of this kind"):
+        next(iter(dm.train_dataloader()))

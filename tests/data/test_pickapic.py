@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import jpeg, pair_sample, write_tar
+from helpers import jpeg, pair_sample, single_sample, write_tar
 
 from align.data.pickapic import PickAPicDataModule, collate_pairs, decode_pair
 from align.data.pipeline import SkipSample, expand_shards
@@ -118,3 +118,30 @@ def test_sdxl_crop_coordinates_are_carried():
     assert top == 0 and 0 <= left <= 16
     assert out["crop_top_left"][0].tolist() == out["crop_top_left"][1].tolist()  # joint augment
     json.dumps(out["crop_top_left"].tolist())
+
+
+def test_shards_with_no_usable_sample_fail_naming_the_skips_instead_of_looping(tmp_path):
+    """The wrong schema (single images where pairs are expected) or only unreadable files: one pass over the
+    shards finds nothing to train on, and the error says what was skipped (it used to skip forever)."""
+    (tmp_path / "wrong").mkdir()
+    write_tar(tmp_path / "wrong" / "a.tar", [single_sample(f"s{i}") for i in range(5)])
+    dm = PickAPicDataModule(str(tmp_path / "wrong"), batch_size=2, resolution=16, num_workers=0, batches_per_epoch=3)
+    with pytest.raises(RuntimeError, match=r"no usable sample in 1 shard.*'missing_label_0': 5"):
+        next(iter(dm.train_dataloader()))
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "a.tar").write_bytes(b"this is not a tar file at all" * 10)
+    dm = PickAPicDataModule(str(tmp_path / "garbage"), batch_size=2, resolution=16, num_workers=0)
+    with pytest.raises(RuntimeError, match="no usable sample.*unreadable_shard"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_skips_are_logged_one_by_one_then_only_at_powers_of_ten(caplog):
+    from align.data.pipeline import SkipCounter
+
+    counter = SkipCounter()
+    with caplog.at_level("WARNING", logger="align.data.pipeline"):
+        for i in range(1500):
+            counter.skip("corrupt_image", f"k{i}")
+    assert len(caplog.records) == SkipCounter.LOGGED + 2  # 10 one by one, then at 100 and 1000
+    assert "skipped 1000 samples (corrupt_image)" in caplog.records[-1].getMessage()
+    assert counter.flush() == {"corrupt_image": 1500} and counter.total["corrupt_image"] == 1500

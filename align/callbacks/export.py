@@ -16,12 +16,15 @@ class DiffusersExport(L.Callback):
     """Writes ``<run>/export/step-<N>`` at each checkpoint (if ``on_checkpoint``) and ``<run>/export/final``.
 
     A full fine-tune exports a whole pipeline directory (StableDiffusion(XL)Pipeline.from_pretrained loads it
-    as is); a LoRA run exports the adapter file that ``pipeline.load_lora_weights`` reads.
+    as is); a LoRA run exports the adapter file that ``pipeline.load_lora_weights`` reads. A checkpoint
+    written after ``final`` at the same step (ModelCheckpoint's ``save_last`` runs its ``on_train_end`` after
+    this callback's) exports nothing: the weights are ``final``'s, and the run's summary names ``final``.
     """
 
     def __init__(self, dirpath: str | None = None, on_checkpoint: bool = True):
         self.dirpath, self.on_checkpoint = dirpath, on_checkpoint
         self.last_export: Path | None = None
+        self._final_step: int | None = None
 
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
@@ -33,8 +36,9 @@ class DiffusersExport(L.Callback):
             log.info("exported %s", self.last_export)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self.on_checkpoint:
+        if self.on_checkpoint and trainer.global_step != self._final_step:
             self._export(trainer, pl_module, f"step-{trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._export(trainer, pl_module, "final")
+        self._final_step = trainer.global_step

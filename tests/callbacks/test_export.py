@@ -1,0 +1,29 @@
+"""DiffusersExport: one export per checkpoint step, and the summary names ``final``."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from align.callbacks.export import DiffusersExport
+
+
+class RecordingModule:
+    def __init__(self):
+        self.exported = []
+
+    def export(self, out_dir):
+        self.exported.append(Path(out_dir).name)
+        return Path(out_dir)
+
+
+def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path):
+    """ModelCheckpoint(save_last=True) saves in its on_train_end, after this callback's: at max_steps 3 with
+    checkpoints every 2 steps the run used to export step-2, final, then step-3 (final's weights again), and the
+    end-of-run summary named step-3."""
+    cb, module = DiffusersExport(dirpath=str(tmp_path)), RecordingModule()
+    trainer = SimpleNamespace(global_step=2, is_global_zero=True)
+    cb.on_save_checkpoint(trainer, module, {})
+    trainer.global_step = 3
+    cb.on_train_end(trainer, module)
+    cb.on_save_checkpoint(trainer, module, {})
+    assert module.exported == ["step-2", "final"]
+    assert cb.last_export == tmp_path / "final"

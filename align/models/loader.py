@@ -101,7 +101,10 @@ def load_pretrained(source: str, torch_dtype: torch.dtype | None = None) -> SDCo
     try:
         index = DiffusionPipeline.load_config(where)
     except Exception as err:  # offline, gated, misspelt: say which model and why, before any compute
-        raise ModelSourceError(f"could not read model_index.json of model {source!r}: {err}") from err
+        hint = "" if local.is_dir() else (
+            f"; a hub id is read from the Hugging Face cache or fetched from the Hub: without network, download it "
+            f"where there is one (`hf download {source}`) and pass its local directory")
+        raise ModelSourceError(f"could not read model_index.json of model {source!r}: {err}{hint}") from err
     kw = dict(torch_dtype=torch_dtype) if torch_dtype is not None else {}
     text_encoders = [CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)]
     tokenizers = [CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")]

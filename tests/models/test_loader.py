@@ -41,8 +41,9 @@ def test_bad_sources_fail_with_a_message_naming_them(source):
 
 def test_unreachable_hub_id_names_the_model(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSourceError, match="org/missing-model"):
+    with pytest.raises(ModelSourceError, match="org/missing-model") as err:
         load_components("org/missing-model")
+    assert "without network" in str(err.value) and "hf download org/missing-model" in str(err.value)
 
 
 def test_arch_presets_are_the_real_architectures():

@@ -100,8 +100,9 @@ def common_direction(text_emb: torch.Tensor, min_count: int = 2) -> torch.Tensor
     Under DDP the mean covers every rank's rows, weighted by count (a collective: call it on every rank,
     even one holding no rows). The official code averages each rank's own mean (``gather(...).mean(0)``): the
     same v when ranks hold equal numbers of rows, as they do unless RFT drops prompts without segments; a rank
-    left with none would put a NaN mean into that average, and here it simply adds nothing. Raises :class:`DegenerateDirection` when fewer than ``min_count`` rows exist
-    globally (one caption's "common direction" is just that caption) or when the mean is numerically zero.
+    left with none would put a NaN mean into that average, and here it simply adds nothing. Raises
+    :class:`DegenerateDirection` when fewer than ``min_count`` rows exist globally (one caption's "common
+    direction" is just that caption) or when the mean is numerically zero.
     Detached: v is a statistic of the batch that the reward is measured against, not something to train.
     """
     if text_emb.ndim != 2:

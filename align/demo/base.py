@@ -19,7 +19,7 @@ cross-attention at both UNet levels (the preset's: at the 8x8 level and the mid 
 base read shapes in two-object scenes at chance (judge 0.530 on the validation captions), and no method moved
 held-out captions beyond noise in a few hundred steps, not even plain SFT on perfectly captioned images; with the
 wider one (the experiment of docs/demo/findings.md §11) the base drew 93% of shapes right (judge 0.721 there),
-and DPO, KTO, their flipped controls and both RFTs moved the held-out score by 0.05-0.17 in the report. The UNet
+and DPO, KTO, their flipped controls and both RFTs moved the held-out score by 0.05-0.15 in the report. The UNet
 grows from 0.80 M to 1.08 M parameters.
 
 The result is a diffusers pipeline directory (``load_components(dir)`` / ``StableDiffusionPipeline.from_pretrained``)

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from align.callbacks.run_dir import run_dir
+from align.data.batching import apply_global_batch
 from align.models.loader import ModelSourceError
 
 STARTUP_ERRORS = (ModelSourceError, FileNotFoundError)
@@ -57,6 +58,14 @@ class AlignCLI(LightningCLI):
             if cause is None:
                 raise
             sys.exit(f"align: error: {cause}")
+
+    def before_fit(self) -> None:
+        """Accumulation from ``data.global_batch_size`` and the world size (before any compute)."""
+        configured = self.config[self.subcommand]["trainer"].get("accumulate_grad_batches", 1)
+        try:
+            apply_global_batch(self.trainer, self.datamodule, configured)
+        except ValueError as err:
+            sys.exit(f"align: error: {err}")
 
 
 def run_lightning_cli(argv: list[str]) -> LightningCLI:

@@ -4,6 +4,7 @@ Examples:
     align bench --objective dpo --preset sd15-arch --batch 4 --steps 20          # on a GPU: bf16, Lightning
     align bench --preset tiny --steps 20 --compare-bare                           # Lightning vs a bare loop
     align bench --preset sd15-arch sdxl-arch --batch 1 --flops-only              # FLOPs from meta tensors
+    align bench --preset tiny --logit-noise                                       # precision vs float64
     align bench --preset sdxl-arch --batch 2 --memory-estimate --optimizer adafactor
 
 Every run prints a table and appends one JSON record per row to ``--json`` (default reports/bench.jsonl).
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                    help="bf16 = Lightning's bf16-mixed autocast; auto: bf16 on CUDA, 32 on the CPU")
     p.add_argument("--compare-bare", action="store_true", help="also run the same step in a plain PyTorch loop")
     only = p.add_mutually_exclusive_group()
+    only.add_argument("--logit-noise", action="store_true",
+                      help="std of the DPO logit's error from each precision vs float64 (beta 5000); no timing")
     only.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device; no timing")
     only.add_argument("--memory-estimate", action="store_true",
                       help="estimate GPU memory on the meta device (weights, gradients, optimizer state, "
@@ -69,6 +72,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.logit_noise:
+        from align.bench.precision import logit_noise
+
+        for preset in args.preset:
+            for name, std in logit_noise(preset, device="cpu" if args.device == "auto" else args.device).items():
+                print(f"{preset:10s} {name:18s} DPO logit noise (std, beta 5000): {std:.5f}")
+        return 0
     from align.bench.flops import count_step_flops
     from align.bench.memory import memory_record
     from align.bench.report import append_jsonl, format_table

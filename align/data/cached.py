@@ -302,10 +302,10 @@ class CachedShards:
             self.extras["uncond_pooled"] = npy_tensor((first / UNCOND_POOLED).read_bytes())
 
     def pair_decoder(self, flip_prob: float, drop_ties: bool, joint_augment: bool):
-        return lambda sample, counter: decode_cached_pair(sample, drop_ties, flip_prob, joint_augment)
+        return lambda sample, counter, rng: decode_cached_pair(sample, drop_ties, flip_prob, joint_augment, rng)
 
     def single_decoder(self, flip_prob: float, want: bool | None = None, source: str | None = None):
-        return lambda sample, counter: decode_cached_single(sample, want, flip_prob, source=source)
+        return lambda sample, counter, rng: decode_cached_single(sample, want, flip_prob, rng, source=source)
 
     @property
     def collate_pairs(self):

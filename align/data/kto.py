@@ -3,20 +3,23 @@
 Shards follow the single-image schema (``align.data.schema``: ``jpg`` + ``json`` with ``caption``, boolean
 ``label``, ``image_uid``); ``align data kto-labels`` makes them from Pick-a-Pic pairs. The two classes are
 streamed separately and mixed so that each sample is desirable with probability ``p_desirable`` (0.8 in the
-paper), whatever their ratio on disk (Pick-a-Pic has about 26% desirable images).
+paper), whatever their ratio on disk (Pick-a-Pic has about 26% desirable images). Each class streams every one
+of its images once per pass across ranks and workers (``align.data.epochs``), a new order each pass; an epoch
+is ``batches_per_epoch`` batches per rank (default: as many images as the shards hold).
 """
 
 from __future__ import annotations
 
 import random
 
-import lightning as L
 import torch
+import webdataset as wds
 
+from align.data.epochs import EpochStream, MixedSegments, shard_sizes
 from align.data.images import decode_image, decode_json
-from align.data.pipeline import (SkipCounter, SkipSample, batch_loader, expand_shards, merge_skips, mix_streams,
-                                 sample_stream)
+from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
 from align.data.schema import SINGLE_IMAGE_KEY, single_meta_problem
+from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
 
 
@@ -50,7 +53,7 @@ def collate_singles(samples: list[dict]) -> dict:
     }
 
 
-class KTODataModule(L.LightningDataModule):
+class KTODataModule(StreamingDataModule):
     """Streams desirable and undesirable images, mixed with probability ``p_desirable``, DDP-safe.
 
     Args:
@@ -65,10 +68,11 @@ class KTODataModule(L.LightningDataModule):
     def __init__(self, shards: str | list[str] | None = None, desirable_shards: str | list[str] | None = None,
                  undesirable_shards: str | list[str] | None = None, p_desirable: float = 0.8,
                  batch_size: int = 2, resolution: int = 512, crop: str = "random", flip_prob: float = 0.5,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int = 1000,
-                 val_shards: str | list[str] | None = None, val_batches: int = 8, seed: int = 0,
-                 cached: bool = False):
+                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
+                 val_shards: str | list[str] | None = None, val_batches: int | None = 8, seed: int = 0,
+                 cached: bool = False, global_batch_size: int | None = None):
         super().__init__()
+        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         if not 0.0 < p_desirable < 1.0:
             raise ValueError(f"p_desirable must be in (0, 1), got {p_desirable}")
         if shards is None and (desirable_shards is None or undesirable_shards is None):
@@ -76,6 +80,9 @@ class KTODataModule(L.LightningDataModule):
         self.desirable_urls = expand_shards(desirable_shards if desirable_shards is not None else shards)
         self.undesirable_urls = expand_shards(undesirable_shards if undesirable_shards is not None else shards)
         self.val_urls = expand_shards(val_shards) if val_shards else None
+        self.desirable_sizes, self.undesirable_sizes = (shard_sizes(self.desirable_urls),
+                                                        shard_sizes(self.undesirable_urls))
+        self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
         self.p_desirable, self.batch_size, self.num_workers, self.seed = p_desirable, batch_size, num_workers, seed
         self.shuffle_buffer, self.batches_per_epoch, self.val_batches = shuffle_buffer, batches_per_epoch, val_batches
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
@@ -91,21 +98,30 @@ class KTODataModule(L.LightningDataModule):
     def _decoder(self, transform: ImageTransform, want: bool | None = None):
         if self.cache is not None:
             return self.cache.single_decoder(transform.flip_prob, want)
-        return lambda sample, counter: decode_single(sample, transform, want)
+        return lambda sample, counter, rng: decode_single(sample, transform, want, rng)
+
+    def _stream(self, urls, sizes, decode, batch_size: int, shuffle: bool, seed: int, **kwargs) -> EpochStream:
+        return EpochStream(urls, sizes, decode, self.collate, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                           shuffle_buffer=self.shuffle_buffer if shuffle else 0, counter_factory=SkipCounter,
+                           **kwargs)
 
     def train_dataloader(self):
-        counter = SkipCounter()
-        streams = [sample_stream(urls, self._decoder(self.train_transform, want), counter,
-                                 shuffle=True, shuffle_buffer=self.shuffle_buffer, seed=self.seed + i)
-                   for i, (urls, want) in enumerate([(self.desirable_urls, True), (self.undesirable_urls, False)])]
-        source = mix_streams(streams, [self.p_desirable, 1.0 - self.p_desirable], seed=self.seed)
-        return batch_loader(source, self.collate, batch_size=self.batch_size,
-                            batches_per_rank=self.batches_per_epoch, num_workers=self.num_workers)
+        classes = [(self.desirable_urls, self.desirable_sizes, True),
+                   (self.undesirable_urls, self.undesirable_sizes, False)]
+        sources = [self._stream(urls, sizes, self._decoder(self.train_transform, want), 1, True, self.seed + i)
+                   for i, (urls, sizes, want) in enumerate(classes)]
+        urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
+        sizes = shard_sizes(urls)
+        _, world, _, _ = wds.utils.pytorch_worker_info()
+        per_epoch = self.batches_per_epoch or max(1, sum(sizes) // (world * self.batch_size))
+        mix = MixedSegments(sources, [self.p_desirable, 1.0 - self.p_desirable], seed=self.seed)
+        stream = self._stream(urls, sizes, None, self.batch_size, True, self.seed, batches_per_epoch=per_epoch,
+                              multiple_of=self.accumulation(), segment_samples=mix)
+        return self.loader(stream, self.num_workers, train=True)
 
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        stream = sample_stream(self.val_urls, self._decoder(self.val_transform), SkipCounter(),
-                               shuffle=False, shuffle_buffer=0, seed=self.seed)
-        return batch_loader(stream, self.collate, batch_size=self.batch_size, batches_per_rank=self.val_batches,
-                            num_workers=min(self.num_workers, 1))
+        stream = self._stream(self.val_urls, self.val_sizes, self._decoder(self.val_transform), self.batch_size,
+                              False, self.seed, batches_per_epoch=self.val_batches)
+        return self.loader(stream, min(self.num_workers, 1), train=False)

@@ -6,10 +6,11 @@ Shards follow the long-caption schema (``align.data.schema``): ``jpg``, ``txt`` 
 empty or not UTF-8, is skipped and counted, as is one without a decodable ``jpg``; counters are per source
 (``train/skipped/<source>/missing_caption``).
 
-Mixing: each source is its own stream over its shards (DDP- and worker-split, looping forever); every sample
-of a batch is drawn from source ``i`` with probability ``weight_i / sum(weights)``. So a source's share of
-training samples is its weight's share whatever its size: weights proportional to source sizes reproduce a
-plain concatenation. Every source needs at least ``world_size x num_workers`` shards.
+Mixing: by default (no ``weight`` on any source) the sources are concatenated, as the official LongAlign code
+does: one shard set whose every sample is seen once per pass (``align.data.epochs``), each source in
+proportion to its size. With a ``weight`` on every source, each source is its own stream (every sample once
+per pass of that source) and every sample of a batch is drawn from source ``i`` with probability
+``weight_i / sum(weights)``, whatever the sizes; an epoch is then ``batches_per_epoch`` batches.
 
 Images: resize the shorter side, crop (center by default) and, by default, no horizontal flip: long captions
 say "on the left" and "on the right", which a flip would make false.
@@ -20,13 +21,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import lightning as L
 import torch
+import webdataset as wds
 
+from align.data.epochs import EpochStream, MixedSegments, shard_sizes
 from align.data.images import decode_caption, decode_image
-from align.data.pipeline import (SkipCounter, batch_loader, expand_shards, merge_skips, mix_streams,
-                                 sample_stream)
+from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
 from align.data.schema import LONG_CAPTION_KEYS
+from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
 
 IMAGE_KEY, CAPTION_KEY = LONG_CAPTION_KEYS
@@ -35,22 +37,12 @@ IMAGE_KEY, CAPTION_KEY = LONG_CAPTION_KEYS
 @dataclass
 class CaptionSource:
     """One long-caption source: ``shards`` (brace patterns, globs, directories or files), its mixing
-    ``weight`` (relative, >= 0) and a ``name`` for its skip counters (default: ``source<i>``)."""
+    ``weight`` (relative, >= 0; None: concatenate, each source by its size) and a ``name`` for its skip
+    counters (default: ``source<i>``)."""
 
     shards: str | list[str]
-    weight: float = 1.0
+    weight: float | None = None
     name: str | None = None
-
-
-class SourceSkipCounter(SkipCounter):
-    """A SkipCounter whose reasons carry the source's name: ``<source>/<reason>``."""
-
-    def __init__(self, source: str):
-        super().__init__()
-        self.source = source
-
-    def skip(self, reason: str, detail: object = "") -> None:
-        super().skip(f"{self.source}/{reason}", detail)
 
 
 def read_caption(sample: dict, key: str = CAPTION_KEY) -> str:
@@ -83,7 +75,8 @@ def collate_images(samples: list[dict]) -> dict:
 
 def resolve_sources(sources: list[CaptionSource | dict] | str | None) -> list[CaptionSource]:
     """Sources with names and expanded shard lists; a plain pattern string is one source named ``default``.
-    A pattern that matches nothing, a negative weight or all-zero weights fail here, before training."""
+    A pattern that matches nothing, a negative weight, all-zero weights or weights on some sources only fail
+    here, before training."""
     if sources is None:
         return []
     if isinstance(sources, str):
@@ -91,19 +84,36 @@ def resolve_sources(sources: list[CaptionSource | dict] | str | None) -> list[Ca
     out = []
     for i, src in enumerate(sources):
         src = CaptionSource(**src) if isinstance(src, dict) else src
-        if src.weight < 0:
+        if src.weight is not None and src.weight < 0:
             raise ValueError(f"source {src.name or i}: weight must be >= 0, got {src.weight}")
-        out.append(CaptionSource(shards=expand_shards(src.shards), weight=float(src.weight),
+        out.append(CaptionSource(shards=expand_shards(src.shards),
+                                 weight=None if src.weight is None else float(src.weight),
                                  name=src.name or f"source{i}"))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
-    if out and sum(s.weight for s in out) <= 0:
+    weighted = [s.weight is not None for s in out]
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"give a weight to every source or to none (none: concatenate them by size); weights: "
+                         f"{ {s.name: s.weight for s in out} }")
+    if all(weighted) and out and sum(s.weight for s in out) <= 0:
         raise ValueError("at least one source needs a weight > 0")
     return out
 
 
-class LongCaptionDataModule(L.LightningDataModule):
+def source_decoder(decode, name: str):
+    """``decode`` whose skips are counted per source (``<source>/<reason>``)."""
+
+    def wrapped(sample, counter, rng):
+        try:
+            return decode(sample, counter, rng)
+        except SkipSample as skip:
+            raise SkipSample(f"{name}/{skip.reason}") from skip
+
+    return wrapped
+
+
+class LongCaptionDataModule(StreamingDataModule):
     """Streams and mixes long-caption shard sources with webdataset; DDP-safe, equal epoch lengths per rank.
 
     Args:
@@ -111,7 +121,8 @@ class LongCaptionDataModule(L.LightningDataModule):
         val_sources: the same for validation (optional; mixed with their own weights).
         batch_size: images per micro-batch per GPU.
         resolution: square training size in pixels. crop: ``center`` or ``random``. flip_prob: see the module doc.
-        batches_per_epoch: batches each rank yields per epoch (training is step-bounded).
+        batches_per_epoch: batches each rank yields per epoch; None: one pass over the concatenated sources (with
+            weights: as many samples as the sources hold).
         cached: the sources are latent caches (``align data cache-latents`` on long-caption shards): batches
             carry VAE moments and CLIP embeddings, and the module skips the VAE and text encoder (CLIP prompt
             encoders only: the segment encoder encodes captions itself).
@@ -119,9 +130,11 @@ class LongCaptionDataModule(L.LightningDataModule):
 
     def __init__(self, sources: list[CaptionSource] | str, val_sources: list[CaptionSource] | str | None = None,
                  batch_size: int = 4, resolution: int = 512, crop: str = "center", flip_prob: float = 0.0,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int = 1000,
-                 val_batches: int = 8, seed: int = 0, cached: bool = False):
+                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
+                 val_batches: int | None = 8, seed: int = 0, cached: bool = False,
+                 global_batch_size: int | None = None):
         super().__init__()
+        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.sources = resolve_sources(sources)
         if not self.sources:
             raise ValueError("LongCaptionDataModule needs at least one source")
@@ -138,29 +151,43 @@ class LongCaptionDataModule(L.LightningDataModule):
                                       flip_prob, crop)
             self.collate = self.cache.collate_singles
 
-    def _source(self, sources: list[CaptionSource], transform: ImageTransform, shuffle: bool):
+    def _stream(self, sources: list[CaptionSource], transform: ImageTransform, train: bool) -> EpochStream:
         def decoder(name: str):
             if self.cache is not None:
-                return self.cache.single_decoder(transform.flip_prob, source=name)
-            return lambda sample, counter: decode_long_caption(sample, transform, name)
+                return source_decoder(self.cache.single_decoder(transform.flip_prob, source=name), name)
+            return source_decoder(lambda sample, counter, rng: decode_long_caption(sample, transform, name, rng), name)
 
-        streams = []
-        for i, src in enumerate(sources):
-            streams.append(sample_stream(src.shards, decoder(src.name), SourceSkipCounter(src.name), shuffle=shuffle,
-                                         shuffle_buffer=self.shuffle_buffer if shuffle else 0, seed=self.seed + i))
-        used = [(s, src.weight) for s, src in zip(streams, sources) if src.weight > 0]
-        if len(used) == 1:
-            return used[0][0]
-        return mix_streams([s for s, _ in used], [w for _, w in used], seed=self.seed)
+        def stream(urls, decode, batch_size, seed, **kwargs):
+            return EpochStream(urls, shard_sizes(urls), decode, self.collate, batch_size=batch_size, seed=seed,
+                               shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
+                               counter_factory=SkipCounter, **kwargs)
+
+        per_epoch = self.batches_per_epoch if train else self.val_batches
+        multiple = self.accumulation() if train else 1
+        urls = [u for src in sources for u in src.shards]
+        if sources[0].weight is None:  # concatenated: one plan over every source's shards
+            owner = {u: src.name for src in sources for u in src.shards}
+
+            def decode(sample, counter, rng):
+                name = owner.get(sample.get("__url__"), "default")
+                return decoder(name)(sample, counter, rng)
+
+            return stream(urls, decode, self.batch_size, self.seed, batches_per_epoch=per_epoch,
+                          multiple_of=multiple)
+        used = [(i, src) for i, src in enumerate(sources) if src.weight > 0]
+        parts = [stream(src.shards, decoder(src.name), 1, self.seed + i) for i, src in used]
+        _, world, _, _ = wds.utils.pytorch_worker_info()
+        total = sum(sum(part.sizes) for part in parts)
+        mix = MixedSegments(parts, [src.weight for _, src in used], seed=self.seed)
+        return stream(urls, None, self.batch_size, self.seed, segment_samples=mix, multiple_of=multiple,
+                      batches_per_epoch=per_epoch or max(1, total // (world * self.batch_size)))
 
     def train_dataloader(self):
-        return batch_loader(self._source(self.sources, self.train_transform, shuffle=True), self.collate,
-                            batch_size=self.batch_size, batches_per_rank=self.batches_per_epoch,
-                            num_workers=self.num_workers)
+        return self.loader(self._stream(self.sources, self.train_transform, train=True), self.num_workers,
+                           train=True)
 
     def val_dataloader(self):
         if not self.val_sources:
             return []
-        return batch_loader(self._source(self.val_sources, self.val_transform, shuffle=False), self.collate,
-                            batch_size=self.batch_size, batches_per_rank=self.val_batches,
-                            num_workers=min(self.num_workers, 1))
+        return self.loader(self._stream(self.val_sources, self.val_transform, train=False),
+                           min(self.num_workers, 1), train=False)

@@ -79,7 +79,8 @@ class PickAPicDataModule(ShardSetDataModule):
         crop: ``center`` or ``random``. flip_prob: probability of a horizontal flip.
         joint_augment: a pair's two images share crop and flip.
         drop_ties: drop pairs labelled 0.5/0.5 (the official default).
-        batches_per_epoch: batches each rank yields per epoch (equal on all ranks; training is step-bounded).
+        batches_per_epoch: batches each rank yields per epoch; None (default): one pass over the shards, every
+            pair once across ranks and workers (``align.data.epochs``). val_batches: None reads the whole val set.
         cached: the shards are a latent cache (``align data cache-latents``; ``align.data.cached``): batches
             carry ``latent_moments`` and prompt embeddings instead of pixels, and the module skips the VAE and
             text encoders. The crop is the cache's (center); ``flip_prob > 0`` needs a cache made with --flip.
@@ -88,10 +89,11 @@ class PickAPicDataModule(ShardSetDataModule):
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
                  batch_size: int = 1, resolution: int = 512, crop: str = "random", flip_prob: float = 0.5,
                  joint_augment: bool = True, drop_ties: bool = True, num_workers: int = 4,
-                 shuffle_buffer: int = 256, batches_per_epoch: int = 1000, val_batches: int = 8, seed: int = 0,
-                 cached: bool = False):
+                 shuffle_buffer: int = 256, batches_per_epoch: int | None = None, val_batches: int | None = 8,
+                 seed: int = 0, cached: bool = False, global_batch_size: int | None = None):
         super().__init__(train_shards, val_shards, batch_size, num_workers, shuffle_buffer, batches_per_epoch,
                          val_batches, seed)
+        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.drop_ties, self.joint_augment = drop_ties, joint_augment
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
@@ -106,4 +108,4 @@ class PickAPicDataModule(ShardSetDataModule):
         transform = self.train_transform if train else self.val_transform
         if self.cache is not None:
             return self.cache.pair_decoder(transform.flip_prob, self.drop_ties, self.joint_augment)
-        return lambda sample, counter: decode_pair(sample, transform, self.drop_ties, self.joint_augment)
+        return lambda sample, counter, rng: decode_pair(sample, transform, self.drop_ties, self.joint_augment, rng)

@@ -1,5 +1,6 @@
-"""Webdataset plumbing shared by every data module: shard discovery, DDP-safe shard splitting, equal epoch
-lengths on every rank, and skip-and-count handling of bad samples.
+"""Webdataset plumbing shared by every data module: shard discovery and skip-and-count handling of bad
+samples. The image data modules stream through ``align.data.epochs`` (every sample once per pass); the
+prompt streams of reward fine-tuning loop over per-rank shares with the stages below.
 
 Why not ``wds.WebDataset(...)`` as is: its default node splitter raises under DDP, a finite stream gives ranks
 unequal batch counts (a DDP hang at the epoch's end), and its handlers drop bad samples without telling the
@@ -40,13 +41,14 @@ class SkipSample(Exception):
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
     """Every shard named by brace patterns (``a-{000..009}.tar``), globs or plain paths, in a stable order.
 
-    A pattern that matches no file is an error naming that pattern: found at start, not mid-run.
+    A pattern that matches no file, or a brace pattern naming files of which some do not exist, is an error
+    naming them: found at start, not mid-run.
     """
     if isinstance(patterns, (str, Path)):
         patterns = [str(patterns)]
     shards: list[str] = []
     for pattern in patterns:
-        matched = []
+        matched, missing = [], []
         for expanded in braceexpand.braceexpand(str(pattern)):
             if any(ch in expanded for ch in "*?["):
                 matched.extend(sorted(glob.glob(expanded)))
@@ -54,8 +56,14 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
                 matched.append(expanded)
             elif Path(expanded).is_dir():
                 matched.extend(sorted(str(p) for p in Path(expanded).glob("*.tar")))
+            else:
+                missing.append(expanded)
         if not matched:
             raise FileNotFoundError(f"no shards match {pattern!r}")
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(matched) + len(missing)} shards named by {pattern!r} "
+                                    f"do not exist: {shown}")
         shards.extend(matched)
     return list(dict.fromkeys(shards))
 
@@ -190,31 +198,10 @@ def sample_stream(shards: list[str], decode, counter: SkipCounter, *, shuffle: b
     )
 
 
-def mix_streams(streams: list, probabilities: list[float], seed: int):
-    """A source that draws each sample from stream i with probability p_i (streams never run dry: they loop)."""
-
-    def source():
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{seed}/{rank}/{worker}/mix")  # str seeds are hashed with sha512: same in every process
-        iterators = [iter(stream) for stream in streams]
-        while True:
-            yield next(iterators[rng.choices(range(len(iterators)), weights=probabilities)[0]])
-
-    return source
-
-
 def batch_loader(source, collate, *, batch_size: int, batches_per_rank: int,
                  num_workers: int) -> torch.utils.data.DataLoader:
     """Batch a sample source and stop each rank after exactly ``batches_per_rank`` batches."""
     pipeline = wds.DataPipeline(source, wds.batched(batch_size, collation_fn=collate, partial=False),
                                 take_batches(batches_per_rank))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-
-def build_loader(shards: list[str], decode, collate, *, batch_size: int, batches_per_rank: int,
-                 num_workers: int, shuffle: bool, shuffle_buffer: int, seed: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over one shard set yielding exactly ``batches_per_rank`` batches per epoch."""
-    stream = sample_stream(shards, decode, SkipCounter(), shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed)
-    return batch_loader(stream, collate, batch_size=batch_size, batches_per_rank=batches_per_rank,
-                        num_workers=num_workers)
+                                       pin_memory=torch.cuda.is_available())

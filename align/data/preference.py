@@ -94,16 +94,17 @@ class PreferencePairDataModule(ShardSetDataModule):
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
                  batch_size: int = 8, image_size: int = 224, image_mean: list[float] | None = None,
                  image_std: list[float] | None = None, min_segments: int = 1, drop_ties: bool = False,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int = 1000,
-                 val_batches: int = 8, seed: int = 0):
+                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
+                 val_batches: int | None = 8, seed: int = 0, global_batch_size: int | None = None):
         super().__init__(train_shards, val_shards, batch_size, num_workers, shuffle_buffer, batches_per_epoch,
                          val_batches, seed)
+        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.collate = collate_preference_pairs
         self.image_size, self.min_segments, self.drop_ties = image_size, min_segments, drop_ties
         self.transform = clip_transform(image_size, image_mean, image_std)
 
     def decoder(self, train: bool):
-        return lambda sample, counter: decode_preference_pair(sample, self.transform, self.drop_ties,
+        return lambda sample, counter, rng: decode_preference_pair(sample, self.transform, self.drop_ties,
                                                               self.min_segments)
 
 

@@ -125,8 +125,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(self, prompts: str | list[str], val_prompts: str | list[str] | None = None, batch_size: int = 4,
                  num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 256, batches_per_epoch: int = 1000,
-                 val_batches: int = 2, limit: int | None = None, seed: int = 0):
+                 val_batches: int = 2, limit: int | None = None, seed: int = 0,
+                 global_batch_size: int | None = None):
         super().__init__()
+        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.batches_per_epoch, self.val_batches, self.limit = batches_per_epoch, val_batches, limit

@@ -10,7 +10,9 @@ in diffusers format. Objective subclasses implement ``training_step`` in a few l
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -37,6 +39,23 @@ def check_timestep_range(timestep_range, num_train_timesteps: int) -> tuple[int,
         raise ValueError(f"timestep_range must be [low, high) with 0 <= low < high <= {num_train_timesteps}, "
                          f"got {list(timestep_range)}")
     return low, high
+
+
+class Float32Conv2d(torch.nn.Conv2d):
+    """A Conv2d that computes in float32 with autocast off, whatever its weights' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        if x.device.type not in ("cuda", "cpu", "xpu", "mps"):  # the meta device has no autocast
+            return self._conv_forward(x.float(), self.weight.float(), bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(x.float(), self.weight.float(), bias)
+
+
+def float32_output(unet: torch.nn.Module) -> None:
+    """Run ``unet.conv_out`` in float32 (its weights and the state dict stay as they are)."""
+    if type(unet.conv_out) is torch.nn.Conv2d:
+        unet.conv_out.__class__ = Float32Conv2d
 
 
 class DiffusionModule(L.LightningModule):
@@ -67,6 +86,9 @@ class DiffusionModule(L.LightningModule):
         reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd state).
         frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet in that dtype
             (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype and outputs back to float32.
+        fp32_output: run the UNets' final projection (``conv_out``) in float32 outside autocast, so per-sample
+            errors come from an output not rounded to bf16/fp16 (at beta 5000 bf16 rounding is visible noise in
+            the DPO logit: ``docs/benchmarks.md``).
         optimizer / lr_scheduler: injected by LightningCLI (``class_path`` + ``init_args`` in the config).
     """
 
@@ -79,9 +101,12 @@ class DiffusionModule(L.LightningModule):
                  gradient_checkpointing: bool = False,
                  channels_last: bool = False, compile_unet: bool = False, compile_reference: bool = False,
                  compile_mode: str | None = None, reference_inference_mode: bool = True,
-                 frozen_dtype: str | None = None, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
+                 frozen_dtype: str | None = None, fp32_output: bool = True,
+                 optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  seed: int = 0):
         super().__init__()
+        # the base of every rank's random streams: seed_everything's seed (the same in every process), else seed
+        self.stream_seed = int(os.environ.get("PL_GLOBAL_SEED", seed))
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if reference not in ("auto", "copy", "none"):
             raise ValueError(f"reference must be 'auto', 'copy' or 'none', got {reference!r}")
@@ -127,6 +152,12 @@ class DiffusionModule(L.LightningModule):
         self.timestep_range = check_timestep_range(timestep_range, self.scheduler.config.num_train_timesteps)
         self.caption_dropout = caption_dropout
         self._skipped: dict[str, int] = {}
+        self._generator: torch.Generator | None = None
+        self.host_rng = random.Random(self.stream_seed)
+        if fp32_output:
+            for unet in (self.unet, self.ref_unet):
+                if unet is not None:
+                    float32_output(unet)
 
     # ---- frozen parts stay frozen -------------------------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -151,11 +182,35 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
+    # ---- randomness: every rank and micro-batch its own streams -------------------------------------
+    @property
+    def generator(self) -> torch.Generator:
+        """Noise, timesteps and posterior samples draw from this (on the module's device)."""
+        device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: bench FLOP counts
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(self.stream_seed)
+        return self._generator
+
+    def seed_streams(self, stage: str, index: int) -> None:
+        """Reseed the device generator and the host RNG (caption dropout) from (seed_everything's seed, stage,
+        rank, index): each rank draws its own numbers, a run reproduces them at any resume, and validation
+        batch ``i`` sees the same draws at every validation and under ``align validate``."""
+        key = f"{self.stream_seed}/{stage}/{self.global_rank}/{index}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+        self.generator.manual_seed(seed)
+        self.host_rng.seed(seed)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.seed_streams("train", self.trainer.fit_loop.total_batch_idx)  # micro-batches since the start
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.seed_streams(f"val{dataloader_idx}", batch_idx)
+
     # ---- inputs -------------------------------------------------------------------------------------
     def drop_captions(self, captions: list[str]) -> list[str]:
         if not self.training or self.caption_dropout <= 0:
             return list(captions)
-        return ["" if random.random() < self.caption_dropout else c for c in captions]
+        return ["" if self.host_rng.random() < self.caption_dropout else c for c in captions]
 
     def encode_prompts(self, captions: list[str]) -> PromptEmbeds:
         """Without grad, unless the encoder has trainable parts (then grad flows into those parts only)."""
@@ -210,7 +265,7 @@ class DiffusionModule(L.LightningModule):
             moments = self.vae.encode(pixels).latent_dist.parameters
         # contiguous: the VAE may return channels-last moments (CPU oneDNN), and noise drawn with randn_like
         # follows the memory layout, so the same seed would give the image and cached paths different noise
-        latents = DiagonalGaussianDistribution(moments.float()).sample().contiguous()
+        latents = DiagonalGaussianDistribution(moments.float()).sample(self.generator).contiguous()
         return latents * self.vae.config.scaling_factor
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor | None:
@@ -228,9 +283,11 @@ class DiffusionModule(L.LightningModule):
     def sample_noise(self, latents: torch.Tensor, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps, shared across ``group`` consecutive blocks of the batch (pairs: group=2)."""
         n = latents.shape[0] // group
-        noise = torch.randn_like(latents[:n]).repeat(group, *([1] * (latents.ndim - 1)))
+        gen = self.generator
+        noise = torch.randn(latents[:n].shape, generator=gen, device=gen.device, dtype=latents.dtype)
+        noise = noise.to(latents.device).repeat(group, *([1] * (latents.ndim - 1)))
         low, high = self.timestep_range
-        t = torch.randint(low, high, (n,), device=latents.device).repeat(group)
+        t = torch.randint(low, high, (n,), generator=gen, device=gen.device).to(latents.device).repeat(group)
         return noise, t
 
     # ---- denoising errors ---------------------------------------------------------------------------

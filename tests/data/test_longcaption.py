@@ -73,7 +73,7 @@ def test_missing_or_bad_captions_and_images_are_skipped_and_counted_per_source(t
     bad = [long_sample("nocap", caption=None), long_sample("empty", caption=b"  \n"),
            long_sample("latin1", caption="caf\xe9".encode("latin-1")), long_sample("corrupt", image=b"\xff\xd8 no"),
            {"__key__": "noimage", "txt": b"An image that is not there."}]
-    good = [long_sample(f"good{i}") for i in range(3)]
+    good = [long_sample(f"good{i}") for i in range(4)]  # 9 samples: whole batches of 3 read them all
     shard = write_tar(tmp_path / "mixed.tar", bad + good)
     dm = LongCaptionDataModule([CaptionSource(shards=shard, name="web")], batch_size=3, resolution=16,
                                num_workers=0, batches_per_epoch=1, shuffle_buffer=0)
@@ -123,7 +123,8 @@ def test_winners_are_the_preferred_images_and_ties_are_dropped(tmp_path):
         pair_sample("p0", caption="first wins", label_0=1.0, first=jpeg(red), second=jpeg(blue)),
         pair_sample("p1", caption="a tie", label_0=0.5, first=jpeg(red), second=jpeg(green)),
         pair_sample("p2", caption="second wins", label_0=0.0, first=jpeg(green), second=jpeg(blue)),
-    ])
+        pair_sample("p3", caption="first again", label_0=1.0, first=jpeg(red), second=jpeg(blue)),
+    ])  # 4 pairs: whole batches of 2, so the pass reads every one
     dm = WinnersDataModule(shard, batch_size=2, resolution=16, flip_prob=0.0, num_workers=0, batches_per_epoch=1,
                            shuffle_buffer=0)
     batch = next(iter(dm.train_dataloader()))

@@ -56,7 +56,7 @@ def test_collate_puts_all_winners_before_all_losers():
     assert batch["original_size"].shape == (6, 2) and batch["original_size"][0].tolist() == [32, 40]
 
 
-def test_pipeline_skips_counts_and_goes_on(tmp_path):
+def test_pipeline_skips_counts_and_goes_on(tmp_path, caplog):
     good = [pair_sample(f"g{i}") for i in range(6)]
     bad = [pair_sample("c", first=b"garbage"), pair_sample("t", label_0=0.5), pair_sample("e", caption=""),
            pair_sample("l", label_0=3.0, label_1=-2.0)]
@@ -65,13 +65,14 @@ def test_pipeline_skips_counts_and_goes_on(tmp_path):
     (tmp_path / "c.tar").write_bytes(b"this is not a tar file at all" * 10)
     dm = PickAPicDataModule(str(tmp_path / "*.tar"), batch_size=2, resolution=16, num_workers=0,
                             batches_per_epoch=6, shuffle_buffer=0)
+    assert "c.tar" in caplog.text  # an unreadable shard is named at start and left out of the plan
     batches = list(dm.train_dataloader())
-    assert len(batches) == 6  # the loader loops its shards to fill the epoch
+    assert len(batches) == 6  # the loader repeats its range after skips to fill the epoch
     totals = {}
     for b in batches:
         for k, v in b["skipped"].items():
             totals[k] = totals.get(k, 0) + v
-    for reason in ("corrupt_image", "tie", "empty_caption", "bad_label", "unreadable_shard"):
+    for reason in ("corrupt_image", "tie", "empty_caption", "bad_label", "repeated_to_fill"):
         assert totals.get(reason, 0) >= 1, (reason, totals)
     keys = {k for b in batches for k in b["key"]}
     assert keys <= {f"g{i}" for i in range(6)}
@@ -102,12 +103,22 @@ def test_each_rank_reads_a_disjoint_slice_and_equal_batches(pair_shards, monkeyp
     assert seen[0].isdisjoint(seen[1])
 
 
-def test_too_few_shards_for_the_ranks_is_a_clear_error(pair_shards, monkeypatch):
-    monkeypatch.setenv("RANK", "4")
+def test_fewer_shards_than_ranks_still_give_every_rank_its_own_pairs(pair_shards, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "5")
+    keys = []
+    for rank in range(5):
+        monkeypatch.setenv("RANK", str(rank))
+        dm = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=16, num_workers=0, drop_ties=False)
+        keys.append({k for b in dm.train_dataloader() for k in b["key"]})
+    assert all(keys) and sum(map(len, keys)) == len(set().union(*keys))  # 4 shards, 5 ranks, disjoint
+
+
+def test_too_few_samples_for_the_ranks_is_a_clear_error_at_start(pair_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "5000")
     dm = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=16, num_workers=0)
-    with pytest.raises(RuntimeError, match="got no shard"):
-        next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match="cannot give one batch of 2 to each of 5000 rank"):
+        dm.train_dataloader()
 
 
 def test_sdxl_crop_coordinates_are_carried():
@@ -126,13 +137,13 @@ def test_shards_with_no_usable_sample_fail_naming_the_skips_instead_of_looping(t
     (tmp_path / "wrong").mkdir()
     write_tar(tmp_path / "wrong" / "a.tar", [single_sample(f"s{i}") for i in range(5)])
     dm = PickAPicDataModule(str(tmp_path / "wrong"), batch_size=2, resolution=16, num_workers=0, batches_per_epoch=3)
-    with pytest.raises(RuntimeError, match=r"no usable sample in 1 shard.*'missing_label_0': 5"):
+    with pytest.raises(RuntimeError, match=r"no usable sample .* 1 shard.*'missing_label_0': 4"):
         next(iter(dm.train_dataloader()))
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "a.tar").write_bytes(b"this is not a tar file at all" * 10)
     dm = PickAPicDataModule(str(tmp_path / "garbage"), batch_size=2, resolution=16, num_workers=0)
-    with pytest.raises(RuntimeError, match="no usable sample.*unreadable_shard"):
-        next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match="0 samples in 1 shard"):  # nothing readable: refused at start
+        dm.train_dataloader()
 
 
 def test_skips_are_logged_one_by_one_then_only_at_powers_of_ten(caplog):

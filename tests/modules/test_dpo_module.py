@@ -84,10 +84,10 @@ def test_lora_reference_is_the_same_unet_without_adapters(batch):
         for n, p in m.unet.named_parameters():
             if "lora_B" in n:
                 p.add_(0.5)
-    torch.manual_seed(0)
+    m.seed_streams("train", 0)
     policy, ref = m.pair_errors(batch)
     base = DPOModule(model="tiny").train()
-    torch.manual_seed(0)
+    base.seed_streams("train", 0)
     _, ref_full = base.pair_errors(batch)
     assert not torch.allclose(policy, ref)
     assert torch.allclose(ref, ref_full, atol=1e-5)
@@ -98,12 +98,12 @@ def test_a_step_lowers_winner_error_relative_to_loser(batch):
     opt = torch.optim.SGD(m.unet.parameters(), lr=1e-6)
 
     def margin():
-        torch.manual_seed(123)
+        m.seed_streams("train", 123)
         policy, _ = m.pair_errors(batch)
         return (policy[:3] - policy[3:]).mean()
 
     before = margin().item()
-    torch.manual_seed(123)
+    m.seed_streams("train", 123)
     m.training_step(batch, 0).backward()
     opt.step()
     with torch.no_grad():

@@ -54,7 +54,7 @@ def cond_and_loss(m: SFTModule, batch: dict, caption: str, monkeypatch):
         return forward(unet, noisy, t, cond, time_ids)
 
     monkeypatch.setattr(m, "unet_forward", spy)
-    torch.manual_seed(0)
+    m.seed_streams("train", 0)
     with torch.no_grad():
         loss = m.denoise({**batch, "caption": [caption] * len(batch["caption"])}).loss
     monkeypatch.undo()
@@ -77,13 +77,14 @@ def test_text_beyond_77_tokens_changes_the_modules_conditioning(batch, monkeypat
 
 
 def replay(m: SFTModule, batch: dict, seed: int):
-    """The prediction, noise and timesteps of ``m.denoise(batch)`` after ``torch.manual_seed(seed)``, by hand."""
-    torch.manual_seed(seed)
+    """The prediction, noise and timesteps of ``m.denoise(batch)`` after ``m.seed_streams("train", seed)``, by
+    hand: the posterior sample, then the noise, then the timesteps, from the module's generator."""
+    m.seed_streams("train", seed)
     with torch.no_grad():
         cond = m.prompt_encoder(batch["caption"])
         latents = m.encode_latents(batch)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],))
+        noise = torch.randn(latents.shape, generator=m.generator)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=m.generator)
         pred = m.unet(m.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond.embeds).sample
     return pred, noise, t
 
@@ -96,14 +97,14 @@ def test_loss_is_the_denoising_mse_without_reference(batch):
     with pytest.raises(RuntimeError, match="no reference"):
         m.unet_errors(torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), torch.tensor([1]),
                       m.encode_prompts(["a"]), reference=True)
-    torch.manual_seed(7)
+    m.seed_streams("train", 7)
     out = m.denoise(batch)
     pred, noise, _ = replay(m, batch, 7)
     torch.testing.assert_close(out.loss.detach(), F.mse_loss(pred, noise), rtol=1e-5, atol=1e-6)
     assert out.weight_mean.item() == 1.0
 
     weighted = SFTModule(model="tiny", prompt_encoder="segment", snr_gamma=5.0).train()
-    torch.manual_seed(7)
+    weighted.seed_streams("train", 7)
     w = weighted.denoise(batch)
     pred, noise, t = replay(weighted, batch, 7)
     weights = min_snr_weights(t, weighted.scheduler.alphas_cumprod, 5.0)

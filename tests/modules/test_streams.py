@@ -1,0 +1,54 @@
+"""Per-rank random streams and the float32 output of DiffusionModule (align.modules.base)."""
+
+import pytest
+import torch
+
+from align.modules import DPOModule
+from align.modules.base import Float32Conv2d
+
+
+def draws(module, stage="train", index=0):
+    module.seed_streams(stage, index)
+    latents = torch.zeros(2, 4, 8, 8)
+    noise, t = module.sample_noise(latents, group=2)
+    return noise, t, module.drop_captions(["a caption"] * 16)
+
+
+@pytest.fixture(scope="module")
+def dpo():
+    return DPOModule(model="tiny", caption_dropout=0.5).train()
+
+
+def test_each_rank_draws_its_own_noise_timesteps_and_dropout(dpo, monkeypatch):
+    rank0 = draws(dpo)
+    monkeypatch.setattr(DPOModule, "global_rank", property(lambda self: 1))
+    rank1 = draws(dpo)
+    assert not torch.equal(rank0[0], rank1[0]) and rank0[2] != rank1[2]
+    assert torch.equal(draws(dpo)[0], rank1[0]) and torch.equal(draws(dpo)[1], rank1[1])  # reproducible
+
+
+def test_micro_batches_differ_and_validation_batches_repeat(dpo):
+    assert not torch.equal(draws(dpo, "train", 0)[0], draws(dpo, "train", 1)[0])
+    dpo.on_validation_batch_start({}, 3)
+    first = dpo.sample_noise(torch.zeros(2, 4, 8, 8))
+    dpo.on_validation_batch_start({}, 3)
+    again = dpo.sample_noise(torch.zeros(2, 4, 8, 8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_seed_everything_sets_the_streams(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    five = DPOModule(model="tiny")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "6")
+    six = DPOModule(model="tiny")
+    assert five.stream_seed == 5 and not torch.equal(draws(five)[0], draws(six)[0])
+
+
+def test_unet_output_is_float32_under_bf16_autocast(dpo):
+    unet = dpo.unet
+    assert isinstance(unet.conv_out, Float32Conv2d) and isinstance(dpo.ref_unet.conv_out, Float32Conv2d)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, encoder_hidden_states=cond).sample
+    assert out.dtype == torch.float32
+    assert set(unet.state_dict()) == set(type(unet).from_config(unet.config).state_dict())  # export unchanged

@@ -61,6 +61,6 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_shards_without_one_class_fail_instead_of_waiting_for_it(tmp_path):
     write_tar(tmp_path / "a.tar", [single_sample(f"d{i}", label=True) for i in range(6)])
     dm = KTODataModule(str(tmp_path), p_desirable=0.5, batch_size=4, resolution=16, num_workers=0,
-                       batches_per_epoch=2)
+                       batches_per_epoch=5)  # 20 draws at p = 0.5: one of them asks for the absent class
     with pytest.raises(RuntimeError, match="no usable sample.*hold no sample of this kind"):
-        next(iter(dm.train_dataloader()))
+        list(dm.train_dataloader())

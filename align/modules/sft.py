@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from align.models.sampling import save_prompt_encoder
 from align.modules.base import DiffusionModule
 from align.objectives.common import diffusion_target

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) under Lightning's DDP strategy, with a logger and the config saver on: disjoint shards
-per rank, identical weights after, and no rank left waiting on a broadcast."""
+per rank, each rank its own noise and timesteps, identical weights after, and no rank left waiting on a
+broadcast."""
 
 import json
 import subprocess
@@ -24,5 +25,8 @@ def test_two_rank_ddp_reads_disjoint_shards_and_stays_in_sync(tmp_path, pair_sha
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [3, 3]
     shards = [{int(k) // 16 for k in r["keys"]} for r in ranks]  # the fixture writes 16 pairs per shard
     assert shards[0] and shards[1] and shards[0].isdisjoint(shards[1])
+    streams = [r["streams"] for r in ranks]
+    assert len(streams[0]) == len(streams[1]) == 3 and all(a != b for a, b in zip(*streams))
+    assert len(set(streams[0])) == 3  # and a new draw at every step
     assert ranks[0]["weight_sum"] == ranks[1]["weight_sum"]
     assert list((tmp_path / "logs").glob("lightning_logs/version_*/config.yaml"))  # saved once, no rank hung

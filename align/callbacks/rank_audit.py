@@ -1,4 +1,5 @@
-"""What each DDP rank saw and holds: the keys of the samples it trained on and a checksum of its weights.
+"""What each DDP rank saw and holds: the keys of the samples it trained on, a fingerprint of its random
+stream at each step, and a checksum of its weights.
 
 For checking a multi-GPU set-up before a long run (are shards split? do ranks stay in sync?), and for the
 test that proves both on two CPU processes.
@@ -14,19 +15,27 @@ import torch
 
 
 class RankAudit(L.Callback):
-    """Writes ``<out_dir>/rank<R>.json`` with ``keys`` (samples trained on) and ``weight_sum`` at fit end."""
+    """Writes ``<out_dir>/rank<R>.json`` at fit end: ``keys`` (samples trained on), ``streams`` (per batch, a
+    draw from a copy of the module's noise/timestep generator as the batch left it) and ``weight_sum``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
         self.keys: list[str] = []
+        self.streams: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.keys.extend(batch.get("key", []))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        generator = getattr(pl_module, "generator", None)
+        if generator is not None:
+            copy = torch.Generator(generator.device).set_state(generator.get_state())
+            self.streams.append(torch.rand(1, generator=copy, device=generator.device).item())
 
     def on_fit_end(self, trainer, pl_module) -> None:
         with torch.no_grad():
             total = sum(p.double().sum().item() for p in pl_module.parameters() if p.requires_grad)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "keys": self.keys,
-                  "weight_sum": total, "global_step": trainer.global_step}
+                  "streams": self.streams, "weight_sum": total, "global_step": trainer.global_step}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -80,6 +80,21 @@ def batches_per_role(total: int, world: int, workers: int, batch_size: int) -> i
     return total // (world * workers * batch_size)
 
 
+def epoch_batches(total: int, *, world: int, workers: int, batch_size: int, multiple_of: int = 1,
+                  batches_per_epoch: int | None = None, mixed: bool = False) -> int:
+    """Batches per rank per epoch (L) over ``total`` samples: ``batches_per_epoch``, else one pass (a mixed
+    stream: as many samples as its sources hold), in whole multiples of ``multiple_of`` (the accumulation
+    window; for a mixed stream whole rounds of the workers too, since its epochs are its segments)."""
+    workers = max(1, workers)
+    if mixed:
+        n = batches_per_epoch or max(1, total // (world * batch_size))
+        m = multiple_of * workers // math.gcd(multiple_of, workers)
+    else:
+        n = batches_per_epoch or batches_per_role(total, world, workers, batch_size) * workers
+        m = multiple_of
+    return max(m, n // m * m)
+
+
 def role_ranges(sizes: list[int], *, seed: int, segment: int, shuffle: bool, world: int, workers: int,
                 batch_size: int, rank: int, role: int) -> list[tuple[int, int, int]]:
     """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in this pass."""
@@ -129,8 +144,6 @@ class EpochStream(torch.utils.data.IterableDataset):
                  batches_per_epoch: int | None = None, multiple_of: int = 1,
                  segment_samples: Callable | None = None):
         super().__init__()
-        if segment_samples is not None and not batches_per_epoch:
-            raise ValueError("a mixed stream needs batches_per_epoch")
         self.urls, self.sizes, self.decode, self.collate = urls, sizes, decode, collate
         self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = batch_size, seed, shuffle, shuffle_buffer
         self.counter_factory, self.custom_segment = counter_factory, segment_samples
@@ -158,27 +171,28 @@ class EpochStream(torch.utils.data.IterableDataset):
         return self.per_role * self.workers
 
     def __len__(self) -> int:
-        """Batches per rank per loader iteration (L): ``batches_per_epoch`` or one segment, in whole multiples
-        of ``multiple_of`` (the accumulation window, and for mixed streams the worker count too)."""
-        n = self._batches_per_epoch or self.segment_batches
-        m = self.multiple_of
-        if self.custom_segment is not None:  # its epochs are its segments: whole rounds of the workers too
-            m = m * self.workers // math.gcd(m, self.workers)
-        return max(m, n // m * m)
+        """Batches per rank per loader iteration (L): see ``epoch_batches``."""
+        return epoch_batches(sum(self.sizes), world=self.world, workers=self.workers, batch_size=self.batch_size,
+                             multiple_of=self.multiple_of, batches_per_epoch=self._batches_per_epoch,
+                             mixed=self.custom_segment is not None)
 
     # reading
     def _role_samples(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
         """Raw samples of a role's range in one pass (``segment``: the pass's name in every seed)."""
         ranges = role_ranges(self.sizes, seed=self.seed, segment=segment, shuffle=self.shuffle, world=self.world,
                              workers=self.workers, batch_size=self.batch_size, rank=rank, role=role)
-        readers = [itertools.islice(wds.tarfile_to_samples(handler=counter.handler)([{"url": self.urls[s]}]),
-                                    lo, hi) for s, lo, hi in ranges]
+        readers = [self.read(s, lo, hi, counter) for s, lo, hi in ranges]
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/order") if self.shuffle else None
         samples = interleave(readers, [hi - lo for _, lo, hi in ranges], rng)
         if self.shuffle and self.shuffle_buffer > 1:
             buffer_rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/buffer")
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 16), buffer_rng)
         return samples
+
+    def read(self, shard: int, lo: int, hi: int, counter) -> Iterator[dict]:
+        """Raw samples ``lo:hi`` of shard ``shard``, a tar (``ListStream`` reads lists instead)."""
+        tar = wds.tarfile_to_samples(handler=counter.handler)([{"url": self.urls[shard]}])
+        return itertools.islice(tar, lo, hi)
 
     def _pass(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
         """Decoded samples of a role's range in one pass; SkipSample and decode errors counted, not raised."""
@@ -259,6 +273,17 @@ class EpochStream(torch.utils.data.IterableDataset):
                 yield batch
                 count -= 1
             segment, skip = segment + 1, 0
+
+
+class ListStream(EpochStream):
+    """An ``EpochStream`` over raw samples held in memory (a prompt file): each list plays a shard."""
+
+    def __init__(self, names: list[str], items: list[list[dict]], decode: Callable, collate: Callable, **kwargs):
+        super().__init__(names, [len(part) for part in items], decode, collate, **kwargs)
+        self.items = items
+
+    def read(self, shard: int, lo: int, hi: int, counter) -> Iterator[dict]:
+        return iter(self.items[shard][lo:hi])
 
 
 class MixedSegments:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 
 import torch
-import webdataset as wds
 
 from align.data.epochs import EpochStream, MixedSegments, shard_sizes
 from align.data.images import decode_image, decode_json
@@ -105,17 +104,19 @@ class KTODataModule(StreamingDataModule):
                            shuffle_buffer=self.shuffle_buffer if shuffle else 0, counter_factory=SkipCounter,
                            **kwargs)
 
+    def train_samples(self) -> tuple[int, bool]:
+        urls = dict.fromkeys(self.desirable_urls + self.undesirable_urls)
+        return sum(shard_sizes(list(urls))), True
+
     def train_dataloader(self):
         classes = [(self.desirable_urls, self.desirable_sizes, True),
                    (self.undesirable_urls, self.undesirable_sizes, False)]
         sources = [self._stream(urls, sizes, self._decoder(self.train_transform, want), 1, True, self.seed + i)
                    for i, (urls, sizes, want) in enumerate(classes)]
         urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
-        sizes = shard_sizes(urls)
-        _, world, _, _ = wds.utils.pytorch_worker_info()
-        per_epoch = self.batches_per_epoch or max(1, sum(sizes) // (world * self.batch_size))
         mix = MixedSegments(sources, [self.p_desirable, 1.0 - self.p_desirable], seed=self.seed)
-        stream = self._stream(urls, sizes, None, self.batch_size, True, self.seed, batches_per_epoch=per_epoch,
+        stream = self._stream(urls, shard_sizes(urls), None, self.batch_size, True, self.seed,
+                              batches_per_epoch=self.batches_per_epoch,
                               multiple_of=self.accumulation(), segment_samples=mix)
         return self.loader(stream, self.num_workers, train=True)
 

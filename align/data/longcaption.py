@@ -22,7 +22,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-import webdataset as wds
 
 from align.data.epochs import EpochStream, MixedSegments, shard_sizes
 from align.data.images import decode_caption, decode_image
@@ -176,11 +175,13 @@ class LongCaptionDataModule(StreamingDataModule):
                           multiple_of=multiple)
         used = [(i, src) for i, src in enumerate(sources) if src.weight > 0]
         parts = [stream(src.shards, decoder(src.name), 1, self.seed + i) for i, src in used]
-        _, world, _, _ = wds.utils.pytorch_worker_info()
-        total = sum(sum(part.sizes) for part in parts)
         mix = MixedSegments(parts, [src.weight for _, src in used], seed=self.seed)
-        return stream(urls, None, self.batch_size, self.seed, segment_samples=mix, multiple_of=multiple,
-                      batches_per_epoch=per_epoch or max(1, total // (world * self.batch_size)))
+        return stream([u for _, src in used for u in src.shards], None, self.batch_size, self.seed,
+                      segment_samples=mix, multiple_of=multiple, batches_per_epoch=per_epoch)
+
+    def train_samples(self) -> tuple[int, bool]:
+        used = [src for src in self.sources if src.weight is None or src.weight > 0]
+        return sum(shard_sizes([u for src in used for u in src.shards])), self.sources[0].weight is not None
 
     def train_dataloader(self):
         return self.loader(self._stream(self.sources, self.train_transform, train=True), self.num_workers,

@@ -8,24 +8,23 @@ Sources, one or several (``prompts: [a.txt, data/longcaption]``):
   shards, or the ``caption`` of pair / single-image shards' ``json``. Images are never decoded.
 
 A prompt with no segment (``align.rewards.segments.has_segments`` with the official splitter: nothing with a
-letter or a digit) is skipped and counted (``train/skipped/no_segments``), never trained on. Files are read once
-at start (a missing path fails before training, naming it); under DDP each rank takes every world-th prompt
-(each dataloader worker every workers-th of those) and loops over its share, reshuffled each pass, so every rank
-yields exactly ``batches_per_epoch`` batches. Shards stream through the shared webdataset pipeline
-(``align.data.pipeline``: split by node and worker, bad samples skipped and counted).
+letter or a digit) is skipped and counted (``train/skipped/no_segments``), never trained on. Prompt files are
+read once at start (a missing path fails before training, naming it); shards are counted from their manifests.
+Both stream as data epochs (``align.data.epochs``): every prompt once per pass across ranks and workers, a new
+order each pass, resumable mid-epoch; an epoch is one pass unless ``batches_per_epoch`` says otherwise.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
 from pathlib import Path
 
-import lightning as L
 import webdataset as wds
 
+from align.data.epochs import EpochStream, ListStream, shard_sizes
 from align.data.images import decode_caption, decode_json
-from align.data.pipeline import SKIPPED, SkipCounter, SkipSample, batch_loader, expand_shards, merge_skips, sample_stream
+from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
+from align.data.shard_module import StreamingDataModule
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -78,40 +77,16 @@ def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list
     return out
 
 
-class _PromptSource:
-    """This rank's and worker's share of a prompt list, reshuffled each pass, forever."""
-
-    def __init__(self, prompts: list[str], shuffle: bool, seed: int, skipped: dict[str, int]):
-        self.prompts, self.shuffle, self.seed, self.skipped = prompts, shuffle, seed, skipped
-
-    def __call__(self):
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        mine = self.prompts[rank::world][worker::workers]
-        if not mine:
-            raise RuntimeError(f"rank {rank} worker {worker} got no prompt: {len(self.prompts)} prompts for "
-                               f"{world} ranks x {workers} workers")
-        pending = dict(self.skipped) if rank == 0 and worker == 0 else {}  # reported once, by one worker
-        epoch = 0
-        while True:
-            order = list(range(len(mine)))
-            if self.shuffle:
-                random.Random(hash((self.seed, rank, worker, epoch))).shuffle(order)
-            for i in order:
-                yield {"caption": mine[i], "key": f"{rank}-{worker}-{i}", SKIPPED: pending}
-                pending = {}
-            epoch += 1
-
-
 def collate_prompts(samples: list[dict]) -> dict:
     return {"caption": [s["caption"] for s in samples], "key": [s.get("key", "") for s in samples],
             "skipped": merge_skips(samples)}
 
 
-def _decode_prompt(sample: dict, counter: SkipCounter) -> dict:
+def _decode_prompt(sample: dict, counter, rng) -> dict:
     return {"caption": caption_of(sample), "key": sample.get("__key__", "")}
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(StreamingDataModule):
     """Batches of prompts for reward fine-tuning.
 
     Args:
@@ -120,13 +95,14 @@ class PromptDataModule(L.LightningDataModule):
         val_prompts: the same for validation (optional).
         batch_size: prompts per micro-batch per GPU.
         limit: use at most this many prompts of a file source (None: all).
-        batches_per_epoch / val_batches: batches each rank yields per epoch (equal on every rank).
+        batches_per_epoch: batches each rank yields per epoch (None: one pass over the prompts).
+        val_batches: batches each rank reads per validation (None: every validation prompt).
     """
 
     def __init__(self, prompts: str | list[str], val_prompts: str | list[str] | None = None, batch_size: int = 4,
-                 num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 256, batches_per_epoch: int = 1000,
-                 val_batches: int = 2, limit: int | None = None, seed: int = 0,
-                 global_batch_size: int | None = None):
+                 num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
+                 batches_per_epoch: int | None = None, val_batches: int | None = 2, limit: int | None = None,
+                 seed: int = 0, global_batch_size: int | None = None):
         super().__init__()
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -135,8 +111,9 @@ class PromptDataModule(L.LightningDataModule):
         self.train = self._resolve(prompts)
         self.val = self._resolve(val_prompts) if val_prompts else None
 
-    def _resolve(self, sources) -> tuple[str, object, dict]:
-        """("files", prompts, skipped) or ("shards", urls, {})."""
+    def _resolve(self, sources) -> tuple[list[str], list[int], list[list[dict]] | None]:
+        """(shard urls, their sizes, None) or (file names, their sizes, their raw samples: every line,
+        checked for segments when decoded)."""
         sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
         files = [is_prompt_file(s) for s in sources]
         if any(files) and not all(files):
@@ -144,33 +121,37 @@ class PromptDataModule(L.LightningDataModule):
         if all(files):
             from align.eval.prompts import read_prompts as read_prompt_file
 
-            raw = [p for s in sources for p in read_prompt_file(s)]
-            prompts = [p for p in raw if _official_has_segments(p)]
+            items = [[{"__key__": str(i), "__url__": str(s), "txt": p}
+                      for i, p in enumerate(read_prompt_file(s))] for s in sources]
             if self.limit is not None:
-                prompts = prompts[: self.limit]
-            if not prompts:
+                items = [part[: self.limit] for part in items]
+            if not any(_official_has_segments(x["txt"]) for part in items for x in part):
                 raise ValueError(f"no prompt with segments in {', '.join(map(str, sources))}")
-            dropped = len(raw) - len([p for p in raw if _official_has_segments(p)])
-            return "files", prompts, ({"no_segments": dropped} if dropped else {})
+            return [str(s) for s in sources], [len(part) for part in items], items
         for s in sources:  # a suffix we read but a file that does not exist: name it now
             if Path(str(s)).suffix.lower() in PROMPT_FILE_SUFFIXES and not any(c in str(s) for c in "*?{"):
                 raise FileNotFoundError(f"prompt set {s} does not exist")
-        return "shards", [u for s in sources for u in expand_shards(str(s))], {}
+        urls = [u for s in sources for u in expand_shards(str(s))]
+        return urls, shard_sizes(urls), None
 
-    def _loader(self, spec, batches: int, shuffle: bool, workers: int):
-        kind, data, skipped = spec
-        if kind == "files":
-            source = _PromptSource(data, shuffle, self.seed, skipped)
-        else:
-            source = sample_stream(data, _decode_prompt, SkipCounter(), shuffle=shuffle,
-                                   shuffle_buffer=self.shuffle_buffer if shuffle else 0, seed=self.seed)
-        return batch_loader(source, collate_prompts, batch_size=self.batch_size, batches_per_rank=batches,
-                            num_workers=workers)
+    def _stream(self, spec, train: bool) -> EpochStream:
+        names, sizes, items = spec
+        shuffle = train and self.shuffle
+        kwargs = dict(batch_size=self.batch_size, seed=self.seed, shuffle=shuffle,
+                      shuffle_buffer=self.shuffle_buffer if shuffle else 0, counter_factory=SkipCounter,
+                      batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
+                      multiple_of=self.accumulation() if train else 1)
+        if items is not None:
+            return ListStream(names, items, _decode_prompt, collate_prompts, **kwargs)
+        return EpochStream(names, sizes, _decode_prompt, collate_prompts, **kwargs)
+
+    def train_samples(self) -> tuple[int, bool]:
+        return sum(self.train[1]), False
 
     def train_dataloader(self):
-        return self._loader(self.train, self.batches_per_epoch, self.shuffle, self.num_workers)
+        return self.loader(self._stream(self.train, train=True), self.num_workers, train=True)
 
     def val_dataloader(self):
         if not self.val:
             return []
-        return self._loader(self.val, self.val_batches, False, min(self.num_workers, 1))
+        return self.loader(self._stream(self.val, train=False), min(self.num_workers, 1), train=False)

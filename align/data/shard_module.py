@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from align.data.epochs import EpochLoader, EpochStream, shard_sizes
+from align.data.epochs import EpochLoader, EpochStream, epoch_batches, shard_sizes
 from align.data.pipeline import SkipCounter, expand_shards
 
 
@@ -20,6 +20,17 @@ class StreamingDataModule(L.LightningDataModule):
         """Batches the training loop has processed in the current epoch (None outside a Trainer)."""
         trainer = getattr(self, "trainer", None)
         return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_samples(self) -> tuple[int, bool]:
+        """(samples in the training set, whether its stream mixes sources by weight)."""
+        raise NotImplementedError  # abstract: each data module knows its sources
+
+    def epoch_plan(self, world: int, accumulation: int) -> tuple[int, int]:
+        """(training samples, batches per rank per epoch) on ``world`` ranks: what ``align plan`` prints."""
+        total, mixed = self.train_samples()
+        return total, epoch_batches(total, world=world, workers=self.num_workers, batch_size=self.batch_size,
+                                    multiple_of=accumulation, batches_per_epoch=self.batches_per_epoch,
+                                    mixed=mixed)
 
     def loader(self, stream: EpochStream, num_workers: int, train: bool) -> EpochLoader:
         return EpochLoader(stream, num_workers, consumed=self.consumed_batches if train else None, advance=train)
@@ -45,6 +56,9 @@ class ShardSetDataModule(StreamingDataModule):
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.batches_per_epoch, self.val_batches = shuffle_buffer, batches_per_epoch, val_batches
+
+    def train_samples(self) -> tuple[int, bool]:
+        return sum(self.train_sizes), False
 
     def decoder(self, train: bool):
         raise NotImplementedError  # abstract: each data module decodes its own schema

@@ -52,3 +52,28 @@ def test_unet_output_is_float32_under_bf16_autocast(dpo):
         out = unet(x, t, encoder_hidden_states=cond).sample
     assert out.dtype == torch.float32
     assert set(unet.state_dict()) == set(type(unet).from_config(unet.config).state_dict())  # export unchanged
+
+
+def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(tmp_path, pair_shards, monkeypatch):
+    """Fixed noise, timesteps and dropout per validation batch: the fit's last val/loss is what `align validate`
+    prints for the checkpoint of the same step."""
+    import csv
+    from pathlib import Path
+
+    from align.lightning_cli import run_lightning_cli
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.train_shards", str(pair_shards), "--data.val_shards", str(pair_shards / "pairs-000000.tar"),
+            "--data.num_workers", "0", "--data.batch_size", "2", "--data.val_batches", "2",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"]
+    run_lightning_cli(["fit", "--config", str(root / "configs/dpo/tiny.yaml"), *data,
+                       "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                       "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.save_last", "true"])
+    rows = list(csv.DictReader(open(next(Path("logs").glob("lightning_logs/version_*/metrics.csv")))))
+    fit_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
+    cli = run_lightning_cli(["validate", "--config", str(root / "configs/dpo/tiny.yaml"), *data,
+                             "--ckpt_path", "ckpt/last.ckpt"])
+    validated = float(cli.trainer.callback_metrics["val/loss"])
+    assert abs(validated - fit_val) < 1e-6, (fit_val, validated)

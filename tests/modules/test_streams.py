@@ -77,3 +77,28 @@ def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(tmp_path, p
                              "--ckpt_path", "ckpt/last.ckpt"])
     validated = float(cli.trainer.callback_metrics["val/loss"])
     assert abs(validated - fit_val) < 1e-6, (fit_val, validated)
+
+
+def test_fp16_autocast_the_official_precision_trains():
+    """The SD1.5 paper configs run `precision: 16-mixed`: fp16 autocast, float32 weights, loss scaling
+    (what Lightning does on a GPU; on the CPU it falls back to bf16, so the step is driven by hand)."""
+    from align.bench.step import StepConfig, make_batch
+
+    dpo = DPOModule(model="tiny", caption_dropout=0.5).train()
+    batch = make_batch(dpo, StepConfig(batch=2))
+    optimizer = torch.optim.AdamW([p for p in dpo.parameters() if p.requires_grad], lr=1e-5)
+    # the scaler starts high and halves on overflow (what Lightning's does); start where it settles
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in dpo.unet.parameters()]
+    dpo.seed_streams("train", 0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = dpo.training_step(batch, 0)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in dpo.unet.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**10  # no overflow: the step was taken
+    assert any(not torch.equal(a, b) for a, b in zip(before, dpo.unet.parameters()))
+    assert all(p.dtype == torch.float32 for p in dpo.unet.parameters())

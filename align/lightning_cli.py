@@ -11,8 +11,10 @@ import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from align.callbacks.run_dir import run_dir
+from align.callbacks.survival import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, Preemption
 from align.data.batching import apply_global_batch
 from align.models.loader import ModelSourceError
 
@@ -50,6 +52,16 @@ def startup_error(exc: BaseException) -> BaseException | None:
 
 
 class AlignCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Every run gets the survival kit (``align.callbacks.survival``) unless its config sets its own."""
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for kind in (NonFiniteGuard, Preemption):
+            if not any(isinstance(c, kind) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, kind())  # first: the guard checks before anything is written
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -69,6 +81,16 @@ class AlignCLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str]) -> LightningCLI:
+    try:
+        return _run(argv)
+    except NonFiniteError as err:
+        sys.exit(f"align: error: {err}")
+    except SIGTERMException:
+        sys.stderr.write("align: stopped by SIGTERM; the checkpoint to resume from is named above\n")
+        sys.exit(143)  # 128 + SIGTERM: what a job script expects from a terminated job
+
+
+def _run(argv: list[str]) -> LightningCLI:
     return AlignCLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

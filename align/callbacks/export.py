@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from align.callbacks.run_dir import run_dir
+from align.callbacks.survival import assert_finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class DiffusersExport(L.Callback):
 
     def _export(self, trainer: L.Trainer, pl_module, name: str) -> None:
         root = self._root(trainer)  # every rank calls it: run_dir broadcasts
+        assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
             self.last_export = pl_module.export(root / name)
             log.info("exported %s", self.last_export)

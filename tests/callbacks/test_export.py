@@ -3,11 +3,17 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+import torch
+
 from align.callbacks.export import DiffusersExport
+from align.callbacks.survival import NonFiniteError
 
 
-class RecordingModule:
+class RecordingModule(torch.nn.Module):
     def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
         self.exported = []
 
     def export(self, out_dir):
@@ -27,3 +33,12 @@ def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path
     cb.on_save_checkpoint(trainer, module, {})
     assert module.exported == ["step-2", "final"]
     assert cb.last_export == tmp_path / "final"
+
+
+def test_non_finite_weights_are_never_exported(tmp_path):
+    cb, module = DiffusersExport(dirpath=str(tmp_path)), RecordingModule()
+    with torch.no_grad():
+        module.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="export final"):
+        cb.on_train_end(SimpleNamespace(global_step=3, is_global_zero=True), module)
+    assert module.exported == []

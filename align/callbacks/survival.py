@@ -1,0 +1,153 @@
+"""What keeps a long run honest: a diverged run stops, a pre-empted run saves itself, checkpoints
+stay whole.
+
+``AlignCLI`` adds ``NonFiniteGuard`` and ``Preemption`` to every run (a config that lists either
+keeps its own settings) and saves checkpoints through ``AtomicCheckpointIO``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The run diverged (``align`` exits 1 with the message)."""
+
+
+def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One fused norm per device group: finite iff every element of every tensor is."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    devices = {n.device for n in norms}  # one host sync per device
+    return all(
+        bool(torch.isfinite(torch.stack([n.float() for n in norms if n.device == d])).all())
+        for d in devices
+    )
+
+
+def assert_finite_weights(module: torch.nn.Module, what: str) -> None:
+    if not all_finite(trainable(module)):
+        raise NonFiniteError(f"refusing to write {what}: the trainable weights are not finite")
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips an optimizer step whose gradients are not finite and stops the run after ``patience``
+    such steps in a row (1: at the first), naming the step; the weights stay those of the last
+    finite step, and no checkpoint or export is written from non-finite weights. Under fp16 loss
+    scaling an overflow is the scaler's business (it skips the step and halves the scale) until the
+    scale has fallen below 1: a run whose gradients overflow even then has diverged."""
+
+    def __init__(self, patience: int = 1):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience, self.in_a_row = patience, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        if all_finite(grads):
+            self.in_a_row = 0
+            return
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None and scaler.get_scale() >= 1.0:
+            return  # fp16 loss scaling finds its scale by overflowing: the scaler skips and halves
+        self.in_a_row += 1
+        loss = trainer.callback_metrics.get("train/loss")
+        where = f"step {trainer.global_step}" + (
+            f" (train/loss {float(loss):.4g})" if loss is not None else ""
+        )
+        if self.in_a_row >= self.patience:
+            raise NonFiniteError(
+                f"non-finite gradients at {where}, {self.in_a_row} step(s) in a row: the run "
+                "diverged. Likely causes: a learning rate or beta too large, fp16 overflow without "
+                "loss scaling, or bad inputs. The weights are those of the last finite step; the "
+                "newest checkpoint is the last good one."
+            )
+        log.warning(
+            "non-finite gradients at %s: step skipped (%d of %d allowed in a row)",
+            where,
+            self.in_a_row,
+            self.patience,
+        )
+        for (
+            group
+        ) in optimizer.param_groups:  # no update at all: AdamW skips parameters without a gradient
+            for p in group["params"]:
+                p.grad = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        assert_finite_weights(pl_module, f"a checkpoint at step {trainer.global_step}")
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (SLURM's pre-emption signal) or Ctrl-C during fit: a resumable ``last.ckpt`` in
+    the run's checkpoint folder. The ``align`` command then exits 143 (SIGTERM) or 1 (Ctrl-C),
+    naming it, instead of Lightning's exit 0 on SIGTERM."""
+
+    def __init__(self):
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        self.saved = path
+        log.warning(
+            "pre-empted at step %d: saved %s (resume with --ckpt_path %s)",
+            trainer.global_step,
+            path,
+            path,
+        )
+
+    @staticmethod
+    def checkpoint_path(trainer) -> Path:
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        return Path(folder or trainer.default_root_dir) / "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary name in its destination folder, fsyncs it, renames it over
+    the old one and fsyncs the folder: a crash at any point leaves the previous file whole
+    (Lightning's own save goes through a temporary file that may sit on another filesystem, where
+    the rename degrades to an in-place copy)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(file)`` into ``.<name>.tmp-<pid>`` beside ``path``; fsync; rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)

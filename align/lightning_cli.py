@@ -8,13 +8,16 @@ A model or data source that does not exist stops the run at start with one line 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from align.callbacks.run_dir import run_dir
-from align.callbacks.survival import AtomicCheckpointIO, NonFiniteError, NonFiniteGuard, Preemption
+from align.callbacks.survival import (SOUND_TO_CHANGE, AtomicCheckpointIO, NonFiniteGuard, Preemption,
+                                     ResumeGuard, RunRefused, refuse_resume, setting_differences)
 from align.data.batching import apply_global_batch
 from align.models.loader import ModelSourceError
 
@@ -55,12 +58,31 @@ class AlignCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Every run gets the survival kit (``align.callbacks.survival``) unless its config sets its own."""
         trainer = super()._instantiate_trainer(config, callbacks)
-        for kind in (NonFiniteGuard, Preemption):
+        for kind in (NonFiniteGuard, Preemption, ResumeGuard):
             if not any(isinstance(c, kind) for c in trainer.callbacks):
                 trainer.callbacks.insert(0, kind())  # first: the guard checks before anything is written
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI rebuilds the module from the checkpoint's settings, silently over the command
+        line's: a fit resume that changes one is refused instead, naming each (performance switches
+        may change and are kept)."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if sub != "fit" or not path or not Path(path).is_file():
+            return super()._parse_ckpt_path()
+        args = self.config[sub]["model"]["init_args"]
+        now = args.as_dict() if hasattr(args, "as_dict") else dict(args)
+        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        try:
+            refuse_resume(setting_differences(saved, now))
+        except RunRefused as err:
+            sys.exit(f"align: error: {err}")
+        super()._parse_ckpt_path()
+        for key in SOUND_TO_CHANGE & now.keys():
+            self.config[sub]["model"]["init_args"][key] = now[key]
 
     def instantiate_classes(self) -> None:
         try:
@@ -83,7 +105,7 @@ class AlignCLI(LightningCLI):
 def run_lightning_cli(argv: list[str]) -> LightningCLI:
     try:
         return _run(argv)
-    except NonFiniteError as err:
+    except RunRefused as err:
         sys.exit(f"align: error: {err}")
     except SIGTERMException:
         sys.stderr.write("align: stopped by SIGTERM; the checkpoint to resume from is named above\n")

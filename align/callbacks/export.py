@@ -26,6 +26,7 @@ class DiffusersExport(L.Callback):
         self.dirpath, self.on_checkpoint = dirpath, on_checkpoint
         self.last_export: Path | None = None
         self._final_step: int | None = None
+        self._step: int | None = None  # of the last checkpoint export
 
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
@@ -38,8 +39,10 @@ class DiffusersExport(L.Callback):
             log.info("exported %s", self.last_export)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self.on_checkpoint and trainer.global_step != self._final_step:
+        # ModelCheckpoint saves step-N.ckpt and last.ckpt at the same step: one export for both
+        if self.on_checkpoint and trainer.global_step not in (self._final_step, self._step):
             self._export(trainer, pl_module, f"step-{trainer.global_step}")
+            self._step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._export(trainer, pl_module, "final")

@@ -1,13 +1,14 @@
 """What keeps a long run honest: a diverged run stops, a pre-empted run saves itself, checkpoints
 stay whole.
 
-``AlignCLI`` adds ``NonFiniteGuard`` and ``Preemption`` to every run (a config that lists either
-keeps its own settings) and saves checkpoints through ``AtomicCheckpointIO``.
+``AlignCLI`` adds ``NonFiniteGuard``, ``Preemption`` and ``ResumeGuard`` to every run (a config that
+lists one keeps its own settings) and saves checkpoints through ``AtomicCheckpointIO``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -20,8 +21,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-    """The run diverged (``align`` exits 1 with the message)."""
+class RunRefused(RuntimeError):
+    """A run stopped on purpose, with a message for the user (``align`` exits 1 with it)."""
+
+
+class NonFiniteError(RunRefused):
+    """The run diverged."""
+
+
+class ResumeMismatch(RunRefused):
+    """A resume whose settings differ from the checkpoint's where a change is not sound."""
 
 
 def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -121,6 +130,54 @@ class Preemption(L.Callback):
     def checkpoint_path(trainer) -> Path:
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         return Path(folder or trainer.default_root_dir) / "last.ckpt"
+
+
+# module settings a resume may change: they change speed or memory, not what is computed
+SOUND_TO_CHANGE = {
+    "gradient_checkpointing",
+    "channels_last",
+    "compile_unet",
+    "compile_reference",
+    "compile_mode",
+    "reference_inference_mode",
+}
+
+
+def refuse_resume(diffs: list[str]) -> None:
+    if diffs:
+        raise ResumeMismatch(
+            "this resume changes settings the checkpoint fixed: "
+            + "; ".join(diffs)
+            + ". Resume with the checkpoint's settings (its run's config.yaml), or start a new run "
+            "from the exported weights"
+        )
+
+
+def setting_differences(saved: dict, now: dict) -> list[str]:
+    """``model.<key>: checkpoint <a>, now <b>`` for each module setting a resume may not change."""
+    keys = sorted(set(saved) - SOUND_TO_CHANGE - {"_instantiator", "_class_path"})
+    return [
+        f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in keys
+        if saved.get(k) != now.get(k)
+    ]
+
+
+class ResumeGuard(L.Callback):
+    """Refuses at start a resume whose learning rate differs from the checkpoint's (its optimizer
+    state would silently win). Module settings are checked by ``AlignCLI`` before the module is built."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        factory = getattr(pl_module, "optimizer_factory", None)
+        groups = [
+            g for state in checkpoint.get("optimizer_states") or [] for g in state["param_groups"]
+        ]
+        if trainer.state.fn != TrainerFn.FITTING or factory is None or not groups:
+            return  # validate/test read the weights only
+        configured = factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"]
+        resumed = groups[0].get("initial_lr", groups[0]["lr"])
+        if not math.isclose(configured, resumed, rel_tol=1e-9):
+            refuse_resume([f"learning rate: checkpoint {resumed:g}, now {configured:g}"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -32,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_module
+import signal
 import sys
 import time
 import traceback
@@ -313,9 +314,31 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
 _EVENTS = None
 
 
-def _pool_init(events) -> None:
+def _pool_init(events, parent: int | None = None) -> None:
     global _EVENTS
     _EVENTS = events
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this pool worker exit when the process that started it dies, SIGKILL included: no orphan
+    keeps writing shards after its converter is gone (Linux: the kernel's parent-death signal; elsewhere
+    a watchdog thread)."""
+    import ctypes
+    import threading
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _pool_run(task: _Task) -> None:
@@ -474,7 +497,7 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
             events = ctx.Queue()
             # ProcessPoolExecutor, not Pool: a worker that dies (OOM kill) fails its future instead of hanging
             with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_pool_init,
-                                     initargs=(events,)) as pool:
+                                     initargs=(events, os.getpid())) as pool:
                 futures = []
                 try:
                     futures = [pool.submit(_pool_run, task) for task in tasks]

@@ -28,6 +28,7 @@ def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path
     cb, module = DiffusersExport(dirpath=str(tmp_path)), RecordingModule()
     trainer = SimpleNamespace(global_step=2, is_global_zero=True)
     cb.on_save_checkpoint(trainer, module, {})
+    cb.on_save_checkpoint(trainer, module, {})  # step-2.ckpt and last.ckpt: one export
     trainer.global_step = 3
     cb.on_train_end(trainer, module)
     cb.on_save_checkpoint(trainer, module, {})

@@ -203,3 +203,22 @@ def test_the_guard_skips_non_finite_steps_until_its_patience_runs_out():
     scale[0] = 0.5
     with pytest.raises(NonFiniteError):
         guard.on_before_optimizer_step(trainer, None, optimizer)
+
+
+def test_a_resume_that_changes_fixed_settings_is_refused_naming_each(tmp_path, pair_shards,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.save_last", "true"]
+    run_lightning_cli(fit_args(pair_shards, "--trainer.max_steps", "2", *ckpt))
+    resume = fit_args(pair_shards, "--trainer.max_steps", "3", "--ckpt_path", "ckpt/last.ckpt")
+    for change, named in [
+        (["--model.init_args.beta", "2000"], "model.beta: checkpoint 5000.0, now 2000.0"),
+        (["--model.init_args.optimizer.init_args.lr", "3e-5"], "learning rate: checkpoint 1e-05, now 3e-05"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            run_lightning_cli(resume + change)
+        assert named in str(stop.value.code) and "model.optimizer" not in str(stop.value.code)
+    # a performance switch may change, and so may max_steps
+    cli = run_lightning_cli(resume + ["--model.init_args.gradient_checkpointing", "true"])
+    assert cli.trainer.global_step == 3

@@ -73,6 +73,18 @@ def test_corrupt_image_and_schema_violations_fail(tmp_path: Path, capsys) -> Non
     assert data["samples"] == 5 and data["bad_samples"] == 4
 
 
+@pytest.mark.parametrize("sample", [
+    pair(0, caption="   "),
+    {"__key__": "u1", "jpg": jpeg(1), "json": {"caption": "", "label": True, "image_uid": "u1", "wins": 1,
+                                              "losses": 0}},
+    {"__key__": "sa_1", "jpg": jpeg(2), "txt": " \n", "json": {"source": "sa-1b"}},
+])
+def test_blank_captions_training_would_skip_are_reported(tmp_path: Path, capsys, sample) -> None:
+    write_tar(tmp_path / "blank.tar", [sample])
+    assert run(tmp_path / "blank.tar") == 1
+    assert "empty_caption" in capsys.readouterr().out
+
+
 def test_truncated_tar_and_checksum_mismatch_fail(tmp_path: Path, capsys) -> None:
     tar = write_tar(tmp_path / "x-000000.tar", [pair(i) for i in range(4)])
     data = tar.read_bytes()

@@ -194,3 +194,49 @@ def test_a_folder_being_written_is_refused(tmp_path: Path) -> None:
     other.wait()
     write(out, units(*PLAN))  # the lock of a dead process is stale: taken over
     assert not (out / ".lock").exists() and (out / "manifest.json").exists()
+
+
+def test_pool_workers_die_with_their_converter(tmp_path):
+    """SIGKILL of a converter's main process takes its pool workers with it (no orphan writes on)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import multiprocessing as mp, os, time
+from concurrent.futures import ProcessPoolExecutor
+from align.data.writer import die_with_parent
+
+def work(_):
+    open({str(tmp_path / 'worker.pid')!r}, 'w').write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == '__main__':
+    with ProcessPoolExecutor(1, mp_context=mp.get_context('fork'), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        pool.submit(work, 0).result()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    pid_file = tmp_path / "worker.pid"
+    deadline = time.time() + 60
+    while not pid_file.is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.time() + 10
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the pool worker outlived its parent")

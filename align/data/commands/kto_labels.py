@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from align.data.convert_helpers import add_writer_args
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
 from align.data.tars import expand_shard_paths, iter_tar_groups, read_member
-from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
+from align.data.writer import Skip, Unit, die_with_parent, file_identity, run_command, write_shards
 
 POLICIES = ("preferred-once", "always-won", "drop-contested")
 UID_KEYS = ("image_0_uid", "image_1_uid")
@@ -101,7 +101,8 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
     bar = tqdm(total=len(paths), unit="shard", desc="kto-labels: counting", disable=not progress)
     if workers > 1 and len(paths) > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx)
+        pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=die_with_parent,
+                                   initargs=(os.getpid(),))
         results = pool.map(index_shard, paths)
     else:
         pool, results = None, map(index_shard, paths)

@@ -24,11 +24,13 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from align.data.images import decode_caption
+from align.data.pipeline import SkipSample
 from align.data.schema import (LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, pair_meta_problem,
                                single_meta_problem)
 from align.data.commands.verify_cache import CachedShardCheck, cache_settings, detect_cached, parse_json
 from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
-from align.data.writer import MANIFEST
+from align.data.writer import MANIFEST, die_with_parent
 
 SCHEMAS = ("pair", "single", "long")
 CACHED = "cached"  # shards of a latent cache (align.data.cached)
@@ -82,15 +84,22 @@ def sample_problems(schema: str, sample: dict[str, bytes]) -> list[tuple[str, st
             problem = (pair_meta_problem if schema == "pair" else single_meta_problem)(meta)
             if problem:
                 problems.append((problem, json.dumps(meta)[:200]))
+            elif (reason := caption_problem(meta.get("caption"))) is not None:
+                problems.append((reason, ""))  # what training would skip
         elif not isinstance(meta, dict):
             problems.append(("json_not_object", str(meta)[:200]))
-    if schema == "long" and "txt" in sample:
-        try:
-            if not sample["txt"].decode("utf-8").strip():
-                problems.append(("empty_caption", ""))
-        except UnicodeDecodeError as exn:
-            problems.append(("caption_not_utf8", str(exn)))
+    if schema == "long" and "txt" in sample and (reason := caption_problem(sample["txt"])) is not None:
+        problems.append((reason, ""))
     return problems
+
+
+def caption_problem(raw: object) -> str | None:
+    """Why training would skip this caption (missing, not UTF-8, blank), or None."""
+    try:
+        decode_caption(raw)
+    except SkipSample as skip:
+        return skip.reason
+    return None
 
 
 def _manifest(path: Path) -> dict | None:
@@ -195,7 +204,8 @@ def main(argv: list[str]) -> int:
     reports = []
     if args.workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=ctx, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             for report in pool.map(_verify_args, jobs):
                 reports.append(report)
                 bar.update()

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from align.callbacks.run_dir import run_dir
-from align.callbacks.survival import assert_finite_weights
+from align.callbacks.survival import assert_finite_weights, replace_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class DiffusersExport(L.Callback):
         root = self._root(trainer)  # every rank calls it: run_dir broadcasts
         assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
-            self.last_export = pl_module.export(root / name)
+            replace_dir_atomically(root / name, pl_module.export)  # never half-written
+            self.last_export = root / name
             log.info("exported %s", self.last_export)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

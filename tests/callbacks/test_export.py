@@ -18,6 +18,8 @@ class RecordingModule(torch.nn.Module):
 
     def export(self, out_dir):
         self.exported.append(Path(out_dir).name)
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "weights").write_text(str(len(self.exported)))
         return Path(out_dir)
 
 
@@ -32,8 +34,26 @@ def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path
     trainer.global_step = 3
     cb.on_train_end(trainer, module)
     cb.on_save_checkpoint(trainer, module, {})
-    assert module.exported == ["step-2", "final"]
+    assert len(module.exported) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-2"]
     assert cb.last_export == tmp_path / "final"
+
+
+def test_an_export_replaces_the_old_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    cb, module = DiffusersExport(dirpath=str(tmp_path)), RecordingModule()
+    trainer = SimpleNamespace(global_step=3, is_global_zero=True)
+    cb.on_train_end(trainer, module)
+    assert (tmp_path / "final/weights").read_text() == "1"
+
+    def crash(out_dir):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "weights").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "export", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cb.on_train_end(trainer, module)
+    assert (tmp_path / "final/weights").read_text() == "1"  # the previous export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
 
 
 def test_non_finite_weights_are_never_exported(tmp_path):

@@ -19,33 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs/dpo/tiny.yaml")
 
 
-def fit_args(shards, *extra) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        TINY,
-        "--data.train_shards",
-        str(shards),
-        "--data.val_shards",
-        "null",
-        "--data.num_workers",
-        "0",
-        "--data.batch_size",
-        "2",
-        "--data.batches_per_epoch",
-        "null",
-        "--trainer.val_check_interval",
-        "null",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir",
-        "logs",
-        "--trainer.callbacks",
-        "[]",
-        *extra,
-    ]
+def fit_args(shards, *extra, config=TINY, data_key="train_shards") -> list[str]:
+    return ["fit", "--config", config, f"--data.{data_key}", str(shards), "--data.val_shards", "null",
+            "--data.num_workers", "0", "--data.batch_size", "2", "--data.batches_per_epoch", "null",
+            "--trainer.val_check_interval", "null", "--trainer.log_every_n_steps", "1",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", "logs", "--trainer.callbacks", "[]", *extra]
 
 
 def losses(version: int = 0) -> list[float]:
@@ -83,55 +62,55 @@ def test_a_diverged_run_stops_with_an_error_and_writes_nothing_non_finite(
         assert all_finite([t for t in state.values() if t.is_floating_point()]), path
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path, pair_shards):
-    cmd = [
-        sys.executable,
-        "-m",
-        "align.cli",
-        *fit_args(pair_shards, "--trainer.max_steps", "100000"),
-    ]
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143),
+                                      pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow)])
+def test_a_signal_saves_a_resumable_checkpoint_and_exits_non_zero(sig, code, tmp_path, pair_shards):
+    cmd = [sys.executable, "-m", "align.cli", *fit_args(pair_shards, "--trainer.max_steps", "100000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     metrics = tmp_path / "logs/lightning_logs/version_0/metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) > 3:
             break
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    (saved,) = tmp_path.rglob("last.ckpt")  # in the run's checkpoint folder, named on stderr
-    assert "SIGTERM" in err and str(saved.relative_to(tmp_path)) in err
+    assert proc.returncode == code, err[-2000:]
+    saved, = tmp_path.rglob("last.ckpt")  # in the run's checkpoint folder, named on stderr
+    assert str(saved.relative_to(tmp_path)) in err
     ckpt = torch.load(saved, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] >= 1 and not list(tmp_path.rglob(".*.tmp-*"))
 
 
-def test_resume_is_exact_step_by_step(tmp_path, pair_shards, monkeypatch):
+@pytest.fixture(scope="module")
+def kto_shards(tmp_path_factory):
+    from align.data.synthetic import write_synthetic_kto
+
+    out = tmp_path_factory.mktemp("kto")
+    write_synthetic_kto(out, 48, 4, 32, 0)
+    return out
+
+
+@pytest.mark.parametrize("method", [
+    "dpo",
+    pytest.param("kto", marks=pytest.mark.slow),
+    pytest.param("sft", marks=pytest.mark.slow),
+])
+def test_resume_is_exact_step_by_step(method, tmp_path, pair_shards, request, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ckpt = [
-        "--trainer.callbacks",
-        "lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath",
-        "ckpt",
-        "--trainer.callbacks.every_n_train_steps",
-        "4",
-        "--trainer.callbacks.save_top_k",
-        "-1",
-    ]
-    run_lightning_cli(fit_args(pair_shards, "--trainer.max_steps", "8", *ckpt))
+    shards, data = {"dpo": (pair_shards, {}),
+                    "kto": (request.getfixturevalue("kto_shards"),
+                            {"config": str(ROOT / "configs/kto/tiny.yaml"), "data_key": "shards"}),
+                    "sft": (pair_shards, {"config": str(ROOT / "configs/sft/winners_tiny.yaml")})}[method]
+    ckpt = ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.every_n_train_steps", "4",
+            "--trainer.callbacks.save_top_k", "-1"]
+    run_lightning_cli(fit_args(shards, "--trainer.max_steps", "8", *ckpt, **data))
     straight = losses(0)
-    run_lightning_cli(
-        fit_args(
-            pair_shards,
-            "--trainer.max_steps",
-            "8",
-            "--ckpt_path",
-            str(next(Path("ckpt").glob("*step=4.ckpt"))),
-        )
-    )
+    resume_from = str(next(Path("ckpt").glob("*step=4.ckpt")))
+    run_lightning_cli(fit_args(shards, "--trainer.max_steps", "8", "--ckpt_path", resume_from, **data))
     resumed = losses(1)
     assert len(straight) == 8 and len(resumed) == 4
     assert resumed == straight[4:]  # bit-identical on the CPU

@@ -383,8 +383,12 @@ class DiffusionModule(L.LightningModule):
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
             out.mkdir(parents=True, exist_ok=True)
-            type(self.components.to_pipeline()).save_lora_weights(str(out), unet_lora_layers=layers,
-                                                                   safe_serialization=True)
+            # the adapter's config (alpha, targets, dropout) travels in the file's metadata, so that
+            # load_lora_weights rebuilds the trained scale alpha / rank, not alpha = rank
+            config = self.unet.peft_config["default"].to_dict()
+            type(self.components.to_pipeline()).save_lora_weights(
+                str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=config,
+                safe_serialization=True)
             # what the adapter applies to, so `align sample --checkpoint <this dir>` needs nothing else
             (out / EXPORT_INFO).write_text(json.dumps({"base_model": self.hparams.model, "lora_rank":
                                                        self.hparams.lora_rank, "seed": self.hparams.seed}, indent=2))

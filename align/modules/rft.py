@@ -95,7 +95,7 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
     if not source.exists():
         raise FileNotFoundError(f"init_lora {source} does not exist")
     loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    state, alphas = loader.lora_state_dict(str(source))
+    state, alphas, metadata = loader.lora_state_dict(str(source), return_lora_metadata=True)
     state = {k: v for k, v in state.items() if k.startswith("unet.")}
     if not state:
         raise ValueError(f"init_lora {source} holds no UNet LoRA weights")
@@ -103,7 +103,11 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
         alphas = {k: v for k, v in alphas.items() if k.startswith("unet.")} or None
     name = "init_lora"
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name=name)
+    # the export's adapter config (alpha included) when it has one, as load_lora_weights does
+    scale = {"metadata": metadata} if metadata else {"network_alphas": alphas}
+    unet.load_lora_adapter(state, prefix="unet", adapter_name=name, **scale)
+    # merged by hand with peft's own delta (scale included): peft's merge() would mark the layer merged
+    # and its forward would then bypass the trainable adapter
     merged = 0
     with torch.no_grad():
         for module in unet.modules():

@@ -185,3 +185,35 @@ def test_a_data_module_that_keeps_ties_fails_before_the_first_step(pair_shards, 
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="drop_ties"):
         trainer.fit(m, datamodule=dm)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-xl"])
+def test_lora_export_with_alpha_other_than_rank_rebuilds_the_trained_unet(tmp_path, preset):
+    """Rank 4, alpha 16: the stock pipeline's load_lora_weights gives the trained UNet's output."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from helpers import perturb_lora
+
+    from align.models import load_components
+
+    base_dir = tmp_path / "base"
+    load_components(preset).save_pretrained(base_dir)
+    m = DPOModule(model=str(base_dir), lora_rank=4, lora_alpha=16).eval()
+    perturb_lora(m, seed=1)
+    out = m.export(tmp_path / "lora")
+    cls = StableDiffusionXLPipeline if preset == "tiny-xl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(base_dir))
+    pipe.load_lora_weights(str(out))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 7, m.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    extra = {}
+    if preset == "tiny-xl":
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}}
+    with torch.no_grad():
+        want = m.unet(x, t, encoder_hidden_states=cond, **extra).sample
+        got = pipe.unet(x, t, encoder_hidden_states=cond, **extra).sample
+        m.unet.disable_adapters()
+        effect = (want - m.unet(x, t, encoder_hidden_states=cond, **extra).sample).abs().max()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert effect > 1e-3  # the LoRA changes the output, so the match is not vacuous

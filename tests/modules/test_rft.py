@@ -157,7 +157,7 @@ def test_prompts_without_segments_are_dropped_and_counted(denscore_dir, monkeypa
 def test_sft_lora_is_merged_under_the_new_lora(denscore_dir, tmp_path):
     from align.modules.sft import SFTModule
 
-    sft = SFTModule(model="tiny", prompt_encoder="segment", lora_rank=4)
+    sft = SFTModule(model="tiny", prompt_encoder="segment", lora_rank=4, lora_alpha=16)  # scale 4
     perturb_lora(sft, seed=3)
     sft.export(tmp_path / "sft")
     m = make(denscore_dir, prompt_encoder="clip", prompt_encoder_args={}, init_lora=str(tmp_path / "sft"))

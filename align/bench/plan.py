@@ -260,6 +260,7 @@ def our_settings(cfg: dict, plan: Plan) -> dict[str, object]:
         "resolution": data.get("resolution", model.get("resolution")),
         "precision": str(trainer.get("precision")),
         "LoRA rank": model.get("lora_rank"),
+        "LoRA dropout": model.get("lora_dropout"),
     }
 
 

@@ -96,6 +96,7 @@ RECIPES: dict[str, Recipe] = {
             "caption dropout": 0.1,
             "resolution": 512,
             "LoRA rank": 32,
+            "LoRA dropout": 0.1,
         },
     ),
     "longalign/rft_sd15.yaml": Recipe(
@@ -108,6 +109,7 @@ RECIPES: dict[str, Recipe] = {
             "grad clip": 0.3,
             "resolution": 512,
             "LoRA rank": 32,
+            "LoRA dropout": 0.1,
         },
     ),
 }

@@ -58,6 +58,15 @@ def float32_output(unet: torch.nn.Module) -> None:
         unet.conv_out.__class__ = Float32Conv2d
 
 
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None,
+             targets: list[str] = DEFAULT_LORA_TARGETS, dropout: float = 0.0) -> None:
+    """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets`` (module-name suffixes)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout,
+                                init_lora_weights="gaussian", target_modules=list(targets)))
+
+
 class DiffusionModule(L.LightningModule):
     """Base of the DPO, KTO, SFT and RFT modules.
 
@@ -68,7 +77,8 @@ class DiffusionModule(L.LightningModule):
         prompt_encoder_args: keyword arguments of that encoder (segment: ``max_rows``, ``splitter``, ``t5``, ...).
             The encoder is frozen except for what its ``trainable_prompt_parts()`` returns (the T5 adapter).
         lora_rank: 0 trains the full UNet; > 0 trains a LoRA of that rank and uses the adapter-free UNet as
-            the reference.
+            the reference. ``lora_alpha`` (default: the rank), ``lora_targets`` (module-name suffixes) and
+            ``lora_dropout`` configure it; the export carries them (``load_lora_weights`` rebuilds it).
         reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA), ``copy`` or
             ``none`` (objectives without a reference, e.g. SFT).
         caption_dropout: probability of replacing a caption by the empty string.
@@ -97,7 +107,7 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, model: str = "tiny", prompt_encoder: str = "clip", prompt_encoder_args: dict | None = None,
                  lora_rank: int = 0,
                  lora_alpha: float | None = None, lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
-                 reference: str = "auto", caption_dropout: float = 0.0, timestep_range: tuple[int, int] | None = None,
+                 lora_dropout: float = 0.0, reference: str = "auto", caption_dropout: float = 0.0, timestep_range: tuple[int, int] | None = None,
                  gradient_checkpointing: bool = False,
                  channels_last: bool = False, compile_unet: bool = False, compile_reference: bool = False,
                  compile_mode: str | None = None, reference_inference_mode: bool = True,
@@ -124,11 +134,8 @@ class DiffusionModule(L.LightningModule):
             self.ref_unet = freeze(copy.deepcopy(self.unet))
         self.use_lora_reference = self.needs_reference and reference == "auto" and use_lora
         if use_lora:
-            from peft import LoraConfig
-
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
-                                             init_lora_weights="gaussian", target_modules=list(lora_targets)))
+            add_lora(self.unet, lora_rank, lora_alpha, lora_targets, lora_dropout)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if channels_last:  # the reference too: cuDNN would otherwise convert its every conv input to NHWC

@@ -263,3 +263,21 @@ def test_tiny_sft_winners_fit(pair_shards, tmp_path, monkeypatch):
     assert (run / "export/final/model_index.json").is_file() and (run / "export/final" / SPEC_FILE).is_file()
     rows = list(csv.DictReader(open(glob.glob("logs/csv/version_*/metrics.csv")[0])))
     assert "train/loss" in set().union(*(r.keys() for r in rows))
+
+
+@pytest.mark.parametrize("config", ["configs/longalign/sft_sd15.yaml", "configs/longalign/rft_sd15.yaml"])
+def test_longalign_lora_is_the_official_one(config):
+    """Rank 32 on attention, the GEGLU projections and the resnets, dropout 0.1: 28.3 M parameters on the
+    SD1.5 architecture (counted on the meta device), as the official SFT and RFT code."""
+    from diffusers import UNet2DConditionModel
+
+    from align.commands.plan import resolve
+    from align.models.presets import get_preset
+    from align.modules.base import add_lora
+
+    args = resolve([str(ROOT / config)], [])["model"]["init_args"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**get_preset("sd15-arch").unet)
+    add_lora(unet, args["lora_rank"], args["lora_alpha"], args["lora_targets"], args["lora_dropout"])
+    count = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
+    assert round(count / 1e6, 1) == 28.3 and args["lora_dropout"] == 0.1

@@ -99,6 +99,8 @@ class DiffusionModule(L.LightningModule):
         fp32_output: run the UNets' final projection (``conv_out``) in float32 outside autocast, so per-sample
             errors come from an output not rounded to bf16/fp16 (at beta 5000 bf16 rounding is visible noise in
             the DPO logit: ``docs/benchmarks.md``).
+        time_ids: SDXL's size conditioning: ``official`` (constant, as the Diffusion-DPO code) or ``image``
+            (each image's original size and crop).
         optimizer / lr_scheduler: injected by LightningCLI (``class_path`` + ``init_args`` in the config).
     """
 
@@ -111,7 +113,7 @@ class DiffusionModule(L.LightningModule):
                  gradient_checkpointing: bool = False,
                  channels_last: bool = False, compile_unet: bool = False, compile_reference: bool = False,
                  compile_mode: str | None = None, reference_inference_mode: bool = True,
-                 frozen_dtype: str | None = None, fp32_output: bool = True,
+                 frozen_dtype: str | None = None, fp32_output: bool = True, time_ids: str = "official",
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  seed: int = 0):
         super().__init__()
@@ -120,6 +122,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if reference not in ("auto", "copy", "none"):
             raise ValueError(f"reference must be 'auto', 'copy' or 'none', got {reference!r}")
+        if time_ids not in ("official", "image"):
+            raise ValueError(f"time_ids must be 'official' or 'image', got {time_ids!r}")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.components = load_components(model, seed=seed)
         parts = self.components
@@ -276,12 +280,14 @@ class DiffusionModule(L.LightningModule):
         return latents * self.vae.config.scaling_factor
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor | None:
-        """SDXL's added time ids: original (h, w), crop (top, left), target (h, w)."""
+        """SDXL's added time ids: original (h, w), crop (top, left), target (h, w). ``official`` (the
+        Diffusion-DPO code): constant (res, res, 0, 0, res, res); ``image``: each image's size and crop."""
         if not self.components.is_sdxl:
             return None
         res = self.components.resolution
-        original = batch.get("original_size")
-        crop = batch.get("crop_top_left")
+        per_image = self.hparams.get("time_ids", "official") == "image"
+        original = batch.get("original_size") if per_image else None
+        crop = batch.get("crop_top_left") if per_image else None
         original = torch.tensor([[res, res]] * n) if original is None else original
         crop = torch.zeros(n, 2, dtype=torch.long) if crop is None else crop
         target = torch.tensor([[res, res]] * n)

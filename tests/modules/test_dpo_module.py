@@ -217,3 +217,13 @@ def test_lora_export_with_alpha_other_than_rank_rebuilds_the_trained_unet(tmp_pa
         effect = (want - m.unet(x, t, encoder_hidden_states=cond, **extra).sample).abs().max()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert effect > 1e-3  # the LoRA changes the output, so the match is not vacuous
+
+
+def test_sdxl_time_ids_are_the_official_constant_unless_asked_per_image():
+    batch = {"original_size": torch.tensor([[40, 50], [64, 30]]), "crop_top_left": torch.tensor([[3, 0], [0, 7]])}
+    official = DPOModule(model="tiny-xl").time_ids(batch, 2)
+    assert official.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
+    image = DPOModule(model="tiny-xl", time_ids="image").time_ids(batch, 2)
+    assert image.tolist() == [[40.0, 50.0, 3.0, 0.0, 32.0, 32.0], [64.0, 30.0, 0.0, 7.0, 32.0, 32.0]]
+    with pytest.raises(ValueError, match="time_ids"):
+        DPOModule(model="tiny-xl", time_ids="both")

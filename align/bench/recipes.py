@@ -49,11 +49,6 @@ RECIPES: dict[str, Recipe] = {
     "dpo/sdxl.yaml": Recipe(
         _DPO_SOURCE.format("sdxl") + ", madebyollin/sdxl-vae-fp16-fix",
         {**_DPO_SD15, "optimizer": "Adafactor", "warm-up steps": 200, "resolution": 1024},
-        {
-            "precision": "fp16 needs the fp16-fix VAE, which this config cannot select yet "
-            "(bf16: a "
-            "noisier DPO logit, docs/benchmarks.md)"
-        },
     ),
     "sft/winners_sd15.yaml": Recipe(
         _DPO_SOURCE.format("sd15") + " with --sft (the preferred image of each pair)",

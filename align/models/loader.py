@@ -87,40 +87,86 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
                         tokenizers=tokenizers, text_encoders=text_encoders, source=f"preset:{name}")
 
 
-def load_pretrained(source: str, torch_dtype: torch.dtype | None = None) -> SDComponents:
-    """Load every component from a local diffusers directory or a hub id (SD1.5- or SDXL-layout)."""
+def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                    revision: str | None = None) -> SDComponents:
+    """Load every component from a local diffusers directory or a hub id (SD1.5- or SDXL-layout);
+    ``variant`` (e.g. ``fp16``) and ``revision`` pass through to ``from_pretrained``."""
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    where = _where(source, "model")
+    try:
+        index = DiffusionPipeline.load_config(where, revision=revision)
+    except Exception as err:  # offline, gated, misspelt: say which model and why, before any compute
+        raise ModelSourceError(f"could not read model_index.json of model {source!r}: {err}"
+                               f"{_offline_hint(source)}") from err
+    kw = dict(revision=revision, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
+    weights = dict(kw, variant=variant)
+    try:
+        text_encoders = [CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights)]
+        tokenizers = [CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=revision)]
+        if "text_encoder_2" in index:
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                where, subfolder="text_encoder_2", **weights))
+            tokenizers.append(CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", revision=revision))
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **weights)
+    except (OSError, ValueError) as err:
+        what = f" variant {variant!r}" if variant else ""
+        raise ModelSourceError(f"could not load the weights{what} of model {source!r}: {err}") from err
+    return SDComponents(unet=unet, vae=vae,
+                        noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler",
+                                                                      revision=revision),
+                        tokenizers=tokenizers, text_encoders=text_encoders, source=source)
+
+
+def _where(source: str, what: str) -> str:
     local = Path(source).expanduser()
     if not local.is_dir() and (source.startswith((".", "/", "~")) or not _HUB_ID.match(source)):
-        raise ModelSourceError(
-            f"model {source!r}: no such directory, and not a hub id (org/name); known presets: "
-            f"{', '.join(sorted(PRESETS))}")
-    where = str(local) if local.is_dir() else source
-    try:
-        index = DiffusionPipeline.load_config(where)
-    except Exception as err:  # offline, gated, misspelt: say which model and why, before any compute
-        hint = "" if local.is_dir() else (
-            f"; a hub id is read from the Hugging Face cache or fetched from the Hub: without network, download it "
-            f"where there is one (`hf download {source}`) and pass its local directory")
-        raise ModelSourceError(f"could not read model_index.json of model {source!r}: {err}{hint}") from err
-    kw = dict(torch_dtype=torch_dtype) if torch_dtype is not None else {}
-    text_encoders = [CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)]
-    tokenizers = [CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")]
-    if "text_encoder_2" in index:
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder_2", **kw))
-        tokenizers.append(CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2"))
-    return SDComponents(
-        unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw),
-        vae=AutoencoderKL.from_pretrained(where, subfolder="vae", **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler"),
-        tokenizers=tokenizers, text_encoders=text_encoders, source=source)
+        known = f"; known presets: {', '.join(sorted(PRESETS))}" if what == "model" else ""
+        raise ModelSourceError(f"{what} {source!r}: no such directory, and not a hub id (org/name){known}")
+    return str(local) if local.is_dir() else source
 
 
-def load_components(source: str, seed: int = 0, torch_dtype: torch.dtype | None = None) -> SDComponents:
+def _offline_hint(source: str) -> str:
+    if Path(source).expanduser().is_dir():
+        return ""
+    return (f"; a hub id is read from the Hugging Face cache or fetched from the Hub: without network, "
+            f"download it where there is one (`hf download {source}`) and pass its local directory")
+
+
+def load_vae(source: str, unet: nn.Module, torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """Another VAE for the model (e.g. ``madebyollin/sdxl-vae-fp16-fix``): a VAE directory or hub id, or a
+    pipeline's ``vae`` subfolder. Its latent channels must be the UNet's."""
+    from diffusers import AutoencoderKL
+
+    where = _where(source, "vae")
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    errors = []
+    for sub in (None, "vae"):
+        try:
+            vae = AutoencoderKL.from_pretrained(where, **({"subfolder": sub} if sub else {}), **kw)
+            break
+        except (OSError, ValueError) as err:
+            errors.append(err)
+    else:
+        raise ModelSourceError(f"could not load vae {source!r}: {errors[-1]}{_offline_hint(source)}")
+    if vae.config.latent_channels != unet.config.in_channels:
+        raise ModelSourceError(f"vae {source!r} has {vae.config.latent_channels} latent channels, the UNet "
+                               f"takes {unet.config.in_channels}: not a VAE of this model family")
+    return vae
+
+
+def load_components(source: str, seed: int = 0, torch_dtype: torch.dtype | None = None,
+                    vae: str | None = None, variant: str | None = None,
+                    revision: str | None = None) -> SDComponents:
     """Components from a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local diffusers
-    directory or a hub id. Presets win over directories of the same name only when no such directory exists."""
+    directory or a hub id. Presets win over directories of the same name only when no such directory exists.
+    ``vae`` replaces the model's VAE (``load_vae``)."""
     if source in PRESETS and not Path(source).is_dir():
-        return build_preset(source, seed=seed)
-    return load_pretrained(source, torch_dtype=torch_dtype)
+        parts = build_preset(source, seed=seed)
+    else:
+        parts = load_pretrained(source, torch_dtype=torch_dtype, variant=variant, revision=revision)
+    if vae is not None:
+        parts.vae = load_vae(vae, parts.unet, torch_dtype=torch_dtype)
+    return parts

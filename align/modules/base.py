@@ -72,7 +72,8 @@ class DiffusionModule(L.LightningModule):
 
     Args:
         model: a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local diffusers
-            directory, or a hub id.
+            directory, or a hub id; ``variant`` (e.g. ``fp16``) and ``revision`` pass to ``from_pretrained``.
+        vae: another VAE (a VAE directory or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``), or None.
         prompt_encoder: ``clip`` (SD1.5 / SDXL as the model is) or ``segment`` (LongAlign).
         prompt_encoder_args: keyword arguments of that encoder (segment: ``max_rows``, ``splitter``, ``t5``, ...).
             The encoder is frozen except for what its ``trainable_prompt_parts()`` returns (the T5 adapter).
@@ -106,7 +107,8 @@ class DiffusionModule(L.LightningModule):
 
     needs_reference = True
 
-    def __init__(self, model: str = "tiny", prompt_encoder: str = "clip", prompt_encoder_args: dict | None = None,
+    def __init__(self, model: str = "tiny", vae: str | None = None, variant: str | None = None,
+                 revision: str | None = None, prompt_encoder: str = "clip", prompt_encoder_args: dict | None = None,
                  lora_rank: int = 0,
                  lora_alpha: float | None = None, lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
                  lora_dropout: float = 0.0, reference: str = "auto", caption_dropout: float = 0.0, timestep_range: tuple[int, int] | None = None,
@@ -125,7 +127,7 @@ class DiffusionModule(L.LightningModule):
         if time_ids not in ("official", "image"):
             raise ValueError(f"time_ids must be 'official' or 'image', got {time_ids!r}")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.components = load_components(model, seed=seed)
+        self.components = load_components(model, seed=seed, vae=vae, variant=variant, revision=revision)
         parts = self.components
         self.vae = freeze(parts.vae)
         self.prompt_encoder = freeze(build_prompt_encoder(parts, prompt_encoder, **(prompt_encoder_args or {})))

@@ -51,3 +51,42 @@ def test_arch_presets_are_the_real_architectures():
     assert PRESETS["sd15-arch"].unet["block_out_channels"] == [320, 640, 1280, 1280]
     assert PRESETS["sdxl-arch"].unet["cross_attention_dim"] == 2048
     assert PRESETS["sdxl-arch"].unet["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
+
+
+def test_another_vae_replaces_the_models_and_must_fit_its_unet(tmp_path, tiny_pipeline_dir):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**{**PRESETS["tiny"].vae, "scaling_factor": 0.5})
+    vae.save_pretrained(tmp_path / "vae")  # a standalone VAE repo, as madebyollin/sdxl-vae-fp16-fix
+    parts = load_components(str(tiny_pipeline_dir), vae=str(tmp_path / "vae"))
+    assert parts.vae.config.scaling_factor == 0.5
+    from align.modules import DPOModule
+
+    assert DPOModule(model="tiny", vae=str(tmp_path / "vae")).vae.config.scaling_factor == 0.5
+    parts = load_components("tiny", vae=str(tiny_pipeline_dir))  # a pipeline's vae subfolder
+    assert parts.vae.config.latent_channels == 4
+    with pytest.raises(ModelSourceError, match="vae '/nowhere/vae'"):
+        load_components("tiny", vae="/nowhere/vae")
+    AutoencoderKL(**{**PRESETS["tiny"].vae, "latent_channels": 8}).save_pretrained(tmp_path / "vae8")
+    with pytest.raises(ModelSourceError, match="8 latent channels, the UNet takes 4"):
+        load_components("tiny", vae=str(tmp_path / "vae8"))
+
+
+def test_variant_and_revision_pass_through(tmp_path, tiny_pipeline_dir, monkeypatch):
+    load_components("tiny").to_pipeline().save_pretrained(tmp_path / "fp16", variant="fp16")
+    parts = load_components(str(tmp_path / "fp16"), variant="fp16")
+    assert parts.unet.config.in_channels == 4
+    with pytest.raises(ModelSourceError, match="variant 'bf16'"):
+        load_components(str(tiny_pipeline_dir), variant="bf16")
+    from diffusers import UNet2DConditionModel
+
+    seen = {}
+    original = UNet2DConditionModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **{k: v for k, v in kwargs.items() if k != "revision"})
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(spy))
+    load_components(str(tiny_pipeline_dir), revision="main")
+    assert seen["revision"] == "main"

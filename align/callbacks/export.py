@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import lightning as L
+import yaml
 
 from align.callbacks.run_dir import run_dir
 from align.callbacks.survival import assert_finite_weights, replace_dir_atomically
+from align.models.export_dtype import cast_export
+from align.models.export_dtype import export_dtype as export_dtype_of
+from align.models.model_card import write_model_card
 
 log = logging.getLogger(__name__)
+
+
+def run_config(trainer) -> dict:
+    """The run's resolved config (``<run>/config.yaml``, written by ``align fit``), or {}."""
+    if getattr(trainer, "strategy", None) is None:
+        return {}
+    path = run_dir(trainer) / "config.yaml"  # every rank: run_dir broadcasts
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 class DiffusersExport(L.Callback):
     """Writes ``<run>/export/step-<N>`` at each checkpoint (if ``on_checkpoint``) and ``<run>/export/final``.
 
     A full fine-tune exports a whole pipeline directory (StableDiffusion(XL)Pipeline.from_pretrained loads it
-    as is); a LoRA run exports the adapter file that ``pipeline.load_lora_weights`` reads. A checkpoint
-    written after ``final`` at the same step (ModelCheckpoint's ``save_last`` runs its ``on_train_end`` after
-    this callback's) exports nothing: the weights are ``final``'s, and the run's summary names ``final``.
+    as is, with the base's scheduler); a LoRA run exports the adapter file that ``load_lora_weights`` reads.
+    ``export_dtype``: fp32 (what training holds), fp16 or bf16. ``keep``: the newest step exports kept (None:
+    all). One export per step: a second checkpoint at the same step (``last.ckpt``) exports nothing, and a
+    ``final`` at the step of the newest step export is that export, renamed.
     """
 
-    def __init__(self, dirpath: str | None = None, on_checkpoint: bool = True):
-        self.dirpath, self.on_checkpoint = dirpath, on_checkpoint
+    def __init__(self, dirpath: str | None = None, on_checkpoint: bool = True, export_dtype: str = "fp32",
+                 keep: int | None = 2):
+        export_dtype_of(export_dtype)  # an unknown dtype fails when the run starts
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 (or None for every export), got {keep}")
+        self.dirpath, self.on_checkpoint, self.export_dtype, self.keep = dirpath, on_checkpoint, export_dtype, keep
         self.last_export: Path | None = None
         self._final_step: int | None = None
         self._step: int | None = None  # of the last checkpoint export
@@ -31,20 +50,44 @@ class DiffusersExport(L.Callback):
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
+    def _write(self, pl_module, folder: Path, config: dict, metrics: dict) -> None:
+        pl_module.export(folder)
+        cast_export(folder, self.export_dtype)
+        lora = getattr(pl_module, "hparams", {}).get("lora_rank", 0) > 0
+        write_model_card(folder, config, metrics, lora=lora)
+
     def _export(self, trainer: L.Trainer, pl_module, name: str) -> None:
         root = self._root(trainer)  # every rank calls it: run_dir broadcasts
+        config = run_config(trainer)
         assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
-            replace_dir_atomically(root / name, pl_module.export)  # never half-written
+            metrics = {k: float(v) for k, v in getattr(trainer, "callback_metrics", {}).items()
+                       if getattr(v, "numel", lambda: 1)() == 1}
+            replace_dir_atomically(root / name, lambda folder: self._write(pl_module, folder, config, metrics))
             self.last_export = root / name
             log.info("exported %s", self.last_export)
+
+    def _prune(self, root: Path) -> None:
+        steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+        for old in steps[: -self.keep] if self.keep else []:
+            shutil.rmtree(old, ignore_errors=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # ModelCheckpoint saves step-N.ckpt and last.ckpt at the same step: one export for both
         if self.on_checkpoint and trainer.global_step not in (self._final_step, self._step):
             self._export(trainer, pl_module, f"step-{trainer.global_step}")
             self._step = trainer.global_step
+            if trainer.is_global_zero:
+                self._prune(self._root(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._export(trainer, pl_module, "final")
+        root = self._root(trainer)
+        newest = root / f"step-{trainer.global_step}"
+        if self._step == trainer.global_step and newest.is_dir():  # the same weights: no second copy
+            if trainer.is_global_zero:
+                replace_dir_atomically(root / "final", lambda folder: os.replace(newest, folder))
+                self.last_export = root / "final"
+                log.info("exported %s (the step-%d export, renamed)", self.last_export, trainer.global_step)
+        else:
+            self._export(trainer, pl_module, "final")
         self._final_step = trainer.global_step

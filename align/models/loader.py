@@ -34,6 +34,9 @@ class SDComponents:
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     source: str = ""
+    inference_scheduler: object = None  # the base's own sampler (PNDM for SD1.5, Euler for SDXL): exports ship it
+    revision: str | None = None
+    extras: tuple[str, ...] = ()  # the base's safety_checker / feature_extractor: exports keep them
 
     @property
     def is_sdxl(self) -> bool:
@@ -60,15 +63,35 @@ class SDComponents:
         return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                                        **kwargs)
 
+    def sampler(self):
+        """A fresh copy of the base's own sampler on the training schedule (betas and prediction type
+        come from the noise scheduler, which may have been changed); the noise scheduler without one."""
+        own = self.inference_scheduler or self.noise_scheduler
+        return type(own).from_config({**own.config, **self.noise_scheduler.config})
+
     def save_pretrained(self, out_dir: str | os.PathLike, unet: nn.Module | None = None) -> Path:
-        """Write a diffusers-format pipeline directory that ``from_pretrained`` loads as-is."""
-        self.to_pipeline(unet=unet).save_pretrained(str(out_dir), safe_serialization=True)
+        """Write a diffusers-format pipeline directory that ``from_pretrained`` loads as-is and samples with
+        the base's own scheduler; the base's safety checker and feature extractor are kept."""
+        pipe = self.to_pipeline(unet=unet, scheduler=self.sampler())
+        if self.extras:
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+            from transformers import CLIPImageProcessor
+
+            where = _where(self.source, "model")
+            pipe.register_modules(
+                safety_checker=StableDiffusionSafetyChecker.from_pretrained(
+                    where, subfolder="safety_checker", revision=self.revision),
+                feature_extractor=CLIPImageProcessor.from_pretrained(
+                    where, subfolder="feature_extractor", revision=self.revision))
+            pipe.register_to_config(requires_safety_checker=True)
+        pipe.save_pretrained(str(out_dir), safe_serialization=True)
         return Path(out_dir)
 
 
 def build_preset(name: str, seed: int = 0) -> SDComponents:
     """Build a preset with random weights; ``seed`` makes them identical on every rank and every run."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     preset = get_preset(name)
@@ -83,8 +106,12 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
             cls = CLIPTextModelWithProjection if (preset.is_sdxl and i == 1) else CLIPTextModel
             text_encoders.append(cls(config))
             tokenizers.append(build_clip_tokenizer(pad_token="!" if (preset.is_sdxl and i == 1) else EOT_TOKEN))
-    return SDComponents(unet=unet, vae=vae, noise_scheduler=DDPMScheduler(**preset.scheduler),
-                        tokenizers=tokenizers, text_encoders=text_encoders, source=f"preset:{name}")
+    noise = DDPMScheduler(**preset.scheduler)
+    # the SD1.5 / SDXL bases' samplers, as their scheduler configs set them
+    sampler = (EulerDiscreteScheduler.from_config(noise.config) if preset.is_sdxl else
+               PNDMScheduler.from_config(noise.config, skip_prk_steps=True, set_alpha_to_one=False))
+    return SDComponents(unet=unet, vae=vae, noise_scheduler=noise, tokenizers=tokenizers,
+                        text_encoders=text_encoders, source=f"preset:{name}", inference_scheduler=sampler)
 
 
 def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant: str | None = None,
@@ -114,10 +141,18 @@ def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant
     except (OSError, ValueError) as err:
         what = f" variant {variant!r}" if variant else ""
         raise ModelSourceError(f"could not load the weights{what} of model {source!r}: {err}") from err
-    return SDComponents(unet=unet, vae=vae,
-                        noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler",
-                                                                      revision=revision),
-                        tokenizers=tokenizers, text_encoders=text_encoders, source=source)
+    import diffusers
+
+    noise = DDPMScheduler.from_pretrained(where, subfolder="scheduler", revision=revision)
+    sampler = getattr(diffusers, (index.get("scheduler") or [None, "DDPMScheduler"])[1], DDPMScheduler)
+    extras = tuple(k for k in ("safety_checker", "feature_extractor")
+                   if (index.get(k) or [None, None])[1] is not None)
+    return SDComponents(unet=unet, vae=vae, noise_scheduler=noise, tokenizers=tokenizers,
+                        text_encoders=text_encoders, source=source,
+                        inference_scheduler=sampler.from_pretrained(where, subfolder="scheduler",
+                                                                    revision=revision),
+                        revision=revision,
+                        extras=extras if len(extras) == 2 else ())
 
 
 def _where(source: str, what: str) -> str:

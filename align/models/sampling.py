@@ -123,9 +123,8 @@ def generate(pipeline, prompts: str | list[str], encoder=None, steps: int = 25, 
         seed: image i starts from the noise of ``torch.Generator('cpu').manual_seed(seed)`` (or ``seed[i]``):
             the same on every device, and the same for every prompt when one seed is given.
     """
-    if hasattr(pipeline, "to_pipeline"):  # SDComponents: sample with a copy of its (training) scheduler
-        scheduler = pipeline.noise_scheduler
-        pipeline = pipeline.to_pipeline(scheduler=type(scheduler).from_config(scheduler.config))
+    if hasattr(pipeline, "to_pipeline"):  # SDComponents: sample with a copy of its sampler
+        pipeline = pipeline.to_pipeline(scheduler=pipeline.sampler())  # what an export samples with
     pipe = pipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)

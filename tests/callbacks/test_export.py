@@ -63,3 +63,32 @@ def test_non_finite_weights_are_never_exported(tmp_path):
     with pytest.raises(NonFiniteError, match="export final"):
         cb.on_train_end(SimpleNamespace(global_step=3, is_global_zero=True), module)
     assert module.exported == []
+
+
+def test_step_exports_are_pruned_to_the_newest_k_and_final_reuses_the_last(tmp_path):
+    cb, module = DiffusersExport(dirpath=str(tmp_path), keep=2), RecordingModule()
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+    for step in (1, 2, 3, 4):
+        trainer.global_step = step
+        cb.on_save_checkpoint(trainer, module, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
+    cb.on_train_end(trainer, module)  # at step 4: the step-4 export is the final one
+    assert len(module.exported) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-3"]
+    assert (tmp_path / "final/weights").read_text() == "4" and cb.last_export == tmp_path / "final"
+
+
+def test_exports_in_fp16_load_in_a_stock_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from align.modules import DPOModule
+
+    with pytest.raises(ValueError, match="unknown export dtype 'fp8'"):
+        DiffusersExport(export_dtype="fp8")
+    cb = DiffusersExport(dirpath=str(tmp_path), export_dtype="fp16")
+    cb.on_train_end(SimpleNamespace(global_step=1, is_global_zero=True), DPOModule(model="tiny"))
+    unet_file = next((tmp_path / "final/unet").glob("*.safetensors"))
+    with safe_open(str(unet_file), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "final"), torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16

@@ -227,3 +227,26 @@ def test_sdxl_time_ids_are_the_official_constant_unless_asked_per_image():
     assert image.tolist() == [[40.0, 50.0, 3.0, 0.0, 32.0, 32.0], [64.0, 30.0, 0.0, 7.0, 32.0, 32.0]]
     with pytest.raises(ValueError, match="time_ids"):
         DPOModule(model="tiny-xl", time_ids="both")
+
+
+def test_a_full_export_samples_with_the_bases_scheduler_and_keeps_its_safety_checker(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from align.models import load_components
+
+    small = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=small, projection_dim=8,
+                                                      vision_config={**small, "image_size": 32, "patch_size": 8}))
+    parts = load_components("tiny")
+    base = parts.to_pipeline(scheduler=parts.inference_scheduler)  # the base samples with PNDM, as SD1.5
+    base.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    base.register_to_config(requires_safety_checker=True)
+    base.save_pretrained(tmp_path / "base")
+    out = DPOModule(model=str(tmp_path / "base")).export(tmp_path / "export")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # the base's sampler, not DDPM
+    assert pipe.safety_checker is not None and pipe.feature_extractor is not None
+    xl = StableDiffusionPipeline.load_config(str(DPOModule(model="tiny-xl").export(tmp_path / "xl")))
+    assert xl["scheduler"][1] == "EulerDiscreteScheduler"

@@ -165,7 +165,8 @@ def test_t5_adapter_trains_checkpoints_and_exports_for_long_prompt_sampling(batc
     images = generate(pipe, [LONG_A, LONG_B], encoder=str(out), **kw)
     assert images.shape == (2, 32, 32, 3)
     assert not torch.allclose(torch.from_numpy(images[0]), torch.from_numpy(images[1]))  # the tail matters
-    direct = generate(m.components.to_pipeline(unet=m.unet), [LONG_A], encoder=m.prompt_encoder, **kw)
+    direct = generate(m.components.to_pipeline(unet=m.unet, scheduler=m.components.sampler()), [LONG_A],
+                      encoder=m.prompt_encoder, **kw)
     torch.testing.assert_close(torch.from_numpy(images[:1]), torch.from_numpy(direct), rtol=0, atol=1e-4)
     pipe.disable_lora()
     base = generate(pipe, [LONG_A], encoder=encoder, **kw)

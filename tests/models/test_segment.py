@@ -241,3 +241,17 @@ def test_t5_source_string_adapter_roundtrip_and_paper_dims(clip, tiny_t5_dir, tm
     assert shapes["ff1.net.0.proj.weight"] == (2 * 4096, 1024) and shapes["ff1.net.2.weight"] == (896, 4096)
     assert shapes["ff2.net.0.proj.weight"] == (2 * 3584, 896) and shapes["ff2.net.2.weight"] == (768, 3584)
     assert paper(torch.randn(1, 3, 1024)).shape == (1, 3, 768)
+
+
+def test_a_lavi_bridge_adapter_checkpoint_loads_as_the_t5_adapter(clip, tiny_t5_dir, tmp_path):
+    """LaVi-Bridge publishes t5_unet/adapter as a diffusers ModelMixin save with pickled weights
+    (config.json + diffusion_pytorch_model.bin); `t5.adapter: <that folder>` starts from it."""
+    t5 = build_t5_branch(tiny_t5_dir)
+    with torch.no_grad():
+        for p in t5.adapter.parameters():
+            p.add_(torch.randn_like(p))
+    t5.adapter.save_pretrained(tmp_path / "t5_unet/adapter", safe_serialization=False)
+    assert (tmp_path / "t5_unet/adapter/diffusion_pytorch_model.bin").is_file()
+    loaded = build_t5_branch(tiny_t5_dir, adapter=tmp_path / "t5_unet/adapter")
+    for (name, a), (_, b) in zip(t5.adapter.state_dict().items(), loaded.adapter.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -39,13 +39,17 @@ def test_a_run_exports_in_fp16_with_a_card_a_stock_pipeline_loads(run, tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_push_without_network_leaves_the_folder_ready(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("offline,why", [("1", "HF_HUB_OFFLINE=1"), ("0", "no Hugging Face token")])
+def test_push_without_network_or_token_leaves_the_folder_ready(run, tmp_path, capsys, monkeypatch, offline,
+                                                              why):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token either
     ckpt = next((run / "checkpoints").glob("*.ckpt"))
     code = main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "exp"), "--push-to-hub",
                  "me/dpo-tiny"])
     err = capsys.readouterr().err
-    assert code == 1 and "ready to push" in err and "hf upload me/dpo-tiny" in err
+    assert code == 1 and why in err and "ready to push" in err and "hf upload me/dpo-tiny" in err
     assert (tmp_path / "exp/model_index.json").is_file()
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from align.demo import soft_judge  # noqa: F401  registers the "shapes-judge" reward
+
 
 def train_rft(base_dir: str | Path, prompts: list[str], reward: str, reward_source: str | None, seed: int, steps: int,
               lr: float, batch_size: int, callbacks: list, run_dir: str | Path, num_steps: int = 10,

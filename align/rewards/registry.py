@@ -2,11 +2,14 @@
 
 A factory has the signature ``factory(source: str | None, **options) -> RewardModel``; ``source`` is a local
 path or hub id (``None``: the model's published default). Options from a local source's ``align_reward.json``
-are merged under the caller's options.
+are merged under the caller's options. A reward registered outside this package is named ``module:name``
+(e.g. the shapes-world demo's ``align.demo.soft_judge:shapes-judge``): the module is imported first, which
+registers it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -31,13 +34,15 @@ def register_reward(name: str):
 
 def _ensure_builtins() -> None:
     # importing the modules registers their factories
-    from align.demo import soft_judge  # noqa: F401  (the shapes world's differentiable judge, "shapes-judge")
     from align.rewards import aesthetic, clip_score, denscore, hps, image_reward, pickscore  # noqa: F401
 
 
 def canonical_name(name: str) -> str:
     _ensure_builtins()
-    key = name.strip().lower()
+    module, _, name = name.strip().rpartition(":")
+    if module:
+        importlib.import_module(module)  # registers its rewards
+    key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in _FACTORIES:
         raise ValueError(f"unknown reward {name!r}; known: {', '.join(available_rewards())}")

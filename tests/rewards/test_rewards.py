@@ -21,7 +21,8 @@ def _cos(a, b):
 
 
 def test_registry_names_and_aliases():
-    assert available_rewards() == ["aesthetic", "clip", "denscore", "hps", "imagereward", "pickscore", "shapes-judge"]
+    builtin = set(available_rewards()) - {"shapes-judge"}  # the demo registers its judge when imported
+    assert builtin == {"aesthetic", "clip", "denscore", "hps", "imagereward", "pickscore"}
     assert canonical_name("HPSv2") == "hps" and canonical_name("ImageReward") == "imagereward"
     with pytest.raises(ValueError, match="unknown reward 'nope'.*pickscore"):
         build_reward("nope")
@@ -225,3 +226,15 @@ def test_manifest_options_resolve_relative_paths(tiny_rewards):
     assert options["clip"] == str(tiny_rewards["aesthetic"] / "clip")
     manifest = json.loads((tiny_rewards["imagereward"] / "align_reward.json").read_text())
     assert manifest["options"]["vit_num_heads"] == 2
+
+
+def test_the_registry_never_imports_the_demo_and_takes_module_qualified_names():
+    import subprocess
+    import sys
+
+    code = ("import sys; from align.rewards.registry import available_rewards, canonical_name; "
+            "assert 'shapes-judge' not in available_rewards(); "
+            "assert not [m for m in sys.modules if m.startswith('align.demo')]; "
+            "assert canonical_name('align.demo.soft_judge:shapes-judge') == 'shapes-judge'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -56,7 +56,7 @@ $(SYNTH_LONGPAIRS)/longpairs-000003.tar: | $(STAMP)
 	$(ALIGN) data synthetic longpairs --out $(SYNTH_LONGPAIRS)
 
 $(TINY_DENSCORE)/.complete: | $(STAMP)
-	$(BIN)/python -m align.rewards.denscore --tiny $(TINY_DENSCORE)
+	$(ALIGN) data tiny-denscore $(TINY_DENSCORE)
 
 train-longalign-sft: CONFIG ?= configs/longalign/sft_tiny.yaml
 train-longalign-sft: $(STAMP) ## LongAlign SFT with segment encoding of long prompts (default: tiny, synthetic long captions; CONFIG=configs/longalign/sft_sd15.yaml)

@@ -42,8 +42,7 @@ def made_data(tmp_path_factory):
     for args in DATA:
         done = align(*args, cwd=cwd)
         assert done.returncode == 0, done.stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "align.rewards.denscore", "--tiny",
-                           "data/synthetic/tiny-denscore"], cwd=cwd, capture_output=True, text=True)
+    done = align("data", "tiny-denscore", "data/synthetic/tiny-denscore", cwd=cwd)
     assert done.returncode == 0, done.stderr[-2000:]
     return cwd
 

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from align.eval.layout import ImageSetError
-    from align.eval.prompts import PromptSetError, read_prompts
+    from align.data.prompt_files import PromptSetError, read_prompts
     from align.eval.sampling import SampleConfig, sample_images
     from align.models import ModelSourceError
 

@@ -49,8 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.data.images import decode_json
-from align.data.pickapic import read_pair_meta
+from align.data.images import decode_json, read_pair_meta
 from align.data.pipeline import SkipSample, merge_skips
 from align.data.schema import single_meta_problem
 

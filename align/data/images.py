@@ -8,6 +8,7 @@ import json
 from PIL import Image
 
 from align.data.pipeline import SkipSample
+from align.data.schema import pair_meta_problem
 
 
 def decode_image(sample: dict, key: str) -> Image.Image:
@@ -45,3 +46,18 @@ def decode_json(sample: dict) -> object:
         raise SkipSample("missing_json") from None
     except (ValueError, UnicodeDecodeError):
         raise SkipSample("bad_json") from None
+
+
+def read_pair_meta(meta: object, drop_ties: bool) -> tuple[str, float]:
+    """(caption, label_0) of a pair's parsed json; SkipSample for an unusable pair or a tie being dropped.
+    Shared by the image and the latent-cache decoders, so both skip exactly the same pairs."""
+    problem = pair_meta_problem(meta)
+    if problem:
+        raise SkipSample(problem)
+    caption = meta["caption"].strip()
+    if not caption:
+        raise SkipSample("empty_caption")
+    label_0 = float(meta["label_0"])
+    if label_0 == 0.5 and drop_ties:
+        raise SkipSample("tie")
+    return caption, label_0

@@ -11,26 +11,11 @@ import random
 
 import torch
 
-from align.data.images import decode_image, decode_json
-from align.data.pipeline import SkipSample, merge_skips
-from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
+from align.data.images import decode_image, decode_json, read_pair_meta
+from align.data.pipeline import merge_skips
+from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule
 from align.data.transforms import ImageTransform, augment_pair
-
-
-def read_pair_meta(meta: object, drop_ties: bool) -> tuple[str, float]:
-    """(caption, label_0) of a pair's parsed json; SkipSample for an unusable pair or a tie being dropped.
-    Shared by the image and the latent-cache decoders, so both skip exactly the same pairs."""
-    problem = pair_meta_problem(meta)
-    if problem:
-        raise SkipSample(problem)
-    caption = meta["caption"].strip()
-    if not caption:
-        raise SkipSample("empty_caption")
-    label_0 = float(meta["label_0"])
-    if label_0 == 0.5 and drop_ties:
-        raise SkipSample("tie")
-    return caption, label_0
 
 
 def decode_pair(sample: dict, transform: ImageTransform, drop_ties: bool, joint_augment: bool,

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from align.data.images import decode_image, decode_json
-from align.data.pickapic import read_pair_meta
+from align.data.images import decode_image, decode_json, read_pair_meta
 from align.data.pipeline import SkipSample, merge_skips
 from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule

@@ -3,7 +3,7 @@
 Sources, one or several (``prompts: [a.txt, data/longcaption]``):
 
 * a prompt-set file: ``.txt`` (one per line), ``.jsonl`` (``prompt`` / ``caption`` / ``text``), ``.csv`` /
-  ``.tsv``, ``.parquet`` (read by ``align.eval.prompts.read_prompts``);
+  ``.tsv``, ``.parquet`` (read by ``align.data.prompt_files.read_prompts``);
 * shards (a ``.tar``, a directory of them, a brace pattern or a glob): the ``txt`` member of long-caption
   shards, or the ``caption`` of pair / single-image shards' ``json``. Images are never decoded.
 
@@ -24,6 +24,7 @@ import webdataset as wds
 from align.data.epochs import EpochStream, ListStream, shard_sizes
 from align.data.images import decode_caption, decode_json
 from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
+from align.data.prompt_files import read_prompts as read_prompt_file
 from align.data.shard_module import StreamingDataModule
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -56,8 +57,6 @@ def caption_of(sample: dict) -> str:
 def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list[str]:
     """Every prompt of ``sources`` (files and shards, see the module doc), in order; prompts without segments
     are dropped. A source that names nothing raises FileNotFoundError naming it."""
-    from align.eval.prompts import read_prompts as read_prompt_file
-
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     out: list[str] = []
     for source in sources:
@@ -119,8 +118,6 @@ class PromptDataModule(StreamingDataModule):
         if any(files) and not all(files):
             raise ValueError("prompt sources mix files and shards; give one kind")
         if all(files):
-            from align.eval.prompts import read_prompts as read_prompt_file
-
             items = [[{"__key__": str(i), "__url__": str(s), "txt": p}
                       for i, p in enumerate(read_prompt_file(s))] for s in sources]
             if self.limit is not None:

@@ -6,7 +6,7 @@ bootstrap intervals, FID, and the report.
 """
 
 from align.eval.layout import ImageSet, ImageSetError, scan_image_set
-from align.eval.prompts import PromptSetError, read_prompts
+from align.data.prompt_files import PromptSetError, read_prompts
 from align.eval.stats import Estimate, cluster_bootstrap, mean_score, paired_win_rate
 
 __all__ = ["ImageSet", "ImageSetError", "scan_image_set", "PromptSetError", "read_prompts", "Estimate",

@@ -20,7 +20,7 @@ from PIL import Image
 
 from align.eval.layout import (META_FILE, PROMPTS_FILE, ImageSetError, image_name, prompt_difference,
                                read_prompts_file, write_prompts_file)
-from align.eval.prompts import PromptSetError
+from align.data.prompt_files import PromptSetError
 
 # name -> (diffusers class, default steps)
 SCHEDULERS = {

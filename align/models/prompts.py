@@ -10,26 +10,11 @@ interface, so SD1.5, SDXL and the segment-level (LongAlign) encoders are interch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass
-class PromptEmbeds:
-    """UNet conditioning for a batch: ``embeds`` (B, L, D); ``pooled`` (B, P) for SDXL, else None."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def repeat(self, n: int) -> "PromptEmbeds":
-        """The batch stacked n times along dim 0 (pairs: winners and losers share one caption)."""
-        return PromptEmbeds(self.embeds.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1))
-
-    def to(self, *args, **kwargs) -> "PromptEmbeds":
-        return PromptEmbeds(self.embeds.to(*args, **kwargs),
-                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+from align.models.embeds import PromptEmbeds
+from align.models.segment import SegmentTextEncoder
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -80,8 +65,6 @@ def build_prompt_encoder(components, kind: str = "clip", **kwargs) -> nn.Module:
             return SDXLPromptEncoder(components.tokenizers, components.text_encoders)
         return CLIPPromptEncoder(components.tokenizers[0], components.text_encoders[0])
     if kind == "segment":
-        from align.models.segment import SegmentTextEncoder
-
         if components.is_sdxl:
             raise ValueError("the segment encoder follows LongAlign, which conditions SD1.5-style (one CLIP)")
         return SegmentTextEncoder(components.tokenizers[0], components.text_encoders[0], **kwargs)

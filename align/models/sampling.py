@@ -33,7 +33,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from align.models.prompts import PromptEmbeds, build_prompt_encoder
+from align.models.embeds import PromptEmbeds
+from align.models.prompts import build_prompt_encoder
 
 log = logging.getLogger(__name__)
 

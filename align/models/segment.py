@@ -27,7 +27,7 @@ import os
 import torch
 from torch import nn
 
-from align.models.prompts import PromptEmbeds
+from align.models.embeds import PromptEmbeds
 from align.models.splitters import Splitter, resolve_splitter
 from align.models.t5_adapter import T5Branch, build_t5_branch
 

@@ -22,7 +22,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from align.models import load_components
-from align.models.prompts import PromptEmbeds, build_prompt_encoder
+from align.models.embeds import PromptEmbeds
+from align.models.prompts import build_prompt_encoder
 from align.modules.frozen import adapters_disabled, freeze, no_grad_mode, trainable_parameters, trainable_state_dict
 from align.objectives.common import diffusion_target, per_sample_error
 

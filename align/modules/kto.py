@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from align.models.prompts import PromptEmbeds
+from align.models.embeds import PromptEmbeds
 from align.modules.base import DiffusionModule
 from align.objectives.kto import kto_loss, kto_reference_point
 

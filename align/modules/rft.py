@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from align.models.prompts import PromptEmbeds
+from align.models.embeds import PromptEmbeds
 from align.models.sampling import SPEC_FILE, save_prompt_encoder
 from align.modules.base import DiffusionModule
 from align.objectives.distributed import is_distributed

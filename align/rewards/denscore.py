@@ -11,13 +11,12 @@ Layout (written by ``PreferenceModelModule.export`` and by :func:`write_denscore
 ``direction.safetensors`` (optional) and ``align_reward.json`` (``{"options": {"direction": ...}}``).
 The published model is ``luping-liu/Denscore`` (a CLIP-H; processor: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
 
-    python -m align.rewards.denscore --tiny OUT_DIR     # a tiny random Denscore in this layout (CPU defaults)
+    align data tiny-denscore OUT_DIR     # a tiny random Denscore in this layout (CPU defaults)
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,16 +135,3 @@ def write_tiny_denscore(out: str | Path, seed: int = 17) -> Path:
     write_denscore_export(model, tokenizer, out, direction=direction)
     (out / ".complete").write_text("ok\n")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "--tiny":
-        print("usage: python -m align.rewards.denscore --tiny OUT_DIR", file=sys.stderr)
-        return 2
-    print(f"tiny denscore: {write_tiny_denscore(argv[1])}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,9 +32,12 @@ def register_reward(name: str):
     return wrap
 
 
+BUILTINS = ("aesthetic", "clip_score", "denscore", "hps", "image_reward", "pickscore")
+
+
 def _ensure_builtins() -> None:
-    # importing the modules registers their factories
-    from align.rewards import aesthetic, clip_score, denscore, hps, image_reward, pickscore  # noqa: F401
+    for name in BUILTINS:  # importing the modules registers their factories
+        importlib.import_module(f"align.rewards.{name}")
 
 
 def canonical_name(name: str) -> str:

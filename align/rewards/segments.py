@@ -19,15 +19,13 @@ model is behind the reward, so no reward carries its own copy.
 
 Save a direction estimated over a prompt set (txt / jsonl / long-caption shards, see ``align.data.prompts``)::
 
-    python -m align.rewards.segments --reward denscore --source DIR --prompts PROMPTS --out direction.safetensors
+    align direction --reward denscore --source DIR --prompts PROMPTS --out direction.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from align.objectives.reward import (DecomposedScore, DegenerateDirection, common_direction, decomposed_score,
-                                     load_direction, save_direction, segment_cosines, segment_text_embedding)
+                                     load_direction, segment_cosines, segment_text_embedding)
 
 log = logging.getLogger(__name__)
 
@@ -253,36 +251,3 @@ class SegmentScorer:
                 parts[part].append(torch.where(out.texts.has_text.to(value.device), value,
                                                torch.full_like(value, float("nan"))))
         return {col: torch.cat(parts[part]) if parts[part] else torch.zeros(0) for part, col in self.columns.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.rewards.segments",
-                                description="Estimate a reward's common text direction over a prompt set and save it.")
-    p.add_argument("--reward", required=True, help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)")
-    p.add_argument("--source", default=None, help="the reward's local directory or hub id")
-    p.add_argument("--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards")
-    p.add_argument("--out", required=True, type=Path, help="where to write the direction (.safetensors)")
-    p.add_argument("--splitter", default="official")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from align.data.prompts import read_prompts
-    from align.eval.sampling import resolve_device
-    from align.rewards import RewardSourceError, build_reward
-
-    try:
-        prompts = read_prompts(args.prompts, limit=args.limit)
-        reward = build_reward(args.reward, args.source, device=resolve_device(args.device))
-        v = estimate_direction(reward, prompts, args.splitter, args.batch_size, progress=True)
-    except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_direction(v, args.out)
-    print(f"saved the common direction of {len(prompts)} prompts ({args.reward}) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from align.eval.prompts import PromptSetError, read_prompts
+from align.data.prompt_files import PromptSetError, read_prompts
 
 
 def test_txt_skips_blank_lines(tmp_path):

@@ -75,7 +75,7 @@ def test_direction_from_the_batch_or_the_saved_fallback(tiny_rewards, tmp_path):
         estimate_direction(reward, ["...", PROMPTS[1]])  # one prompt with segments is not a set
 
     # the command saves a direction over a prompt file that the scorer then loads
-    from align.rewards.segments import main
+    from align.commands.direction import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")

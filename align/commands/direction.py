@@ -1,0 +1,44 @@
+"""Estimate a reward's common text direction over a prompt set and save it (LongAlign's decomposition).
+
+Example:
+    align direction --reward denscore --source exports/denscore --prompts prompts.txt --out v.safetensors
+
+The direction is the normalised mean segment embedding of the prompts (``align.rewards.segments``); RFT and
+the segment scorer load it (``direction_fallback``) for batches too small to estimate their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.data.prompts import read_prompts
+    from align.eval.sampling import resolve_device
+    from align.rewards import RewardSourceError, build_reward
+    from align.objectives.reward import DegenerateDirection, save_direction
+    from align.rewards.segments import estimate_direction
+
+    p = argparse.ArgumentParser(prog="align direction", description=__doc__.splitlines()[0])
+    p.add_argument("--reward", required=True, help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)")
+    p.add_argument("--source", default=None, help="the reward's local directory or hub id")
+    p.add_argument("--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards")
+    p.add_argument("--out", required=True, type=Path, help="where to write the direction (.safetensors)")
+    p.add_argument("--splitter", default="official")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        prompts = read_prompts(args.prompts, limit=args.limit)
+        reward = build_reward(args.reward, args.source, device=resolve_device(args.device))
+        v = estimate_direction(reward, prompts, args.splitter, args.batch_size, progress=True)
+    except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:
+        print(f"align direction: error: {err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_direction(v, args.out)
+    print(f"saved the common direction of {len(prompts)} prompts ({args.reward}) to {args.out}")
+    return 0

@@ -105,7 +105,7 @@ $(EVAL_BASE)/model_index.json: | $(STAMP)
 	$(BIN)/python -c "from align.models import load_components; load_components('tiny').save_pretrained('$(EVAL_BASE)')"
 
 $(TINY_REWARDS)/imagereward/.complete: | $(STAMP)
-	$(BIN)/python -m align.rewards.tiny $(TINY_REWARDS)
+	$(ALIGN) data tiny-rewards $(TINY_REWARDS)
 
 eval: $(STAMP) $(EVAL_BASE)/model_index.json $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DPO export vs the tiny base (EVAL_CHECKPOINT=<export> to choose; trains one if none)
 	@ckpt="$(EVAL_CHECKPOINT)"; \

@@ -15,16 +15,14 @@ Synthetic long-caption pairs for the embedded default and tests (:func:`write_sy
 ``align.data.synthetic_long`` with its long caption; the preferred image is the scene, the other the same scene
 with one shape recoloured or reshaped, so only the sentence about that shape tells the two apart.
 
-    python -m align.data.preference --out data/synthetic/longpairs [--samples 256 --shards 4 --resolution 64]
+    align data synthetic longpairs --out data/synthetic/longpairs [--samples 256 --shards 4 --resolution 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -150,25 +148,3 @@ def write_synthetic_long_pairs(out_dir: str | Path, samples: int = 256, shards: 
 
     return _write_shards(out_dir, "longpairs", samples, shards,
                          lambda i, rng: synthetic_long_pair(i, resolution, rng, tie_fraction), seed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.data.preference",
-                                description="Write synthetic Pick-a-Pic-schema pairs with long captions.")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.force and args.out.is_dir() and len(list(args.out.glob("longpairs-*.tar"))) >= args.shards:
-        print(f"synthetic long-caption pairs already in {args.out} (use --force to rewrite)")
-        return 0
-    paths = write_synthetic_long_pairs(args.out, args.samples, args.shards, args.resolution, args.seed)
-    print(f"wrote {args.samples} synthetic long-caption pairs into {len(paths)} shards under {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ classes as the published models (transformers CLIPModel, open_clip CLIP, timm Vi
 file names and formats, 224-px inputs (so preprocessing is the real one), a few hidden units. Their scores mean
 nothing; the code paths are the real ones.
 
-    python -m align.rewards.tiny OUT_DIR      # writes OUT_DIR/{pickscore,hps,clip,aesthetic,imagereward}
+    align data tiny-rewards OUT_DIR      # writes OUT_DIR/{pickscore,hps,clip,aesthetic,imagereward}
 
 ``build_reward(name, source=OUT_DIR/name)`` then loads each (``align eval --reward-root OUT_DIR``).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import string
-import sys
 from pathlib import Path
 
 import torch
@@ -179,17 +178,3 @@ def write_tiny_rewards(root: str | Path, names=TINY_NAMES) -> dict[str, Path]:
             done.write_text("ok\n")
         out[name] = folder
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m align.rewards.tiny OUT_DIR", file=sys.stderr)
-        return 2
-    for name, path in write_tiny_rewards(argv[0]).items():
-        print(f"{name:<12} {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,11 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-        if all_finite(grads):
+        finite = all_finite(grads)
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None:  # every rank decides alike (FSDP shards differ): no rank left waiting
+            finite = strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             self.in_a_row = 0
             return
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)

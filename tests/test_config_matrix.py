@@ -1,5 +1,6 @@
-"""Every shipped method config composes with every shipped trainer config, and the tiny ones train with
-both CPU trainer configs (one process, two DDP processes with validation) on the data `make` writes."""
+"""Every shipped method config composes with every shipped trainer config, and the tiny ones train
+with both CPU trainer configs (one process, two DDP processes with validation) on the data `make`
+writes."""
 
 import subprocess
 import sys
@@ -8,21 +9,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = {"configs/kto/sd15_launcher.yaml": "configs/kto/sd15.yaml"}  # a part composed on its base
-METHODS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml")
-                 if p.parent.name not in ("trainer", "optim", "perf")
-                 and str(p.relative_to(ROOT)) not in OVERLAYS)
+OVERLAYS = {
+    "configs/kto/sd15_launcher.yaml": "configs/kto/sd15.yaml"
+}  # a part composed on its base
+METHODS = sorted(
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "configs").glob("*/*.yaml")
+    if p.parent.name not in ("trainer", "optim", "perf")
+    and str(p.relative_to(ROOT)) not in OVERLAYS
+)
 TRAINERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/trainer").glob("*.yaml"))
 TINY = [m for m in METHODS if Path(m).stem.endswith("tiny")]
-DATA = [["data", "synthetic", "pickapic", "--out", "data/synthetic/pickapic"],
-        ["data", "synthetic", "kto", "--out", "data/synthetic/kto"],
-        ["data", "synthetic", "longcaption", "--out", "data/synthetic/longcaption"],
-        ["data", "synthetic", "longpairs", "--out", "data/synthetic/longpairs"]]
+DATA = [
+    ["data", "synthetic", "pickapic", "--out", "data/synthetic/pickapic"],
+    ["data", "synthetic", "kto", "--out", "data/synthetic/kto"],
+    ["data", "synthetic", "longcaption", "--out", "data/synthetic/longcaption"],
+    ["data", "synthetic", "longpairs", "--out", "data/synthetic/longpairs"],
+]
 
 
 def align(*args, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -33,15 +46,22 @@ def test_every_method_config_composes_with_every_trainer_config(trainer, capsys)
     for method in METHODS + list(OVERLAYS):
         parts = [OVERLAYS[method], method] if method in OVERLAYS else [method]
         with pytest.raises(SystemExit) as done:
-            main(["fit", *[a for part in parts for a in ("--config", str(ROOT / part))], "--config",
-                  str(ROOT / trainer), "--print_config"])
+            main(
+                [
+                    "fit",
+                    *[a for part in parts for a in ("--config", str(ROOT / part))],
+                    "--config",
+                    str(ROOT / trainer),
+                    "--print_config",
+                ]
+            )
         assert done.value.code in (0, None), (method, trainer, capsys.readouterr().err[-2000:])
         capsys.readouterr()
 
 
 @pytest.fixture(scope="module")
 def made_data(tmp_path_factory):
-    """The synthetic sets and the tiny Denscore `make train-*` writes, in a scratch working directory."""
+    """The synthetic sets and the tiny Denscore `make train-*` writes, in a scratch directory."""
     cwd = tmp_path_factory.mktemp("matrix")
     for args in DATA:
         done = align(*args, cwd=cwd)
@@ -55,8 +75,22 @@ def made_data(tmp_path_factory):
 @pytest.mark.parametrize("trainer", ["configs/trainer/cpu.yaml", "configs/trainer/ddp_cpu2.yaml"])
 @pytest.mark.parametrize("method", TINY)
 def test_tiny_configs_train_with_the_cpu_trainer_configs(method, trainer, made_data):
-    done = align("fit", "--config", str(ROOT / method), "--config", str(ROOT / trainer),
-                 "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                 "--trainer.logger", "false", "--trainer.callbacks", "[]",
-                 "--trainer.enable_checkpointing", "false", cwd=made_data)
+    done = align(
+        "fit",
+        "--config",
+        str(ROOT / method),
+        "--config",
+        str(ROOT / trainer),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+        cwd=made_data,
+    )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""`align export`: a run's checkpoint as a diffusers folder with a model card, pushed or ready to push."""
+"""`align export`: a run's checkpoint as a diffusers folder with a card, pushed or ready to push."""
 
 from pathlib import Path
 
@@ -16,11 +16,31 @@ def run(tmp_path_factory, pair_shards):
     cwd = tmp_path_factory.mktemp("export-run")
     mp = pytest.MonkeyPatch()
     mp.chdir(cwd)
-    run_lightning_cli(["fit", "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--data.train_shards",
-                       str(pair_shards), "--data.val_shards", "null", "--data.num_workers", "0",
-                       "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval",
-                       "null", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                       "--trainer.logger.save_dir", "logs", "--trainer.callbacks", "[]"])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/dpo/tiny.yaml"),
+            "--data.train_shards",
+            str(pair_shards),
+            "--data.val_shards",
+            "null",
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "2",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "null",
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            "logs",
+            "--trainer.callbacks",
+            "[]",
+        ]
+    )
     mp.undo()
     return cwd / "logs/lightning_logs/version_0"
 
@@ -29,7 +49,12 @@ def test_a_run_exports_in_fp16_with_a_card_a_stock_pipeline_loads(run, tmp_path,
     import torch
     from diffusers import StableDiffusionPipeline
 
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp"), "--dtype", "fp16"]) == 0
+    assert (
+        main(
+            ["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp"), "--dtype", "fp16"]
+        )
+        == 0
+    )
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "exp"), torch_dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16 and type(pipe.scheduler).__name__ == "PNDMScheduler"
     card = (tmp_path / "exp/README.md").read_text()
@@ -40,23 +65,36 @@ def test_a_run_exports_in_fp16_with_a_card_a_stock_pipeline_loads(run, tmp_path,
 
 
 @pytest.mark.parametrize("offline,why", [("1", "HF_HUB_OFFLINE=1"), ("0", "no Hugging Face token")])
-def test_push_without_network_or_token_leaves_the_folder_ready(run, tmp_path, capsys, monkeypatch, offline,
-                                                              why):
+def test_push_without_network_or_token_leaves_the_folder_ready(
+    run, tmp_path, capsys, monkeypatch, offline, why
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token either
     ckpt = next((run / "checkpoints").glob("*.ckpt"))
-    code = main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "exp"), "--push-to-hub",
-                 "me/dpo-tiny"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "exp"),
+            "--push-to-hub",
+            "me/dpo-tiny",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and why in err and "ready to push" in err and "hf upload me/dpo-tiny" in err
     assert (tmp_path / "exp/model_index.json").is_file()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dtype", "fp8"], "unknown export dtype 'fp8'"),
-    (["--checkpoint", "/nowhere/run"], "checkpoint /nowhere/run does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dtype", "fp8"], "unknown export dtype 'fp8'"),
+        (["--checkpoint", "/nowhere/run"], "checkpoint /nowhere/run does not exist"),
+    ],
+)
 def test_bad_input_is_named_and_nothing_is_written(run, tmp_path, capsys, args, message):
     argv = ["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp"), *args]
     assert main(argv) == 2 and message in capsys.readouterr().err

@@ -1,12 +1,25 @@
-"""Imports point one way: models and objectives at the bottom; rewards; data; modules and eval; bench,
-callbacks and demo; the CLI and commands on top. No module imports one that (transitively) imports it."""
+"""Imports point one way: models and objectives at the bottom; rewards; data; modules and eval;
+bench, callbacks and demo; the CLI and commands on top. No module imports one that (transitively)
+imports it."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "align"
-LAYERS = {"models": 0, "objectives": 0, "rewards": 1, "data": 2, "modules": 3, "eval": 3, "bench": 4,
-          "callbacks": 4, "demo": 4, "lightning_cli": 5, "commands": 5, "cli": 5}
+LAYERS = {
+    "models": 0,
+    "objectives": 0,
+    "rewards": 1,
+    "data": 2,
+    "modules": 3,
+    "eval": 3,
+    "bench": 4,
+    "callbacks": 4,
+    "demo": 4,
+    "lightning_cli": 5,
+    "commands": 5,
+    "cli": 5,
+}
 
 
 def module_name(path: Path) -> str:
@@ -51,7 +64,9 @@ def test_no_import_circles():
     graph = imports()
     known = set(graph)
 
-    def resolve(target: str) -> str | None:  # `from align.x import y` may name a module or a package
+    def resolve(
+        target: str,
+    ) -> str | None:  # `from align.x import y` may name a module or a package
         return target if target in known else None
 
     edges = {m: {t for t in map(resolve, ts) if t and t != m} for m, ts in graph.items()}

@@ -20,9 +20,8 @@ from align.data.batching import accumulation_for
 from align.data.epochs import epoch_batches
 
 OVERHEAD_GIB = 1.0  # CUDA context and allocator reserve, on top of the estimate
-CHECKPOINT_RECOMPUTE = (
-    1.25  # DPO/KTO: policy fwd F + bwd 2F + reference fwd F = 4F; recompute adds F
-)
+# DPO/KTO: policy forward F + backward 2F + reference forward F = 4F; checkpointing recomputes F
+CHECKPOINT_RECOMPUTE = 1.25
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,6 @@ class Plan:
     samples: int | None = None  # in the training set
     epoch_batches: int | None = None  # per rank
     steps: int | None = None
-    lr: list[tuple[int, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -299,9 +297,7 @@ def memory_gib(step) -> tuple[float, float]:
 
     record = memory_record(step)
     low, high = record["total_bf16_frozen_gib" if step.frozen_dtype else "total_fp32_frozen_gib"]
-    return (
-        (high, high) if step.precision == "32" else (low, high)
-    )  # float32: every activation 4 bytes
+    return (high, high) if step.precision == "32" else (low, high)  # float32: 4-byte activations
 
 
 def step_flops(step) -> int:
@@ -315,8 +311,7 @@ def hours(
     plan: Plan, flops: int, device: Gpu, mfu: float, checkpointing: bool, fp32: bool
 ) -> float:
     """Wall-clock hours of ``plan.steps`` at ``mfu`` of ``device``'s peak (each GPU runs its
-    micro-batches
-    one after another; model FLOPs, plus the policy recompute under gradient checkpointing)."""
+    micro-batches one after another; model FLOPs, plus the policy recompute under checkpointing)."""
     peak = (device.tf32_tflops if fp32 else device.bf16_tflops) * 1e12
     work = flops * (CHECKPOINT_RECOMPUTE if checkpointing else 1.0)
     return plan.steps * plan.accumulation * work / (peak * mfu) / 3600

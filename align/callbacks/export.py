@@ -19,6 +19,17 @@ from align.models.model_card import write_model_card
 log = logging.getLogger(__name__)
 
 
+def write_export(module, out: Path, dtype: str, config: dict, metrics: dict | None = None) -> None:
+    """``module.export`` in ``dtype`` with a model card, written beside ``out`` and renamed into place."""
+    def write(folder: Path) -> None:
+        module.export(folder)
+        cast_export(folder, dtype)
+        lora = getattr(module, "hparams", {}).get("lora_rank", 0) > 0
+        write_model_card(folder, config, metrics, lora=lora)
+
+    replace_dir_atomically(out, write)
+
+
 def run_config(trainer) -> dict:
     """The run's resolved config (``<run>/config.yaml``, written by ``align fit``), or {}."""
     if getattr(trainer, "strategy", None) is None:
@@ -50,12 +61,6 @@ class DiffusersExport(L.Callback):
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
-    def _write(self, pl_module, folder: Path, config: dict, metrics: dict) -> None:
-        pl_module.export(folder)
-        cast_export(folder, self.export_dtype)
-        lora = getattr(pl_module, "hparams", {}).get("lora_rank", 0) > 0
-        write_model_card(folder, config, metrics, lora=lora)
-
     def _export(self, trainer: L.Trainer, pl_module, name: str) -> None:
         root = self._root(trainer)  # every rank calls it: run_dir broadcasts
         config = run_config(trainer)
@@ -63,7 +68,7 @@ class DiffusersExport(L.Callback):
         if trainer.is_global_zero:
             metrics = {k: float(v) for k, v in getattr(trainer, "callback_metrics", {}).items()
                        if getattr(v, "numel", lambda: 1)() == 1}
-            replace_dir_atomically(root / name, lambda folder: self._write(pl_module, folder, config, metrics))
+            write_export(pl_module, root / name, self.export_dtype, config, metrics)
             self.last_export = root / name
             log.info("exported %s", self.last_export)
 

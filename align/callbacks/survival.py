@@ -72,7 +72,9 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
         finite = all_finite(grads)
         strategy = getattr(trainer, "strategy", None)
-        if strategy is not None:  # every rank decides alike (FSDP shards differ): no rank left waiting
+        if (
+            strategy is not None
+        ):  # every rank decides alike (FSDP shards differ): no rank left waiting
             finite = strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.in_a_row = 0
@@ -170,7 +172,7 @@ def setting_differences(saved: dict, now: dict) -> list[str]:
 
 class ResumeGuard(L.Callback):
     """Refuses at start a resume whose learning rate differs from the checkpoint's (its optimizer
-    state would silently win). Module settings are checked by ``AlignCLI`` before the module is built."""
+    state would silently win). ``AlignCLI`` checks module settings before the module is built."""
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         factory = getattr(pl_module, "optimizer_factory", None)
@@ -220,9 +222,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def replace_dir_atomically(path: Path, write) -> None:
-    """``write(folder)`` fills a temporary folder beside ``path``; its files are fsynced and it takes
-    ``path``'s place by rename. A crash leaves the old folder or the new one whole (between the two
-    renames: both, under their temporary names), never a half-written one at ``path``."""
+    """``write(folder)`` fills a temporary folder beside ``path``; its files are fsynced and it
+    takes ``path``'s place by rename. A crash leaves the old folder or the new one whole (between
+    the two renames: both, under their temporary names), never a half-written one at ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -1,10 +1,12 @@
-"""Estimate a reward's common text direction over a prompt set and save it (LongAlign's decomposition).
+"""Estimate a reward's common text direction over a prompt set and save it (LongAlign).
 
 Example:
-    align direction --reward denscore --source exports/denscore --prompts prompts.txt --out v.safetensors
+    align direction --reward denscore --source exports/denscore --prompts prompts.txt \
+        --out v.safetensors
 
-The direction is the normalised mean segment embedding of the prompts (``align.rewards.segments``); RFT and
-the segment scorer load it (``direction_fallback``) for batches too small to estimate their own.
+The direction is the normalised mean segment embedding of the prompts (``align.rewards.segments``);
+RFT and the segment scorer load it (``direction_fallback``) for batches too small to estimate
+their own.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     from align.rewards.segments import estimate_direction
 
     p = argparse.ArgumentParser(prog="align direction", description=__doc__.splitlines()[0])
-    p.add_argument("--reward", required=True, help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)")
+    p.add_argument(
+        "--reward",
+        required=True,
+        help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)",
+    )
     p.add_argument("--source", default=None, help="the reward's local directory or hub id")
-    p.add_argument("--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards")
-    p.add_argument("--out", required=True, type=Path, help="where to write the direction (.safetensors)")
+    p.add_argument(
+        "--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="where to write the direction (.safetensors)"
+    )
     p.add_argument("--splitter", default="official")
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--batch-size", type=int, default=64)

@@ -2,12 +2,13 @@
 
 Examples:
     align export --checkpoint logs/align-dpo/<run> --out exports/dpo-sd15 --dtype fp16
-    align export --checkpoint logs/align-dpo/<run>/checkpoints/last.ckpt --out exports/dpo --push-to-hub me/dpo
+    align export --checkpoint logs/align-dpo/<run>/checkpoints/last.ckpt --out exports/dpo \
+        --push-to-hub me/dpo
 
-The run's ``config.yaml`` (beside its ``checkpoints/``) rebuilds the module; the checkpoint's trainable
-weights are loaded into it; the folder is written beside ``--out`` and renamed into place (never half
-written). ``--push-to-hub`` uploads it with huggingface_hub; without network or a token the folder stays,
-ready to push, and the command says how.
+The run's ``config.yaml`` (beside its ``checkpoints/``) rebuilds the module; the checkpoint's
+trainable weights are loaded into it; the folder is written beside ``--out`` and renamed into place
+(never half written). ``--push-to-hub`` uploads it with huggingface_hub; without network or a token
+the folder stays, ready to push, and the command says how.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align export", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p = argparse.ArgumentParser(
+        prog="align export",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     p.add_argument("--checkpoint", required=True, help="a run directory or a .ckpt file of one")
     p.add_argument("--out", required=True, help="the export folder (replaced if it exists)")
     p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
@@ -45,7 +49,9 @@ def find_run(checkpoint: str) -> tuple[Path, Path]:
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     config = run / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"no config.yaml in {run}: the run's resolved config rebuilds the module")
+        raise FileNotFoundError(
+            f"no config.yaml in {run}: the run's resolved config rebuilds the module"
+        )
     return ckpt, config
 
 
@@ -56,7 +62,11 @@ def build_module(config: dict, ckpt: Path):
     model = config["model"]
     module_path, _, name = model["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_path), name)
-    args = {k: v for k, v in model.get("init_args", {}).items() if k not in ("optimizer", "lr_scheduler")}
+    args = {
+        k: v
+        for k, v in model.get("init_args", {}).items()
+        if k not in ("optimizer", "lr_scheduler")
+    }
     module = cls(**args)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict({**module.state_dict(), **state})
@@ -86,10 +96,9 @@ def push(folder: Path, repo: str, private: bool) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from align.callbacks.survival import replace_dir_atomically
-    from align.models.export_dtype import cast_export, export_dtype
+    from align.callbacks.export import write_export
+    from align.models.export_dtype import export_dtype
     from align.models.loader import ModelSourceError
-    from align.models.model_card import write_model_card
 
     args = parser().parse_args(argv)
     try:
@@ -101,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align export: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser()
-    lora = module.hparams.get("lora_rank", 0) > 0
-
-    def write(folder: Path) -> None:
-        module.export(folder)
-        cast_export(folder, args.dtype)
-        write_model_card(folder, config, lora=lora)
-
-    replace_dir_atomically(out, write)
+    write_export(module, out, args.dtype, config)
     print(f"exported {ckpt} -> {out} ({args.dtype})")
     if args.push_to_hub:
         problem = push(out, args.push_to_hub, args.private)

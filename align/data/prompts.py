@@ -26,14 +26,13 @@ from align.data.images import decode_caption, decode_json
 from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
 from align.data.prompt_files import read_prompts as read_prompt_file
 from align.data.shard_module import StreamingDataModule
+from align.models.splitters import official_split
+from align.rewards.segments import has_segments
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 def _official_has_segments(prompt: str) -> bool:
-    from align.models.splitters import official_split
-    from align.rewards.segments import has_segments
-
     return has_segments(prompt, official_split)
 
 

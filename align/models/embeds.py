@@ -1,4 +1,4 @@
-"""What a prompt encoder hands the UNet (its own module: the CLIP and the segment encoders both make it)."""
+"""What a prompt encoder hands the UNet (the CLIP and the segment encoders both make it)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import torch
 
 @dataclass
 class PromptEmbeds:
-    """UNet conditioning for a batch: ``embeds`` (B, L, D); ``pooled`` (B, P) for SDXL, else None."""
+    """UNet conditioning of a batch: ``embeds`` (B, L, D); ``pooled`` (B, P) for SDXL, else None."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
 
     def repeat(self, n: int) -> "PromptEmbeds":
         """The batch stacked n times along dim 0 (pairs: winners and losers share one caption)."""
-        return PromptEmbeds(self.embeds.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1))
+        return PromptEmbeds(
+            self.embeds.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1)
+        )
 
     def to(self, *args, **kwargs) -> "PromptEmbeds":
-        return PromptEmbeds(self.embeds.to(*args, **kwargs),
-                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+        return PromptEmbeds(
+            self.embeds.to(*args, **kwargs),
+            None if self.pooled is None else self.pooled.to(*args, **kwargs),
+        )

@@ -1,7 +1,7 @@
 """Cast a written diffusers export (pipeline folder or LoRA file) to fp16 / bf16, file by file.
 
-Working on the files keeps the training weights untouched and needs memory for one file at a time; the
-export is written in float32 first (what training holds) and cast in place before it is renamed into view.
+Working on the files keeps the training weights untouched and needs memory for one file at a time:
+the export is written in float32 (what training holds) and cast before it is renamed into view.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def export_dtype(name: str) -> torch.dtype:
     try:
         return EXPORT_DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown export dtype {name!r}; known: {', '.join(EXPORT_DTYPES)}") from None
+        raise ValueError(
+            f"unknown export dtype {name!r}; known: {', '.join(EXPORT_DTYPES)}"
+        ) from None
 
 
 def cast_export(folder: str | Path, name: str) -> None:

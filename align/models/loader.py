@@ -118,6 +118,7 @@ def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant
                     revision: str | None = None) -> SDComponents:
     """Load every component from a local diffusers directory or a hub id (SD1.5- or SDXL-layout);
     ``variant`` (e.g. ``fp16``) and ``revision`` pass through to ``from_pretrained``."""
+    import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -127,8 +128,8 @@ def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant
     except Exception as err:  # offline, gated, misspelt: say which model and why, before any compute
         raise ModelSourceError(f"could not read model_index.json of model {source!r}: {err}"
                                f"{_offline_hint(source)}") from err
-    kw = dict(revision=revision, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
-    weights = dict(kw, variant=variant)
+    weights = dict(revision=revision, variant=variant,
+                   **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
     try:
         text_encoders = [CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights)]
         tokenizers = [CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=revision)]
@@ -141,17 +142,15 @@ def load_pretrained(source: str, torch_dtype: torch.dtype | None = None, variant
     except (OSError, ValueError) as err:
         what = f" variant {variant!r}" if variant else ""
         raise ModelSourceError(f"could not load the weights{what} of model {source!r}: {err}") from err
-    import diffusers
-
-    noise = DDPMScheduler.from_pretrained(where, subfolder="scheduler", revision=revision)
-    sampler = getattr(diffusers, (index.get("scheduler") or [None, "DDPMScheduler"])[1], DDPMScheduler)
+    # the base's own sampler class (model_index) from its scheduler config; training's DDPM from the same
+    sampler_cls = getattr(diffusers, (index.get("scheduler") or [None, "DDPMScheduler"])[1], DDPMScheduler)
+    config = DDPMScheduler.load_config(where, subfolder="scheduler", revision=revision)  # the file, as is
     extras = tuple(k for k in ("safety_checker", "feature_extractor")
                    if (index.get(k) or [None, None])[1] is not None)
-    return SDComponents(unet=unet, vae=vae, noise_scheduler=noise, tokenizers=tokenizers,
-                        text_encoders=text_encoders, source=source,
-                        inference_scheduler=sampler.from_pretrained(where, subfolder="scheduler",
-                                                                    revision=revision),
-                        revision=revision,
+    sampler = sampler_cls.from_config(config)
+    return SDComponents(unet=unet, vae=vae, noise_scheduler=DDPMScheduler.from_config(config),
+                        tokenizers=tokenizers, text_encoders=text_encoders, source=source,
+                        inference_scheduler=sampler, revision=revision,
                         extras=extras if len(extras) == 2 else ())
 
 

@@ -20,11 +20,32 @@ TINY = str(ROOT / "configs/dpo/tiny.yaml")
 
 
 def fit_args(shards, *extra, config=TINY, data_key="train_shards") -> list[str]:
-    return ["fit", "--config", config, f"--data.{data_key}", str(shards), "--data.val_shards", "null",
-            "--data.num_workers", "0", "--data.batch_size", "2", "--data.batches_per_epoch", "null",
-            "--trainer.val_check_interval", "null", "--trainer.log_every_n_steps", "1",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", "logs", "--trainer.callbacks", "[]", *extra]
+    return [
+        "fit",
+        "--config",
+        config,
+        f"--data.{data_key}",
+        str(shards),
+        "--data.val_shards",
+        "null",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "2",
+        "--data.batches_per_epoch",
+        "null",
+        "--trainer.val_check_interval",
+        "null",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        "logs",
+        "--trainer.callbacks",
+        "[]",
+        *extra,
+    ]
 
 
 def losses(version: int = 0) -> list[float]:
@@ -62,13 +83,20 @@ def test_a_diverged_run_stops_with_an_error_and_writes_nothing_non_finite(
         assert all_finite([t for t in state.values() if t.is_floating_point()]), path
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143),
-                                      pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig,code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow)]
+)
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_non_zero(sig, code, tmp_path, pair_shards):
-    cmd = [sys.executable, "-m", "align.cli", *fit_args(pair_shards, "--trainer.max_steps", "100000")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        *fit_args(pair_shards, "--trainer.max_steps", "100000"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "logs/lightning_logs/version_0/metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -78,7 +106,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_non_zero(sig, code, tmp
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    saved, = tmp_path.rglob("last.ckpt")  # in the run's checkpoint folder, named on stderr
+    (saved,) = tmp_path.rglob("last.ckpt")  # in the run's checkpoint folder, named on stderr
     assert str(saved.relative_to(tmp_path)) in err
     ckpt = torch.load(saved, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] >= 1 and not list(tmp_path.rglob(".*.tmp-*"))
@@ -93,24 +121,40 @@ def kto_shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", [
-    "dpo",
-    pytest.param("kto", marks=pytest.mark.slow),
-    pytest.param("sft", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "dpo",
+        pytest.param("kto", marks=pytest.mark.slow),
+        pytest.param("sft", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_is_exact_step_by_step(method, tmp_path, pair_shards, request, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shards, data = {"dpo": (pair_shards, {}),
-                    "kto": (request.getfixturevalue("kto_shards"),
-                            {"config": str(ROOT / "configs/kto/tiny.yaml"), "data_key": "shards"}),
-                    "sft": (pair_shards, {"config": str(ROOT / "configs/sft/winners_tiny.yaml")})}[method]
-    ckpt = ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.every_n_train_steps", "4",
-            "--trainer.callbacks.save_top_k", "-1"]
+    shards, data = {
+        "dpo": (pair_shards, {}),
+        "kto": (
+            request.getfixturevalue("kto_shards"),
+            {"config": str(ROOT / "configs/kto/tiny.yaml"), "data_key": "shards"},
+        ),
+        "sft": (pair_shards, {"config": str(ROOT / "configs/sft/winners_tiny.yaml")}),
+    }[method]
+    ckpt = [
+        "--trainer.callbacks",
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        "ckpt",
+        "--trainer.callbacks.every_n_train_steps",
+        "4",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+    ]
     run_lightning_cli(fit_args(shards, "--trainer.max_steps", "8", *ckpt, **data))
     straight = losses(0)
     resume_from = str(next(Path("ckpt").glob("*step=4.ckpt")))
-    run_lightning_cli(fit_args(shards, "--trainer.max_steps", "8", "--ckpt_path", resume_from, **data))
+    run_lightning_cli(
+        fit_args(shards, "--trainer.max_steps", "8", "--ckpt_path", resume_from, **data)
+    )
     resumed = losses(1)
     assert len(straight) == 8 and len(resumed) == 4
     assert resumed == straight[4:]  # bit-identical on the CPU
@@ -184,16 +228,26 @@ def test_the_guard_skips_non_finite_steps_until_its_patience_runs_out():
         guard.on_before_optimizer_step(trainer, None, optimizer)
 
 
-def test_a_resume_that_changes_fixed_settings_is_refused_naming_each(tmp_path, pair_shards,
-                                                                     monkeypatch):
+def test_a_resume_that_changes_fixed_settings_is_refused_naming_each(
+    tmp_path, pair_shards, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    ckpt = ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.save_last", "true"]
+    ckpt = [
+        "--trainer.callbacks",
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        "ckpt",
+        "--trainer.callbacks.save_last",
+        "true",
+    ]
     run_lightning_cli(fit_args(pair_shards, "--trainer.max_steps", "2", *ckpt))
     resume = fit_args(pair_shards, "--trainer.max_steps", "3", "--ckpt_path", "ckpt/last.ckpt")
     for change, named in [
         (["--model.init_args.beta", "2000"], "model.beta: checkpoint 5000.0, now 2000.0"),
-        (["--model.init_args.optimizer.init_args.lr", "3e-5"], "learning rate: checkpoint 1e-05, now 3e-05"),
+        (
+            ["--model.init_args.optimizer.init_args.lr", "3e-5"],
+            "learning rate: checkpoint 1e-05, now 3e-05",
+        ),
     ]:
         with pytest.raises(SystemExit) as stop:
             run_lightning_cli(resume + change)

@@ -1,6 +1,6 @@
 """Write a tiny random Denscore preference model: the reward of the embedded LongAlign RFT default.
 
-    align data tiny-denscore data/synthetic/tiny-denscore
+align data tiny-denscore data/synthetic/tiny-denscore
 """
 
 from __future__ import annotations

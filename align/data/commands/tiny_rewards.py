@@ -1,6 +1,6 @@
 """Write tiny random PickScore, HPS, CLIP, aesthetic and ImageReward models in their real layouts.
 
-    align data tiny-rewards artifacts/tiny-rewards      # what `make eval` scores with, offline
+align data tiny-rewards artifacts/tiny-rewards      # what `make eval` scores with, offline
 """
 
 from __future__ import annotations

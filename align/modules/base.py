@@ -135,6 +135,7 @@ class DiffusionModule(L.LightningModule):
         for part in self.trainable_prompt_parts():  # e.g. LongAlign's T5 adapter: optimised and checkpointed
             part.requires_grad_(True)
         self.unet = parts.unet
+        self.prepare_unet(self.unet)
         self.ref_unet = None
         use_lora = lora_rank > 0
         if self.needs_reference and reference != "none" and (reference == "copy" or not use_lora):
@@ -172,6 +173,10 @@ class DiffusionModule(L.LightningModule):
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     float32_output(unet)
+
+    def prepare_unet(self, unet: torch.nn.Module) -> None:
+        """A subclass's change to the base UNet before the reference copy and the adapter (RFT: fuse
+        the SFT LoRA)."""
 
     # ---- frozen parts stay frozen -------------------------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:

@@ -86,8 +86,10 @@ def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
 
 
 def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
-    """Merge a diffusers-format LoRA export (UNet part) into ``unet``'s base weights; the UNet's own adapter
-    (``default``) is kept, active and trainable. Returns the number of layers merged."""
+    """Fuse a diffusers-format LoRA export (UNet part) into ``unet``'s base weights with diffusers' own
+    ``fuse_lora`` + ``unload_lora`` (the export's adapter config, alpha included, sets the scale, as
+    ``load_lora_weights`` does). Call it before the UNet gets an adapter of its own: peft keeps a fused
+    layer marked merged. Returns the number of layers fused."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -101,25 +103,12 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
         raise ValueError(f"init_lora {source} holds no UNet LoRA weights")
     if alphas is not None:
         alphas = {k: v for k, v in alphas.items() if k.startswith("unet.")} or None
-    name = "init_lora"
-    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    # the export's adapter config (alpha included) when it has one, as load_lora_weights does
     scale = {"metadata": metadata} if metadata else {"network_alphas": alphas}
-    unet.load_lora_adapter(state, prefix="unet", adapter_name=name, **scale)
-    # merged by hand with peft's own delta (scale included): peft's merge() would mark the layer merged
-    # and its forward would then bypass the trainable adapter
-    merged = 0
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
-                base = module.get_base_layer()
-                base.weight.add_(module.get_delta_weight(name).to(base.weight.dtype))
-                merged += 1
-    unet.delete_adapters(name)
-    unet.set_adapter("default")
-    for n, p in unet.named_parameters():  # exactly what trained before: the new adapter
-        p.requires_grad_(n in trainable)
-    return merged
+    unet.load_lora_adapter(state, prefix="unet", adapter_name="init_lora", **scale)
+    fused = sum(isinstance(module, BaseTunerLayer) for module in unet.modules())
+    unet.fuse_lora(adapter_names=["init_lora"])
+    unet.unload_lora()
+    return fused
 
 
 class RFTModule(DiffusionModule):
@@ -172,12 +161,10 @@ class RFTModule(DiffusionModule):
             if spec is not None:
                 kwargs["prompt_encoder"], kwargs["prompt_encoder_args"] = spec
                 log.info("RFT prompt encoder from the SFT export: %s %s", *spec)
+        self._sft_lora = init_lora  # fused into the base UNet before the new adapter (prepare_unet)
         super().__init__(**kwargs)
         self.encoder_kind = kwargs.get("prompt_encoder", "clip")
         self.encoder_args = kwargs.get("prompt_encoder_args")
-        if init_lora is not None:
-            merged = merge_lora_into_unet(self.unet, init_lora, sdxl=self.components.is_sdxl)
-            log.info("merged %d LoRA layers of %s into the base UNet", merged, init_lora)
         self.reward_model, self.direct_reward = reward_model, direct
         self.w, self.splitter = w, splitter
         self.num_steps, self.grad_steps, self.guidance_scale = num_steps, grad_steps, guidance_scale
@@ -188,6 +175,11 @@ class RFTModule(DiffusionModule):
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.init_lora = init_lora
         self._counts: dict[str, int] = {}
+
+    def prepare_unet(self, unet: torch.nn.Module) -> None:
+        if self._sft_lora is not None:
+            fused = merge_lora_into_unet(unet, self._sft_lora, sdxl=self.components.is_sdxl)
+            log.info("fused %d LoRA layers of %s into the base UNet", fused, self._sft_lora)
 
     # ---- frozen parts -------------------------------------------------------------------------------
     def trainable_prompt_parts(self) -> list[torch.nn.Module]:

@@ -55,6 +55,16 @@ def find_run(checkpoint: str) -> tuple[Path, Path]:
     return ckpt, config
 
 
+def instantiate(value):
+    """A ``{class_path, init_args}`` value (an injected part, e.g. RFT's objective) built; others as
+    is."""
+    if not (isinstance(value, dict) and "class_path" in value):
+        return value
+    module_path, _, name = value["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name)
+    return cls(**{k: instantiate(v) for k, v in (value.get("init_args") or {}).items()})
+
+
 def build_module(config: dict, ckpt: Path):
     """The run's module with the checkpoint's trained weights (frozen parts from the base model)."""
     import torch
@@ -63,7 +73,7 @@ def build_module(config: dict, ckpt: Path):
     module_path, _, name = model["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_path), name)
     args = {
-        k: v
+        k: instantiate(v)
         for k, v in model.get("init_args", {}).items()
         if k not in ("optimizer", "lr_scheduler")
     }

@@ -1,10 +1,10 @@
 """The LightningModule every objective builds on.
 
-It owns the trainable UNet (full or LoRA via peft), the frozen reference (a frozen copy, or with LoRA the same
-UNet with adapters disabled: one UNet of memory instead of two), the frozen VAE and prompt encoder, the noise
-and timestep sampling (shared within a group, e.g. the two images of a DPO pair), caption dropout, and export
-in diffusers format. Objective subclasses implement ``training_step`` in a few lines on top of
-``encode_batch`` and ``unet_errors``.
+It owns the trainable UNet (full or LoRA via peft), the frozen reference (a frozen copy, or with
+LoRA the same UNet with adapters disabled: one UNet of memory instead of two), the frozen VAE and
+prompt encoder, the noise and timestep sampling (shared within a group, e.g. the two images of a DPO
+pair), caption dropout, and export in diffusers format. Objective subclasses implement
+``training_step`` in a few lines on top of ``encode_batch`` and ``unet_errors``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from align.models import load_components
 from align.models.embeds import PromptEmbeds
 from align.models.prompts import build_prompt_encoder
-from align.modules.frozen import adapters_disabled, freeze, no_grad_mode, trainable_parameters, trainable_state_dict
+from align.modules.frozen import (
+    adapters_disabled,
+    freeze,
+    no_grad_mode,
+    trainable_parameters,
+    trainable_state_dict,
+)
 from align.objectives.common import diffusion_target, per_sample_error
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -37,8 +43,10 @@ def check_timestep_range(timestep_range, num_train_timesteps: int) -> tuple[int,
         return 0, num_train_timesteps
     low, high = (int(v) for v in timestep_range)
     if not 0 <= low < high <= num_train_timesteps:
-        raise ValueError(f"timestep_range must be [low, high) with 0 <= low < high <= {num_train_timesteps}, "
-                         f"got {list(timestep_range)}")
+        raise ValueError(
+            f"timestep_range must be [low, high) with 0 <= low < high <= {num_train_timesteps}, "
+            f"got {list(timestep_range)}"
+        )
     return low, high
 
 
@@ -59,80 +67,127 @@ def float32_output(unet: torch.nn.Module) -> None:
         unet.conv_out.__class__ = Float32Conv2d
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None,
-             targets: list[str] = DEFAULT_LORA_TARGETS, dropout: float = 0.0) -> None:
-    """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets`` (module-name suffixes)."""
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: list[str] = DEFAULT_LORA_TARGETS,
+    dropout: float = 0.0,
+) -> None:
+    """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets`` (module-name
+    suffixes)."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout,
-                                init_lora_weights="gaussian", target_modules=list(targets)))
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha or rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(targets),
+        )
+    )
 
 
 class DiffusionModule(L.LightningModule):
     """Base of the DPO, KTO, SFT and RFT modules.
 
     Args:
-        model: a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local diffusers
-            directory, or a hub id; ``variant`` (e.g. ``fp16``) and ``revision`` pass to ``from_pretrained``.
-        vae: another VAE (a VAE directory or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``), or None.
+        model: a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local
+            diffusers directory, or a hub id; ``variant`` (e.g. ``fp16``) and ``revision`` pass to
+            ``from_pretrained``.
+        vae: another VAE (a VAE directory or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``), or
+            None.
         prompt_encoder: ``clip`` (SD1.5 / SDXL as the model is) or ``segment`` (LongAlign).
-        prompt_encoder_args: keyword arguments of that encoder (segment: ``max_rows``, ``splitter``, ``t5``, ...).
-            The encoder is frozen except for what its ``trainable_prompt_parts()`` returns (the T5 adapter).
-        lora_rank: 0 trains the full UNet; > 0 trains a LoRA of that rank and uses the adapter-free UNet as
-            the reference. ``lora_alpha`` (default: the rank), ``lora_targets`` (module-name suffixes) and
-            ``lora_dropout`` configure it; the export carries them (``load_lora_weights`` rebuilds it).
-        reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA), ``copy`` or
-            ``none`` (objectives without a reference, e.g. SFT).
+        prompt_encoder_args: keyword arguments of that encoder (segment: ``max_rows``, ``splitter``,
+            ``t5``, ...).
+            The encoder is frozen except for what its ``trainable_prompt_parts()`` returns (the T5
+            adapter).
+        lora_rank: 0 trains the full UNet; > 0 trains a LoRA of that rank and uses the adapter-free
+            UNet as the reference. ``lora_alpha`` (default: the rank), ``lora_targets`` (module-name
+            suffixes) and ``lora_dropout`` configure it; the export carries them
+            (``load_lora_weights`` rebuilds it).
+        reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA),
+            ``copy`` or ``none`` (objectives without a reference, e.g. SFT).
         caption_dropout: probability of replacing a caption by the empty string.
-        timestep_range: ``[low, high)``: DPO, KTO and SFT train on timesteps drawn uniformly from that range instead
-            of from all of ``[0, num_train_timesteps)`` (the official objectives' choice, and the default; RFT
-            follows its own DDIM trajectory). High-noise steps are
-            where layout and colour are decided; at low noise a preference pair differs in pixel detail the
-            policy can fit in either direction (measured in the shapes world: ``docs/demo/findings.md``).
-        gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the policy UNet.
-        compile_reference: also ``torch.compile`` the frozen reference UNet (a forward-only graph; a LoRA
-            reference is the policy UNet itself, so it follows ``compile_unet``).
-        compile_mode: ``torch.compile``'s ``mode`` for both (None: its default; ``reduce-overhead`` adds CUDA
-            graphs, ``max-autotune-no-cudagraphs`` benchmarks kernels at the first step); torch rejects an unknown
-            mode when the module is built.
-        reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd state).
-        frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet in that dtype
-            (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype and outputs back to float32.
-        fp32_output: run the UNets' final projection (``conv_out``) in float32 outside autocast, so per-sample
-            errors come from an output not rounded to bf16/fp16 (at beta 5000 bf16 rounding is visible noise in
-            the DPO logit: ``docs/benchmarks.md``).
-        time_ids: SDXL's size conditioning: ``official`` (constant, as the Diffusion-DPO code) or ``image``
-            (each image's original size and crop).
-        optimizer / lr_scheduler: injected by LightningCLI (``class_path`` + ``init_args`` in the config).
+        timestep_range: ``[low, high)``: DPO, KTO and SFT train on timesteps drawn uniformly from
+            that range instead of from all of ``[0, num_train_timesteps)`` (the official objectives'
+            choice, and the default; RFT follows its own DDIM trajectory). High-noise steps are
+            where layout and colour are decided; at low noise a preference pair differs in pixel
+            detail the policy can fit in either direction (measured in the shapes world:
+            ``docs/demo/findings.md``).
+        gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the
+            policy UNet.
+        compile_reference: also ``torch.compile`` the frozen reference UNet (a forward-only graph; a
+            LoRA reference is the policy UNet itself, so it follows ``compile_unet``).
+        compile_mode: ``torch.compile``'s ``mode`` for both (None: its default; ``reduce-overhead``
+            adds CUDA graphs, ``max-autotune-no-cudagraphs`` benchmarks kernels at the first step);
+            torch rejects an unknown mode when the module is built.
+        reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd
+            state).
+        frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet
+            in that dtype (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype
+            and outputs back to float32.
+        fp32_output: run the UNets' final projection (``conv_out``) in float32 outside autocast, so
+            per-sample errors come from an output not rounded to bf16/fp16 (at beta 5000 bf16
+            rounding is visible noise in the DPO logit: ``docs/benchmarks.md``).
+        time_ids: SDXL's size conditioning: ``official`` (constant, as the Diffusion-DPO code) or
+            ``image`` (each image's original size and crop).
+        optimizer / lr_scheduler: injected by LightningCLI (``class_path`` + ``init_args`` in the
+            config).
     """
 
     needs_reference = True
 
-    def __init__(self, model: str = "tiny", vae: str | None = None, variant: str | None = None,
-                 revision: str | None = None, prompt_encoder: str = "clip", prompt_encoder_args: dict | None = None,
-                 lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_targets: list[str] = list(DEFAULT_LORA_TARGETS), lora_dropout: float = 0.0,
-                 reference: str = "auto", caption_dropout: float = 0.0,
-                 timestep_range: tuple[int, int] | None = None, gradient_checkpointing: bool = False,
-                 channels_last: bool = False, compile_unet: bool = False, compile_reference: bool = False,
-                 compile_mode: str | None = None, reference_inference_mode: bool = True,
-                 frozen_dtype: str | None = None, fp32_output: bool = True, time_ids: str = "official",
-                 optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model: str = "tiny",
+        vae: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        prompt_encoder: str = "clip",
+        prompt_encoder_args: dict | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
+        lora_dropout: float = 0.0,
+        reference: str = "auto",
+        caption_dropout: float = 0.0,
+        timestep_range: tuple[int, int] | None = None,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        compile_reference: bool = False,
+        compile_mode: str | None = None,
+        reference_inference_mode: bool = True,
+        frozen_dtype: str | None = None,
+        fp32_output: bool = True,
+        time_ids: str = "official",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
-        # the base of every rank's random streams: seed_everything's seed (the same in every process), else seed
+        # the base of every rank's random streams: seed_everything's seed (the same in every
+        # process), else seed
         self.stream_seed = int(os.environ.get("PL_GLOBAL_SEED", seed))
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # injected modules are recorded by their config (RFTModule), not pickled
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "objective"])
         if reference not in ("auto", "copy", "none"):
             raise ValueError(f"reference must be 'auto', 'copy' or 'none', got {reference!r}")
         if time_ids not in ("official", "image"):
             raise ValueError(f"time_ids must be 'official' or 'image', got {time_ids!r}")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.components = load_components(model, seed=seed, vae=vae, variant=variant, revision=revision)
+        self.components = load_components(
+            model, seed=seed, vae=vae, variant=variant, revision=revision
+        )
         parts = self.components
         self.vae = freeze(parts.vae)
-        self.prompt_encoder = freeze(build_prompt_encoder(parts, prompt_encoder, **(prompt_encoder_args or {})))
-        for part in self.trainable_prompt_parts():  # e.g. LongAlign's T5 adapter: optimised and checkpointed
+        self.prompt_encoder = freeze(
+            build_prompt_encoder(parts, prompt_encoder, **(prompt_encoder_args or {}))
+        )
+        # e.g. LongAlign's T5 adapter: optimised and checkpointed
+        for part in self.trainable_prompt_parts():
             part.requires_grad_(True)
         self.unet = parts.unet
         self.prepare_unet(self.unet)
@@ -146,7 +201,8 @@ class DiffusionModule(L.LightningModule):
             add_lora(self.unet, lora_rank, lora_alpha, lora_targets, lora_dropout)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if channels_last:  # the reference too: cuDNN would otherwise convert its every conv input to NHWC
+        # the reference too: cuDNN would otherwise convert its every conv input to NHWC
+        if channels_last:
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     unet.to(memory_format=torch.channels_last)
@@ -157,14 +213,18 @@ class DiffusionModule(L.LightningModule):
         if frozen_dtype is not None:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if frozen_dtype not in dtypes:
-                raise ValueError(f"frozen_dtype must be one of {sorted(dtypes)} or null, got {frozen_dtype!r}")
+                raise ValueError(
+                    f"frozen_dtype must be one of {sorted(dtypes)} or null, got {frozen_dtype!r}"
+                )
             for module in self.frozen_modules():
                 module.to(dtypes[frozen_dtype])
             for part in self.trainable_prompt_parts():  # a trainable adapter stays in float32
                 part.float()
         self.scheduler = parts.noise_scheduler
         self.prediction_type = self.scheduler.config.prediction_type
-        self.timestep_range = check_timestep_range(timestep_range, self.scheduler.config.num_train_timesteps)
+        self.timestep_range = check_timestep_range(
+            timestep_range, self.scheduler.config.num_train_timesteps
+        )
         self.caption_dropout = caption_dropout
         self._skipped: dict[str, int] = {}
         self._generator: torch.Generator | None = None
@@ -178,7 +238,7 @@ class DiffusionModule(L.LightningModule):
         """A subclass's change to the base UNet before the reference copy and the adapter (RFT: fuse
         the SFT LoRA)."""
 
-    # ---- frozen parts stay frozen -------------------------------------------------------------------
+    # ---- frozen parts stay frozen ----------------------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.prompt_encoder, self.ref_unet) if m is not None]
 
@@ -191,7 +251,8 @@ class DiffusionModule(L.LightningModule):
         return self
 
     def trainable_prompt_parts(self) -> list[torch.nn.Module]:
-        """The prompt encoder's trainable parts (its ``trainable_prompt_parts()``; none for CLIP encoders)."""
+        """The prompt encoder's trainable parts (its ``trainable_prompt_parts()``; none for CLIP
+        encoders)."""
         parts = getattr(self.prompt_encoder, "trainable_prompt_parts", None)
         return list(parts()) if parts is not None else []
 
@@ -201,70 +262,85 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
-    # ---- randomness: every rank and micro-batch its own streams -------------------------------------
+    # ---- randomness: every rank and micro-batch its own streams ----------------------------------
     @property
     def generator(self) -> torch.Generator:
         """Noise, timesteps and posterior samples draw from this (on the module's device)."""
-        device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: bench FLOP counts
+        # meta: bench FLOP counts
+        device = torch.device("cpu") if self.device.type == "meta" else self.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device).manual_seed(self.stream_seed)
         return self._generator
 
     def seed_streams(self, stage: str, index: int) -> None:
-        """Reseed the device generator and the host RNG (caption dropout) from (seed_everything's seed, stage,
-        rank, index): each rank draws its own numbers, a run reproduces them at any resume, and validation
-        batch ``i`` sees the same draws at every validation and under ``align validate``."""
+        """Reseed the device generator and the host RNG (caption dropout) from (seed_everything's
+        seed, stage, rank, index): each rank draws its own numbers, a run reproduces them at any
+        resume, and validation batch ``i`` sees the same draws at every validation and under
+        ``align validate``."""
         key = f"{self.stream_seed}/{stage}/{self.global_rank}/{index}".encode()
         seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
         self.generator.manual_seed(seed)
         self.host_rng.seed(seed)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.seed_streams("train", self.trainer.fit_loop.total_batch_idx)  # micro-batches since the start
+        # micro-batches since the start
+        self.seed_streams("train", self.trainer.fit_loop.total_batch_idx)
 
     def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.seed_streams(f"val{dataloader_idx}", batch_idx)
 
-    # ---- inputs -------------------------------------------------------------------------------------
+    # ---- inputs ----------------------------------------------------------------------------------
     def drop_captions(self, captions: list[str]) -> list[str]:
         if not self.training or self.caption_dropout <= 0:
             return list(captions)
         return ["" if self.host_rng.random() < self.caption_dropout else c for c in captions]
 
     def encode_prompts(self, captions: list[str]) -> PromptEmbeds:
-        """Without grad, unless the encoder has trainable parts (then grad flows into those parts only)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.trainable_prompt_parts())):
+        """Without grad, unless the encoder has trainable parts (then grad flows into those parts
+        only)."""
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and bool(self.trainable_prompt_parts())
+        ):
             return self.prompt_encoder(captions)
 
     def prompt_embeds(self, batch: dict) -> PromptEmbeds:
-        """The batch's conditioning after caption dropout. A batch from a latent cache (``align.data.cached``)
-        carries ``prompt_embeds`` (+ ``pooled_embeds``): no text encoder runs, and a dropped caption's row
-        becomes the cached empty prompt (``uncond_embeds``; without it, this encoder's). Dropout draws the same
-        random numbers on both paths, so a cached and an image batch get the same conditioning."""
+        """The batch's conditioning after caption dropout. A batch from a latent cache
+        (``align.data.cached``) carries ``prompt_embeds`` (+ ``pooled_embeds``): no text encoder
+        runs, and a dropped caption's row becomes the cached empty prompt (``uncond_embeds``;
+        without it, this encoder's). Dropout draws the same random numbers on both paths, so a
+        cached and an image batch get the same conditioning."""
         captions = self.drop_captions(batch["caption"])
         if "prompt_embeds" not in batch:
             return self.encode_prompts(captions)
         if self.hparams.prompt_encoder != "clip" or self.trainable_prompt_parts():
-            raise ValueError(f"cached prompt embeddings are CLIP's; prompt_encoder={self.hparams.prompt_encoder!r} "
-                             "encodes captions itself: train on shards without cached embeddings")
+            raise ValueError(
+                f"cached prompt embeddings are CLIP's; prompt_encoder={self.hparams.prompt_encoder!r} "
+                "encodes captions itself: train on shards without cached embeddings"
+            )
         if batch.get("cache_fingerprint") is not None:
             if getattr(self, "_model_fingerprint", None) is None:
                 from align.data.cached import model_fingerprint
 
                 self._model_fingerprint = model_fingerprint(self.vae, self.components.text_encoders)
             if batch["cache_fingerprint"] != self._model_fingerprint:
-                raise ValueError(f"the batch was cached with another VAE / text encoder (fingerprint "
-                                 f"{batch['cache_fingerprint']}) than this module's ({self._model_fingerprint}): "
-                                 f"re-cache with `align data cache-latents --model {self.hparams.model}`")
+                raise ValueError(
+                    f"the batch was cached with another VAE / text encoder (fingerprint "
+                    f"{batch['cache_fingerprint']}) than this module's ({self._model_fingerprint}): "
+                    f"re-cache with `align data cache-latents --model {self.hparams.model}`"
+                )
         dtype = self.unet.dtype
         embeds = batch["prompt_embeds"].to(self.device, dtype)
         pooled = batch.get("pooled_embeds")
         pooled = None if pooled is None else pooled.to(self.device, dtype)
         dropped = [c == "" for c in captions]
-        if any(dropped):  # decided on the host: no device sync, and the meta device can run this path
+        # decided on the host: no device sync, and the meta device can run this path
+        if any(dropped):
             dropped = torch.tensor(dropped, device=self.device)
-            empty = (PromptEmbeds(batch["uncond_embeds"], batch.get("uncond_pooled")) if "uncond_embeds" in batch
-                     else self.encode_prompts([""]))
+            empty = (
+                PromptEmbeds(batch["uncond_embeds"], batch.get("uncond_pooled"))
+                if "uncond_embeds" in batch
+                else self.encode_prompts([""])
+            )
             embeds = torch.where(dropped[:, None, None], empty.embeds.to(embeds), embeds)
             if pooled is not None:
                 pooled = torch.where(dropped[:, None], empty.pooled.to(pooled), pooled)
@@ -272,24 +348,27 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_latents(self, batch: dict) -> torch.Tensor:
-        """Latents of the batch's images; cached VAE moments (``latent_moments``) skip the VAE entirely.
+        """Latents of the batch's images; cached VAE moments (``latent_moments``) skip the VAE
+        entirely.
 
-        Both paths sample the same DiagonalGaussianDistribution from the same moments, so training on a
-        cache and on images consumes the random stream identically.
+        Both paths sample the same DiagonalGaussianDistribution from the same moments, so training
+        on a cache and on images consumes the random stream identically.
         """
         if "latent_moments" in batch:
             moments = batch["latent_moments"]
         else:
             pixels = batch["pixel_values"].to(dtype=self.vae.dtype)
             moments = self.vae.encode(pixels).latent_dist.parameters
-        # contiguous: the VAE may return channels-last moments (CPU oneDNN), and noise drawn with randn_like
-        # follows the memory layout, so the same seed would give the image and cached paths different noise
+        # contiguous: the VAE may return channels-last moments (CPU oneDNN), and noise drawn with
+        # randn_like follows the memory layout, so the same seed would give the image and cached
+        # paths different noise
         latents = DiagonalGaussianDistribution(moments.float()).sample(self.generator).contiguous()
         return latents * self.vae.config.scaling_factor
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor | None:
-        """SDXL's added time ids: original (h, w), crop (top, left), target (h, w). ``official`` (the
-        Diffusion-DPO code): constant (res, res, 0, 0, res, res); ``image``: each image's size and crop."""
+        """SDXL's added time ids: original (h, w), crop (top, left), target (h, w). ``official``
+        (the Diffusion-DPO code): constant (res, res, 0, 0, res, res); ``image``: each image's size
+        and crop."""
         if not self.components.is_sdxl:
             return None
         res = self.components.resolution
@@ -301,26 +380,49 @@ class DiffusionModule(L.LightningModule):
         target = torch.tensor([[res, res]] * n)
         return torch.cat([original, crop, target], dim=1).to(self.device, torch.float32)
 
-    def sample_noise(self, latents: torch.Tensor, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps, shared across ``group`` consecutive blocks of the batch (pairs: group=2)."""
+    def sample_noise(
+        self, latents: torch.Tensor, group: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps, shared across ``group`` consecutive blocks of the batch (pairs:
+        group=2)."""
         n = latents.shape[0] // group
         gen = self.generator
-        noise = torch.randn(latents[:n].shape, generator=gen, device=gen.device, dtype=latents.dtype)
+        noise = torch.randn(
+            latents[:n].shape, generator=gen, device=gen.device, dtype=latents.dtype
+        )
         noise = noise.to(latents.device).repeat(group, *([1] * (latents.ndim - 1)))
         low, high = self.timestep_range
-        t = torch.randint(low, high, (n,), generator=gen, device=gen.device).to(latents.device).repeat(group)
+        t = (
+            torch.randint(low, high, (n,), generator=gen, device=gen.device)
+            .to(latents.device)
+            .repeat(group)
+        )
         return noise, t
 
-    # ---- denoising errors ---------------------------------------------------------------------------
-    def unet_forward(self, unet, noisy: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
-                     time_ids: torch.Tensor | None) -> torch.Tensor:
-        dtype = unet.dtype  # a frozen reference may be stored in bf16 (frozen_dtype) while the policy is float32
+    # ---- denoising errors ------------------------------------------------------------------------
+    def unet_forward(
+        self,
+        unet,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: PromptEmbeds,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # a frozen reference may be stored in bf16 (frozen_dtype) while the policy is float32
+        dtype = unet.dtype
         pooled = None if cond.pooled is None else cond.pooled.to(dtype)
-        added = None if time_ids is None else {"text_embeds": pooled, "time_ids": time_ids.to(dtype)}
-        return unet(noisy.to(dtype), t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added).sample
+        added = (
+            None if time_ids is None else {"text_embeds": pooled, "time_ids": time_ids.to(dtype)}
+        )
+        return unet(
+            noisy.to(dtype), t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added
+        ).sample
 
-    def unet_errors(self, latents, noise, t, cond: PromptEmbeds, time_ids=None, reference: bool = False):
-        """Per-sample denoising error (N,) of the policy, or of the reference with ``reference=True``."""
+    def unet_errors(
+        self, latents, noise, t, cond: PromptEmbeds, time_ids=None, reference: bool = False
+    ):
+        """Per-sample denoising error (N,) of the policy, or of the reference with
+        ``reference=True``."""
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
         if not reference:
@@ -332,18 +434,26 @@ class DiffusionModule(L.LightningModule):
             elif self.ref_unet is not None:
                 pred = self.unet_forward(self.ref_unet, noisy, t, cond, time_ids)
             else:
-                raise RuntimeError(f"{type(self).__name__} has no reference model (reference='none')")
+                raise RuntimeError(
+                    f"{type(self).__name__} has no reference model (reference='none')"
+                )
             err = per_sample_error(pred, target)
         return err.clone()  # a normal tensor again, usable by autograd outside inference mode
 
-    # ---- logging, optimisation, export ---------------------------------------------------------------
+    # ---- logging, optimisation, export -----------------------------------------------------------
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in metrics.items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name in ("loss", "implicit_acc"), batch_size=batch_size,
-                     sync_dist=prefix != "train")
+            self.log(
+                f"{prefix}/{name}",
+                value,
+                prog_bar=name in ("loss", "implicit_acc"),
+                batch_size=batch_size,
+                sync_dist=prefix != "train",
+            )
 
     def log_skipped(self, batch: dict) -> None:
-        """Running totals of samples skipped by the data pipeline, by reason (``train/skipped/<reason>``)."""
+        """Running totals of samples skipped by the data pipeline, by reason
+        (``train/skipped/<reason>``)."""
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[reason] = self._skipped.get(reason, 0) + count
         for reason, total in self._skipped.items():
@@ -355,22 +465,29 @@ class DiffusionModule(L.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._fsdp():  # local gradient shards: the total norm is logged by configure_gradient_clipping
+        # local gradient shards: the total norm is logged by configure_gradient_clipping
+        if self._fsdp():
             return
         grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # one foreach pass, not a norm per tensor
+            # one foreach pass, not a norm per tensor
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip where Lightning's own clipping would refuse or be wrong; otherwise Lightning's clipping.
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip where Lightning's own clipping would refuse or be wrong; otherwise Lightning's
+        clipping.
 
-        * FSDP (``configs/trainer/fsdp_sdxl.yaml``): each rank holds a shard of the gradients, so the norm must be
-          taken over every rank's shard; Lightning's FSDP plugin refuses norm clipping (it has no handle on the
-          root module) and ``torch.nn.utils.clip_grad_norm_`` would clip each shard by its own norm. The root FSDP
-          module's ``clip_grad_norm_`` does it right.
-        * A fused optimizer (``configs/optim/adamw_fused.yaml``) under bf16-mixed: Lightning's mixed-precision
-          plugin refuses because with fp16's gradient scaler a fused step unscales the gradients itself. bf16 has
-          no scaler: the gradients are true gradients and are clipped here. With a scaler, Lightning's rule stands.
+        * FSDP (``configs/trainer/fsdp_sdxl.yaml``): each rank holds a shard of the gradients, so
+          the norm must be taken over every rank's shard; Lightning's FSDP plugin refuses norm
+          clipping (it has no handle on the root module) and ``torch.nn.utils.clip_grad_norm_``
+          would clip each shard by its own norm. The root FSDP module's ``clip_grad_norm_`` does it
+          right.
+        * A fused optimizer (``configs/optim/adamw_fused.yaml``) under bf16-mixed: Lightning's
+          mixed-precision plugin refuses because with fp16's gradient scaler a fused step unscales
+          the gradients itself. bf16 has no scaler: the gradients are true gradients and are clipped
+          here. With a scaler, Lightning's rule stands.
         """
         if not gradient_clip_val:
             return
@@ -379,24 +496,34 @@ class DiffusionModule(L.LightningModule):
             self.log("train/grad_norm", self.trainer.model.clip_grad_norm_(gradient_clip_val))
             return
         plugin = self.trainer.precision_plugin
-        if getattr(plugin, "scaler", None) is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        if getattr(plugin, "scaler", None) is None and getattr(
+            optimizer, "_step_supports_amp_scaling", False
+        ):
             from lightning.pytorch.plugins.precision import Precision
 
             # the base plugin's clipping, without the mixed-precision plugin's refusal
-            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(
+                plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm"
+            )
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(
+            optimizer,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(trainable_parameters(self))
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def export(self, out_dir: str | Path) -> Path:
-        """Diffusers format: a full pipeline directory, or for LoRA the adapter file ``load_lora_weights`` reads."""
+        """Diffusers format: a full pipeline directory, or for LoRA the adapter file
+        ``load_lora_weights`` reads."""
         out = Path(out_dir)
         if self.hparams.lora_rank > 0:
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -408,11 +535,23 @@ class DiffusionModule(L.LightningModule):
             # load_lora_weights rebuilds the trained scale alpha / rank, not alpha = rank
             config = self.unet.peft_config["default"].to_dict()
             type(self.components.to_pipeline()).save_lora_weights(
-                str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=config,
-                safe_serialization=True)
-            # what the adapter applies to, so `align sample --checkpoint <this dir>` needs nothing else
-            (out / EXPORT_INFO).write_text(json.dumps({"base_model": self.hparams.model, "lora_rank":
-                                                       self.hparams.lora_rank, "seed": self.hparams.seed}, indent=2))
+                str(out),
+                unet_lora_layers=layers,
+                unet_lora_adapter_metadata=config,
+                safe_serialization=True,
+            )
+            # what the adapter applies to, so `align sample --checkpoint <this dir>` needs nothing
+            # else
+            (out / EXPORT_INFO).write_text(
+                json.dumps(
+                    {
+                        "base_model": self.hparams.model,
+                        "lora_rank": self.hparams.lora_rank,
+                        "seed": self.hparams.seed,
+                    },
+                    indent=2,
+                )
+            )
             return out
         unet = getattr(self.unet, "_orig_mod", self.unet)
         return self.components.save_pretrained(out, unet=unet)

@@ -1,38 +1,28 @@
-"""LongAlign's reward fine-tuning (RFT) as a LightningModule: prompts in, 0.5 * (1 - mean S_w) out.
+"""LongAlign's reward fine-tuning (RFT) as a LightningModule: prompts in, a reward objective out.
 
 Per step (official ``unet_reward.py``; DESIGN.md "LongAlign"):
 
 1. encode the prompts and the empty prompt with the same (segment) encoder; start from Gaussian noise;
-2. DDIM (eta 0, "trailing" timesteps: 999, 979, ..., 19 for 50 steps) with classifier-free guidance. The UNet
-   always sees the current latents *detached*; at ``grad_steps`` evenly spaced steps (stride
-   ``num_steps // grad_steps``, a random offset in [0, stride)) its call keeps gradients (through
-   ``torch.utils.checkpoint``, so its activations are recomputed in backward), at every other step it runs under
-   ``no_grad``. The DDIM update itself stays differentiable, so the reward's gradient reaches each chosen step's
-   UNet output through the (linear) chain of updates that follow it, and no other UNet call;
-3. decode the last step's x0 prediction with the VAE (frozen; gradients flow through it to the latents), map to
-   [0, 1] (optionally random-crop first, as the official 504-px crop of 512-px images);
-4. score with a registry reward at segment level: S_w = <img, t - eta v> + w * eta <img, v>, v = the common text
-   direction of the batch across ranks (``direction: batch``) or a saved one (``direction: <file>``); loss =
-   ``rft_loss`` = 0.5 * (1 - mean S_w).
+2. DDIM (eta 0, "trailing" timesteps: 999, 979, ..., 19 for 50 steps) with classifier-free guidance.
+   The UNet always sees the current latents *detached*; at ``grad_steps`` evenly spaced steps (stride
+   ``num_steps // grad_steps``, a random offset in [0, stride)) its call keeps gradients (checkpointed:
+   recomputed in backward), at every other step it runs under ``no_grad``. The DDIM update stays
+   differentiable, so the reward's gradient reaches each chosen step's UNet output through the linear
+   chain of updates that follow it, and no other UNet call;
+3. decode the last step's x0 prediction with the (frozen) VAE to [0, 1];
+4. the injected objective (``align.rewards.rft``) scores the images: LongAlign's segment-level S_w
+   (loss 0.5 * (1 - mean S_w)) or a reward maximised directly (loss 1 - mean score).
 
-A reward without embeddings (not CLIP-based, e.g. the shapes world's ``shapes-judge``) is used *directly*, as in
-DRaFT / AlignProp: step 4 becomes loss = 1 - mean ``reward.score(images, prompts, grad=True)`` (the reward is
-expected in [0, 1], higher better), logged as ``train/reward_mean`` / ``val/reward_mean``; ``w``,
-``direction``, ``direction_fallback`` and ``splitter`` do not apply to it. Steps 1-3 are the same.
+Bad input is skipped and logged, never trained on: the objective drops prompts it cannot score and names
+batches it cannot use (``train/skipped_no_segments``, ``train/skipped_degenerate``,
+``train/direction_fallback``); a non-finite reward skips the step (``train/skipped_nonfinite``). Under DDP
+these decisions are all-reduced so every rank skips together (one rank skipping alone would hang).
 
-Bad input is skipped and logged, never trained on: prompts without segments are dropped
-(``train/skipped_no_segments``; the prompt data module already drops them at read time); a batch that cannot
-define a direction (one prompt) uses ``direction_fallback`` (``train/direction_fallback``) or, without one, is
-skipped (``train/skipped_degenerate``); a non-finite reward skips the step (``train/skipped_nonfinite``). Under DDP these decisions are all-reduced so every rank skips
-together (a rank that skipped alone would hang the gradient all-reduce).
-
-The policy is a *new* LoRA (``lora_rank`` > 0) on top of the SFT model: ``model`` is the base (a preset, a
-diffusers directory or hub id; a full SFT export is itself a diffusers directory) and ``init_lora`` an SFT LoRA
-export that is merged into the base weights first. The prompt encoder defaults to the one recorded in the SFT
-export (``prompt_encoder.json``, T5 adapter included, frozen here). Export: the new LoRA
-(``pytorch_lora_weights.safetensors``), ``prompt_encoder.json`` (+ ``text_adapter/``) and ``rft.json`` naming the
-base and the SFT LoRA it sits on: load both LoRAs (``load_lora_weights(sft, adapter_name="sft")``, then this one)
-to sample.
+The policy is a *new* LoRA (``lora_rank`` > 0) on top of the SFT model: ``model`` is the base and
+``init_lora`` an SFT LoRA export fused into the base weights first. The prompt encoder defaults to the one
+recorded in the SFT export (``prompt_encoder.json``, T5 adapter included, frozen here). Export: the new LoRA,
+``prompt_encoder.json`` (+ ``text_adapter/``) and ``rft.json`` naming the base and the SFT LoRA it sits on:
+load both LoRAs (``load_lora_weights(sft, adapter_name="sft")``, then this one) to sample.
 """
 
 from __future__ import annotations
@@ -50,7 +40,7 @@ from align.models.embeds import PromptEmbeds
 from align.models.sampling import SPEC_FILE, save_prompt_encoder
 from align.modules.base import DiffusionModule
 from align.objectives.distributed import is_distributed
-from align.objectives.reward import DegenerateDirection, NonFiniteReward, load_direction, rft_loss
+from align.rewards.rft import RewardObjective
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +102,13 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
 
 
 class RFTModule(DiffusionModule):
-    """Reward fine-tuning with LongAlign's decomposed, reweighted segment-level preference score.
+    """Reward fine-tuning: a new LoRA trained to maximise ``objective`` of its own samples.
 
     Args:
-        reward / reward_source / reward_options: a registry reward, where its weights are, and extra factory
-            options. Frozen, never checkpointed. A CLIP-based one (``denscore``, ``pickscore``, ``hps``,
-            ``clip``) gets LongAlign's segment-level S_w; any other (``shapes-judge``) is maximised directly
-            (loss = 1 - mean score; see the module doc).
-        reward_dtype: ``float32`` or ``bfloat16`` for the reward's weights.
-        w: the weight of the text-irrelevant part in S_w (0.3; 1 recovers the original score). ``w``,
-            ``direction``, ``direction_fallback`` and ``splitter`` apply to CLIP-based rewards only.
-        direction: ``batch`` (v per batch, averaged across ranks) or a saved direction file (fixed v).
-        direction_fallback: a saved direction used when a batch cannot define one (None: skip such batches).
-        splitter: how prompts are split into segments for the reward (``official``).
+        objective: what is maximised, injected by the config (``align.rewards.rft``):
+            ``SegmentPreference`` (LongAlign's S_w of a CLIP-based reward) or ``DirectReward``.
         num_steps / grad_steps / guidance_scale: DDIM steps, steps that keep gradients, CFG scale.
         resolution: image side in pixels (None: the model's native resolution).
-        reward_random_crop: random-crop decoded images to this side before the reward (official: 504 of 512).
         vae_checkpointing: recompute the VAE decoder in backward instead of keeping its activations.
         init_lora: an SFT LoRA export merged into the base UNet before the new LoRA is trained.
         Everything else: see ``DiffusionModule`` (``lora_rank`` > 0 is required).
@@ -135,27 +116,14 @@ class RFTModule(DiffusionModule):
 
     needs_reference = False
 
-    def __init__(self, reward: str = "denscore", reward_source: str | None = None, reward_options: dict | None = None,
-                 reward_dtype: str = "float32", w: float = 0.3, direction: str = "batch",
-                 direction_fallback: str | None = None, splitter: str = "official", num_steps: int = 50,
-                 grad_steps: int = 5, guidance_scale: float = 7.5, resolution: int | None = None,
-                 reward_random_crop: int | None = None, vae_checkpointing: bool = False,
-                 init_lora: str | None = None, **kwargs):
+    def __init__(self, objective: RewardObjective, num_steps: int = 50, grad_steps: int = 5,
+                 guidance_scale: float = 7.5, resolution: int | None = None,
+                 vae_checkpointing: bool = False, init_lora: str | None = None, **kwargs):
         if kwargs.get("lora_rank", 0) <= 0:
             raise ValueError("RFT trains a new LoRA on top of the SFT model: set lora_rank > 0")
         grad_step_indices(num_steps, grad_steps, 0)  # validates the pair before anything is loaded
         if init_lora is not None and not Path(init_lora).expanduser().exists():
             raise FileNotFoundError(f"init_lora {init_lora} does not exist")
-        # everything that can be missing is loaded before the (large) diffusion model
-        fixed = None if direction == "batch" else load_direction(direction)
-        fallback = None if direction_fallback is None else load_direction(direction_fallback)
-        from align.rewards import build_reward
-        from align.rewards import denscore as _denscore  # noqa: F401  (registers "denscore")
-
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[reward_dtype]
-        reward_model = build_reward(reward, reward_source, dtype=dtype, **(reward_options or {}))
-        # no embeddings: LongAlign's decomposition does not apply; the reward is maximised directly
-        direct = not all(hasattr(reward_model, a) for a in ("embed_images", "embed_segments"))
         if kwargs.get("prompt_encoder_args") is None:
             spec = read_encoder_spec(init_lora) or read_encoder_spec(_local_dir(kwargs.get("model")))
             if spec is not None:
@@ -165,14 +133,13 @@ class RFTModule(DiffusionModule):
         super().__init__(**kwargs)
         self.encoder_kind = kwargs.get("prompt_encoder", "clip")
         self.encoder_args = kwargs.get("prompt_encoder_args")
-        self.reward_model, self.direct_reward = reward_model, direct
-        self.w, self.splitter = w, splitter
+        self.objective = objective.eval().requires_grad_(False)
+        self.hparams["objective"] = objective.config  # checked on resume, rebuilt by align export
         self.num_steps, self.grad_steps, self.guidance_scale = num_steps, grad_steps, guidance_scale
         self.resolution = resolution or self.components.resolution
-        self.reward_random_crop, self.vae_checkpointing = reward_random_crop, vae_checkpointing
-        self.register_buffer("fixed_direction", fixed, persistent=False)
-        self.register_buffer("fallback_direction", fallback, persistent=False)
-        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.vae_checkpointing = vae_checkpointing
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(),
+                             persistent=False)
         self.init_lora = init_lora
         self._counts: dict[str, int] = {}
 
@@ -186,8 +153,8 @@ class RFTModule(DiffusionModule):
         return []  # RFT trains the new LoRA only; an SFT T5 adapter stays frozen
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        reward = getattr(self, "reward_model", None)
-        return super().frozen_modules() + ([reward] if reward is not None else [])
+        objective = getattr(self, "objective", None)
+        return super().frozen_modules() + ([objective] if objective is not None else [])
 
     # ---- sampling -----------------------------------------------------------------------------------
     def grad_indices(self, step: int | None = None) -> list[int]:
@@ -215,8 +182,8 @@ class RFTModule(DiffusionModule):
 
     def rollout(self, prompts: list[str], grad_indices: list[int], noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM with CFG from noise; returns the last step's x0 prediction (latents), differentiable through
-        the UNet calls at ``grad_indices`` only."""
+        """DDIM with CFG from noise; returns the last step's x0 prediction (latents), differentiable
+        through the UNet calls at ``grad_indices`` only."""
         n = len(prompts)
         with torch.no_grad():
             cond, uncond = self.encode_prompts(prompts), self.encode_prompts([""] * n)
@@ -225,9 +192,11 @@ class RFTModule(DiffusionModule):
         time_ids = self.time_ids({}, 2 * n)
         if noise is None:
             side = self.resolution // self.components.vae_scale_factor
+            device = self.device if generator is None else generator.device
             noise = torch.randn((n, self.unet.config.in_channels, side, side), generator=generator,
-                                device=self.device if generator is None else generator.device).to(self.device)
-        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, self.num_steps).to(self.device)
+                                device=device).to(self.device)
+        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, self.num_steps)
+        timesteps = timesteps.to(self.device)
         alphas = self.alphas_cumprod.to(self.device)
         chosen = set(grad_indices)
         x, x0 = noise.float(), None
@@ -236,7 +205,8 @@ class RFTModule(DiffusionModule):
             a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
             x_in = x.detach()  # official: the UNet never differentiates through its input
             if i in chosen and torch.is_grad_enabled():
-                pred = checkpoint(self.guided_prediction, x_in, t, both, time_ids, use_reentrant=False)
+                pred = checkpoint(self.guided_prediction, x_in, t, both, time_ids,
+                                  use_reentrant=False)
             else:
                 with torch.no_grad():
                     pred = self.guided_prediction(x_in, t, both, time_ids)
@@ -256,21 +226,20 @@ class RFTModule(DiffusionModule):
         def run(z):
             return vae.decode(z).sample
 
-        images = checkpoint(run, z, use_reentrant=False) if self.vae_checkpointing and torch.is_grad_enabled() \
-            else run(z)
+        if self.vae_checkpointing and torch.is_grad_enabled():
+            images = checkpoint(run, z, use_reentrant=False)
+        else:
+            images = run(z)
         return (images.float() * 0.5 + 0.5).clamp(0, 1)
 
-    def crop_for_reward(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.reward_random_crop
-        if not size or min(images.shape[-2:]) <= size:
-            return images
-        h, w = images.shape[-2:]
-        top, left = random.randrange(h - size + 1), random.randrange(w - size + 1)
-        return images[..., top:top + size, left:left + size]
-
-    # ---- reward ---------------------------------------------------------------------------------------
+    # ---- steps --------------------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
+
+    def skip(self, name: str) -> None:
+        """Count a skipped step under ``train/<name>`` (every rank skips together)."""
+        self.count(name)
+        self.log_counts()
 
     def log_counts(self, prefix: str = "train") -> None:
         for name, total in self._counts.items():
@@ -285,126 +254,44 @@ class RFTModule(DiffusionModule):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def prepare_texts(self, prompts: list[str]):
-        """(kept prompts, their SegmentTexts, v or None, v's source). Prompts without segments are dropped and
-        counted; v comes from the batch (a collective), the fixed direction, or the fallback."""
-        from align.rewards.segments import batch_direction, embed_prompt_segments
-
-        with torch.no_grad():
-            texts = embed_prompt_segments(self.reward_model, prompts, self.splitter)
-        keep = texts.has_text
-        dropped = int((~keep).sum())
-        if dropped:
-            log.warning("dropping %d prompt(s) without segments: %r", dropped,
-                        [p for p, ok in zip(prompts, keep.tolist()) if not ok][:3])
-            self.count("skipped_no_segments", dropped)
-            prompts = [p for p, ok in zip(prompts, keep.tolist()) if ok]
-            texts = texts.select(keep)
-        if self.fixed_direction is not None:
-            return prompts, texts, self.fixed_direction, "fixed"
-        try:
-            v, source = batch_direction(texts.text, fallback=self.fallback_direction)
-        except DegenerateDirection as err:
-            log.warning("skipping the batch: %s, and no direction_fallback is set", err)
-            return prompts, texts, None, "degenerate"
-        return prompts, texts, v, source
-
-    def reward_scores(self, images: torch.Tensor, texts, direction: torch.Tensor, grad: bool):
-        from align.rewards.segments import score_segments
-
-        image_emb = self.reward_model.embed_images(self.crop_for_reward(images), grad=grad)
-        return score_segments(self.reward_model, None, texts, direction, w=self.w, grad=grad, image_emb=image_emb)
-
-    def direct_scores(self, prompts: list[str], grad_indices: list[int], grad: bool) -> torch.Tensor:
-        """A direct reward's scores (N,) of a rollout for ``prompts``."""
-        images = self.crop_for_reward(self.decode(self.rollout(prompts, grad_indices)))
-        return self.reward_model.score(images, prompts, grad=grad)
-
-    def direct_training_step(self, prompts: list[str]):
-        """loss = 1 - mean reward (DRaFT / AlignProp), with the same skips as the CLIP path."""
-        if self.any_rank(not prompts, self.device):
-            self.count("skipped_empty_batch" if not prompts else "skipped_other_rank")
-            self.log_counts()
-            return None
-        scores = self.direct_scores(prompts, self.grad_indices(), grad=True)
-        if self.any_rank(not bool(torch.isfinite(scores.detach()).all()), self.device):
-            self.count("skipped_nonfinite")
-            log.warning("step %d: non-finite reward on some rank; skipping the step", self.global_step)
-            self.log_counts()
-            return None
-        loss = 1 - scores.mean()
-        self.log_metrics("train", {"loss": loss.detach(), "reward_mean": scores.detach().mean()}, len(prompts))
-        self.log_counts()
-        return loss
-
     def training_step(self, batch: dict, batch_idx: int):
         self.log_skipped(batch)
-        if self.direct_reward:
-            return self.direct_training_step(list(batch["caption"]))
-        prompts, texts, v, source = self.prepare_texts(list(batch["caption"]))
-        degenerate, empty = v is None, len(prompts) == 0
-        if self.any_rank(degenerate or empty, self.device):
-            self.count("skipped_empty_batch" if empty else "skipped_degenerate" if degenerate else "skipped_other_rank")
-            self.log_counts()
-            return None
-        if source == "saved":
-            self.count("direction_fallback")
-        out = self.reward_scores(self.decode(self.rollout(prompts, self.grad_indices())), texts, v, grad=True)
-        nonfinite = not bool(torch.isfinite(out.decomposed.weighted.detach()).all())
-        if self.any_rank(nonfinite, self.device):
-            self.count("skipped_nonfinite")
+        prepared = self.objective.prepare(list(batch["caption"]))
+        for name, n in prepared.counts.items():
+            self.count(name, n)
+        if self.any_rank(prepared.skip is not None, self.device):
+            return self.skip(prepared.skip or "skipped_other_rank")
+        images = self.decode(self.rollout(prepared.prompts, self.grad_indices()))
+        loss, metrics = self.objective(images, prepared, grad=True)
+        if self.any_rank(not bool(torch.isfinite(loss.detach())), self.device):
             log.warning("step %d: non-finite reward on some rank; skipping the step", self.global_step)
-            self.log_counts()
-            return None
-        try:
-            loss = rft_loss(out.decomposed.weighted)
-        except NonFiniteReward:  # unreachable after the check above; never train on it regardless
-            self.count("skipped_nonfinite")
-            self.log_counts()
-            return None
-        self.log_reward("train", loss, out, len(prompts), source)
+            return self.skip("skipped_nonfinite")
+        self.log_metrics("train", {"loss": loss.detach(), **metrics}, len(prepared.prompts))
         self.log_counts()
         return loss
 
-    def log_reward(self, prefix: str, loss: torch.Tensor, out, batch_size: int, source: str) -> None:
-        metrics = {"loss": loss.detach(), **{f"reward_{k}": v for k, v in out.decomposed.metrics().items()}}
-        metrics["direction_from_saved"] = torch.tensor(float(source == "saved"))
-        self.log_metrics(prefix, metrics, batch_size)
-
     def validation_step(self, batch: dict, batch_idx: int):
-        if self.direct_reward:
-            return self.direct_validation_step(list(batch["caption"]), batch_idx)
-        prompts, texts, v, source = self.prepare_texts(list(batch["caption"]))
-        if self.any_rank(v is None or not prompts, self.device):
+        prepared = self.objective.prepare(list(batch["caption"]))
+        if self.any_rank(prepared.skip is not None, self.device):
             return None
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.hparams.seed * 100_003 + batch_idx)
-            out = self.reward_scores(self.decode(self.rollout(prompts, [])), texts, v, grad=False)
-        if not bool(torch.isfinite(out.decomposed.weighted).all()):
+            images = self.decode(self.rollout(prepared.prompts, []))
+            loss, metrics = self.objective(images, prepared, grad=False)
+        if not bool(torch.isfinite(loss)):
             self.count("val_nonfinite")
             return None
-        self.log_reward("val", 0.5 * (1 - out.decomposed.weighted.mean()), out, len(prompts), source)
-
-    def direct_validation_step(self, prompts: list[str], batch_idx: int):
-        if self.any_rank(not prompts, self.device):
-            return None
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.hparams.seed * 100_003 + batch_idx)
-            scores = self.direct_scores(prompts, [], grad=False)
-        if not bool(torch.isfinite(scores).all()):
-            self.count("val_nonfinite")
-            return None
-        self.log_metrics("val", {"loss": 1 - scores.mean(), "reward_mean": scores.mean()}, len(prompts))
+        self.log_metrics("val", {"loss": loss, **metrics}, len(prepared.prompts))
 
     # ---- export -------------------------------------------------------------------------------------
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)
         save_prompt_encoder(self.prompt_encoder, out, self.encoder_kind, self.encoder_args)
-        info = {"base_model": self.hparams.get("model"), "init_lora": self.init_lora, "lora_rank": self.hparams.lora_rank,
-                "reward": self.hparams.get("reward"), "reward_source": self.hparams.get("reward_source"), "w": self.w,
-                "load": "pipe = from_pretrained(base_model); pipe.load_lora_weights(init_lora, adapter_name='sft'); "
+        info = {"base_model": self.hparams.get("model"), "init_lora": self.init_lora,
+                "lora_rank": self.hparams.lora_rank, **self.objective.settings,
+                "load": "pipe = from_pretrained(base_model); "
+                        "pipe.load_lora_weights(init_lora, adapter_name='sft'); "
                         "pipe.load_lora_weights(<this dir>, adapter_name='rft'); "
                         "pipe.set_adapters(['sft', 'rft'], [1.0, 1.0])"}
         (Path(out) / "rft.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -15,6 +15,7 @@ from helpers import perturb_lora
 
 from align.modules.rft import RFTModule, ddim_timesteps, grad_step_indices
 from align.objectives.reward import rft_loss
+from align.rewards.rft import SegmentPreference
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = [
@@ -33,11 +34,12 @@ def denscore_dir(tmp_path_factory):
     return write_tiny_denscore(tmp_path_factory.mktemp("tiny-denscore") / "denscore")
 
 
-def make(denscore_dir, **kw):
-    args = dict(model="tiny", prompt_encoder="segment", lora_rank=4, reward="denscore",
-                reward_source=str(denscore_dir), num_steps=4, grad_steps=2, guidance_scale=7.5)
+def make(denscore_dir, objective=None, **kw):
+    args = dict(model="tiny", prompt_encoder="segment", lora_rank=4, num_steps=4, grad_steps=2,
+                guidance_scale=7.5)
     args.update(kw)
-    return RFTModule(**args).train()
+    objective = objective or SegmentPreference("denscore", str(denscore_dir))
+    return RFTModule(objective, **args).train()
 
 
 def test_schedule_matches_the_official_one():
@@ -53,11 +55,11 @@ def test_schedule_matches_the_official_one():
 
 def test_module_needs_a_lora_and_frozen_parts_stay_frozen(denscore_dir):
     with pytest.raises(ValueError, match="lora_rank"):
-        RFTModule(model="tiny", lora_rank=0, reward="denscore", reward_source=str(denscore_dir))
+        RFTModule(SegmentPreference("denscore", str(denscore_dir)), model="tiny", lora_rank=0)
     m = make(denscore_dir)
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n and n.startswith("unet.") for n in trainable)
-    assert not m.vae.training and not m.reward_model.training and not m.prompt_encoder.training
+    assert not m.vae.training and not m.objective.reward.training and not m.prompt_encoder.training
     opt = m.configure_optimizers()
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in m.parameters() if p.requires_grad}
     ckpt = {"state_dict": m.state_dict()}
@@ -68,8 +70,9 @@ def test_module_needs_a_lora_and_frozen_parts_stay_frozen(denscore_dir):
 
 
 def rft_objective(m, noise, indices, prompts=CAPTIONS):
-    prompts, texts, v, _ = m.prepare_texts(list(prompts))
-    out = m.reward_scores(m.decode(m.rollout(prompts, indices, noise=noise)), texts, v, grad=True)
+    prepared = m.objective.prepare(list(prompts))
+    images = m.decode(m.rollout(prepared.prompts, indices, noise=noise))
+    out = m.objective.scores(images, prepared, grad=True)
     return rft_loss(out.decomposed.weighted)
 
 
@@ -94,7 +97,7 @@ def test_gradients_reach_only_lora_and_flow_through_exactly_the_chosen_steps(den
     grads = lora_grads(m)
     assert set(grads) == {n for n, p in m.named_parameters() if p.requires_grad}
     assert all(".lora_" in n for n in grads) and all(g.abs().sum() > 0 for g in grads.values())
-    for frozen in (m.vae, m.prompt_encoder, m.reward_model):
+    for frozen in (m.vae, m.prompt_encoder, m.objective):
         assert all(p.grad is None for p in frozen.parameters())
 
     # every step's contribution is separate and additive: grad({1, 3}) = grad({1}) + grad({3}), each non-zero,
@@ -112,8 +115,8 @@ def test_gradients_reach_only_lora_and_flow_through_exactly_the_chosen_steps(den
 
 def test_nan_reward_skips_the_step_and_is_logged(denscore_dir, monkeypatch):
     m = make(denscore_dir)
-    real = m.reward_model.image_features
-    monkeypatch.setattr(m.reward_model, "image_features", lambda px: real(px) * float("nan"))
+    real = m.objective.reward.image_features
+    monkeypatch.setattr(m.objective.reward, "image_features", lambda px: real(px) * float("nan"))
     assert m.training_step({"caption": CAPTIONS}, 0) is None
     assert m._counts == {"skipped_nonfinite": 1}
     assert all(p.grad is None for p in m.parameters())
@@ -126,20 +129,21 @@ def test_batch_of_one_prompt_uses_the_saved_direction_or_is_skipped(denscore_dir
     assert m.training_step({"caption": CAPTIONS[:1]}, 0) is None  # degenerate, no fallback: skipped
     assert m._counts == {"skipped_degenerate": 1}
 
-    m.fallback_direction = load_direction(denscore_dir / "direction.safetensors")  # direction_fallback=<file>
+    m.objective.fallback_direction = load_direction(denscore_dir / "direction.safetensors")  # fallback
     loss = m.training_step({"caption": CAPTIONS[:1]}, 1)
     assert loss is not None and torch.isfinite(loss) and loss.requires_grad
     assert m._counts == {"skipped_degenerate": 1, "direction_fallback": 1}
     m.training_step({"caption": CAPTIONS[:2]}, 2)  # a real batch estimates its own direction again
     assert m._counts["direction_fallback"] == 1
 
-    m.fallback_direction, m.fixed_direction = None, m.fallback_direction  # direction=<file>: fixed v
+    o = m.objective
+    o.fallback_direction, o.fixed_direction = None, o.fallback_direction  # direction=<file>: fixed v
     assert m.training_step({"caption": CAPTIONS[:1]}, 3) is not None
     assert m._counts == {"skipped_degenerate": 1, "direction_fallback": 1}
     # the constructor arguments set exactly those buffers
-    m = make(denscore_dir, direction_fallback=str(denscore_dir / "direction.safetensors"))
-    assert m.fixed_direction is None and torch.allclose(m.fallback_direction, load_direction(
-        denscore_dir / "direction.safetensors"))
+    saved = str(denscore_dir / "direction.safetensors")
+    o = SegmentPreference("denscore", str(denscore_dir), direction_fallback=saved)
+    assert o.fixed_direction is None and torch.allclose(o.fallback_direction, load_direction(saved))
 
 
 def test_prompts_without_segments_are_dropped_and_counted(denscore_dir, monkeypatch):
@@ -212,8 +216,9 @@ def test_align_fit_end_to_end_on_the_tiny_default(denscore_dir, tmp_path, monkey
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n")
     main(["fit", "--config", str(ROOT / "configs/longalign/rft_tiny.yaml"),
-          "--model.reward_source", str(denscore_dir),
-          "--model.direction_fallback", str(denscore_dir / "direction.safetensors"),
+          "--model.objective.init_args.source", str(denscore_dir),
+          "--model.objective.init_args.direction_fallback",
+          str(denscore_dir / "direction.safetensors"),
           "--model.num_steps", "4", "--model.grad_steps", "2",
           "--data.prompts", str(prompts), "--data.val_prompts", "null", "--data.batch_size", "2",
           "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "null",
@@ -229,3 +234,11 @@ def test_align_fit_end_to_end_on_the_tiny_default(denscore_dir, tmp_path, monkey
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2 and all(0.0 <= x <= 1.0 for x in losses)
     assert os.path.exists(run / "config.yaml") and "RFTModule" in (run / "config.yaml").read_text()
+
+    # the injected objective is part of the run: align export rebuilds it, a resume may not change it
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp")]) == 0
+    info = json.loads((tmp_path / "exp/rft.json").read_text())
+    assert info["reward"] == "denscore" and info["w"] == 0.3
+    with pytest.raises(SystemExit, match="model.objective"):
+        main(["fit", "--config", str(run / "config.yaml"), "--model.objective.init_args.w", "0.5",
+              "--ckpt_path", str(run / "checkpoints/last.ckpt")])

@@ -9,14 +9,15 @@ from helpers import perturb_lora
 
 from align.demo.soft_judge import SoftJudge
 from align.modules.rft import RFTModule
+from align.rewards.rft import DirectReward
 
 CAPTIONS = ["a red square in the top left.", "a blue triangle in the bottom right.", "a green square in the top right."]
 
 
 def make(**kw):
-    args = dict(model="tiny", lora_rank=4, reward="shapes-judge", num_steps=4, grad_steps=1, guidance_scale=4.0)
+    args = dict(model="tiny", lora_rank=4, num_steps=4, grad_steps=1, guidance_scale=4.0)
     args.update(kw)
-    return RFTModule(**args).train()
+    return RFTModule(DirectReward("align.demo.soft_judge:shapes-judge"), **args).train()
 
 
 def record_logs(module, monkeypatch) -> dict:
@@ -28,7 +29,7 @@ def record_logs(module, monkeypatch) -> dict:
 def test_training_step_maximises_the_reward_directly_and_trains_only_the_lora(monkeypatch):
     torch.manual_seed(0)
     m = make()
-    assert m.direct_reward and isinstance(m.reward_model, SoftJudge)
+    assert isinstance(m.objective.reward, SoftJudge)
     perturb_lora(m)
     decoded = []
     real_decode = m.decode
@@ -55,14 +56,14 @@ def test_training_step_maximises_the_reward_directly_and_trains_only_the_lora(mo
 
 def test_nonfinite_reward_skips_the_step_and_validation_logs_the_reward(monkeypatch):
     m = make()
-    real = m.reward_model.forward
-    monkeypatch.setattr(m.reward_model, "forward", lambda px, prompts: real(px, prompts) * float("nan"))
+    real = m.objective.reward.forward
+    monkeypatch.setattr(m.objective.reward, "forward", lambda px, prompts: real(px, prompts) * float("nan"))
     assert m.training_step({"caption": CAPTIONS}, 0) is None
     assert m._counts == {"skipped_nonfinite": 1}
     assert all(p.grad is None for p in m.parameters())
     assert m.training_step({"caption": []}, 1) is None and m._counts["skipped_empty_batch"] == 1
 
-    monkeypatch.setattr(m.reward_model, "forward", real)
+    monkeypatch.setattr(m.objective.reward, "forward", real)
     logged = record_logs(m, monkeypatch)
     m.eval()
     m.validation_step({"caption": CAPTIONS[:2]}, 0)

@@ -1,5 +1,5 @@
 """Imports point one way: models and objectives at the bottom; rewards; data; modules and eval;
-bench, callbacks and demo; the CLI and commands on top. No module imports one that (transitively)
+bench and callbacks; the LightningCLI; the demo (it runs `align fit`); commands on top. No module imports one that (transitively)
 imports it."""
 
 import ast
@@ -15,10 +15,10 @@ LAYERS = {
     "eval": 3,
     "bench": 4,
     "callbacks": 4,
-    "demo": 4,
     "lightning_cli": 5,
-    "commands": 5,
-    "cli": 5,
+    "demo": 6,  # runs `align fit` (lightning_cli) for each of its configs
+    "commands": 7,
+    "cli": 7,
 }
 
 

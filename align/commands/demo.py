@@ -1,19 +1,19 @@
-"""The shapes-world demo: base model, judge-made preferences, every method + controls, judged report.
+"""The shapes-world demo: base model, judge-made data, every method's config + controls, judged report.
 
 Usage::
 
     align demo [--quick] [--out reports/] [--seeds 3] [--artifacts artifacts/shapes] [--threads 1]
-    align demo --eval-set validation --methods dpo,dpo-flipped --steps 250 --eval-every 50 --out reports-val
+    align demo --eval-set validation --methods dpo,dpo-flipped --steps 250 --eval-every 50
 
-``--eval-set validation`` judges on other held-out captions and seeds (also kept out of training): for choosing
-settings without looking at the report's test set.
-
-Builds the world, trains the base model once (cached under ``<artifacts>/base``), samples it to make on-policy
-preference shards and long-caption shards, trains every method (DPO, KTO and their flipped controls, LongAlign
-SFT with segment encoding and with 77-token truncation, RFT with the judge's relaxation and with a tiny CLIP
-preference model) for ``--seeds`` training seeds through the real Lightning modules,
-judges every model on held-out captions with fixed sampling seeds, and writes ``<out>/README.md`` (table,
-verdicts, timings), ``<out>/judge_curves.png``, ``<out>/samples.png`` and ``<out>/demo.json``.
+Builds the world (the base model, cached under ``<artifacts>/base``; on-policy preference shards
+judged by the exact judge; long-caption shards; the held-out judge set), then runs every method
+(DPO, KTO and their flipped controls, LongAlign SFT with segment encoding and with 77-token
+truncation, RFT with the judge's relaxation and with a tiny CLIP preference model) for ``--seeds``
+training seeds as ``align fit --config configs/demo/<method>.yaml``, and writes
+``<out>/README.md`` (table, verdicts, commands, timings), ``<out>/judge_curves.png``,
+``<out>/samples.png`` and ``<out>/demo.json``. ``--eval-set validation`` judges on other held-out
+captions and seeds (also kept out of training): for choosing settings without looking at the
+report's test set.
 """
 
 from __future__ import annotations
@@ -25,45 +25,53 @@ import sys
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer captions and steps (the CI-scale demo)")
+    p.add_argument("--quick", action="store_true", help="fewer captions and steps (CI scale)")
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
     p.add_argument("--artifacts", default=None,
-                   help="base model, shards and runs, cached (default: artifacts/shapes; --quick: artifacts/shapes-quick)")
-    p.add_argument("--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)")
+                   help="base model, shards and runs, cached (default: artifacts/shapes; "
+                        "--quick: artifacts/shapes-quick)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per method (default: 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads of the driver: base training, sampling (default: all cores)")
+                   help="torch threads of the driver: base training, sampling (default: all cores)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes running training runs side by side, one thread each (default: 2)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,sft-segment,"
-                        "sft-truncate,rft-judge,rft-clip,kto-shuffled (default: all but the label-free controls "
-                        "dpo-shuffled and kto-shuffled)")
-    p.add_argument("--lr", type=float, default=None, help="override the learning rate of DPO and KTO")
-    p.add_argument("--beta", type=float, default=None, help="override beta of DPO and KTO")
-    p.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
-    p.add_argument("--batch-size", type=int, default=None, help="override the batch size of every method")
+                   help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,"
+                        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip (default: all "
+                        "but the label-free controls dpo-shuffled and kto-shuffled)")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
+    p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")
+    p.add_argument("--steps", type=int, default=None, help="the training steps of every method")
+    p.add_argument("--batch-size", type=int, default=None, help="the batch size of every method")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="judge every method every N steps (0: at the end only; default: each method's own)")
+                   help="judge every method every N steps (default 0: at the end only)")
     p.add_argument("--eval-set", choices=("test", "validation"), default="test",
                    help="held-out captions and seeds to judge on (default: test, the report's)")
     return p
 
 
 def demo_config(args: argparse.Namespace):
-    """The ``DemoConfig`` the command line asks for: the full or quick defaults with its overrides applied."""
-    from align.demo.run import DemoConfig, quick_config
+    """The ``DemoConfig`` the command line asks for: the full or quick defaults, its overrides
+    given to every run as ``align fit`` flags (after the quick sizes, so they win)."""
+    from align.demo.run import DemoConfig, batch, quick_config, steps
 
     given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
     cfg = (quick_config if args.quick else DemoConfig)(out=args.out, eval_set=args.eval_set, **given)
+    fit_args = {k: list(v) for k, v in cfg.fit_args.items()}
+    every = (steps(args.steps) if args.steps else []) + (batch(args.batch_size) if args.batch_size
+                                                        else [])
+    for key in {*fit_args, "*"} - {"preference-model"}:  # after the quick sizes: they win
+        fit_args[key] = fit_args.get(key, []) + every
+    for family in ("dpo", "kto"):
+        if args.lr is not None:
+            fit_args[family] = fit_args.get(family, []) + [
+                "--model.init_args.optimizer.init_args.lr", str(args.lr)]
+        if args.beta is not None:
+            fit_args[family] = fit_args.get(family, []) + ["--model.init_args.beta", str(args.beta)]
+    cfg.fit_args = {k: v for k, v in fit_args.items() if v}
     if args.eval_every is not None:
         cfg.eval_every = max(0, args.eval_every)
-    for family in ("dpo", "kto", "sft", "rft", "rft_clip"):
-        mcfg = getattr(cfg, family)
-        for name in ("lr", "beta", "steps", "batch_size") if family in ("dpo", "kto") else ("steps", "batch_size"):
-            if getattr(args, name) is not None:
-                setattr(mcfg, name, getattr(args, name))
-        if args.eval_every is not None:
-            mcfg.eval_every = None  # the command line's, for every method
     if args.workers is not None:
         cfg.workers = max(1, args.workers)
     if args.methods:
@@ -80,8 +88,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(max(1, args.threads))
     from align.demo.run import run_demo
 
-    cfg = demo_config(args)
-    summary = run_demo(cfg, command="align demo " + " ".join(argv))
+    summary = run_demo(demo_config(args), command="align demo " + " ".join(argv))
     print(f"align demo: report written to {os.path.join(args.out, 'README.md')} "
           f"({summary['timings_s']['total']:.0f}s)")
     return 0

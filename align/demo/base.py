@@ -18,7 +18,7 @@ Its conditioning is wider than the ``tiny`` preset's: a 64-wide text encoder (th
 cross-attention at both UNet levels (the preset's: at the 8x8 level and the mid block). With the preset's, the
 base read shapes in two-object scenes at chance (judge 0.530 on the validation captions), and no method moved
 held-out captions beyond noise in a few hundred steps, not even plain SFT on perfectly captioned images; with the
-wider one (the experiment of docs/demo/findings.md §11) the base drew 93% of shapes right (judge 0.721 there),
+wider one (docs/demo/design.md) the base drew 93% of shapes right (judge 0.721 there),
 and DPO, KTO, their flipped controls and both RFTs moved the held-out score by 0.05-0.15 in the report. The UNet
 grows from 0.80 M to 1.08 M parameters.
 
@@ -51,7 +51,7 @@ class BaseConfig:
     vae_steps: int = 400
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 1500  # 1000 gave a base on which DPO and KTO did not rise (findings §11)
+    unet_steps: int = 1500  # at 1000, DPO and KTO did not rise (docs/demo/design.md)
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1

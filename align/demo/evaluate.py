@@ -1,4 +1,5 @@
-"""Sampling and judging: DDIM with classifier-free guidance through a stock diffusers pipeline, fixed seeds."""
+"""Sampling and judging: DDIM with classifier-free guidance through a stock diffusers pipeline,
+fixed seeds."""
 
 from __future__ import annotations
 

@@ -15,12 +15,9 @@ import json
 import random
 import re
 import time
-from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-import torch
 
 from align.demo import world
 from align.demo.judge import judge, parse_caption
@@ -77,10 +74,10 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
                               shards: int = 16, long: bool = True) -> Path:
     """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as long-caption
     shards (``jpg``, ``txt``, ``json``; ``align.data.schema``) ``longcaption-000000.tar`` ... in ``out_dir``.
-    ``long=False`` writes the short captions instead (plain SFT on correct data: findings §10's diagnostic).
+    ``long=False`` writes the short captions instead.
 
     Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are written in random
-    order, so shards need no buffer shuffle (see ``train_sft``); many small shards give each training seed its own
+    order, so shards need no buffer shuffle; many small shards give each training seed its own
     order of shards. Returns ``out_dir``.
     """
     from align.data.synthetic import _write_shards
@@ -105,42 +102,6 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
     out = Path(out_dir)
     _write_shards(out, "longcaption", n_scenes, min(shards, n_scenes), make, seed)
     return out
-
-
-def train_sft(base_dir: str | Path, shards: str | Path, encoder: str, seed: int, steps: int, lr: float,
-              batch_size: int = 8, callbacks=(), run_dir: str | Path | None = None, lora_rank: int = 0,
-              caption_dropout: float = 0.0, weight_decay: float = 0.0, lora_targets=None, shuffle_buffer: int = 0):
-    """LongAlign SFT of the base on long-caption shards with ``encoder`` ``segment`` or ``truncate``, through
-    ``SFTModule`` + ``LongCaptionDataModule`` and a Lightning Trainer on CPU; returns the trained module.
-
-    ``lora_rank`` 0 fine-tunes the full UNet; the text encoder stays frozen in both arms (as in LongAlign).
-    ``lora_targets``: the LoRA's target modules (default: every attention projection; ``CROSS_ATTENTION``: the
-    cross-attention projections only, which read the conditioning).
-    ``shuffle_buffer``: the data module's (seeded) buffer shuffle; 0 by default, as the shards already hold the
-    scenes in random order.
-    """
-    from align.data.longcaption import LongCaptionDataModule
-    from align.modules import SFTModule
-
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
-    L.seed_everything(seed, workers=True, verbose=False)
-    extra = {} if lora_targets is None else {"lora_targets": list(lora_targets)}
-    module = SFTModule(model=str(base_dir), prompt_encoder=ENCODERS[encoder], lora_rank=lora_rank,
-                       caption_dropout=caption_dropout, seed=seed, **extra,
-                       optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay))
-    data = LongCaptionDataModule(sources=str(shards), batch_size=batch_size, resolution=world.SIZE, crop="center",
-                                 flip_prob=0.0, num_workers=0, batches_per_epoch=steps, seed=seed,
-                                 shuffle_buffer=shuffle_buffer)
-    logger = False
-    if run_dir is not None:
-        logger = L.pytorch.loggers.CSVLogger(str(run_dir), name=f"longalign-{encoder}", version=f"seed{seed}")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger, log_every_n_steps=5,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, callbacks=list(callbacks), num_sanity_val_steps=0)
-    trainer.fit(module, data)
-    module.eval()
-    return module
 
 
 def resolve_encoder(components, encoder):
@@ -178,8 +139,3 @@ def evaluate_long(components, unet, encoder, captions: list[str], seeds: list[in
                        for i, cap in enumerate(captions) for j in range(len(seeds))], dtype=np.float64)
     return {"score": float(scores.mean()), "scores": scores, "images": images, "cells": cells,
             "seconds": time.time() - t}
-
-
-def module_eval(module, captions: list[str], seeds: list[int], **kw) -> dict:
-    """``evaluate_long`` of a trained ``train_sft`` module with its own encoder."""
-    return evaluate_long(module.components, module.unet, module.prompt_encoder, captions, seeds, **kw)

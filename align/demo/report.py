@@ -35,8 +35,7 @@ def judging_error(runs: list[dict], reference) -> float | None:
     ``reference``: the base's per-caption scores, or the runs of the method compared with. The change per
     caption (averaged over training seeds and sampling seeds) is treated as a sample of captions:
     sd / sqrt(#captions). The spread over training seeds misses this part, because every training seed is judged
-    on the same captions and seeds and so shares their luck (measured: docs/demo/findings.md §9). None when the
-    per-caption scores are missing (reports written before they were recorded).
+    on the same captions and seeds and so shares their luck. None when per-caption scores are missing.
     """
     def per_caption(x):
         if isinstance(x, list) and x and isinstance(x[0], dict):
@@ -176,6 +175,9 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
               *([f"Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
                  f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.", ""]
                 if summary.get("preference_model") is not None else []),
+              "## Runs", "", "Each method is one config of `configs/demo/` run by `align fit` "
+              "(training seed 0 shown; the others differ in the seed flags only):", "", "```",
+              *summary.get("commands", {}).values(), "```", "",
               "## Settings", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", "",
               "## Timings (seconds)", "", *(f"- {k}: {v:.0f}" for k, v in summary["timings_s"].items()), "",
               "![judge curves](judge_curves.png)", "", "![samples](samples.png)", "",

@@ -2,11 +2,10 @@
 
 The model is LongAlign's Denscore recipe at toy scale: ``PreferenceModelModule`` (a transformers ``CLIPModel``,
 both towers and the logit scale trained with PickScore's objective over segment-aggregated scores) fed by
-``PreferencePairDataModule``, run by a Lightning ``Trainer`` on the CPU. The judge's pair shards
-(``align.demo.prefs.write_pairs``) are already in the schema that data module reads (Pick-a-Pic: ``jpg_0.jpg``,
-``jpg_1.jpg``, ``json`` with ``caption``, ``label_0``, ``label_1``), so they are read as they are; a list of pair
-samples (``prefs.pair_samples``) is first written with ``write_pairs``. The export is a Denscore directory:
-``build_reward("denscore", str(path))`` loads it, and RFT takes it as ``reward="denscore", reward_source=path``.
+``PreferencePairDataModule``, run by ``align fit --config configs/demo/preference_model.yaml``. The
+judge's pair shards (``align.demo.prefs.write_pairs``) are already in the schema that data module reads.
+The export is a Denscore directory: ``build_reward("denscore", str(path))`` loads it, and RFT's
+``SegmentPreference`` takes it as its ``source``.
 
 Image size: the demo's images are 32 px. The tiny CLIP of ``align.rewards.tiny`` takes 224 px (patch 32), which
 would upsample every 32 px image sevenfold and see each 16 px grid cell through about four patches. By default
@@ -18,19 +17,14 @@ images, both for PIL images and for the differentiable tensor path RFT scores wi
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 from align.demo import world
-from align.demo.base import log
 
 DEFAULT_IMAGE_SIZE = world.SIZE
 DEFAULT_PATCH_SIZE = 4
@@ -70,118 +64,6 @@ def _vision_size(source: str, seed: int) -> int:
     from align.modules.preference import load_clip
 
     return int(load_clip(source, seed=seed)[0].config.vision_config.image_size)
-
-
-# ---- training ----------------------------------------------------------------------------------------------
-class AccuracyCurve(L.Callback):
-    """Held-out pairwise accuracy of the model being trained (its own Denscore scorer, which scores exactly as
-    the export does) at step 0, every ``every`` steps and at the end."""
-
-    def __init__(self, pairs: list[dict], every: int, batch_size: int = 64):
-        self.pairs, self.every, self.batch_size = pairs, every, batch_size
-        self.curve: list[tuple[int, float]] = []
-
-    def _eval(self, trainer, module) -> None:
-        step = trainer.global_step
-        if self.curve and self.curve[-1][0] == step:
-            return
-        scorer = module.scorer
-        was_training = scorer.training
-        scorer.eval()
-        try:
-            acc = pairwise_accuracy(scorer, self.pairs, self.batch_size)
-        finally:
-            scorer.train(was_training)
-        self.curve.append((step, acc))
-        log(f"  preference model step {step}: held-out pairwise accuracy {acc:.3f}")
-
-    def on_train_start(self, trainer, module):
-        self._eval(trainer, module)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0:
-            self._eval(trainer, module)
-
-    def on_train_end(self, trainer, module):
-        self._eval(trainer, module)
-
-
-def train_preference_model(pair_shards, out_dir: str | Path, steps: int = 300, seed: int = 0, lr: float = 1e-3,
-                           batch_size: int = 32, image_size: int = DEFAULT_IMAGE_SIZE,
-                           patch_size: int = DEFAULT_PATCH_SIZE, width: int | None = None,
-                           projection_dim: int | None = None, base_model: str | None = None,
-                           weight_decay: float = 0.01, warmup_steps: int = 10, logit_scale: float | None = None,
-                           drop_ties: bool = False, splitter: str = "official", shuffle_buffer: int = 256,
-                           eval_pairs: Sequence[dict] | None = None, eval_every: int = 0) -> Path:
-    """Train a tiny CLIP preference model (Denscore) on the judge's pairs and export it; returns the export.
-
-    Args:
-        pair_shards: a directory, a shard, a pattern or a list of them (Pick-a-Pic-schema pair tars, as
-            ``prefs.write_pairs`` writes them), or a list of pair samples (``prefs.pair_samples`` dicts), which
-            are written to ``out_dir/pairs`` first.
-        out_dir: gets ``init/`` (the untrained CLIP), ``export/`` (the trained Denscore directory, returned) and
-            ``train_summary.json`` (settings, last logged training metrics, seconds, accuracy curve).
-        steps / lr / batch_size (pairs per step) / weight_decay / warmup_steps: AdamW with a linear warm-up from
-            lr / 10 over ``warmup_steps``, as ``configs/longalign/denscore_tiny.yaml``.
-        image_size / patch_size / width / projection_dim: the default model (``write_small_clip``).
-        base_model: start from this CLIP instead (``tiny-clip`` or a CLIPModel directory); the data module then
-            crops to its vision tower's size.
-        logit_scale: None trains CLIP's own temperature (PickScore); a number fixes it.
-        drop_ties: drop 0.5 / 0.5 pairs (default False: PickScore's objective trains on ties).
-        eval_pairs / eval_every: held-out pair samples whose pairwise accuracy is recorded at step 0, every
-            ``eval_every`` steps (0: only at the ends) and after the last step.
-    """
-    from align.data.preference import PreferencePairDataModule
-    from align.demo.prefs import write_pairs
-    from align.modules.preference import PreferenceModelModule
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(pair_shards, (list, tuple)) and pair_shards and isinstance(pair_shards[0], dict):
-        write_pairs(out / "pairs", list(pair_shards), shards=4, seed=seed)
-        pair_shards = str(out / "pairs")
-    elif isinstance(pair_shards, (list, tuple)):
-        pair_shards = [str(p) for p in pair_shards]
-    else:
-        pair_shards = str(pair_shards)
-
-    if base_model is None:
-        source = str(write_small_clip(out / "init", image_size, patch_size, seed=seed, width=width,
-                                      projection_dim=projection_dim))
-    else:
-        source, image_size = base_model, _vision_size(base_model, seed)
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    module = PreferenceModelModule(
-        model=source, splitter=splitter, logit_scale=logit_scale, seed=seed,
-        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
-        lr_scheduler=(partial(torch.optim.lr_scheduler.LinearLR, start_factor=0.1, total_iters=warmup_steps)
-                      if warmup_steps > 0 else None))
-    data = PreferencePairDataModule(train_shards=pair_shards, batch_size=batch_size, image_size=image_size,
-                                    drop_ties=drop_ties, num_workers=0, shuffle_buffer=shuffle_buffer,
-                                    batches_per_epoch=steps, seed=seed)
-    callbacks = []
-    curve = None
-    if eval_pairs is not None:
-        curve = AccuracyCurve(list(eval_pairs), eval_every)
-        callbacks.append(curve)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
-    t = time.time()
-    trainer.fit(module, data)
-    seconds = time.time() - t
-    export = module.export(out / "export")
-    summary = {
-        "steps": trainer.global_step, "seed": seed, "lr": lr, "batch_size": batch_size, "image_size": image_size,
-        "patch_size": patch_size if base_model is None else None, "width": width,
-        "projection_dim": projection_dim, "base_model": base_model, "drop_ties": drop_ties,
-        "logit_scale": logit_scale, "train_seconds": seconds,
-        "last_train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "accuracy_curve": curve.curve if curve else None,
-    }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return export
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""The whole demo: world -> base -> on-policy preferences -> every method x seeds (in worker processes) ->
-judge -> report.
+"""The whole demo: world -> base -> judge-made data -> every method's ``align fit`` x seeds -> report.
 
-Every training run goes through the real LightningModules and data modules (``align.demo.methods``); a callback
-samples the policy on held-out captions every ``eval_every`` steps and records the judge's score, so each run
-yields a curve. Runs are independent once the base model and the shards exist, so ``workers`` processes (one
-torch thread each: the tiny model runs best single-threaded) share them.
+The world's part is built here: the base model, on-policy preference shards judged by the exact
+judge, long-caption shards, the tiny CLIP's initial weights, the training captions and the held-out
+judge set (``<artifacts>/judge-<eval_set>.json``). Every training run is then exactly what a user
+runs: ``align fit --config configs/demo/<method>.yaml`` (the same modules, data modules and
+callbacks), with ``ALIGN_DEMO=<artifacts>`` and per-run flags (seed, control data, quick sizes).
+Runs are independent once the world exists, so ``workers`` processes (one torch thread each: the
+tiny model runs best single-threaded) run them side by side. Each run's ``ShapesJudge`` callback
+writes its held-out judge score to ``<artifacts>/runs/<method>/seed<k>/judge.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,22 +28,39 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log
 from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline, sample
-from align.demo.longalign import CROSS_ATTENTION
-from align.demo.methods import METHODS, MethodConfig, RunContext, run_job
-from align.demo.prefs import build_records, pair_samples, single_samples, summary, write_pairs, write_singles
+from align.demo.prefs import (build_records, pair_samples, single_samples, summary, write_pairs,
+                              write_singles)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+# method -> (config, flags that make it a control). Flipped: the same run on reversed labels;
+# shuffled: on random labels (what training on these images does whatever the preference)
+METHODS = {
+    "dpo": ("dpo.yaml", []),
+    "dpo-flipped": ("dpo.yaml", ["--data.init_args.train_shards", "{art}/prefs/pairs-flipped"]),
+    "dpo-shuffled": ("dpo.yaml", ["--data.init_args.train_shards", "{art}/prefs/pairs-shuffled"]),
+    "kto": ("kto.yaml", []),
+    "kto-flipped": ("kto.yaml", ["--data.init_args.shards", "{art}/prefs/singles-flipped"]),
+    "kto-shuffled": ("kto.yaml", ["--data.init_args.shards", "{art}/prefs/singles-shuffled"]),
+    "sft-segment": ("sft.yaml", []),
+    "sft-truncate": ("sft.yaml", ["--model.init_args.prompt_encoder", "clip"]),
+    "rft-judge": ("rft_judge.yaml", []),
+    "rft-clip": ("rft_clip.yaml", []),
+}
+PREFERENCE_MODEL = "preference_model.yaml"
+VALIDATION_LONG_SEED = 104723  # draws the validation long captions
 
 
-# LongAlign SFT as a rank-32 LoRA on the cross-attention projections (the text -> image path)
-SFT_LORA = {"lora_rank": 32, "lora_targets": list(CROSS_ATTENTION)}
-# DPO / KTO on timesteps [500, 1000): where the layout and colours are decided; on all timesteps the policy fitted
-# the pairs' low-noise pixel detail in either direction and the judge barely moved (docs/demo/findings.md §5)
-HIGH_NOISE = {"timestep_range": [500, 1000]}
+def steps(n: int) -> list[str]:
+    return ["--trainer.max_steps", str(n), "--data.init_args.batches_per_epoch", str(n)]
 
 
-VALIDATION_LONG_SEED = 104723  # draws the validation long captions (the test ones: long_eval_captions' default)
-# UNet steps of the --quick base (the full base: 1500). On the narrow base of findings §10, 500: judge 0.334;
-# 350: 0.336; 300: 0.262
-QUICK_BASE_STEPS = 350
+def batch(n: int) -> list[str]:
+    return ["--data.init_args.batch_size", str(n)]
+
+
+# ``--quick``: each config's run shortened (flags by "*", family or method, in that order)
+QUICK_ARGS = {"dpo": steps(20), "kto": steps(30), "sft": steps(80), "rft-judge": steps(8) + batch(8),
+              "rft-clip": steps(8) + batch(8), "preference-model": steps(30)}
 
 
 @dataclass
@@ -49,82 +71,49 @@ class DemoConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     pref_captions: int = 256
     images_per_caption: int = 4
-    # many captions (64, not 32: with 32 the spread over training seeds hid DPO's gain; docs/demo/findings.md §5)
-    # and 8 sampling seeds: on the earlier, narrower base the methods' changes (~0.01) were as small as the luck of
-    # 8 seeds (0.006-0.016, findings §9) and 16 were used; on the current base they are 0.05-0.16 (findings §11),
-    # and judging is most of a run's time. Curve points (``eval_every``) are judged on the first ``curve_seeds``
+    # 64 held-out captions x 8 sampling seeds: the methods' changes (0.05-0.16) stand well clear of
+    # the luck of the draw; curve points are judged on the first ``curve_seeds``
     eval_captions: int = 64
     eval_seeds: tuple = tuple(range(1000, 1008))
     curve_seeds: int = 4
-    # "test": the report's held-out captions and seeds. "validation": other held-out captions (also kept out of
-    # training) and other seeds, for choosing settings without looking at the report's set (findings §8)
+    # "test": the report's captions and seeds; "validation": other held-out ones, for choosing
+    # settings without looking at the report's set
     eval_set: str = "test"
     validation_seeds: tuple = tuple(range(2000, 2008))
-    # judge at the end only: each judging of a 64-caption curve point costs ~17 s of a worker on 4 seeds, and the
-    # 30-minute budget did not hold with midpoints (KTO's and rft-clip's since findings §9, DPO's since §11)
-    eval_every: int = 0
+    eval_every: int = 0  # judge curve points every N steps (0: at the end only)
     sample_steps: int = 10
     guidance: float = 4.0
-    # DPO and KTO train on the noisier half of the timesteps only (measured: docs/demo/findings.md §5). Their step
-    # counts were chosen on validation captions (never trained on, not the report's): DPO's held-out gain peaks
-    # early while its flipped control keeps falling; KTO and its control separate by 150 steps (findings §8). On
-    # the wider base DPO at 25 and at 50 steps gained alike on validation captions, at 50 with a quarter of the
-    # spread over training seeds (findings §12)
-    dpo: MethodConfig = field(default_factory=lambda: MethodConfig(steps=50, lr=1e-4, beta=2000.0, batch_size=16,
-                                                                   extra=HIGH_NOISE))
-    kto: MethodConfig = field(default_factory=lambda: MethodConfig(steps=150, lr=2e-5, beta=1000.0, batch_size=16,
-                                                                   extra=HIGH_NOISE))
-    sft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=75, lr=2e-3, batch_size=8, extra=SFT_LORA))
-    # AdamW moves every parameter by ~lr per step: 1e-3 on the rank-8 LoRA climbs the soft judge, 3e-3 and more
-    # lowered it; past ~60 steps the hard judge fell on some seeds while the soft one kept rising. 16 prompts a step,
-    # not 8: on validation captions the spread over training seeds fell from 0.009 to 0.004 (docs/demo/findings.md §8)
-    # Step counts of both RFTs lowered for the 30-minute budget when the base's conditioning grew: rft-judge
-    # 60 -> 40 -> 25, rft-clip (its reward the tiny CLIP model) 120 -> 60 -> 40; on validation captions at 25 and 40
-    # steps they raised the judge by 0.17 and 0.14, 2 sd 0.03 (findings §11-§12)
-    rft: MethodConfig = field(default_factory=lambda: MethodConfig(steps=25, lr=1e-3, batch_size=16))  # rft-judge
-    rft_clip: MethodConfig = field(default_factory=lambda: MethodConfig(steps=40, lr=1e-3, batch_size=8))
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
-    preference_model_steps: int = 300  # the tiny CLIP preference model rft-clip optimises
-    # (dpo-shuffled and kto-shuffled, the label-free controls, are opt-in: time; findings §8-9)
-    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate", "rft-judge",
-                      "rft-clip")
-    workers: int = 2  # processes running training jobs side by side (one torch thread each)
-    # "base": on-policy samples of the base model (the demo); "rendered": renders of each caption's scene with
-    # every colour wrong with probability 0.5 (off-policy, known-good and known-bad images; for toy-scale tests)
+    # the label-free controls dpo-shuffled and kto-shuffled are opt-in (time)
+    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
+                      "rft-judge", "rft-clip")
+    workers: int = 2  # processes running training runs side by side (one torch thread each)
+    # "base": on-policy samples of the base (the demo); "rendered": renders of each caption's scene
+    # with every colour wrong with probability 0.5 (known-good and known-bad images; toy-scale tests)
     pref_source: str = "base"
+    # extra `align fit` flags by "*" (every method's run), family ("dpo", "sft", ...), method or
+    # "preference-model"
+    fit_args: dict = field(default_factory=dict)
 
 
 def quick_config(**kw) -> DemoConfig:
-    """``--quick``: the same pipeline at smoke-test scale: a smaller base (its own cache, ``artifacts/shapes-quick``,
-    so the full demo's base is never replaced), one training seed, fewer captions and steps; judged at the end of
-    each run only. Its numbers check that everything runs; the full demo's are the evidence. Sized for a margin
-    under 5 minutes: at session 6's sizes (base 500 UNet steps, DPO 50, RFT 30) it took 4:54 to 5:05 from nothing
-    cached on the same 2-core machine, at session 7's 4:01, and 5:57 once the base's conditioning widened (session
-    9), which then cut the judged captions to 8 and the steps of DPO, KTO, both RFTs, the VAE and the preference
-    model (docs/benchmarks.md)."""
+    """``--quick``: the same pipeline at smoke-test scale: a smaller base (its own cache,
+    ``artifacts/shapes-quick``), one training seed, fewer captions and steps. Its numbers check that
+    everything runs; the full demo's are the evidence. Sized to finish in 5 minutes on 2 cores."""
     kw.setdefault("seeds", 1)
-    kw.setdefault("eval_seeds", tuple(range(1000, 1008)))  # 8 seeds: keeps it under 5 min
     kw.setdefault("artifacts", "artifacts/shapes-quick")
-    return DemoConfig(base=BaseConfig(scenes=2000, vae_steps=120, unet_steps=QUICK_BASE_STEPS),
-                      pref_captions=64, eval_captions=8, eval_every=0,
-                      dpo=MethodConfig(steps=20, lr=1e-4, beta=2000.0, batch_size=16, extra=HIGH_NOISE),
-                      kto=MethodConfig(steps=30, lr=2e-5, beta=1000.0, batch_size=16, extra=HIGH_NOISE),
-                      sft=MethodConfig(steps=80, lr=2e-3, batch_size=8, extra=SFT_LORA),
-                      rft=MethodConfig(steps=8, lr=1e-3, batch_size=8),
-                      rft_clip=MethodConfig(steps=8, lr=1e-3, batch_size=8),
-                      long_scenes=400, preference_model_steps=30, **kw)
+    kw.setdefault("fit_args", QUICK_ARGS)
+    return DemoConfig(base=BaseConfig(scenes=2000, vae_steps=120, unet_steps=350),
+                      pref_captions=64, eval_captions=8, long_scenes=400, **kw)
 
 
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(training captions for preference data, held-out evaluation captions), fixed by seeds.
 
-    Held-out captions are distinct captions never used for training (at most a quarter of the distinct captions the
-    world draws: 414 with one or two objects per scene; ``eval_set="validation"``: the rest of that quarter after
-    the test captions, and training then avoids the whole quarter); training captions are drawn from the world's
-    scene distribution with the held-out ones removed, repeats allowed. Why two objects: with one object per scene
-    the world has only 32 captions, so the held-out ones are exactly the combinations the training captions lack,
-    and a method that learns its training captions better moves held-out ones the other way (measured: DPO raised
-    its training captions and lowered the held-out ones, the flipped control the reverse). With two objects every
+    Held-out captions are distinct captions never used for training (at most a quarter of the
+    distinct captions of the world; ``eval_set="validation"``: the rest of that quarter, and
+    training then avoids the whole quarter); training captions are drawn from the world's scene
+    distribution with the held-out ones removed, repeats allowed. With two objects per scene every
     held-out sentence also occurs in training captions, next to other sentences.
     """
     pool: list[str] = []
@@ -134,18 +123,17 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
             pool.append(c)
     quarter = len(pool) // 4
     test = pool[:min(cfg.eval_captions, quarter)]
-    if cfg.eval_set == "validation":  # the rest of the held-out quarter, at most as many as the test captions
+    if cfg.eval_set == "validation":
         held_out, excluded = pool[len(test):min(quarter, 2 * len(test))], set(pool[:quarter])
     else:
         held_out, excluded = test, set(test)
-    train = [c for c in (world.caption(s) for s in world.scenes(8 * cfg.pref_captions + 100, seed=104729,
-                                                                 max_objects=cfg.base.max_objects))
-             if c not in excluded]
+    drawn = world.scenes(8 * cfg.pref_captions + 100, seed=104729, max_objects=cfg.base.max_objects)
+    train = [c for c in (world.caption(s) for s in drawn) if c not in excluded]
     return train[:cfg.pref_captions], held_out
 
 
 def judged_seeds(cfg: DemoConfig) -> list[int]:
-    """The sampling seeds every model is judged with (``eval_set`` picks test or validation seeds)."""
+    """The sampling seeds every model is judged with (``eval_set`` picks test or validation)."""
     return list(cfg.validation_seeds if cfg.eval_set == "validation" else cfg.eval_seeds)
 
 
@@ -156,86 +144,128 @@ def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np
     out = []
     for cap in captions:
         scene = tuple(parse_caption(cap))
-        out += [np.asarray(world.render(world.noisy_scene(scene, rng, 0.5, 0.0), rng)) for _ in range(per_caption)]
+        out += [np.asarray(world.render(world.noisy_scene(scene, rng, 0.5, 0.0), rng))
+                for _ in range(per_caption)]
     return np.stack(out)
 
 
-def longest_first(jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """``jobs`` with the RFT runs first (they sample with gradients: 115-165 s each in the report, the others
-    50-90 s), so the runs left when one worker runs dry are short ones. A run's result does not depend on its
-    order or worker (each seeds everything): the session-7 report, run in this order, equals session 6's, run in
-    method order, to the last digit."""
-    return sorted(jobs, key=lambda job: not job[0].startswith("rft"))
-
-
-def run_jobs(ctx: RunContext, jobs: list[tuple[str, int]], workers: int) -> list[dict]:
-    """Run (method, seed) jobs, in ``workers`` spawned processes when > 1 (longest first); results in job order."""
-    if workers <= 1:
-        return [run_job(ctx, m, s) for m, s in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {job: pool.submit(run_job, ctx, *job) for job in longest_first(jobs)}
-        return [futures[job].result() for job in jobs]
-
-
-def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> tuple[dict, dict]:
-    """On-policy (or rendered) images for the training captions, judged, written as pair and single shards
-    (and their flipped controls; random labels when ``dpo-shuffled`` / ``kto-shuffled`` run). Returns (shard dirs,
-    summary)."""
-    eval_kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> dict:
+    """Images for the training captions (on-policy or rendered), judged, written as pair and single
+    shards with their flipped (and, when asked for, shuffled) controls; returns the data summary."""
     if cfg.pref_source == "base":
-        images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)), **eval_kw)
+        images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)),
+                        steps=cfg.sample_steps, guidance=cfg.guidance)
     else:
         images = rendered_samples(train_caps, cfg.images_per_caption)
     rec = build_records(train_caps, images, cfg.images_per_caption)
-    shards = {}
-    for flipped in (False, True):
-        sfx = "-flipped" if flipped else ""
-        shards[f"pairs{sfx}"] = str(data_dir / f"pairs{sfx}")
-        write_pairs(shards[f"pairs{sfx}"], pair_samples(rec, flipped), shards=4)
-        shards[f"singles{sfx}"] = str(data_dir / f"singles{sfx}")
-        write_singles(shards[f"singles{sfx}"], single_samples(rec, flipped), shards=4)
-    if "dpo-shuffled" in cfg.methods:
-        shards["pairs-shuffled"] = str(data_dir / "pairs-shuffled")
-        write_pairs(shards["pairs-shuffled"], pair_samples(rec, shuffled_seed=0), shards=4)
-    if "kto-shuffled" in cfg.methods:
-        shards["singles-shuffled"] = str(data_dir / "singles-shuffled")
-        write_singles(shards["singles-shuffled"], single_samples(rec, shuffled_seed=0), shards=4)
-    pref_summary = summary(rec)
-    if pref_summary["decisive_pairs"] == 0 or not 0 < pref_summary["desirable"] < pref_summary["images"]:
-        raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class empty): "
-                           f"{pref_summary}; train the base longer or sample more images per caption")
-    return shards, pref_summary
+    variants = {"": {}, "-flipped": {"flipped": True}}
+    if {"dpo-shuffled", "kto-shuffled"} & set(cfg.methods):
+        variants["-shuffled"] = {"shuffled_seed": 0}
+    for sfx, how in variants.items():
+        write_pairs(data_dir / f"pairs{sfx}", pair_samples(rec, **how), shards=4)
+        write_singles(data_dir / f"singles{sfx}", single_samples(rec, **how), shards=4)
+    (data_dir / "train_captions.txt").write_text("".join(c + "\n" for c in train_caps))
+    found = summary(rec)
+    if found["decisive_pairs"] == 0 or not 0 < found["desirable"] < found["images"]:
+        raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class "
+                           f"empty): {found}; train the base longer or sample more images")
+    return found
 
 
-def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str], str, dict]:
-    """(held-out long captions, long-caption SFT shards, the base's ``evaluate_long`` on them per encoder)."""
+def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str], dict]:
+    """(held-out long captions, the base's ``evaluate_long`` on them per encoder); writes the
+    long-caption SFT shards to ``data_dir/long``."""
     from align.demo.longalign import evaluate_long, long_eval_captions, write_long_caption_shards
 
     objects = cfg.base.max_objects
     long_caps = test_caps = long_eval_captions(cfg.eval_captions, max_objects=objects)
     if cfg.eval_set == "validation":
-        long_caps = long_eval_captions(cfg.eval_captions, seed=VALIDATION_LONG_SEED, exclude=test_caps,
-                                       max_objects=objects)
-    shards = write_long_caption_shards(data_dir / "long", cfg.long_scenes, seed=cfg.base.seed + 17,
-                                       max_objects=objects, exclude=list(dict.fromkeys(test_caps + long_caps)))
-    results = {enc: evaluate_long(base, base.unet, enc, long_caps, judged_seeds(cfg), steps=cfg.sample_steps,
-                                  guidance=cfg.guidance) for enc in ("segment", "truncate")}
-    return long_caps, str(shards), results
+        long_caps = long_eval_captions(cfg.eval_captions, seed=VALIDATION_LONG_SEED,
+                                       exclude=test_caps, max_objects=objects)
+    write_long_caption_shards(data_dir / "long", cfg.long_scenes, seed=cfg.base.seed + 17,
+                              max_objects=objects, exclude=list(dict.fromkeys(test_caps + long_caps)))
+    results = {enc: evaluate_long(base, base.unet, enc, long_caps, judged_seeds(cfg),
+                                  steps=cfg.sample_steps, guidance=cfg.guidance)
+               for enc in ("segment", "truncate")}
+    return long_caps, results
 
 
-def preference_model(cfg: DemoConfig, shards: dict, out_dir: Path) -> tuple[Path, float]:
-    """The tiny CLIP preference model ``rft-clip`` optimises, trained on the judge's pairs: the on-policy pairs
-    and as many judge-labelled rendered pairs (caption's scene vs one corruption)."""
-    from align.demo.prefs import write_pairs
-    from align.demo.reward_model import pairwise_accuracy, rendered_pairs, train_preference_model
+def fit_args(cfg: DemoConfig, name: str) -> list[str]:
+    """``cfg.fit_args`` of a method: "*", then its family's, then its own (later flags win); the
+    preference model takes its own only."""
+    family = name.split("-")[0]
+    keys = [name] if name == "preference-model" else ["*", family] + [name] * (name != family)
+    return [str(a) for key in keys for a in cfg.fit_args.get(key, [])]
+
+
+def fit(args: list[str], threads: int = 1) -> float:
+    """One ``align fit`` (in this process, ``threads`` torch threads); returns its seconds."""
+    from align.lightning_cli import run_lightning_cli
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    t = time.time()
+    try:
+        run_lightning_cli(["fit", *args])
+    finally:
+        torch.set_num_threads(before)
+    return time.time() - t
+
+
+def job_args(cfg: DemoConfig, method: str, seed: int) -> list[str]:
+    """The ``align fit`` flags of one run (``ALIGN_DEMO`` names the artifacts)."""
+    config, control = METHODS[method]
+    return ["--config", str(CONFIGS / config),
+            *(a.format(art=cfg.artifacts) for a in control),
+            "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
+            "--data.init_args.seed", str(seed), "--trainer.logger.init_args.name", method,
+            "--trainer.logger.init_args.version", f"seed{seed}", *fit_args(cfg, method)]
+
+
+def longest_first(jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``jobs`` with the RFT runs first (they sample with gradients: the longest), so the runs left
+    when one worker runs dry are short ones. A run's result does not depend on its order or worker."""
+    return sorted(jobs, key=lambda job: not job[0].startswith("rft"))
+
+
+def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> list[dict]:
+    """Every (method, seed) run, in ``workers`` spawned processes (longest first); each result is its
+    ``judge.json`` with ``seconds``, in job order."""
+    for method, seed in jobs:
+        shutil.rmtree(Path(cfg.artifacts) / "runs" / method / f"seed{seed}", ignore_errors=True)
+    args = {job: job_args(cfg, *job) for job in jobs}
+    if cfg.workers <= 1:
+        seconds = {job: fit(args[job]) for job in jobs}
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
+            futures = {job: pool.submit(fit, args[job]) for job in longest_first(jobs)}
+            seconds = {job: futures[job].result() for job in jobs}
+    results = []
+    for method, seed in jobs:
+        run = Path(cfg.artifacts) / "runs" / method / f"seed{seed}"
+        result = json.loads((run / "judge.json").read_text())
+        results.append({"method": method, "seed": seed, **result,
+                        "seconds": seconds[(method, seed)], "run": str(run)})
+    return results
+
+
+def preference_model(cfg: DemoConfig, out_dir: Path) -> tuple[Path, float]:
+    """The tiny CLIP preference model ``rft-clip`` optimises: ``configs/demo/preference_model.yaml``
+    on the on-policy pairs and as many judge-labelled rendered pairs; returns (export, held-out
+    pairwise accuracy on rendered pairs)."""
+    from align.demo.reward_model import pairwise_accuracy, rendered_pairs, write_small_clip
     from align.rewards import build_reward
 
-    objects = cfg.base.max_objects
-    train_pairs = rendered_pairs(2000, seed=cfg.base.seed + 29, max_objects=objects)
-    write_pairs(out_dir / "rendered-pairs", train_pairs, shards=4)
-    export = train_preference_model([shards["pairs"], str(out_dir / "rendered-pairs")], out_dir,
-                                    steps=cfg.preference_model_steps, seed=cfg.base.seed)
-    held_out = rendered_pairs(300, seed=cfg.base.seed + 31, max_objects=objects)
+    objects, seed = cfg.base.max_objects, cfg.base.seed
+    shutil.rmtree(out_dir, ignore_errors=True)
+    write_small_clip(out_dir / "init", seed=seed)
+    write_pairs(out_dir / "rendered-pairs", rendered_pairs(2000, seed=seed + 29, max_objects=objects),
+                shards=4)
+    fit(["--config", str(CONFIGS / PREFERENCE_MODEL), "--seed_everything", str(seed),
+         "--model.init_args.seed", str(seed), "--data.init_args.seed", str(seed),
+         *fit_args(cfg, "preference-model")], threads=torch.get_num_threads())
+    export = out_dir / "export" / "final"
+    held_out = rendered_pairs(300, seed=seed + 31, max_objects=objects)
     acc = pairwise_accuracy(build_reward("denscore", str(export)), held_out)
     log(f"preference model: held-out pairwise accuracy {acc:.3f} on rendered judge pairs")
     return export, acc
@@ -249,6 +279,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
     if cfg.eval_set not in ("test", "validation"):
         raise ValueError(f"eval_set must be 'test' or 'validation', got {cfg.eval_set!r}")
+    os.environ["ALIGN_DEMO"], os.environ["ALIGN_DEMO_EVAL_SET"] = cfg.artifacts, cfg.eval_set
     seeds = judged_seeds(cfg)
     timings: dict[str, float] = {}
     t_all = time.time()
@@ -263,66 +294,72 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     base = load_components(str(base_dir))
     base_pipe = make_pipeline(base)
     t = time.time()
-    base_eval = evaluate(base_pipe, eval_caps, seeds, steps=cfg.sample_steps, guidance=cfg.guidance)
-    base_curve = first_seeds_score(base_eval["scores"], len(seeds), cfg.curve_seeds)
+    judged = {"short": evaluate(base_pipe, eval_caps, seeds, steps=cfg.sample_steps,
+                                guidance=cfg.guidance)}
     timings["evaluate base"] = time.time() - t
-    log(f"base model: judge score {base_eval['score']:.4f} on {len(eval_caps)} {cfg.eval_set} captions x "
-        f"{len(seeds)} seeds")
+    log(f"base model: judge score {judged['short']['score']:.4f} on {len(eval_caps)} "
+        f"{cfg.eval_set} captions x {len(seeds)} seeds")
 
     t = time.time()
-    shards, pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
+    pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
     timings["preference data (sample + judge + shards)"] = time.time() - t
     log(f"preference data: {pref_summary}")
 
-    extra: dict = {"base_score": base_eval["score"], "base_curve_score": base_curve}
     long_caps: list[str] = []
-    long_base: dict = {}
     if any(m.startswith("sft-") for m in cfg.methods):
         t = time.time()
-        long_caps, shards["long"], long_base = long_caption_data(cfg, base, art / "prefs")
-        extra["base_long_score"] = {enc: r["score"] for enc, r in long_base.items()}
-        extra["base_long_curve_score"] = {enc: first_seeds_score(r["scores"], len(seeds), cfg.curve_seeds)
-                                          for enc, r in long_base.items()}
+        long_caps, long_base = long_caption_data(cfg, base, art / "prefs")
+        judged.update({f"long-{enc}": r for enc, r in long_base.items()})
         timings["long-caption data + base on long captions"] = time.time() - t
-        log(f"base model on long captions (facts past token 77): {extra['base_long_score']}")
+        log("base model on long captions (facts past token 77): "
+            f"{ {enc: r['score'] for enc, r in long_base.items()} }")
+    judge_set = {"short": eval_caps, "long": long_caps, "seeds": seeds, "every": cfg.eval_every,
+                 "curve_seeds": cfg.curve_seeds, "steps": cfg.sample_steps, "guidance": cfg.guidance}
+    (art / f"judge-{cfg.eval_set}.json").write_text(json.dumps(judge_set, indent=2) + "\n")
+    pref_accuracy = None
     if "rft-clip" in cfg.methods:
         t = time.time()
-        export, extra["preference_model_accuracy"] = preference_model(cfg, shards, art / "preference_model")
-        extra["preference_model"] = str(export)
+        _, pref_accuracy = preference_model(cfg, art / "preference_model")
         timings["tiny CLIP preference model"] = time.time() - t
-    ctx = RunContext(base_dir=str(base_dir), run_dir=str(art / "runs"), shards=shards, eval_captions=eval_caps,
-                     long_eval_captions=long_caps, train_captions=train_caps, eval_seeds=seeds,
-                     sample_steps=cfg.sample_steps, guidance=cfg.guidance, eval_every=cfg.eval_every,
-                     methods={"dpo": cfg.dpo, "kto": cfg.kto, "sft": cfg.sft, "rft": cfg.rft,
-                              "rft-clip": cfg.rft_clip}, extra=extra, curve_seeds=cfg.curve_seeds)
+
     t = time.time()
     jobs = [(m, s) for m in cfg.methods for s in range(cfg.seeds)]
-    log(f"{len(jobs)} training runs ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on {cfg.workers} worker(s)")
-    done = run_jobs(ctx, jobs, cfg.workers)
+    log(f"{len(jobs)} runs of align fit ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on "
+        f"{cfg.workers} worker(s)")
+    done = run_jobs(cfg, jobs)
     timings[f"training runs ({len(jobs)}, {cfg.workers} workers)"] = time.time() - t
-    results: dict = {m: [] for m in cfg.methods}
-    samples: dict = {"base": base_eval["images"]}
-    for r in done:
-        results[r["method"]].append({k: r[k] for k in ("seed", "final", "curve", "caption_scores", "seconds")})
-        if r["seed"] == 0:
-            samples[r["method"]] = r["images"]
-
     timings["total"] = time.time() - t_all
-    baselines, curve_baselines, caption_baselines, eval_sets = {}, {}, {}, {}
-    for m in cfg.methods:
-        long = m.startswith("sft-")
-        judged = long_base[m.split("-", 1)[1]] if long else base_eval  # the base on the captions m is judged on
-        baselines[m] = judged["score"]
-        curve_baselines[m] = first_seeds_score(judged["scores"], len(seeds), cfg.curve_seeds)
-        caption_baselines[m] = caption_means(judged["scores"], len(seeds))
-        eval_sets[m] = "long captions, facts past token 77" if long else "short captions"
+
+    def base_on(method: str) -> dict:  # the base on the captions ``method`` is judged on
+        return judged["long-" + method.split("-", 1)[1] if method.startswith("sft-") else "short"]
+
+    results: dict = {m: [] for m in cfg.methods}
+    samples: dict = {"base": judged["short"]["images"]}
+    for r in done:
+        start = (0, first_seeds_score(base_on(r["method"])["scores"], len(seeds), cfg.curve_seeds))
+        results[r["method"]].append({"seed": r["seed"], "final": r["final"],
+                                     "curve": [start, *map(tuple, r["curve"])],
+                                     "caption_scores": r["caption_scores"],
+                                     "seconds": r["seconds"]})
+        if r["seed"] == 0:
+            samples[r["method"]] = np.load(Path(r["run"]) / "judge_images.npy")
     summary_out = {
-        "config": asdict(cfg), "base_score": base_eval["score"], "preferences": pref_summary,
-        "baselines": baselines, "curve_baselines": curve_baselines, "caption_baselines": caption_baselines,
-        "eval_sets": eval_sets, "base_long_score": extra.get("base_long_score"),
-        "preference_model": extra.get("preference_model_accuracy"),
-        "results": results, "timings_s": timings, "eval_captions": eval_caps, "long_eval_captions": long_caps,
-        "torch_threads": torch.get_num_threads(), "command": command,
+        "config": asdict(cfg), "base_score": judged["short"]["score"], "preferences": pref_summary,
+        "baselines": {m: base_on(m)["score"] for m in cfg.methods},
+        "curve_baselines": {m: first_seeds_score(base_on(m)["scores"], len(seeds), cfg.curve_seeds)
+                            for m in cfg.methods},
+        "caption_baselines": {m: caption_means(base_on(m)["scores"], len(seeds))
+                              for m in cfg.methods},
+        "eval_sets": {m: "long captions, facts past token 77" if m.startswith("sft-")
+                      else "short captions" for m in cfg.methods},
+        "base_long_score": {k[5:]: v["score"] for k, v in judged.items() if k.startswith("long-")}
+        or None,
+        "preference_model": pref_accuracy,
+        "commands": {m: f"ALIGN_DEMO={cfg.artifacts} align fit " + " ".join(job_args(cfg, m, 0))
+                     for m in cfg.methods},
+        "results": results, "timings_s": timings, "eval_captions": eval_caps,
+        "long_eval_captions": long_caps, "torch_threads": torch.get_num_threads(),
+        "command": command,
     }
     (out / "demo.json").write_text(json.dumps(summary_out, indent=2, default=float) + "\n")
     from align.demo.report import write_report

@@ -1,6 +1,6 @@
-"""The demo end to end at toy scale (structure: base -> judged shards in the real schemas -> every method through
-the real modules -> report). The checks that the methods work, at a smaller scale than the report, are in
-``test_demo_scale.py`` (slow)."""
+"""The demo end to end at toy scale (structure: base -> judged shards in the real schemas -> every
+method's configs/demo config through `align fit` -> report). The checks that the methods work, at a
+smaller scale than the report, are in ``test_demo_scale.py`` (slow)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig
 from align.demo.prefs import build_records, pair_samples, single_samples, write_pairs, write_singles
-from align.demo.run import HIGH_NOISE, DemoConfig, MethodConfig, run_demo
+from align.demo.run import DemoConfig, batch, run_demo, steps
 
 
 def _rendered_records(n: int = 6, k: int = 3):
@@ -80,16 +80,17 @@ def test_pairs_and_singles_follow_the_judge_and_flip(tmp_path):
 
 
 def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
+    import csv
+
     torch.set_num_threads(1)
+    sampler = ["--model.init_args.num_steps", "2", "--model.init_args.grad_steps", "1"]
     cfg = DemoConfig(out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=2,
                      base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
-                     pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3, eval_seeds=(0, 1), curve_seeds=1, eval_every=1,
-                     sample_steps=2, dpo=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE, eval_every=2),
-                     kto=MethodConfig(steps=2, batch_size=2, extra=HIGH_NOISE),
-                     sft=MethodConfig(steps=2, batch_size=2),
-                     rft=MethodConfig(steps=2, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
-                     rft_clip=MethodConfig(steps=3, batch_size=2, extra={"num_steps": 2, "grad_steps": 1}),
-                     long_scenes=8, preference_model_steps=2, workers=2)
+                     pref_captions=8, images_per_caption=3, pref_source="rendered", eval_captions=3,
+                     eval_seeds=(0, 1), curve_seeds=1, eval_every=1, sample_steps=2, long_scenes=8,
+                     fit_args={"*": steps(2) + batch(2), "rft": sampler,
+                               "rft-clip": steps(3), "preference-model": steps(2)},
+                     workers=2)
     cfg.methods += ("dpo-shuffled", "kto-shuffled")  # not default methods
     summary = run_demo(cfg)
     for name in ("README.md", "judge_curves.png", "samples.png", "demo.json"):
@@ -103,21 +104,31 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert (tmp_path / "art" / "preference_model" / "export").is_dir()
     for method, runs in data["results"].items():
         assert [r["seed"] for r in runs] == [0, 1]
-        steps = 3 if method == "rft-clip" else 2  # rft-clip has its own settings
-        judged = [0, 2] if method.startswith("dpo") else list(range(steps + 1))  # DPO: judged every 2 steps
-        assert [s for s, _ in runs[0]["curve"]] == judged
+        n = 3 if method == "rft-clip" else 2  # rft-clip has its own settings
+        assert [s for s, _ in runs[0]["curve"]] == list(range(n + 1))  # judged every step
         assert all(r["final"] is not None for r in runs)
     assert set(data["curve_baselines"]) == set(data["results"])
     assert all(len(r["caption_scores"]) == 3 for runs in data["results"].values() for r in runs)
     assert all(len(v) == 3 for v in data["caption_baselines"].values())
-    assert "2 judging SE" in (tmp_path / "report" / "README.md").read_text()
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "2 judging SE" in report and "dpo-shuffled: " in report and "| dpo |" in report
+    assert "align fit --config" in report and "configs/demo/rft_clip.yaml" in report
     assert (tmp_path / "art" / "base" / "model_index.json").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-flipped" / "pairs-000000.tar").is_file()
     assert (tmp_path / "art" / "prefs" / "pairs-shuffled" / "pairs-000000.tar").is_file()
     assert (tmp_path / "art" / "prefs" / "singles-shuffled" / "singles-000000.tar").is_file()
-    assert "dpo-shuffled: " in (tmp_path / "report" / "README.md").read_text()
-    assert "| dpo |" in (tmp_path / "report" / "README.md").read_text()
     assert 0.0 <= summary["base_score"] <= 1.0
+    # every run is an `align fit` run: its resolved config, its metrics and its diffusers export
+    runs = tmp_path / "art" / "runs"
+    config = (runs / "dpo-flipped" / "seed1" / "config.yaml").read_text()
+    assert "DPOModule" in config and "pairs-flipped" in config and "seed_everything: 1" in config
+    assert "prompt_encoder: clip" in (runs / "sft-truncate" / "seed0" / "config.yaml").read_text()
+    rows = list(csv.DictReader(open(runs / "rft-judge" / "seed0" / "metrics.csv")))
+    rewards = [float(r["train/reward_mean"]) for r in rows if r.get("train/reward_mean")]
+    assert len(rewards) == 2 and all(0.0 <= x <= 1.0 for x in rewards)
+    assert any(r.get("demo/judge") for r in rows)
+    assert (runs / "rft-judge" / "seed0" / "export" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (runs / "dpo" / "seed0" / "export" / "final" / "model_index.json").is_file()
 
 
 def test_jobs_start_longest_first_and_otherwise_keep_their_order():
@@ -145,15 +156,20 @@ def test_validation_captions_and_seeds_are_disjoint_from_training_and_from_the_t
 
 def test_demo_command_line_overrides():
     from align.commands.demo import demo_config, parser
+    from align.demo.run import QUICK_ARGS, fit_args
 
     cfg = demo_config(parser().parse_args([]))
-    assert cfg.eval_set == "test" and cfg.eval_every == 0
-    assert cfg.dpo.eval_every is None and cfg.kto.eval_every is None
+    assert cfg.eval_set == "test" and cfg.eval_every == 0 and cfg.fit_args == {}
     cfg = demo_config(parser().parse_args(["--eval-set", "validation", "--eval-every", "50", "--batch-size", "4",
-                                           "--steps", "7", "--methods", "dpo,kto"]))
+                                           "--steps", "7", "--methods", "dpo,kto", "--lr", "1e-3"]))
     assert cfg.eval_set == "validation" and cfg.eval_every == 50 and cfg.methods == ("dpo", "kto")
-    for mcfg in (cfg.dpo, cfg.kto, cfg.sft, cfg.rft, cfg.rft_clip):
-        assert (mcfg.eval_every, mcfg.batch_size, mcfg.steps) == (None, 4, 7)
+    for method in ("sft-segment", "rft-judge", "rft-clip"):
+        assert fit_args(cfg, method) == steps(7) + batch(4)
+    lr = ["--model.init_args.optimizer.init_args.lr", "0.001"]
+    assert fit_args(cfg, "dpo") == fit_args(cfg, "kto-flipped") == steps(7) + batch(4) + lr
+    quick = demo_config(parser().parse_args(["--quick", "--steps", "5"]))
+    assert fit_args(quick, "dpo") == steps(5) + QUICK_ARGS["dpo"] + steps(5)  # the override wins
+    assert fit_args(quick, "preference-model") == QUICK_ARGS["preference-model"]
     with pytest.raises(SystemExit):
         parser().parse_args(["--eval-set", "train"])
 
@@ -176,11 +192,18 @@ def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():
     assert "dpo-shuffled" not in verdict("dpo", results["dpo"], 0.55, {"dpo": results["dpo"]})
 
 
-def test_judge_curve_judges_points_on_the_first_seeds_and_the_end_on_all():
+def judge_set(tmp_path, seeds, every):
+    path = tmp_path / "judge-test.json"
+    path.write_text(json.dumps({"short": ["a", "b"], "long": [], "seeds": seeds, "every": every,
+                                "curve_seeds": 2, "steps": 2, "guidance": 4.0}))
+    return str(path)
+
+
+def test_judge_curve_judges_points_on_the_first_seeds_and_the_end_on_all(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from align.demo.callback import ShapesJudge
     from align.demo.evaluate import first_seeds_score
-    from align.demo.methods import JudgeCurve
 
     # caption-major scores of 2 captions x 4 seeds: first two seeds of each caption 1, 0 / 1, 1 -> 0.75
     assert first_seeds_score([1, 0, 0, 0, 1, 1, 0, 1], 4, 2) == 0.75
@@ -190,16 +213,23 @@ def test_judge_curve_judges_points_on_the_first_seeds_and_the_end_on_all():
     def evaluate_fn(module, seeds):  # a model whose score per image is its seed / 10, on 2 captions
         calls.append(list(seeds))
         return {"score": float(np.mean(seeds)) / 10, "scores": np.array([s / 10 for _ in range(2) for s in seeds]),
-                "images": None, "seconds": 0.0}
+                "images": np.zeros((2 * len(seeds), 2, 2, 3), np.uint8), "seconds": 0.0}
 
-    curve = JudgeCurve(evaluate_fn, every=2, seeds=[1, 2, 3, 4], curve_seeds=2, start=(0, 0.9))
+    curve = ShapesJudge(judge_set(tmp_path, [1, 2, 3, 4], every=2))
+    monkeypatch.setattr(curve, "evaluate", evaluate_fn)
+    trainer = SimpleNamespace(global_step=0, max_steps=4, loggers=[], log_dir=str(tmp_path / "run"))
     for step in range(1, 5):
-        curve.on_train_batch_end(SimpleNamespace(global_step=step, max_steps=4), None, None, None, step - 1)
-    curve.on_train_end(SimpleNamespace(global_step=4, max_steps=4), None)
+        trainer.global_step = step
+        curve.on_train_batch_end(trainer, None, None, None, step - 1)
+    curve.on_train_end(trainer, None)
     assert calls == [[1, 2], [1, 2, 3, 4]]  # step 2 on the curve's seeds; step 4 once, on all of them
-    assert [s for s, _ in curve.curve] == [0, 2, 4]
-    assert [v for _, v in curve.curve] == pytest.approx([0.9, 0.15, 0.15])
+    assert [s for s, _ in curve.curve] == [2, 4]
+    assert [v for _, v in curve.curve] == pytest.approx([0.15, 0.15])
     assert curve.final == pytest.approx(0.25)
+    written = json.loads((tmp_path / "run" / "judge.json").read_text())
+    assert written["final"] == pytest.approx(0.25) and written["caption_scores"] == pytest.approx([0.25, 0.25])
+    with pytest.raises(FileNotFoundError, match="align demo"):
+        ShapesJudge(str(tmp_path / "nowhere.json"))
 
 
 def test_verdicts_also_require_the_change_beyond_two_judging_standard_errors():
@@ -219,11 +249,11 @@ def test_verdicts_also_require_the_change_beyond_two_judging_standard_errors():
     assert judging_error(runs, None) is None and judging_error([{"final": 0.6}], [0.5, 0.6]) is None
 
 
-def test_judging_does_not_change_what_training_draws_from_the_random_generators():
+def test_judging_does_not_change_what_training_draws_from_the_random_generators(tmp_path, monkeypatch):
     import random
     from types import SimpleNamespace
 
-    from align.demo.methods import JudgeCurve
+    from align.demo.callback import ShapesJudge
 
     def evaluate_fn(module, seeds):  # a judging that consumes every generator training might use
         torch.rand(3), random.random(), np.random.rand()
@@ -231,7 +261,8 @@ def test_judging_does_not_change_what_training_draws_from_the_random_generators(
 
     def draws(judge: bool):
         torch.manual_seed(0), random.seed(0), np.random.seed(0)
-        curve = JudgeCurve(evaluate_fn, every=1 if judge else 0, seeds=[1, 2])
+        curve = ShapesJudge(judge_set(tmp_path, [1, 2], every=1 if judge else 0))
+        monkeypatch.setattr(curve, "evaluate", evaluate_fn)
         curve.on_train_batch_end(SimpleNamespace(global_step=1, max_steps=2), None, None, None, 0)
         return torch.rand(2).tolist(), random.random(), float(np.random.rand()), len(curve.curve)
 

@@ -1,6 +1,6 @@
-"""The LongAlign demo at toy scale: long captions put every fact past CLIP's 77 tokens, the shards follow the
-long-caption schema, SFT trains through the real module with either encoder, and truncation really loses the
-late facts while segment encoding keeps them."""
+"""The LongAlign demo at toy scale: long captions put every fact past CLIP's 77 tokens, the shards
+follow the long-caption schema, SFT trains through configs/demo/sft.yaml with either encoder, and
+truncation really loses the late facts while segment encoding keeps them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base
 from align.demo.judge import judge, parse_caption
-from align.demo.longalign import (CROSS_ATTENTION, cells_beyond, evaluate_long, long_eval_captions, resolve_encoder, train_sft,
+from align.demo.longalign import (cells_beyond, long_eval_captions, resolve_encoder,
                                   write_long_caption_shards)
 from align.models.tokenizer import build_clip_tokenizer
 
@@ -93,30 +93,48 @@ def test_truncation_drops_the_late_facts_and_segments_keep_them(toy_base):
     assert seg.shape[1] > 77 and trunc.shape[1] == 77
 
 
-@pytest.mark.parametrize("encoder,lora_rank", [("segment", 4), ("truncate", 0)])
-def test_train_sft_two_steps_and_evaluate(toy_base, tmp_path, encoder, lora_rank):
-    from align.models import load_components
+def read_weights(folder):
+    from safetensors.torch import load_file
 
+    return {k: v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("encoder,lora_rank", [("segment", 4), ("truncate", 0)])
+def test_sft_config_trains_two_steps_and_judges_late_facts(toy_base, tmp_path, monkeypatch, encoder,
+                                                          lora_rank):
+    import json
+
+    from align.demo.run import DemoConfig, batch, fit, job_args, steps
+
+    art = tmp_path / "art"
+    (art / "prefs").mkdir(parents=True)
+    (art / "base").symlink_to(toy_base)
     held_out = long_eval_captions(2, seed=3)
-    shards = write_long_caption_shards(tmp_path / "long", n_scenes=16, seed=0, exclude=held_out)
-    before = load_components(str(toy_base)).unet.state_dict()
-    module = train_sft(toy_base, shards, encoder, seed=0, steps=2, lr=1e-3, batch_size=4, run_dir=tmp_path / "runs",
-                       lora_rank=lora_rank, lora_targets=CROSS_ATTENTION if lora_rank else None)
-    assert type(module.prompt_encoder).__name__ == ("SegmentTextEncoder" if encoder == "segment"
-                                                    else "CLIPPromptEncoder")
-    after = module.unet.state_dict()
-    if lora_rank:  # a LoRA on the cross-attention projections only, moved off its zero init; base weights kept
-        lora = {k: v for k, v in after.items() if "lora_B" in k}
-        assert lora and all(".attn2." in k for k in lora) and any(v.abs().sum() > 0 for v in lora.values())
-        assert all(torch.equal(v, before[k.replace(".base_layer", "")]) for k, v in after.items() if "lora" not in k)
+    write_long_caption_shards(art / "prefs" / "long", n_scenes=16, seed=0, exclude=held_out)
+    (art / "judge-test.json").write_text(json.dumps(
+        {"short": [], "long": held_out, "seeds": [0, 1], "every": 0, "curve_seeds": 2, "steps": 2,
+         "guidance": 4.0}))
+    monkeypatch.setenv("ALIGN_DEMO", str(art))
+    cfg = DemoConfig(artifacts=str(art), fit_args={"*": steps(2) + batch(4) + [
+        "--model.init_args.lora_rank", str(lora_rank), "--model.init_args.optimizer.init_args.lr", "1e-3"]})
+    method = f"sft-{encoder}"
+    fit(job_args(cfg, method, 0))
+    run = art / "runs" / method / "seed0"
+    assert (run / "hparams.yaml").is_file() and (run / "config.yaml").is_file()
+    spec = json.loads((run / "export/final/prompt_encoder.json").read_text())
+    assert spec["kind"] == ("segment" if encoder == "segment" else "clip")
+    after = read_weights(run / "export/final")
+    before = read_weights(toy_base / "unet")
+    if lora_rank:  # a LoRA on the cross-attention projections only, moved off its zero init
+        lora = {k: v for k, v in after.items() if "lora.up" in k}  # diffusers: up = B
+        assert lora and all(".attn2." in k for k in after) and any(v.abs().sum() > 0 for v in lora.values())
+        # reproducible: the same seed trains the same weights (no clock-seeded shuffle buffer)
+        fit(job_args(cfg, method, 0) + ["--trainer.logger.init_args.version", "again"])
+        again = read_weights(art / "runs" / method / "again" / "export/final")
+        assert after.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in after.items())
     else:  # full fine-tuning: the UNet moved
-        assert any(not torch.equal(v, before[k]) for k, v in after.items())
-    if lora_rank:  # reproducible: the same seed trains the same weights (no clock-seeded shuffle buffer)
-        again = train_sft(toy_base, shards, encoder, seed=0, steps=2, lr=1e-3, batch_size=4, lora_rank=lora_rank,
-                          lora_targets=CROSS_ATTENTION).unet.state_dict()
-        assert all(torch.equal(v, again[k]) for k, v in after.items() if "lora" in k)
-    res = evaluate_long(module.components, module.unet, module.prompt_encoder, held_out, seeds=[0, 1], steps=2)
-    assert res["images"].shape == (4, world.SIZE, world.SIZE, 3)
-    assert res["cells"] == [{o.cell for o in parse_caption(c)} for c in held_out]
-    assert 0.0 <= res["score"] <= 1.0 and len(res["scores"]) == 4
-    assert (tmp_path / "runs" / f"longalign-{encoder}" / "seed0" / "hparams.yaml").is_file()
+        unet = read_weights(run / "export/final/unet")
+        assert unet.keys() == before.keys() and any(not torch.equal(v, before[k]) for k, v in unet.items())
+    judged = json.loads((run / "judge.json").read_text())
+    assert 0.0 <= judged["final"] <= 1.0 and len(judged["caption_scores"]) == 2
+    assert np.load(run / "judge_images.npy").shape == (4, world.SIZE, world.SIZE, 3)

@@ -1,5 +1,6 @@
-"""The shapes world's tiny CLIP preference model: trains on judge pairs (shards or samples) through the real
-module, exports a Denscore directory the registry loads, and scores 32 px tensors with gradients (for RFT)."""
+"""The shapes world's tiny CLIP preference model: trains on judge pairs through
+configs/demo/preference_model.yaml, exports a Denscore directory the registry loads, and scores
+32 px tensors with gradients (for RFT)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from align.demo import world
 from align.demo.judge import judge
 from align.demo.prefs import build_records, pair_samples, write_pairs
-from align.demo.reward_model import (CORRUPTIONS, corrupt, pairwise_accuracy, read_pairs, rendered_pairs,
-                                     train_preference_model, write_small_clip)
+from align.demo.reward_model import (CORRUPTIONS, corrupt, pairwise_accuracy, read_pairs,
+                                     rendered_pairs, write_small_clip)
 
 
 def _rendered_pair_samples(n: int = 8, k: int = 2):
@@ -32,33 +33,40 @@ def _rendered_pair_samples(n: int = 8, k: int = 2):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    from align.demo.run import CONFIGS, PREFERENCE_MODEL, batch, fit, steps
+
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("reward_model")
+    art = tmp_path_factory.mktemp("reward_model")
     pairs = _rendered_pair_samples()
-    write_pairs(out / "shards", pairs, shards=2)
-    export = train_preference_model(out / "shards", out / "run", steps=3, seed=0, lr=1e-3, batch_size=4,
-                                    eval_pairs=pairs, eval_every=2)
-    return export, pairs, out
+    write_pairs(art / "prefs" / "pairs", pairs, shards=2)
+    write_pairs(art / "preference_model" / "rendered-pairs", pairs[:4], shards=2)
+    write_small_clip(art / "preference_model" / "init", seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_DEMO", str(art))
+        fit(["--config", str(CONFIGS / PREFERENCE_MODEL), *steps(3), *batch(4),
+             "--trainer.log_every_n_steps", "1"])
+    return art / "preference_model" / "export" / "final", pairs, art
 
 
 def test_training_runs_and_the_registry_loads_the_export(trained):
+    import csv
+
     from align.rewards import build_reward
     from align.rewards.denscore import Denscore
 
-    export, pairs, out = trained
+    export, pairs, art = trained
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "align_reward.json"):
         assert (export / name).is_file(), name
-    summary = json.loads((out / "run" / "train_summary.json").read_text())
-    assert summary["steps"] == 3 and summary["image_size"] == 32
-    assert [s for s, _ in summary["accuracy_curve"]] == [0, 2, 3]
-    assert "train/loss" in summary["last_train_metrics"]
+    rows = list(csv.DictReader(open(art / "runs" / "preference_model" / "seed0" / "metrics.csv")))
+    assert max(int(r["step"]) for r in rows) <= 3 and any(r.get("train/loss") for r in rows)
+    assert len(read_pairs(art / "prefs" / "pairs")) == len(pairs)
 
     reward = build_reward("denscore", str(export))
     assert isinstance(reward, Denscore)
     assert reward.clip.model.config.vision_config.image_size == 32
     acc = pairwise_accuracy(reward, pairs)
     assert 0.0 <= acc <= 1.0
-    assert pairwise_accuracy(reward, str(out / "shards")) == pytest.approx(acc, abs=0.2)  # JPEG'd copies
+    assert pairwise_accuracy(reward, str(art / "prefs" / "pairs")) == pytest.approx(acc, abs=0.2)
 
 
 def test_export_scores_32px_tensors_with_gradients_to_the_pixels(trained):
@@ -81,15 +89,6 @@ def test_export_scores_32px_tensors_with_gradients_to_the_pixels(trained):
     tensor = reward.score(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0,
                           "a red square in the top left.")
     torch.testing.assert_close(pil, tensor, rtol=1e-4, atol=1e-4)
-
-
-def test_training_from_pair_samples_writes_shards(tmp_path):
-    torch.set_num_threads(1)
-    pairs = _rendered_pair_samples(n=4)
-    export = train_preference_model(pairs, tmp_path, steps=1, batch_size=2)
-    assert sorted(p.name for p in (tmp_path / "pairs").glob("*.tar")) == [f"pairs-00000{i}.tar" for i in range(4)]
-    assert (export / "model.safetensors").is_file()
-    assert len(read_pairs(tmp_path / "pairs")) == len(pairs)
 
 
 def test_small_clip_geometry(tmp_path):

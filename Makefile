@@ -96,18 +96,15 @@ bench-gpu: $(STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md 
 
 # ---- evaluation: sample the newest tiny DPO export and the tiny base, score both, win rates, FID ----------
 EVAL_CHECKPOINT ?=
-EVAL_BASE       ?= artifacts/tiny-base
+EVAL_BASE       ?= tiny
 EVAL_PROMPTS    ?= configs/eval/prompts-tiny.txt
 EVAL_OUT        ?= artifacts/eval
 TINY_REWARDS    := artifacts/tiny-rewards
 
-$(EVAL_BASE)/model_index.json: | $(STAMP)
-	$(BIN)/python -c "from align.models import load_components; load_components('tiny').save_pretrained('$(EVAL_BASE)')"
-
 $(TINY_REWARDS)/imagereward/.complete: | $(STAMP)
 	$(ALIGN) data tiny-rewards $(TINY_REWARDS)
 
-eval: $(STAMP) $(EVAL_BASE)/model_index.json $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DPO export vs the tiny base (EVAL_CHECKPOINT=<export> to choose; trains one if none)
+eval: $(STAMP) $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DPO export vs the tiny base (EVAL_CHECKPOINT=<export> to choose; trains one if none)
 	@ckpt="$(EVAL_CHECKPOINT)"; \
 	if [ -z "$$ckpt" ]; then ckpt=$$(ls -td logs/align-dpo/*/export/final 2>/dev/null | head -1); fi; \
 	if [ -z "$$ckpt" ]; then $(MAKE) --no-print-directory train-dpo && ckpt=$$(ls -td logs/align-dpo/*/export/final | head -1); fi; \

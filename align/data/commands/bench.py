@@ -1,9 +1,9 @@
-"""Throughput of the pair data pipeline, on image shards and on latent caches (numbers: docs/benchmarks_data.md).
+"""Throughput of the pair data pipeline, on image shards and on latent caches (docs/benchmarks_data.md).
 
-    python -m align.data.pipeline_bench images --out DIR --size 512 --pairs 256
-    python -m align.data.pipeline_bench cache --out DIR --shape sd15 --pairs 256 [--flip]
-    python -m align.data.pipeline_bench measure --shards DIR --resolution 512 --workers 1 [--cached] [--flip-prob 0.5]
-    python -m align.data.pipeline_bench convert --model sd15-arch --resolution 512 --shards SHARD --pairs 2
+    align data bench images --out DIR --size 512 --pairs 256
+    align data bench cache --out DIR --shape sd15 --pairs 256 [--flip]
+    align data bench measure --shards DIR --resolution 512 --workers 1 [--cached] [--flip-prob 0.5]
+    align data bench convert --model sd15-arch --resolution 512 --shards SHARD --pairs 2
 
 ``images`` writes pair shards of photo-like JPEGs (multi-octave colour noise fields with grain, quality 95; about
 the entropy of real photographs, so decoding costs what it does on Pick-a-Pic; the sizes are printed). ``cache``
@@ -172,7 +172,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m align.data.pipeline_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="align data bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("images")
     p.add_argument("--out", required=True, type=Path)
@@ -210,7 +210,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         measure(args.shards, args.resolution, args.workers, args.batch_size, args.batches, args.cached, args.flip_prob)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,3 +1,4 @@
-"""align: preference alignment for text-to-image diffusion models (Diffusion-DPO, Diffusion-KTO, LongAlign)."""
+"""align: preference alignment for text-to-image diffusion models
+(Diffusion-DPO, Diffusion-KTO, LongAlign)."""
 
 __version__ = "0.1.0"

@@ -1,19 +1,22 @@
-"""FLOPs of one training step, counted by torch's own FLOP counter, and the device's measured matmul rate.
+"""FLOPs of one training step, counted by torch's own FLOP counter,
+and the device's measured matmul rate.
 
 ``count_step_flops`` runs the module's real ``training_step`` and ``backward`` under
-``torch.utils.flop_counter.FlopCounterMode``. With ``meta=True`` every weight and activation lives on the meta
-device: shapes propagate, nothing is allocated or computed, so the FLOPs of an SDXL-size step are counted on
-a laptop in seconds.
+``torch.utils.flop_counter.FlopCounterMode``. With ``meta=True`` every weight and activation lives
+on the meta device: shapes propagate, nothing is allocated or computed, so the FLOPs of an SDXL-size
+step are counted on a laptop in seconds.
 
 What is counted (the convention of "model FLOPs"):
-* the UNet FLOPs: policy forward + backward and reference forward, on every image of the step (for DPO the
-  winner and the loser of each pair); this is the numerator of achieved TFLOP/s and of the fraction of peak;
-* the prompt encoder's forward, reported separately, and 0 when the batch carries cached prompt embeddings
-  (on the meta device it is counted and then removed: by_op still includes it);
+* the UNet FLOPs: policy forward + backward and reference forward, on every image of the step (for
+  DPO the winner and the loser of each pair); this is the numerator of achieved TFLOP/s and of the
+  fraction of peak;
+* the prompt encoder's forward, reported separately, and 0 when the batch carries cached prompt
+  embeddings (on the meta device it is counted and then removed: by_op still includes it);
 * the VAE encoder only when latents are not cached (``other``).
-Counted with gradient checkpointing off and without ``torch.compile``: recomputation is hardware work, not
-model work. On the meta device attention runs SDPA's math path (two matmuls forward, their gradients
-backward); a flash kernel does the same model FLOPs (plus a recompute in its backward, which is not counted).
+Counted with gradient checkpointing off and without ``torch.compile``: recomputation is hardware
+work, not model work. On the meta device attention runs SDPA's math path (two matmuls forward, their
+gradients backward); a flash kernel does the same model FLOPs (plus a recompute in its backward,
+which is not counted).
 """
 
 from __future__ import annotations
@@ -43,13 +46,20 @@ class StepFlops:
         return asdict(self)
 
 
-def count_step_flops(cfg: StepConfig, meta: bool = True, device: torch.device | str = "cpu") -> StepFlops:
+def count_step_flops(
+    cfg: StepConfig, meta: bool = True, device: torch.device | str = "cpu"
+) -> StepFlops:
     """Count the FLOPs of ``cfg``'s step with the real module (on the meta device by default)."""
     cached_text = cfg.cached_text
-    # The meta device cannot run the cached-embeddings path (it branches on a tensor's value); count the
-    # text encoders and drop them below instead: with cached embeddings they do not run, and nothing else changes.
-    cfg = cfg.replace(gradient_checkpointing=False, compile_unet=False, compile_reference=False,
-                      cached_text=cfg.cached_text and not meta)
+    # The meta device cannot run the cached-embeddings path (it branches on a tensor's value); count
+    # the text encoders and drop them below instead: with cached embeddings they do not run,
+    # and nothing else changes.
+    cfg = cfg.replace(
+        gradient_checkpointing=False,
+        compile_unet=False,
+        compile_reference=False,
+        cached_text=cfg.cached_text and not meta,
+    )
     module = build_module(cfg, device=device, meta=meta)
     batch = make_batch(module, cfg)
     with warnings.catch_warnings():
@@ -68,7 +78,9 @@ def count_step_flops(cfg: StepConfig, meta: bool = True, device: torch.device | 
     by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
     if cached_text and meta:
         total, text = total - text, 0
-    return StepFlops(total=total, unet=unet, text=text, other=total - unet - text, images=cfg.images, by_op=by_op)
+    return StepFlops(
+        total=total, unet=unet, text=text, other=total - unet - text, images=cfg.images, by_op=by_op
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -76,10 +88,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        n: int | None = None, iters: int | None = None, trials: int = 5) -> float:
-    """The device's measured dense matmul rate in FLOP/s: the best of ``trials`` timings of ``iters``
-    square ``n x n`` matmuls (2 n^3 FLOPs each). The denominator of "fraction of peak"."""
+def measure_matmul_rate(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int | None = None,
+    iters: int | None = None,
+    trials: int = 5,
+) -> float:
+    """The device's measured dense matmul rate in FLOP/s: the best of ``trials`` timings of
+    ``iters`` square ``n x n`` matmuls (2 n^3 FLOPs each). The denominator of "fraction of peak"."""
     device = torch.device(device)
     if n is None:
         n = 8192 if device.type == "cuda" else 1024

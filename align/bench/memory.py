@@ -1,17 +1,19 @@
 """Memory, measured where a CPU can measure it and estimated where only a GPU could.
 
-* ``SavedTensors``: the bytes autograd keeps for backward inside a context (unique storages, parameters and
-  buffers excluded), via ``torch.autograd.graph.saved_tensors_hooks``. Works on CPU, CUDA and meta tensors;
-  this is how the tests show that gradient checkpointing lowers activation memory.
-* ``static_memory``: analytic bytes of weights, gradients and optimizer state of a training set-up, from the
-  module built on the meta device (exact parameter shapes, nothing allocated). An estimate: it leaves out
-  activations, allocator fragmentation, CUDA context and workspace.
-* ``activation_memory``: the saved-for-backward bytes of one real ``training_step`` on the meta device
-  (plus, with gradient checkpointing, the largest block's activations, which its recompute holds in backward),
-  with attention routed to a memory-efficient kernel (it saves q, k, v, out and the log-sum-exp, as flash
-  attention does, not the seq x seq probabilities of the math path). Computed twice: in float32 (every
-  saved tensor 4 bytes: above what bf16 autocast keeps) and in bfloat16 (every saved tensor 2 bytes: below
-  it, since autocast keeps normalisation inputs in float32), which brackets the bf16-mixed figure.
+* ``SavedTensors``: the bytes autograd keeps for backward inside a context (unique storages,
+  parameters and buffers excluded), via ``torch.autograd.graph.saved_tensors_hooks``. Works on CPU,
+  CUDA and meta tensors; this is how the tests show that gradient checkpointing lowers activation
+  memory.
+* ``static_memory``: analytic bytes of weights, gradients and optimizer state of a training set-up,
+  from the module built on the meta device (exact parameter shapes, nothing allocated). An estimate:
+  it leaves out activations, allocator fragmentation, CUDA context and workspace.
+* ``activation_memory``: the saved-for-backward bytes of one real ``training_step`` on the meta
+  device (plus, with gradient checkpointing, the largest block's activations, which its recompute
+  holds in backward), with attention routed to a memory-efficient kernel (it saves q, k, v, out and
+  the log-sum-exp, as flash attention does, not the seq x seq probabilities of the math path).
+  Computed twice: in float32 (every saved tensor 4 bytes: above what bf16 autocast keeps) and in
+  bfloat16 (every saved tensor 2 bytes: below it, since autocast keeps normalisation inputs in
+  float32), which brackets the bf16-mixed figure.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ def _storage_key(t: torch.Tensor) -> int:
 class SavedTensors:
     """Context manager: unique storage bytes that autograd saves for backward while it is active.
 
-    ``exclude``: tensors (parameters, buffers) whose storages are not activations and are not counted.
-    Nested hooks (e.g. non-reentrant gradient checkpointing) take precedence, so what a checkpointed region
-    drops is, correctly, not counted.
+    ``exclude``: tensors (parameters, buffers) whose storages are not activations and are not
+    counted. Nested hooks (e.g. non-reentrant gradient checkpointing) take precedence, so what a
+    checkpointed region drops is, correctly, not counted.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
@@ -72,16 +74,28 @@ class SavedTensors:
 
 @contextlib.contextmanager
 def memory_efficient_attention():
-    """Route ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 calls) to the flash-style
-    kernel with a meta implementation, so meta-device estimates save what flash attention saves on a GPU."""
+    """Route ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 calls) to the
+    flash-style kernel with a meta implementation, so meta-device estimates save what flash
+    attention saves on a GPU."""
     original = F.scaled_dot_product_attention
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    def sdpa(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs
+    ):
         if attn_mask is not None or dropout_p or kwargs:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kwargs)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
-                                                                          scale=scale)[0]
+            return original(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                **kwargs,
+            )
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, scale=scale
+        )[0]
 
     F.scaled_dot_product_attention = sdpa
     try:
@@ -92,15 +106,20 @@ def memory_efficient_attention():
 
 def _cast_inputs(dtype: torch.dtype):
     def hook(module, args, kwargs):
-        cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-        kwargs = {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v))
-                  for k, v in kwargs.items()}
+        cast = lambda x: (  # noqa: E731
+            x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        )
+        kwargs = {
+            k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v))
+            for k, v in kwargs.items()
+        }
         return tuple(cast(a) for a in args), kwargs
 
     return hook
 
 
-CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # what diffusers' gradient checkpointing wraps
+# what diffusers' gradient checkpointing wraps
+CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 
 
 @dataclass
@@ -110,16 +129,22 @@ class ActivationMemory:
 
     @property
     def peak(self) -> int:
-        """With gradient checkpointing, backward recomputes one block at a time on top of what was saved."""
+        """With gradient checkpointing, backward recomputes one block at a time on top of what was
+        saved."""
         return self.saved + self.largest_block
 
 
 def activation_memory(cfg: StepConfig, dtype: torch.dtype = torch.float32) -> ActivationMemory:
-    """Saved-for-backward bytes of one ``training_step`` of ``cfg`` (all of its switches, e.g. gradient
-    checkpointing and LoRA), computed on the meta device in ``dtype``; with gradient checkpointing also the
-    largest single block's activations, which its recompute holds during backward."""
+    """Saved-for-backward bytes of one ``training_step`` of ``cfg`` (all of its switches, e.g.
+    gradient checkpointing and LoRA), computed on the meta device in ``dtype``; with gradient
+    checkpointing also the largest single block's activations,
+    which its recompute holds during backward."""
     saved, _ = _saved_bytes(cfg, dtype)
-    largest = _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype)[1] if cfg.gradient_checkpointing else 0
+    largest = (
+        _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype)[1]
+        if cfg.gradient_checkpointing
+        else 0
+    )
     return ActivationMemory(saved=saved, largest_block=largest)
 
 
@@ -129,7 +154,8 @@ def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
     module = build_module(cfg, meta=True)
     if dtype != torch.float32:
         diffusers_log = logging.getLogger("diffusers")
-        level, diffusers_log.level = diffusers_log.level, logging.ERROR  # "modules to keep in float32: []"
+        # "modules to keep in float32: []"
+        level, diffusers_log.level = diffusers_log.level, logging.ERROR
         for unet in {id(m): m for m in (module.unet, module.ref_unet) if m is not None}.values():
             unet.to(dtype)
             unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
@@ -155,11 +181,13 @@ def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
     return saved.bytes, largest
 
 
-# ---- weights, gradients, optimizer state --------------------------------------------------------------
+# ---- weights, gradients, optimizer state ---------------------------------------------------------
+
 
 def _adafactor_state_numel(shape: torch.Size) -> int:
-    """transformers' Adafactor (beta1=None, the official SDXL DPO setting): factored second moments over the
-    last two dims (a row vector and a column vector) for tensors of 2+ dims, a full second moment otherwise."""
+    """transformers' Adafactor (beta1=None, the official SDXL DPO setting): factored second moments
+    over the last two dims (a row vector and a column vector) for tensors of 2+ dims,
+    a full second moment otherwise."""
     if len(shape) >= 2:
         return int(torch.Size(shape[:-1]).numel() + torch.Size((*shape[:-2], shape[-1])).numel())
     return int(shape.numel())
@@ -169,8 +197,8 @@ def optimizer_state_bytes(params: list[torch.Tensor], optimizer: str) -> int:
     if optimizer in ("adamw", "adamw-fused"):
         return sum(8 * p.numel() for p in params)  # exp_avg + exp_avg_sq in float32
     if optimizer == "adamw8bit":
-        # two 8-bit states for tensors of >= 4096 elements (bitsandbytes' min_8bit_size), float32 below;
-        # the block-wise quantization scales (one float32 per block) are left out
+        # two 8-bit states for tensors of >= 4096 elements (bitsandbytes' min_8bit_size), float32
+        # below; the block-wise quantization scales (one float32 per block) are left out
         return sum(2 * p.numel() if p.numel() >= 4096 else 8 * p.numel() for p in params)
     if optimizer == "adafactor":
         return sum(4 * _adafactor_state_numel(p.shape) for p in params)
@@ -186,19 +214,30 @@ class StaticMemory:
     weights: int  # policy UNet in float32 (Lightning's bf16-mixed keeps float32 parameters)
     gradients: int  # float32, trainable parameters only
     optimizer_state: int
-    autocast_weight_copies: int  # bf16-mixed: cached bf16 casts of the trainable weights during the step
+    # bf16-mixed: cached bf16 casts of the trainable weights during the step
+    autocast_weight_copies: int
     reference_as_built: int  # the frozen parts as base.py builds them today (float32)
     reference_bf16: int  # the frozen parts cast to bfloat16
 
     @property
     def total_as_built(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.autocast_weight_copies + \
-            self.reference_as_built
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer_state
+            + self.autocast_weight_copies
+            + self.reference_as_built
+        )
 
     @property
     def total_bf16_frozen(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.autocast_weight_copies + \
-            self.reference_bf16
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer_state
+            + self.autocast_weight_copies
+            + self.reference_bf16
+        )
 
 
 def static_memory(cfg: StepConfig) -> StaticMemory:
@@ -207,12 +246,18 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
     trainable = [p for p in module.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_policy = sum(p.numel() for p in module.unet.parameters())
-    n_ref = sum(p.numel() for p in module.ref_unet.parameters()) if module.ref_unet is not None else 0
+    n_ref = (
+        sum(p.numel() for p in module.ref_unet.parameters()) if module.ref_unet is not None else 0
+    )
     n_enc = sum(p.numel() for m in (module.vae, module.prompt_encoder) for p in m.parameters())
     bf16 = cfg.precision == "bf16"
     return StaticMemory(
-        trainable_params=n_train, policy_unet_params=n_policy, reference_unet_params=n_ref,
-        frozen_encoder_params=n_enc, weights=4 * n_policy, gradients=4 * n_train,
+        trainable_params=n_train,
+        policy_unet_params=n_policy,
+        reference_unet_params=n_ref,
+        frozen_encoder_params=n_enc,
+        weights=4 * n_policy,
+        gradients=4 * n_train,
         optimizer_state=optimizer_state_bytes(trainable, cfg.optimizer),
         autocast_weight_copies=2 * n_train if bf16 else 0,
         reference_as_built=4 * (n_ref + n_enc),
@@ -221,7 +266,8 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
 
 
 def memory_record(cfg: StepConfig) -> dict:
-    """A ``--memory-estimate`` record: static memory plus bracketed activation memory, all in GiB."""
+    """A ``--memory-estimate`` record: static memory plus bracketed activation memory,
+    all in GiB."""
     from datetime import datetime, timezone
 
     from align.bench.runner import _native_resolution, software_versions
@@ -232,20 +278,35 @@ def memory_record(cfg: StepConfig) -> dict:
     act_lo = activation_memory(cfg, torch.bfloat16)
     peak = lambda static_bytes, act: (static_bytes + act.peak) / gib  # noqa: E731
     return {
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": "memory", **cfg.to_dict(),
-        "resolution": cfg.resolution or _native_resolution(cfg.preset), "sample_unit": cfg.sample_unit,
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mode": "memory",
+        **cfg.to_dict(),
+        "resolution": cfg.resolution or _native_resolution(cfg.preset),
+        "sample_unit": cfg.sample_unit,
         "estimate": True,
-        "trainable_params": static.trainable_params, "policy_unet_params": static.policy_unet_params,
+        "trainable_params": static.trainable_params,
+        "policy_unet_params": static.policy_unet_params,
         "reference_unet_params": static.reference_unet_params,
         "frozen_encoder_params": static.frozen_encoder_params,
-        "weights_gib": static.weights / gib, "gradients_gib": static.gradients / gib,
+        "weights_gib": static.weights / gib,
+        "gradients_gib": static.gradients / gib,
         "optimizer_state_gib": static.optimizer_state / gib,
         "autocast_weight_copies_gib": static.autocast_weight_copies / gib,
-        "frozen_fp32_gib": static.reference_as_built / gib, "frozen_bf16_gib": static.reference_bf16 / gib,
-        "static_fp32_frozen_gib": static.total_as_built / gib, "static_bf16_frozen_gib": static.total_bf16_frozen / gib,
-        "activations_fp32_gib": act_hi.saved / gib, "activations_bf16_gib": act_lo.saved / gib,
-        "recompute_block_fp32_gib": act_hi.largest_block / gib, "recompute_block_bf16_gib": act_lo.largest_block / gib,
-        "total_bf16_frozen_gib": [peak(static.total_bf16_frozen, act_lo), peak(static.total_bf16_frozen, act_hi)],
-        "total_fp32_frozen_gib": [peak(static.total_as_built, act_lo), peak(static.total_as_built, act_hi)],
+        "frozen_fp32_gib": static.reference_as_built / gib,
+        "frozen_bf16_gib": static.reference_bf16 / gib,
+        "static_fp32_frozen_gib": static.total_as_built / gib,
+        "static_bf16_frozen_gib": static.total_bf16_frozen / gib,
+        "activations_fp32_gib": act_hi.saved / gib,
+        "activations_bf16_gib": act_lo.saved / gib,
+        "recompute_block_fp32_gib": act_hi.largest_block / gib,
+        "recompute_block_bf16_gib": act_lo.largest_block / gib,
+        "total_bf16_frozen_gib": [
+            peak(static.total_bf16_frozen, act_lo),
+            peak(static.total_bf16_frozen, act_hi),
+        ],
+        "total_fp32_frozen_gib": [
+            peak(static.total_as_built, act_lo),
+            peak(static.total_as_built, act_hi),
+        ],
         "env": {"device": "meta (shapes only)", **software_versions()},
     }

@@ -1,8 +1,9 @@
-"""How much a precision setting adds to the DPO logit: per-sample errors of a UNet under autocast against
-the same UNet in float64, turned into the logit's scale (``0.5 * beta * (e_w - e_l)``).
+"""How much a precision setting adds to the DPO logit: per-sample errors of a UNet under autocast
+against the same UNet in float64, turned into the logit's scale (``0.5 * beta * (e_w - e_l)``).
 
-DPO learns from the difference of two errors of ~0.1 that differ by ~1e-4; at beta 5000 a rounding error
-of 1e-5 in that difference is 0.025 of logit. Measured on random latents and a random UNet of the preset.
+DPO learns from the difference of two errors of ~0.1 that differ by ~1e-4; at beta 5000 a rounding
+error of 1e-5 in that difference is 0.025 of logit. Measured on random latents and a random UNet of
+the preset.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ from align.models import load_components
 from align.modules.base import Float32Conv2d, float32_output
 from align.objectives.common import per_sample_error
 
-SETTINGS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "bf16+fp32-output": (torch.bfloat16, True),
-            "fp16": (torch.float16, False), "fp16+fp32-output": (torch.float16, True)}
+SETTINGS = {
+    "fp32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16+fp32-output": (torch.bfloat16, True),
+    "fp16": (torch.float16, False),
+    "fp16+fp32-output": (torch.float16, True),
+}
 
 
 def _errors(unet, noisy, t, cond, target, dtype, fp32_output: bool) -> torch.Tensor:
     unet.conv_out.__class__ = Float32Conv2d if fp32_output else torch.nn.Conv2d
-    with torch.no_grad(), torch.autocast(noisy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with (
+        torch.no_grad(),
+        torch.autocast(noisy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     return per_sample_error(pred.float(), target)
 
 
-def logit_noise(preset: str = "tiny", pairs: int = 64, beta: float = 5000.0, device: str = "cpu",
-                seed: int = 0) -> dict[str, float]:
-    """Std over ``pairs`` of ``0.5 * beta * ((e_w - e_l) - (e_w - e_l)_float64)`` for every setting."""
+def logit_noise(
+    preset: str = "tiny", pairs: int = 64, beta: float = 5000.0, device: str = "cpu", seed: int = 0
+) -> dict[str, float]:
+    """Std over ``pairs`` of ``0.5 * beta * ((e_w - e_l) - (e_w - e_l)_float64)`` for every
+    setting."""
     parts = load_components(preset, seed=seed)
     unet, scheduler = parts.unet.to(device).eval(), parts.noise_scheduler
     float32_output(unet)
@@ -42,8 +53,17 @@ def logit_noise(preset: str = "tiny", pairs: int = 64, beta: float = 5000.0, dev
     def diff(errors: torch.Tensor) -> torch.Tensor:
         return (errors[:pairs] - errors[pairs:]).double()
 
-    exact = diff(_errors(unet.double(), args[0].double(), args[1], args[2].double(), args[3].double(), None,
-                         False))
+    exact = diff(
+        _errors(
+            unet.double(),
+            args[0].double(),
+            args[1],
+            args[2].double(),
+            args[3].double(),
+            None,
+            False,
+        )
+    )
     unet.float()
     out = {}
     for name, (dtype, fp32) in SETTINGS.items():

@@ -50,14 +50,18 @@ MEMORY_COLUMNS = (
 def _derived(record: dict) -> dict:
     if record.get("mode") != "memory":
         return record
-    return {**record,
-            "_train_state_gib": record["weights_gib"] + record["gradients_gib"] + record["optimizer_state_gib"]
-            + record["autocast_weight_copies_gib"],
-            "_frozen_gib": f"{record['frozen_fp32_gib']:.1f}/{record['frozen_bf16_gib']:.1f}",
-            "_act_gib": f"{record['activations_bf16_gib'] + record['recompute_block_bf16_gib']:.1f}.."
-                        f"{record['activations_fp32_gib'] + record['recompute_block_fp32_gib']:.1f}",
-            "_total_fp32": "{:.1f}..{:.1f}".format(*record["total_fp32_frozen_gib"]),
-            "_total_bf16": "{:.1f}..{:.1f}".format(*record["total_bf16_frozen_gib"])}
+    return {
+        **record,
+        "_train_state_gib": record["weights_gib"]
+        + record["gradients_gib"]
+        + record["optimizer_state_gib"]
+        + record["autocast_weight_copies_gib"],
+        "_frozen_gib": f"{record['frozen_fp32_gib']:.1f}/{record['frozen_bf16_gib']:.1f}",
+        "_act_gib": f"{record['activations_bf16_gib'] + record['recompute_block_bf16_gib']:.1f}.."
+        f"{record['activations_fp32_gib'] + record['recompute_block_fp32_gib']:.1f}",
+        "_total_fp32": "{:.1f}..{:.1f}".format(*record["total_fp32_frozen_gib"]),
+        "_total_bf16": "{:.1f}..{:.1f}".format(*record["total_bf16_frozen_gib"]),
+    }
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -76,12 +80,14 @@ def _cell(record: dict, key: str, fmt: str) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """A plain-text table: one header, one separator, one row per record (timed or FLOP-count records)."""
+    """A plain-text table: one header, one separator, one row per record
+    (timed or FLOP-count records)."""
     if not records:
         return ""
     modes = {r.get("mode") for r in records}
-    columns = {frozenset({"flops"}): FLOPS_COLUMNS, frozenset({"memory"}): MEMORY_COLUMNS}.get(frozenset(modes),
-                                                                                               TIMED_COLUMNS)
+    columns = {frozenset({"flops"}): FLOPS_COLUMNS, frozenset({"memory"}): MEMORY_COLUMNS}.get(
+        frozenset(modes), TIMED_COLUMNS
+    )
     if columns is TIMED_COLUMNS and modes & {"flops", "memory"}:
         raise ValueError("format_table: one kind of record per table (timed, flops or memory)")
     records = [_derived(r) for r in records]

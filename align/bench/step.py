@@ -1,9 +1,10 @@
 """One training step of an objective, built from the real module code path.
 
-Nothing here re-implements an objective: the bench constructs the same ``DPOModule`` / ``KTOModule`` that
-``align fit`` builds (same switches, same optimizer factories), feeds it a synthetic batch in the data
-pipeline's format (captions + cached VAE moments, or pixels), and calls the module's own ``training_step``.
-The bare loop and the Lightning run below therefore time exactly the same forward/backward/optimizer work.
+Nothing here re-implements an objective: the bench constructs the same ``DPOModule`` / ``KTOModule``
+that ``align fit`` builds (same switches, same optimizer factories), feeds it a synthetic batch in
+the data pipeline's format (captions + cached VAE moments, or pixels), and calls the module's own
+``training_step``. The bare loop and the Lightning run below therefore time exactly the same
+forward/backward/optimizer work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class StepConfig:
     """What one benchmarked step is: objective, model, batch and every performance switch.
 
     ``batch`` counts pairs for DPO (the UNet sees 2 x batch images) and images for KTO.
-    ``resolution`` is in pixels; None means the preset's native size (512 for sd15-arch, 1024 for sdxl-arch).
+    ``resolution`` is in pixels; None means the preset's native size
+    (512 for sd15-arch, 1024 for sdxl-arch).
     """
 
     objective: str = "dpo"
@@ -41,9 +43,12 @@ class StepConfig:
     compile_reference: bool = False
     compile_mode: str | None = None  # torch.compile's mode (None: its default)
     reference_inference_mode: bool = True
-    frozen_dtype: str | None = None  # bf16 / fp16: the frozen reference, VAE and text encoders stored in it
-    cached_latents: bool = True  # VAE moments in the batch (a latent cache): the VAE encoder does not run
-    cached_text: bool = True  # prompt embeddings in the batch (the same cache): the text encoders do not run
+    # bf16 / fp16: the frozen reference, VAE and text encoders stored in it
+    frozen_dtype: str | None = None
+    # VAE moments in the batch (a latent cache): the VAE encoder does not run
+    cached_latents: bool = True
+    # prompt embeddings in the batch (the same cache): the text encoders do not run
+    cached_text: bool = True
     optimizer: str = "adamw"
     lr: float = 1e-5
     grad_clip: float | None = 1.0
@@ -51,11 +56,17 @@ class StepConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}")
+            raise ValueError(
+                f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
+            )
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+            raise ValueError(
+                f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}"
+            )
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 
@@ -82,11 +93,14 @@ def module_class(objective: str):
     try:
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"objective {objective!r} needs {path}, which this checkout does not have ({err})") from None
+        raise ValueError(
+            f"objective {objective!r} needs {path}, which this checkout does not have ({err})"
+        ) from None
 
 
 def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
-    """The optimizer callables the configs in ``configs/optim/`` name, as a LightningCLI would inject them."""
+    """The optimizer callables the configs in ``configs/optim/`` name,
+    as a LightningCLI would inject them."""
     if name == "adamw":
         return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
     if name == "adamw-fused":
@@ -94,14 +108,23 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return functools.partial(Adafactor, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                                 weight_decay=weight_decay)
+        return functools.partial(
+            Adafactor,
+            lr=lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=weight_decay,
+        )
     if name == "adamw8bit":
-        def adamw8bit(params):  # imported when the optimizer is made: FLOP/memory estimates need no bitsandbytes
+        # imported when the optimizer is made: FLOP/memory estimates need no bitsandbytes
+        def adamw8bit(params):
             try:
                 import bitsandbytes as bnb
             except ImportError:
-                raise ValueError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
+                raise ValueError(
+                    "optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)"
+                ) from None
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
         return adamw8bit
@@ -111,37 +134,49 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
 def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool = False):
     """The objective's LightningModule with ``cfg``'s switches, on ``device`` (or the meta device).
 
-    ``meta=True`` builds every weight on the meta device: shapes only, no memory, for FLOP counts and memory
-    estimates of full-size presets on a laptop. Otherwise the weights are created on ``device`` directly: random
-    initialisation of SDXL's 3.5 B parameters on the host, then a copy to the GPU, would cost more than the
-    benchmark's steps.
+    ``meta=True`` builds every weight on the meta device: shapes only, no memory, for FLOP counts
+    and memory estimates of full-size presets on a laptop. Otherwise the weights are created on
+    ``device`` directly: random initialisation of SDXL's 3.5 B parameters on the host, then a copy
+    to the GPU, would cost more than the benchmark's steps.
     """
     cls = module_class(cfg.objective)
     target = torch.device("meta") if meta else torch.device(device)
-    kwargs = dict(model=cfg.preset, lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing,
-                  channels_last=cfg.channels_last, compile_unet=cfg.compile_unet,
-                  compile_reference=cfg.compile_reference, compile_mode=cfg.compile_mode,
-                  reference_inference_mode=cfg.reference_inference_mode, frozen_dtype=cfg.frozen_dtype,
-                  optimizer=optimizer_factory(cfg.optimizer, cfg.lr), seed=cfg.seed)
+    kwargs = dict(
+        model=cfg.preset,
+        lora_rank=cfg.lora_rank,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        channels_last=cfg.channels_last,
+        compile_unet=cfg.compile_unet,
+        compile_reference=cfg.compile_reference,
+        compile_mode=cfg.compile_mode,
+        reference_inference_mode=cfg.reference_inference_mode,
+        frozen_dtype=cfg.frozen_dtype,
+        optimizer=optimizer_factory(cfg.optimizer, cfg.lr),
+        seed=cfg.seed,
+    )
     with target:
         module = cls(**kwargs)
     return module.to(target).train()
 
 
 def latent_shape(module, cfg: StepConfig) -> tuple[int, int, int]:
-    """(channels, h, w) of the latents at ``cfg.resolution`` (the preset's native size by default)."""
+    """(channels, h, w) of the latents at ``cfg.resolution``
+    (the preset's native size by default)."""
     parts = module.components
     res = cfg.resolution or parts.resolution
     if res % parts.vae_scale_factor:
-        raise ValueError(f"resolution {res} is not a multiple of the VAE factor {parts.vae_scale_factor}")
+        raise ValueError(
+            f"resolution {res} is not a multiple of the VAE factor {parts.vae_scale_factor}"
+        )
     side = res // parts.vae_scale_factor
     return parts.vae.config.latent_channels, side, side
 
 
 def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None) -> dict:
-    """A synthetic batch in the data pipelines' format (``align.data.pickapic`` / ``align.data.cached``):
-    captions; cached VAE moments (``2 x latent_channels`` channels) or pixels in [-1, 1]; cached prompt
-    embeddings (one row per caption, + pooled for SDXL) or none. DPO rows are winners then losers."""
+    """A synthetic batch in the data pipelines' format (``align.data.pickapic`` /
+    ``align.data.cached``): captions; cached VAE moments (``2 x latent_channels`` channels) or
+    pixels in [-1, 1]; cached prompt embeddings (one row per caption, + pooled for SDXL) or none.
+    DPO rows are winners then losers."""
     device = torch.device(device) if device is not None else module.device
     gen = torch.Generator().manual_seed(cfg.seed)
     n = cfg.images
@@ -150,23 +185,35 @@ def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None
     batch: dict = {"caption": captions}
     if cfg.cached_latents:
         moments = torch.randn(n, 2 * c, h, w, generator=gen) if device.type != "meta" else None
-        batch["latent_moments"] = (moments.to(device) if moments is not None
-                                   else torch.empty(n, 2 * c, h, w, device=device))
+        batch["latent_moments"] = (
+            moments.to(device)
+            if moments is not None
+            else torch.empty(n, 2 * c, h, w, device=device)
+        )
     else:
         res = cfg.resolution or module.components.resolution
-        pixels = torch.rand(n, 3, res, res, generator=gen) * 2 - 1 if device.type != "meta" else None
-        batch["pixel_values"] = (pixels.to(device) if pixels is not None
-                                 else torch.empty(n, 3, res, res, device=device))
+        pixels = (
+            torch.rand(n, 3, res, res, generator=gen) * 2 - 1 if device.type != "meta" else None
+        )
+        batch["pixel_values"] = (
+            pixels.to(device) if pixels is not None else torch.empty(n, 3, res, res, device=device)
+        )
     if cfg.cached_text:
         if not hasattr(module, "prompt_embeds"):
-            raise ValueError("this checkout's modules do not read cached prompt embeddings: use cached_text=False")
+            raise ValueError(
+                "this checkout's modules do not read cached prompt embeddings: use "
+                "cached_text=False"
+            )
         unet_cfg, encoders = module.unet.config, module.components.text_encoders
         shapes = {"prompt_embeds": (cfg.batch, 77, unet_cfg.cross_attention_dim)}
         if module.components.is_sdxl:
             shapes["pooled_embeds"] = (cfg.batch, encoders[-1].config.projection_dim)
         for key, shape in shapes.items():
-            batch[key] = (torch.randn(*shape, generator=gen).to(device) if device.type != "meta"
-                          else torch.empty(*shape, device=device))
+            batch[key] = (
+                torch.randn(*shape, generator=gen).to(device)
+                if device.type != "meta"
+                else torch.empty(*shape, device=device)
+            )
     if cfg.objective == "kto":
         # P(desirable) = 0.8 as in the paper's batches; at least one of each class when batch >= 2
         desirable = torch.tensor([(i % 5) != 4 for i in range(n)])
@@ -177,7 +224,8 @@ def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None
 
 
 def autocast(cfg: StepConfig, device: torch.device):
-    """The autocast Lightning's ``bf16-mixed`` applies around ``training_step``; nothing for ``32``."""
+    """The autocast Lightning's ``bf16-mixed`` applies around ``training_step``;
+    nothing for ``32``."""
     if cfg.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -185,8 +233,8 @@ def autocast(cfg: StepConfig, device: torch.device):
 
 class BareStep:
     """The step a plain PyTorch loop runs: the module's ``training_step``, backward, the module's
-    ``on_before_optimizer_step``, gradient clipping, ``optimizer.step``, ``zero_grad`` — the order and work of
-    Lightning's automatic optimization, without the Trainer."""
+    ``on_before_optimizer_step``, gradient clipping, ``optimizer.step``, ``zero_grad`` — the order
+    and work of Lightning's automatic optimization, without the Trainer."""
 
     def __init__(self, module, cfg: StepConfig):
         self.module, self.cfg = module, cfg

@@ -13,7 +13,8 @@ from align.callbacks.run_dir import run_dir
 
 
 class ArtifactSummary(L.Callback):
-    """Prints the run directory, resolved config, checkpoints, diffusers export and wandb run at fit end."""
+    """Prints the run directory, resolved config, checkpoints,
+    diffusers export and wandb run at fit end."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         root = run_dir(trainer)
@@ -31,7 +32,10 @@ class ArtifactSummary(L.Callback):
             if isinstance(logger, WandbLogger):
                 wandb_dir = Path(logger.experiment.dir).parent
                 lines.append(f"wandb run:         {wandb_dir}")
-                lines.append(f"  view it:         wandb sync {wandb_dir}   (uploads the offline run; then open the printed URL)")
+                lines.append(
+                    f"  view it:         wandb sync {wandb_dir}   (uploads the offline run; then "
+                    "open the printed URL)"
+                )
             elif getattr(logger, "log_dir", None):
                 lines.append(f"{type(logger).__name__}:  {logger.log_dir}")
         print("\n".join(["", "=" * 80, "align: run finished", *lines, "=" * 80]), flush=True)

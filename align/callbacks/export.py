@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def write_export(module, out: Path, dtype: str, config: dict, metrics: dict | None = None) -> None:
-    """``module.export`` in ``dtype`` with a model card, written beside ``out`` and renamed into place."""
+    """``module.export`` in ``dtype`` with a model card,
+    written beside ``out`` and renamed into place."""
+
     def write(folder: Path) -> None:
         module.export(folder)
         cast_export(folder, dtype)
@@ -39,21 +41,33 @@ def run_config(trainer) -> dict:
 
 
 class DiffusersExport(L.Callback):
-    """Writes ``<run>/export/step-<N>`` at each checkpoint (if ``on_checkpoint``) and ``<run>/export/final``.
+    """Writes ``<run>/export/step-<N>`` at each checkpoint
+    (if ``on_checkpoint``) and ``<run>/export/final``.
 
-    A full fine-tune exports a whole pipeline directory (StableDiffusion(XL)Pipeline.from_pretrained loads it
-    as is, with the base's scheduler); a LoRA run exports the adapter file that ``load_lora_weights`` reads.
-    ``export_dtype``: fp32 (what training holds), fp16 or bf16. ``keep``: the newest step exports kept (None:
-    all). One export per step: a second checkpoint at the same step (``last.ckpt``) exports nothing, and a
-    ``final`` at the step of the newest step export is that export, renamed.
+    A full fine-tune exports a whole pipeline directory (StableDiffusion(XL)Pipeline.from_pretrained
+    loads it as is, with the base's scheduler); a LoRA run exports the adapter file that
+    ``load_lora_weights`` reads. ``export_dtype``: fp32 (what training holds), fp16 or bf16.
+    ``keep``: the newest step exports kept (None: all). One export per step: a second checkpoint at
+    the same step (``last.ckpt``) exports nothing, and a ``final`` at the step of the newest step
+    export is that export, renamed.
     """
 
-    def __init__(self, dirpath: str | None = None, on_checkpoint: bool = True, export_dtype: str = "fp32",
-                 keep: int | None = 2):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        on_checkpoint: bool = True,
+        export_dtype: str = "fp32",
+        keep: int | None = 2,
+    ):
         export_dtype_of(export_dtype)  # an unknown dtype fails when the run starts
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (or None for every export), got {keep}")
-        self.dirpath, self.on_checkpoint, self.export_dtype, self.keep = dirpath, on_checkpoint, export_dtype, keep
+        self.dirpath, self.on_checkpoint, self.export_dtype, self.keep = (
+            dirpath,
+            on_checkpoint,
+            export_dtype,
+            keep,
+        )
         self.last_export: Path | None = None
         self._final_step: int | None = None
         self._step: int | None = None  # of the last checkpoint export
@@ -66,8 +80,11 @@ class DiffusersExport(L.Callback):
         config = run_config(trainer)
         assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
-            metrics = {k: float(v) for k, v in getattr(trainer, "callback_metrics", {}).items()
-                       if getattr(v, "numel", lambda: 1)() == 1}
+            metrics = {
+                k: float(v)
+                for k, v in getattr(trainer, "callback_metrics", {}).items()
+                if getattr(v, "numel", lambda: 1)() == 1
+            }
             write_export(pl_module, root / name, self.export_dtype, config, metrics)
             self.last_export = root / name
             log.info("exported %s", self.last_export)
@@ -88,11 +105,16 @@ class DiffusersExport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         root = self._root(trainer)
         newest = root / f"step-{trainer.global_step}"
-        if self._step == trainer.global_step and newest.is_dir():  # the same weights: no second copy
+        # the same weights: no second copy
+        if self._step == trainer.global_step and newest.is_dir():
             if trainer.is_global_zero:
                 replace_dir_atomically(root / "final", lambda folder: os.replace(newest, folder))
                 self.last_export = root / "final"
-                log.info("exported %s (the step-%d export, renamed)", self.last_export, trainer.global_step)
+                log.info(
+                    "exported %s (the step-%d export, renamed)",
+                    self.last_export,
+                    trainer.global_step,
+                )
         else:
             self._export(trainer, pl_module, "final")
         self._final_step = trainer.global_step

@@ -1,8 +1,8 @@
-"""What each DDP rank saw and holds: the keys of the samples it trained on, a fingerprint of its random
-stream at each step, and a checksum of its weights.
+"""What each DDP rank saw and holds: the keys of the samples it trained on, a fingerprint of its
+random stream at each step, and a checksum of its weights.
 
-For checking a multi-GPU set-up before a long run (are shards split? do ranks stay in sync?), and for the
-test that proves both on two CPU processes.
+For checking a multi-GPU set-up before a long run (are shards split? do ranks stay in sync?), and
+for the test that proves both on two CPU processes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 
 
 class RankAudit(L.Callback):
-    """Writes ``<out_dir>/rank<R>.json`` at fit end: ``keys`` (samples trained on), ``streams`` (per batch, a
-    draw from a copy of the module's noise/timestep generator as the batch left it) and ``weight_sum``."""
+    """Writes ``<out_dir>/rank<R>.json`` at fit end: ``keys`` (samples trained on), ``streams`` (per
+    batch, a draw from a copy of the module's noise/timestep generator as the batch left it) and
+    ``weight_sum``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
@@ -36,6 +37,12 @@ class RankAudit(L.Callback):
         with torch.no_grad():
             total = sum(p.double().sum().item() for p in pl_module.parameters() if p.requires_grad)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "keys": self.keys,
-                  "streams": self.streams, "weight_sum": total, "global_step": trainer.global_step}
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "keys": self.keys,
+            "streams": self.streams,
+            "weight_sum": total,
+            "global_step": trainer.global_step,
+        }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

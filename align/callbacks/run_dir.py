@@ -1,4 +1,5 @@
-"""Where a run's artifacts live: the directory Lightning's ModelCheckpoint derives from the first logger."""
+"""Where a run's artifacts live: the directory Lightning's ModelCheckpoint derives from the first
+logger."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import lightning as L
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """``<save_dir>/<name>/<version>`` of the first logger (checkpoints go to ``<that>/checkpoints``)."""
+    """``<save_dir>/<name>/<version>`` of the first logger (checkpoints go to
+    ``<that>/checkpoints``)."""
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]

@@ -1,14 +1,17 @@
-"""Render a few fixed (long) prompts with fixed seeds every N steps: what the policy draws, as it trains.
+"""Render a few fixed (long) prompts with fixed seeds every N steps: what the policy draws,
+as it trains.
 
-With ``compare_reference`` (on by default for modules that have a reference: DPO, KTO) each logged image is
-the policy's and the reference's side by side, from the same noise; with ``reward`` set, both are scored by
-that reward model and the means are logged as ``val/reward/<name>/policy`` and ``.../reference``.
+With ``compare_reference`` (on by default for modules that have a reference: DPO, KTO) each logged
+image is the policy's and the reference's side by side, from the same noise; with ``reward`` set,
+both are scored by that reward model and the means are logged as ``val/reward/<name>/policy`` and
+``.../reference``.
 
-Images go to every logger that has ``log_image`` (wandb: one panel per prompt, the caption under it) and, as
-PNGs, to ``<run>/validation_images/step-<N>/`` (so a CSV-only run has them too). Rendering uses the module's
-own prompt encoder (segment encoding for LongAlign) through ``align.models.sampling.generate``, on global rank
-0 only, with the module in eval mode (adapter dropout off) and in the trainer's precision (bf16 autocast in
-``bf16-mixed``); the training RNG streams are untouched.
+Images go to every logger that has ``log_image`` (wandb: one panel per prompt, the caption under it)
+and, as PNGs, to ``<run>/validation_images/step-<N>/`` (so a CSV-only run has them too). Rendering
+uses the module's own prompt encoder (segment encoding for LongAlign) through
+``align.models.sampling.generate``, on global rank 0 only, with the module in eval mode (adapter
+dropout off) and in the trainer's precision (bf16 autocast in ``bf16-mixed``); the training RNG
+streams are untouched.
 """
 
 from __future__ import annotations
@@ -24,42 +27,60 @@ log = logging.getLogger(__name__)
 
 # Long prompts (well over CLIP's 77 tokens) whose later sentences matter.
 DEFAULT_PROMPTS = [
-    "A quiet harbour town at dawn, seen from a hill above the bay. Small fishing boats painted red, blue and "
-    "yellow rest on calm water that mirrors the pale pink sky. Whitewashed houses with terracotta roofs climb the "
-    "slope on the left, and a stone lighthouse stands at the end of a long pier on the right. A flock of seagulls "
-    "circles above the masts. In the foreground, an old wooden bench faces the sea, with a folded newspaper and a "
-    "steaming cup of coffee left on it. Thin mist hangs over the water near the horizon.",
-    "A cosy reading corner in a small apartment, photographed in warm afternoon light. A deep green velvet "
-    "armchair sits beside a tall window with white curtains. On the armchair lies a tartan blanket and an open "
-    "hardcover book. To the right, a round side table holds a brass lamp, a stack of three paperbacks and a "
-    "potted fern. A grey cat sleeps curled up on the rug in front of the chair. The wall behind is covered by a "
-    "bookshelf filled with colourful books, and a small framed painting of a sailboat hangs above it.",
-    "A red circle in the top left corner, a blue square in the center and a yellow triangle in the bottom right "
-    "corner, all on a plain white background. The circle is small, the square is large and the triangle is "
-    "small. The shapes have sharp edges and uniform colours. The square is to the right of the circle, and the "
-    "triangle is below the square. Nothing else appears in the image, and the background is completely even, "
-    "without texture, shadows or text.",
+    "A quiet harbour town at dawn, seen from a hill above the bay. Small fishing boats painted "
+    "red, blue and yellow rest on calm water that mirrors the pale pink sky. Whitewashed houses "
+    "with terracotta roofs climb the slope on the left, and a stone lighthouse stands at the end "
+    "of a long pier on the right. A flock of seagulls circles above the masts. In the foreground, "
+    "an old wooden bench faces the sea, with a folded newspaper and a steaming cup of coffee left "
+    "on it. Thin mist hangs over the water near the horizon.",
+    "A cosy reading corner in a small apartment, photographed in warm afternoon light. A deep "
+    "green velvet armchair sits beside a tall window with white curtains. On the armchair lies a "
+    "tartan blanket and an open hardcover book. To the right, a round side table holds a brass "
+    "lamp, a stack of three paperbacks and a potted fern. A grey cat sleeps curled up on the rug "
+    "in front of the chair. The wall behind is covered by a bookshelf filled with colourful "
+    "books, and a small framed painting of a sailboat hangs above it.",
+    "A red circle in the top left corner, a blue square in the center and a yellow triangle in "
+    "the bottom right corner, all on a plain white background. The circle is small, the square is "
+    "large and the triangle is small. The shapes have sharp edges and uniform colours. The square "
+    "is to the right of the circle, and the triangle is below the square. Nothing else appears in "
+    "the image, and the background is completely even, without texture, shadows or text.",
 ]
 
 
 class ValidationImages(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training), render ``prompts`` and log them.
+    """Every ``every_n_steps`` optimizer steps (and at the end of training),
+    render ``prompts`` and log them.
 
     Args:
         prompts: the prompts (default: three long ones, ``DEFAULT_PROMPTS``).
         every_n_steps: render when ``global_step`` is a positive multiple of this.
-        seed: every image starts from ``torch.Generator('cpu').manual_seed(seed)``: the same noise each time.
-        steps / guidance_scale / negative_prompt / height / width: sampling settings (default size: the model's).
+        seed: every image starts from ``torch.Generator('cpu').manual_seed(seed)``:
+            the same noise each time.
+        steps / guidance_scale / negative_prompt / height / width: sampling settings
+            (default size: the model's).
         scheduler: a diffusers scheduler class built from the model's scheduler config.
         at_start / at_end: also render before the first step / after the last.
         key: the logged image key (``val/images``).
     """
 
-    def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 500, seed: int = 0, steps: int = 25,
-                 guidance_scale: float = 7.5, negative_prompt: str = "", height: int | None = None,
-                 width: int | None = None, scheduler: str = "DDIMScheduler", at_start: bool = False,
-                 at_end: bool = True, key: str = "val/images", compare_reference: bool = True,
-                 reward: str | None = None, reward_source: str | None = None):
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        every_n_steps: int = 500,
+        seed: int = 0,
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = "DDIMScheduler",
+        at_start: bool = False,
+        at_end: bool = True,
+        key: str = "val/images",
+        compare_reference: bool = True,
+        reward: str | None = None,
+        reward_source: str | None = None,
+    ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
@@ -67,11 +88,15 @@ class ValidationImages(L.Callback):
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.height, self.width, self.scheduler = height, width, scheduler
         self.at_start, self.at_end, self.key = at_start, at_end, key
-        self.compare_reference, self.reward_name, self.reward_source = compare_reference, reward, reward_source
+        self.compare_reference, self.reward_name, self.reward_source = (
+            compare_reference,
+            reward,
+            reward_source,
+        )
         self._reward = None
         self.rendered_steps: list[int] = []
 
-    # ---- when --------------------------------------------------------------------------------------
+    # ---- when ------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         if self.at_start:
             self.render_and_log(trainer, pl_module)
@@ -85,14 +110,17 @@ class ValidationImages(L.Callback):
         if self.at_end and trainer.global_step not in self.rendered_steps:
             self.render_and_log(trainer, pl_module)
 
-    # ---- what --------------------------------------------------------------------------------------
+    # ---- what ------------------------------------------------------------------------------------
     @staticmethod
     def has_reference(pl_module) -> bool:
-        return getattr(pl_module, "ref_unet", None) is not None or getattr(pl_module, "use_lora_reference", False)
+        return getattr(pl_module, "ref_unet", None) is not None or getattr(
+            pl_module, "use_lora_reference", False
+        )
 
     @torch.no_grad()
     def render_reference(self, trainer, pl_module) -> list:
-        """The reference model's images from the same noise (the frozen copy, or the UNet without adapters)."""
+        """The reference model's images from the same noise
+        (the frozen copy, or the UNet without adapters)."""
         from align.modules.frozen import adapters_disabled
 
         if pl_module.ref_unet is not None:
@@ -109,7 +137,8 @@ class ValidationImages(L.Callback):
 
     @torch.no_grad()
     def render(self, trainer, pl_module, unet=None) -> list:
-        """PIL images of ``self.prompts`` from the module's current weights (or ``unet``) and prompt encoder."""
+        """PIL images of ``self.prompts`` from the module's current weights
+        (or ``unet``) and prompt encoder."""
         import diffusers
 
         from align.models.sampling import generate
@@ -117,21 +146,32 @@ class ValidationImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            unet = unet if unet is not None else getattr(pl_module.unet, "_orig_mod", pl_module.unet)
+            unet = (
+                unet if unet is not None else getattr(pl_module.unet, "_orig_mod", pl_module.unet)
+            )
             scheduler = getattr(diffusers, self.scheduler).from_config(pl_module.scheduler.config)
             pipe = pl_module.components.to_pipeline(unet=unet, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             with trainer.precision_plugin.forward_context():
-                return generate(pipe, self.prompts, encoder=pl_module.prompt_encoder, steps=self.steps,
-                                guidance=self.guidance_scale, seed=self.seed, negative_prompt=self.negative_prompt,
-                                height=self.height, width=self.width)
+                return generate(
+                    pipe,
+                    self.prompts,
+                    encoder=pl_module.prompt_encoder,
+                    steps=self.steps,
+                    guidance=self.guidance_scale,
+                    seed=self.seed,
+                    negative_prompt=self.negative_prompt,
+                    height=self.height,
+                    width=self.width,
+                )
         finally:
             pl_module.train(was_training)
 
     def render_and_log(self, trainer, pl_module) -> None:
         step = trainer.global_step
         self.rendered_steps.append(step)
-        out = run_dir(trainer) / "validation_images" / f"step-{step:06d}"  # every rank: run_dir broadcasts
+        # every rank: run_dir broadcasts
+        out = run_dir(trainer) / "validation_images" / f"step-{step:06d}"
         if not trainer.is_global_zero:
             return
         images = self.render(trainer, pl_module)
@@ -139,13 +179,21 @@ class ValidationImages(L.Callback):
         if self.compare_reference and self.has_reference(pl_module):
             reference = self.render_reference(trainer, pl_module)
             if self.reward_name:
-                metrics = {f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device),
-                           f"val/reward/{self.reward_name}/reference": self.score(reference, pl_module.device)}
+                metrics = {
+                    f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device),
+                    f"val/reward/{self.reward_name}/reference": self.score(
+                        reference, pl_module.device
+                    ),
+                }
             images = [side_by_side(a, b) for a, b in zip(images, reference)]
         elif self.reward_name:
-            metrics = {f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device)}
+            metrics = {
+                f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device)
+            }
         out.mkdir(parents=True, exist_ok=True)
-        (out / "prompts.txt").write_text("\n".join(p.replace("\n", " ") for p in self.prompts) + "\n")
+        (out / "prompts.txt").write_text(
+            "\n".join(p.replace("\n", " ") for p in self.prompts) + "\n"
+        )
         for i, image in enumerate(images):
             image.save(out / f"{i:02d}.png")
         for logger in trainer.loggers:

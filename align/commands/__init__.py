@@ -1,8 +1,9 @@
 """Tool commands of the ``align`` console script besides LightningCLI's fit/validate/test/predict.
 
-Each module here (and each module of ``align.data.commands`` for ``align data <name>``) is one command: it
-exposes ``main(argv: list[str]) -> int | None`` and its docstring's first line is its help. Discovery is by
-module name (``kto-labels`` -> ``kto_labels``), so adding a command never edits a shared file.
+Each module here (and each module of ``align.data.commands`` for ``align data <name>``) is one
+command: it exposes ``main(argv: list[str]) -> int | None`` and its docstring's first line is its
+help. Discovery is by module name (``kto-labels`` -> ``kto_labels``),
+so adding a command never edits a shared file.
 """
 
 from __future__ import annotations
@@ -16,17 +17,34 @@ from types import ModuleType
 def discover(package: str) -> dict[str, str]:
     """Map command names to module paths for every public module of ``package``."""
     pkg = importlib.import_module(package)
-    return {info.name.replace("_", "-"): f"{package}.{info.name}"
-            for info in pkgutil.iter_modules(pkg.__path__) if not info.name.startswith("_")}
+    return {
+        info.name.replace("_", "-"): f"{package}.{info.name}"
+        for info in pkgutil.iter_modules(pkg.__path__)
+        if not info.name.startswith("_")
+    }
+
+
+def doc_summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: a command's one-line help, however it is
+    wrapped."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def doc_details(doc: str | None) -> str:
+    """What follows a docstring's first paragraph, its line breaks kept, after an empty line (an
+    ``epilog`` for ``RawDescriptionHelpFormatter``)."""
+    rest = (doc or "").strip("\n").split("\n\n", 1)[1:]
+    return "\n".join(["", *rest[0].splitlines()]) if rest else ""
 
 
 def summary(module_path: str) -> str:
-    """The first docstring line of a command module, read without importing it (imports are heavy)."""
+    """The help line of a command module (its docstring's first paragraph), read without importing
+    it (imports are heavy)."""
     import ast
 
     spec = importlib.util.find_spec(module_path)
     doc = ast.get_docstring(ast.parse(open(spec.origin, encoding="utf-8").read())) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    return doc_summary(doc)
 
 
 def dispatch(package: str, argv: list[str], prog: str) -> int:
@@ -39,7 +57,10 @@ def dispatch(package: str, argv: list[str], prog: str) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in commands:
-        print(f"{prog}: unknown command {name!r}; known: {', '.join(sorted(commands))}", file=sys.stderr)
+        print(
+            f"{prog}: unknown command {name!r}; known: {', '.join(sorted(commands))}",
+            file=sys.stderr,
+        )
         return 2
     module: ModuleType = importlib.import_module(commands[name])
     return int(module.main(argv[1:]) or 0)

@@ -1,14 +1,15 @@
-"""Benchmark a training step: median step time, samples/s, TFLOP/s and fraction of peak, peak memory.
+"""Benchmark a training step: median step time, samples/s, TFLOP/s and fraction of peak,
+peak memory.
 
 Examples:
-    align bench --objective dpo --preset sd15-arch --batch 4 --steps 20          # on a GPU: bf16, Lightning
-    align bench --preset tiny --steps 20 --compare-bare                           # Lightning vs a bare loop
-    align bench --preset sd15-arch sdxl-arch --batch 1 --flops-only              # FLOPs from meta tensors
-    align bench --preset tiny --logit-noise                                       # precision vs float64
+    align bench --objective dpo --preset sd15-arch --batch 4 --steps 20  # on a GPU: bf16, Lightning
+    align bench --preset tiny --steps 20 --compare-bare                  # Lightning vs a bare loop
+    align bench --preset sd15-arch sdxl-arch --batch 1 --flops-only      # FLOPs from meta tensors
+    align bench --preset tiny --logit-noise                              # precision vs float64
     align bench --preset sdxl-arch --batch 2 --memory-estimate --optimizer adafactor
 
-Every run prints a table and appends one JSON record per row to ``--json`` (default reports/bench.jsonl).
-See docs/benchmarks.md for what each figure means and the measured numbers.
+Every run prints a table and appends one JSON record per row to ``--json`` (default
+reports/bench.jsonl). See docs/benchmarks.md for what each figure means and the measured numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import itertools
 import os
 import sys
 
+from align.commands import doc_details, doc_summary
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,47 +29,99 @@ def parser() -> argparse.ArgumentParser:
     from align.bench.step import OBJECTIVES, OPTIMIZERS, PRECISIONS
     from align.models.presets import PRESETS
 
-    p = argparse.ArgumentParser(prog="align bench", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p = argparse.ArgumentParser(
+        prog="align bench",
+        description=doc_summary(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc_details(__doc__),
+    )
     p.add_argument("--objective", nargs="+", default=["dpo"], choices=sorted(OBJECTIVES))
     p.add_argument("--preset", nargs="+", default=["tiny"], choices=sorted(PRESETS))
-    p.add_argument("--batch", type=int, default=4, help="pairs (dpo) or images (kto) per micro-batch")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the preset's native size)")
+    p.add_argument(
+        "--batch", type=int, default=4, help="pairs (dpo) or images (kto) per micro-batch"
+    )
+    p.add_argument(
+        "--resolution", type=int, default=None, help="pixels (default: the preset's native size)"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times, pooling steps")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op CPU threads (0: torch's default); 1 is steadier on a shared CPU")
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                   help="bf16 = Lightning's bf16-mixed autocast; auto: bf16 on CUDA, 32 on the CPU")
-    p.add_argument("--compare-bare", action="store_true", help="also run the same step in a plain PyTorch loop")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternate the modes this many times, pooling steps"
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op CPU threads (0: torch's default); 1 is steadier on a shared CPU",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", *PRECISIONS],
+        help="bf16 = Lightning's bf16-mixed autocast; auto: bf16 on CUDA, 32 on the CPU",
+    )
+    p.add_argument(
+        "--compare-bare", action="store_true", help="also run the same step in a plain PyTorch loop"
+    )
     only = p.add_mutually_exclusive_group()
-    only.add_argument("--logit-noise", action="store_true",
-                      help="std of the DPO logit's error from each precision vs float64 (beta 5000); no timing")
-    only.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device; no timing")
-    only.add_argument("--memory-estimate", action="store_true",
-                      help="estimate GPU memory on the meta device (weights, gradients, optimizer state, "
-                           "activations); no timing; precision auto means bf16 here")
-    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA, reference = adapters disabled")
+    only.add_argument(
+        "--logit-noise",
+        action="store_true",
+        help="std of the DPO logit's error from each precision vs float64 (beta 5000); no timing",
+    )
+    only.add_argument(
+        "--flops-only", action="store_true", help="count FLOPs on the meta device; no timing"
+    )
+    only.add_argument(
+        "--memory-estimate",
+        action="store_true",
+        help="estimate GPU memory on the meta device (weights, gradients, optimizer state, "
+        "activations); no timing; precision auto means bf16 here",
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="> 0: LoRA, reference = adapters disabled"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the policy UNet")
-    p.add_argument("--compile-reference", action="store_true", help="torch.compile the frozen reference UNet")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile's mode: reduce-overhead (CUDA graphs), max-autotune, ... (default: its default)")
-    p.add_argument("--reference-no-grad", action="store_true",
-                   help="reference forward under no_grad instead of inference_mode")
-    p.add_argument("--frozen-dtype", choices=["bf16", "fp16"], default=None,
-                   help="store the frozen reference UNet, VAE and text encoders in this dtype (configs/perf/lowmem.yaml)")
-    p.add_argument("--pixels", action="store_true", help="encode pixels with the VAE (default: cached latents)")
-    p.add_argument("--captions", action="store_true",
-                   help="encode captions with the text encoders (default: cached prompt embeddings)")
+    p.add_argument(
+        "--compile-reference", action="store_true", help="torch.compile the frozen reference UNet"
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile's mode: reduce-overhead (CUDA graphs), max-autotune, ... "
+        "(default: its default)",
+    )
+    p.add_argument(
+        "--reference-no-grad",
+        action="store_true",
+        help="reference forward under no_grad instead of inference_mode",
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=["bf16", "fp16"],
+        default=None,
+        help="store the frozen reference UNet, VAE and text encoders in this dtype "
+        "(configs/perf/lowmem.yaml)",
+    )
+    p.add_argument(
+        "--pixels", action="store_true", help="encode pixels with the VAE (default: cached latents)"
+    )
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="encode captions with the text encoders (default: cached prompt embeddings)",
+    )
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--json", default="reports/bench.jsonl", help="append records here ('' disables)")
+    p.add_argument(
+        "--json", default="reports/bench.jsonl", help="append records here ('' disables)"
+    )
     return p
 
 
@@ -76,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         from align.bench.precision import logit_noise
 
         for preset in args.preset:
-            for name, std in logit_noise(preset, device="cpu" if args.device == "auto" else args.device).items():
+            for name, std in logit_noise(
+                preset, device="cpu" if args.device == "auto" else args.device
+            ).items():
                 print(f"{preset:10s} {name:18s} DPO logit noise (std, beta 5000): {std:.5f}")
         return 0
     from align.bench.flops import count_step_flops
@@ -95,21 +152,36 @@ def main(argv: list[str] | None = None) -> int:
         precision = "bf16" if device.type == "cuda" or args.memory_estimate else "32"
     records = []
     for objective, preset in itertools.product(args.objective, args.preset):
-        cfg = StepConfig(objective=objective, preset=preset, batch=args.batch, resolution=args.resolution,
-                         precision=precision, lora_rank=args.lora_rank,
-                         gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
-                         compile_unet=args.compile, compile_reference=args.compile_reference,
-                         compile_mode=args.compile_mode, reference_inference_mode=not args.reference_no_grad,
-                         frozen_dtype=args.frozen_dtype,
-                         cached_latents=not args.pixels, cached_text=not args.captions, optimizer=args.optimizer,
-                         lr=args.lr, grad_clip=args.grad_clip or None)
+        cfg = StepConfig(
+            objective=objective,
+            preset=preset,
+            batch=args.batch,
+            resolution=args.resolution,
+            precision=precision,
+            lora_rank=args.lora_rank,
+            gradient_checkpointing=args.gradient_checkpointing,
+            channels_last=args.channels_last,
+            compile_unet=args.compile,
+            compile_reference=args.compile_reference,
+            compile_mode=args.compile_mode,
+            reference_inference_mode=not args.reference_no_grad,
+            frozen_dtype=args.frozen_dtype,
+            cached_latents=not args.pixels,
+            cached_text=not args.captions,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            grad_clip=args.grad_clip or None,
+        )
         try:
             module_class(objective)
         except ValueError as err:
             print(f"align bench: skipping {objective}: {err}", file=sys.stderr)
             continue
-        print(f"align bench: {objective} / {preset}, batch {cfg.batch}, {precision}, {device} ...", file=sys.stderr,
-              flush=True)
+        print(
+            f"align bench: {objective} / {preset}, batch {cfg.batch}, {precision}, {device} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.memory_estimate:
             records.append(memory_record(cfg))
             continue
@@ -117,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.flops_only:
             records.append(flops_record(cfg, flops))
             continue
-        records += run(cfg, device, warmup=args.warmup, steps=args.steps, compare_bare=args.compare_bare,
-                       rounds=args.rounds, flops=flops)
+        records += run(
+            cfg,
+            device,
+            warmup=args.warmup,
+            steps=args.steps,
+            compare_bare=args.compare_bare,
+            rounds=args.rounds,
+            flops=flops,
+        )
     if not records:
         print("align bench: nothing ran", file=sys.stderr)
         return 1

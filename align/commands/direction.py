@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from align.commands import doc_summary
+
 
 def main(argv: list[str] | None = None) -> int:
     from align.data.prompts import read_prompts
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from align.objectives.reward import DegenerateDirection, save_direction
     from align.rewards.segments import estimate_direction
 
-    p = argparse.ArgumentParser(prog="align direction", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="align direction", description=doc_summary(__doc__))
     p.add_argument(
         "--reward",
         required=True,

@@ -1,22 +1,26 @@
-"""Score image sets with reward models: means, win rates vs a baseline (bootstrap CIs), FID; writes a report.
+"""Score image sets with reward models: means, win rates vs a baseline (bootstrap CIs), FID;
+writes a report.
 
 Usage::
 
     align eval --images DIR [--baseline DIR] [--rewards pickscore,hps,clip,aesthetic,imagereward]
                [--reward-source NAME=PATH_OR_HUB_ID ...] [--reward-root DIR] [--pairing seed|median]
                [--bootstrap 1000] [--confidence 0.95] [--fid-reference DIR|STATS.npz]
-               [--fid-features inception[:WEIGHTS.pth]|clip:DIR] [--out DIR] [--batch-size B] [--device auto]
+               [--fid-features inception[:WEIGHTS.pth]|clip:DIR] [--out DIR] [--batch-size B]
+               [--device auto]
 
-``--images`` / ``--baseline`` are image sets written by ``align sample`` from the same prompt set and seeds;
-images pair on (prompt, seed) (``--pairing median``: the median-scoring image per prompt, the Diffusion-KTO
-protocol). Writes ``report.md``, ``report.csv``, ``report.json`` and ``scores.csv`` to ``--out`` (default
-``<images>/eval``) and prints the table.
+``--images`` / ``--baseline`` are image sets written by ``align sample`` from the same prompt set
+and seeds; images pair on (prompt, seed) (``--pairing median``: the median-scoring image per prompt,
+the Diffusion-KTO protocol). Writes ``report.md``, ``report.csv``, ``report.json`` and
+``scores.csv`` to ``--out`` (default ``<images>/eval``) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from align.commands import doc_summary
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -27,20 +31,41 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="align eval", description=doc_summary(__doc__))
     p.add_argument("--images", required=True, help="image set to evaluate (from align sample)")
-    p.add_argument("--baseline", default=None, help="image set to compare against (same prompts and seeds)")
-    p.add_argument("--rewards", default="pickscore,hps,clip,aesthetic,imagereward",
-                   help="comma-separated reward names ('' for none)")
-    p.add_argument("--reward-source", type=_key_value, action="append", default=[], metavar="NAME=PATH",
-                   help="where a reward's weights are (local path or hub id); repeatable")
-    p.add_argument("--reward-root", default=None, help="directory whose <name>/ subfolders are reward sources")
+    p.add_argument(
+        "--baseline", default=None, help="image set to compare against (same prompts and seeds)"
+    )
+    p.add_argument(
+        "--rewards",
+        default="pickscore,hps,clip,aesthetic,imagereward",
+        help="comma-separated reward names ('' for none)",
+    )
+    p.add_argument(
+        "--reward-source",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="where a reward's weights are (local path or hub id); repeatable",
+    )
+    p.add_argument(
+        "--reward-root", default=None, help="directory whose <name>/ subfolders are reward sources"
+    )
     p.add_argument("--pairing", choices=["seed", "median"], default="seed")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (of prompts)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
-    p.add_argument("--fid-reference", default=None, help="directory of reference images or an .npz of statistics")
-    p.add_argument("--fid-features", default="inception", help="inception[:weights.pth] or clip:<CLIP dir/hub id>")
+    p.add_argument(
+        "--fid-reference",
+        default=None,
+        help="directory of reference images or an .npz of statistics",
+    )
+    p.add_argument(
+        "--fid-features",
+        default="inception",
+        help="inception[:weights.pth] or clip:<CLIP dir/hub id>",
+    )
     p.add_argument("--out", default=None, help="report directory (default: <images>/eval)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -61,15 +86,27 @@ def main(argv: list[str]) -> int:
     from align.rewards import RewardSourceError
 
     config = EvalConfig(
-        images=args.images, baseline=args.baseline, rewards=[r for r in args.rewards.split(",") if r.strip()],
-        reward_sources=dict(args.reward_source), reward_root=args.reward_root, pairing=args.pairing,
-        n_boot=args.bootstrap, confidence=args.confidence, seed=args.bootstrap_seed, batch_size=args.batch_size,
-        device=args.device, fid_reference=args.fid_reference, fid_features=args.fid_features, out=args.out,
-        progress=not args.no_progress)
+        images=args.images,
+        baseline=args.baseline,
+        rewards=[r for r in args.rewards.split(",") if r.strip()],
+        reward_sources=dict(args.reward_source),
+        reward_root=args.reward_root,
+        pairing=args.pairing,
+        n_boot=args.bootstrap,
+        confidence=args.confidence,
+        seed=args.bootstrap_seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        fid_reference=args.fid_reference,
+        fid_features=args.fid_features,
+        out=args.out,
+        progress=not args.no_progress,
+    )
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # per-model "Loading weights" bars; ours show the scoring progress
+        # per-model "Loading weights" bars; ours show the scoring progress
+        hf_logging.disable_progress_bar()
         report, rows, out = evaluate(config)
     except (ImageSetError, RewardSourceError, FIDError, FileNotFoundError, ValueError) as err:
         print(f"align eval: error: {err}", file=sys.stderr)

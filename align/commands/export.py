@@ -18,13 +18,15 @@ import importlib
 import sys
 from pathlib import Path
 
+from align.commands import doc_details, doc_summary
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="align export",
-        description=__doc__.splitlines()[0],
+        description=doc_summary(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
+        epilog=doc_details(__doc__),
     )
     p.add_argument("--checkpoint", required=True, help="a run directory or a .ckpt file of one")
     p.add_argument("--out", required=True, help="the export folder (replaced if it exists)")
@@ -56,8 +58,8 @@ def find_run(checkpoint: str) -> tuple[Path, Path]:
 
 
 def instantiate(value):
-    """A ``{class_path, init_args}`` value (an injected part, e.g. RFT's objective) built; others as
-    is."""
+    """A ``{class_path, init_args}`` value (an injected part, e.g. RFT's objective) built;
+    others as is."""
     if not (isinstance(value, dict) and "class_path" in value):
         return value
     module_path, _, name = value["class_path"].rpartition(".")

@@ -21,6 +21,8 @@ import os
 import sys
 import warnings
 
+from align.commands import doc_details, doc_summary
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -29,9 +31,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="align plan",
-        description=__doc__.splitlines()[0],
+        description=doc_summary(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
+        epilog=doc_details(__doc__),
     )
     p.add_argument("configs", nargs="*", help="config files (as --config)")
     p.add_argument("--config", action="append", default=[], help="config file; repeat to compose")

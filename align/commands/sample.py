@@ -2,14 +2,15 @@
 
 Usage::
 
-    align sample --checkpoint DIR|HUB_ID|PRESET --prompts FILE --out DIR [--images-per-prompt N] [--seed S]
-                 [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm] [--steps K] [--guidance-scale G]
-                 [--batch-size B] [--height H --width W] [--negative-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
-                 [--device auto|cpu|cuda] [--prompt-column NAME] [--dedupe|--no-dedupe] [--limit N]
+    align sample --checkpoint DIR|HUB_ID|PRESET --prompts FILE --out DIR [--images-per-prompt N]
+                 [--seed S] [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm] [--steps K]
+                 [--guidance-scale G] [--batch-size B] [--height H --width W]
+                 [--negative-prompt TEXT] [--dtype auto|fp32|bf16|fp16] [--device auto|cpu|cuda]
+                 [--prompt-column NAME] [--dedupe|--no-dedupe] [--limit N]
 
-Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from seed S + j), ``<out>/prompts.jsonl``
-and ``<out>/meta.json``. Defaults: UniPC 25 steps (DDIM: 50), guidance 7.5 (SD1.5) / 5.0 (SDXL), bf16 on GPU.
-Re-running renders only the missing images.
+Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from seed S + j),
+``<out>/prompts.jsonl`` and ``<out>/meta.json``. Defaults: UniPC 25 steps (DDIM: 50), guidance 7.5
+(SD1.5) / 5.0 (SDXL), bf16 on GPU. Re-running renders only the missing images.
 """
 
 from __future__ import annotations
@@ -17,24 +18,50 @@ from __future__ import annotations
 import argparse
 import sys
 
+from align.commands import doc_summary
 from align.eval.sampling import SCHEDULERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align sample", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="diffusers export directory, hub id, or preset (tiny, ...)")
-    p.add_argument("--prompts", "--prompt-file", required=True,
-                   help="prompt set: .txt, .jsonl, .csv/.tsv (Prompt), .parquet (caption)")
-    p.add_argument("--encoder", default=None,
-                   help="prompt encoder: clip (77 tokens), segment (LongAlign, long prompts) or an export dir with "
-                        "prompt_encoder.json (default: the checkpoint's own if it has one, else the pipeline's)")
-    p.add_argument("--base", default=None, help="base model of a LoRA-only export (default: its align_export.json)")
+    p = argparse.ArgumentParser(prog="align sample", description=doc_summary(__doc__))
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="diffusers export directory, hub id, or preset (tiny, ...)",
+    )
+    p.add_argument(
+        "--prompts",
+        "--prompt-file",
+        required=True,
+        help="prompt set: .txt, .jsonl, .csv/.tsv (Prompt), .parquet (caption)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="prompt encoder: clip (77 tokens), segment (LongAlign, long prompts) or an export "
+        "dir with prompt_encoder.json (default: the checkpoint's own if it has one, else "
+        "the pipeline's)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model of a LoRA-only export (default: its align_export.json)",
+    )
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--images-per-prompt", "-n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed of image 0 of every prompt; image j uses seed + j")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of image 0 of every prompt; image j uses seed + j"
+    )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="unipc")
-    p.add_argument("--steps", type=int, default=None, help="default: 25 for unipc/dpm++, 50 for ddim and others")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: 7.5 for SD1.5, 5.0 for SDXL")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="default: 25 for unipc/dpm++, 50 for ddim and others",
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="default: 7.5 for SD1.5, 5.0 for SDXL"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -42,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--prompt-column", default=None, help="column / field holding the prompt")
-    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=None,
-                   help="drop repeated prompts (default: on for parquet, off otherwise)")
+    p.add_argument(
+        "--dedupe",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop repeated prompts (default: on for parquet, off otherwise)",
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -57,18 +88,34 @@ def main(argv: list[str]) -> int:
     from align.models import ModelSourceError
 
     try:
-        prompts = read_prompts(args.prompts, column=args.prompt_column, dedupe=args.dedupe, limit=args.limit)
-        config = SampleConfig(checkpoint=args.checkpoint, scheduler=args.scheduler, steps=args.steps,
-                              guidance_scale=args.guidance_scale, images_per_prompt=args.images_per_prompt,
-                              seed=args.seed, batch_size=args.batch_size, height=args.height, width=args.width,
-                              negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype,
-                              progress=not args.no_progress, encoder=args.encoder, base=args.base)
+        prompts = read_prompts(
+            args.prompts, column=args.prompt_column, dedupe=args.dedupe, limit=args.limit
+        )
+        config = SampleConfig(
+            checkpoint=args.checkpoint,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            images_per_prompt=args.images_per_prompt,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
+            negative_prompt=args.negative_prompt,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            encoder=args.encoder,
+            base=args.base,
+        )
         result = sample_images(prompts, args.out, config, prompt_source=str(args.prompts))
     except (PromptSetError, ImageSetError, ModelSourceError, ValueError) as err:
         print(f"align sample: error: {err}", file=sys.stderr)
         return 2
     s = result["settings"]
-    print(f"{args.out}: {result['rendered']} rendered, {result['kept']} kept, {result['total']} images "
-          f"({len(prompts)} prompts x {args.images_per_prompt}; {s['scheduler']} {s['steps']} steps, "
-          f"guidance {s['guidance_scale']}, {s['height']}x{s['width']}, {s['dtype']})")
+    print(
+        f"{args.out}: {result['rendered']} rendered, {result['kept']} kept, {result['total']} "
+        f"images ({len(prompts)} prompts x {args.images_per_prompt}; {s['scheduler']} {s['steps']} "
+        f"steps, guidance {s['guidance_scale']}, {s['height']}x{s['width']}, {s['dtype']})"
+    )
     return 0

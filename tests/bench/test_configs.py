@@ -1,4 +1,5 @@
-"""The switch configs compose with the method configs and resolve to what they claim (parsed by LightningCLI)."""
+"""The switch configs compose with the method configs and resolve to what they claim
+(parsed by LightningCLI)."""
 
 import importlib.util
 from pathlib import Path
@@ -19,17 +20,33 @@ def printed_config(capsys, *configs) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("name,cls,check", [
-    ("adamw", "torch.optim.AdamW", lambda a: a["fused"] is False and a["foreach"] is True),
-    ("adamw_fused", "torch.optim.AdamW", lambda a: a["fused"] is True),
-    ("adafactor", "Adafactor", lambda a: a["eps"] == [1e-30, 1e-3] and a["relative_step"] is False),
-    ("adamw8bit", "bitsandbytes.optim.AdamW8bit", lambda a: a["lr"] == 2.048e-5),
-])
+@pytest.mark.parametrize(
+    "name,cls,check",
+    [
+        ("adamw", "torch.optim.AdamW", lambda a: a["fused"] is False and a["foreach"] is True),
+        ("adamw_fused", "torch.optim.AdamW", lambda a: a["fused"] is True),
+        (
+            "adafactor",
+            "Adafactor",
+            lambda a: a["eps"] == [1e-30, 1e-3] and a["relative_step"] is False,
+        ),
+        ("adamw8bit", "bitsandbytes.optim.AdamW8bit", lambda a: a["lr"] == 2.048e-5),
+    ],
+)
 def test_optimizer_configs_override_the_method_config(capsys, name, cls, check):
     if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(SystemExit) as exit_info:  # optional: without it the CLI names what is missing
-            main(["fit", "--config", str(ROOT / "configs/dpo/tiny.yaml"), "--config",
-                  str(ROOT / "configs/optim/adamw8bit.yaml"), "--print_config"])
+        # optional: without it the CLI names what is missing
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    "fit",
+                    "--config",
+                    str(ROOT / "configs/dpo/tiny.yaml"),
+                    "--config",
+                    str(ROOT / "configs/optim/adamw8bit.yaml"),
+                    "--print_config",
+                ]
+            )
         assert exit_info.value.code != 0 and "bitsandbytes" in capsys.readouterr().err
         return
     cfg = printed_config(capsys, "configs/dpo/tiny.yaml", f"configs/optim/{name}.yaml")
@@ -40,10 +57,18 @@ def test_optimizer_configs_override_the_method_config(capsys, name, cls, check):
 def test_perf_configs_set_their_switches(capsys):
     fast = printed_config(capsys, "configs/dpo/tiny.yaml", "configs/perf/fast.yaml")
     assert fast["trainer"]["precision"] == "bf16-mixed"
-    assert fast["model"]["init_args"]["channels_last"] and fast["model"]["init_args"]["compile_unet"]
-    low = printed_config(capsys, "configs/dpo/tiny.yaml", "configs/perf/lowmem.yaml", "configs/perf/lora.yaml")
+    assert (
+        fast["model"]["init_args"]["channels_last"] and fast["model"]["init_args"]["compile_unet"]
+    )
+    low = printed_config(
+        capsys, "configs/dpo/tiny.yaml", "configs/perf/lowmem.yaml", "configs/perf/lora.yaml"
+    )
     args = low["model"]["init_args"]
-    assert args["gradient_checkpointing"] and args["reference_inference_mode"] and args["lora_rank"] == 64
+    assert (
+        args["gradient_checkpointing"]
+        and args["reference_inference_mode"]
+        and args["lora_rank"] == 64
+    )
 
 
 def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
@@ -54,7 +79,8 @@ def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
 
     cfg = printed_config(capsys, "configs/dpo/sdxl.yaml", "configs/trainer/fsdp_sdxl.yaml")
     assert cfg["trainer"]["precision"] == "bf16-mixed"
-    assert cfg["model"]["init_args"]["gradient_checkpointing"] is False  # FSDP checkpoints the blocks instead
+    # FSDP checkpoints the blocks instead
+    assert cfg["model"]["init_args"]["gradient_checkpointing"] is False
     strategy_cfg = cfg["trainer"]["strategy"]
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--strategy", type=Strategy)

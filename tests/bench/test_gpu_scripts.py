@@ -1,5 +1,5 @@
-"""The GPU measurement scripts stay runnable: their `align bench` lines parse, they refuse a machine without CUDA,
-and the step profiler runs (on the CPU, tiny preset)."""
+"""The GPU measurement scripts stay runnable: their `align bench` lines parse, they refuse a machine
+without CUDA, and the step profiler runs (on the CPU, tiny preset)."""
 
 import os
 import re
@@ -18,7 +18,8 @@ SCRIPT = ROOT / "scripts" / "gpu_bench.sh"
 
 def bench_lines() -> list[list[str]]:
     lines = [line.strip() for line in SCRIPT.read_text().splitlines()]
-    return [shlex.split(line, comments=True)[2:] for line in lines if re.match(r"bench \d+ ", line)]  # no "bench LIMIT"
+    # no "bench LIMIT"
+    return [shlex.split(line, comments=True)[2:] for line in lines if re.match(r"bench \d+ ", line)]
 
 
 def test_every_bench_line_of_the_gpu_script_parses():
@@ -31,8 +32,14 @@ def test_every_bench_line_of_the_gpu_script_parses():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(SCRIPT), "core", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "core", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr
     assert not (tmp_path / "bench.jsonl").exists()
@@ -40,8 +47,26 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
 
 def test_profile_step_runs_on_the_tiny_preset():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "scripts/profile_step.py", "--preset", "tiny", "--batch", "1", "--warmup",
-                          "1", "--steps", "1", "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "scripts/profile_step.py",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"per step: wall \d+\.\d ms", out.stdout)

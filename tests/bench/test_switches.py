@@ -1,4 +1,5 @@
-"""Each performance switch changes what runs, shown on the tiny preset on the CPU (no timing anywhere)."""
+"""Each performance switch changes what runs, shown on the tiny preset on the CPU
+(no timing anywhere)."""
 
 import pytest
 import torch
@@ -45,7 +46,10 @@ def test_lora_reference_holds_one_unet():
     lora = build_module(StepConfig(lora_rank=4))
     assert len(unets(full)) == 2 and full.ref_unet is not None
     assert len(unets(lora)) == 1 and lora.ref_unet is None and lora.use_lora_reference
-    est_full, est_lora = static_memory(StepConfig(lora_rank=0)), static_memory(StepConfig(lora_rank=4))
+    est_full, est_lora = (
+        static_memory(StepConfig(lora_rank=0)),
+        static_memory(StepConfig(lora_rank=4)),
+    )
     assert est_full.reference_unet_params == est_full.policy_unet_params
     assert est_lora.reference_unet_params == 0
     assert 0 < est_lora.trainable_params < 0.2 * est_full.trainable_params
@@ -95,17 +99,28 @@ def test_reference_forward_keeps_no_autograd_state(inference):
         policy = module.unet_errors(latents, noise, t, cond)
     assert ref_saved.storages == {} and policy_saved.bytes > 0
     assert ref.grad_fn is None and not ref.requires_grad and policy.grad_fn is not None
-    assert outputs[0].is_inference() is inference  # inference_mode: inference tensors; no_grad: ordinary ones
+    # inference_mode: inference tensors; no_grad: ordinary ones
+    assert outputs[0].is_inference() is inference
 
 
 def test_channels_last_changes_the_weight_layout():
     def conv_weights(module):  # policy and reference
-        return [m.weight for u in unets(module) for m in u.modules() if isinstance(m, torch.nn.Conv2d)]
+        return [
+            m.weight for u in unets(module) for m in u.modules() if isinstance(m, torch.nn.Conv2d)
+        ]
 
     on = build_module(StepConfig(channels_last=True))
     off = build_module(StepConfig(channels_last=False))
-    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(on) if w.shape[-1] > 1)
-    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(off) if w.shape[-1] > 1)
+    assert all(
+        w.is_contiguous(memory_format=torch.channels_last)
+        for w in conv_weights(on)
+        if w.shape[-1] > 1
+    )
+    assert not any(
+        w.is_contiguous(memory_format=torch.channels_last)
+        for w in conv_weights(off)
+        if w.shape[-1] > 1
+    )
 
 
 def test_compile_switch_compiles_the_policy_unet_only():
@@ -117,9 +132,15 @@ def test_compile_switch_compiles_the_policy_unet_only():
 def test_compile_reference_compiles_the_reference_with_the_mode(monkeypatch):
     calls = []
     real = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (calls.append((self, kw)), real(self, **kw)))
-    module = build_module(StepConfig(compile_reference=True, compile_mode="max-autotune-no-cudagraphs"))
-    assert module.unet._compiled_call_impl is None and module.ref_unet._compiled_call_impl is not None
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: (calls.append((self, kw)), real(self, **kw))
+    )
+    module = build_module(
+        StepConfig(compile_reference=True, compile_mode="max-autotune-no-cudagraphs")
+    )
+    assert (
+        module.unet._compiled_call_impl is None and module.ref_unet._compiled_call_impl is not None
+    )
     assert calls == [(module.ref_unet, {"mode": "max-autotune-no-cudagraphs"})]
 
 
@@ -155,11 +176,14 @@ def test_attention_goes_through_torch_sdpa(monkeypatch):
     assert len(calls) > 0
 
 
-@pytest.mark.parametrize("name,check", [
-    ("adamw-fused", lambda opt: opt.defaults["fused"] is True),
-    ("adafactor", lambda opt: type(opt).__name__ == "Adafactor"),
-    ("adamw", lambda opt: type(opt) is torch.optim.AdamW and not opt.defaults["fused"]),
-])
+@pytest.mark.parametrize(
+    "name,check",
+    [
+        ("adamw-fused", lambda opt: opt.defaults["fused"] is True),
+        ("adafactor", lambda opt: type(opt).__name__ == "Adafactor"),
+        ("adamw", lambda opt: type(opt) is torch.optim.AdamW and not opt.defaults["fused"]),
+    ],
+)
 def test_optimizer_switch_steps_the_trainable_weights(name, check):
     cfg = StepConfig(batch=1, optimizer=name, lr=1e-3)
     module = build_module(cfg)
@@ -171,41 +195,62 @@ def test_optimizer_switch_steps_the_trainable_weights(name, check):
 
 
 def test_fused_adamw_is_clipped_under_bf16_mixed(monkeypatch):
-    """Lightning's bf16-mixed plugin raises on clipping with a fused optimizer; the module clips itself."""
+    """Lightning's bf16-mixed plugin raises on clipping with a fused optimizer;
+    the module clips itself."""
     import lightning as L
 
     from align.bench.runner import _loader
 
     norms = []
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, *a, **k: norms.append(m) or clip(p, m, *a, **k))
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda p, m, *a, **k: norms.append(m) or clip(p, m, *a, **k),
+    )
     cfg = StepConfig(batch=1, optimizer="adamw-fused", lr=1e-3)
     module = build_module(cfg)
     before = [p.detach().clone() for p in module.unet.parameters()]
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=0.5, max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=0.5,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=_loader(make_batch(module, cfg), 2))
     assert norms == [0.5, 0.5]
     assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
 
 
 def test_fsdp_clips_through_the_root_fsdp_module(monkeypatch):
-    """Under FSDP the norm is over every rank's shard: the root FSDP module's clip_grad_norm_ (Lightning's FSDP
-    plugin raises on norm clipping). Lightning runs FSDP on CUDA only, so the dispatch is checked with stubs."""
+    """Under FSDP the norm is over every rank's shard: the root FSDP module's clip_grad_norm_
+    (Lightning's FSDP plugin raises on norm clipping). Lightning runs FSDP on CUDA only, so the
+    dispatch is checked with stubs."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
     calls, logged = [], {}
     module = build_module(StepConfig(batch=1))
-    root = SimpleNamespace(clip_grad_norm_=lambda max_norm: calls.append(max_norm) or torch.tensor(3.0))
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), model=root, precision_plugin=SimpleNamespace(scaler=None))
+    root = SimpleNamespace(
+        clip_grad_norm_=lambda max_norm: calls.append(max_norm) or torch.tensor(3.0)
+    )
+    trainer = SimpleNamespace(
+        strategy=FSDPStrategy(), model=root, precision_plugin=SimpleNamespace(scaler=None)
+    )
     module._trainer = trainer
     monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("per-shard clipping"))
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("per-shard clipping")
+    )
     optimizer = module.configure_optimizers()
-    module.on_before_optimizer_step(optimizer)  # a shard's norm is not the gradient norm: not logged here
+    # a shard's norm is not the gradient norm: not logged here
+    module.on_before_optimizer_step(optimizer)
     assert logged == {}
     module.configure_gradient_clipping(optimizer, 1.0, "norm")
     assert calls == [1.0] and float(logged["train/grad_norm"]) == 3.0  # FSDP's total norm
@@ -220,7 +265,14 @@ def test_logged_grad_norm_is_the_total_norm(monkeypatch):
     logged = {}
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
     module.on_before_optimizer_step(None)
-    by_hand = sum(float((p.grad.double() ** 2).sum()) for p in module.unet.parameters() if p.grad is not None) ** 0.5
+    by_hand = (
+        sum(
+            float((p.grad.double() ** 2).sum())
+            for p in module.unet.parameters()
+            if p.grad is not None
+        )
+        ** 0.5
+    )
     assert float(logged["train/grad_norm"]) == pytest.approx(by_hand, rel=1e-5)
 
 

@@ -24,9 +24,9 @@ class RecordingModule(torch.nn.Module):
 
 
 def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path):
-    """ModelCheckpoint(save_last=True) saves in its on_train_end, after this callback's: at max_steps 3 with
-    checkpoints every 2 steps the run used to export step-2, final, then step-3 (final's weights again), and the
-    end-of-run summary named step-3."""
+    """ModelCheckpoint(save_last=True) saves in its on_train_end, after this callback's: at
+    max_steps 3 with checkpoints every 2 steps the run used to export step-2, final, then step-3
+    (final's weights again), and the end-of-run summary named step-3."""
     cb, module = DiffusersExport(dirpath=str(tmp_path)), RecordingModule()
     trainer = SimpleNamespace(global_step=2, is_global_zero=True)
     cb.on_save_checkpoint(trainer, module, {})
@@ -34,7 +34,10 @@ def test_a_last_checkpoint_after_final_at_the_same_step_exports_nothing(tmp_path
     trainer.global_step = 3
     cb.on_train_end(trainer, module)
     cb.on_save_checkpoint(trainer, module, {})
-    assert len(module.exported) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-2"]
+    assert len(module.exported) == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "final",
+        "step-2",
+    ]
     assert cb.last_export == tmp_path / "final"
 
 
@@ -73,7 +76,10 @@ def test_step_exports_are_pruned_to_the_newest_k_and_final_reuses_the_last(tmp_p
         cb.on_save_checkpoint(trainer, module, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
     cb.on_train_end(trainer, module)  # at step 4: the step-4 export is the final one
-    assert len(module.exported) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-3"]
+    assert len(module.exported) == 4 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "final",
+        "step-3",
+    ]
     assert (tmp_path / "final/weights").read_text() == "4" and cb.last_export == tmp_path / "final"
 
 
@@ -90,5 +96,7 @@ def test_exports_in_fp16_load_in_a_stock_pipeline(tmp_path):
     unet_file = next((tmp_path / "final/unet").glob("*.safetensors"))
     with safe_open(str(unet_file), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "final"), torch_dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tmp_path / "final"), torch_dtype=torch.float16
+    )
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16

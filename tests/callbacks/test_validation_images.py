@@ -1,4 +1,5 @@
-"""The training-time validation callback: policy and reference side by side, reward scores, every N steps."""
+"""The training-time validation callback: policy and reference side by side, reward scores,
+every N steps."""
 
 import lightning as L
 import torch
@@ -34,16 +35,33 @@ class RecordingLogger(Logger):
 def test_logs_policy_and_reference_side_by_side_with_reward_scores(tmp_path, pair_shards):
     clip_dir = write_tiny_hf_clip(tmp_path / "clip")
     logger = RecordingLogger(tmp_path)
-    callback = ValidationImages(prompts=["a red circle", "a blue square"], every_n_steps=2, steps=2,
-                                reward="clip", reward_source=str(clip_dir), at_end=False)
+    callback = ValidationImages(
+        prompts=["a red circle", "a blue square"],
+        every_n_steps=2,
+        steps=2,
+        reward="clip",
+        reward_source=str(clip_dir),
+        at_end=False,
+    )
     module = DPOModule(model="tiny", optimizer=lambda p: torch.optim.SGD(p, lr=1e-3))
-    data = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, callbacks=[callback], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    data = PickAPicDataModule(
+        str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, data)
     assert [step for _, step, _ in logger.images] == [2, 4]
     key, _, images = logger.images[0]
-    assert key == "val/images" and len(images) == 2 and images[0].size == (64, 32)  # 32 px policy | reference
+    # 32 px policy | reference
+    assert key == "val/images" and len(images) == 2 and images[0].size == (64, 32)
     left, right = images[0].crop((0, 0, 32, 32)), images[0].crop((32, 0, 64, 32))
     assert list(left.getdata()) != list(right.getdata())  # the policy moved away from the reference
     rewards = [m for _, m in logger.metrics if "val/reward/clip/policy" in m]

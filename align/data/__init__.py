@@ -1,10 +1,16 @@
-"""Data: webdataset pipelines and LightningDataModules, converters (``align data ...``), synthetic sets.
+"""Data: webdataset pipelines and LightningDataModules, converters (``align data ...``),
+synthetic sets.
 
-Data modules are imported lazily so that light commands (``align data --help``) do not pay for torch.
+Data modules are imported lazily so that light commands
+(``align data --help``) do not pay for torch.
 """
 
-_LAZY = {"PickAPicDataModule": "align.data.pickapic", "KTODataModule": "align.data.kto",
-         "LongCaptionDataModule": "align.data.longcaption", "WinnersDataModule": "align.data.winners"}
+_LAZY = {
+    "PickAPicDataModule": "align.data.pickapic",
+    "KTODataModule": "align.data.kto",
+    "LongCaptionDataModule": "align.data.longcaption",
+    "WinnersDataModule": "align.data.winners",
+}
 
 __all__ = list(_LAZY)
 

@@ -1,37 +1,42 @@
-"""Cached shards: VAE latents and text embeddings precomputed by ``align data cache-latents``, so that training
-skips the VAE encoder (more FLOPs per 512 px image than the UNet forward) and the text encoders.
+"""Cached shards: VAE latents and text embeddings precomputed by ``align data cache-latents``, so
+that training skips the VAE encoder (more FLOPs per 512 px image than the UNet forward) and the text
+encoders.
 
 Schema (webdataset tar members; tensors are ``.npy``, read with ``allow_pickle=False``):
 
-* Pair shards (from pair shards, DPO): ``moments_0.npy``, ``moments_1.npy`` -- the VAE's DiagonalGaussian
-  parameters (mean and logvar concatenated on the channel axis: ``(8, R/8, R/8)`` for SD), of ``jpg_0`` and
-  ``jpg_1`` in the *source* order; with ``--flip`` also ``moments_0_flip.npy``, ``moments_1_flip.npy`` (the
-  moments of the horizontally flipped crop: the VAE does not commute with a flip, so they are encoded, not
-  derived). ``embeds.npy`` ``(77, D)``: the prompt encoder's conditioning of the stripped caption; SDXL also
-  ``pooled.npy`` ``(P,)``. ``json``: the source pair json unchanged (``caption``, ``label_0``, ``label_1``,
-  uids...) plus a ``cache`` object: ``model``, ``model_fingerprint``, ``resolution``, ``crop`` ("center"),
-  ``flip``, ``dtype`` (compute), ``store_dtype``, ``prompt_encoder`` ("clip") and per image, in source
-  order, ``original_size`` ``[[h, w], ...]`` and ``crop_top_left`` ``[[top, left], ...]`` (SDXL's time ids).
-  Ties are kept: winner-first order and tie dropping are decided at load time from the labels, exactly as
-  ``align.data.pickapic.decode_pair`` does.
+* Pair shards (from pair shards, DPO): ``moments_0.npy``, ``moments_1.npy`` -- the VAE's
+  DiagonalGaussian parameters (mean and logvar concatenated on the channel axis: ``(8, R/8, R/8)``
+  for SD), of ``jpg_0`` and ``jpg_1`` in the *source* order; with ``--flip`` also
+  ``moments_0_flip.npy``, ``moments_1_flip.npy`` (the moments of the horizontally flipped crop: the
+  VAE does not commute with a flip, so they are encoded, not derived). ``embeds.npy`` ``(77, D)``:
+  the prompt encoder's conditioning of the stripped caption; SDXL also ``pooled.npy`` ``(P,)``.
+  ``json``: the source pair json unchanged (``caption``, ``label_0``, ``label_1``, uids...) plus a
+  ``cache`` object: ``model``, ``model_fingerprint``, ``resolution``, ``crop`` ("center"), ``flip``,
+  ``dtype`` (compute), ``store_dtype``, ``prompt_encoder`` ("clip") and per image, in source order,
+  ``original_size`` ``[[h, w], ...]`` and ``crop_top_left`` ``[[top, left], ...]`` (SDXL's time
+  ids). Ties are kept: winner-first order and tie dropping are decided at load time from the labels,
+  exactly as ``align.data.pickapic.decode_pair`` does.
 * Single-image shards (from KTO shards): ``moments.npy`` (+ ``moments_flip.npy``), ``embeds.npy``
-  (+ ``pooled.npy``), ``json`` = the source json (``caption``, ``label``, ``image_uid``...) + ``cache``.
-* Long-caption shards (SFT): as single-image shards, plus the ``txt`` caption member copied from the source.
+  (+ ``pooled.npy``), ``json`` = the source json
+  (``caption``, ``label``, ``image_uid``...) + ``cache``.
+* Long-caption shards (SFT): as single-image shards,
+  plus the ``txt`` caption member copied from the source.
 
-Next to the shards: ``manifest.json`` (the shard writer's; its ``source.cache`` holds the same settings, checked
-when a data module opens the cache) and ``uncond.npy`` ``(1, 77, D)`` (+ ``uncond_pooled.npy``), the encoding
-of the empty prompt, which replaces the embedding of a caption dropped by caption dropout (the module draws
-dropout exactly as on the image path, so both paths see the same conditioning for the same random state).
+Next to the shards: ``manifest.json`` (the shard writer's; its ``source.cache`` holds the same
+settings, checked when a data module opens the cache) and ``uncond.npy`` ``(1, 77, D)`` (+
+``uncond_pooled.npy``), the encoding of the empty prompt, which replaces the embedding of a caption
+dropped by caption dropout (the module draws dropout exactly as on the image path, so both paths see
+the same conditioning for the same random state).
 
 Storage dtype: float16 by default. Its rounding (2^-11 relative) is below the error of computing the
-latents in bf16, and far below the noise added at the smallest training timestep (std >= 0.029 on unit-scale
-latents), and it halves the cache: SD1.5 at 512 px is 64 KiB of moments per image plus 118 KiB of text
-embeddings per caption (float32: twice that). ``--store-dtype float32`` keeps encoder outputs bit-exact (the
-equality tests with the image path use it).
+latents in bf16, and far below the noise added at the smallest training timestep (std >= 0.029 on
+unit-scale latents), and it halves the cache: SD1.5 at 512 px is 64 KiB of moments per image plus
+118 KiB of text embeddings per caption (float32: twice that). ``--store-dtype float32`` keeps
+encoder outputs bit-exact (the equality tests with the image path use it).
 
-Crop: the cache holds one crop per image, the center crop of the shorter-side resize (the official recipe's).
-A data module reading a cache with ``crop: random`` uses that center crop (logged once); ``flip_prob > 0``
-needs a cache made with ``--flip`` (refused otherwise, before training).
+Crop: the cache holds one crop per image, the center crop of the shorter-side resize (the official
+recipe's). A data module reading a cache with ``crop: random`` uses that center crop (logged once);
+``flip_prob > 0`` needs a cache made with ``--flip`` (refused otherwise, before training).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 # ------------------------------------------------------------------------------------------ tensors
 
+
 def npy_bytes(array) -> bytes:
     """``.npy`` bytes of a numpy array or tensor (no pickle)."""
     if isinstance(array, torch.Tensor):
@@ -81,15 +87,20 @@ def npy_tensor(data: bytes) -> torch.Tensor:
 
 
 def model_fingerprint(vae: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> str:
-    """A short hash of the VAE's and text encoders' configs and weights (a strided sample of every tensor, cast
-    to float16 so that fp32 weights and their fp16 copies agree). Identifies what made a cache."""
+    """A short hash of the VAE's and text encoders' configs and weights (a strided sample of every
+    tensor, cast to float16 so that fp32 weights and their fp16 copies agree). Identifies what made
+    a cache."""
     digest = hashlib.sha256()
     for i, module in enumerate([vae, *text_encoders]):
         config = getattr(module, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("torch_dtype",
-                                                                                            "transformers_version")}
-        digest.update(f"{i}:{type(module).__name__}:{json.dumps(config, sort_keys=True, default=str)}".encode())
+        config = {
+            k: v
+            for k, v in config.items()
+            if not k.startswith("_") and k not in ("torch_dtype", "transformers_version")
+        }
+        described = json.dumps(config, sort_keys=True, default=str)
+        digest.update(f"{i}:{type(module).__name__}:{described}".encode())
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.float16)
@@ -98,7 +109,8 @@ def model_fingerprint(vae: torch.nn.Module, text_encoders: list[torch.nn.Module]
     return digest.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------ decoding
+# ----------------------------------------------------------------------------------------- decoding
+
 
 def _meta(sample: dict) -> dict:
     meta = decode_json(sample)
@@ -124,13 +136,20 @@ def _embeds(sample: dict, out: dict) -> dict:
     return out
 
 
-def decode_cached_pair(sample: dict, drop_ties: bool = True, flip_prob: float = 0.0, joint_augment: bool = True,
-                       rng: random.Random = random) -> dict:
-    """One cached pair sample -> winner-first moments and the caption's embeddings (raises SkipSample).
+def decode_cached_pair(
+    sample: dict,
+    drop_ties: bool = True,
+    flip_prob: float = 0.0,
+    joint_augment: bool = True,
+    rng: random.Random = random,
+) -> dict:
+    """One cached pair sample -> winner-first moments and the caption's embeddings
+    (raises SkipSample).
 
     Mirrors ``decode_pair``: same schema checks and skip reasons, same tie handling, winner first by
-    ``label_0``, and the same draws from ``rng`` (the winner's flip, then the loser's unless the pair shares it:
-    ``joint_augment`` and equal original sizes), so a cached run flips the same pairs as an image run.
+    ``label_0``, and the same draws from ``rng`` (the winner's flip, then the loser's unless the
+    pair shares it: ``joint_augment`` and equal original sizes), so a cached run flips the same
+    pairs as an image run.
     """
     meta = _meta(sample)
     caption, label_0 = read_pair_meta(meta, drop_ties)
@@ -139,23 +158,33 @@ def decode_cached_pair(sample: dict, drop_ties: bool = True, flip_prob: float = 
     sizes = [tuple(cache["original_size"][i]) for i in order]
     flip_w = rng.random() < flip_prob
     flip_l = flip_w if (joint_augment and sizes[0] == sizes[1]) else rng.random() < flip_prob
-    moments = [_tensor(sample, (PAIR_MOMENTS_FLIP if flip else PAIR_MOMENTS)[i])
-               for i, flip in zip(order, (flip_w, flip_l))]
-    return _embeds(sample, {
-        "latent_moments": torch.stack(moments),
-        "original_size": torch.tensor(sizes),
-        "crop_top_left": torch.tensor([cache["crop_top_left"][i] for i in order]),
-        "caption": caption,
-        "label": max(label_0, 1.0 - label_0),
-        "key": sample.get("__key__", ""),
-    })
+    moments = [
+        _tensor(sample, (PAIR_MOMENTS_FLIP if flip else PAIR_MOMENTS)[i])
+        for i, flip in zip(order, (flip_w, flip_l))
+    ]
+    return _embeds(
+        sample,
+        {
+            "latent_moments": torch.stack(moments),
+            "original_size": torch.tensor(sizes),
+            "crop_top_left": torch.tensor([cache["crop_top_left"][i] for i in order]),
+            "caption": caption,
+            "label": max(label_0, 1.0 - label_0),
+            "key": sample.get("__key__", ""),
+        },
+    )
 
 
-def decode_cached_single(sample: dict, want: bool | None = None, flip_prob: float = 0.0,
-                         rng: random.Random = random, source: str | None = None) -> dict | None:
-    """One cached single-image (KTO) or long-caption sample -> moments and embeddings; None when it belongs to
-    the other class's stream (``want``), as ``decode_single``. Long-caption samples read their ``txt``;
-    ``source`` (a long-caption source's name) rides along when given."""
+def decode_cached_single(
+    sample: dict,
+    want: bool | None = None,
+    flip_prob: float = 0.0,
+    rng: random.Random = random,
+    source: str | None = None,
+) -> dict | None:
+    """One cached single-image (KTO) or long-caption sample -> moments and embeddings; None when it
+    belongs to the other class's stream (``want``), as ``decode_single``. Long-caption samples read
+    their ``txt``; ``source`` (a long-caption source's name) rides along when given."""
     meta = _meta(sample)
     if "txt" in sample:  # long-caption schema: the caption is the txt member
         try:
@@ -174,10 +203,13 @@ def decode_cached_single(sample: dict, want: bool | None = None, flip_prob: floa
         raise SkipSample("empty_caption")
     cache = meta["cache"]
     flip = rng.random() < flip_prob
-    out = {"latent_moments": _tensor(sample, SINGLE_MOMENTS_FLIP if flip else SINGLE_MOMENTS),
-           "original_size": torch.tensor(cache["original_size"][0]),
-           "crop_top_left": torch.tensor(cache["crop_top_left"][0]),
-           "caption": caption, "key": sample.get("__key__", "")}
+    out = {
+        "latent_moments": _tensor(sample, SINGLE_MOMENTS_FLIP if flip else SINGLE_MOMENTS),
+        "original_size": torch.tensor(cache["original_size"][0]),
+        "crop_top_left": torch.tensor(cache["crop_top_left"][0]),
+        "caption": caption,
+        "key": sample.get("__key__", ""),
+    }
     if desirable is not None:
         out["desirable"] = desirable
     if source is not None:
@@ -195,28 +227,36 @@ def _finish(batch: dict, samples: list[dict], extras: dict | None) -> dict:
 
 
 def collate_cached_pairs(samples: list[dict], extras: dict | None = None) -> dict:
-    """B cached pairs -> ``latent_moments`` (2B, 8, h, w), winners then losers, and per-pair embeddings
-    ``prompt_embeds`` (B, L, D) (+ ``pooled_embeds`` (B, P)). ``extras`` (``CachedShards.extras``) rides along:
-    ``uncond_embeds`` (1, L, D), ``uncond_pooled`` (1, P) and ``cache_fingerprint`` (checked by the module)."""
+    """B cached pairs -> ``latent_moments`` (2B, 8, h, w), winners then losers, and per-pair
+    embeddings ``prompt_embeds`` (B, L, D) (+ ``pooled_embeds`` (B, P)). ``extras``
+    (``CachedShards.extras``) rides along: ``uncond_embeds`` (1, L, D), ``uncond_pooled`` (1, P) and
+    ``cache_fingerprint`` (checked by the module)."""
 
     def winners_then_losers(key: str) -> torch.Tensor:
         stacked = torch.stack([s[key] for s in samples])
         return torch.cat([stacked[:, 0], stacked[:, 1]])
 
-    batch = {"latent_moments": winners_then_losers("latent_moments"),
-             "original_size": winners_then_losers("original_size"),
-             "crop_top_left": winners_then_losers("crop_top_left"),
-             "caption": [s["caption"] for s in samples], "label": torch.tensor([s["label"] for s in samples]),
-             "key": [s["key"] for s in samples]}
+    batch = {
+        "latent_moments": winners_then_losers("latent_moments"),
+        "original_size": winners_then_losers("original_size"),
+        "crop_top_left": winners_then_losers("crop_top_left"),
+        "caption": [s["caption"] for s in samples],
+        "label": torch.tensor([s["label"] for s in samples]),
+        "key": [s["key"] for s in samples],
+    }
     return _finish(batch, samples, extras)
 
 
 def collate_cached_singles(samples: list[dict], extras: dict | None = None) -> dict:
-    """B cached single images -> ``latent_moments`` (B, 8, h, w), embeddings, and ``desirable`` when labelled."""
-    batch = {"latent_moments": torch.stack([s["latent_moments"] for s in samples]),
-             "original_size": torch.stack([s["original_size"] for s in samples]),
-             "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-             "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+    """B cached single images -> ``latent_moments`` (B, 8, h, w), embeddings,
+    and ``desirable`` when labelled."""
+    batch = {
+        "latent_moments": torch.stack([s["latent_moments"] for s in samples]),
+        "original_size": torch.stack([s["original_size"] for s in samples]),
+        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
     if "desirable" in samples[0]:
         batch["desirable"] = torch.tensor([s["desirable"] for s in samples], dtype=torch.bool)
     if "source" in samples[0]:
@@ -224,11 +264,13 @@ def collate_cached_singles(samples: list[dict], extras: dict | None = None) -> d
     return _finish(batch, samples, extras)
 
 
-# ------------------------------------------------------------------------------------ opening a cache
+# ---------------------------------------------------------------------------------- opening a cache
+
 
 @dataclass
 class CacheInfo:
-    """What ``align data cache-latents`` recorded for a cache folder (``manifest.json``'s ``source.cache``)."""
+    """What ``align data cache-latents`` recorded for a cache folder
+    (``manifest.json``'s ``source.cache``)."""
 
     folder: str
     model: str
@@ -241,70 +283,111 @@ class CacheInfo:
 
 
 def read_cache_info(folder: str | os.PathLike) -> CacheInfo:
-    """The settings of the cache in ``folder``; ValueError naming the folder when it is not a finished cache."""
+    """The settings of the cache in ``folder``; ValueError naming the folder when it is not a
+    finished cache."""
     from align.data.writer import MANIFEST, load_manifest
 
     folder = Path(folder)
     manifest = load_manifest(folder)
     cache = (manifest or {}).get("source", {}).get("cache") if isinstance(manifest, dict) else None
     if manifest is None or manifest.get("command") != COMMAND or not isinstance(cache, dict):
-        raise ValueError(f"{folder} is not a latent cache: no {MANIFEST} written by `align data {COMMAND}` there "
-                         f"(make one with `align data {COMMAND} --model ... --shards ... --out {folder}`)")
+        raise ValueError(
+            f"{folder} is not a latent cache: no {MANIFEST} written by `align data {COMMAND}` "
+            f"there (make one with `align data {COMMAND} --model ... --shards ... --out {folder}`)"
+        )
     if not (folder / UNCOND).is_file():
-        raise ValueError(f"{folder}: {UNCOND} is missing (the cache run did not finish: rerun the same "
-                         f"`align data {COMMAND}` command to resume it)")
-    return CacheInfo(folder=str(folder), model=cache["model"], model_fingerprint=cache["model_fingerprint"],
-                     resolution=int(cache["resolution"]), flip=bool(cache["flip"]), schema=cache["schema"],
-                     store_dtype=cache["store_dtype"], complete=bool(manifest.get("complete")))
+        raise ValueError(
+            f"{folder}: {UNCOND} is missing (the cache run did not finish: rerun the same "
+            f"`align data {COMMAND}` command to resume it)"
+        )
+    return CacheInfo(
+        folder=str(folder),
+        model=cache["model"],
+        model_fingerprint=cache["model_fingerprint"],
+        resolution=int(cache["resolution"]),
+        flip=bool(cache["flip"]),
+        schema=cache["schema"],
+        store_dtype=cache["store_dtype"],
+        complete=bool(manifest.get("complete")),
+    )
 
 
 class CachedShards:
-    """The cache folders behind a data module's shard lists, checked before training, and the decode and
-    collate functions that read them.
+    """The cache folders behind a data module's shard lists, checked before training, and the decode
+    and collate functions that read them.
 
     Args:
-        url_sets: the shard lists (train, val, ...; None entries ignored) as ``expand_shards`` returns them.
+        url_sets: the shard lists (train, val, ...; None entries ignored) as ``expand_shards``
+            returns them.
         schemas: the cache schemas this data module can read (``("pair",)`` for DPO).
         resolution: the data module's resolution: must be the cache's.
         flip_prob: > 0 needs caches made with ``--flip``.
-        crop: the data module's crop; ``random`` cannot be honoured (the cache holds the center crop): logged.
+        crop: the data module's crop; ``random`` cannot be honoured
+            (the cache holds the center crop): logged.
     """
 
-    def __init__(self, url_sets: list[list[str] | None], schemas: tuple[str, ...], resolution: int,
-                 flip_prob: float = 0.0, crop: str = "center"):
-        folders = list(dict.fromkeys(os.path.dirname(os.path.abspath(u)) for urls in url_sets if urls
-                                     for u in urls))
+    def __init__(
+        self,
+        url_sets: list[list[str] | None],
+        schemas: tuple[str, ...],
+        resolution: int,
+        flip_prob: float = 0.0,
+        crop: str = "center",
+    ):
+        folders = list(
+            dict.fromkeys(
+                os.path.dirname(os.path.abspath(u)) for urls in url_sets if urls for u in urls
+            )
+        )
         self.infos = [read_cache_info(folder) for folder in folders]
         for info in self.infos:
             if info.schema not in schemas:
-                raise ValueError(f"{info.folder} caches {info.schema} shards; this data module reads "
-                                 f"{' or '.join(schemas)} shards")
+                raise ValueError(
+                    f"{info.folder} caches {info.schema} shards; this data module reads "
+                    f"{' or '.join(schemas)} shards"
+                )
             if info.resolution != resolution:
-                raise ValueError(f"{info.folder} was cached at {info.resolution} px but resolution is {resolution}: "
-                                 f"set resolution: {info.resolution} or re-cache with --resolution {resolution}")
+                raise ValueError(
+                    f"{info.folder} was cached at {info.resolution} px but resolution is "
+                    f"{resolution}: set resolution: {info.resolution} or re-cache with "
+                    f"--resolution {resolution}"
+                )
             if flip_prob > 0 and not info.flip:
-                raise ValueError(f"{info.folder} has no flipped latents (cached without --flip) but flip_prob is "
-                                 f"{flip_prob}: set flip_prob: 0.0 or re-cache with --flip")
+                raise ValueError(
+                    f"{info.folder} has no flipped latents (cached without --flip) but flip_prob "
+                    f"is {flip_prob}: set flip_prob: 0.0 or re-cache with --flip"
+                )
             if not info.complete:
-                log.warning("latent cache %s is incomplete (its run was interrupted): training reads what is there",
-                            info.folder)
+                log.warning(
+                    "latent cache %s is incomplete (its run was interrupted): training "
+                    "reads what is there",
+                    info.folder,
+                )
         prints = {info.model_fingerprint for info in self.infos}
         if len(prints) > 1:
-            raise ValueError("these caches were made with different models: "
-                             + ", ".join(f"{i.folder} ({i.model}, {i.model_fingerprint})" for i in self.infos))
+            raise ValueError(
+                "these caches were made with different models: "
+                + ", ".join(f"{i.folder} ({i.model}, {i.model_fingerprint})" for i in self.infos)
+            )
         if crop != "center":
             log.info("latent cache: crop=%r ignored, cached latents hold the center crop", crop)
         first = Path(self.infos[0].folder)
-        self.extras = {"uncond_embeds": npy_tensor((first / UNCOND).read_bytes()),
-                       "cache_fingerprint": self.infos[0].model_fingerprint}
+        self.extras = {
+            "uncond_embeds": npy_tensor((first / UNCOND).read_bytes()),
+            "cache_fingerprint": self.infos[0].model_fingerprint,
+        }
         if (first / UNCOND_POOLED).is_file():
             self.extras["uncond_pooled"] = npy_tensor((first / UNCOND_POOLED).read_bytes())
 
     def pair_decoder(self, flip_prob: float, drop_ties: bool, joint_augment: bool):
-        return lambda sample, counter, rng: decode_cached_pair(sample, drop_ties, flip_prob, joint_augment, rng)
+        return lambda sample, counter, rng: decode_cached_pair(
+            sample, drop_ties, flip_prob, joint_augment, rng
+        )
 
     def single_decoder(self, flip_prob: float, want: bool | None = None, source: str | None = None):
-        return lambda sample, counter, rng: decode_cached_single(sample, want, flip_prob, rng, source=source)
+        return lambda sample, counter, rng: decode_cached_single(
+            sample, want, flip_prob, rng, source=source
+        )
 
     @property
     def collate_pairs(self):

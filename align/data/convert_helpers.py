@@ -1,7 +1,8 @@
-"""Helpers shared by the ``align data`` converters: image preparation, long-caption samples, JSONL reading,
-input lookup, and the common command-line options.
+"""Helpers shared by the ``align data`` converters: image preparation, long-caption samples, JSONL
+reading, input lookup, and the common command-line options.
 
-Kept apart from :mod:`align.data.writer`, which holds only the shard-writing machinery these converters feed.
+Kept apart from :mod:`align.data.writer`, which holds only the shard-writing machinery these
+converters feed.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ class ImageError(ValueError):
 
 
 def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality: int = 95) -> bytes:
-    """Validated RGB JPEG bytes, downscaled so the longer side is <= ``max_side`` and the shorter side is
-    <= ``shorter_side`` (0 = no limit; never upscales). A JPEG that needs no change is decoded (so
-    truncated data is caught) and returned as is; anything else is re-encoded at ``quality``.
+    """Validated RGB JPEG bytes, downscaled so the longer side is <= ``max_side`` and the shorter
+    side is <= ``shorter_side`` (0 = no limit; never upscales). A JPEG that needs no change is
+    decoded (so truncated data is caught) and returned as is;
+    anything else is re-encoded at ``quality``.
     Raises :class:`ImageError` for bytes that cannot be decoded."""
     from PIL import Image
 
@@ -39,16 +41,19 @@ def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality:
             if shorter_side and min(width, height) > shorter_side:
                 scale = min(scale, shorter_side / min(width, height))
             if scale == 1.0 and image.format == "JPEG" and image.mode == "RGB":
-                # Validation only: DCT-scaled decoding still reads every entropy-coded byte (so truncation
-                # is caught) at half the cost of a full decode.
+                # Validation only: DCT-scaled decoding still reads every entropy-coded byte (so
+                # truncation is caught) at half the cost of a full decode.
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 image.load()
                 return bytes(data)
             target = (max(1, round(width * scale)), max(1, round(height * scale)))
             if image.format == "JPEG" and scale < 1.0:
-                image.draft("RGB", target)  # DCT-domain downscale to >= target: much faster decoding
+                # DCT-domain downscale to >= target: much faster decoding
+                image.draft("RGB", target)
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode in ("RGBA", "LA", "PA") or (
+                image.mode == "P" and "transparency" in image.info
+            ):
                 rgba = image.convert("RGBA")
                 converted = Image.new("RGB", rgba.size, (255, 255, 255))
                 converted.paste(rgba, mask=rgba.getchannel("A"))
@@ -63,17 +68,20 @@ def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality:
         raise ImageError(f"{type(exn).__name__}: {exn}") from None
 
 
-def long_caption_sample(image: bytes | None, caption: str | None, meta: dict, opts: dict,
-                        key: str | None = None) -> dict | Skip:
-    """A long-caption sample (``jpg``, ``txt``, ``json``) or the reason it cannot be one. ``opts`` carries
-    ``max_side``, ``shorter_side`` and ``quality`` (see :func:`prepare_jpeg`)."""
+def long_caption_sample(
+    image: bytes | None, caption: str | None, meta: dict, opts: dict, key: str | None = None
+) -> dict | Skip:
+    """A long-caption sample (``jpg``, ``txt``, ``json``) or the reason it cannot be one. ``opts``
+    carries ``max_side``, ``shorter_side`` and ``quality`` (see :func:`prepare_jpeg`)."""
     caption = caption.strip() if isinstance(caption, str) else ""
     if not caption:
         return Skip("missing_caption")
     if not image:
         return Skip("missing_image")
     try:
-        jpg = prepare_jpeg(image, opts.get("max_side", 0), opts.get("shorter_side", 0), opts.get("quality", 95))
+        jpg = prepare_jpeg(
+            image, opts.get("max_side", 0), opts.get("shorter_side", 0), opts.get("quality", 95)
+        )
     except ImageError:
         return Skip("undecodable_image")
     sample = {"jpg": jpg, "txt": caption, "json": meta}
@@ -83,14 +91,24 @@ def long_caption_sample(image: bytes | None, caption: str | None, meta: dict, op
 
 
 def image_options(args) -> dict:
-    """The image options of parsed :func:`add_image_args` arguments (they are part of the fingerprint)."""
+    """The image options of parsed :func:`add_image_args` arguments
+    (they are part of the fingerprint)."""
     return {"max_side": args.max_side, "shorter_side": args.shorter_side, "quality": args.quality}
 
 
-def chunk_units(rows: list, shard_size: int, name: str, payload: Callable[[list], Any]) -> list[Unit]:
-    """Split an in-memory list of rows into units of one shard each: ``Unit(f"{name}:{k}", len, payload(chunk))``."""
-    return [Unit(f"{name}:{k // shard_size}", len(rows[k:k + shard_size]), payload(rows[k:k + shard_size]))
-            for k in range(0, len(rows), shard_size)]
+def chunk_units(
+    rows: list, shard_size: int, name: str, payload: Callable[[list], Any]
+) -> list[Unit]:
+    """Split an in-memory list of rows into units of one shard each:
+    ``Unit(f"{name}:{k}", len, payload(chunk))``."""
+    return [
+        Unit(
+            f"{name}:{k // shard_size}",
+            len(rows[k : k + shard_size]),
+            payload(rows[k : k + shard_size]),
+        )
+        for k in range(0, len(rows), shard_size)
+    ]
 
 
 def iter_jsonl(path: str | os.PathLike, start: int = 0) -> Iterator[tuple[int, Any]]:
@@ -142,18 +160,34 @@ def find_image(directory: str | os.PathLike, stem: str) -> Path | None:
 
 
 def add_image_args(parser, max_side: int = 0, shorter_side: int = 0) -> None:
-    parser.add_argument("--max-side", type=int, default=max_side,
-                        help=f"downscale so the longer side is at most this (0 = keep; default {max_side})")
-    parser.add_argument("--shorter-side", type=int, default=shorter_side,
-                        help=f"downscale so the shorter side is at most this (0 = keep; default {shorter_side})")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=max_side,
+        help=f"downscale so the longer side is at most this (0 = keep; default {max_side})",
+    )
+    parser.add_argument(
+        "--shorter-side",
+        type=int,
+        default=shorter_side,
+        help=f"downscale so the shorter side is at most this (0 = keep; default {shorter_side})",
+    )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
 
 
 def add_writer_args(parser, prefix: str, shard_size: int = 1000) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; resumable)")
     parser.add_argument("--prefix", default=prefix, help=f"shard name prefix (default {prefix})")
-    parser.add_argument("--shard-size", type=int, default=shard_size,
-                        help=f"input rows per shard (default {shard_size})")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                        help="worker processes (output is identical for any number)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=shard_size,
+        help=f"input rows per shard (default {shard_size})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="worker processes (output is identical for any number)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,20 +1,21 @@
-"""Data epochs: every sample once per pass over a shard set, across all ranks and workers, in a new order
-each pass, and a stream that resumes after the last consumed batch.
+"""Data epochs: every sample once per pass over a shard set, across all ranks and workers, in a new
+order each pass, and a stream that resumes after the last consumed batch.
 
-The plan of pass ``p`` is computed alike by every process from the shards' sample counts (``shard_sizes``:
-the converters' ``manifest.json``, else the tar headers): the shards in an order drawn from ``(seed, p)``,
-their samples laid end to end and cut into ``world x workers`` contiguous ranges of whole batches, one per
-*role* (a rank and one of its worker slots). The remainder, fewer than ``world x workers x batch_size``
-samples, sits out that pass. A role reads its range in a random interleaving of its shards, through a seeded
-shuffle buffer; a sample the decoder skips (a tie, a corrupt image) is replaced by repeating the role's own
-range (counted as ``repeated_to_fill``), so every rank yields the same number of batches.
+The plan of pass ``p`` is computed alike by every process from the shards' sample counts
+(``shard_sizes``: the converters' ``manifest.json``, else the tar headers): the shards in an order
+drawn from ``(seed, p)``, their samples laid end to end and cut into ``world x workers`` contiguous
+ranges of whole batches, one per *role* (a rank and one of its worker slots). The remainder, fewer
+than ``world x workers x batch_size`` samples, sits out that pass. A role reads its range in a
+random interleaving of its shards, through a seeded shuffle buffer; a sample the decoder skips (a
+tie, a corrupt image) is replaced by repeating the role's own range (counted as
+``repeated_to_fill``), so every rank yields the same number of batches.
 
-Batches are numbered per rank from the start of the run: batch ``k`` belongs to segment ``k // P`` (a pass;
-``P`` batches per rank per pass) and to role ``k % workers``. A loader iteration (a Lightning epoch, ``L``
-batches) starting at batch ``k0`` hands role ``(k0 + w) % workers`` to DataLoader worker ``w``, which matches
-the DataLoader's round-robin order from any start: a resume at any batch continues the exact sequence.
-Randomness inside the pipeline is seeded per sample from ``(seed, segment, shard, key)``: independent of
-the rank, the worker count and where a run resumed.
+Batches are numbered per rank from the start of the run: batch ``k`` belongs to segment ``k // P``
+(a pass; ``P`` batches per rank per pass) and to role ``k % workers``. A loader iteration (a
+Lightning epoch, ``L`` batches) starting at batch ``k0`` hands role ``(k0 + w) % workers`` to
+DataLoader worker ``w``, which matches the DataLoader's round-robin order from any start: a resume
+at any batch continues the exact sequence. Randomness inside the pipeline is seeded per sample from
+``(seed, segment, shard, key)``: independent of the rank, the worker count and where a run resumed.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import torch
 import webdataset as wds
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"  # the shard writer's (align.data.writer); read here without importing the writer
+# the shard writer's (align.data.writer); read here without importing the writer
+MANIFEST = "manifest.json"
 
 
-# ---- how many samples each shard holds -------------------------------------------------------------------------
+# ---- how many samples each shard holds -----------------------------------------------------------
 def _count_tar_samples(url: str) -> int:
-    """Samples in a tar up to where it is damaged (a shard that cannot be read at all: 0, logged)."""
+    """Samples in a tar up to where it is damaged
+    (a shard that cannot be read at all: 0, logged)."""
     from align.data.tars import READ_ERRORS, iter_tar_groups
 
     count = 0
@@ -45,13 +48,16 @@ def _count_tar_samples(url: str) -> int:
         for _ in iter_tar_groups(url):
             count += 1
     except READ_ERRORS as err:
-        log.warning("shard %s is damaged after %d samples (%r): the rest of it is left out", url, count, err)
+        log.warning(
+            "shard %s is damaged after %d samples (%r): the rest of it is left out", url, count, err
+        )
     return count
 
 
 def shard_sizes(urls: list[str]) -> list[int]:
-    """Samples per shard: from the ``manifest.json`` beside a shard when it lists it, else counted from the
-    tar's headers. A manifest whose byte count disagrees with the file is an error naming both."""
+    """Samples per shard: from the ``manifest.json`` beside a shard when it lists it, else counted
+    from the tar's headers. A manifest whose byte count disagrees with the file is an error naming
+    both."""
     manifests: dict[Path, dict] = {}
     sizes = []
     for url in urls:
@@ -66,25 +72,36 @@ def shard_sizes(urls: list[str]) -> list[int]:
         if isinstance(record, dict) and "samples" in record:
             size = os.path.getsize(path)
             if "bytes" in record and int(record["bytes"]) != size:
-                raise ValueError(f"{url}: {folder / MANIFEST} lists {record['bytes']} bytes and "
-                                 f"{record['samples']} samples, the file has {size} bytes. Rewrite the shard "
-                                 f"(rerun its `align data` command) or remove the stale manifest")
+                raise ValueError(
+                    f"{url}: {folder / MANIFEST} lists {record['bytes']} bytes and "
+                    f"{record['samples']} samples, the file has {size} bytes. Rewrite the shard "
+                    f"(rerun its `align data` command) or remove the stale manifest"
+                )
             sizes.append(int(record["samples"]))
         else:
             sizes.append(_count_tar_samples(url))
     return sizes
 
 
-# ---- the plan of one pass ---------------------------------------------------------------------------------------
+# ---- the plan of one pass ------------------------------------------------------------------------
 def batches_per_role(total: int, world: int, workers: int, batch_size: int) -> int:
     return total // (world * workers * batch_size)
 
 
-def epoch_batches(total: int, *, world: int, workers: int, batch_size: int, multiple_of: int = 1,
-                  batches_per_epoch: int | None = None, mixed: bool = False) -> int:
-    """Batches per rank per epoch (L) over ``total`` samples: ``batches_per_epoch``, else one pass (a mixed
-    stream: as many samples as its sources hold), in whole multiples of ``multiple_of`` (the accumulation
-    window; for a mixed stream whole rounds of the workers too, since its epochs are its segments)."""
+def epoch_batches(
+    total: int,
+    *,
+    world: int,
+    workers: int,
+    batch_size: int,
+    multiple_of: int = 1,
+    batches_per_epoch: int | None = None,
+    mixed: bool = False,
+) -> int:
+    """Batches per rank per epoch (L) over ``total`` samples: ``batches_per_epoch``, else one pass
+    (a mixed stream: as many samples as its sources hold), in whole multiples of ``multiple_of``
+    (the accumulation window; for a mixed stream whole rounds of the workers too, since its epochs
+    are its segments)."""
     workers = max(1, workers)
     if mixed:
         n = batches_per_epoch or max(1, total // (world * batch_size))
@@ -95,9 +112,20 @@ def epoch_batches(total: int, *, world: int, workers: int, batch_size: int, mult
     return max(m, n // m * m)
 
 
-def role_ranges(sizes: list[int], *, seed: int, segment: int, shuffle: bool, world: int, workers: int,
-                batch_size: int, rank: int, role: int) -> list[tuple[int, int, int]]:
-    """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in this pass."""
+def role_ranges(
+    sizes: list[int],
+    *,
+    seed: int,
+    segment: int,
+    shuffle: bool,
+    world: int,
+    workers: int,
+    batch_size: int,
+    rank: int,
+    role: int,
+) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in this
+    pass."""
     per_role = batches_per_role(sum(sizes), world, workers, batch_size) * batch_size
     order = list(range(len(sizes)))
     if shuffle:
@@ -114,9 +142,12 @@ def role_ranges(sizes: list[int], *, seed: int, segment: int, shuffle: bool, wor
     return ranges
 
 
-def interleave(iterators: list[Iterator], weights: list[int], rng: random.Random | None) -> Iterator:
-    """Items of every iterator: one after another without ``rng``, else a uniformly random interleaving
-    (each next item from an iterator with probability proportional to what it has left)."""
+def interleave(
+    iterators: list[Iterator], weights: list[int], rng: random.Random | None
+) -> Iterator:
+    """Items of every iterator: one after another without ``rng``, else a uniformly random
+    interleaving (each next item from an iterator with probability proportional to what it has
+    left)."""
     if rng is None:
         yield from itertools.chain(*iterators)
         return
@@ -130,22 +161,41 @@ def interleave(iterators: list[Iterator], weights: list[int], rng: random.Random
             left[i] = 0
 
 
-# ---- the stream ------------------------------------------------------------------------------------------------
+# ---- the stream ----------------------------------------------------------------------------------
 class EpochStream(torch.utils.data.IterableDataset):
-    """Batches of one rank, ``len(self)`` per loader iteration, from ``position = (epoch, batch)`` on.
+    """Batches of one rank, ``len(self)`` per loader iteration,
+    from ``position = (epoch, batch)`` on.
 
-    ``segment_samples(segment, rank, role)`` yields the raw samples of a role in a segment (a pass of the plan
-    by default; KTO and weighted sources mix their own). ``decode(sample, counter, rng)`` turns a raw sample
-    into tensors or raises ``SkipSample``; ``collate`` stacks a batch.
+    ``segment_samples(segment, rank, role)`` yields the raw samples of a role in a segment (a pass
+    of the plan by default; KTO and weighted sources mix their own).
+    ``decode(sample, counter, rng)`` turns a raw sample into tensors or raises ``SkipSample``;
+    ``collate`` stacks a batch.
     """
 
-    def __init__(self, urls: list[str], sizes: list[int], decode: Callable, collate: Callable, *,
-                 batch_size: int, seed: int, shuffle: bool, shuffle_buffer: int, counter_factory: Callable,
-                 batches_per_epoch: int | None = None, multiple_of: int = 1,
-                 segment_samples: Callable | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        sizes: list[int],
+        decode: Callable,
+        collate: Callable,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        counter_factory: Callable,
+        batches_per_epoch: int | None = None,
+        multiple_of: int = 1,
+        segment_samples: Callable | None = None,
+    ):
         super().__init__()
         self.urls, self.sizes, self.decode, self.collate = urls, sizes, decode, collate
-        self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = batch_size, seed, shuffle, shuffle_buffer
+        self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = (
+            batch_size,
+            seed,
+            shuffle,
+            shuffle_buffer,
+        )
         self.counter_factory, self.custom_segment = counter_factory, segment_samples
         self.rank, self.world, _, _ = wds.utils.pytorch_worker_info()  # of the process that plans
         self.workers = 1  # set by EpochLoader from its num_workers
@@ -172,21 +222,39 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         """Batches per rank per loader iteration (L): see ``epoch_batches``."""
-        return epoch_batches(sum(self.sizes), world=self.world, workers=self.workers, batch_size=self.batch_size,
-                             multiple_of=self.multiple_of, batches_per_epoch=self._batches_per_epoch,
-                             mixed=self.custom_segment is not None)
+        return epoch_batches(
+            sum(self.sizes),
+            world=self.world,
+            workers=self.workers,
+            batch_size=self.batch_size,
+            multiple_of=self.multiple_of,
+            batches_per_epoch=self._batches_per_epoch,
+            mixed=self.custom_segment is not None,
+        )
 
     # reading
     def _role_samples(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
-        """Raw samples of a role's range in one pass (``segment``: the pass's name in every seed)."""
-        ranges = role_ranges(self.sizes, seed=self.seed, segment=segment, shuffle=self.shuffle, world=self.world,
-                             workers=self.workers, batch_size=self.batch_size, rank=rank, role=role)
+        """Raw samples of a role's range in one pass
+        (``segment``: the pass's name in every seed)."""
+        ranges = role_ranges(
+            self.sizes,
+            seed=self.seed,
+            segment=segment,
+            shuffle=self.shuffle,
+            world=self.world,
+            workers=self.workers,
+            batch_size=self.batch_size,
+            rank=rank,
+            role=role,
+        )
         readers = [self.read(s, lo, hi, counter) for s, lo, hi in ranges]
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/order") if self.shuffle else None
         samples = interleave(readers, [hi - lo for _, lo, hi in ranges], rng)
         if self.shuffle and self.shuffle_buffer > 1:
             buffer_rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/buffer")
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 16), buffer_rng)
+            samples = wds.filters._shuffle(
+                samples, self.shuffle_buffer, min(self.shuffle_buffer, 16), buffer_rng
+            )
         return samples
 
     def read(self, shard: int, lo: int, hi: int, counter) -> Iterator[dict]:
@@ -195,7 +263,8 @@ class EpochStream(torch.utils.data.IterableDataset):
         return itertools.islice(tar, lo, hi)
 
     def _pass(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
-        """Decoded samples of a role's range in one pass; SkipSample and decode errors counted, not raised."""
+        """Decoded samples of a role's range in one pass; SkipSample and decode errors counted,
+        not raised."""
         from align.data.pipeline import SKIPPED, SkipSample
 
         for sample in self._role_samples(segment, rank, role, counter):
@@ -214,13 +283,16 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     def _empty(self, rank: int, role: int, counter) -> RuntimeError:
         return RuntimeError(
-            f"no usable sample in rank {rank} role {role}'s part of {len(self.urls)} shard(s) ({self.urls[0]}, "
-            f"...): skipped {dict(counter.total) or 'none; the shards hold no sample of this kind'}. Are these "
-            f"shards in the schema this data module "
-            f"reads? `align data verify` names each bad sample")
+            f"no usable sample in rank {rank} role {role}'s part of {len(self.urls)} shard(s) "
+            f"({self.urls[0]}, ...): skipped "
+            f"{dict(counter.total) or 'none; the shards hold no sample of this kind'}. Are these "
+            "shards in the schema this data module reads? `align data verify` names "
+            "each bad sample"
+        )
 
     def forever(self, tag: str, rank: int, role: int, counter) -> Iterator[dict]:
-        """Decoded samples of a role, pass after pass (each reshuffled): a source of a mixed stream."""
+        """Decoded samples of a role, pass after pass (each reshuffled):
+        a source of a mixed stream."""
         for n in itertools.count():
             yielded = 0
             for out in self._pass(f"{tag}/{n}", rank, role, counter):
@@ -230,7 +302,8 @@ class EpochStream(torch.utils.data.IterableDataset):
                 raise self._empty(rank, role, counter)
 
     def _segment_stream(self, segment: int, rank: int, role: int, counter) -> Iterator:
-        """Exactly ``per_role`` batches of one role in one segment (repeating its range after skips)."""
+        """Exactly ``per_role`` batches of one role in one segment
+        (repeating its range after skips)."""
         if self.custom_segment is not None:
             samples = self.custom_segment(segment, rank, role, counter)
             while True:
@@ -240,7 +313,8 @@ class EpochStream(torch.utils.data.IterableDataset):
             yielded = 0
             for out in self._pass(segment, rank, role, counter):
                 yielded += 1
-                if attempt:  # counted with the skips: the module logs train/skipped/repeated_to_fill
+                # counted with the skips: the module logs train/skipped/repeated_to_fill
+                if attempt:
                     out["__skipped__"]["repeated_to_fill"] = 1
                 taken.append(out)
                 if len(taken) == self.batch_size:
@@ -255,7 +329,9 @@ class EpochStream(torch.utils.data.IterableDataset):
         _, _, worker, workers = wds.utils.pytorch_worker_info()
         rank = self.rank
         if workers != self.workers:
-            raise RuntimeError(f"the stream was planned for {self.workers} workers, runs in {workers}")
+            raise RuntimeError(
+                f"the stream was planned for {self.workers} workers, runs in {workers}"
+            )
         epoch, start = self.position
         length = len(self)
         first = epoch * length + start + worker  # this worker's first batch (rank-local numbering)
@@ -276,9 +352,17 @@ class EpochStream(torch.utils.data.IterableDataset):
 
 
 class ListStream(EpochStream):
-    """An ``EpochStream`` over raw samples held in memory (a prompt file): each list plays a shard."""
+    """An ``EpochStream`` over raw samples held in memory (a prompt file):
+    each list plays a shard."""
 
-    def __init__(self, names: list[str], items: list[list[dict]], decode: Callable, collate: Callable, **kwargs):
+    def __init__(
+        self,
+        names: list[str],
+        items: list[list[dict]],
+        decode: Callable,
+        collate: Callable,
+        **kwargs,
+    ):
         super().__init__(names, [len(part) for part in items], decode, collate, **kwargs)
         self.items = items
 
@@ -287,37 +371,55 @@ class ListStream(EpochStream):
 
 
 class MixedSegments:
-    """A mixed stream's segments (``EpochStream(segment_samples=...)``): each sample comes from source ``i``
-    with probability ``weights[i] / sum(weights)``; every source streams each of its samples once per pass of
-    its own plan (sources are ``EpochStream`` s with batch size 1), and every segment starts them afresh."""
+    """A mixed stream's segments (``EpochStream(segment_samples=...)``): each sample comes from
+    source ``i`` with probability ``weights[i] / sum(weights)``; every source streams each of its
+    samples once per pass of its own plan (sources are ``EpochStream`` s with batch size 1), and
+    every segment starts them afresh."""
 
     def __init__(self, sources: list[EpochStream], weights: list[float], seed: int):
         self.sources, self.weights, self.seed = sources, weights, seed
 
     def __call__(self, segment: int, rank: int, role: int, counter) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/mix")
-        streams = [source.forever(f"{segment}", rank, role, source.counter_factory()) for source in self.sources]
+        streams = [
+            source.forever(f"{segment}", rank, role, source.counter_factory())
+            for source in self.sources
+        ]
         while True:
             yield next(streams[rng.choices(range(len(streams)), weights=self.weights)[0]])
 
 
 class EpochLoader(torch.utils.data.DataLoader):
-    """A DataLoader over an ``EpochStream`` that knows where it is: each iteration is the next epoch, and
-    Lightning saves ``state_dict()`` in checkpoints and hands it back on resume (a stateful loader).
+    """A DataLoader over an ``EpochStream`` that knows where it is: each iteration is the next
+    epoch, and Lightning saves ``state_dict()`` in checkpoints and hands it back on resume
+    (a stateful loader).
 
     ``consumed``: a callable giving the batches the training loop has processed in the current epoch
     (Lightning's progress; it fetches ahead, so what was yielded is not what was trained on).
     """
 
-    def __init__(self, stream: EpochStream, num_workers: int, consumed: Callable[[], int | None] | None = None,
-                 advance: bool = True):
+    def __init__(
+        self,
+        stream: EpochStream,
+        num_workers: int,
+        consumed: Callable[[], int | None] | None = None,
+        advance: bool = True,
+    ):
         stream.set_workers(num_workers)
         if stream.per_role < 1:
-            raise ValueError(f"{sum(stream.sizes)} samples in {len(stream.urls)} shard(s) ({stream.urls[0]}, ...) "
-                             f"cannot give one batch of {stream.batch_size} to each of {stream.world} rank(s) x "
-                             f"{stream.workers} worker(s): add data, or lower batch_size or num_workers")
-        super().__init__(stream, batch_size=None, num_workers=num_workers,
-                         pin_memory=torch.cuda.is_available())  # workers restart each epoch with its position
+            raise ValueError(
+                f"{sum(stream.sizes)} samples in {len(stream.urls)} shard(s) ({stream.urls[0]}, "
+                f"...) cannot give one batch of {stream.batch_size} to each of {stream.world} "
+                f"rank(s) x {stream.workers} worker(s): add data, or lower "
+                "batch_size or num_workers"
+            )
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            # workers restart each epoch with its position
+            pin_memory=torch.cuda.is_available(),
+        )
         self.stream, self.consumed, self.advance = stream, consumed, advance
         self.epoch, self.start, self._current = 0, 0, (0, 0)
 
@@ -330,14 +432,19 @@ class EpochLoader(torch.utils.data.DataLoader):
 
     def state_dict(self) -> dict:
         done = self.consumed() if self.consumed is not None else None
-        return {"epoch": self._current[0], "batch": self._current[1] if done is None else done,
-                "batches_per_epoch": len(self.stream)}
+        return {
+            "epoch": self._current[0],
+            "batch": self._current[1] if done is None else done,
+            "batches_per_epoch": len(self.stream),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         length = len(self.stream)
         if state.get("batches_per_epoch", length) != length:
-            raise ValueError(f"the checkpoint's data stream had {state['batches_per_epoch']} batches per epoch, "
-                             f"this run has {length} (other shards, batch size, world size or workers): "
-                             "resume with the same data settings")
+            raise ValueError(
+                f"the checkpoint's data stream had {state['batches_per_epoch']} batches per epoch, "
+                f"this run has {length} (other shards, batch size, world size or workers): "
+                "resume with the same data settings"
+            )
         epoch, batch = int(state["epoch"]), int(state["batch"])
         self.epoch, self.start = (epoch + 1, 0) if batch >= length else (epoch, batch)

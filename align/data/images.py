@@ -1,4 +1,5 @@
-"""Decoding the members of a shard sample (image bytes, json), with failures turned into counted skips."""
+"""Decoding the members of a shard sample (image bytes, json),
+with failures turned into counted skips."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from align.data.schema import pair_meta_problem
 
 
 def decode_image(sample: dict, key: str) -> Image.Image:
-    """The RGB image stored under ``key``; a missing member or undecodable bytes raise SkipSample."""
+    """The RGB image stored under ``key``; a missing member or undecodable bytes raise
+    SkipSample."""
     data = sample.get(key)
     if data is None:
         raise SkipSample(f"missing_{key.split('.')[0]}")
@@ -25,7 +27,8 @@ def decode_image(sample: dict, key: str) -> Image.Image:
 
 
 def decode_caption(raw: object) -> str:
-    """A caption member or json field as stripped text; SkipSample when missing, not UTF-8 or empty."""
+    """A caption member or json field as stripped text; SkipSample when missing,
+    not UTF-8 or empty."""
     if raw is None:
         raise SkipSample("missing_caption")
     try:
@@ -49,8 +52,9 @@ def decode_json(sample: dict) -> object:
 
 
 def read_pair_meta(meta: object, drop_ties: bool) -> tuple[str, float]:
-    """(caption, label_0) of a pair's parsed json; SkipSample for an unusable pair or a tie being dropped.
-    Shared by the image and the latent-cache decoders, so both skip exactly the same pairs."""
+    """(caption, label_0) of a pair's parsed json; SkipSample for an unusable pair or a tie being
+    dropped. Shared by the image and the latent-cache decoders,
+    so both skip exactly the same pairs."""
     problem = pair_meta_problem(meta)
     if problem:
         raise SkipSample(problem)

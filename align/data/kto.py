@@ -1,11 +1,12 @@
 """Unpaired preference data for Diffusion-KTO: single images labelled desirable or undesirable.
 
-Shards follow the single-image schema (``align.data.schema``: ``jpg`` + ``json`` with ``caption``, boolean
-``label``, ``image_uid``); ``align data kto-labels`` makes them from Pick-a-Pic pairs. The two classes are
-streamed separately and mixed so that each sample is desirable with probability ``p_desirable`` (0.8 in the
-paper), whatever their ratio on disk (Pick-a-Pic has about 26% desirable images). Each class streams every one
-of its images once per pass across ranks and workers (``align.data.epochs``), a new order each pass; an epoch
-is ``batches_per_epoch`` batches per rank (default: as many images as the shards hold).
+Shards follow the single-image schema (``align.data.schema``: ``jpg`` + ``json`` with ``caption``,
+boolean ``label``, ``image_uid``); ``align data kto-labels`` makes them from Pick-a-Pic pairs. The
+two classes are streamed separately and mixed so that each sample is desirable with probability
+``p_desirable`` (0.8 in the paper), whatever their ratio on disk (Pick-a-Pic has about 26% desirable
+images). Each class streams every one of its images once per pass across ranks and workers
+(``align.data.epochs``), a new order each pass; an epoch is ``batches_per_epoch`` batches per rank
+(default: as many images as the shards hold).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
 
 
-def decode_single(sample: dict, transform: ImageTransform, want: bool | None = None,
-                  rng: random.Random = random) -> dict | None:
+def decode_single(
+    sample: dict, transform: ImageTransform, want: bool | None = None, rng: random.Random = random
+) -> dict | None:
     """One raw single-image sample -> tensors; None when it belongs to the other class's stream."""
     meta = decode_json(sample)
     problem = single_meta_problem(meta)
@@ -35,9 +37,14 @@ def decode_single(sample: dict, transform: ImageTransform, want: bool | None = N
     if not caption:
         raise SkipSample("empty_caption")
     out = transform(decode_image(sample, SINGLE_IMAGE_KEY), rng)
-    return {"pixel_values": out.pixels, "original_size": torch.tensor(out.original_size),
-            "crop_top_left": torch.tensor(out.crop_top_left), "caption": caption,
-            "desirable": bool(meta["label"]), "key": sample.get("__key__", "")}
+    return {
+        "pixel_values": out.pixels,
+        "original_size": torch.tensor(out.original_size),
+        "crop_top_left": torch.tensor(out.crop_top_left),
+        "caption": caption,
+        "desirable": bool(meta["label"]),
+        "key": sample.get("__key__", ""),
+    }
 
 
 def collate_singles(samples: list[dict]) -> dict:
@@ -56,42 +63,78 @@ class KTODataModule(StreamingDataModule):
     """Streams desirable and undesirable images, mixed with probability ``p_desirable``, DDP-safe.
 
     Args:
-        shards: single-image shards holding both classes (each class's stream reads them and keeps its own).
+        shards: single-image shards holding both classes
+            (each class's stream reads them and keeps its own).
         desirable_shards / undesirable_shards: or one shard set per class (read once each).
         p_desirable: probability that a sample is desirable (the paper: 0.8).
-        cached: the shards are a latent cache of single-image shards (``align data cache-latents``; see
-            ``PickAPicDataModule``).
+        cached: the shards are a latent cache of single-image shards (``align data cache-latents``;
+            see ``PickAPicDataModule``).
         Others as ``PickAPicDataModule``.
     """
 
-    def __init__(self, shards: str | list[str] | None = None, desirable_shards: str | list[str] | None = None,
-                 undesirable_shards: str | list[str] | None = None, p_desirable: float = 0.8,
-                 batch_size: int = 2, resolution: int = 512, crop: str = "random", flip_prob: float = 0.5,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
-                 val_shards: str | list[str] | None = None, val_batches: int | None = 8, seed: int = 0,
-                 cached: bool = False, global_batch_size: int | None = None):
+    def __init__(
+        self,
+        shards: str | list[str] | None = None,
+        desirable_shards: str | list[str] | None = None,
+        undesirable_shards: str | list[str] | None = None,
+        p_desirable: float = 0.8,
+        batch_size: int = 2,
+        resolution: int = 512,
+        crop: str = "random",
+        flip_prob: float = 0.5,
+        num_workers: int = 4,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_shards: str | list[str] | None = None,
+        val_batches: int | None = 8,
+        seed: int = 0,
+        cached: bool = False,
+        global_batch_size: int | None = None,
+    ):
         super().__init__()
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         if not 0.0 < p_desirable < 1.0:
             raise ValueError(f"p_desirable must be in (0, 1), got {p_desirable}")
         if shards is None and (desirable_shards is None or undesirable_shards is None):
-            raise ValueError("give `shards` (both classes) or both `desirable_shards` and `undesirable_shards`")
-        self.desirable_urls = expand_shards(desirable_shards if desirable_shards is not None else shards)
-        self.undesirable_urls = expand_shards(undesirable_shards if undesirable_shards is not None else shards)
+            raise ValueError(
+                "give `shards` (both classes) or both `desirable_shards` and `undesirable_shards`"
+            )
+        self.desirable_urls = expand_shards(
+            desirable_shards if desirable_shards is not None else shards
+        )
+        self.undesirable_urls = expand_shards(
+            undesirable_shards if undesirable_shards is not None else shards
+        )
         self.val_urls = expand_shards(val_shards) if val_shards else None
-        self.desirable_sizes, self.undesirable_sizes = (shard_sizes(self.desirable_urls),
-                                                        shard_sizes(self.undesirable_urls))
+        self.desirable_sizes, self.undesirable_sizes = (
+            shard_sizes(self.desirable_urls),
+            shard_sizes(self.undesirable_urls),
+        )
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
-        self.p_desirable, self.batch_size, self.num_workers, self.seed = p_desirable, batch_size, num_workers, seed
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = shuffle_buffer, batches_per_epoch, val_batches
+        self.p_desirable, self.batch_size, self.num_workers, self.seed = (
+            p_desirable,
+            batch_size,
+            num_workers,
+            seed,
+        )
+        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+        )
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_singles
         if cached:
             from align.data.cached import CachedShards
 
-            self.cache = CachedShards([self.desirable_urls, self.undesirable_urls, self.val_urls], ("single",),
-                                      resolution, flip_prob, crop)
+            self.cache = CachedShards(
+                [self.desirable_urls, self.undesirable_urls, self.val_urls],
+                ("single",),
+                resolution,
+                flip_prob,
+                crop,
+            )
             self.collate = self.cache.collate_singles
 
     def _decoder(self, transform: ImageTransform, want: bool | None = None):
@@ -99,30 +142,62 @@ class KTODataModule(StreamingDataModule):
             return self.cache.single_decoder(transform.flip_prob, want)
         return lambda sample, counter, rng: decode_single(sample, transform, want, rng)
 
-    def _stream(self, urls, sizes, decode, batch_size: int, shuffle: bool, seed: int, **kwargs) -> EpochStream:
-        return EpochStream(urls, sizes, decode, self.collate, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                           shuffle_buffer=self.shuffle_buffer if shuffle else 0, counter_factory=SkipCounter,
-                           **kwargs)
+    def _stream(
+        self, urls, sizes, decode, batch_size: int, shuffle: bool, seed: int, **kwargs
+    ) -> EpochStream:
+        return EpochStream(
+            urls,
+            sizes,
+            decode,
+            self.collate,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
+            counter_factory=SkipCounter,
+            **kwargs,
+        )
 
     def train_samples(self) -> tuple[int, bool]:
         urls = dict.fromkeys(self.desirable_urls + self.undesirable_urls)
         return sum(shard_sizes(list(urls))), True
 
     def train_dataloader(self):
-        classes = [(self.desirable_urls, self.desirable_sizes, True),
-                   (self.undesirable_urls, self.undesirable_sizes, False)]
-        sources = [self._stream(urls, sizes, self._decoder(self.train_transform, want), 1, True, self.seed + i)
-                   for i, (urls, sizes, want) in enumerate(classes)]
+        classes = [
+            (self.desirable_urls, self.desirable_sizes, True),
+            (self.undesirable_urls, self.undesirable_sizes, False),
+        ]
+        sources = [
+            self._stream(
+                urls, sizes, self._decoder(self.train_transform, want), 1, True, self.seed + i
+            )
+            for i, (urls, sizes, want) in enumerate(classes)
+        ]
         urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
         mix = MixedSegments(sources, [self.p_desirable, 1.0 - self.p_desirable], seed=self.seed)
-        stream = self._stream(urls, shard_sizes(urls), None, self.batch_size, True, self.seed,
-                              batches_per_epoch=self.batches_per_epoch,
-                              multiple_of=self.accumulation(), segment_samples=mix)
+        stream = self._stream(
+            urls,
+            shard_sizes(urls),
+            None,
+            self.batch_size,
+            True,
+            self.seed,
+            batches_per_epoch=self.batches_per_epoch,
+            multiple_of=self.accumulation(),
+            segment_samples=mix,
+        )
         return self.loader(stream, self.num_workers, train=True)
 
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        stream = self._stream(self.val_urls, self.val_sizes, self._decoder(self.val_transform), self.batch_size,
-                              False, self.seed, batches_per_epoch=self.val_batches)
+        stream = self._stream(
+            self.val_urls,
+            self.val_sizes,
+            self._decoder(self.val_transform),
+            self.batch_size,
+            False,
+            self.seed,
+            batches_per_epoch=self.val_batches,
+        )
         return self.loader(stream, min(self.num_workers, 1), train=False)

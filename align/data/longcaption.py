@@ -1,19 +1,20 @@
-"""Long-caption images for LongAlign's SFT: several shard sources (SAM, JourneyDB, COCO, a LLaVA subset, ...)
-mixed with configurable weights into batches of ``B`` images and their captions.
+"""Long-caption images for LongAlign's SFT: several shard sources (SAM, JourneyDB, COCO, a LLaVA
+subset, ...) mixed with configurable weights into batches of ``B`` images and their captions.
 
-Shards follow the long-caption schema (``align.data.schema``): ``jpg``, ``txt`` (the caption, UTF-8), ``json``
-(source metadata, not needed for training and not read). A sample without a ``txt`` member, or whose caption is
-empty or not UTF-8, is skipped and counted, as is one without a decodable ``jpg``; counters are per source
-(``train/skipped/<source>/missing_caption``).
+Shards follow the long-caption schema (``align.data.schema``): ``jpg``, ``txt`` (the caption,
+UTF-8), ``json`` (source metadata, not needed for training and not read). A sample without a ``txt``
+member, or whose caption is empty or not UTF-8, is skipped and counted, as is one without a
+decodable ``jpg``; counters are per source (``train/skipped/<source>/missing_caption``).
 
-Mixing: by default (no ``weight`` on any source) the sources are concatenated, as the official LongAlign code
-does: one shard set whose every sample is seen once per pass (``align.data.epochs``), each source in
-proportion to its size. With a ``weight`` on every source, each source is its own stream (every sample once
-per pass of that source) and every sample of a batch is drawn from source ``i`` with probability
-``weight_i / sum(weights)``, whatever the sizes; an epoch is then ``batches_per_epoch`` batches.
+Mixing: by default (no ``weight`` on any source) the sources are concatenated, as the official
+LongAlign code does: one shard set whose every sample is seen once per pass (``align.data.epochs``),
+each source in proportion to its size. With a ``weight`` on every source, each source is its own
+stream (every sample once per pass of that source) and every sample of a batch is drawn from source
+``i`` with probability ``weight_i / sum(weights)``, whatever the sizes; an epoch is then
+``batches_per_epoch`` batches.
 
-Images: resize the shorter side, crop (center by default) and, by default, no horizontal flip: long captions
-say "on the left" and "on the right", which a flip would make false.
+Images: resize the shorter side, crop (center by default) and, by default, no horizontal flip: long
+captions say "on the left" and "on the right", which a flip would make false.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ IMAGE_KEY, CAPTION_KEY = LONG_CAPTION_KEYS
 @dataclass
 class CaptionSource:
     """One long-caption source: ``shards`` (brace patterns, globs, directories or files), its mixing
-    ``weight`` (relative, >= 0; None: concatenate, each source by its size) and a ``name`` for its skip
-    counters (default: ``source<i>``)."""
+    ``weight`` (relative, >= 0; None: concatenate, each source by its size) and a ``name`` for its
+    skip counters (default: ``source<i>``)."""
 
     shards: str | list[str]
     weight: float | None = None
@@ -49,14 +50,21 @@ def read_caption(sample: dict, key: str = CAPTION_KEY) -> str:
     return decode_caption(sample.get(key))
 
 
-def decode_long_caption(sample: dict, transform: ImageTransform, source: str = "",
-                        rng: random.Random = random) -> dict:
-    """One raw long-caption sample -> an image tensor and its caption; raises SkipSample for unusable ones."""
+def decode_long_caption(
+    sample: dict, transform: ImageTransform, source: str = "", rng: random.Random = random
+) -> dict:
+    """One raw long-caption sample -> an image tensor and its caption;
+    raises SkipSample for unusable ones."""
     caption = read_caption(sample)
     aug = transform(decode_image(sample, IMAGE_KEY), rng)
-    return {"pixel_values": aug.pixels, "original_size": torch.tensor(aug.original_size),
-            "crop_top_left": torch.tensor(aug.crop_top_left), "caption": caption,
-            "key": sample.get("__key__", ""), "source": source}
+    return {
+        "pixel_values": aug.pixels,
+        "original_size": torch.tensor(aug.original_size),
+        "crop_top_left": torch.tensor(aug.crop_top_left),
+        "caption": caption,
+        "key": sample.get("__key__", ""),
+        "source": source,
+    }
 
 
 def collate_images(samples: list[dict]) -> dict:
@@ -73,9 +81,9 @@ def collate_images(samples: list[dict]) -> dict:
 
 
 def resolve_sources(sources: list[CaptionSource | dict] | str | None) -> list[CaptionSource]:
-    """Sources with names and expanded shard lists; a plain pattern string is one source named ``default``.
-    A pattern that matches nothing, a negative weight, all-zero weights or weights on some sources only fail
-    here, before training."""
+    """Sources with names and expanded shard lists; a plain pattern string is one source named
+    ``default``. A pattern that matches nothing, a negative weight, all-zero weights or weights on
+    some sources only fail here, before training."""
     if sources is None:
         return []
     if isinstance(sources, str):
@@ -85,16 +93,22 @@ def resolve_sources(sources: list[CaptionSource | dict] | str | None) -> list[Ca
         src = CaptionSource(**src) if isinstance(src, dict) else src
         if src.weight is not None and src.weight < 0:
             raise ValueError(f"source {src.name or i}: weight must be >= 0, got {src.weight}")
-        out.append(CaptionSource(shards=expand_shards(src.shards),
-                                 weight=None if src.weight is None else float(src.weight),
-                                 name=src.name or f"source{i}"))
+        out.append(
+            CaptionSource(
+                shards=expand_shards(src.shards),
+                weight=None if src.weight is None else float(src.weight),
+                name=src.name or f"source{i}",
+            )
+        )
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
     weighted = [s.weight is not None for s in out]
     if any(weighted) and not all(weighted):
-        raise ValueError(f"give a weight to every source or to none (none: concatenate them by size); weights: "
-                         f"{ {s.name: s.weight for s in out} }")
+        raise ValueError(
+            f"give a weight to every source or to none (none: concatenate them by size); weights: "
+            f"{ {s.name: s.weight for s in out} }"
+        )
     if all(weighted) and out and sum(s.weight for s in out) <= 0:
         raise ValueError("at least one source needs a weight > 0")
     return out
@@ -113,25 +127,39 @@ def source_decoder(decode, name: str):
 
 
 class LongCaptionDataModule(StreamingDataModule):
-    """Streams and mixes long-caption shard sources with webdataset; DDP-safe, equal epoch lengths per rank.
+    """Streams and mixes long-caption shard sources with webdataset; DDP-safe,
+    equal epoch lengths per rank.
 
     Args:
-        sources: ``[{shards: ..., weight: ..., name: ...}, ...]`` (see ``CaptionSource``) or one shard pattern.
+        sources: ``[{shards: ..., weight: ..., name: ...}, ...]``
+            (see ``CaptionSource``) or one shard pattern.
         val_sources: the same for validation (optional; mixed with their own weights).
         batch_size: images per micro-batch per GPU.
-        resolution: square training size in pixels. crop: ``center`` or ``random``. flip_prob: see the module doc.
-        batches_per_epoch: batches each rank yields per epoch; None: one pass over the concatenated sources (with
-            weights: as many samples as the sources hold).
-        cached: the sources are latent caches (``align data cache-latents`` on long-caption shards): batches
-            carry VAE moments and CLIP embeddings, and the module skips the VAE and text encoder (CLIP prompt
-            encoders only: the segment encoder encodes captions itself).
+        resolution: square training size in pixels. crop: ``center`` or ``random``. flip_prob:
+            see the module doc.
+        batches_per_epoch: batches each rank yields per epoch; None: one pass over the concatenated
+            sources (with weights: as many samples as the sources hold).
+        cached: the sources are latent caches (``align data cache-latents`` on long-caption shards):
+            batches carry VAE moments and CLIP embeddings, and the module skips the VAE and text
+            encoder (CLIP prompt encoders only: the segment encoder encodes captions itself).
     """
 
-    def __init__(self, sources: list[CaptionSource] | str, val_sources: list[CaptionSource] | str | None = None,
-                 batch_size: int = 4, resolution: int = 512, crop: str = "center", flip_prob: float = 0.0,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
-                 val_batches: int | None = 8, seed: int = 0, cached: bool = False,
-                 global_batch_size: int | None = None):
+    def __init__(
+        self,
+        sources: list[CaptionSource] | str,
+        val_sources: list[CaptionSource] | str | None = None,
+        batch_size: int = 4,
+        resolution: int = 512,
+        crop: str = "center",
+        flip_prob: float = 0.0,
+        num_workers: int = 4,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_batches: int | None = 8,
+        seed: int = 0,
+        cached: bool = False,
+        global_batch_size: int | None = None,
+    ):
         super().__init__()
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.sources = resolve_sources(sources)
@@ -139,27 +167,51 @@ class LongCaptionDataModule(StreamingDataModule):
             raise ValueError("LongCaptionDataModule needs at least one source")
         self.val_sources = resolve_sources(val_sources)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = shuffle_buffer, batches_per_epoch, val_batches
+        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+        )
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_images
         if cached:
             from align.data.cached import CachedShards
 
-            self.cache = CachedShards([s.shards for s in self.sources + self.val_sources], ("long",), resolution,
-                                      flip_prob, crop)
+            self.cache = CachedShards(
+                [s.shards for s in self.sources + self.val_sources],
+                ("long",),
+                resolution,
+                flip_prob,
+                crop,
+            )
             self.collate = self.cache.collate_singles
 
-    def _stream(self, sources: list[CaptionSource], transform: ImageTransform, train: bool) -> EpochStream:
+    def _stream(
+        self, sources: list[CaptionSource], transform: ImageTransform, train: bool
+    ) -> EpochStream:
         def decoder(name: str):
             if self.cache is not None:
-                return source_decoder(self.cache.single_decoder(transform.flip_prob, source=name), name)
-            return source_decoder(lambda sample, counter, rng: decode_long_caption(sample, transform, name, rng), name)
+                return source_decoder(
+                    self.cache.single_decoder(transform.flip_prob, source=name), name
+                )
+            return source_decoder(
+                lambda sample, counter, rng: decode_long_caption(sample, transform, name, rng), name
+            )
 
         def stream(urls, decode, batch_size, seed, **kwargs):
-            return EpochStream(urls, shard_sizes(urls), decode, self.collate, batch_size=batch_size, seed=seed,
-                               shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-                               counter_factory=SkipCounter, **kwargs)
+            return EpochStream(
+                urls,
+                shard_sizes(urls),
+                decode,
+                self.collate,
+                batch_size=batch_size,
+                seed=seed,
+                shuffle=train,
+                shuffle_buffer=self.shuffle_buffer if train else 0,
+                counter_factory=SkipCounter,
+                **kwargs,
+            )
 
         per_epoch = self.batches_per_epoch if train else self.val_batches
         multiple = self.accumulation() if train else 1
@@ -171,24 +223,45 @@ class LongCaptionDataModule(StreamingDataModule):
                 name = owner.get(sample.get("__url__"), "default")
                 return decoder(name)(sample, counter, rng)
 
-            return stream(urls, decode, self.batch_size, self.seed, batches_per_epoch=per_epoch,
-                          multiple_of=multiple)
+            return stream(
+                urls,
+                decode,
+                self.batch_size,
+                self.seed,
+                batches_per_epoch=per_epoch,
+                multiple_of=multiple,
+            )
         used = [(i, src) for i, src in enumerate(sources) if src.weight > 0]
         parts = [stream(src.shards, decoder(src.name), 1, self.seed + i) for i, src in used]
         mix = MixedSegments(parts, [src.weight for _, src in used], seed=self.seed)
-        return stream([u for _, src in used for u in src.shards], None, self.batch_size, self.seed,
-                      segment_samples=mix, multiple_of=multiple, batches_per_epoch=per_epoch)
+        return stream(
+            [u for _, src in used for u in src.shards],
+            None,
+            self.batch_size,
+            self.seed,
+            segment_samples=mix,
+            multiple_of=multiple,
+            batches_per_epoch=per_epoch,
+        )
 
     def train_samples(self) -> tuple[int, bool]:
         used = [src for src in self.sources if src.weight is None or src.weight > 0]
-        return sum(shard_sizes([u for src in used for u in src.shards])), self.sources[0].weight is not None
+        return sum(shard_sizes([u for src in used for u in src.shards])), self.sources[
+            0
+        ].weight is not None
 
     def train_dataloader(self):
-        return self.loader(self._stream(self.sources, self.train_transform, train=True), self.num_workers,
-                           train=True)
+        return self.loader(
+            self._stream(self.sources, self.train_transform, train=True),
+            self.num_workers,
+            train=True,
+        )
 
     def val_dataloader(self):
         if not self.val_sources:
             return []
-        return self.loader(self._stream(self.val_sources, self.val_transform, train=False),
-                           min(self.num_workers, 1), train=False)
+        return self.loader(
+            self._stream(self.val_sources, self.val_transform, train=False),
+            min(self.num_workers, 1),
+            train=False,
+        )

@@ -1,8 +1,10 @@
-"""Pick-a-Pic pairs for Diffusion-DPO: shards in the pair schema (``align.data.schema``) -> batches of
-``2B`` images, winners in rows ``[:B]`` and losers in rows ``[B:]``, as the DPO objective expects.
+"""Pick-a-Pic pairs for Diffusion-DPO: shards in the pair schema (``align.data.schema``) -> batches
+of ``2B`` images, winners in rows ``[:B]`` and losers in rows ``[B:]``,
+as the DPO objective expects.
 
-Official handling: ties (label_0 == 0.5) are dropped, the preferred image goes first, images are resized on
-the shorter side, cropped (center or random) and flipped. SDXL's original sizes and crop corners ride along.
+Official handling: ties (label_0 == 0.5) are dropped, the preferred image goes first, images are
+resized on the shorter side, cropped (center or random) and flipped. SDXL's original sizes and crop
+corners ride along.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from align.data.shard_module import ShardSetDataModule
 from align.data.transforms import ImageTransform, augment_pair
 
 
-def decode_pair(sample: dict, transform: ImageTransform, drop_ties: bool, joint_augment: bool,
-                rng: random.Random = random) -> dict | None:
+def decode_pair(
+    sample: dict,
+    transform: ImageTransform,
+    drop_ties: bool,
+    joint_augment: bool,
+    rng: random.Random = random,
+) -> dict | None:
     """One raw pair sample -> winner-first tensors; raises SkipSample for unusable samples."""
     caption, label_0 = read_pair_meta(decode_json(sample), drop_ties)
     first, second = (decode_image(sample, key) for key in PAIR_IMAGE_KEYS)
@@ -36,7 +43,8 @@ def decode_pair(sample: dict, transform: ImageTransform, drop_ties: bool, joint_
 
 
 def collate_pairs(samples: list[dict]) -> dict:
-    """Stack B pairs into 2B rows: all winners, then all losers (the order the objective relies on)."""
+    """Stack B pairs into 2B rows: all winners, then all losers
+    (the order the objective relies on)."""
 
     def winners_then_losers(key: str) -> torch.Tensor:
         stacked = torch.stack([s[key] for s in samples])  # (B, 2, ...)
@@ -54,7 +62,8 @@ def collate_pairs(samples: list[dict]) -> dict:
 
 
 class PickAPicDataModule(ShardSetDataModule):
-    """Streams Pick-a-Pic pair shards with webdataset, DDP-safe, with equal epoch lengths on every rank.
+    """Streams Pick-a-Pic pair shards with webdataset, DDP-safe,
+    with equal epoch lengths on every rank.
 
     Args:
         train_shards: brace patterns, globs, directories or files of pair shards.
@@ -64,20 +73,43 @@ class PickAPicDataModule(ShardSetDataModule):
         crop: ``center`` or ``random``. flip_prob: probability of a horizontal flip.
         joint_augment: a pair's two images share crop and flip.
         drop_ties: drop pairs labelled 0.5/0.5 (the official default).
-        batches_per_epoch: batches each rank yields per epoch; None (default): one pass over the shards, every
-            pair once across ranks and workers (``align.data.epochs``). val_batches: None reads the whole val set.
-        cached: the shards are a latent cache (``align data cache-latents``; ``align.data.cached``): batches
-            carry ``latent_moments`` and prompt embeddings instead of pixels, and the module skips the VAE and
-            text encoders. The crop is the cache's (center); ``flip_prob > 0`` needs a cache made with --flip.
+        batches_per_epoch: batches each rank yields per epoch; None (default): one pass over the
+            shards, every pair once across ranks and workers (``align.data.epochs``). val_batches:
+            None reads the whole val set.
+        cached: the shards are a latent cache (``align data cache-latents``; ``align.data.cached``):
+            batches carry ``latent_moments`` and prompt embeddings instead of pixels, and the module
+            skips the VAE and text encoders. The crop is the cache's (center); ``flip_prob > 0``
+            needs a cache made with --flip.
     """
 
-    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
-                 batch_size: int = 1, resolution: int = 512, crop: str = "random", flip_prob: float = 0.5,
-                 joint_augment: bool = True, drop_ties: bool = True, num_workers: int = 4,
-                 shuffle_buffer: int = 256, batches_per_epoch: int | None = None, val_batches: int | None = 8,
-                 seed: int = 0, cached: bool = False, global_batch_size: int | None = None):
-        super().__init__(train_shards, val_shards, batch_size, num_workers, shuffle_buffer, batches_per_epoch,
-                         val_batches, seed)
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 1,
+        resolution: int = 512,
+        crop: str = "random",
+        flip_prob: float = 0.5,
+        joint_augment: bool = True,
+        drop_ties: bool = True,
+        num_workers: int = 4,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_batches: int | None = 8,
+        seed: int = 0,
+        cached: bool = False,
+        global_batch_size: int | None = None,
+    ):
+        super().__init__(
+            train_shards,
+            val_shards,
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+            seed,
+        )
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.drop_ties, self.joint_augment = drop_ties, joint_augment
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
@@ -86,11 +118,15 @@ class PickAPicDataModule(ShardSetDataModule):
         if cached:
             from align.data.cached import CachedShards
 
-            self.cache = CachedShards([self.train_urls, self.val_urls], ("pair",), resolution, flip_prob, crop)
+            self.cache = CachedShards(
+                [self.train_urls, self.val_urls], ("pair",), resolution, flip_prob, crop
+            )
             self.collate = self.cache.collate_pairs
 
     def decoder(self, train: bool):
         transform = self.train_transform if train else self.val_transform
         if self.cache is not None:
             return self.cache.pair_decoder(transform.flip_prob, self.drop_ties, self.joint_augment)
-        return lambda sample, counter, rng: decode_pair(sample, transform, self.drop_ties, self.joint_augment, rng)
+        return lambda sample, counter, rng: decode_pair(
+            sample, transform, self.drop_ties, self.joint_augment, rng
+        )

@@ -1,8 +1,8 @@
-"""Webdataset plumbing shared by every data module: shard discovery and skip-and-count handling of bad
-samples. The data modules stream through ``align.data.epochs`` (every sample once per pass).
+"""Webdataset plumbing shared by every data module: shard discovery and skip-and-count handling of
+bad samples. The data modules stream through ``align.data.epochs`` (every sample once per pass).
 
-Every decoded sample carries the count of samples skipped (by reason) since the previous one (``SKIPPED``),
-so the module can log ``train/skipped/<reason>``.
+Every decoded sample carries the count of samples skipped (by reason) since the previous one
+(``SKIPPED``), so the module can log ``train/skipped/<reason>``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import braceexpand
 log = logging.getLogger(__name__)
 
 SKIPPED = "__skipped__"
-FILTERED = frozenset({"tie"})  # skipped by choice, not because the data is bad: logged at debug level
+# skipped by choice, not because the data is bad: logged at debug level
+FILTERED = frozenset({"tie"})
 
 
 class SkipSample(Exception):
-    """Raised by a decode function for a sample that cannot be used; ``reason`` names a skip counter."""
+    """Raised by a decode function for a sample that cannot be used;
+    ``reason`` names a skip counter."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -30,10 +32,11 @@ class SkipSample(Exception):
 
 
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Every shard named by brace patterns (``a-{000..009}.tar``), globs or plain paths, in a stable order.
+    """Every shard named by brace patterns (``a-{000..009}.tar``), globs or plain paths,
+    in a stable order.
 
-    A pattern that matches no file, or a brace pattern naming files of which some do not exist, is an error
-    naming them: found at start, not mid-run.
+    A pattern that matches no file, or a brace pattern naming files of which some do not exist, is
+    an error naming them: found at start, not mid-run.
     """
     if isinstance(patterns, (str, Path)):
         patterns = [str(patterns)]
@@ -53,8 +56,10 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
             raise FileNotFoundError(f"no shards match {pattern!r}")
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise FileNotFoundError(f"{len(missing)} of {len(matched) + len(missing)} shards named by {pattern!r} "
-                                    f"do not exist: {shown}")
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(matched) + len(missing)} shards named by {pattern!r} "
+                f"do not exist: {shown}"
+            )
         shards.extend(matched)
     return list(dict.fromkeys(shards))
 
@@ -62,8 +67,9 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
 class SkipCounter:
     """Counts skipped samples in one worker; ``flush`` hands the counts to the next emitted sample.
 
-    Logs the first ``LOGGED`` skips of each reason one by one, then only at 100, 1000, ... of that reason: the
-    counts reach the training log anyway, and a bad shard set must not write a line per sample.
+    Logs the first ``LOGGED`` skips of each reason one by one, then only at 100, 1000, ... of that
+    reason: the counts reach the training log anyway,
+    and a bad shard set must not write a line per sample.
     """
 
     LOGGED = 10
@@ -80,10 +86,17 @@ class SkipCounter:
         if n <= self.LOGGED:
             log.log(level, "skipped a sample (%s) %s", reason, detail)
         elif n >= 100 and str(n).strip("0") == "1":
-            log.log(level, "skipped %d samples (%s) so far in this worker; latest: %s", n, reason, detail)
+            log.log(
+                level,
+                "skipped %d samples (%s) so far in this worker; latest: %s",
+                n,
+                reason,
+                detail,
+            )
 
     def handler(self, exn: Exception) -> bool:
-        """A webdataset handler: a shard or member that cannot be read is counted and passed over."""
+        """A webdataset handler: a shard or member that cannot be read is counted and passed
+        over."""
         self.skip("unreadable_shard", repr(exn))
         return True
 

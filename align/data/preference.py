@@ -1,21 +1,24 @@
 """Pick-a-Pic pairs for training a (segment-level) preference model such as Denscore.
 
-Pair shards (``align.data.schema``: ``jpg_0.jpg``, ``jpg_1.jpg``, ``json`` with ``caption``, ``label_0``,
-``label_1``) -> batches of B pairs: ``pixel_values`` (2B, 3, S, S) with every pair's *first* image in rows [:B]
-and its second in rows [B:] (no winner-first reordering: the labels say who won), ``label_0`` / ``label_1``
-(B,), ``caption`` (B). Ties (0.5 / 0.5) are kept by default: PickScore's objective trains on them.
+Pair shards (``align.data.schema``: ``jpg_0.jpg``, ``jpg_1.jpg``, ``json`` with ``caption``,
+``label_0``, ``label_1``) -> batches of B pairs: ``pixel_values`` (2B, 3, S, S) with every pair's
+*first* image in rows [:B] and its second in rows [B:] (no winner-first reordering: the labels say
+who won), ``label_0`` / ``label_1`` (B,), ``caption`` (B). Ties (0.5 / 0.5) are kept by default:
+PickScore's objective trains on them.
 
-Images get CLIP's preprocessing (``align.rewards.base.openai_clip_transform``: bicubic resize of the shorter side,
-center crop, the CLIP mean and std), the same as the reward registry applies when scoring.
-"Pairs whose captions are long": ``min_segments`` drops pairs whose caption has fewer segments than that
-(official splitter), counted as ``train/skipped/short_caption``; a caption with no segment at all is
-``no_segments``.
+Images get CLIP's preprocessing (``align.rewards.base.openai_clip_transform``: bicubic resize of the
+shorter side, center crop, the CLIP mean and std), the same as the reward registry applies when
+scoring. "Pairs whose captions are long": ``min_segments`` drops pairs whose caption has fewer
+segments than that (official splitter), counted as ``train/skipped/short_caption``; a caption with
+no segment at all is ``no_segments``.
 
-Synthetic long-caption pairs for the embedded default and tests (:func:`write_synthetic_long_pairs`): a scene of
-``align.data.synthetic_long`` with its long caption; the preferred image is the scene, the other the same scene
-with one shape recoloured or reshaped, so only the sentence about that shape tells the two apart.
+Synthetic long-caption pairs for the embedded default and tests
+(:func:`write_synthetic_long_pairs`): a scene of ``align.data.synthetic_long`` with its long
+caption; the preferred image is the scene, the other the same scene with one shape recoloured or
+reshaped, so only the sentence about that shape tells the two apart.
 
-    align data synthetic longpairs --out data/synthetic/longpairs [--samples 256 --shards 4 --resolution 64]
+    align data synthetic longpairs --out data/synthetic/longpairs
+                                   [--samples 256 --shards 4 --resolution 64]
 """
 
 from __future__ import annotations
@@ -34,12 +37,26 @@ from align.data.shard_module import ShardSetDataModule
 
 
 def clip_transform(image_size: int = 224, mean=None, std=None):
-    from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, CenterCrop, ToTensor
+    from torchvision.transforms import (
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+        CenterCrop,
+        ToTensor,
+    )
 
     from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
-    return Compose([Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size), to_rgb,
-                    ToTensor(), Normalize(list(mean or OPENAI_CLIP_MEAN), list(std or OPENAI_CLIP_STD))])
+    return Compose(
+        [
+            Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(image_size),
+            to_rgb,
+            ToTensor(),
+            Normalize(list(mean or OPENAI_CLIP_MEAN), list(std or OPENAI_CLIP_STD)),
+        ]
+    )
 
 
 def segment_count(caption: str) -> int:
@@ -50,8 +67,11 @@ def segment_count(caption: str) -> int:
     return len(split_prompts([caption], official_split)[0])
 
 
-def decode_preference_pair(sample: dict, transform, drop_ties: bool = False, min_segments: int = 1) -> dict:
-    """One raw pair sample -> both images (in shard order), the caption and the labels; SkipSample otherwise."""
+def decode_preference_pair(
+    sample: dict, transform, drop_ties: bool = False, min_segments: int = 1
+) -> dict:
+    """One raw pair sample -> both images (in shard order), the caption and the labels;
+    SkipSample otherwise."""
     caption, label_0 = read_pair_meta(decode_json(sample), drop_ties)
     label_1 = 1.0 - label_0  # the schema check guarantees label_0 + label_1 == 1
     n = segment_count(caption)
@@ -60,8 +80,13 @@ def decode_preference_pair(sample: dict, transform, drop_ties: bool = False, min
     if n < min_segments:
         raise SkipSample("short_caption")
     first, second = (decode_image(sample, key) for key in PAIR_IMAGE_KEYS)
-    return {"pixel_values": torch.stack([transform(first), transform(second)]), "caption": caption,
-            "label_0": label_0, "label_1": label_1, "key": sample.get("__key__", "")}
+    return {
+        "pixel_values": torch.stack([transform(first), transform(second)]),
+        "caption": caption,
+        "label_0": label_0,
+        "label_1": label_1,
+        "key": sample.get("__key__", ""),
+    }
 
 
 def collate_preference_pairs(samples: list[dict]) -> dict:
@@ -82,30 +107,52 @@ class PreferencePairDataModule(ShardSetDataModule):
     Args:
         train_shards / val_shards: brace patterns, globs, directories or files of pair shards.
         batch_size: pairs per micro-batch per GPU (the image tower sees 2 x batch_size images).
-        image_size: the CLIP input size (224 for CLIP-H and the tiny CLIP); ``image_mean`` / ``image_std``:
-            the CLIP normalisation (default: OpenAI CLIP's, which laion's CLIP-H uses too).
+        image_size: the CLIP input size (224 for CLIP-H and the tiny CLIP); ``image_mean`` /
+            ``image_std``: the CLIP normalisation (default: OpenAI CLIP's, which laion's CLIP-H uses
+            too).
         min_segments: keep pairs whose caption has at least this many segments ("long captions").
         drop_ties: drop 0.5 / 0.5 pairs (default False: PickScore trains on ties).
     """
 
-    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
-                 batch_size: int = 8, image_size: int = 224, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None, min_segments: int = 1, drop_ties: bool = False,
-                 num_workers: int = 4, shuffle_buffer: int = 256, batches_per_epoch: int | None = None,
-                 val_batches: int | None = 8, seed: int = 0, global_batch_size: int | None = None):
-        super().__init__(train_shards, val_shards, batch_size, num_workers, shuffle_buffer, batches_per_epoch,
-                         val_batches, seed)
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 8,
+        image_size: int = 224,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        min_segments: int = 1,
+        drop_ties: bool = False,
+        num_workers: int = 4,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_batches: int | None = 8,
+        seed: int = 0,
+        global_batch_size: int | None = None,
+    ):
+        super().__init__(
+            train_shards,
+            val_shards,
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+            seed,
+        )
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.collate = collate_preference_pairs
         self.image_size, self.min_segments, self.drop_ties = image_size, min_segments, drop_ties
         self.transform = clip_transform(image_size, image_mean, image_std)
 
     def decoder(self, train: bool):
-        return lambda sample, counter, rng: decode_preference_pair(sample, self.transform, self.drop_ties,
-                                                              self.min_segments)
+        return lambda sample, counter, rng: decode_preference_pair(
+            sample, self.transform, self.drop_ties, self.min_segments
+        )
 
 
-# ---- synthetic long-caption pairs ------------------------------------------------------------------------------
+# ---- synthetic long-caption pairs ----------------------------------------------------------------
 def _perturb(scene: dict, rng: random.Random) -> dict:
     """The scene with one shape recoloured or reshaped (to a (colour, shape) no other shape has)."""
     from align.data.synthetic import COLORS, SHAPES
@@ -122,8 +169,11 @@ def _perturb(scene: dict, rng: random.Random) -> dict:
     return other
 
 
-def synthetic_long_pair(index: int, size: int, rng: random.Random, tie_fraction: float = 0.05) -> dict:
-    """One pair sample with a long caption (see the module doc); winner position and ties drawn at random."""
+def synthetic_long_pair(
+    index: int, size: int, rng: random.Random, tie_fraction: float = 0.05
+) -> dict:
+    """One pair sample with a long caption (see the module doc);
+    winner position and ties drawn at random."""
     from align.data.synthetic import jpeg_bytes
     from align.data.synthetic_long import render_scene, scene_caption, synthetic_scene
 
@@ -134,17 +184,42 @@ def synthetic_long_pair(index: int, size: int, rng: random.Random, tie_fraction:
     good_first = rng.random() < 0.5
     label_0 = 0.5 if tie else (1.0 if good_first else 0.0)
     first, second = (good, bad) if good_first else (bad, good)
-    meta = {"caption": caption, "label_0": label_0, "label_1": 1.0 - label_0,
-            "image_0_uid": f"synth-long-{index:07d}-0", "image_1_uid": f"synth-long-{index:07d}-1",
-            "model_0": "synthetic", "model_1": "synthetic", "ranking_id": index, "user_id": index % 97}
-    return {"__key__": f"{index:09d}", "jpg_0.jpg": jpeg_bytes(first), "jpg_1.jpg": jpeg_bytes(second),
-            "json": json.dumps(meta).encode()}
+    meta = {
+        "caption": caption,
+        "label_0": label_0,
+        "label_1": 1.0 - label_0,
+        "image_0_uid": f"synth-long-{index:07d}-0",
+        "image_1_uid": f"synth-long-{index:07d}-1",
+        "model_0": "synthetic",
+        "model_1": "synthetic",
+        "ranking_id": index,
+        "user_id": index % 97,
+    }
+    return {
+        "__key__": f"{index:09d}",
+        "jpg_0.jpg": jpeg_bytes(first),
+        "jpg_1.jpg": jpeg_bytes(second),
+        "json": json.dumps(meta).encode(),
+    }
 
 
-def write_synthetic_long_pairs(out_dir: str | Path, samples: int = 256, shards: int = 4, resolution: int = 64,
-                               seed: int = 0, tie_fraction: float = 0.05) -> list[Path]:
-    """Write ``samples`` long-caption pairs into ``shards`` tars ``longpairs-000000.tar`` ...; returns them."""
+def write_synthetic_long_pairs(
+    out_dir: str | Path,
+    samples: int = 256,
+    shards: int = 4,
+    resolution: int = 64,
+    seed: int = 0,
+    tie_fraction: float = 0.05,
+) -> list[Path]:
+    """Write ``samples`` long-caption pairs into ``shards`` tars ``longpairs-000000.tar`` ...;
+    returns them."""
     from align.data.synthetic import _write_shards
 
-    return _write_shards(out_dir, "longpairs", samples, shards,
-                         lambda i, rng: synthetic_long_pair(i, resolution, rng, tie_fraction), seed)
+    return _write_shards(
+        out_dir,
+        "longpairs",
+        samples,
+        shards,
+        lambda i, rng: synthetic_long_pair(i, resolution, rng, tie_fraction),
+        seed,
+    )

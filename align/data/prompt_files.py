@@ -1,13 +1,16 @@
 """Prompt sets from a local file: ``.txt``, ``.jsonl``, ``.csv`` / ``.tsv`` and ``.parquet``.
 
 * txt: one prompt per line (blank lines skipped).
-* jsonl: one object per line with a ``prompt`` (or ``caption`` / ``text``) field, or a bare JSON string.
-* csv / tsv: the ``Prompt`` column (PartiPrompts' ``PartiPrompts.tsv``), else ``prompt`` / ``caption`` / ``text``.
-* parquet: the ``caption`` column (Pick-a-Pic), else ``prompt`` / ``text``; de-duplicated by default, keeping
-  first occurrences in order, which is how Pick-a-Pic's ``test_unique`` split is made from ``test``.
+* jsonl: one object per line with a ``prompt`` (or ``caption`` / ``text``) field,
+  or a bare JSON string.
+* csv / tsv: the ``Prompt`` column (PartiPrompts' ``PartiPrompts.tsv``),
+  else ``prompt`` / ``caption`` / ``text``.
+* parquet: the ``caption`` column (Pick-a-Pic), else ``prompt`` / ``text``; de-duplicated by
+  default, keeping first occurrences in order, which is how Pick-a-Pic's ``test_unique`` split is
+  made from ``test``.
 
-``column=`` picks another column or field; ``dedupe=`` forces de-duplication on or off. An empty set (after
-dropping empty prompts) is an error, raised before anything is loaded onto a device.
+``column=`` picks another column or field; ``dedupe=`` forces de-duplication on or off. An empty set
+(after dropping empty prompts) is an error, raised before anything is loaded onto a device.
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ class PromptSetError(ValueError):
     """A prompt set that cannot be used (missing, empty, no prompt column)."""
 
 
-def _pick_column(available: list[str], column: str | None, candidates: tuple[str, ...], path: Path) -> str:
+def _pick_column(
+    available: list[str], column: str | None, candidates: tuple[str, ...], path: Path
+) -> str:
     if column is not None:
         if column not in available:
-            raise PromptSetError(f"prompt set {path}: no column {column!r} (columns: {', '.join(available)})")
+            raise PromptSetError(
+                f"prompt set {path}: no column {column!r} (columns: {', '.join(available)})"
+            )
         return column
     for name in candidates:
         if name in available:
             return name
-    raise PromptSetError(f"prompt set {path}: no prompt column among {', '.join(available)} "
-                         f"(expected one of {', '.join(candidates)}; pass --prompt-column)")
+    raise PromptSetError(
+        f"prompt set {path}: no prompt column among {', '.join(available)} "
+        f"(expected one of {', '.join(candidates)}; pass --prompt-column)"
+    )
 
 
 def _read_jsonl(path: Path, column: str | None) -> list[str]:
@@ -49,7 +58,9 @@ def _read_jsonl(path: Path, column: str | None) -> list[str]:
             prompts.append(row)
             continue
         if not isinstance(row, dict):
-            raise PromptSetError(f"prompt set {path}, line {lineno}: expected an object or a string")
+            raise PromptSetError(
+                f"prompt set {path}, line {lineno}: expected an object or a string"
+            )
         key = _pick_column(list(row), column, CANDIDATE_COLUMNS, path)
         prompts.append(str(row[key]))
     return prompts
@@ -69,11 +80,18 @@ def _read_parquet(path: Path, column: str | None) -> list[str]:
     names = pq.ParquetFile(path).schema_arrow.names
     key = _pick_column(names, column, PARQUET_COLUMNS, path)
     # read only the prompt column: Pick-a-Pic's parquet files also hold the image bytes
-    return [str(v) if v is not None else "" for v in pq.read_table(path, columns=[key]).column(key).to_pylist()]
+    return [
+        str(v) if v is not None else ""
+        for v in pq.read_table(path, columns=[key]).column(key).to_pylist()
+    ]
 
 
-def read_prompts(path: str | Path, column: str | None = None, dedupe: bool | None = None,
-                 limit: int | None = None) -> list[str]:
+def read_prompts(
+    path: str | Path,
+    column: str | None = None,
+    dedupe: bool | None = None,
+    limit: int | None = None,
+) -> list[str]:
     """The prompts of a local prompt-set file, in file order (see the module doc for formats)."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -88,7 +106,9 @@ def read_prompts(path: str | Path, column: str | None = None, dedupe: bool | Non
     elif suffix == ".parquet":
         prompts = _read_parquet(path, column)
     else:
-        raise PromptSetError(f"prompt set {path}: unknown format {suffix!r} (txt, jsonl, csv, tsv, parquet)")
+        raise PromptSetError(
+            f"prompt set {path}: unknown format {suffix!r} (txt, jsonl, csv, tsv, parquet)"
+        )
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if dedupe if dedupe is not None else suffix == ".parquet":
         prompts = list(dict.fromkeys(prompts))

@@ -1,17 +1,20 @@
-"""Prompts only (reward fine-tuning samples its own images): prompt-set files or long-caption shards.
+"""Prompts only (reward fine-tuning samples its own images):
+prompt-set files or long-caption shards.
 
 Sources, one or several (``prompts: [a.txt, data/longcaption]``):
 
-* a prompt-set file: ``.txt`` (one per line), ``.jsonl`` (``prompt`` / ``caption`` / ``text``), ``.csv`` /
-  ``.tsv``, ``.parquet`` (read by ``align.data.prompt_files.read_prompts``);
-* shards (a ``.tar``, a directory of them, a brace pattern or a glob): the ``txt`` member of long-caption
-  shards, or the ``caption`` of pair / single-image shards' ``json``. Images are never decoded.
+* a prompt-set file: ``.txt`` (one per line), ``.jsonl`` (``prompt`` / ``caption`` / ``text``),
+  ``.csv`` / ``.tsv``, ``.parquet`` (read by ``align.data.prompt_files.read_prompts``);
+* shards (a ``.tar``, a directory of them, a brace pattern or a glob): the ``txt`` member of
+  long-caption shards, or the ``caption`` of pair / single-image shards' ``json``. Images are never
+  decoded.
 
-A prompt with no segment (``align.rewards.segments.has_segments`` with the official splitter: nothing with a
-letter or a digit) is skipped and counted (``train/skipped/no_segments``), never trained on. Prompt files are
-read once at start (a missing path fails before training, naming it); shards are counted from their manifests.
-Both stream as data epochs (``align.data.epochs``): every prompt once per pass across ranks and workers, a new
-order each pass, resumable mid-epoch; an epoch is one pass unless ``batches_per_epoch`` says otherwise.
+A prompt with no segment (``align.rewards.segments.has_segments`` with the official splitter:
+nothing with a letter or a digit) is skipped and counted (``train/skipped/no_segments``), never
+trained on. Prompt files are read once at start (a missing path fails before training, naming it);
+shards are counted from their manifests. Both stream as data epochs (``align.data.epochs``): every
+prompt once per pass across ranks and workers, a new order each pass, resumable mid-epoch; an epoch
+is one pass unless ``batches_per_epoch`` says otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def is_prompt_file(source: str | Path) -> bool:
 
 
 def caption_of(sample: dict) -> str:
-    """The prompt of a raw shard sample: its ``txt`` member, else its ``json`` caption; SkipSample otherwise."""
+    """The prompt of a raw shard sample: its ``txt`` member, else its ``json`` caption;
+    SkipSample otherwise."""
     raw = sample.get("txt")
     if raw is None and sample.get("json") is not None:
         meta = decode_json(sample)
@@ -54,8 +58,8 @@ def caption_of(sample: dict) -> str:
 
 
 def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list[str]:
-    """Every prompt of ``sources`` (files and shards, see the module doc), in order; prompts without segments
-    are dropped. A source that names nothing raises FileNotFoundError naming it."""
+    """Every prompt of ``sources`` (files and shards, see the module doc), in order; prompts without
+    segments are dropped. A source that names nothing raises FileNotFoundError naming it."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     out: list[str] = []
     for source in sources:
@@ -63,7 +67,9 @@ def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list
             out.extend(p for p in read_prompt_file(source) if _official_has_segments(p))
         else:
             for url in expand_shards(str(source)):
-                for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                for sample in wds.DataPipeline(
+                    wds.SimpleShardList([url]), wds.tarfile_to_samples()
+                ):
                     try:
                         out.append(caption_of(sample))
                     except SkipSample:
@@ -76,8 +82,11 @@ def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list
 
 
 def collate_prompts(samples: list[dict]) -> dict:
-    return {"caption": [s["caption"] for s in samples], "key": [s.get("key", "") for s in samples],
-            "skipped": merge_skips(samples)}
+    return {
+        "caption": [s["caption"] for s in samples],
+        "key": [s.get("key", "") for s in samples],
+        "skipped": merge_skips(samples),
+    }
 
 
 def _decode_prompt(sample: dict, counter, rng) -> dict:
@@ -89,7 +98,8 @@ class PromptDataModule(StreamingDataModule):
 
     Args:
         prompts: a source or a list of sources (prompt-set files and/or shards; see the module doc).
-            All files are read at start; shards are streamed. Files and shards may not be mixed in one list.
+            All files are read at start; shards are streamed. Files and shards may not be mixed in
+            one list.
         val_prompts: the same for validation (optional).
         batch_size: prompts per micro-batch per GPU.
         limit: use at most this many prompts of a file source (None: all).
@@ -97,10 +107,20 @@ class PromptDataModule(StreamingDataModule):
         val_batches: batches each rank reads per validation (None: every validation prompt).
     """
 
-    def __init__(self, prompts: str | list[str], val_prompts: str | list[str] | None = None, batch_size: int = 4,
-                 num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
-                 batches_per_epoch: int | None = None, val_batches: int | None = 2, limit: int | None = None,
-                 seed: int = 0, global_batch_size: int | None = None):
+    def __init__(
+        self,
+        prompts: str | list[str],
+        val_prompts: str | list[str] | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_batches: int | None = 2,
+        limit: int | None = None,
+        seed: int = 0,
+        global_batch_size: int | None = None,
+    ):
         super().__init__()
         self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -110,22 +130,29 @@ class PromptDataModule(StreamingDataModule):
         self.val = self._resolve(val_prompts) if val_prompts else None
 
     def _resolve(self, sources) -> tuple[list[str], list[int], list[list[dict]] | None]:
-        """(shard urls, their sizes, None) or (file names, their sizes, their raw samples: every line,
-        checked for segments when decoded)."""
+        """(shard urls, their sizes, None) or (file names, their sizes, their raw samples: every
+        line, checked for segments when decoded)."""
         sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
         files = [is_prompt_file(s) for s in sources]
         if any(files) and not all(files):
             raise ValueError("prompt sources mix files and shards; give one kind")
         if all(files):
-            items = [[{"__key__": str(i), "__url__": str(s), "txt": p}
-                      for i, p in enumerate(read_prompt_file(s))] for s in sources]
+            items = [
+                [
+                    {"__key__": str(i), "__url__": str(s), "txt": p}
+                    for i, p in enumerate(read_prompt_file(s))
+                ]
+                for s in sources
+            ]
             if self.limit is not None:
                 items = [part[: self.limit] for part in items]
             if not any(_official_has_segments(x["txt"]) for part in items for x in part):
                 raise ValueError(f"no prompt with segments in {', '.join(map(str, sources))}")
             return [str(s) for s in sources], [len(part) for part in items], items
         for s in sources:  # a suffix we read but a file that does not exist: name it now
-            if Path(str(s)).suffix.lower() in PROMPT_FILE_SUFFIXES and not any(c in str(s) for c in "*?{"):
+            if Path(str(s)).suffix.lower() in PROMPT_FILE_SUFFIXES and not any(
+                c in str(s) for c in "*?{"
+            ):
                 raise FileNotFoundError(f"prompt set {s} does not exist")
         urls = [u for s in sources for u in expand_shards(str(s))]
         return urls, shard_sizes(urls), None
@@ -133,10 +160,15 @@ class PromptDataModule(StreamingDataModule):
     def _stream(self, spec, train: bool) -> EpochStream:
         names, sizes, items = spec
         shuffle = train and self.shuffle
-        kwargs = dict(batch_size=self.batch_size, seed=self.seed, shuffle=shuffle,
-                      shuffle_buffer=self.shuffle_buffer if shuffle else 0, counter_factory=SkipCounter,
-                      batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
-                      multiple_of=self.accumulation() if train else 1)
+        kwargs = dict(
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
+            counter_factory=SkipCounter,
+            batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
+            multiple_of=self.accumulation() if train else 1,
+        )
         if items is not None:
             return ListStream(names, items, _decode_prompt, collate_prompts, **kwargs)
         return EpochStream(names, sizes, _decode_prompt, collate_prompts, **kwargs)
@@ -150,4 +182,6 @@ class PromptDataModule(StreamingDataModule):
     def val_dataloader(self):
         if not self.val:
             return []
-        return self.loader(self._stream(self.val, train=False), min(self.num_workers, 1), train=False)
+        return self.loader(
+            self._stream(self.val, train=False), min(self.num_workers, 1), train=False
+        )

@@ -1,12 +1,14 @@
 """The shard schemas every converter writes and every data module reads (webdataset tar members).
 
-A sample is the group of tar members sharing a key; the member name after the key's first dot is its field.
+A sample is the group of tar members sharing a key;
+the member name after the key's first dot is its field.
 
-* Pair shards (Pick-a-Pic, and AI-relabelled copies): ``jpg_0.jpg``, ``jpg_1.jpg``, ``json`` with at least
-  ``caption``, ``label_0``, ``label_1`` (each in {0, 0.5, 1}); the Pick-a-Pic uids and model names ride along
-  when present (``image_0_uid``, ``image_1_uid``, ``model_0``, ``model_1``, ``ranking_id``, ``user_id``).
-* Single-image shards (KTO): ``jpg``, ``json`` with ``caption``, ``label`` (true = desirable), ``image_uid``,
-  ``wins``, ``losses``.
+* Pair shards (Pick-a-Pic, and AI-relabelled copies): ``jpg_0.jpg``, ``jpg_1.jpg``, ``json`` with at
+  least ``caption``, ``label_0``, ``label_1`` (each in {0, 0.5, 1}); the Pick-a-Pic uids and model
+  names ride along when present (``image_0_uid``, ``image_1_uid``, ``model_0``, ``model_1``,
+  ``ranking_id``, ``user_id``).
+* Single-image shards (KTO): ``jpg``, ``json`` with ``caption``, ``label`` (true = desirable),
+  ``image_uid``, ``wins``, ``losses``.
 * Long-caption shards (LongAlign SFT): ``jpg``, ``txt`` (the caption), ``json`` (source metadata).
 """
 
@@ -14,8 +16,15 @@ from __future__ import annotations
 
 PAIR_IMAGE_KEYS = ("jpg_0.jpg", "jpg_1.jpg")
 PAIR_REQUIRED_META = ("caption", "label_0", "label_1")
-PAIR_OPTIONAL_META = ("image_0_uid", "image_1_uid", "model_0", "model_1", "ranking_id", "user_id",
-                      "best_image_uid")
+PAIR_OPTIONAL_META = (
+    "image_0_uid",
+    "image_1_uid",
+    "model_0",
+    "model_1",
+    "ranking_id",
+    "user_id",
+    "best_image_uid",
+)
 VALID_LABELS = (0.0, 0.5, 1.0)
 
 SINGLE_IMAGE_KEY = "jpg"
@@ -25,7 +34,8 @@ LONG_CAPTION_KEYS = ("jpg", "txt")
 
 
 def pair_meta_problem(meta: object) -> str | None:
-    """Why a pair sample's json is unusable (a short reason used as a skip counter name), or None."""
+    """Why a pair sample's json is unusable (a short reason used as a skip counter name),
+    or None."""
     if not isinstance(meta, dict):
         return "json_not_object"
     for key in PAIR_REQUIRED_META:

@@ -1,4 +1,5 @@
-"""The LightningDataModule shape shared by every data module that reads one train and one val shard set."""
+"""The LightningDataModule shape shared by every data module that reads one train and one val shard
+set."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from align.data.pipeline import SkipCounter, expand_shards
 
 
 class StreamingDataModule(L.LightningDataModule):
-    """What every streaming data module shares: the accumulation window its epochs are made of, and the
-    training progress its stateful loaders save (see ``align.data.epochs``)."""
+    """What every streaming data module shares: the accumulation window its epochs are made of, and
+    the training progress its stateful loaders save (see ``align.data.epochs``)."""
 
     def accumulation(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -19,43 +20,69 @@ class StreamingDataModule(L.LightningDataModule):
     def consumed_batches(self) -> int | None:
         """Batches the training loop has processed in the current epoch (None outside a Trainer)."""
         trainer = getattr(self, "trainer", None)
-        return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return (
+            None
+            if trainer is None
+            else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        )
 
     def train_samples(self) -> tuple[int, bool]:
         """(samples in the training set, whether its stream mixes sources by weight)."""
         raise NotImplementedError  # abstract: each data module knows its sources
 
     def epoch_plan(self, world: int, accumulation: int) -> tuple[int, int]:
-        """(training samples, batches per rank per epoch) on ``world`` ranks: what ``align plan`` prints."""
+        """(training samples, batches per rank per epoch) on ``world`` ranks:
+        what ``align plan`` prints."""
         total, mixed = self.train_samples()
-        return total, epoch_batches(total, world=world, workers=self.num_workers, batch_size=self.batch_size,
-                                    multiple_of=accumulation, batches_per_epoch=self.batches_per_epoch,
-                                    mixed=mixed)
+        return total, epoch_batches(
+            total,
+            world=world,
+            workers=self.num_workers,
+            batch_size=self.batch_size,
+            multiple_of=accumulation,
+            batches_per_epoch=self.batches_per_epoch,
+            mixed=mixed,
+        )
 
     def loader(self, stream: EpochStream, num_workers: int, train: bool) -> EpochLoader:
-        return EpochLoader(stream, num_workers, consumed=self.consumed_batches if train else None, advance=train)
+        return EpochLoader(
+            stream, num_workers, consumed=self.consumed_batches if train else None, advance=train
+        )
 
 
 class ShardSetDataModule(StreamingDataModule):
-    """Train and val shard sets streamed as data epochs: every sample once per pass across ranks and workers,
-    a new order each pass, equal batch counts on every rank, resumable mid-epoch.
+    """Train and val shard sets streamed as data epochs: every sample once per pass across ranks and
+    workers, a new order each pass, equal batch counts on every rank, resumable mid-epoch.
 
-    A subclass sets ``self.collate`` and implements ``decoder(train)``: ``decode(sample, counter, rng)``, how one
-    raw sample becomes tensors (``rng``: seeded per sample, for augmentation). Shard patterns are expanded and
-    counted here, so a pattern that matches nothing fails when the module is built.
-    ``batches_per_epoch`` (None: one pass over the shards) and ``val_batches`` (None: the whole val set).
+    A subclass sets ``self.collate`` and implements ``decoder(train)``:
+    ``decode(sample, counter, rng)``, how one raw sample becomes tensors (``rng``: seeded per
+    sample, for augmentation). Shard patterns are expanded and counted here, so a pattern that
+    matches nothing fails when the module is built. ``batches_per_epoch`` (None: one pass over the
+    shards) and ``val_batches`` (None: the whole val set).
     """
 
-    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None, batch_size: int,
-                 num_workers: int, shuffle_buffer: int, batches_per_epoch: int | None, val_batches: int | None,
-                 seed: int):
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None,
+        batch_size: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        batches_per_epoch: int | None,
+        val_batches: int | None,
+        seed: int,
+    ):
         super().__init__()
         self.train_urls = expand_shards(train_shards)
         self.val_urls = expand_shards(val_shards) if val_shards else None
         self.train_sizes = shard_sizes(self.train_urls)
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = shuffle_buffer, batches_per_epoch, val_batches
+        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+        )
 
     def train_samples(self) -> tuple[int, bool]:
         return sum(self.train_sizes), False
@@ -64,12 +91,22 @@ class ShardSetDataModule(StreamingDataModule):
         raise NotImplementedError  # abstract: each data module decodes its own schema
 
     def stream(self, train: bool) -> EpochStream:
-        urls, sizes = (self.train_urls, self.train_sizes) if train else (self.val_urls, self.val_sizes)
-        return EpochStream(urls, sizes, self.decoder(train), self.collate, batch_size=self.batch_size,
-                           seed=self.seed, shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-                           counter_factory=SkipCounter,
-                           batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
-                           multiple_of=self.accumulation() if train else 1)
+        urls, sizes = (
+            (self.train_urls, self.train_sizes) if train else (self.val_urls, self.val_sizes)
+        )
+        return EpochStream(
+            urls,
+            sizes,
+            self.decoder(train),
+            self.collate,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            counter_factory=SkipCounter,
+            batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
+            multiple_of=self.accumulation() if train else 1,
+        )
 
     def train_dataloader(self):
         return self.loader(self.stream(train=True), self.num_workers, train=True)

@@ -1,8 +1,9 @@
 """Synthetic shards in the real schemas, for the embedded default run and the tests.
 
-Images are flat-coloured shapes on a plain background, captioned "a red circle on a white background";
-the preferred image of a pair matches its caption, the other gets the colour or the shape wrong. Nothing
-here is meant to be learnt from at scale: it exercises every byte of the real data path with no download.
+Images are flat-coloured shapes on a plain background, captioned "a red circle on a white
+background"; the preferred image of a pair matches its caption, the other gets the colour or the
+shape wrong. Nothing here is meant to be learnt from at scale: it exercises every byte of the real
+data path with no download.
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-          "purple": (140, 60, 190), "orange": (245, 140, 30)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128)}
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float
+) -> None:
     """A filled circle, square or triangle of radius ``r`` centred at (cx, cy)."""
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
@@ -50,7 +59,11 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
 
 def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: float) -> dict:
     """One pair sample in the Pick-a-Pic schema (winner position and ties drawn at random)."""
-    shape, color, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
+    shape, color, background = (
+        rng.choice(SHAPES),
+        rng.choice(list(COLORS)),
+        rng.choice(list(BACKGROUNDS)),
+    )
     good = render(shape, color, background, size, rng)
     if rng.random() < 0.5:
         bad = render(shape, rng.choice([c for c in COLORS if c != color]), background, size, rng)
@@ -61,19 +74,32 @@ def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: floa
     label_0 = 0.5 if tie else (1.0 if good_first else 0.0)
     first, second = (good, bad) if good_first else (bad, good)
     meta = {
-        "caption": f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape} on a {background} background",
-        "label_0": label_0, "label_1": 1.0 - label_0,
-        "image_0_uid": f"synth-{index:07d}-0", "image_1_uid": f"synth-{index:07d}-1",
-        "model_0": "synthetic", "model_1": "synthetic", "ranking_id": index, "user_id": index % 97,
+        "caption": (
+            f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape} on a {background} background"
+        ),
+        "label_0": label_0,
+        "label_1": 1.0 - label_0,
+        "image_0_uid": f"synth-{index:07d}-0",
+        "image_1_uid": f"synth-{index:07d}-1",
+        "model_0": "synthetic",
+        "model_1": "synthetic",
+        "ranking_id": index,
+        "user_id": index % 97,
     }
-    return {"__key__": f"{index:09d}", "jpg_0.jpg": jpeg_bytes(first), "jpg_1.jpg": jpeg_bytes(second),
-            "json": json.dumps(meta).encode()}
+    return {
+        "__key__": f"{index:09d}",
+        "jpg_0.jpg": jpeg_bytes(first),
+        "jpg_1.jpg": jpeg_bytes(second),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def _write_shards(out_dir, prefix: str, samples: int, shards: int, make, seed: int) -> list[Path]:
-    """Write ``samples`` samples from ``make(index, rng)`` into ``shards`` tar files ``<prefix>-000000.tar``...
+    """Write ``samples`` samples from ``make(index, rng)`` into ``shards`` tar files
+    ``<prefix>-000000.tar``...
 
-    Each shard is written under a temporary name and renamed when complete, so a shard that exists is whole.
+    Each shard is written under a temporary name and renamed when complete,
+    so a shard that exists is whole.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,26 +117,65 @@ def _write_shards(out_dir, prefix: str, samples: int, shards: int, make, seed: i
     return paths
 
 
-def write_synthetic_pickapic(out_dir: str | Path, pairs: int = 256, shards: int = 4, resolution: int = 64,
-                             seed: int = 0, tie_fraction: float = 0.05) -> list[Path]:
-    """Write ``pairs`` synthetic pairs into ``shards`` tar files named ``pairs-000000.tar`` ...; returns them."""
-    return _write_shards(out_dir, "pairs", pairs, shards,
-                         lambda i, rng: synthetic_pair(i, resolution, rng, tie_fraction), seed)
+def write_synthetic_pickapic(
+    out_dir: str | Path,
+    pairs: int = 256,
+    shards: int = 4,
+    resolution: int = 64,
+    seed: int = 0,
+    tie_fraction: float = 0.05,
+) -> list[Path]:
+    """Write ``pairs`` synthetic pairs into ``shards`` tar files named ``pairs-000000.tar`` ...;
+    returns them."""
+    return _write_shards(
+        out_dir,
+        "pairs",
+        pairs,
+        shards,
+        lambda i, rng: synthetic_pair(i, resolution, rng, tie_fraction),
+        seed,
+    )
+
 
 def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: float) -> dict:
     """One single-image sample in the KTO schema: desirable when the image matches its caption."""
-    shape, color, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
+    shape, color, background = (
+        rng.choice(SHAPES),
+        rng.choice(list(COLORS)),
+        rng.choice(list(BACKGROUNDS)),
+    )
     desirable = rng.random() < p_desirable
     drawn = color if desirable else rng.choice([c for c in COLORS if c != color])
     article = "an" if color[0] in "aeiou" else "a"
-    meta = {"caption": f"{article} {color} {shape} on a {background} background", "label": desirable,
-            "image_uid": f"synth-single-{index:07d}", "wins": int(desirable), "losses": int(not desirable)}
-    return {"__key__": f"{index:09d}", "jpg": jpeg_bytes(render(shape, drawn, background, size, rng)),
-            "json": json.dumps(meta).encode()}
+    meta = {
+        "caption": f"{article} {color} {shape} on a {background} background",
+        "label": desirable,
+        "image_uid": f"synth-single-{index:07d}",
+        "wins": int(desirable),
+        "losses": int(not desirable),
+    }
+    return {
+        "__key__": f"{index:09d}",
+        "jpg": jpeg_bytes(render(shape, drawn, background, size, rng)),
+        "json": json.dumps(meta).encode(),
+    }
 
 
-def write_synthetic_kto(out_dir: str | Path, samples: int = 256, shards: int = 4, resolution: int = 64,
-                        seed: int = 0, p_desirable: float = 0.3) -> list[Path]:
-    """Single images, about ``p_desirable`` of them desirable (Pick-a-Pic: ~26%), as ``singles-000000.tar`` ..."""
-    return _write_shards(out_dir, "singles", samples, shards,
-                         lambda i, rng: synthetic_single(i, resolution, rng, p_desirable), seed)
+def write_synthetic_kto(
+    out_dir: str | Path,
+    samples: int = 256,
+    shards: int = 4,
+    resolution: int = 64,
+    seed: int = 0,
+    p_desirable: float = 0.3,
+) -> list[Path]:
+    """Single images, about ``p_desirable`` of them desirable (Pick-a-Pic: ~26%), as
+    ``singles-000000.tar`` ..."""
+    return _write_shards(
+        out_dir,
+        "singles",
+        samples,
+        shards,
+        lambda i, rng: synthetic_single(i, resolution, rng, p_desirable),
+        seed,
+    )

@@ -1,7 +1,9 @@
-"""Reading shard tars: expanding shard specs into paths, grouping members into samples as webdataset does.
+"""Reading shard tars: expanding shard specs into paths,
+grouping members into samples as webdataset does.
 
-Kept apart from :mod:`align.data.writer` so that the commands that only read shards (``verify``, ``kto-labels``,
-``cache-latents``) and the writer's own resume check share one small reader without the writing machinery.
+Kept apart from :mod:`align.data.writer` so that the commands that only read shards (``verify``,
+``kto-labels``, ``cache-latents``) and the writer's own resume check share one small reader without
+the writing machinery.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)  # pyarrow's errors derive from these
+# pyarrow's errors derive from these
+READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
 
 
 def expand_shard_paths(specs: Iterable[str], suffix: str = ".tar") -> tuple[list[str], list[str]]:
-    """Expand paths, globs, brace patterns (``shards-{000000..000009}.tar``) and folders (every ``*.tar`` in
-    them) into (existing paths in order, specs that matched nothing). Duplicates are kept once."""
+    """Expand paths, globs, brace patterns (``shards-{000000..000009}.tar``) and folders (every
+    ``*.tar`` in them) into (existing paths in order,
+    specs that matched nothing). Duplicates are kept once."""
     from braceexpand import braceexpand
 
     found: list[str] = []
@@ -48,8 +52,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """Yield (key, {field: TarInfo}, open tar) for each run of consecutive members sharing a key (a new sample
-    also starts when a field repeats), like webdataset's grouping; read a member with
+    """Yield (key, {field: TarInfo}, open tar) for each run of consecutive members sharing a key (a
+    new sample also starts when a field repeats), like webdataset's grouping; read a member with
     ``tar.extractfile(info)`` (random access: only the members read are read). A damaged tar raises
     ``tarfile.TarError`` / ``OSError`` / ``EOFError`` where the damage is."""
     with tarfile.open(path, "r:*") as tar:
@@ -76,10 +80,12 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return data
 
 
-def iter_tar_samples(path: str, fields: Callable[[str], bool] | None = None
-                     ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """Yield (key, {field: bytes}) per sample, reading members as they stream by (fine for compressed tars);
-    fields for which ``fields(field)`` is false are listed with value None and not read."""
+def iter_tar_samples(
+    path: str, fields: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """Yield (key, {field: bytes}) per sample, reading members as they stream by (fine for
+    compressed tars); fields for which ``fields(field)`` is false are listed with value None and not
+    read."""
     with tarfile.open(path, "r:*") as tar:
         key, sample = None, {}
         for member in tar:

@@ -1,8 +1,9 @@
-"""Image preprocessing of the official recipes: resize the shorter side, crop (center or random), flip.
+"""Image preprocessing of the official recipes: resize the shorter side, crop
+(center or random), flip.
 
-Crops and flips are drawn here (not by torchvision's random transforms) because SDXL conditions on the crop's
-top-left corner and the original size, so the module needs the numbers; a pair's two images can share their
-crop and flip ("joint") or draw them independently.
+Crops and flips are drawn here (not by torchvision's random transforms) because SDXL conditions on
+the crop's top-left corner and the original size, so the module needs the numbers; a pair's two
+images can share their crop and flip ("joint") or draw them independently.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Augmented:
 
 @dataclass
 class ImageTransform:
-    """Resize shorter side to ``resolution``, crop a square (``center``/``random``), flip with ``flip_prob``."""
+    """Resize shorter side to ``resolution``, crop a square (``center``/``random``),
+    flip with ``flip_prob``."""
 
     resolution: int = 512
     crop: str = "center"
@@ -47,7 +49,9 @@ class ImageTransform:
 
     def apply(self, image: Image.Image, top: int, left: int, flip: bool) -> Augmented:
         w, h = image.size
-        resized = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        resized = TF.resize(
+            image, self.resolution, interpolation=TF.InterpolationMode.BILINEAR, antialias=True
+        )
         cropped = TF.crop(resized, top, left, self.resolution, self.resolution)
         if flip:
             cropped = TF.hflip(cropped)
@@ -58,8 +62,13 @@ class ImageTransform:
         return self.apply(image, *self.draw(image.size, rng))
 
 
-def augment_pair(transform: ImageTransform, first: Image.Image, second: Image.Image, joint: bool,
-                 rng: random.Random = random) -> tuple[Augmented, Augmented]:
+def augment_pair(
+    transform: ImageTransform,
+    first: Image.Image,
+    second: Image.Image,
+    joint: bool,
+    rng: random.Random = random,
+) -> tuple[Augmented, Augmented]:
     """Both images of a pair; ``joint`` gives them the same crop and flip when their sizes match."""
     params = transform.draw(first.size, rng)
     other = params if (joint and first.size == second.size) else transform.draw(second.size, rng)

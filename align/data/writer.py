@@ -1,27 +1,29 @@
 """Resumable, deterministic sharded writing shared by every ``align data`` converter.
 
-A converter plans its work as an ordered list of :class:`Unit` s (a parquet row group, an input tar, a chunk of
-an annotation list), each with an exact number of input *rows* known before any row is converted, and a
-module-level ``convert(payload, need)`` function that yields one item per planned row, in order: a sample
-dict (``{"jpg": bytes, "json": dict, ...}``, optionally with ``__key__``), a :class:`Skip` (counted by its
-reason), or ``None`` for a row whose shard is already done (``need(j)`` is false: the converter may skip the
-expensive work). ``Skip(reason, row=False)`` counts something that is not a planned row (an image with no
-caption found while streaming a tar), attributed to the shard of the next row.
+A converter plans its work as an ordered list of :class:`Unit` s (a parquet row group, an input tar,
+a chunk of an annotation list), each with an exact number of input *rows* known before any row is
+converted, and a module-level ``convert(payload, need)`` function that yields one item per planned
+row, in order: a sample dict (``{"jpg": bytes, "json": dict, ...}``, optionally with ``__key__``), a
+:class:`Skip` (counted by its reason), or ``None`` for a row whose shard is already done
+(``need(j)`` is false: the converter may skip the expensive work). ``Skip(reason, row=False)``
+counts something that is not a planned row (an image with no caption found while streaming a tar),
+attributed to the shard of the next row.
 
-Rows are partitioned into shards *within* a unit: rows ``[k*S, (k+1)*S)`` of a unit go to its k-th shard, and
-shards are numbered ``{prefix}-{index:06d}.tar`` in plan order. So the shard a row lands in depends only on the
-plan and never on the number of workers, and a resumed run writes byte-identical shards (tar members have
-fixed mtime 0, uid/gid 0, mode 0444; JSON is written in insertion order).
+Rows are partitioned into shards *within* a unit: rows ``[k*S, (k+1)*S)`` of a unit go to its k-th
+shard, and shards are numbered ``{prefix}-{index:06d}.tar`` in plan order. So the shard a row lands
+in depends only on the plan and never on the number of workers, and a resumed run writes
+byte-identical shards (tar members have fixed mtime 0, uid/gid 0, mode 0444; JSON is written in
+insertion order).
 
-Each shard is written to ``<name>.tmp-<pid>``, fsynced, then atomically renamed, and only then entered into
-``manifest.json`` (sample count, bytes, sha256, rows and skips per reason). The manifest carries a
-fingerprint of the source (command, options, input names and sizes, the plan): an output folder written from
-a different source is refused and nothing in it is touched. On resume, shards listed in the manifest whose
-size and sha256 verify are kept; the others are rewritten. Every run ends by writing ``summary.json`` (rows
-read, written, skipped by reason) and printing it.
+Each shard is written to ``<name>.tmp-<pid>``, fsynced, then atomically renamed, and only then
+entered into ``manifest.json`` (sample count, bytes, sha256, rows and skips per reason). The
+manifest carries a fingerprint of the source (command, options, input names and sizes, the plan): an
+output folder written from a different source is refused and nothing in it is touched. On resume,
+shards listed in the manifest whose size and sha256 verify are kept; the others are rewritten. Every
+run ends by writing ``summary.json`` (rows read, written, skipped by reason) and printing it.
 
-Reading shards back lives in :mod:`align.data.tars`; the converters' shared helpers (image preparation,
-JSONL reading, command-line options) in :mod:`align.data.convert_helpers`.
+Reading shards back lives in :mod:`align.data.tars`; the converters' shared helpers (image
+preparation, JSONL reading, command-line options) in :mod:`align.data.convert_helpers`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class BusyOutputError(ForeignOutputError):
 
 @dataclass(frozen=True)
 class Unit:
-    """One indivisible piece of work: ``rows`` planned input rows, described by ``payload`` (picklable)."""
+    """One indivisible piece of work: ``rows`` planned input rows,
+    described by ``payload`` (picklable)."""
 
     name: str
     rows: int
@@ -94,37 +97,54 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {
-            "command": self.command, "out": self.out, "rows_read": self.rows_read, "written": self.written,
-            "skipped_total": sum(self.skipped.values()), "skipped": dict(sorted(self.skipped.items())),
-            "files_skipped": self.files_skipped, "shards": self.shards, "shards_kept": self.shards_kept,
-            "shards_written": self.shards_written, "seconds": round(self.seconds, 3),
-            "rows_per_s": round(self.rows_converted / self.seconds, 2) if self.seconds > 0 else None,
+            "command": self.command,
+            "out": self.out,
+            "rows_read": self.rows_read,
+            "written": self.written,
+            "skipped_total": sum(self.skipped.values()),
+            "skipped": dict(sorted(self.skipped.items())),
+            "files_skipped": self.files_skipped,
+            "shards": self.shards,
+            "shards_kept": self.shards_kept,
+            "shards_written": self.shards_written,
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows_converted / self.seconds, 2)
+            if self.seconds > 0
+            else None,
             **self.extra,
         }
 
     def format(self) -> str:
         d = self.to_dict()
-        lines = [f"{self.command}: {d['rows_read']} rows read, {d['written']} written, "
-                 f"{d['skipped_total']} skipped -> {self.out}",
-                 f"  shards: {self.shards} ({self.shards_written} written this run, {self.shards_kept} kept)"]
+        lines = [
+            f"{self.command}: {d['rows_read']} rows read, {d['written']} written, "
+            f"{d['skipped_total']} skipped -> {self.out}",
+            f"  shards: {self.shards} ({self.shards_written} written this run, "
+            f"{self.shards_kept} kept)",
+        ]
         for reason, n in d["skipped"].items():
             lines.append(f"  skipped {reason}: {n}")
         for reason, names in self.files_skipped.items():
-            lines.append(f"  files skipped ({reason}): {len(names)}: {', '.join(names[:5])}"
-                         + (" ..." if len(names) > 5 else ""))
+            lines.append(
+                f"  files skipped ({reason}): {len(names)}: {', '.join(names[:5])}"
+                + (" ..." if len(names) > 5 else "")
+            )
         if d["rows_per_s"]:
-            lines.append(f"  {self.rows_converted} rows converted in {d['seconds']:.1f} s "
-                         f"({d['rows_per_s']:.1f} rows/s)")
+            lines.append(
+                f"  {self.rows_converted} rows converted in {d['seconds']:.1f} s "
+                f"({d['rows_per_s']:.1f} rows/s)"
+            )
         for key, value in self.extra.items():
             lines.append(f"  {key}: {json.dumps(value)}")
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ manifest
+# ----------------------------------------------------------------------------------------- manifest
+
 
 def file_identity(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list:
-    """(name relative to ``root``, size) of an input file, for source fingerprints. Not the mtime (copies
-    change it) nor the absolute path (folders move)."""
+    """(name relative to ``root``, size) of an input file, for source fingerprints. Not the mtime
+    (copies change it) nor the absolute path (folders move)."""
     path = Path(path)
     name = str(path.relative_to(root)) if root is not None else path.name
     return [name, path.stat().st_size]
@@ -152,7 +172,8 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------- writing
+# ------------------------------------------------------------------------------------------ writing
+
 
 class _HashingFile:
     """A write-only file wrapper that hashes and counts what goes through it."""
@@ -194,7 +215,8 @@ class _ShardOut:
 
     def abandon(self) -> None:
         try:
-            self.tar.close()  # closes tarfile's stream cleanly (into the temp file that is deleted next)
+            # closes tarfile's stream cleanly (into the temp file that is deleted next)
+            self.tar.close()
         except Exception:
             pass
         finally:
@@ -236,12 +258,23 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
     def close(j: int):
         if j in task.done or j >= n_shards:
             return None
-        out = open_shard.pop(j, None) or _ShardOut(out_dir, shard_name(task.prefix, task.first_shard + j))
+        out = open_shard.pop(j, None) or _ShardOut(
+            out_dir, shard_name(task.prefix, task.first_shard + j)
+        )
         nbytes, digest = out.finish()
         s = stats[j]
-        return ("shard", out.path.name, {"samples": s["samples"], "rows": s["rows"],
-                                         "skipped": dict(sorted(s["skipped"].items())),
-                                         "bytes": nbytes, "sha256": digest, "unit": unit.name})
+        return (
+            "shard",
+            out.path.name,
+            {
+                "samples": s["samples"],
+                "rows": s["rows"],
+                "skipped": dict(sorted(s["skipped"].items())),
+                "bytes": nbytes,
+                "sha256": digest,
+                "unit": unit.name,
+            },
+        )
 
     pos, pending_progress, current = 0, 0, 0
     items = iter(task.convert(unit.payload, need))
@@ -252,9 +285,13 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
             except StopIteration:
                 break
             except READ_ERRORS as exn:
-                # A damaged input (truncated parquet page, broken tar): the rest of the unit is lost, counted.
-                yield ("warning", f"{unit.name}: read error after {pos} of {unit.rows} rows "
-                                  f"({type(exn).__name__}: {exn}); {unit.rows - pos} rows counted as read_error")
+                # A damaged input (truncated parquet page, broken tar):
+                # the rest of the unit is lost, counted.
+                yield (
+                    "warning",
+                    f"{unit.name}: read error after {pos} of {unit.rows} rows "
+                    f"({type(exn).__name__}: {exn}); {unit.rows - pos} rows counted as read_error",
+                )
                 for row in range(pos, unit.rows):
                     j = row // size
                     if j not in task.done:
@@ -269,7 +306,9 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
                     stats[j]["skipped"][item.reason] += 1
                 continue
             if pos >= unit.rows:
-                raise RuntimeError(f"converter yielded more than the {unit.rows} planned rows of {unit.name}")
+                raise RuntimeError(
+                    f"converter yielded more than the {unit.rows} planned rows of {unit.name}"
+                )
             j = pos // size
             while current < j:
                 event = close(current)
@@ -280,15 +319,21 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
             if j in task.done:
                 continue
             if item is None:
-                raise RuntimeError(f"converter yielded no item for needed row {pos - 1} of {unit.name}")
+                raise RuntimeError(
+                    f"converter yielded no item for needed row {pos - 1} of {unit.name}"
+                )
             stats[j]["rows"] += 1
             if isinstance(item, Skip):
                 stats[j]["skipped"][item.reason] += 1
             else:
                 item = dict(item)
-                item["__key__"] = _clean_key(item.get("__key__", f"{task.first_row + pos - 1:010d}"))
+                item["__key__"] = _clean_key(
+                    item.get("__key__", f"{task.first_row + pos - 1:010d}")
+                )
                 if j not in open_shard:
-                    open_shard[j] = _ShardOut(out_dir, shard_name(task.prefix, task.first_shard + j))
+                    open_shard[j] = _ShardOut(
+                        out_dir, shard_name(task.prefix, task.first_shard + j)
+                    )
                 open_shard[j].write(item)
                 stats[j]["samples"] += 1
             pending_progress += 1
@@ -296,7 +341,9 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
                 yield ("rows", pending_progress)
                 pending_progress = 0
         if pos < unit.rows:
-            raise RuntimeError(f"converter yielded {pos} of the {unit.rows} planned rows of {unit.name}")
+            raise RuntimeError(
+                f"converter yielded {pos} of the {unit.rows} planned rows of {unit.name}"
+            )
         if pending_progress:
             yield ("rows", pending_progress)
         while current < n_shards:
@@ -323,14 +370,15 @@ def _pool_init(events, parent: int | None = None) -> None:
 
 def die_with_parent(parent: int) -> None:
     """Make this pool worker exit when the process that started it dies, SIGKILL included: no orphan
-    keeps writing shards after its converter is gone (Linux: the kernel's parent-death signal; elsewhere
-    a watchdog thread)."""
+    keeps writing shards after its converter is gone (Linux: the kernel's parent-death signal;
+    elsewhere a watchdog thread)."""
     import ctypes
     import threading
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
+
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(1.0)
@@ -361,13 +409,26 @@ def _verify_entry(out_dir: Path, name: str, record: dict) -> bool:
     return sha256_file(path) == record.get("sha256")
 
 
-def write_shards(out_dir: str | os.PathLike, *, command: str, prefix: str, source: dict, units: list[Unit],
-                 convert: Callable, shard_size: int, workers: int = 1, progress: bool = True,
-                 pre_skipped: Counter | dict | None = None, files_skipped: dict | None = None,
-                 extra: dict | None = None, log=print) -> Summary:
-    """Write (or resume writing) the shards of ``units`` into ``out_dir``; returns the summary, which is
-    also printed and written to ``summary.json``. Raises :class:`ForeignOutputError` (touching nothing)
-    when ``out_dir`` holds shards of another source. ``pre_skipped``: skips counted while planning."""
+def write_shards(
+    out_dir: str | os.PathLike,
+    *,
+    command: str,
+    prefix: str,
+    source: dict,
+    units: list[Unit],
+    convert: Callable,
+    shard_size: int,
+    workers: int = 1,
+    progress: bool = True,
+    pre_skipped: Counter | dict | None = None,
+    files_skipped: dict | None = None,
+    extra: dict | None = None,
+    log=print,
+) -> Summary:
+    """Write (or resume writing) the shards of ``units`` into ``out_dir``; returns the summary,
+    which is also printed and written to ``summary.json``. Raises :class:`ForeignOutputError`
+    (touching nothing) when ``out_dir`` holds shards of another source. ``pre_skipped``: skips
+    counted while planning."""
     import tqdm  # noqa: F401  (imported before the clock starts, so the rate measures conversion)
     import webdataset  # noqa: F401
 
@@ -376,34 +437,61 @@ def write_shards(out_dir: str | os.PathLike, *, command: str, prefix: str, sourc
     start = time.time()
     out = Path(out_dir)
     plan = [[u.name, u.rows] for u in units]
-    print_id = fingerprint({"command": command, "prefix": prefix, "source": source, "shard_size": shard_size,
-                            "plan": plan, "pre_skipped": dict(pre_skipped or {}),
-                            "files_skipped": files_skipped or {}})
+    print_id = fingerprint(
+        {
+            "command": command,
+            "prefix": prefix,
+            "source": source,
+            "shard_size": shard_size,
+            "plan": plan,
+            "pre_skipped": dict(pre_skipped or {}),
+            "files_skipped": files_skipped or {},
+        }
+    )
     manifest = load_manifest(out) if out.exists() else None
     if manifest is not None and manifest.get("fingerprint") != print_id:
         raise ForeignOutputError(
-            f"refusing to write into {out}: its {MANIFEST} was written by `align data {manifest.get('command')}` "
-            f"from a different source or with different options (fingerprint {str(manifest.get('fingerprint'))[:12]}, "
-            f"this run {print_id[:12]}). Nothing was changed; use another --out, or delete the folder to start over.")
+            f"refusing to write into {out}: its {MANIFEST} was written by `align data "
+            f"{manifest.get('command')}` from a different source or with different options "
+            f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, this run {print_id[:12]}). "
+            "Nothing was changed; use another --out, or delete the folder to start over."
+        )
     if manifest is None and out.exists():
         strangers = sorted(p.name for p in out.iterdir() if p.name.endswith(".tar"))
         if strangers:
             raise ForeignOutputError(
-                f"refusing to write into {out}: it holds {len(strangers)} .tar files ({strangers[0]}, ...) but no "
-                f"{MANIFEST}, so their source is unknown. Nothing was changed; use another --out.")
+                f"refusing to write into {out}: it holds {len(strangers)} .tar files "
+                f"({strangers[0]}, ...) but no {MANIFEST}, so their source is unknown. Nothing was "
+                "changed; use another --out."
+            )
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        return _write_locked(out, manifest, print_id, command=command, prefix=prefix, source=source, units=units,
-                             convert=convert, shard_size=shard_size, workers=workers, progress=progress,
-                             pre_skipped=pre_skipped, files_skipped=files_skipped, extra=extra, log=log,
-                             start=start)
+        return _write_locked(
+            out,
+            manifest,
+            print_id,
+            command=command,
+            prefix=prefix,
+            source=source,
+            units=units,
+            convert=convert,
+            shard_size=shard_size,
+            workers=workers,
+            progress=progress,
+            pre_skipped=pre_skipped,
+            files_skipped=files_skipped,
+            extra=extra,
+            log=log,
+            start=start,
+        )
     finally:
         lock.unlink(missing_ok=True)
 
 
 def _lock(out: Path) -> Path:
-    """Take ``out/.lock`` (holding our pid); a lock held by a live process means another run is writing."""
+    """Take ``out/.lock`` (holding our pid); a lock held by a live process means another run is
+    writing."""
     lock = out / ".lock"
     for _ in range(2):
         try:
@@ -417,15 +505,34 @@ def _lock(out: Path) -> Path:
                 continue
             except PermissionError:
                 pass  # alive, owned by someone else
-            raise BusyOutputError(f"{out} is being written by process {pid} (remove {lock} if that is wrong)")
+            raise BusyOutputError(
+                f"{out} is being written by process {pid} (remove {lock} if that is wrong)"
+            )
         with os.fdopen(fd, "w") as handle:
             handle.write(str(os.getpid()))
         return lock
     raise BusyOutputError(f"could not take {lock}")
 
 
-def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, prefix, source, units, convert,
-                  shard_size, workers, progress, pre_skipped, files_skipped, extra, log, start) -> Summary:
+def _write_locked(
+    out: Path,
+    manifest: dict | None,
+    print_id: str,
+    *,
+    command,
+    prefix,
+    source,
+    units,
+    convert,
+    shard_size,
+    workers,
+    progress,
+    pre_skipped,
+    files_skipped,
+    extra,
+    log,
+    start,
+) -> Summary:
     from tqdm import tqdm
 
     offsets, rows_before, total_shards, total_rows = [], [], 0, 0
@@ -441,17 +548,36 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
         listed = {k: v for k, v in manifest.get("shards", {}).items() if k in expected}
         if listed:
             with ThreadPoolExecutor(max(1, workers)) as pool:
-                ok = list(tqdm(pool.map(lambda kv: _verify_entry(out, *kv), listed.items()), total=len(listed),
-                               desc="verifying kept shards", unit="shard", disable=not progress, leave=False))
+                ok = list(
+                    tqdm(
+                        pool.map(lambda kv: _verify_entry(out, *kv), listed.items()),
+                        total=len(listed),
+                        desc="verifying kept shards",
+                        unit="shard",
+                        disable=not progress,
+                        leave=False,
+                    )
+                )
             records = {k: v for (k, v), good in zip(listed.items(), ok) if good}
             if len(records) < len(listed):
-                log(f"{len(listed) - len(records)} shard(s) listed in {MANIFEST} failed verification; rewriting")
+                log(
+                    f"{len(listed) - len(records)} shard(s) listed in {MANIFEST} failed "
+                    "verification; rewriting"
+                )
     for stale in out.glob("*.tmp-*"):
         stale.unlink()
 
-    manifest = {"format": MANIFEST_FORMAT, "command": command, "prefix": prefix, "fingerprint": print_id,
-                "source": source, "shard_size": shard_size, "planned_shards": total_shards,
-                "complete": False, "shards": {}}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "command": command,
+        "prefix": prefix,
+        "fingerprint": print_id,
+        "source": source,
+        "shard_size": shard_size,
+        "planned_shards": total_shards,
+        "complete": False,
+        "shards": {},
+    }
 
     def save_manifest(complete: bool = False) -> None:
         manifest["shards"] = {k: records[k] for k in sorted(records)}
@@ -469,8 +595,15 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
         if len(done) < n:
             tasks.append(_Task(unit, first, first_row, done, convert, shard_size, str(out), prefix))
 
-    bar = tqdm(total=total_rows, initial=kept_rows, unit="row", desc=f"align data {command}",
-               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(
+        total=total_rows,
+        initial=kept_rows,
+        unit="row",
+        desc=f"align data {command}",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
     converted = 0
     warnings: list[str] = []
 
@@ -492,12 +625,18 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
                 for event in _run_unit(task):
                     handle(event)
         else:
-            # fork where there is one: workers inherit the imports (spawn re-imports align.data -> torch)
+            # fork where there is one: workers inherit the imports
+            # (spawn re-imports align.data -> torch)
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             events = ctx.Queue()
-            # ProcessPoolExecutor, not Pool: a worker that dies (OOM kill) fails its future instead of hanging
-            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_pool_init,
-                                     initargs=(events, os.getpid())) as pool:
+            # ProcessPoolExecutor, not Pool: a worker that dies
+            # (OOM kill) fails its future instead of hanging
+            with ProcessPoolExecutor(
+                min(workers, len(tasks)),
+                mp_context=ctx,
+                initializer=_pool_init,
+                initargs=(events, os.getpid()),
+            ) as pool:
                 futures = []
                 try:
                     futures = [pool.submit(_pool_run, task) for task in tasks]
@@ -526,9 +665,17 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
         bar.close()
         save_manifest(complete=len(records) == total_shards)
 
-    summary = Summary(command=command, out=str(out), shards=total_shards, shards_kept=kept,
-                      shards_written=total_shards - kept, files_skipped=dict(files_skipped or {}),
-                      seconds=time.time() - start, rows_converted=converted, extra=dict(extra or {}))
+    summary = Summary(
+        command=command,
+        out=str(out),
+        shards=total_shards,
+        shards_kept=kept,
+        shards_written=total_shards - kept,
+        files_skipped=dict(files_skipped or {}),
+        seconds=time.time() - start,
+        rows_converted=converted,
+        extra=dict(extra or {}),
+    )
     summary.skipped.update(pre_skipped or {})
     for record in records.values():
         summary.written += record["samples"]
@@ -541,14 +688,18 @@ def _write_locked(out: Path, manifest: dict | None, print_id: str, *, command, p
 
 
 def run_command(write: Callable[[], Summary]) -> int:
-    """Exit status for a converter's ``main``: 2 for a refused output folder, 1 when nothing was written."""
+    """Exit status for a converter's ``main``: 2 for a refused output folder,
+    1 when nothing was written."""
     try:
         summary = write()
     except ForeignOutputError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished shards are kept: rerun the same command to resume", file=sys.stderr)
+        print(
+            "interrupted; finished shards are kept: rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     if summary.written == 0:
         print("error: no samples were written", file=sys.stderr)

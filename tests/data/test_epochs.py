@@ -1,5 +1,5 @@
-"""Data epochs (align.data.epochs): every sample once per pass across ranks and workers, a new order each
-pass, a resume that continues the stream, whole accumulation windows, the global batch."""
+"""Data epochs (align.data.epochs): every sample once per pass across ranks and workers, a new order
+each pass, a resume that continues the stream, whole accumulation windows, the global batch."""
 
 import lightning as L
 import pytest
@@ -47,8 +47,9 @@ def test_two_ranks_three_epochs_see_every_pair_once_in_a_new_order(shards, worke
 
 
 def test_a_pass_of_the_plan_does_not_depend_on_the_worker_count(shards):
-    assert sorted(epoch_keys(module(shards, num_workers=0).train_dataloader())) == \
-        sorted(epoch_keys(module(shards, num_workers=2).train_dataloader()))
+    assert sorted(epoch_keys(module(shards, num_workers=0).train_dataloader())) == sorted(
+        epoch_keys(module(shards, num_workers=2).train_dataloader())
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -57,7 +58,8 @@ def test_resume_mid_epoch_continues_the_stream(shards, workers):
     first, second = epoch_keys(straight), epoch_keys(straight)
     resumed = module(shards, num_workers=workers).train_dataloader()
     resumed.load_state_dict({"epoch": 1, "batch": 5, "batches_per_epoch": len(resumed)})
-    assert epoch_keys(resumed) == second[5 * 2:]  # 5 batches of 2 already trained on; odd: workers rotate
+    # 5 batches of 2 already trained on; odd: workers rotate
+    assert epoch_keys(resumed) == second[5 * 2 :]
     assert epoch_keys(resumed) != first  # and the next epoch follows
     with pytest.raises(ValueError, match="batches per epoch"):
         resumed.load_state_dict({"epoch": 1, "batch": 5, "batches_per_epoch": len(resumed) + 1})
@@ -86,10 +88,13 @@ def test_manifest_counts_are_used_and_a_stale_manifest_is_refused(shards, tmp_pa
         shutil.copy(tar, tmp_path / tar.name)
     urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
     counted = shard_sizes(urls)
-    records = {p.split("/")[-1]: {"samples": 99, "bytes": (tmp_path / p.split("/")[-1]).stat().st_size}
-               for p in urls}
+    records = {
+        p.split("/")[-1]: {"samples": 99, "bytes": (tmp_path / p.split("/")[-1]).stat().st_size}
+        for p in urls
+    }
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": records}))
-    assert counted == [12] * 4 and shard_sizes(urls) == [99] * 4  # the manifest is trusted when it matches
+    # the manifest is trusted when it matches
+    assert counted == [12] * 4 and shard_sizes(urls) == [99] * 4
     records[urls[0].split("/")[-1]]["bytes"] += 1
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": records}))
     with pytest.raises(ValueError, match="lists .* bytes"):
@@ -130,8 +135,14 @@ class KeyRecorder(L.LightningModule):
 
 
 def trainer(tmp_path, **kwargs):
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=tmp_path, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def test_lightning_steps_only_on_whole_windows_and_resumes_the_data_exactly(shards, tmp_path):
@@ -139,15 +150,20 @@ def test_lightning_steps_only_on_whole_windows_and_resumes_the_data_exactly(shar
 
     straight = KeyRecorder()
     trainer(tmp_path / "a", max_epochs=3, accumulate_grad_batches=5).fit(straight, module(shards))
-    assert len(straight.keys) == 3 * 20 and straight.steps == 12  # 24 batches -> 20 per epoch, 4 windows
+    # 24 batches -> 20 per epoch, 4 windows
+    assert len(straight.keys) == 3 * 20 and straight.steps == 12
     flat = [k for b in straight.keys for k in b]
-    passes = [flat[:PAIRS], flat[PAIRS:2 * PAIRS]]  # the stream goes on across epochs: no pair dropped
+    # the stream goes on across epochs: no pair dropped
+    passes = [flat[:PAIRS], flat[PAIRS : 2 * PAIRS]]
     assert all(len(set(p)) == PAIRS for p in passes) and passes[0] != passes[1]
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     first = KeyRecorder()
-    trainer(tmp_path / "b", max_steps=7, accumulate_grad_batches=5, callbacks=[ckpt]).fit(first, module(shards))
+    trainer(tmp_path / "b", max_steps=7, accumulate_grad_batches=5, callbacks=[ckpt]).fit(
+        first, module(shards)
+    )
     resumed = KeyRecorder()  # step 6 is mid-epoch 1 (4 steps an epoch)
     trainer(tmp_path / "c", max_epochs=3, accumulate_grad_batches=5).fit(
-        resumed, module(shards), ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=6.ckpt"))
-    assert resumed.keys == straight.keys[6 * 5:]
+        resumed, module(shards), ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
+    )
+    assert resumed.keys == straight.keys[6 * 5 :]

@@ -1,5 +1,5 @@
-"""`align data verify`: good shards pass; corrupt members, schema violations and damaged tars fail; latent caches
-(`align data cache-latents`) are checked as cached shards."""
+"""`align data verify`: good shards pass; corrupt members, schema violations and damaged tars fail;
+latent caches (`align data cache-latents`) are checked as cached shards."""
 
 from __future__ import annotations
 
@@ -27,8 +27,18 @@ def jpeg(seed: int) -> bytes:
 
 
 def pair(i: int, **meta) -> dict:
-    return {"__key__": f"{i:06d}", "jpg_0.jpg": jpeg(i), "jpg_1.jpg": jpeg(i + 100),
-            "json": {"caption": f"cap {i}", "label_0": 1.0, "label_1": 0.0, "image_0_uid": f"a{i}", **meta}}
+    return {
+        "__key__": f"{i:06d}",
+        "jpg_0.jpg": jpeg(i),
+        "jpg_1.jpg": jpeg(i + 100),
+        "json": {
+            "caption": f"cap {i}",
+            "label_0": 1.0,
+            "label_1": 0.0,
+            "image_0_uid": f"a{i}",
+            **meta,
+        },
+    }
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:
@@ -45,10 +55,27 @@ def run(*args: str) -> int:
 def test_good_shards_of_each_schema_pass(tmp_path: Path, capsys) -> None:
     write_tar(tmp_path / "pairs-000000.tar", [pair(i) for i in range(3)])
     write_tar(tmp_path / "pairs-000001.tar", [pair(i) for i in range(3, 5)])
-    write_tar(tmp_path / "single.tar", [{"__key__": "u1", "jpg": jpeg(1), "json": {
-        "caption": "c", "label": True, "image_uid": "u1", "wins": 1, "losses": 0}}])
-    write_tar(tmp_path / "long.tar", [{"__key__": "sa_1", "jpg": jpeg(2), "txt": "A long caption. Two.",
-                                       "json": {"source": "sa-1b"}}])
+    write_tar(
+        tmp_path / "single.tar",
+        [
+            {
+                "__key__": "u1",
+                "jpg": jpeg(1),
+                "json": {"caption": "c", "label": True, "image_uid": "u1", "wins": 1, "losses": 0},
+            }
+        ],
+    )
+    write_tar(
+        tmp_path / "long.tar",
+        [
+            {
+                "__key__": "sa_1",
+                "jpg": jpeg(2),
+                "txt": "A long caption. Two.",
+                "json": {"source": "sa-1b"},
+            }
+        ],
+    )
     assert run(tmp_path / "pairs-{000000..000001}.tar") == 0
     assert "5 samples, 0 bad samples" in capsys.readouterr().out
     assert run(tmp_path / "single.tar", tmp_path / "long.tar") == 0
@@ -69,16 +96,27 @@ def test_corrupt_image_and_schema_violations_fail(tmp_path: Path, capsys) -> Non
     out = capsys.readouterr().out
     assert "000001: corrupt_image: jpg_1.jpg" in out
     data = json.loads(report.read_text())
-    assert data["problems"] == {"corrupt_image": 1, "missing_jpg_0.jpg": 1, "bad_label": 1, "bad_json": 1}
+    assert data["problems"] == {
+        "corrupt_image": 1,
+        "missing_jpg_0.jpg": 1,
+        "bad_label": 1,
+        "bad_json": 1,
+    }
     assert data["samples"] == 5 and data["bad_samples"] == 4
 
 
-@pytest.mark.parametrize("sample", [
-    pair(0, caption="   "),
-    {"__key__": "u1", "jpg": jpeg(1), "json": {"caption": "", "label": True, "image_uid": "u1", "wins": 1,
-                                              "losses": 0}},
-    {"__key__": "sa_1", "jpg": jpeg(2), "txt": " \n", "json": {"source": "sa-1b"}},
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        pair(0, caption="   "),
+        {
+            "__key__": "u1",
+            "jpg": jpeg(1),
+            "json": {"caption": "", "label": True, "image_uid": "u1", "wins": 1, "losses": 0},
+        },
+        {"__key__": "sa_1", "jpg": jpeg(2), "txt": " \n", "json": {"source": "sa-1b"}},
+    ],
+)
 def test_blank_captions_training_would_skip_are_reported(tmp_path: Path, capsys, sample) -> None:
     write_tar(tmp_path / "blank.tar", [sample])
     assert run(tmp_path / "blank.tar") == 1
@@ -96,13 +134,22 @@ def test_truncated_tar_and_checksum_mismatch_fail(tmp_path: Path, capsys) -> Non
         yield from (pair(i) for i in payload)
 
     out = tmp_path / "shards"
-    write_shards(out, command="t", prefix="p", source={}, units=[Unit("u", 3, [0, 1, 2])], convert=convert,
-                 shard_size=10, progress=False, log=lambda *_: None)
+    write_shards(
+        out,
+        command="t",
+        prefix="p",
+        source={},
+        units=[Unit("u", 3, [0, 1, 2])],
+        convert=convert,
+        shard_size=10,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert run(out) == 0
     shard = out / "p-000000.tar"
     blob = bytearray(shard.read_bytes())
     at = blob.index(b"cap 1")
-    blob[at:at + 5] = b"cap 9"  # still a valid sample, but not what the converter wrote
+    blob[at : at + 5] = b"cap 9"  # still a valid sample, but not what the converter wrote
     shard.write_bytes(bytes(blob))
     assert run(out / "p-*.tar") == 1
     assert "checksum_mismatch" in capsys.readouterr().out
@@ -112,24 +159,53 @@ def test_nothing_to_verify(tmp_path: Path) -> None:
     assert run(tmp_path / "none-*.tar") == 2
 
 
-# ------------------------------------------------------------------------------------------ latent caches
+# ------------------------------------------------------------------------------------ latent caches
+
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """Caches made by the real `align data cache-latents` with the tiny model: 3 pairs with --flip in two shards
-    (float32), 2 long captions in one (float16, the default)."""
+    """Caches made by the real `align data cache-latents` with the tiny model: 3 pairs with
+    --flip in two shards (float32), 2 long captions in one (float16, the default)."""
     root = tmp_path_factory.mktemp("verify-caches")
     write_tar(root / "pairs.tar", [pair(i) for i in range(3)])
-    write_tar(root / "long.tar", [{"__key__": f"l{i}", "jpg": jpeg(i), "txt": f"A long caption {i}. Two.",
-                                   "json": {"source": "sa-1b"}} for i in range(2)])
-    assert run_cache("--model", "tiny", "--shards", root / "pairs.tar", "--out", root / "pairs-cache", "--flip",
-                     "--store-dtype", "float32", "--shard-size", 2) == 0
-    assert run_cache("--model", "tiny", "--shards", root / "long.tar", "--out", root / "long-cache") == 0
+    write_tar(
+        root / "long.tar",
+        [
+            {
+                "__key__": f"l{i}",
+                "jpg": jpeg(i),
+                "txt": f"A long caption {i}. Two.",
+                "json": {"source": "sa-1b"},
+            }
+            for i in range(2)
+        ],
+    )
+    assert (
+        run_cache(
+            "--model",
+            "tiny",
+            "--shards",
+            root / "pairs.tar",
+            "--out",
+            root / "pairs-cache",
+            "--flip",
+            "--store-dtype",
+            "float32",
+            "--shard-size",
+            2,
+        )
+        == 0
+    )
+    assert (
+        run_cache("--model", "tiny", "--shards", root / "long.tar", "--out", root / "long-cache")
+        == 0
+    )
     return root / "pairs-cache", root / "long-cache"
 
 
 def edit_sample(shard: Path, key: str, edit) -> None:
-    """Rewrite ``shard`` with ``edit(sample)`` applied to sample ``key`` (its manifest keeps the old sha256)."""
+    """Rewrite ``shard`` with ``edit(sample)`` applied to sample ``key``
+    (its manifest keeps the old sha256)."""
     samples = [{"__key__": k, **sample} for k, sample in iter_tar_samples(str(shard))]
     (target,) = [s for s in samples if s["__key__"] == key]
     edit(target)
@@ -146,15 +222,19 @@ def test_latent_caches_are_checked_as_cached_shards(caches, tmp_path: Path, caps
     report = tmp_path / "report.json"
     assert run(pairs, long, "--report", report) == 0
     assert "verified 3 shards ({'cached': 3}): 5 samples, 0 bad samples" in capsys.readouterr().out
-    assert [(Path(r["shard"]).parent.name, r["cache_schema"]) for r in json.loads(report.read_text())["shards"]] \
-        == [("pairs-cache", "pair"), ("pairs-cache", "pair"), ("long-cache", "long")]
+    assert [
+        (Path(r["shard"]).parent.name, r["cache_schema"])
+        for r in json.loads(report.read_text())["shards"]
+    ] == [("pairs-cache", "pair"), ("pairs-cache", "pair"), ("long-cache", "long")]
     assert run(long, "--schema", "cached") == 0
-    # a shard copied alone (no manifest, no uncond.npy): recognised by its members, checked against itself
+    # a shard copied alone (no manifest, no uncond.npy): recognised by its members,
+    # checked against itself
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(pairs / "cache-000000.tar", alone)
     assert run(alone) == 0 and "{'cached': 1}" in capsys.readouterr().out
-    # image shards are unchanged: auto still says pair; forced cached, a pair shard has none of the tensors
+    # image shards are unchanged: auto still says pair; forced cached,
+    # a pair shard has none of the tensors
     write_tar(tmp_path / "raw.tar", [pair(0)])
     assert run(tmp_path / "raw.tar") == 0 and "{'pair': 1}" in capsys.readouterr().out
     assert run(tmp_path / "raw.tar", "--schema", "cached") == 1
@@ -187,12 +267,19 @@ def test_corrupt_cached_pairs_are_named(caches, tmp_path: Path, capsys) -> None:
     assert "000001: bad_npy: moments_1.npy: ValueError: EOF" in out
     assert "000002: shape_mismatch: moments_1.npy: (8, 8, 8); sample 000002 has (8, 16, 16)" in out
     data = json.loads(report.read_text())
-    assert data["problems"] == {"non_finite": 1, "bad_npy": 1, "missing_moments_0_flip.npy": 1,
-                                "shape_mismatch": 1, "checksum_mismatch": 2}
+    assert data["problems"] == {
+        "non_finite": 1,
+        "bad_npy": 1,
+        "missing_moments_0_flip.npy": 1,
+        "shape_mismatch": 1,
+        "checksum_mismatch": 2,
+    }
     assert data["samples"] == 3 and data["bad_samples"] == 3
 
 
-def test_unfinished_or_inconsistent_long_caption_cache_fails(caches, tmp_path: Path, capsys) -> None:
+def test_unfinished_or_inconsistent_long_caption_cache_fails(
+    caches, tmp_path: Path, capsys
+) -> None:
     bad = shutil.copytree(caches[1], tmp_path / "bad")
     (bad / "uncond.npy").unlink()  # an interrupted run: training refuses the folder
 
@@ -214,6 +301,10 @@ def test_unfinished_or_inconsistent_long_caption_cache_fails(caches, tmp_path: P
     assert "l0: wrong_dtype: moments.npy: float32, the cache stores float16" in out
     assert "l1: cache_settings_mismatch: resolution: 64 here, 32 in manifest.json" in out
     data = json.loads(report.read_text())
-    assert data["problems"] == {"missing_uncond": 1, "wrong_dtype": 1, "cache_settings_mismatch": 1,
-                                "checksum_mismatch": 1}
+    assert data["problems"] == {
+        "missing_uncond": 1,
+        "wrong_dtype": 1,
+        "cache_settings_mismatch": 1,
+        "checksum_mismatch": 1,
+    }
     assert data["bad_samples"] == 2

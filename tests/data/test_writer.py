@@ -1,4 +1,5 @@
-"""align.data.writer: deterministic partitioning, atomic shards, manifest, resume, foreign folders; read back."""
+"""align.data.writer: deterministic partitioning, atomic shards, manifest, resume,
+foreign folders; read back."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class Crash(Exception):
 
 
 def toy_convert(payload, need):
-    """Rows are strings: "skip:<reason>", "extra:<reason>" (not a row), "ioerror", "crash", or a sample text."""
+    """Rows are strings: "skip:<reason>", "extra:<reason>" (not a row), "ioerror", "crash",
+    or a sample text."""
     j = 0
     for value in payload:
         if value.startswith("extra:"):
@@ -43,12 +45,24 @@ def toy_convert(payload, need):
 
 
 def units(*payloads: list[str]) -> list[Unit]:
-    return [Unit(f"u{i}", sum(not v.startswith("extra:") for v in p), p) for i, p in enumerate(payloads)]
+    return [
+        Unit(f"u{i}", sum(not v.startswith("extra:") for v in p), p) for i, p in enumerate(payloads)
+    ]
 
 
 def write(out: Path, plan: list[Unit], shard_size=3, source=None, **kw):
-    return write_shards(out, command="toy", prefix="toy", source=source or {"inputs": "a"}, units=plan,
-                        convert=toy_convert, shard_size=shard_size, progress=False, log=lambda *_: None, **kw)
+    return write_shards(
+        out,
+        command="toy",
+        prefix="toy",
+        source=source or {"inputs": "a"},
+        units=plan,
+        convert=toy_convert,
+        shard_size=shard_size,
+        progress=False,
+        log=lambda *_: None,
+        **kw,
+    )
 
 
 def members(path: Path) -> list[tarfile.TarInfo]:
@@ -56,8 +70,12 @@ def members(path: Path) -> list[tarfile.TarInfo]:
         return tar.getmembers()
 
 
-PLAN = (["a", "b", "skip:tie", "c", "d"], ["e", "extra:no_caption", "f", "g", "h", "i", "j", "k"], [],
-        ["skip:bad", "skip:bad"])
+PLAN = (
+    ["a", "b", "skip:tie", "c", "d"],
+    ["e", "extra:no_caption", "f", "g", "h", "i", "j", "k"],
+    [],
+    ["skip:bad", "skip:bad"],
+)
 
 
 def test_partition_within_units_and_summary(tmp_path: Path) -> None:
@@ -76,13 +94,18 @@ def test_partition_within_units_and_summary(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["skipped_total"] == 4
     for name in names:
         record = manifest["shards"][name]
-        assert tars.sha256_file(out / name) == record["sha256"] and (out / name).stat().st_size == record["bytes"]
+        assert (
+            tars.sha256_file(out / name) == record["sha256"]
+            and (out / name).stat().st_size == record["bytes"]
+        )
         for member in members(out / name):
             assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o444)
-    assert members(out / names[5]) == []  # all rows skipped: a valid, empty shard keeps the numbering
+    # all rows skipped: a valid, empty shard keeps the numbering
+    assert members(out / names[5]) == []
     keys = [m.name for m in members(out / names[0])]
     assert keys == ["0000000000.json", "0000000000.txt", "0000000001.json", "0000000001.txt"]
-    assert [m.name for m in members(out / names[1])][0] == "0000000003.json"  # global row index keys
+    # global row index keys
+    assert [m.name for m in members(out / names[1])][0] == "0000000003.json"
 
 
 def test_crash_then_resume_is_byte_identical_and_skips_done_work(tmp_path: Path) -> None:
@@ -158,17 +181,28 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging(tmp_path: Path) -> None:
     write(tmp_path / "out", units(["a", "b"], ["c", "x", "d"]), workers=2)
     write(tmp_path / "clean", units(["a", "b"], ["c", "x", "d"]), workers=1)
     assert not list((tmp_path / "out").glob("*.tmp-*"))
-    assert ({p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")}
-            == {p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.tar")})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.tar")
+    }
 
 
 def test_expand_and_read_shards(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write(out, units(*PLAN))
-    paths, missing = tars.expand_shard_paths([str(out / "toy-{000000..000002}.tar"), str(out / "toy-00000[45].tar"),
-                                              str(tmp_path / "nope-*.tar")])
-    assert [Path(p).name for p in paths] == ["toy-000000.tar", "toy-000001.tar", "toy-000002.tar",
-                                             "toy-000004.tar", "toy-000005.tar"]
+    paths, missing = tars.expand_shard_paths(
+        [
+            str(out / "toy-{000000..000002}.tar"),
+            str(out / "toy-00000[45].tar"),
+            str(tmp_path / "nope-*.tar"),
+        ]
+    )
+    assert [Path(p).name for p in paths] == [
+        "toy-000000.tar",
+        "toy-000001.tar",
+        "toy-000002.tar",
+        "toy-000004.tar",
+        "toy-000005.tar",
+    ]
     assert missing == [str(tmp_path / "nope-*.tar")]
     assert len(tars.expand_shard_paths([str(out)])[0]) == 6
     samples = list(tars.iter_tar_samples(paths[0]))
@@ -197,7 +231,8 @@ def test_a_folder_being_written_is_refused(tmp_path: Path) -> None:
 
 
 def test_pool_workers_die_with_their_converter(tmp_path):
-    """SIGKILL of a converter's main process takes its pool workers with it (no orphan writes on)."""
+    """SIGKILL of a converter's main process takes its pool workers with it
+    (no orphan writes on)."""
     import os
     import signal
     import subprocess
@@ -210,7 +245,7 @@ from concurrent.futures import ProcessPoolExecutor
 from align.data.writer import die_with_parent
 
 def work(_):
-    open({str(tmp_path / 'worker.pid')!r}, 'w').write(str(os.getpid()))
+    open({str(tmp_path / "worker.pid")!r}, 'w').write(str(os.getpid()))
     time.sleep(120)
 
 if __name__ == '__main__':

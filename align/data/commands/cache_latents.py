@@ -1,23 +1,27 @@
-"""Precompute VAE latents and text embeddings of pair, single-image or long-caption shards, resumably.
+"""Precompute VAE latents and text embeddings of pair,
+single-image or long-caption shards, resumably.
 
 Usage: align data cache-latents --model <dir|hub id|preset> --shards <shards...> --out <dir>
-       [--resolution R] [--flip] [--batch-size 16] [--device auto|cpu|cuda[:i]] [--dtype auto|fp32|bf16]
-       [--store-dtype float16|float32] [--schema auto|pair|single|long] [--shard-size 1000] [--seed 0]
+       [--resolution R] [--flip] [--batch-size 16] [--device auto|cpu|cuda[:i]]
+       [--dtype auto|fp32|bf16] [--store-dtype float16|float32] [--schema auto|pair|single|long]
+       [--shard-size 1000] [--seed 0]
 
-Each image is resized on its shorter side and center-cropped to ``--resolution`` (default: the model's
-native size), exactly as the data modules' validation transform does, and encoded by the model's VAE; the
-stored tensor is the VAE's DiagonalGaussian parameters (mean and logvar), so training still samples the
-latent as it does from images. ``--flip`` also stores the moments of the flipped crop (for ``flip_prob > 0``).
-The stripped caption is encoded by the model's prompt encoder (SD1.5: CLIP last hidden state; SDXL: both
-penultimate states and the pooled projection) and the empty prompt's encoding is saved once as ``uncond.npy``
-for caption dropout. The output schema is documented in ``align.data.cached``; samples keep their keys and
-order, and unusable samples (bad json, undecodable image, empty caption) are skipped and counted. Ties are
-kept (the data module drops them at load time, as it does for image shards).
+Each image is resized on its shorter side and center-cropped to ``--resolution`` (default: the
+model's native size), exactly as the data modules' validation transform does, and encoded by the
+model's VAE; the stored tensor is the VAE's DiagonalGaussian parameters (mean and logvar), so
+training still samples the latent as it does from images. ``--flip`` also stores the moments of the
+flipped crop (for ``flip_prob > 0``). The stripped caption is encoded by the model's prompt encoder
+(SD1.5: CLIP last hidden state; SDXL: both penultimate states and the pooled projection) and the
+empty prompt's encoding is saved once as ``uncond.npy`` for caption dropout. The output schema is
+documented in ``align.data.cached``; samples keep their keys and order, and unusable samples (bad
+json, undecodable image, empty caption) are skipped and counted. Ties are kept (the data module
+drops them at load time, as it does for image shards).
 
 Work is batched (``--batch-size`` images per VAE forward, as many captions per text forward) under
-``torch.no_grad`` (``--dtype bf16``: autocast, the default on CUDA). Resumable through the shard writer's
-manifest (``align.data.writer``): finished shards are verified and kept; an output folder made with another
-model, resolution, flip setting, dtype or from other inputs is refused without touching it.
+``torch.no_grad`` (``--dtype bf16``: autocast, the default on CUDA). Resumable through the shard
+writer's manifest (``align.data.writer``): finished shards are verified and kept; an output folder
+made with another model, resolution, flip setting,
+dtype or from other inputs is refused without touching it.
 """
 
 from __future__ import annotations
@@ -34,23 +38,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.data.cached import (COMMAND, EMBEDS, PAIR_MOMENTS, PAIR_MOMENTS_FLIP, POOLED, SINGLE_MOMENTS,
-                               SINGLE_MOMENTS_FLIP, STORE_DTYPES, UNCOND, UNCOND_POOLED, model_fingerprint,
-                               npy_bytes)
+from align.commands import doc_summary
+from align.data.cached import (
+    COMMAND,
+    EMBEDS,
+    PAIR_MOMENTS,
+    PAIR_MOMENTS_FLIP,
+    POOLED,
+    SINGLE_MOMENTS,
+    SINGLE_MOMENTS_FLIP,
+    STORE_DTYPES,
+    UNCOND,
+    UNCOND_POOLED,
+    model_fingerprint,
+    npy_bytes,
+)
 from align.data.images import decode_image
 from align.data.pipeline import SkipSample
-from align.data.schema import PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, pair_meta_problem, single_meta_problem
+from align.data.schema import (
+    PAIR_IMAGE_KEYS,
+    SINGLE_IMAGE_KEY,
+    pair_meta_problem,
+    single_meta_problem,
+)
 from align.data.tars import READ_ERRORS, expand_shard_paths, iter_tar_groups, iter_tar_samples
 from align.data.transforms import ImageTransform
 from align.data.writer import Skip, Unit, file_identity, load_manifest, run_command, write_shards
 
 # settings that change the cached values: an existing output made with other values is refused
-CHECKED = ("schema", "model_fingerprint", "resolution", "flip", "dtype", "store_dtype", "prompt_encoder")
+CHECKED = (
+    "schema",
+    "model_fingerprint",
+    "resolution",
+    "flip",
+    "dtype",
+    "store_dtype",
+    "prompt_encoder",
+)
 
 
 @dataclass
 class Prepared:
-    """A row ready to encode: its key, json, caption and cropped images (pixels in [-1, 1], source order)."""
+    """A row ready to encode: its key, json, caption and cropped images
+    (pixels in [-1, 1], source order)."""
 
     key: str
     meta: dict
@@ -62,7 +92,8 @@ class Prepared:
 
 
 class Encoder:
-    """The model's VAE and prompt encoder on ``device``, encoding batches under no_grad (and autocast)."""
+    """The model's VAE and prompt encoder on ``device``, encoding batches under no_grad
+    (and autocast)."""
 
     def __init__(self, components, settings: dict, device: torch.device, batch_size: int):
         from align.models.prompts import build_prompt_encoder
@@ -84,7 +115,9 @@ class Encoder:
     def moments(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            chunk = torch.stack(pixels[start:start + self.batch_size]).to(self.device, self.vae.dtype)
+            chunk = torch.stack(pixels[start : start + self.batch_size]).to(
+                self.device, self.vae.dtype
+            )
             with self._autocast():
                 params = self.vae.encode(chunk).latent_dist.parameters
             out.extend(params.float().cpu().numpy().astype(self.store))
@@ -95,7 +128,7 @@ class Encoder:
         embeds, pooled = [], []
         for start in range(0, len(captions), self.batch_size):
             with self._autocast():
-                cond = self.prompt_encoder(captions[start:start + self.batch_size])
+                cond = self.prompt_encoder(captions[start : start + self.batch_size])
             embeds.extend(cond.embeds.float().cpu().numpy().astype(self.store))
             if cond.pooled is not None:
                 pooled.extend(cond.pooled.float().cpu().numpy().astype(self.store))
@@ -131,15 +164,26 @@ class Encoder:
                 caption = meta["caption"].strip()
             if not caption:
                 return Skip("empty_caption")
-            images = [decode_image(sample, k) for k in (PAIR_IMAGE_KEYS if schema == "pair" else (SINGLE_IMAGE_KEY,))]
+            images = [
+                decode_image(sample, k)
+                for k in (PAIR_IMAGE_KEYS if schema == "pair" else (SINGLE_IMAGE_KEY,))
+            ]
         except SkipSample as skip:
             return Skip(skip.reason)
         crops = [self.transform(image) for image in images]
-        return Prepared(key, meta, caption, [c.pixels for c in crops], [c.original_size for c in crops],
-                        [c.crop_top_left for c in crops], txt)
+        return Prepared(
+            key,
+            meta,
+            caption,
+            [c.pixels for c in crops],
+            [c.original_size for c in crops],
+            [c.crop_top_left for c in crops],
+            txt,
+        )
 
     def encode(self, rows: list, schema: str):
-        """Encode the prepared rows of ``rows`` together; yield one writer item per row, in order."""
+        """Encode the prepared rows of ``rows`` together; yield one writer item per row,
+        in order."""
         ready = [r for r in rows if isinstance(r, Prepared)]
         pixels = [p for r in ready for p in r.pixels]
         if self.flip:
@@ -154,14 +198,33 @@ class Encoder:
                 continue
             index += 1
             count = len(row.pixels)
-            mine = moments[position:position + count]
-            flipped = moments[n_images + position:n_images + position + count] if self.flip else []
+            mine = moments[position : position + count]
+            flipped = (
+                moments[n_images + position : n_images + position + count] if self.flip else []
+            )
             position += count
-            cache = {**{k: self.settings[k] for k in ("model", "model_fingerprint", "resolution", "flip", "dtype",
-                                                      "store_dtype", "prompt_encoder")},
-                     "crop": "center", "original_size": [list(s) for s in row.original_size],
-                     "crop_top_left": [list(c) for c in row.crop_top_left]}
-            out = {"__key__": row.key, "json": {**row.meta, "cache": cache}, EMBEDS: npy_bytes(embeds[index])}
+            cache = {
+                **{
+                    k: self.settings[k]
+                    for k in (
+                        "model",
+                        "model_fingerprint",
+                        "resolution",
+                        "flip",
+                        "dtype",
+                        "store_dtype",
+                        "prompt_encoder",
+                    )
+                },
+                "crop": "center",
+                "original_size": [list(s) for s in row.original_size],
+                "crop_top_left": [list(c) for c in row.crop_top_left],
+            }
+            out = {
+                "__key__": row.key,
+                "json": {**row.meta, "cache": cache},
+                EMBEDS: npy_bytes(embeds[index]),
+            }
             if pooled is not None:
                 out[POOLED] = npy_bytes(pooled[index])
             names = PAIR_MOMENTS if schema == "pair" else (SINGLE_MOMENTS,)
@@ -179,7 +242,8 @@ _ENCODER: Encoder | None = None  # set by main; the writer runs in this process 
 
 
 def convert_shard(payload: tuple, need):
-    """Writer converter: the samples of one input shard, encoded in batches, one item per sample in order."""
+    """Writer converter: the samples of one input shard, encoded in batches,
+    one item per sample in order."""
     path, schema = payload
     encoder = _ENCODER
     per_row = 2 if schema == "pair" else 1
@@ -206,13 +270,16 @@ def detect_schema(path: str) -> str | None:
 
 
 def plan(paths: list[str], schema: str) -> tuple[list[Unit], dict]:
-    """One unit per input shard (rows: its samples, counted from the tar headers); unreadable shards named."""
+    """One unit per input shard (rows: its samples, counted from the tar headers);
+    unreadable shards named."""
     units, skipped = [], {}
     for path in paths:
         try:
             rows = sum(1 for _ in iter_tar_groups(path))
         except READ_ERRORS as exn:
-            skipped.setdefault("unreadable_tar", []).append(f"{os.path.basename(path)}: {type(exn).__name__}")
+            skipped.setdefault("unreadable_tar", []).append(
+                f"{os.path.basename(path)}: {type(exn).__name__}"
+            )
             continue
         if rows:
             units.append(Unit(os.path.basename(path), rows, (path, schema)))
@@ -220,17 +287,28 @@ def plan(paths: list[str], schema: str) -> tuple[list[Unit], dict]:
 
 
 def refused_settings(out: Path, settings: dict) -> str | None:
-    """Why an existing cache in ``out`` cannot be resumed with ``settings`` (which settings differ), or None."""
+    """Why an existing cache in ``out`` cannot be resumed with ``settings``
+    (which settings differ), or None."""
     manifest = load_manifest(out) if out.is_dir() else None
     if manifest is None:
         return None
     old = (manifest.get("source") or {}).get("cache")
     if manifest.get("command") != COMMAND or not isinstance(old, dict):
-        return f"{out} holds shards written by `align data {manifest.get('command')}`, not a latent cache"
-    differ = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in CHECKED if old.get(k) != settings[k]]
+        return (
+            f"{out} holds shards written by `align data {manifest.get('command')}`, "
+            "not a latent cache"
+        )
+    differ = [
+        f"{k}: {old.get(k)!r} there, {settings[k]!r} now"
+        for k in CHECKED
+        if old.get(k) != settings[k]
+    ]
     if differ:
-        return (f"{out} is a cache made with other settings ({'; '.join(differ)}; model there: {old.get('model')!r}). "
-                "Nothing was changed; use another --out, or delete the folder to start over.")
+        return (
+            f"{out} is a cache made with other settings ({'; '.join(differ)}; model there: "
+            f"{old.get('model')!r}). Nothing was changed; use another --out, or delete the "
+            "folder to start over."
+        )
     return None
 
 
@@ -241,26 +319,60 @@ def _write_npy(path: Path, array) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"align data {COMMAND}", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="local diffusers folder, hub id, or preset (tiny, ...)")
-    parser.add_argument("--shards", nargs="+", required=True, help="input shards: paths, globs, braces, folders")
+    parser = argparse.ArgumentParser(
+        prog=f"align data {COMMAND}",
+        description=doc_summary(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="local diffusers folder, hub id, or preset (tiny, ...)"
+    )
+    parser.add_argument(
+        "--shards", nargs="+", required=True, help="input shards: paths, globs, braces, folders"
+    )
     parser.add_argument("--out", required=True, help="output folder (created; resumable)")
-    parser.add_argument("--resolution", type=int, default=0, help="square crop size in px (default: the model's)")
-    parser.add_argument("--flip", action="store_true", help="also store the latents of the flipped crop")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE forward (captions per text "
-                                                                   "forward)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="compute dtype: bf16 autocast (default on CUDA) or fp32 (default on CPU)")
-    parser.add_argument("--store-dtype", choices=tuple(STORE_DTYPES), default="float16",
-                        help="dtype of the stored tensors (default float16; see align.data.cached)")
+    parser.add_argument(
+        "--resolution", type=int, default=0, help="square crop size in px (default: the model's)"
+    )
+    parser.add_argument(
+        "--flip", action="store_true", help="also store the latents of the flipped crop"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per VAE forward (captions per text forward)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="compute dtype: bf16 autocast (default on CUDA) or fp32 (default on CPU)",
+    )
+    parser.add_argument(
+        "--store-dtype",
+        choices=tuple(STORE_DTYPES),
+        default="float16",
+        help="dtype of the stored tensors (default float16; see align.data.cached)",
+    )
     parser.add_argument("--schema", choices=("auto", "pair", "single", "long"), default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice; "
-                                                                 "1 is fastest per core on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed of a preset model (the module's seed)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (default: torch's choice; "
+        "1 is fastest per core on a busy machine)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weights seed of a preset model (the module's seed)"
+    )
     parser.add_argument("--prefix", default="cache", help="shard name prefix (default cache)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="input rows per output shard (default 1000)")
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="input rows per output shard (default 1000)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -270,10 +382,18 @@ def main(argv: list[str]) -> int:
         return 2
     schema = args.schema if args.schema != "auto" else detect_schema(paths[0])
     if schema is None:
-        print(f"error: cannot tell the schema of {paths[0]} (pair, single or long): pass --schema", file=sys.stderr)
+        print(
+            f"error: cannot tell the schema of {paths[0]} (pair, single or long): pass --schema",
+            file=sys.stderr,
+        )
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -286,10 +406,16 @@ def main(argv: list[str]) -> int:
     except ModelSourceError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
-    settings = {"model": args.model, "model_fingerprint": model_fingerprint(components.vae,
-                                                                           components.text_encoders),
-                "resolution": args.resolution or components.resolution, "flip": args.flip, "dtype": dtype,
-                "store_dtype": args.store_dtype, "prompt_encoder": "clip", "schema": schema}
+    settings = {
+        "model": args.model,
+        "model_fingerprint": model_fingerprint(components.vae, components.text_encoders),
+        "resolution": args.resolution or components.resolution,
+        "flip": args.flip,
+        "dtype": dtype,
+        "store_dtype": args.store_dtype,
+        "prompt_encoder": "clip",
+        "schema": schema,
+    }
     out = Path(args.out)
     refusal = refused_settings(out, settings)
     if refusal:
@@ -299,21 +425,33 @@ def main(argv: list[str]) -> int:
     global _ENCODER
     _ENCODER = Encoder(components, settings, device, args.batch_size)
     if not args.no_progress:
-        print(f"{COMMAND}: {args.model} ({settings['model_fingerprint']}) on {device} ({dtype}), "
-              f"{settings['resolution']} px, {schema} shards, loaded in {time.time() - started:.1f} s",
-              file=sys.stderr)
+        print(
+            f"{COMMAND}: {args.model} ({settings['model_fingerprint']}) on {device} ({dtype}), "
+            f"{settings['resolution']} px, {schema} shards, loaded in "
+            f"{time.time() - started:.1f} s",
+            file=sys.stderr,
+        )
     units, files_skipped = plan(paths, schema)
     source = {"inputs": [file_identity(p) for p in paths], "cache": settings}
-    # the empty prompt (for caption dropout), and a first VAE call: lazy imports and kernel choice happen
-    # here, not inside the conversion's rows/s
+    # the empty prompt (for caption dropout), and a first VAE call: lazy imports and kernel choice
+    # happen here, not inside the conversion's rows/s
     embeds, pooled = _ENCODER.prompts([""])
     _ENCODER.moments([torch.zeros(3, settings["resolution"], settings["resolution"])])
 
     def write():
-        summary = write_shards(out, command=COMMAND, prefix=args.prefix, source=source, units=units,
-                               convert=convert_shard, shard_size=args.shard_size, workers=1,
-                               progress=not args.no_progress, files_skipped=files_skipped,
-                               extra={"model": args.model, "device": str(device), "dtype": dtype})
+        summary = write_shards(
+            out,
+            command=COMMAND,
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_shard,
+            shard_size=args.shard_size,
+            workers=1,
+            progress=not args.no_progress,
+            files_skipped=files_skipped,
+            extra={"model": args.model, "device": str(device), "dtype": dtype},
+        )
         _write_npy(out / UNCOND, embeds[0][None])
         if pooled is not None:
             _write_npy(out / UNCOND_POOLED, pooled[0][None])

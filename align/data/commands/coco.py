@@ -1,14 +1,16 @@
 """Convert COCO 2017 images with a captions_*.json into long-caption shards.
 
-Usage: align data coco --images <val2017 folder> --captions <captions_val2017.json ...> --out data/coco
-       [--caption-mode join|longest] [--shorter-side 512] [--shard-size 1000] [--workers N]
+Usage: align data coco --images <val2017 folder> --captions <captions_val2017.json ...>
+       --out data/coco [--caption-mode join|longest] [--shorter-side 512] [--shard-size 1000]
+       [--workers N]
 
-COCO layout: ``images[]`` with ``id`` / ``file_name``, ``annotations[]`` with ``image_id`` / ``caption``.
-Rows are the images of the json, by id. An image's captions are ordered by annotation id; ``--caption-mode
-join`` (default) joins them into one multi-sentence text (each stripped, whitespace collapsed, ending with a
-period), which gives LongAlign's sentence-level segment encoding one segment per human caption; ``longest``
-keeps the longest caption. An image with no caption is skipped as ``missing_caption``, a listed image absent
-from the folder as ``missing_image``. Any caption file in the COCO format works (e.g. long re-captions).
+COCO layout: ``images[]`` with ``id`` / ``file_name``, ``annotations[]`` with ``image_id`` /
+``caption``. Rows are the images of the json, by id. An image's captions are ordered by annotation
+id; ``--caption-mode join`` (default) joins them into one multi-sentence text (each stripped,
+whitespace collapsed, ending with a period), which gives LongAlign's sentence-level segment encoding
+one segment per human caption; ``longest`` keeps the longest caption. An image with no caption is
+skipped as ``missing_caption``, a listed image absent from the folder as ``missing_image``. Any
+caption file in the COCO format works (e.g. long re-captions).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import re
 import sys
 from pathlib import Path
 
-from align.data.convert_helpers import add_image_args, add_writer_args, chunk_units, image_options, long_caption_sample
+from align.data.convert_helpers import (
+    add_image_args,
+    add_writer_args,
+    chunk_units,
+    image_options,
+    long_caption_sample,
+)
 from align.data.writer import file_identity, run_command, write_shards
 
 
@@ -46,8 +54,13 @@ def convert_images(payload: tuple, need):
             continue
         path = Path(images) / file_name
         image = path.read_bytes() if caption and path.is_file() else None
-        yield long_caption_sample(image, caption, {"source": "coco", "image_id": image_id, "file_name": file_name},
-                                  opts, key=f"coco_{image_id}")
+        yield long_caption_sample(
+            image,
+            caption,
+            {"source": "coco", "image_id": image_id, "file_name": file_name},
+            opts,
+            key=f"coco_{image_id}",
+        )
 
 
 def load_rows(caption_files: list[str], mode: str) -> list[tuple]:
@@ -60,15 +73,22 @@ def load_rows(caption_files: list[str], mode: str) -> list[tuple]:
             files[image["id"]] = image["file_name"]
         for ann in data.get("annotations", []):
             captions.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
-    return [(image_id, files[image_id], combine([c for _, c in sorted(captions.get(image_id, []),
-                                                                       key=lambda x: x[0])], mode))
-            for image_id in sorted(files)]
+    return [
+        (
+            image_id,
+            files[image_id],
+            combine([c for _, c in sorted(captions.get(image_id, []), key=lambda x: x[0])], mode),
+        )
+        for image_id in sorted(files)
+    ]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data coco", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="COCO image folder (e.g. val2017)")
-    parser.add_argument("--captions", nargs="+", required=True, help="captions_*.json (COCO format)")
+    parser.add_argument(
+        "--captions", nargs="+", required=True, help="captions_*.json (COCO format)"
+    )
     parser.add_argument("--caption-mode", choices=("join", "longest"), default="join")
     add_writer_args(parser, prefix="coco")
     add_image_args(parser, shorter_side=512)
@@ -82,8 +102,22 @@ def main(argv: list[str]) -> int:
     images = str(Path(args.images).resolve())
     rows = load_rows(args.captions, args.caption_mode)
     units = chunk_units(rows, args.shard_size, "coco", lambda chunk: (images, chunk, opts))
-    source = {"captions": [file_identity(p) for p in args.captions], "images": Path(args.images).name,
-              "caption_mode": args.caption_mode, "options": opts}
-    return run_command(lambda: write_shards(
-        args.out, command="coco", prefix=args.prefix, source=source, units=units, convert=convert_images,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress))
+    source = {
+        "captions": [file_identity(p) for p in args.captions],
+        "images": Path(args.images).name,
+        "caption_mode": args.caption_mode,
+        "options": opts,
+    }
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="coco",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_images,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    )

@@ -1,12 +1,14 @@
 """Convert a folder of images with a jsonl of {file, caption} into long-caption shards.
 
 Usage: align data folder --images <dir> --captions <captions.jsonl ...> --out data/mine
-       [--file-field file] [--caption-field caption] [--shorter-side 512] [--shard-size 1000] [--workers N]
+       [--file-field file] [--caption-field caption] [--shorter-side 512] [--shard-size 1000]
+       [--workers N]
 
-``file`` is relative to ``--images`` (subfolders allowed). Rows are the union of the image files found
-(``.jpg``/``.jpeg``/``.png``/``.webp``, recursively) and the files named in the jsonl, sorted by path: an
-image without a caption is skipped as ``missing_caption``, a caption whose image is absent as
-``missing_image``. A file captioned twice keeps its first caption (the repeats are counted).
+``file`` is relative to ``--images`` (subfolders allowed). Rows are the union of the image files
+found (``.jpg``/``.jpeg``/``.png``/``.webp``, recursively) and the files named in the jsonl, sorted
+by path: an image without a caption is skipped as ``missing_caption``, a caption whose image is
+absent as ``missing_image``. A file captioned twice keeps its first caption
+(the repeats are counted).
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ import hashlib
 import sys
 from pathlib import Path
 
-from align.data.convert_helpers import (IMAGE_SUFFIXES, add_image_args, add_writer_args, chunk_units, dotted,
-                                        image_options, iter_jsonl, long_caption_sample, norm_relpath)
+from align.data.convert_helpers import (
+    IMAGE_SUFFIXES,
+    add_image_args,
+    add_writer_args,
+    chunk_units,
+    dotted,
+    image_options,
+    iter_jsonl,
+    long_caption_sample,
+    norm_relpath,
+)
 from align.data.writer import file_identity, run_command, write_shards
 
 
@@ -36,7 +47,9 @@ def convert_files(payload: tuple, need):
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data folder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument("--captions", nargs="+", required=True, help="jsonl files of {file, caption}")
+    parser.add_argument(
+        "--captions", nargs="+", required=True, help="jsonl files of {file, caption}"
+    )
     parser.add_argument("--file-field", default="file")
     parser.add_argument("--caption-field", default="caption", help="dotted path of the caption")
     add_writer_args(parser, prefix="folder")
@@ -48,8 +61,11 @@ def main(argv: list[str]) -> int:
             print(f"error: not found: {path}", file=sys.stderr)
             return 2
     root = Path(args.images).resolve()
-    files = {str(p.relative_to(root).as_posix()) for p in root.rglob("*")
-             if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+    files = {
+        str(p.relative_to(root).as_posix())
+        for p in root.rglob("*")
+        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+    }
     captions: dict[str, str] = {}
     pre_skipped: dict[str, int] = {}
     for path in args.captions:
@@ -66,8 +82,24 @@ def main(argv: list[str]) -> int:
     opts = image_options(args)
     units = chunk_units(rows, args.shard_size, "folder", lambda chunk: (str(root), chunk, opts))
     listing = hashlib.sha256("\n".join(sorted(files)).encode("utf-8")).hexdigest()
-    source = {"captions": [file_identity(p) for p in args.captions], "images": root.name, "image_list": listing,
-              "fields": [args.file_field, args.caption_field], "options": opts}
-    return run_command(lambda: write_shards(
-        args.out, command="folder", prefix=args.prefix, source=source, units=units, convert=convert_files,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress, pre_skipped=pre_skipped))
+    source = {
+        "captions": [file_identity(p) for p in args.captions],
+        "images": root.name,
+        "image_list": listing,
+        "fields": [args.file_field, args.caption_field],
+        "options": opts,
+    }
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="folder",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_files,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            pre_skipped=pre_skipped,
+        )
+    )

@@ -1,15 +1,18 @@
-"""Convert JourneyDB (jsonl of img_path + prompt; images in a folder or tar archives) into long-caption shards.
+"""Convert JourneyDB (jsonl of img_path + prompt; images in a folder or tar archives) into
+long-caption shards.
 
-Usage: align data journeydb --annotations <train_anno_realease_repath.jsonl ...> --images <folder | archives...>
-       --out data/journeydb [--caption-field prompt] [--shorter-side 512] [--shard-size 1000] [--workers N]
+Usage: align data journeydb --annotations <train_anno_realease_repath.jsonl ...>
+       --images <folder | archives...> --out data/journeydb [--caption-field prompt]
+       [--shorter-side 512] [--shard-size 1000] [--workers N]
 
-``img_path`` (e.g. ``./268/3c4f....jpg``) is relative to the images folder; with archives (``268.tgz``,
-``268.tar.gz`` or ``268.tar``, given as files, globs or a folder of them) its first component names the
-archive and the rest is matched against the archive's member paths. ``--caption-field`` is a dotted path into
-an annotation (``prompt``, or e.g. ``Task2.Caption``). Folder mode: one unit per ``--shard-size`` annotation
-lines. Archive mode: one unit per archive, its rows are its annotations in archive order; an image in an
-archive with no annotation is counted as ``missing_caption``, an annotation whose image is in no archive as
-``missing_image``. Memory: byte offsets of annotation lines, not the annotations.
+``img_path`` (e.g. ``./268/3c4f....jpg``) is relative to the images folder; with archives
+(``268.tgz``, ``268.tar.gz`` or ``268.tar``, given as files, globs or a folder of them) its first
+component names the archive and the rest is matched against the archive's member paths.
+``--caption-field`` is a dotted path into an annotation (``prompt``, or e.g. ``Task2.Caption``).
+Folder mode: one unit per ``--shard-size`` annotation lines. Archive mode: one unit per archive, its
+rows are its annotations in archive order; an image in an archive with no annotation is counted as
+``missing_caption``, an annotation whose image is in no archive as ``missing_image``. Memory: byte
+offsets of annotation lines, not the annotations.
 """
 
 from __future__ import annotations
@@ -20,8 +23,17 @@ import tarfile
 from array import array
 from pathlib import Path
 
-from align.data.convert_helpers import (IMAGE_SUFFIXES, add_image_args, add_writer_args, dotted, image_options,
-                                        iter_jsonl, long_caption_sample, norm_relpath, read_jsonl_at)
+from align.data.convert_helpers import (
+    IMAGE_SUFFIXES,
+    add_image_args,
+    add_writer_args,
+    dotted,
+    image_options,
+    iter_jsonl,
+    long_caption_sample,
+    norm_relpath,
+    read_jsonl_at,
+)
 from align.data.tars import expand_shard_paths, read_member
 from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
 
@@ -40,12 +52,17 @@ def _sample(annotation: dict | None, image: bytes | None, opts: dict):
     if annotation is None:
         return Skip("bad_annotation")
     caption = dotted(annotation, opts["caption_field"])
-    return long_caption_sample(image, caption if isinstance(caption, str) else None,
-                               {"source": "journeydb", "img_path": annotation.get("img_path")}, opts)
+    return long_caption_sample(
+        image,
+        caption if isinstance(caption, str) else None,
+        {"source": "journeydb", "img_path": annotation.get("img_path")},
+        opts,
+    )
 
 
 def convert_lines(payload: tuple, need):
-    """Writer converter (folder mode): ``rows`` annotation lines from a byte offset; images from the folder."""
+    """Writer converter (folder mode): ``rows`` annotation lines from a byte offset;
+    images from the folder."""
     annotations, start, rows, images, opts = payload
     row = 0
     for _, annotation in iter_jsonl(annotations, start):
@@ -62,7 +79,8 @@ def convert_lines(payload: tuple, need):
 
 
 def _lookup(wanted: dict, name: str, stem: str) -> str | None:
-    """The annotation key of a member path: the full path, ``<stem>/<rest>``, or shorter suffixes of it."""
+    """The annotation key of a member path: the full path, ``<stem>/<rest>``,
+    or shorter suffixes of it."""
     path = norm_relpath(name)
     parts = path.split("/")
     for i in range(len(parts)):
@@ -74,8 +92,8 @@ def _lookup(wanted: dict, name: str, stem: str) -> str | None:
 
 
 def convert_archive(payload: tuple, need):
-    """Writer converter (archive mode): the annotated images of one archive, in archive order, then a
-    ``missing_image`` skip for each annotation of this archive that was not found in it."""
+    """Writer converter (archive mode): the annotated images of one archive, in archive order, then
+    a ``missing_image`` skip for each annotation of this archive that was not found in it."""
     archive, offsets, annotations, opts = payload
     stem = archive_stem(archive)
     wanted: dict[str, int] = {}
@@ -106,10 +124,21 @@ def convert_archive(payload: tuple, need):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data journeydb", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--annotations", nargs="+", required=True, help="jsonl files with img_path and a caption")
-    parser.add_argument("--images", nargs="+", required=True, help="image folder, or tar/tgz archives or a folder of them")
-    parser.add_argument("--caption-field", default="prompt", help="dotted path of the caption in an annotation")
+    parser = argparse.ArgumentParser(
+        prog="align data journeydb", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--annotations", nargs="+", required=True, help="jsonl files with img_path and a caption"
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        help="image folder, or tar/tgz archives or a folder of them",
+    )
+    parser.add_argument(
+        "--caption-field", default="prompt", help="dotted path of the caption in an annotation"
+    )
     add_writer_args(parser, prefix="journeydb")
     add_image_args(parser, shorter_side=512)
     args = parser.parse_args(argv)
@@ -122,11 +151,15 @@ def main(argv: list[str]) -> int:
     folder = args.images[0] if len(args.images) == 1 and Path(args.images[0]).is_dir() else None
     archives: list[str] = []
     if folder is not None:
-        archives = sorted(str(p) for p in Path(folder).iterdir() if p.name.endswith(ARCHIVE_SUFFIXES))
+        archives = sorted(
+            str(p) for p in Path(folder).iterdir() if p.name.endswith(ARCHIVE_SUFFIXES)
+        )
     else:
         archives, missing = expand_shard_paths(args.images, suffix=".tgz")
         if missing or not archives:
-            print(f"error: --images not found: {', '.join(missing or args.images)}", file=sys.stderr)
+            print(
+                f"error: --images not found: {', '.join(missing or args.images)}", file=sys.stderr
+            )
             return 2
     annotations = [str(Path(p).resolve()) for p in args.annotations]
     units: list[Unit] = []
@@ -141,9 +174,14 @@ def main(argv: list[str]) -> int:
                 count += 1
             for k, start in enumerate(starts):
                 rows = min(args.shard_size, count - k * args.shard_size)
-                units.append(Unit(f"{Path(path).name}:{k}", rows, (path, start, rows, images, opts)))
-        source = {"annotations": [file_identity(p) for p in annotations], "images": Path(folder).name,
-                  "options": opts}
+                units.append(
+                    Unit(f"{Path(path).name}:{k}", rows, (path, start, rows, images, opts))
+                )
+        source = {
+            "annotations": [file_identity(p) for p in annotations],
+            "images": Path(folder).name,
+            "options": opts,
+        }
         convert = convert_lines
     else:
         by_stem = {archive_stem(a): a for a in archives}
@@ -161,12 +199,30 @@ def main(argv: list[str]) -> int:
                 offsets[stem].setdefault(path, array("q")).append(offset)
         for archive in archives:
             for path, lines in offsets[archive_stem(archive)].items():
-                units.append(Unit(f"{Path(archive).name}:{Path(path).name}", len(lines),
-                                  (archive, lines, path, opts)))
-        source = {"annotations": [file_identity(p) for p in annotations],
-                  "archives": [file_identity(a) for a in archives], "options": opts}
+                units.append(
+                    Unit(
+                        f"{Path(archive).name}:{Path(path).name}",
+                        len(lines),
+                        (archive, lines, path, opts),
+                    )
+                )
+        source = {
+            "annotations": [file_identity(p) for p in annotations],
+            "archives": [file_identity(a) for a in archives],
+            "options": opts,
+        }
         convert = convert_archive
-    return run_command(lambda: write_shards(
-        args.out, command="journeydb", prefix=args.prefix, source=source, units=units, convert=convert,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress,
-        pre_skipped=pre_skipped))
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="journeydb",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            pre_skipped=pre_skipped,
+        )
+    )

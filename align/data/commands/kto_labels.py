@@ -1,22 +1,26 @@
-"""Label each image of Pick-a-Pic pair shards desirable/undesirable (Diffusion-KTO) into single-image shards.
+"""Label each image of Pick-a-Pic pair shards desirable/undesirable
+(Diffusion-KTO) into single-image shards.
 
-Usage: align data kto-labels --src <pair shards: paths, globs, brace patterns or folders...> --out <dir>
-       [--policy preferred-once|always-won|drop-contested] [--shard-size 2000] [--workers N]
+Usage: align data kto-labels --src <pair shards: paths, globs, brace patterns or folders...>
+       --out <dir> [--policy preferred-once|always-won|drop-contested] [--shard-size 2000]
+       [--workers N]
 
-An image is identified by its uid (``image_0_uid`` / ``image_1_uid``; when absent, ``sha1-<hex>`` of its
-JPEG bytes). Pass 1 reads only the json members and counts, per uid, wins (label 1), losses (label 0) and
-ties (label 0.5; a tie counts as neither a win nor a loss). Pass 2 writes each image once, from its first
-occurrence that has image bytes, with the caption of that pair. Policies:
+An image is identified by its uid (``image_0_uid`` / ``image_1_uid``; when absent, ``sha1-<hex>`` of
+its JPEG bytes). Pass 1 reads only the json members and counts, per uid, wins (label 1), losses
+(label 0) and ties (label 0.5; a tie counts as neither a win nor a loss). Pass 2 writes each image
+once, from its first occurrence that has image bytes, with the caption of that pair. Policies:
 
 * ``preferred-once`` (default, the Diffusion-KTO paper): desirable iff it won at least once.
-* ``always-won``: desirable iff it won at least once and never lost; every other image is undesirable.
+* ``always-won``: desirable iff it won at least once and never lost;
+  every other image is undesirable.
 * ``drop-contested``: images that both won and lost are dropped; the rest: desirable iff they won.
 
-So an image seen only in ties is undesirable under every policy (it was never preferred). Output: the
-single-image schema (``jpg``, ``json`` with caption, label (bool), image_uid, wins, losses, ties, model).
-Summary rows are image slots (two per pair): each is written, a ``repeat`` of an image written from another
-slot, or skipped with a reason (``contested``, ``unresolved_image`` when no slot of that uid has image bytes,
-or the pair's schema problem). Memory holds per-uid counts only, never images.
+So an image seen only in ties is undesirable under every policy (it was never preferred). Output:
+the single-image schema (``jpg``, ``json`` with caption, label (bool), image_uid, wins, losses,
+ties, model). Summary rows are image slots (two per pair): each is written, a ``repeat`` of an image
+written from another slot, or skipped with a reason (``contested``, ``unresolved_image`` when no
+slot of that uid has image bytes, or the pair's schema problem). Memory holds per-uid counts only,
+never images.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ MODEL_KEYS = ("model_0", "model_1")
 
 
 def decide(wins: int, losses: int, policy: str) -> bool | None:
-    """The label of an image with these counts under ``policy``: True desirable, False undesirable, None drop."""
+    """The label of an image with these counts under ``policy``: True desirable,
+    False undesirable, None drop."""
     if policy == "preferred-once":
         return wins >= 1
     if policy == "always-won":
@@ -72,8 +77,9 @@ def _uid(meta: dict, side: int, tar: tarfile.TarFile, member: tarfile.TarInfo | 
 
 
 def index_shard(path: str) -> tuple[list, str | None]:
-    """Pass 1 over one shard: per sample (ordinal, key, problem, labels, uids, has-bytes flags), without
-    reading images unless a uid must be hashed. Second item: a read error, if the tar is damaged."""
+    """Pass 1 over one shard: per sample (ordinal, key, problem, labels, uids, has-bytes flags),
+    without reading images unless a uid must be hashed. Second item: a read error,
+    if the tar is damaged."""
     entries = []
     try:
         for ordinal, (key, group, tar) in enumerate(iter_tar_groups(path)):
@@ -84,7 +90,9 @@ def index_shard(path: str) -> tuple[list, str | None]:
             members = [group.get(k) for k in PAIR_IMAGE_KEYS]
             uids = tuple(_uid(meta, side, tar, members[side]) for side in (0, 1))
             has = tuple(m is not None and m.size > 0 for m in members)
-            entries.append((ordinal, key, None, (float(meta["label_0"]), float(meta["label_1"])), uids, has))
+            entries.append(
+                (ordinal, key, None, (float(meta["label_0"]), float(meta["label_1"])), uids, has)
+            )
     except (tarfile.TarError, OSError, EOFError) as exn:
         return entries, f"{type(exn).__name__}: {exn}"
     return entries, None
@@ -94,15 +102,20 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
     """Both passes' bookkeeping: per-shard emit lists, slot skip counts, label statistics."""
     from tqdm import tqdm
 
-    counts: dict[str, list] = {}  # uid -> [wins, losses, ties, slots, first (shard, ordinal, side, key) | None]
+    # uid -> [wins, losses, ties, slots, first (shard, ordinal, side, key) | None]
+    counts: dict[str, list] = {}
     slot_skips: Counter = Counter()
     read_errors: dict[str, list] = {}
     pairs = ties = 0
     bar = tqdm(total=len(paths), unit="shard", desc="kto-labels: counting", disable=not progress)
     if workers > 1 and len(paths) > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=die_with_parent,
-                                   initargs=(os.getpid(),))
+        pool = ProcessPoolExecutor(
+            min(workers, len(paths)),
+            mp_context=ctx,
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
         results = pool.map(index_shard, paths)
     else:
         pool, results = None, map(index_shard, paths)
@@ -110,7 +123,9 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
         for shard, (entries, error) in enumerate(results):
             bar.update()
             if error:
-                read_errors.setdefault("damaged_tar", []).append(f"{os.path.basename(paths[shard])}: {error}")
+                read_errors.setdefault("damaged_tar", []).append(
+                    f"{os.path.basename(paths[shard])}: {error}"
+                )
             for ordinal, key, problem, labels, uids, has in entries:
                 if problem:
                     slot_skips[problem] += 2
@@ -147,15 +162,23 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
             images["desirable" if label else "undesirable"] += 1
             slot_skips["repeat"] += slots - 1
             shard, ordinal, side, key = first
-            emit.setdefault(shard, []).append((ordinal, side, key, uid, label, wins, losses, n_ties))
+            emit.setdefault(shard, []).append(
+                (ordinal, side, key, uid, label, wins, losses, n_ties)
+            )
     for entries in emit.values():
         entries.sort()
-    stats = {"images": dict(sorted(images.items())), "pairs": pairs, "tie_pairs": ties, "policy": policy}
+    stats = {
+        "images": dict(sorted(images.items())),
+        "pairs": pairs,
+        "tie_pairs": ties,
+        "policy": policy,
+    }
     return emit, slot_skips, stats, read_errors
 
 
 def convert_shard(payload: tuple, need):
-    """Writer converter: the images of one input shard whose first occurrence is there, in tar order."""
+    """Writer converter: the images of one input shard whose first occurrence is there,
+    in tar order."""
     path, entries = payload
     position = 0
     for ordinal, (key, group, tar) in enumerate(iter_tar_groups(path)):
@@ -164,7 +187,9 @@ def convert_shard(payload: tuple, need):
             if not need(position):
                 yield None
             elif key != expected_key:
-                raise RuntimeError(f"{path} changed since it was indexed (sample {ordinal} is {key!r})")
+                raise RuntimeError(
+                    f"{path} changed since it was indexed (sample {ordinal} is {key!r})"
+                )
             else:
                 member = group.get(PAIR_IMAGE_KEYS[side])
                 image = read_member(tar, member) if member is not None else b""
@@ -172,8 +197,14 @@ def convert_shard(payload: tuple, need):
                 if not image:
                     yield Skip("unresolved_image")
                 else:
-                    out = {"caption": meta["caption"], "label": bool(label), "image_uid": uid, "wins": wins,
-                           "losses": losses, "ties": n_ties}
+                    out = {
+                        "caption": meta["caption"],
+                        "label": bool(label),
+                        "image_uid": uid,
+                        "wins": wins,
+                        "losses": losses,
+                        "ties": n_ties,
+                    }
                     if meta.get(MODEL_KEYS[side]) is not None:
                         out["model"] = meta[MODEL_KEYS[side]]
                     yield {"__key__": uid, "jpg": image, "json": out}
@@ -184,8 +215,12 @@ def convert_shard(payload: tuple, need):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data kto-labels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", nargs="+", required=True, help="pair shards: paths, globs, braces, folders")
+    parser = argparse.ArgumentParser(
+        prog="align data kto-labels", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--src", nargs="+", required=True, help="pair shards: paths, globs, braces, folders"
+    )
     parser.add_argument("--policy", choices=POLICIES, default="preferred-once")
     add_writer_args(parser, prefix="kto", shard_size=2000)
     args = parser.parse_args(argv)
@@ -194,10 +229,28 @@ def main(argv: list[str]) -> int:
     if missing or not paths:
         print(f"error: no shard matches {', '.join(missing or args.src)}", file=sys.stderr)
         return 2
-    emit, slot_skips, stats, read_errors = build_plan(paths, args.policy, args.workers, not args.no_progress)
-    units = [Unit(os.path.basename(path), len(emit[i]), (path, emit[i])) for i, path in enumerate(paths) if i in emit]
+    emit, slot_skips, stats, read_errors = build_plan(
+        paths, args.policy, args.workers, not args.no_progress
+    )
+    units = [
+        Unit(os.path.basename(path), len(emit[i]), (path, emit[i]))
+        for i, path in enumerate(paths)
+        if i in emit
+    ]
     source = {"inputs": [file_identity(p) for p in paths], "policy": args.policy}
-    return run_command(lambda: write_shards(
-        args.out, command="kto-labels", prefix=args.prefix, source=source, units=units, convert=convert_shard,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress, pre_skipped=slot_skips,
-        files_skipped=read_errors, extra=stats))
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="kto-labels",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_shard,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            pre_skipped=slot_skips,
+            files_skipped=read_errors,
+            extra=stats,
+        )
+    )

@@ -1,16 +1,18 @@
 """Convert Pick-a-Pic v2 parquet files into pair shards (Diffusion-DPO), resumably.
 
-Usage: align data pickapic --src <folder of parquet files | parquet files...> --out data/pickapic/train
-       [--drop-ties] [--drop-unlabeled] [--max-side 512] [--shard-size 1000] [--workers N] [--images-dir DIR]
+Usage: align data pickapic --src <folder of parquet files | parquet files...>
+       --out data/pickapic/train [--drop-ties] [--drop-unlabeled] [--max-side 512]
+       [--shard-size 1000] [--workers N] [--images-dir DIR]
 
-Reads parquet row group by row group (bounded memory), one (file, row group) unit per task, so the shards are
-the same for any ``--workers``. Each row becomes ``jpg_0.jpg``, ``jpg_1.jpg`` and a ``json`` with caption,
-label_0, label_1 and the uids, model names, ranking_id, user_id and best_image_uid (pair schema of
-``align.data.schema``). Image order is the source's (the data module puts the winner first). Rows with a null
-label, a missing caption or image, or undecodable image bytes are skipped and counted; an unreadable parquet
-file is skipped and named in the summary. ``--drop-ties`` drops label 0.5 rows (the official DPO handling);
-``--drop-unlabeled`` drops rows whose ``has_label`` is false. The ``_no_images`` variant (no jpg_0/jpg_1
-columns) reads ``<images-dir>/<image_N_uid>.jpg|.jpeg|.png|.webp`` instead.
+Reads parquet row group by row group (bounded memory), one (file, row group) unit per task, so the
+shards are the same for any ``--workers``. Each row becomes ``jpg_0.jpg``, ``jpg_1.jpg`` and a
+``json`` with caption, label_0, label_1 and the uids, model names, ranking_id, user_id and
+best_image_uid (pair schema of ``align.data.schema``). Image order is the source's (the data module
+puts the winner first). Rows with a null label, a missing caption or image, or undecodable image
+bytes are skipped and counted; an unreadable parquet file is skipped and named in the summary.
+``--drop-ties`` drops label 0.5 rows (the official DPO handling); ``--drop-unlabeled`` drops rows
+whose ``has_label`` is false. The ``_no_images`` variant (no jpg_0/jpg_1 columns) reads
+``<images-dir>/<image_N_uid>.jpg|.jpeg|.png|.webp`` instead.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ import os
 import sys
 from pathlib import Path
 
-from align.data.convert_helpers import (ImageError, add_image_args, add_writer_args, find_image, image_options,
-                                        prepare_jpeg)
+from align.data.convert_helpers import (
+    ImageError,
+    add_image_args,
+    add_writer_args,
+    find_image,
+    image_options,
+    prepare_jpeg,
+)
 from align.data.schema import PAIR_OPTIONAL_META, pair_meta_problem
 from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
 
@@ -67,7 +75,9 @@ def convert_row(row: dict, opts: dict) -> dict | Skip:
         if not data:
             return Skip("missing_image")
         try:
-            images.append(prepare_jpeg(data, opts["max_side"], opts["shorter_side"], opts["quality"]))
+            images.append(
+                prepare_jpeg(data, opts["max_side"], opts["shorter_side"], opts["quality"])
+            )
         except ImageError:
             return Skip("undecodable_image")
     return {"jpg_0.jpg": images[0], "jpg_1.jpg": images[1], "json": meta}
@@ -80,20 +90,26 @@ def convert_row_group(payload: tuple, need):
     path, row_group, columns, opts = payload
     parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     row = 0
-    for batch in parquet.iter_batches(batch_size=opts["batch_rows"], row_groups=[row_group], columns=columns,
-                                      use_threads=False):
+    for batch in parquet.iter_batches(
+        batch_size=opts["batch_rows"], row_groups=[row_group], columns=columns, use_threads=False
+    ):
         if not any(need(row + i) for i in range(batch.num_rows)):
             yield from [None] * batch.num_rows
             row += batch.num_rows
             continue
         data = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         for i in range(batch.num_rows):
-            yield convert_row({name: values[i] for name, values in data.items()}, opts) if need(row) else None
+            yield (
+                convert_row({name: values[i] for name, values in data.items()}, opts)
+                if need(row)
+                else None
+            )
             row += 1
 
 
 def parquet_files(sources: list[str]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(path, stable name) of every parquet file named or inside a named folder; and the missing sources."""
+    """(path, stable name) of every parquet file named or inside a named folder;
+    and the missing sources."""
     files, missing = [], []
     for src in sources:
         path = Path(src)
@@ -122,8 +138,9 @@ def plan(files: list[tuple[Path, str]], opts: dict) -> tuple[list[Unit], dict, l
         inline = all(c in names for c in IMAGE_COLUMNS)
         needed = list(REQUIRED) + ([] if inline else list(UID_COLUMNS))
         if any(c not in names for c in needed) or (not inline and not opts["images_dir"]):
-            skipped.setdefault("missing_columns" if inline or opts["images_dir"] else "no_image_columns",
-                               []).append(name)
+            skipped.setdefault(
+                "missing_columns" if inline or opts["images_dir"] else "no_image_columns", []
+            ).append(name)
             continue
         wanted = list(REQUIRED) + [c for c in ("has_label", *PAIR_OPTIONAL_META) if c in names]
         if inline:
@@ -132,18 +149,29 @@ def plan(files: list[tuple[Path, str]], opts: dict) -> tuple[list[Unit], dict, l
         for row_group in range(metadata.num_row_groups):
             rows = metadata.row_group(row_group).num_rows
             if rows:
-                units.append(Unit(f"{name}#rg{row_group}", rows, (str(path), row_group, columns, opts)))
+                units.append(
+                    Unit(f"{name}#rg{row_group}", rows, (str(path), row_group, columns, opts))
+                )
     return units, skipped, inputs
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data pickapic", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="align data pickapic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--src", nargs="+", required=True, help="parquet files or folders of them")
     parser.add_argument("--drop-ties", action="store_true", help="skip rows with label_0 == 0.5")
-    parser.add_argument("--drop-unlabeled", action="store_true", help="skip rows whose has_label is false")
-    parser.add_argument("--images-dir", help="folder of <uid>.jpg|.png|.webp for the _no_images variant")
-    parser.add_argument("--batch-rows", type=int, default=32, help="rows per parquet read (memory bound)")
+    parser.add_argument(
+        "--drop-unlabeled", action="store_true", help="skip rows whose has_label is false"
+    )
+    parser.add_argument(
+        "--images-dir", help="folder of <uid>.jpg|.png|.webp for the _no_images variant"
+    )
+    parser.add_argument(
+        "--batch-rows", type=int, default=32, help="rows per parquet read (memory bound)"
+    )
     add_writer_args(parser, prefix="pickapic", shard_size=1000)
     add_image_args(parser, max_side=512)
     args = parser.parse_args(argv)
@@ -158,18 +186,37 @@ def main(argv: list[str]) -> int:
     if args.images_dir and not os.path.isdir(args.images_dir):
         print(f"error: --images-dir not found: {args.images_dir}", file=sys.stderr)
         return 2
-    opts = {"drop_ties": args.drop_ties, "drop_unlabeled": args.drop_unlabeled,
-            "images_dir": os.path.abspath(args.images_dir) if args.images_dir else None,
-            "batch_rows": args.batch_rows, **image_options(args)}
+    opts = {
+        "drop_ties": args.drop_ties,
+        "drop_unlabeled": args.drop_unlabeled,
+        "images_dir": os.path.abspath(args.images_dir) if args.images_dir else None,
+        "batch_rows": args.batch_rows,
+        **image_options(args),
+    }
     units, files_skipped, inputs = plan(files, opts)
     if files_skipped.get("no_image_columns") and not units:
-        print("error: the parquet files have no jpg_0/jpg_1 columns (the _no_images variant): pass --images-dir",
-              file=sys.stderr)
+        print(
+            "error: the parquet files have no jpg_0/jpg_1 columns (the _no_images variant): "
+            "pass --images-dir",
+            file=sys.stderr,
+        )
         return 2
-    source = {"inputs": inputs,
-              "options": {k: v for k, v in opts.items() if k not in ("batch_rows", "images_dir")},
-              "images_dir": Path(args.images_dir).name if args.images_dir else None}
-    return run_command(lambda: write_shards(
-        args.out, command="pickapic", prefix=args.prefix, source=source, units=units, convert=convert_row_group,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress,
-        files_skipped=files_skipped))
+    source = {
+        "inputs": inputs,
+        "options": {k: v for k, v in opts.items() if k not in ("batch_rows", "images_dir")},
+        "images_dir": Path(args.images_dir).name if args.images_dir else None,
+    }
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="pickapic",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_row_group,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            files_skipped=files_skipped,
+        )
+    )

@@ -6,13 +6,14 @@ Usage::
                        [--batch-size 16] [--device auto] [--overwrite]
 
 ``SHARDS``: a directory of ``.tar`` pair shards, one shard, a glob or a brace pattern
-(``pairs-{000000..000009}.tar``). Every pair (schema in ``align.data.schema``: ``jpg_0.jpg``, ``jpg_1.jpg``,
-``json``) is scored by the reward against its caption; the json's ``label_0`` / ``label_1`` become the reward's
-preference (1/0, or 0.5/0.5 on an exact tie), the human labels move to ``human_label_0`` / ``human_label_1``
-(kept from the first relabelling if the shard was relabelled before), and ``ai_feedback`` records the reward,
-its source and both scores. Every other member is copied byte for byte, so DPO and KTO read the output shards
-unchanged. Output shards keep their names under ``--out``. Pairs that cannot be used (bad json, a missing or
-unreadable image) are skipped, counted by reason and reported.
+(``pairs-{000000..000009}.tar``). Every pair (schema in ``align.data.schema``: ``jpg_0.jpg``,
+``jpg_1.jpg``, ``json``) is scored by the reward against its caption; the json's ``label_0`` /
+``label_1`` become the reward's preference (1/0, or 0.5/0.5 on an exact tie), the human labels move
+to ``human_label_0`` / ``human_label_1`` (kept from the first relabelling if the shard was
+relabelled before), and ``ai_feedback`` records the reward, its source and both scores. Every other
+member is copied byte for byte, so DPO and KTO read the output shards unchanged. Output shards keep
+their names under ``--out``. Pairs that cannot be used (bad json, a missing or unreadable image) are
+skipped, counted by reason and reported.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from align.commands import doc_summary
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
 
 
@@ -52,7 +54,9 @@ def iter_samples(tar: tarfile.TarFile):
         yield key, members
 
 
-def relabel_meta(meta: dict, score_0: float, score_1: float, reward: str, source: str | None) -> dict:
+def relabel_meta(
+    meta: dict, score_0: float, score_1: float, reward: str, source: str | None
+) -> dict:
     """The pair json with the reward's preference as label and the human label kept alongside."""
     out = dict(meta)
     if "human_label_0" not in out:  # relabelling a relabelled shard keeps the original human label
@@ -63,7 +67,12 @@ def relabel_meta(meta: dict, score_0: float, score_1: float, reward: str, source
         out["label_0"], out["label_1"] = 0.0, 1.0
     else:
         out["label_0"], out["label_1"] = 0.5, 0.5
-    out["ai_feedback"] = {"reward": reward, "source": source, "score_0": float(score_0), "score_1": float(score_1)}
+    out["ai_feedback"] = {
+        "reward": reward,
+        "source": source,
+        "score_0": float(score_0),
+        "score_1": float(score_1),
+    }
     return out
 
 
@@ -101,8 +110,16 @@ def _prepare(key: str, members) -> tuple[dict | None, list | None, str | None]:
     return meta, images, None
 
 
-def relabel_shard(src: Path, dst: Path, reward, reward_name: str, source: str | None, batch_size: int,
-                  counts: Counter, progress=None) -> None:
+def relabel_shard(
+    src: Path,
+    dst: Path,
+    reward,
+    reward_name: str,
+    source: str | None,
+    batch_size: int,
+    counts: Counter,
+    progress=None,
+) -> None:
     tmp = dst.with_name(dst.name + ".partial")
     with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
         pending = []  # (members, meta, images)
@@ -115,7 +132,9 @@ def relabel_shard(src: Path, dst: Path, reward, reward_name: str, source: str | 
             scores = reward.score(images, captions, batch_size=2 * batch_size).cpu().tolist()
             for j, (members, meta, _) in enumerate(pending):
                 new_meta = relabel_meta(meta, scores[2 * j], scores[2 * j + 1], reward_name, source)
-                agree = float(new_meta["label_0"]) == float(meta.get("human_label_0", meta["label_0"]))
+                agree = float(new_meta["label_0"]) == float(
+                    meta.get("human_label_0", meta["label_0"])
+                )
                 counts["agree_with_human" if agree else "disagree_with_human"] += 1
                 for info, data in members:
                     if split_member(info.name)[1] == "json":
@@ -140,14 +159,22 @@ def relabel_shard(src: Path, dst: Path, reward, reward_name: str, source: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align data relabel", description=__doc__.splitlines()[0])
-    p.add_argument("--reward", required=True, help="reward name (pickscore, hps, clip, aesthetic, imagereward)")
-    p.add_argument("--reward-source", default=None, help="local path or hub id of the reward's weights")
-    p.add_argument("--src", required=True, help="pair shards: directory, .tar, glob or brace pattern")
+    p = argparse.ArgumentParser(prog="align data relabel", description=doc_summary(__doc__))
+    p.add_argument(
+        "--reward", required=True, help="reward name (pickscore, hps, clip, aesthetic, imagereward)"
+    )
+    p.add_argument(
+        "--reward-source", default=None, help="local path or hub id of the reward's weights"
+    )
+    p.add_argument(
+        "--src", required=True, help="pair shards: directory, .tar, glob or brace pattern"
+    )
     p.add_argument("--out", required=True, help="output directory (same shard names)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs scored per batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace output shards that already exist")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output shards that already exist"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -168,12 +195,18 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(args.out).expanduser()
     if any(s.resolve().parent == out.resolve() for s in shards):
-        print("align data relabel: error: --out must differ from the shards' directory", file=sys.stderr)
+        print(
+            "align data relabel: error: --out must differ from the shards' directory",
+            file=sys.stderr,
+        )
         return 2
     existing = [out / s.name for s in shards if (out / s.name).exists()]
     if existing and not args.overwrite:
-        print(f"align data relabel: error: {len(existing)} output shards exist (e.g. {existing[0]}); "
-              "pass --overwrite", file=sys.stderr)
+        print(
+            f"align data relabel: error: {len(existing)} output shards exist (e.g. {existing[0]}); "
+            "pass --overwrite",
+            file=sys.stderr,
+        )
         return 2
     try:
         name = canonical_name(args.reward)
@@ -185,10 +218,15 @@ def main(argv: list[str]) -> int:
     counts: Counter = Counter()
     bar = tqdm(desc=f"relabel ({name})", unit="pair", disable=args.no_progress)
     for shard in shards:
-        relabel_shard(shard, out / shard.name, reward, name, args.reward_source, args.batch_size, counts, bar)
+        relabel_shard(
+            shard, out / shard.name, reward, name, args.reward_source, args.batch_size, counts, bar
+        )
     bar.close()
     summary = {"shards": len(shards), **dict(sorted(counts.items()))}
-    (out / "relabel_summary.json").write_text(json.dumps({"reward": name, "source": args.reward_source,
-                                                          "src": args.src, **summary}, indent=2))
+    (out / "relabel_summary.json").write_text(
+        json.dumps(
+            {"reward": name, "source": args.reward_source, "src": args.src, **summary}, indent=2
+        )
+    )
     print(json.dumps(summary))
     return 0 if counts["relabelled"] else 1

@@ -1,13 +1,14 @@
-"""Convert SA-1B tars (sa_N.jpg + sa_N.json) with a folder of long captions (sa_N.txt) into long-caption shards.
+"""Convert SA-1B tars (sa_N.jpg + sa_N.json) with a folder of long captions
+(sa_N.txt) into long-caption shards.
 
-Usage: align data sam --src <SA-1B tars, globs or folders...> --captions <folder of sa_N.txt> --out data/sam
-       [--shorter-side 512] [--max-side 0] [--shard-size 1000] [--workers N]
+Usage: align data sam --src <SA-1B tars, globs or folders...> --captions <folder of sa_N.txt>
+       --out data/sam [--shorter-side 512] [--max-side 0] [--shard-size 1000] [--workers N]
 
-One unit per input tar (its images are counted first from the tar headers), so the shards do not depend on
-``--workers``. The caption of ``sa_N.jpg`` is ``<captions>/sa_N.txt`` or ``<captions>/<tar name>/sa_N.txt``.
-The SA-1B mask annotations (``sa_N.json``) are not read. An image without a caption is skipped and counted
-(``missing_caption``); an unreadable tar is skipped and named. Output: ``jpg``, ``txt``, ``json``
-(source, image file, tar) per sample, keyed ``sa_N``.
+One unit per input tar (its images are counted first from the tar headers), so the shards do not
+depend on ``--workers``. The caption of ``sa_N.jpg`` is ``<captions>/sa_N.txt`` or
+``<captions>/<tar name>/sa_N.txt``. The SA-1B mask annotations (``sa_N.json``) are not read. An
+image without a caption is skipped and counted (``missing_caption``); an unreadable tar is skipped
+and named. Output: ``jpg``, ``txt``, ``json`` (source, image file, tar) per sample, keyed ``sa_N``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from align.data.convert_helpers import add_image_args, add_writer_args, image_options, long_caption_sample
+from align.data.convert_helpers import (
+    add_image_args,
+    add_writer_args,
+    image_options,
+    long_caption_sample,
+)
 from align.data.tars import expand_shard_paths, read_member
 from align.data.writer import Unit, file_identity, run_command, write_shards
 
@@ -47,8 +53,13 @@ def convert_tar(payload: tuple, need):
                 stem = name.rsplit(".", 1)[0]
                 caption = caption_for(Path(captions), tar_stem, stem)
                 image = read_member(tar, member) if caption else None
-                yield long_caption_sample(image, caption, {"source": "sa-1b", "image": name,
-                                                           "tar": Path(path).name}, opts, key=stem)
+                yield long_caption_sample(
+                    image,
+                    caption,
+                    {"source": "sa-1b", "image": name, "tar": Path(path).name},
+                    opts,
+                    key=stem,
+                )
             else:
                 yield None
             row += 1
@@ -56,7 +67,9 @@ def convert_tar(payload: tuple, need):
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data sam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", nargs="+", required=True, help="SA-1B tars: paths, globs, braces or folders")
+    parser.add_argument(
+        "--src", nargs="+", required=True, help="SA-1B tars: paths, globs, braces or folders"
+    )
     parser.add_argument("--captions", required=True, help="folder of sa_N.txt captions")
     add_writer_args(parser, prefix="sam")
     add_image_args(parser, shorter_side=512)
@@ -81,9 +94,25 @@ def main(argv: list[str]) -> int:
             files_skipped.setdefault("unreadable_tar", []).append(Path(path).name)
             continue
         if rows:
-            units.append(Unit(Path(path).name, rows, (path, str(Path(args.captions).resolve()), opts)))
-    source = {"inputs": [file_identity(p) for p in paths], "captions": Path(args.captions).name, "options": opts}
-    return run_command(lambda: write_shards(
-        args.out, command="sam", prefix=args.prefix, source=source, units=units, convert=convert_tar,
-        shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress,
-        files_skipped=files_skipped))
+            units.append(
+                Unit(Path(path).name, rows, (path, str(Path(args.captions).resolve()), opts))
+            )
+    source = {
+        "inputs": [file_identity(p) for p in paths],
+        "captions": Path(args.captions).name,
+        "options": opts,
+    }
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command="sam",
+            prefix=args.prefix,
+            source=source,
+            units=units,
+            convert=convert_tar,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            files_skipped=files_skipped,
+        )
+    )

@@ -1,4 +1,5 @@
-"""Write a synthetic data set in a real shard schema (pickapic pairs, kto singles, long captions)."""
+"""Write a synthetic data set in a real shard schema
+(pickapic pairs, kto singles, long captions)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import importlib
 from pathlib import Path
 
-# kind -> "module:function"; each function takes (out_dir, samples, shards, resolution, seed) -> list of shards
+# kind -> "module:function"; each function takes (out_dir, samples, shards, resolution, seed) ->
+# list of shards
 WRITERS = {
     "pickapic": "align.data.synthetic:write_synthetic_pickapic",
     "kto": "align.data.synthetic:write_synthetic_kto",
@@ -19,7 +21,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data synthetic", description=__doc__)
     parser.add_argument("kind", choices=sorted(WRITERS), help="which schema to write")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--samples", type=int, default=256, help="number of samples (pairs for pickapic)")
+    parser.add_argument(
+        "--samples", type=int, default=256, help="number of samples (pairs for pickapic)"
+    )
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -31,5 +35,8 @@ def main(argv: list[str]) -> int:
     module, function = WRITERS[args.kind].split(":")
     write = getattr(importlib.import_module(module), function)
     paths = write(args.out, args.samples, args.shards, args.resolution, args.seed)
-    print(f"wrote {args.samples} synthetic {args.kind} samples into {len(paths)} shards under {args.out}")
+    print(
+        f"wrote {args.samples} synthetic {args.kind} samples into {len(paths)} shards "
+        f"under {args.out}"
+    )
     return 0

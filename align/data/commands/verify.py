@@ -3,9 +3,10 @@
 Usage: align data verify <shard paths, globs, brace patterns or folders...>
        [--schema auto|pair|single|long|cached] [--workers N] [--report report.json] [--examples 20]
 
-The schema (``align.data.schema``) is detected per shard from its first sample unless ``--schema`` is given.
-When the shard's folder has a ``manifest.json`` listing it (written by the converters), its sha256 and sample
-count are checked too. Exit status: 0 all good, 1 problems found, 2 no shards / bad arguments.
+The schema (``align.data.schema``) is detected per shard from its first sample unless ``--schema``
+is given. When the shard's folder has a ``manifest.json`` listing it (written by the converters),
+its sha256 and sample count are checked too. Exit status: 0 all good, 1 problems found,
+2 no shards / bad arguments.
 
 Latent caches (``align data cache-latents``) are ``cached`` shards, checked by
 :mod:`align.data.commands.verify_cache`.
@@ -26,9 +27,19 @@ from pathlib import Path
 
 from align.data.images import decode_caption
 from align.data.pipeline import SkipSample
-from align.data.schema import (LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, pair_meta_problem,
-                               single_meta_problem)
-from align.data.commands.verify_cache import CachedShardCheck, cache_settings, detect_cached, parse_json
+from align.data.schema import (
+    LONG_CAPTION_KEYS,
+    PAIR_IMAGE_KEYS,
+    SINGLE_IMAGE_KEY,
+    pair_meta_problem,
+    single_meta_problem,
+)
+from align.data.commands.verify_cache import (
+    CachedShardCheck,
+    cache_settings,
+    detect_cached,
+    parse_json,
+)
 from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
 from align.data.writer import MANIFEST, die_with_parent
 
@@ -88,7 +99,11 @@ def sample_problems(schema: str, sample: dict[str, bytes]) -> list[tuple[str, st
                 problems.append((reason, ""))  # what training would skip
         elif not isinstance(meta, dict):
             problems.append(("json_not_object", str(meta)[:200]))
-    if schema == "long" and "txt" in sample and (reason := caption_problem(sample["txt"])) is not None:
+    if (
+        schema == "long"
+        and "txt" in sample
+        and (reason := caption_problem(sample["txt"])) is not None
+    ):
         problems.append((reason, ""))
     return problems
 
@@ -120,15 +135,22 @@ def _manifest_record(manifest: dict | None, path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-# ------------------------------------------------------------------------------------------ cached shards
-# align.data.cached imports torch: it is imported only once a shard looks cached, so that verifying image
-# shards stays as light as it was.
+# ------------------------------------------------------------------------------------ cached shards
+# align.data.cached imports torch: it is imported only once a shard looks cached, so that verifying
+# image shards stays as light as it was.
+
 
 def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
-    """Report for one shard: samples, schema, problems by reason, a few examples (key, reason, detail)."""
+    """Report for one shard: samples, schema, problems by reason, a few examples
+    (key, reason, detail)."""
     problems: Counter = Counter()
     found: list[tuple[str, str, str]] = []
-    report = {"shard": path, "samples": 0, "bad_samples": 0, "schema": None if schema == "auto" else schema}
+    report = {
+        "shard": path,
+        "samples": 0,
+        "bad_samples": 0,
+        "schema": None if schema == "auto" else schema,
+    }
 
     def note(key: str, reason: str, detail: str) -> None:
         problems[reason] += 1
@@ -169,7 +191,11 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
         if sha256_file(path) != record.get("sha256"):
             note("-", "checksum_mismatch", f"sha256 differs from {MANIFEST}")
         if record.get("samples") != report["samples"]:
-            note("-", "sample_count_mismatch", f"{report['samples']} samples, {MANIFEST} says {record.get('samples')}")
+            note(
+                "-",
+                "sample_count_mismatch",
+                f"{report['samples']} samples, {MANIFEST} says {record.get('samples')}",
+            )
     report["problems"] = dict(problems)
     report["examples"] = found
     report["empty"] = report["samples"] == 0
@@ -183,10 +209,16 @@ def _verify_args(args: tuple) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", nargs="+", help="shard paths, globs, brace patterns or folders")
-    parser.add_argument("--schema", choices=("auto", *SCHEMAS, CACHED), default="auto",
-                        help="auto (per shard), or check every shard as this schema (cached: a latent cache)")
+    parser.add_argument(
+        "--schema",
+        choices=("auto", *SCHEMAS, CACHED),
+        default="auto",
+        help="auto (per shard), or check every shard as this schema (cached: a latent cache)",
+    )
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-    parser.add_argument("--examples", type=int, default=20, help="problem examples to show per shard")
+    parser.add_argument(
+        "--examples", type=int, default=20, help="problem examples to show per shard"
+    )
     parser.add_argument("--report", help="also write the full report as JSON here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -204,8 +236,12 @@ def main(argv: list[str]) -> int:
     reports = []
     if args.workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=ctx, initializer=die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(
+            min(args.workers, len(jobs)),
+            mp_context=ctx,
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             for report in pool.map(_verify_args, jobs):
                 reports.append(report)
                 bar.update()
@@ -220,20 +256,33 @@ def main(argv: list[str]) -> int:
     for report in reports:
         totals.update(report["problems"])
         if report["problems"]:
-            print(f"{report['shard']}: {report['samples']} samples, {report['bad_samples']} bad, "
-                  f"problems {report['problems']}")
+            print(
+                f"{report['shard']}: {report['samples']} samples, {report['bad_samples']} bad, "
+                f"problems {report['problems']}"
+            )
             for key, reason, detail in report["examples"]:
                 print(f"  {key}: {reason}: {detail}")
     samples = sum(r["samples"] for r in reports)
     bad = sum(r["bad_samples"] for r in reports)
     bad_shards = sum(bool(r["problems"]) for r in reports)
     empty = [r["shard"] for r in reports if r["empty"]]
-    print(f"verified {len(reports)} shards ({dict(schemas)}): {samples} samples, {bad} bad samples, "
-          f"{bad_shards} shards with problems" + (f", {len(empty)} empty shards" if empty else ""))
+    print(
+        f"verified {len(reports)} shards ({dict(schemas)}): {samples} samples, {bad} bad samples, "
+        f"{bad_shards} shards with problems" + (f", {len(empty)} empty shards" if empty else "")
+    )
     for reason, n in sorted(totals.items()):
         print(f"  {reason}: {n}")
     if args.report:
         with open(args.report, "w", encoding="utf-8") as handle:
-            json.dump({"shards": reports, "samples": samples, "bad_samples": bad, "problems": dict(totals),
-                       "missing": missing}, handle, indent=1)
+            json.dump(
+                {
+                    "shards": reports,
+                    "samples": samples,
+                    "bad_samples": bad,
+                    "problems": dict(totals),
+                    "missing": missing,
+                },
+                handle,
+                indent=1,
+            )
     return 1 if totals or missing else 0

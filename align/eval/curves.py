@@ -2,12 +2,13 @@
 
 ``read_curves(path)`` returns ``{metric: (steps, values)}`` for:
 
-* a Lightning ``CSVLogger`` ``metrics.csv`` (or a directory holding one, searched recursively: the newest);
-* a wandb run directory (``wandb/offline-run-*`` or ``wandb/run-*``; or a ``wandb/`` directory: the newest run),
-  read from its ``run-<id>.wandb`` file. That file is a LevelDB-style log (a 7-byte ``:W&B`` header, 32 KiB
-  blocks of records with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST) of wandb ``Record``
-  protobufs; the ``history`` records hold the logged rows. wandb >= 0.19 no longer ships a Python reader,
-  hence this small one (CRCs are not verified).
+* a Lightning ``CSVLogger`` ``metrics.csv`` (or a directory holding one, searched recursively: the
+  newest);
+* a wandb run directory (``wandb/offline-run-*`` or ``wandb/run-*``; or a ``wandb/`` directory: the
+  newest run), read from its ``run-<id>.wandb`` file. That file is a LevelDB-style log (a 7-byte
+  ``:W&B`` header, 32 KiB blocks of records with a 7-byte header: CRC, length, type
+  FULL/FIRST/MIDDLE/LAST) of wandb ``Record`` protobufs; the ``history`` records hold the logged
+  rows. wandb >= 0.19 no longer ships a Python reader, hence this small one (CRCs are not verified).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _add(curves: dict, key: str, step: float, value) -> None:
 
 
 def read_lightning_csv(path: str | Path) -> Curves:
-    """Every numeric column of a Lightning ``metrics.csv`` against ``step`` (rows where it is set)."""
+    """Every numeric column of a Lightning ``metrics.csv`` against ``step``
+    (rows where it is set)."""
     curves: dict = defaultdict(lambda: ([], []))
     with Path(path).open(newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):

@@ -1,8 +1,8 @@
 """Evaluate a rendered image set: reward means, paired win rates against a baseline set, FID.
 
-Everything that can be checked without compute is checked first: both sets exist and hold images, their prompt
-sets are identical (otherwise the error lists the difference), the reward names are known, the FID reference
-exists. Then the rewards are loaded and the images scored.
+Everything that can be checked without compute is checked first: both sets exist and hold images,
+their prompt sets are identical (otherwise the error lists the difference), the reward names are
+known, the FID reference exists. Then the rewards are loaded and the images scored.
 """
 
 from __future__ import annotations
@@ -51,16 +51,26 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, ImageSet | None]:
     run = scan_image_set(config.images)
     baseline = scan_image_set(config.baseline) if config.baseline else None
     if baseline is not None:
-        diff = prompt_difference(run.prompts, baseline.prompts, name_a=f"run ({run.root})",
-                                 name_b=f"baseline ({baseline.root})")
+        diff = prompt_difference(
+            run.prompts,
+            baseline.prompts,
+            name_a=f"run ({run.root})",
+            name_b=f"baseline ({baseline.root})",
+        )
         if diff:
             raise ImageSetError(diff)
     return run, baseline
 
 
 def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
-    """Run the evaluation; returns (report dict, per-image score rows, report directory). Writes nothing."""
-    from align.eval.fid import build_feature_extractor, compute_stats, fid_from_stats, reference_stats
+    """Run the evaluation; returns (report dict, per-image score rows, report directory). Writes
+    nothing."""
+    from align.eval.fid import (
+        build_feature_extractor,
+        compute_stats,
+        fid_from_stats,
+        reference_stats,
+    )
     from align.eval.sampling import resolve_device
     from align.rewards import build_reward, canonical_name
 
@@ -77,49 +87,88 @@ def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
     device = resolve_device(config.device)
 
     rewards = {n: build_reward(n, reward_source(n, config), device=device) for n in names}
-    for reward in rewards.values():  # a decomposing reward without a saved direction estimates it on this set
+    # a decomposing reward without a saved direction estimates it on this set
+    for reward in rewards.values():
         if hasattr(reward, "fit_direction") and getattr(reward, "direction", 0) is None:
             reward.fit_direction(run.prompts)
     scored_run = score_image_set(run, rewards, config.batch_size, config.progress, log=log)
-    scored_base = score_image_set(baseline, rewards, config.batch_size, config.progress, log=log) \
-        if baseline is not None else None
+    scored_base = (
+        score_image_set(baseline, rewards, config.batch_size, config.progress, log=log)
+        if baseline is not None
+        else None
+    )
     del rewards
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     report = {
-        "run": str(run.root), "baseline": str(baseline.root) if baseline else None, "pairing": config.pairing,
-        "n_boot": config.n_boot, "confidence": config.confidence, "bootstrap_seed": config.seed,
-        "num_prompts": len(run.prompts), "seeds": run.seeds, "run_meta": run.meta,
+        "run": str(run.root),
+        "baseline": str(baseline.root) if baseline else None,
+        "pairing": config.pairing,
+        "n_boot": config.n_boot,
+        "confidence": config.confidence,
+        "bootstrap_seed": config.seed,
+        "num_prompts": len(run.prompts),
+        "seeds": run.seeds,
+        "run_meta": run.meta,
         "baseline_meta": baseline.meta if baseline else None,
-        "skipped": {k: v for k, v in {"run": scored_run.skipped,
-                                      "baseline": scored_base.skipped if scored_base else []}.items() if v},
-        "rewards": {}, "fid": None,
+        "skipped": {
+            k: v
+            for k, v in {
+                "run": scored_run.skipped,
+                "baseline": scored_base.skipped if scored_base else [],
+            }.items()
+            if v
+        },
+        "rewards": {},
+        "fid": None,
     }
     for name in scored_run.scores:
         run_scores = scored_run.scores[name]
-        entry = {"run": mean_score(run_scores, config.n_boot, config.seed, config.confidence).as_dict()}
+        entry = {
+            "run": mean_score(run_scores, config.n_boot, config.seed, config.confidence).as_dict()
+        }
         if scored_base is not None:
             base_scores = scored_base.scores.get(name, {})
-            entry["baseline"] = mean_score(base_scores, config.n_boot, config.seed, config.confidence).as_dict()
+            entry["baseline"] = mean_score(
+                base_scores, config.n_boot, config.seed, config.confidence
+            ).as_dict()
             missing = len(set(run_scores) ^ set(base_scores))
             if missing:
-                print(f"warning: {name}: {missing} images have no counterpart in the other set and are left out "
-                      "of the win rate", file=log)
-            entry["win_rate"] = paired_win_rate(run_scores, base_scores, config.pairing, config.n_boot,
-                                                config.seed, config.confidence).as_dict()
+                print(
+                    f"warning: {name}: {missing} images have no counterpart in the other set and "
+                    "are left out of the win rate",
+                    file=log,
+                )
+            entry["win_rate"] = paired_win_rate(
+                run_scores,
+                base_scores,
+                config.pairing,
+                config.n_boot,
+                config.seed,
+                config.confidence,
+            ).as_dict()
         report["rewards"][name] = entry
 
     if config.fid_reference:
         extractor = build_feature_extractor(config.fid_features, device=device)
         ref = reference_stats(config.fid_reference, extractor, batch_size=config.batch_size)
         run_stats = compute_stats([e.path for e in run.entries], extractor, config.batch_size)
-        fid = {"reference": str(config.fid_reference), "features": extractor.spec, "reference_n": ref.n,
-               "run": fid_from_stats(run_stats, ref), "run_n": run_stats.n}
+        fid = {
+            "reference": str(config.fid_reference),
+            "features": extractor.spec,
+            "reference_n": ref.n,
+            "run": fid_from_stats(run_stats, ref),
+            "run_n": run_stats.n,
+        }
         if baseline is not None:
-            base_stats = compute_stats([e.path for e in baseline.entries], extractor, config.batch_size)
+            base_stats = compute_stats(
+                [e.path for e in baseline.entries], extractor, config.batch_size
+            )
             fid.update(baseline=fid_from_stats(base_stats, ref), baseline_n=base_stats.n)
         report["fid"] = fid
 
-    rows = scored_run.rows("run") + (scored_base.rows("baseline") if scored_base is not None else [])
+    rows = scored_run.rows("run") + (
+        scored_base.rows("baseline") if scored_base is not None else []
+    )
     return report, rows, out

@@ -2,18 +2,19 @@
 
 Feature extractors (``build_feature_extractor(spec)``):
 
-* ``inception`` / ``inception:<weights.pth>``: the standard FID Inception-v3 (TF-ported 2015-12-05 weights, pool3,
-  2048-d) through torchmetrics' ``NoTrainInceptionV3``; needs the ``torch-fidelity`` package, and the weights
-  file ``weights-inception-2015-12-05-6726825d.pth`` where nothing can be downloaded.
-* ``clip:<dir or hub id>``: the projected image embedding of a transformers CLIP model (FID_CLIP, Kynkäänniemi
-  et al. 2023), preprocessed by its own PIL-backend image processor; works from local weights (the tiny CLIP of
-  ``align.rewards.tiny`` in tests and ``make eval``).
+* ``inception`` / ``inception:<weights.pth>``: the standard FID Inception-v3 (TF-ported 2015-12-05
+  weights, pool3, 2048-d) through torchmetrics' ``NoTrainInceptionV3``; needs the ``torch-fidelity``
+  package, and the weights file ``weights-inception-2015-12-05-6726825d.pth`` where nothing can be
+  downloaded.
+* ``clip:<dir or hub id>``: the projected image embedding of a transformers CLIP model (FID_CLIP,
+  Kynkäänniemi et al. 2023), preprocessed by its own PIL-backend image processor; works from local
+  weights (the tiny CLIP of ``align.rewards.tiny`` in tests and ``make eval``).
 
-Statistics are accumulated in float64 and saved as ``.npz`` with ``mu``, ``sigma`` (the pytorch-fid / clean-fid
-key names), ``n`` and ``features`` (the extractor spec, checked on reuse so that statistics of different
-features are never compared). The distance is
-``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)`` with symmetric eigendecompositions (exact for
-PSD matrices, no scipy needed).
+Statistics are accumulated in float64 and saved as ``.npz`` with ``mu``, ``sigma`` (the pytorch-fid
+/ clean-fid key names), ``n`` and ``features`` (the extractor spec, checked on reuse so that
+statistics of different features are never compared). The distance is
+``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)`` with symmetric
+eigendecompositions (exact for PSD matrices, no scipy needed).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class FeatureStats:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mu=self.mu, sigma=self.sigma, n=np.array(self.n), features=np.array(self.features))
+        np.savez(
+            path, mu=self.mu, sigma=self.sigma, n=np.array(self.n), features=np.array(self.features)
+        )
         return path
 
     @classmethod
@@ -51,9 +54,12 @@ class FeatureStats:
         data = np.load(path, allow_pickle=False)
         if "mu" not in data or "sigma" not in data:
             raise FIDError(f"{path}: not an FID statistics file (needs 'mu' and 'sigma')")
-        return cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
-                   n=int(data["n"]) if "n" in data else -1,
-                   features=str(data["features"]) if "features" in data else "unknown")
+        return cls(
+            mu=data["mu"].astype(np.float64),
+            sigma=data["sigma"].astype(np.float64),
+            n=int(data["n"]) if "n" in data else -1,
+            features=str(data["features"]) if "features" in data else "unknown",
+        )
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -61,10 +67,15 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FIDError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
     root = _sqrt_psd(sigma1)
@@ -77,7 +88,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     if a.features != b.features and "unknown" not in (a.features, b.features):
-        raise FIDError(f"cannot compare statistics of different features: {a.features!r} vs {b.features!r}")
+        raise FIDError(
+            f"cannot compare statistics of different features: {a.features!r} vs {b.features!r}"
+        )
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
@@ -110,22 +123,41 @@ class InceptionFeatures(FeatureExtractor):
             from torchmetrics.image.fid import NoTrainInceptionV3
             import torch_fidelity  # noqa: F401
         except ImportError as err:
-            raise FIDError("FID with Inception features needs the torch-fidelity package "
-                           "(pip install torch-fidelity), or use --fid-features clip:<CLIP dir>") from err
+            raise FIDError(
+                "FID with Inception features needs the torch-fidelity package "
+                "(pip install torch-fidelity), or use --fid-features clip:<CLIP dir>"
+            ) from err
         if weights is not None and not Path(weights).is_file():
             raise FIDError(f"FID Inception weights not found: {weights}")
         self.spec = "inception"
-        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                        feature_extractor_weights_path=weights).eval().to(device)
+        self.model = (
+            NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=weights,
+            )
+            .eval()
+            .to(device)
+        )
         self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, images):
-        arrays = [torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1) for im in images]
+        arrays = [
+            torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+            for im in images
+        ]
         sizes = {tuple(a.shape) for a in arrays}
         if len(sizes) > 1:  # the extractor resizes to 299 itself; a batch needs one size
-            arrays = [torch.nn.functional.interpolate(a[None].float(), size=arrays[0].shape[1:], mode="bilinear")[0]
-                      .round().clamp(0, 255).to(torch.uint8) for a in arrays]
+            arrays = [
+                torch.nn.functional.interpolate(
+                    a[None].float(), size=arrays[0].shape[1:], mode="bilinear"
+                )[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+                for a in arrays
+            ]
         batch = torch.stack(arrays).to(self.device)
         return self.model(batch).reshape(len(images), -1).double().cpu().numpy()
 
@@ -143,14 +175,23 @@ def build_feature_extractor(spec: str, device: str | torch.device = "cpu") -> Fe
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not p.name.endswith(".partial.png"))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not p.name.endswith(".partial.png")
+    )
 
 
-def compute_stats(images: Iterable[Image.Image | Path], extractor: FeatureExtractor, batch_size: int = 32,
-                  skipped: list | None = None) -> FeatureStats:
-    """Mean and covariance (float64, unbiased) of the features of ``images`` (PIL images or paths; unreadable
-    paths are appended to ``skipped`` and left out)."""
+def compute_stats(
+    images: Iterable[Image.Image | Path],
+    extractor: FeatureExtractor,
+    batch_size: int = 32,
+    skipped: list | None = None,
+) -> FeatureStats:
+    """Mean and covariance (float64, unbiased) of the features of ``images`` (PIL images or paths;
+    unreadable paths are appended to ``skipped`` and left out)."""
     from align.eval.scoring import load_image
 
     n, total, outer = 0, None, None
@@ -185,17 +226,23 @@ def compute_stats(images: Iterable[Image.Image | Path], extractor: FeatureExtrac
     return FeatureStats(mu=mu, sigma=sigma, n=n, features=extractor.spec)
 
 
-def reference_stats(reference: str | Path, extractor: FeatureExtractor, batch_size: int = 32) -> FeatureStats:
+def reference_stats(
+    reference: str | Path, extractor: FeatureExtractor, batch_size: int = 32
+) -> FeatureStats:
     """Statistics of ``reference``: an ``.npz`` statistics file, or a directory of images."""
     path = Path(reference).expanduser()
     if path.is_file():
         stats = FeatureStats.load(path)
         if stats.features not in (extractor.spec, "unknown"):
-            raise FIDError(f"{path} holds statistics of {stats.features!r} features, not {extractor.spec!r}")
+            raise FIDError(
+                f"{path} holds statistics of {stats.features!r} features, not {extractor.spec!r}"
+            )
         return stats
     if path.is_dir():
         files = list_images(path)
         if not files:
             raise FIDError(f"FID reference {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return compute_stats(files, extractor, batch_size=batch_size)
-    raise FIDError(f"FID reference {path} does not exist (a directory of images or an .npz statistics file)")
+    raise FIDError(
+        f"FID reference {path} does not exist (a directory of images or an .npz statistics file)"
+    )

@@ -1,14 +1,16 @@
-"""The on-disk layout of a rendered image set (what ``align sample`` writes and ``align eval`` reads).
+"""The on-disk layout of a rendered image set (what ``align sample`` writes and ``align eval``
+reads).
 
 ::
 
-    <dir>/prompts.jsonl                      one line per prompt: {"index": i, "prompt": "..."}
-    <dir>/meta.json                          how the set was rendered (checkpoint, scheduler, steps, guidance,
-                                             size, seeds, dtype, prompt source, versions)
-    <dir>/<prompt_index:05d>_<seed>.png      image of prompt ``prompt_index`` from initial-noise seed ``seed``
+    <dir>/prompts.jsonl                  one line per prompt: {"index": i, "prompt": "..."}
+    <dir>/meta.json                      how the set was rendered (checkpoint, scheduler, steps,
+                                         guidance, size, seeds, dtype, prompt source, versions)
+    <dir>/<prompt_index:05d>_<seed>.png  image of prompt ``prompt_index`` from initial-noise seed
+                                         ``seed``
 
-Two sets rendered from the same prompt set and seeds pair up image by image on (prompt_index, seed): the same
-prompt and the same initial noise, only the model differs.
+Two sets rendered from the same prompt set and seeds pair up image by image on (prompt_index, seed):
+the same prompt and the same initial noise, only the model differs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def image_name(prompt_index: int, seed: int) -> str:
 
 
 def write_prompts_file(folder: Path, prompts: list[str]) -> None:
-    lines = [json.dumps({"index": i, "prompt": p}, ensure_ascii=False) for i, p in enumerate(prompts)]
+    lines = [
+        json.dumps({"index": i, "prompt": p}, ensure_ascii=False) for i, p in enumerate(prompts)
+    ]
     tmp = folder / (PROMPTS_FILE + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(folder / PROMPTS_FILE)
@@ -41,16 +45,21 @@ def write_prompts_file(folder: Path, prompts: list[str]) -> None:
 def read_prompts_file(folder: Path) -> list[str]:
     path = Path(folder) / PROMPTS_FILE
     if not path.is_file():
-        raise ImageSetError(f"{folder} is not an image set: no {PROMPTS_FILE} (render one with `align sample`)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ImageSetError(
+            f"{folder} is not an image set: no {PROMPTS_FILE} (render one with `align sample`)"
+        )
+    rows = [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     rows.sort(key=lambda r: r["index"])
     if [r["index"] for r in rows] != list(range(len(rows))):
         raise ImageSetError(f"{path}: prompt indices are not 0..{len(rows) - 1}")
     return [r["prompt"] for r in rows]
 
 
-def prompt_difference(a: list[str], b: list[str], name_a: str = "run", name_b: str = "baseline",
-                      show: int = 10) -> str | None:
+def prompt_difference(
+    a: list[str], b: list[str], name_a: str = "run", name_b: str = "baseline", show: int = 10
+) -> str | None:
     """Why two prompt lists differ (a readable listing), or None when they are identical."""
     if a == b:
         return None
@@ -65,8 +74,10 @@ def prompt_difference(a: list[str], b: list[str], name_a: str = "run", name_b: s
                 lines.append(f"    ... and {len(items) - show} more")
     if not only_a and not only_b:
         moved = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-        lines.append(f"  same prompts in a different order or multiplicity (first differing index: "
-                     f"{moved[0] if moved else min(len(a), len(b))})")
+        lines.append(
+            f"  same prompts in a different order or multiplicity (first differing index: "
+            f"{moved[0] if moved else min(len(a), len(b))})"
+        )
     return "\n".join(lines)
 
 
@@ -110,7 +121,9 @@ def scan_image_set(folder: str | Path) -> ImageSet:
         if m and path.is_file():
             index, seed = int(m.group(1)), int(m.group(2))
             if index >= len(prompts):
-                raise ImageSetError(f"{path}: prompt index {index} but {PROMPTS_FILE} has {len(prompts)} prompts")
+                raise ImageSetError(
+                    f"{path}: prompt index {index} but {PROMPTS_FILE} has {len(prompts)} prompts"
+                )
             entries.append(ImageEntry(index, seed, path))
     if not entries:
         raise ImageSetError(f"image set {root} has no images (<prompt_index:05d>_<seed>.png)")

@@ -1,5 +1,6 @@
-"""The evaluation report: one table (mean score per reward, win rate against the baseline, FID), written as
-``report.md``, ``report.csv`` and ``report.json``, plus ``scores.csv`` (every image's scores, both sets)."""
+"""The evaluation report: one table (mean score per reward, win rate against the baseline, FID),
+written as ``report.md``, ``report.csv`` and ``report.json``, plus ``scores.csv``
+(every image's scores, both sets)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,34 @@ import math
 from pathlib import Path
 
 REPORT_FILES = ("report.md", "report.csv", "report.json", "scores.csv")
-CSV_COLUMNS = ("reward", "n_images", "run_mean", "run_ci_low", "run_ci_high", "baseline_mean", "baseline_ci_low",
-               "baseline_ci_high", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "wins", "ties", "losses",
-               "n_pairs", "pairing")
+CSV_COLUMNS = (
+    "reward",
+    "n_images",
+    "run_mean",
+    "run_ci_low",
+    "run_ci_high",
+    "baseline_mean",
+    "baseline_ci_low",
+    "baseline_ci_high",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "wins",
+    "ties",
+    "losses",
+    "n_pairs",
+    "pairing",
+)
 
 
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.{digits}g}" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+    return (
+        f"{value:.{digits}g}"
+        if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3)
+        else f"{value:.{digits}f}"
+    )
 
 
 def _with_ci(est: dict | None, digits: int = 4) -> str:
@@ -31,19 +51,36 @@ def table_rows(report: dict) -> list[dict]:
     rows = []
     for name, r in report["rewards"].items():
         run, base, win = r["run"], r.get("baseline"), r.get("win_rate")
-        rows.append({
-            "reward": name, "n_images": run["n"], "run_mean": run["value"], "run_ci_low": run["low"],
-            "run_ci_high": run["high"],
-            "baseline_mean": base["value"] if base else None, "baseline_ci_low": base["low"] if base else None,
-            "baseline_ci_high": base["high"] if base else None,
-            "win_rate": win["value"] if win else None, "win_rate_ci_low": win["low"] if win else None,
-            "win_rate_ci_high": win["high"] if win else None, "wins": win["wins"] if win else None,
-            "ties": win["ties"] if win else None, "losses": win["losses"] if win else None,
-            "n_pairs": win["n"] if win else None, "pairing": win["pairing"] if win else None})
+        rows.append(
+            {
+                "reward": name,
+                "n_images": run["n"],
+                "run_mean": run["value"],
+                "run_ci_low": run["low"],
+                "run_ci_high": run["high"],
+                "baseline_mean": base["value"] if base else None,
+                "baseline_ci_low": base["low"] if base else None,
+                "baseline_ci_high": base["high"] if base else None,
+                "win_rate": win["value"] if win else None,
+                "win_rate_ci_low": win["low"] if win else None,
+                "win_rate_ci_high": win["high"] if win else None,
+                "wins": win["wins"] if win else None,
+                "ties": win["ties"] if win else None,
+                "losses": win["losses"] if win else None,
+                "n_pairs": win["n"] if win else None,
+                "pairing": win["pairing"] if win else None,
+            }
+        )
     fid = report.get("fid")
     if fid:
-        rows.append({"reward": f"fid ({fid['features']})", "n_images": fid["run_n"], "run_mean": fid["run"],
-                     "baseline_mean": fid.get("baseline")})
+        rows.append(
+            {
+                "reward": f"fid ({fid['features']})",
+                "n_images": fid["run_n"],
+                "run_mean": fid["run"],
+                "baseline_mean": fid.get("baseline"),
+            }
+        )
     return rows
 
 
@@ -52,29 +89,49 @@ def to_markdown(report: dict) -> str:
     conf = int(round(100 * report.get("confidence", 0.95)))
     head = ["reward", "images", f"run mean [{conf}% CI]"]
     if has_base:
-        pairing = "median image per prompt" if report.get("pairing") == "median" else "paired by prompt and seed"
-        head += [f"baseline mean [{conf}% CI]", f"win rate vs baseline [{conf}% CI] ({pairing})", "W / T / L"]
+        pairing = (
+            "median image per prompt"
+            if report.get("pairing") == "median"
+            else "paired by prompt and seed"
+        )
+        head += [
+            f"baseline mean [{conf}% CI]",
+            f"win rate vs baseline [{conf}% CI] ({pairing})",
+            "W / T / L",
+        ]
     lines = [f"# Evaluation: {report['run']}", ""]
     if has_base:
         lines.append(f"Baseline: {report['baseline']}  ")
-    lines.append(f"Prompts: {report['num_prompts']}, seeds: {report['seeds']}, bootstrap: {report['n_boot']} "
-                 f"resamples of prompts  ")
+    lines.append(
+        f"Prompts: {report['num_prompts']}, seeds: {report['seeds']}, bootstrap: "
+        f"{report['n_boot']} resamples of prompts  "
+    )
     if report.get("skipped"):
-        lines.append(f"Skipped unreadable images: {sum(len(v) for v in report['skipped'].values())}  ")
+        lines.append(
+            f"Skipped unreadable images: {sum(len(v) for v in report['skipped'].values())}  "
+        )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in report["rewards"].items():
         cells = [name, str(r["run"]["n"]), _with_ci(r["run"])]
         if has_base:
             win = r.get("win_rate")
-            cells += [_with_ci(r.get("baseline")), _with_ci(win, 3),
-                      f"{win['wins']} / {win['ties']} / {win['losses']}" if win else "-"]
+            cells += [
+                _with_ci(r.get("baseline")),
+                _with_ci(win, 3),
+                f"{win['wins']} / {win['ties']} / {win['losses']}" if win else "-",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     fid = report.get("fid")
     if fid:
-        lines += ["", f"FID against {fid['reference']} ({fid['features']} features, "
-                      f"{fid['reference_n']} reference images):", "",
-                  "| set | images | FID |", "|---|---|---|",
-                  f"| run | {fid['run_n']} | {_fmt(fid['run'])} |"]
+        lines += [
+            "",
+            f"FID against {fid['reference']} ({fid['features']} features, "
+            f"{fid['reference_n']} reference images):",
+            "",
+            "| set | images | FID |",
+            "|---|---|---|",
+            f"| run | {fid['run_n']} | {_fmt(fid['run'])} |",
+        ]
         if fid.get("baseline") is not None:
             lines.append(f"| baseline | {fid['baseline_n']} | {_fmt(fid['baseline'])} |")
     return "\n".join(lines) + "\n"

@@ -1,23 +1,26 @@
-"""Text-to-image retrieval with a CLIP-based preference model, at segment level (LongAlign, Table 1).
+"""Text-to-image retrieval with a CLIP-based preference model, at segment level
+(LongAlign, Table 1).
 
-For N (image, long caption) pairs, each caption retrieves among all N images by its segment-level score:
+For N (image, long caption) pairs, each caption retrieves among all N images by its segment-level
+score:
 
 * ``full``: s(i, j) = <img_j, t_i>, t_i = the mean of caption i's normalised segment embeddings;
-* ``relevant``: s(i, j) = <img_j, t_i - eta_i v>, the text-relevant part only (v: the common text direction of
-  the N captions, or a saved one with ``--direction``).
+* ``relevant``: s(i, j) = <img_j, t_i - eta_i v>, the text-relevant part only (v: the common text
+  direction of the N captions, or a saved one with ``--direction``).
 
-R@1 = the fraction of captions whose own image scores strictly highest (a tie with another image counts as a
-miss). The curve repeats the measurement with each caption cut to its first k segments, k = 1..K: how much the
-later sentences help retrieval (v is re-estimated over each cut set unless ``--direction`` fixes it).
+R@1 = the fraction of captions whose own image scores strictly highest (a tie with another image
+counts as a miss). The curve repeats the measurement with each caption cut to its first k segments,
+k = 1..K: how much the later sentences help retrieval (v is re-estimated over each cut set unless
+``--direction`` fixes it).
 
 Usage::
 
     align eval retrieval --reward denscore [--reward-source DIR] --data SHARDS [--limit 1000]
                          [--max-sentences 8] [--direction FILE] [--splitter official] [--out DIR]
 
-``--data``: long-caption shards (``jpg`` + ``txt``) or pair shards (the preferred image, ``jpg_0`` on a tie, with
-the pair's caption). Unreadable samples and captions without segments are skipped and counted. Writes
-``retrieval.json`` and ``retrieval.md`` to ``--out`` (default: print only).
+``--data``: long-caption shards (``jpg`` + ``txt``) or pair shards (the preferred image, ``jpg_0``
+on a tie, with the pair's caption). Unreadable samples and captions without segments are skipped and
+counted. Writes ``retrieval.json`` and ``retrieval.md`` to ``--out`` (default: print only).
 """
 
 from __future__ import annotations
@@ -32,12 +35,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from align.commands import doc_summary
 from align.objectives.reward import decompose_text
 
 
-def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, direction: torch.Tensor | None = None,
-               part: str = "full") -> torch.Tensor:
-    """(N_text, N_image) retrieval scores: <img_j, t_i> (``full``) or <img_j, t_i - eta_i v> (``relevant``).
+def similarity(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    direction: torch.Tensor | None = None,
+    part: str = "full",
+) -> torch.Tensor:
+    """(N_text, N_image) retrieval scores: <img_j, t_i>
+    (``full``) or <img_j, t_i - eta_i v> (``relevant``).
 
     ``image_emb`` is L2-normalised here; ``text_emb`` (segment-aggregated) is used as given."""
     img = F.normalize(image_emb.float(), dim=-1)
@@ -54,9 +63,13 @@ def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, direction: torch
 def recall_at_1(scores: torch.Tensor) -> float:
     """Fraction of rows i whose diagonal score beats every other entry of the row strictly."""
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1] or scores.shape[0] == 0:
-        raise ValueError(f"scores must be a non-empty square (N, N) matrix, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be a non-empty square (N, N) matrix, got {tuple(scores.shape)}"
+        )
     diag = scores.diagonal()
-    others = scores.masked_fill(torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device), float("-inf"))
+    others = scores.masked_fill(
+        torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device), float("-inf")
+    )
     if scores.shape[0] == 1:
         return 1.0
     return float((diag > others.max(dim=1).values).float().mean())
@@ -72,8 +85,11 @@ def common_direction_of(text_emb: torch.Tensor) -> torch.Tensor:
     return (mean / mean.norm()).float()
 
 
-def aggregate(segment_emb: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-    """Segment-aggregated text embeddings (N, D) from (N, S, D) and (N, S), using the first ``keep`` segments."""
+def aggregate(
+    segment_emb: torch.Tensor, mask: torch.Tensor, keep: int | None = None
+) -> torch.Tensor:
+    """Segment-aggregated text embeddings (N, D) from (N, S, D) and (N, S),
+    using the first ``keep`` segments."""
     from align.objectives.reward import segment_text_embedding
 
     if keep is not None:
@@ -87,17 +103,23 @@ class RetrievalResult:
     r1_full: float
     r1_relevant: float
     direction: str  # "set" or the file it came from
-    curve: list[dict] = field(default_factory=list)  # {"sentences": k, "r1_full": ..., "r1_relevant": ..., "n_cut": ...}
+    # {"sentences": k, "r1_full": ..., "r1_relevant": ..., "n_cut": ...}
+    curve: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     reward: str = ""
 
 
-def retrieval_from_embeddings(image_emb: torch.Tensor, segment_emb: torch.Tensor, mask: torch.Tensor,
-                              direction: torch.Tensor | None = None, max_sentences: int = 0) -> RetrievalResult:
+def retrieval_from_embeddings(
+    image_emb: torch.Tensor,
+    segment_emb: torch.Tensor,
+    mask: torch.Tensor,
+    direction: torch.Tensor | None = None,
+    max_sentences: int = 0,
+) -> RetrievalResult:
     """R@1 (full and text-relevant) and the R@1-versus-sentences curve from precomputed embeddings.
 
-    ``image_emb`` (N, D); ``segment_emb`` (N, S, D) normalised segment embeddings with ``mask`` (N, S).
-    ``direction`` None: v estimated over the set (and over each cut set for the curve).
+    ``image_emb`` (N, D); ``segment_emb`` (N, S, D) normalised segment embeddings with ``mask`` (N,
+    S). ``direction`` None: v estimated over the set (and over each cut set for the curve).
     ``max_sentences``: curve up to this k (0: up to the longest caption)."""
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every caption needs at least one segment")
@@ -105,8 +127,10 @@ def retrieval_from_embeddings(image_emb: torch.Tensor, segment_emb: torch.Tensor
     def measure(keep: int | None) -> tuple[float, float]:
         text = aggregate(segment_emb, mask, keep)
         v = direction if direction is not None else common_direction_of(text)
-        return (recall_at_1(similarity(image_emb, text, v, "full")),
-                recall_at_1(similarity(image_emb, text, v, "relevant")))
+        return (
+            recall_at_1(similarity(image_emb, text, v, "full")),
+            recall_at_1(similarity(image_emb, text, v, "relevant")),
+        )
 
     full, relevant = measure(None)
     counts = mask.sum(dim=1)
@@ -114,10 +138,21 @@ def retrieval_from_embeddings(image_emb: torch.Tensor, segment_emb: torch.Tensor
     curve = []
     for k in range(1, k_max + 1):
         r_full, r_rel = measure(k)
-        curve.append({"sentences": k, "r1_full": r_full, "r1_relevant": r_rel,
-                      "n_cut": int((counts > k).sum())})  # captions that lost segments at this k
-    return RetrievalResult(n=int(image_emb.shape[0]), r1_full=full, r1_relevant=relevant,
-                           direction="given" if direction is not None else "set", curve=curve)
+        curve.append(
+            {
+                "sentences": k,
+                "r1_full": r_full,
+                "r1_relevant": r_rel,
+                "n_cut": int((counts > k).sum()),
+            }
+        )  # captions that lost segments at this k
+    return RetrievalResult(
+        n=int(image_emb.shape[0]),
+        r1_full=full,
+        r1_relevant=relevant,
+        direction="given" if direction is not None else "set",
+        curve=curve,
+    )
 
 
 def load_retrieval_set(data: str | list[str], limit: int | None = None):
@@ -138,7 +173,11 @@ def load_retrieval_set(data: str | list[str], limit: int | None = None):
                     image = decode_image(sample, "jpg")
                 elif "jpg_0.jpg" in sample:
                     meta = json.loads(sample["json"])
-                    key = "jpg_1.jpg" if float(meta.get("label_1", 0)) > float(meta.get("label_0", 0)) else "jpg_0.jpg"
+                    key = (
+                        "jpg_1.jpg"
+                        if float(meta.get("label_1", 0)) > float(meta.get("label_0", 0))
+                        else "jpg_0.jpg"
+                    )
                     image = decode_image(sample, key)
                 else:
                     raise SkipSample("missing_jpg")
@@ -158,45 +197,83 @@ def load_retrieval_set(data: str | list[str], limit: int | None = None):
 
 
 @torch.no_grad()
-def retrieval(reward, images, captions: list[str], splitter: str = "official", direction: torch.Tensor | None = None,
-              max_sentences: int = 0, batch_size: int = 32) -> RetrievalResult:
+def retrieval(
+    reward,
+    images,
+    captions: list[str],
+    splitter: str = "official",
+    direction: torch.Tensor | None = None,
+    max_sentences: int = 0,
+    batch_size: int = 32,
+) -> RetrievalResult:
     """Embed (batched) and measure; ``reward`` is any CLIP-based registry reward."""
     from align.rewards.segments import embed_prompt_segments
 
-    image_emb = torch.cat([reward.embed_images(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    parts = [embed_prompt_segments(reward, captions[i:i + batch_size], splitter)
-             for i in range(0, len(captions), batch_size)]
+    image_emb = torch.cat(
+        [reward.embed_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    )
+    parts = [
+        embed_prompt_segments(reward, captions[i : i + batch_size], splitter)
+        for i in range(0, len(captions), batch_size)
+    ]
     s_max = max(p.embeddings.shape[1] for p in parts)
     seg = torch.cat([F.pad(p.embeddings, (0, 0, 0, s_max - p.embeddings.shape[1])) for p in parts])
     mask = torch.cat([F.pad(p.mask, (0, s_max - p.mask.shape[1])) for p in parts])
     keep = mask.any(dim=1)
-    result = retrieval_from_embeddings(image_emb[keep], seg[keep], mask[keep], direction, max_sentences)
+    result = retrieval_from_embeddings(
+        image_emb[keep], seg[keep], mask[keep], direction, max_sentences
+    )
     if not bool(keep.all()):
         result.skipped["no_segments"] = int((~keep).sum())
     return result
 
 
 def to_markdown(result: RetrievalResult) -> str:
-    lines = [f"## Text-to-image retrieval ({result.reward}, N = {result.n}, direction: {result.direction})", "",
-             "| score | R@1 |", "|---|---|", f"| full | {result.r1_full:.4f} |",
-             f"| text-relevant part | {result.r1_relevant:.4f} |", ""]
+    lines = [
+        f"## Text-to-image retrieval ({result.reward}, N = {result.n}, direction: "
+        f"{result.direction})",
+        "",
+        "| score | R@1 |",
+        "|---|---|",
+        f"| full | {result.r1_full:.4f} |",
+        f"| text-relevant part | {result.r1_relevant:.4f} |",
+        "",
+    ]
     if result.curve:
-        lines += ["| sentences kept | R@1 full | R@1 relevant | captions cut |", "|---|---|---|---|"]
-        lines += [f"| {c['sentences']} | {c['r1_full']:.4f} | {c['r1_relevant']:.4f} | {c['n_cut']} |"
-                  for c in result.curve]
+        lines += [
+            "| sentences kept | R@1 full | R@1 relevant | captions cut |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['sentences']} | {c['r1_full']:.4f} | {c['r1_relevant']:.4f} | {c['n_cut']} |"
+            for c in result.curve
+        ]
     if result.skipped:
-        lines += ["", "skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items()))]
+        lines += [
+            "",
+            "skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())),
+        ]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align eval retrieval", description=__doc__.splitlines()[0])
-    p.add_argument("--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore")
+    p = argparse.ArgumentParser(prog="align eval retrieval", description=doc_summary(__doc__))
+    p.add_argument(
+        "--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore"
+    )
     p.add_argument("--reward-source", default=None, help="the reward's local directory or hub id")
     p.add_argument("--data", required=True, nargs="+", help="long-caption or pair shards")
-    p.add_argument("--limit", type=int, default=1000, help="use the first N usable samples (0: all)")
-    p.add_argument("--max-sentences", type=int, default=0, help="R@1 curve up to this many sentences (0: all)")
-    p.add_argument("--direction", default=None, help="a saved common direction (default: estimated over the set)")
+    p.add_argument(
+        "--limit", type=int, default=1000, help="use the first N usable samples (0: all)"
+    )
+    p.add_argument(
+        "--max-sentences", type=int, default=0, help="R@1 curve up to this many sentences (0: all)"
+    )
+    p.add_argument(
+        "--direction",
+        default=None,
+        help="a saved common direction (default: estimated over the set)",
+    )
     p.add_argument("--splitter", default="official")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -213,13 +290,17 @@ def main(argv: list[str]) -> int:
     try:
         images, captions, skipped = load_retrieval_set(args.data, args.limit or None)
         if len(images) < 2:
-            raise ValueError(f"retrieval needs at least two usable samples in {' '.join(args.data)}, got "
-                             f"{len(images)} (skipped: {skipped})")
+            raise ValueError(
+                f"retrieval needs at least two usable samples in {' '.join(args.data)}, got "
+                f"{len(images)} (skipped: {skipped})"
+            )
         reward = build_reward(args.reward, args.reward_source, device=resolve_device(args.device))
         if not hasattr(reward, "embed_segments"):
             raise ValueError(f"reward {args.reward!r} is not CLIP-based (no text/image embeddings)")
         direction = load_direction(args.direction) if args.direction else None
-        result = retrieval(reward, images, captions, args.splitter, direction, args.max_sentences, args.batch_size)
+        result = retrieval(
+            reward, images, captions, args.splitter, direction, args.max_sentences, args.batch_size
+        )
     except (RewardSourceError, FileNotFoundError, ValueError) as err:
         print(f"align eval retrieval: error: {err}", file=sys.stderr)
         return 2

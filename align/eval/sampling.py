@@ -1,10 +1,11 @@
 """Render a prompt set with fixed seeds: the image sets that ``align eval`` scores and pairs.
 
-Image ``j`` of every prompt starts from the initial noise of seed ``seed + j``, drawn on the CPU in float32 per
-image (so it is the same on any device, in any dtype, in any batch composition), then cast to the model dtype.
-Ancestral schedulers also get a per-image CPU generator with that seed. Already rendered images are kept:
-re-running the same command renders only what is missing (images are written atomically, so an interrupted
-run never leaves a truncated PNG behind). The layout is in ``align.eval.layout``.
+Image ``j`` of every prompt starts from the initial noise of seed ``seed + j``, drawn on the CPU in
+float32 per image (so it is the same on any device, in any dtype, in any batch composition), then
+cast to the model dtype. Ancestral schedulers also get a per-image CPU generator with that seed.
+Already rendered images are kept: re-running the same command renders only what is missing (images
+are written atomically, so an interrupted run never leaves a truncated PNG behind). The layout is in
+``align.eval.layout``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from align.eval.layout import (META_FILE, PROMPTS_FILE, ImageSetError, image_name, prompt_difference,
-                               read_prompts_file, write_prompts_file)
+from align.eval.layout import (
+    META_FILE,
+    PROMPTS_FILE,
+    ImageSetError,
+    image_name,
+    prompt_difference,
+    read_prompts_file,
+    write_prompts_file,
+)
 from align.data.prompt_files import PromptSetError
 
 # name -> (diffusers class, default steps)
@@ -33,20 +41,33 @@ SCHEDULERS = {
 }
 DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
 # settings that change the pixels: a resumed run must match them
-RENDER_KEYS = ("checkpoint", "scheduler", "steps", "guidance_scale", "height", "width", "negative_prompt", "dtype",
-               "encoder")
+RENDER_KEYS = (
+    "checkpoint",
+    "scheduler",
+    "steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "negative_prompt",
+    "dtype",
+    "encoder",
+)
 
 
 def resolve_checkpoint(config: SampleConfig) -> tuple[str, str | None, str | None]:
     """(model to load, LoRA dir to apply or None, prompt encoder or None) for ``config.checkpoint``.
 
-    A LoRA-only export (``pytorch_lora_weights.safetensors``, no ``model_index.json``) is applied to ``--base``
-    or to the base model its ``align_export.json`` names; an export with a ``prompt_encoder.json`` (LongAlign
-    SFT) samples with that encoder unless ``--encoder`` says otherwise.
+    A LoRA-only export (``pytorch_lora_weights.safetensors``, no ``model_index.json``) is applied to
+    ``--base`` or to the base model its ``align_export.json`` names; an export with a
+    ``prompt_encoder.json`` (LongAlign SFT) samples with that encoder unless ``--encoder`` says
+    otherwise.
     """
     ckpt = Path(config.checkpoint).expanduser()
-    lora = ckpt.is_dir() and (ckpt / "pytorch_lora_weights.safetensors").exists() \
+    lora = (
+        ckpt.is_dir()
+        and (ckpt / "pytorch_lora_weights.safetensors").exists()
         and not (ckpt / "model_index.json").exists()
+    )
     encoder = config.encoder
     if encoder is None and ckpt.is_dir() and (ckpt / "prompt_encoder.json").exists():
         encoder = str(ckpt)
@@ -56,7 +77,10 @@ def resolve_checkpoint(config: SampleConfig) -> tuple[str, str | None, str | Non
     if base is None and (ckpt / "align_export.json").exists():
         base = json.loads((ckpt / "align_export.json").read_text()).get("base_model")
     if base is None:
-        raise ValueError(f"{ckpt} is a LoRA export without align_export.json: give --base <the model it was trained on>")
+        raise ValueError(
+            f"{ckpt} is a LoRA export without align_export.json: give --base <the model it "
+            "was trained on>"
+        )
     return base, str(ckpt), encoder
 
 
@@ -75,7 +99,8 @@ class SampleConfig:
     device: str = "auto"  # cuda when available
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     progress: bool = True
-    encoder: str | None = None  # clip | segment | an export dir with prompt_encoder.json; None: auto (see below)
+    # clip | segment | an export dir with prompt_encoder.json; None: auto (see below)
+    encoder: str | None = None
     base: str | None = None  # the base model of a LoRA-only export (default: its align_export.json)
     extra: dict = field(default_factory=dict)
 
@@ -93,15 +118,22 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
     return table[dtype]
 
 
 def make_scheduler(name: str, base_config):
-    """A sampling scheduler of kind ``name`` built from the model's own (training) scheduler config."""
+    """A sampling scheduler of kind ``name`` built from the model's own
+    (training) scheduler config."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -110,9 +142,16 @@ def make_scheduler(name: str, base_config):
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """(N, C, h, w) float32 standard-normal latents, image i from ``torch.Generator('cpu').manual_seed(seeds[i])``."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-                      for s in seeds])
+    """(N, C, h, w) float32 standard-normal latents, image i from
+    ``torch.Generator('cpu').manual_seed(seeds[i])``."""
+    return torch.cat(
+        [
+            torch.randn(
+                (1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32
+            )
+            for s in seeds
+        ]
+    )
 
 
 def image_ok(path: Path) -> bool:
@@ -135,8 +174,12 @@ def _versions() -> dict:
     import diffusers
     import transformers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def render_settings(config: SampleConfig, components, dtype: torch.dtype) -> dict:
@@ -144,16 +187,26 @@ def render_settings(config: SampleConfig, components, dtype: torch.dtype) -> dic
     guidance = config.guidance_scale
     if guidance is None:
         guidance = DEFAULT_GUIDANCE["sdxl" if components.is_sdxl else "sd15"]
-    return {"checkpoint": config.checkpoint, "scheduler": config.scheduler, "steps": int(steps),
-            "guidance_scale": float(guidance), "height": int(config.height or components.resolution),
-            "width": int(config.width or components.resolution), "negative_prompt": config.negative_prompt,
-            "dtype": str(dtype).removeprefix("torch."), "model_type": "sdxl" if components.is_sdxl else "sd15"}
+    return {
+        "checkpoint": config.checkpoint,
+        "scheduler": config.scheduler,
+        "steps": int(steps),
+        "guidance_scale": float(guidance),
+        "height": int(config.height or components.resolution),
+        "width": int(config.width or components.resolution),
+        "negative_prompt": config.negative_prompt,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model_type": "sdxl" if components.is_sdxl else "sd15",
+    }
 
 
 def _check_resume(out: Path, prompts: list[str]) -> dict:
-    """Refuse to resume into a directory rendered from other prompts; return its metadata (or {})."""
+    """Refuse to resume into a directory rendered from other prompts; return its metadata
+    (or {})."""
     if (out / PROMPTS_FILE).is_file():
-        diff = prompt_difference(read_prompts_file(out), prompts, name_a=f"{out}", name_b="this prompt set")
+        diff = prompt_difference(
+            read_prompts_file(out), prompts, name_a=f"{out}", name_b="this prompt set"
+        )
         if diff:
             raise ImageSetError(f"cannot resume into {out}: {diff}\nchoose another --out")
     meta_path = out / META_FILE
@@ -162,14 +215,23 @@ def _check_resume(out: Path, prompts: list[str]) -> dict:
 
 def pending_images(out: Path, num_prompts: int, seeds: list[int]) -> list[tuple[int, int]]:
     """(prompt_index, seed) of every image not yet rendered (or unreadable) in ``out``."""
-    return [(i, s) for i in range(num_prompts) for s in seeds if not image_ok(out / image_name(i, s))]
+    return [
+        (i, s) for i in range(num_prompts) for s in seeds if not image_ok(out / image_name(i, s))
+    ]
 
 
-def sample_images(prompts: list[str], out_dir: str | Path, config: SampleConfig, components=None,
-                  prompt_source: str | None = None) -> dict:
-    """Render ``len(prompts) * images_per_prompt`` images into ``out_dir``; returns counts and the settings.
+def sample_images(
+    prompts: list[str],
+    out_dir: str | Path,
+    config: SampleConfig,
+    components=None,
+    prompt_source: str | None = None,
+) -> dict:
+    """Render ``len(prompts) * images_per_prompt`` images into ``out_dir``;
+    returns counts and the settings.
 
-    ``components``: an ``SDComponents`` to render with (default: ``load_components(config.checkpoint)``).
+    ``components``: an ``SDComponents`` to render with (default:
+    ``load_components(config.checkpoint)``).
     """
     from tqdm.auto import tqdm
 
@@ -194,19 +256,36 @@ def sample_images(prompts: list[str], out_dir: str | Path, config: SampleConfig,
     model, lora, encoder = resolve_checkpoint(config)
     if components is None:
         components = load_components(model, torch_dtype=dtype if device.type == "cuda" else None)
-    settings = {**render_settings(config, components, dtype), "encoder": encoder, "lora_base": model if lora else None}
-    changed = {k: (previous[k], settings[k]) for k in RENDER_KEYS if k in previous and previous[k] != settings[k]}
+    settings = {
+        **render_settings(config, components, dtype),
+        "encoder": encoder,
+        "lora_base": model if lora else None,
+    }
+    changed = {
+        k: (previous[k], settings[k])
+        for k in RENDER_KEYS
+        if k in previous and previous[k] != settings[k]
+    }
     if changed and kept:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ImageSetError(f"{out} holds {kept} images rendered with other settings ({detail}); "
-                            "choose another --out or render with the same settings")
+        raise ImageSetError(
+            f"{out} holds {kept} images rendered with other settings ({detail}); "
+            "choose another --out or render with the same settings"
+        )
     seeds_all = sorted(set(previous.get("seeds", [])) | set(config.seeds))
-    meta = {**settings, "seeds": seeds_all, "num_prompts": len(prompts), "prompt_source": prompt_source,
-            "versions": _versions()}
+    meta = {
+        **settings,
+        "seeds": seeds_all,
+        "num_prompts": len(prompts),
+        "prompt_source": prompt_source,
+        "versions": _versions(),
+    }
     write_prompts_file(out, prompts)
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
 
-    pipe = components.to_pipeline(scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config))
+    pipe = components.to_pipeline(
+        scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config)
+    )
     pipe = pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if lora:
@@ -215,28 +294,46 @@ def sample_images(prompts: list[str], out_dir: str | Path, config: SampleConfig,
         from align.models.sampling import encode_for_guidance, resolve_encoder
 
         encoder = resolve_encoder(encoder, pipe).to(device)
-    latent_shape = (pipe.unet.config.in_channels, settings["height"] // components.vae_scale_factor,
-                    settings["width"] // components.vae_scale_factor)
-    bar = tqdm(total=len(todo), desc=f"sampling {out.name}", unit="img", disable=not config.progress)
+    latent_shape = (
+        pipe.unet.config.in_channels,
+        settings["height"] // components.vae_scale_factor,
+        settings["width"] // components.vae_scale_factor,
+    )
+    bar = tqdm(
+        total=len(todo), desc=f"sampling {out.name}", unit="img", disable=not config.progress
+    )
     for start in range(0, len(todo), config.batch_size):
         batch = todo[start : start + config.batch_size]
         seeds = [s for _, s in batch]
         texts = [prompts[i] for i, _ in batch]
         if encoder is None:
-            text_kwargs = dict(prompt=texts, negative_prompt=[config.negative_prompt] * len(batch)
-                               if config.negative_prompt else None)
-        else:  # long prompts: the same encoder makes cond and uncond, handed to the pipeline as embeddings
+            text_kwargs = dict(
+                prompt=texts,
+                negative_prompt=[config.negative_prompt] * len(batch)
+                if config.negative_prompt
+                else None,
+            )
+        # long prompts: the same encoder makes cond and uncond, handed to the pipeline as embeddings
+        else:
             cond, uncond = encode_for_guidance(encoder, texts, config.negative_prompt)
-            text_kwargs = dict(prompt_embeds=cond.embeds.to(dtype), negative_prompt_embeds=uncond.embeds.to(dtype))
+            text_kwargs = dict(
+                prompt_embeds=cond.embeds.to(dtype), negative_prompt_embeds=uncond.embeds.to(dtype)
+            )
             if cond.pooled is not None:
-                text_kwargs.update(pooled_prompt_embeds=cond.pooled.to(dtype),
-                                   negative_pooled_prompt_embeds=uncond.pooled.to(dtype))
+                text_kwargs.update(
+                    pooled_prompt_embeds=cond.pooled.to(dtype),
+                    negative_pooled_prompt_embeds=uncond.pooled.to(dtype),
+                )
         kwargs = dict(
             **text_kwargs,
-            num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-            height=settings["height"], width=settings["width"],
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            height=settings["height"],
+            width=settings["width"],
             latents=initial_latents(seeds, latent_shape).to(device=device, dtype=dtype),
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil")
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="pil",
+        )
         with torch.inference_mode():
             images = pipe(**kwargs).images
         for (i, s), image in zip(batch, images):

@@ -1,7 +1,8 @@
 """Score every image of a rendered set with one or more reward models.
 
-Each image is read once and scored by every reward in batches. An unreadable image (truncated, not an image)
-is reported on stderr and skipped: it gets no score and is listed in the result's ``skipped``.
+Each image is read once and scored by every reward in batches. An unreadable image (truncated, not
+an image) is reported on stderr and skipped: it gets no score and is listed in the result's
+``skipped``.
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ from align.eval.stats import Key
 @dataclass
 class ScoredSet:
     image_set: ImageSet
-    scores: dict[str, dict[Key, float]] = field(default_factory=dict)  # reward -> (prompt, seed) -> score
+    # reward -> (prompt, seed) -> score
+    scores: dict[str, dict[Key, float]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def rows(self, label: str) -> list[dict]:
-        """One row per scored image: set label, prompt index, seed, prompt, path, one column per reward."""
+        """One row per scored image: set label, prompt index, seed, prompt, path,
+        one column per reward."""
         out = []
         for entry in self.image_set.entries:
             if not all(entry.key in s for s in self.scores.values()) or not self.scores:
                 continue
-            row = {"set": label, "prompt_index": entry.prompt_index, "seed": entry.seed,
-                   "prompt": self.image_set.prompt(entry), "path": str(entry.path)}
+            row = {
+                "set": label,
+                "prompt_index": entry.prompt_index,
+                "seed": entry.seed,
+                "prompt": self.image_set.prompt(entry),
+                "path": str(entry.path),
+            }
             row.update({name: s[entry.key] for name, s in self.scores.items()})
             out.append(row)
         return out
@@ -46,21 +54,28 @@ def load_image(path: Path) -> tuple[Image.Image | None, str | None]:
 
 
 def score_columns(name: str, reward, images, prompts, batch_size: int) -> dict[str, list[float]]:
-    """A reward's score columns: one (its name) for most; Denscore reports original, relevant and weighted."""
+    """A reward's score columns: one (its name) for most; Denscore reports original,
+    relevant and weighted."""
     if hasattr(reward, "score_columns"):
-        return {k: v.detach().cpu().tolist() for k, v in reward.score_columns(images, prompts, batch_size).items()}
+        return {
+            k: v.detach().cpu().tolist()
+            for k, v in reward.score_columns(images, prompts, batch_size).items()
+        }
     return {name: reward.score(images, prompts, batch_size=batch_size).detach().cpu().tolist()}
 
 
-def score_image_set(image_set: ImageSet, rewards: dict, batch_size: int = 16, progress: bool = True,
-                    log=None) -> ScoredSet:
+def score_image_set(
+    image_set: ImageSet, rewards: dict, batch_size: int = 16, progress: bool = True, log=None
+) -> ScoredSet:
     """Score ``image_set`` with every reward in ``rewards`` (name -> RewardModel)."""
     from tqdm.auto import tqdm
 
     log = log if log is not None else sys.stderr
     result = ScoredSet(image_set=image_set, scores={})
     entries = image_set.entries
-    bar = tqdm(total=len(entries), desc=f"scoring {image_set.root.name}", unit="img", disable=not progress)
+    bar = tqdm(
+        total=len(entries), desc=f"scoring {image_set.root.name}", unit="img", disable=not progress
+    )
     for start in range(0, len(entries), batch_size):
         batch: list[ImageEntry] = []
         images = []
@@ -75,9 +90,12 @@ def score_image_set(image_set: ImageSet, rewards: dict, batch_size: int = 16, pr
         if batch:
             prompts = [image_set.prompt(e) for e in batch]
             for name, reward in rewards.items():
-                for column, values in score_columns(name, reward, images, prompts, batch_size).items():
+                for column, values in score_columns(
+                    name, reward, images, prompts, batch_size
+                ).items():
                     scores = result.scores.setdefault(column, {})
-                    scores.update({e.key: float(v) for e, v in zip(batch, values) if v == v})  # NaN: no segment
+                    # NaN: no segment
+                    scores.update({e.key: float(v) for e, v in zip(batch, values) if v == v})
         bar.update(len(entries[start : start + batch_size]))
     bar.close()
     return result

@@ -1,13 +1,14 @@
 """Mean scores and paired win rates with prompt-level bootstrap confidence intervals.
 
-Pairing: an image of the run and the baseline image of the same prompt and seed (same initial noise). The
-outcome of a pair is 1 if the run scores higher, 0.5 on a tie, 0 if lower; the win rate is the mean outcome.
-The Diffusion-KTO paper instead compares, per prompt, the median-scoring of the (5) images of each model
-(``pairing="median"``): the per-prompt outcome then compares the two medians. For an even number of images the
-lower median is used, so the compared score is always one real image's.
+Pairing: an image of the run and the baseline image of the same prompt and seed (same initial
+noise). The outcome of a pair is 1 if the run scores higher, 0.5 on a tie, 0 if lower; the win rate
+is the mean outcome. The Diffusion-KTO paper instead compares, per prompt, the median-scoring of the
+(5) images of each model (``pairing="median"``): the per-prompt outcome then compares the two
+medians. For an even number of images the lower median is used,
+so the compared score is always one real image's.
 
-Intervals: percentile bootstrap over *prompts* (images of one prompt are not independent), ``n_boot``
-resamples, 95% by default, with a seeded generator (reproducible).
+Intervals: percentile bootstrap over *prompts* (images of one prompt are not independent),
+``n_boot`` resamples, 95% by default, with a seeded generator (reproducible).
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def lower_median(values) -> float:
     return float(ordered[(len(ordered) - 1) // 2])
 
 
-def cluster_bootstrap(values: np.ndarray, clusters: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                      confidence: float = 0.95) -> Estimate:
-    """Mean of ``values`` with a percentile bootstrap interval that resamples whole clusters (prompts)."""
+def cluster_bootstrap(
+    values: np.ndarray,
+    clusters: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Estimate:
+    """Mean of ``values`` with a percentile bootstrap interval that resamples whole clusters
+    (prompts)."""
     values = np.asarray(values, dtype=np.float64)
     clusters = np.asarray(clusters)
     if values.size == 0:
@@ -63,11 +70,18 @@ def cluster_bootstrap(values: np.ndarray, clusters: np.ndarray, n_boot: int = 10
     return Estimate(point, float(low), float(high), int(values.size))
 
 
-def mean_score(scores: dict[Key, float], n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> Estimate:
+def mean_score(
+    scores: dict[Key, float], n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> Estimate:
     """Mean score over images, bootstrapped over prompts."""
     keys = sorted(scores)
-    return cluster_bootstrap(np.array([scores[k] for k in keys]), np.array([k[0] for k in keys]), n_boot, seed,
-                             confidence)
+    return cluster_bootstrap(
+        np.array([scores[k] for k in keys]),
+        np.array([k[0] for k in keys]),
+        n_boot,
+        seed,
+        confidence,
+    )
 
 
 def per_prompt_median(scores: dict[Key, float]) -> dict[int, float]:
@@ -86,17 +100,28 @@ class WinRate:
     pairing: str
 
     def as_dict(self) -> dict:
-        return {**self.estimate.as_dict(), "wins": self.wins, "ties": self.ties, "losses": self.losses,
-                "pairing": self.pairing}
+        return {
+            **self.estimate.as_dict(),
+            "wins": self.wins,
+            "ties": self.ties,
+            "losses": self.losses,
+            "pairing": self.pairing,
+        }
 
 
-def paired_win_rate(run: dict[Key, float], baseline: dict[Key, float], pairing: str = "seed",
-                    n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> WinRate:
+def paired_win_rate(
+    run: dict[Key, float],
+    baseline: dict[Key, float],
+    pairing: str = "seed",
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> WinRate:
     """Win rate of ``run`` over ``baseline``.
 
     ``pairing="seed"``: one outcome per (prompt, seed) present in both, bootstrapped over prompts.
-    ``pairing="median"``: one outcome per prompt, comparing the median-scoring images (KTO paper protocol),
-    over the seeds present in both sets for that prompt.
+    ``pairing="median"``: one outcome per prompt, comparing the median-scoring images (KTO paper
+    protocol), over the seeds present in both sets for that prompt.
     """
     common = sorted(set(run) & set(baseline))
     if pairing == "seed":
@@ -111,5 +136,10 @@ def paired_win_rate(run: dict[Key, float], baseline: dict[Key, float], pairing: 
     else:
         raise ValueError(f"unknown pairing {pairing!r} (seed or median)")
     est = cluster_bootstrap(outcomes, clusters, n_boot=n_boot, seed=seed, confidence=confidence)
-    return WinRate(est, wins=int((outcomes == 1).sum()), ties=int((outcomes == 0.5).sum()),
-                   losses=int((outcomes == 0).sum()), pairing=pairing)
+    return WinRate(
+        est,
+        wins=int((outcomes == 1).sum()),
+        ties=int((outcomes == 0.5).sum()),
+        losses=int((outcomes == 0).sum()),
+        pairing=pairing,
+    )

@@ -1,24 +1,29 @@
 """Sampling with any prompt encoder, long prompts included, through a stock diffusers pipeline.
 
-diffusers' StableDiffusionPipeline tokenizes prompts itself and cuts them at CLIP's 77 tokens; it only takes
-longer conditioning as ``prompt_embeds``. ``generate`` encodes prompts *and* the negative prompt with the same
-encoder (so conditional and unconditional embeddings have the same number of rows, as classifier-free
-guidance needs) and passes them as ``prompt_embeds`` / ``negative_prompt_embeds``.
+diffusers' StableDiffusionPipeline tokenizes prompts itself and cuts them at CLIP's 77 tokens; it
+only takes longer conditioning as ``prompt_embeds``. ``generate`` encodes prompts *and* the negative
+prompt with the same encoder (so conditional and unconditional embeddings have the same number of
+rows, as classifier-free guidance needs) and passes them as ``prompt_embeds`` /
+``negative_prompt_embeds``.
 
-Export layout of a model trained with a non-default prompt encoder (``save_prompt_encoder``), next to the
-diffusers export (a pipeline directory, or the LoRA file ``pytorch_lora_weights.safetensors``)::
+Export layout of a model trained with a non-default prompt encoder (``save_prompt_encoder``), next
+to the diffusers export (a pipeline directory, or the LoRA file
+``pytorch_lora_weights.safetensors``)::
 
-    <export>/prompt_encoder.json          {"kind": "segment", "args": {"max_rows": 240, "splitter": "official",
-                                           "t5": {"source": ..., "max_length": 240, "use_attention_mask": false,
-                                                  "adapter": "text_adapter"} | null}}
-    <export>/text_adapter/                the trained T5 adapter (TextAdapter.save_pretrained: config.json +
-                                          diffusion_pytorch_model.safetensors); only with the T5 branch
+    <export>/prompt_encoder.json   {"kind": "segment",
+                                    "args": {"max_rows": 240, "splitter": "official",
+                                             "t5": {"source": ..., "max_length": 240,
+                                                    "use_attention_mask": false,
+                                                    "adapter": "text_adapter"} | null}}
+    <export>/text_adapter/         the trained T5 adapter (TextAdapter.save_pretrained: config.json
+                                   + diffusion_pytorch_model.safetensors); only with the T5 branch
 
-The T5 encoder itself is frozen and not exported: ``t5.source`` names where it was loaded from (a hub id such as
-``google-t5/t5-large`` or a local directory). Use::
+The T5 encoder itself is frozen and not exported: ``t5.source`` names where it was loaded from (a
+hub id such as ``google-t5/t5-large`` or a local directory). Use::
 
-    pipe = StableDiffusionPipeline.from_pretrained(base)       # or from_pretrained(<export>) after full FT
-    pipe.load_lora_weights(export)                            # LoRA runs
+    # or from_pretrained(<export>) after full FT
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(export)  # LoRA runs
     images = generate(pipe, prompts, encoder=export, steps=25, guidance=7.5, seed=0)
 """
 
@@ -46,18 +51,26 @@ def _parts(pipeline) -> SimpleNamespace:
     """What ``build_prompt_encoder`` needs, from a pipeline or an ``SDComponents``."""
     if hasattr(pipeline, "text_encoders"):  # SDComponents
         return pipeline
-    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None)
-                                          is not None else [])
-    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if getattr(pipeline, "tokenizer_2", None)
-                                         is not None else [])
-    return SimpleNamespace(text_encoders=encoders, tokenizers=tokenizers, is_sdxl=len(encoders) == 2)
+    encoders = [pipeline.text_encoder] + (
+        [pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None) is not None else []
+    )
+    tokenizers = [pipeline.tokenizer] + (
+        [pipeline.tokenizer_2] if getattr(pipeline, "tokenizer_2", None) is not None else []
+    )
+    return SimpleNamespace(
+        text_encoders=encoders, tokenizers=tokenizers, is_sdxl=len(encoders) == 2
+    )
 
 
-def save_prompt_encoder(encoder: nn.Module, out_dir: str | os.PathLike, kind: str, args: dict | None = None) -> Path:
-    """Write ``prompt_encoder.json`` (and the T5 adapter, if any) into ``out_dir``; returns the spec file.
+def save_prompt_encoder(
+    encoder: nn.Module, out_dir: str | os.PathLike, kind: str, args: dict | None = None
+) -> Path:
+    """Write ``prompt_encoder.json`` (and the T5 adapter, if any) into ``out_dir``;
+    returns the spec file.
 
-    ``kind`` / ``args``: how the encoder was built (``build_prompt_encoder``); the spec records what a sampler
-    needs to rebuild it: ``max_rows``, the splitter's name and the T5 branch's source and settings.
+    ``kind`` / ``args``: how the encoder was built (``build_prompt_encoder``); the spec records what
+    a sampler needs to rebuild it: ``max_rows``, the splitter's name and the T5 branch's source and
+    settings.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,14 +79,21 @@ def save_prompt_encoder(encoder: nn.Module, out_dir: str | os.PathLike, kind: st
     if kind == "segment":
         splitter = args.get("splitter", "official")
         if not isinstance(splitter, str):
-            log.warning("the segment encoder's splitter is a callable: the export records the default splitter")
+            log.warning(
+                "the segment encoder's splitter is a callable: the export records the "
+                "default splitter"
+            )
             splitter = "official"
         t5 = getattr(encoder, "t5", None)
         t5_spec = None
         if t5 is not None:
             t5.adapter.save_pretrained(str(out / ADAPTER_DIR), safe_serialization=True)
-            t5_spec = {"source": str(t5.encoder.config._name_or_path), "max_length": t5.max_length,
-                       "use_attention_mask": t5.use_attention_mask, "adapter": ADAPTER_DIR}
+            t5_spec = {
+                "source": str(t5.encoder.config._name_or_path),
+                "max_length": t5.max_length,
+                "use_attention_mask": t5.use_attention_mask,
+                "adapter": ADAPTER_DIR,
+            }
         spec["args"] = {"max_rows": encoder.max_rows, "splitter": splitter, "t5": t5_spec}
     path = out / SPEC_FILE
     path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -88,7 +108,9 @@ def load_prompt_encoder(export_dir: str | os.PathLike, pipeline) -> nn.Module:
     export = Path(export_dir)
     spec_path = export / SPEC_FILE
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{spec_path} not found: {export} was not exported with a prompt encoder spec")
+        raise FileNotFoundError(
+            f"{spec_path} not found: {export} was not exported with a prompt encoder spec"
+        )
     spec = json.loads(spec_path.read_text())
     args = dict(spec.get("args") or {})
     if args.get("t5"):
@@ -99,8 +121,13 @@ def load_prompt_encoder(export_dir: str | os.PathLike, pipeline) -> nn.Module:
 
 
 def resolve_encoder(encoder, pipeline) -> nn.Module | None:
-    """None (the pipeline's own text handling), ``clip``/``segment``, an export directory, or a module."""
-    if encoder is None or isinstance(encoder, nn.Module) or (callable(encoder) and not isinstance(encoder, str)):
+    """None (the pipeline's own text handling), ``clip``/``segment``, an export directory,
+    or a module."""
+    if (
+        encoder is None
+        or isinstance(encoder, nn.Module)
+        or (callable(encoder) and not isinstance(encoder, str))
+    ):
         return encoder
     if encoder in ("clip", "segment"):
         return build_prompt_encoder(_parts(pipeline), encoder)
@@ -108,21 +135,36 @@ def resolve_encoder(encoder, pipeline) -> nn.Module | None:
 
 
 @torch.no_grad()
-def encode_for_guidance(encoder, prompts: list[str], negative_prompt: str = "") -> tuple[PromptEmbeds, PromptEmbeds]:
-    """(cond, uncond) for ``prompts``, both from ``encoder`` (the uncond of every prompt is ``negative_prompt``)."""
+def encode_for_guidance(
+    encoder, prompts: list[str], negative_prompt: str = ""
+) -> tuple[PromptEmbeds, PromptEmbeds]:
+    """(cond, uncond) for ``prompts``, both from ``encoder``
+    (the uncond of every prompt is ``negative_prompt``)."""
     return encoder(list(prompts)), encoder([negative_prompt] * len(prompts))
 
 
-def generate(pipeline, prompts: str | list[str], encoder=None, steps: int = 25, guidance: float = 7.5,
-             seed: int | list[int] = 0, negative_prompt: str = "", height: int | None = None,
-             width: int | None = None, output_type: str = "pil", **pipeline_kwargs):
+def generate(
+    pipeline,
+    prompts: str | list[str],
+    encoder=None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int | list[int] = 0,
+    negative_prompt: str = "",
+    height: int | None = None,
+    width: int | None = None,
+    output_type: str = "pil",
+    **pipeline_kwargs,
+):
     """Images for ``prompts`` (a list, as ``output_type`` gives them) from a diffusers pipeline.
 
     Args:
-        pipeline: a StableDiffusion(XL)Pipeline, or ``SDComponents`` (made into one with a copy of its scheduler).
+        pipeline: a StableDiffusion(XL)Pipeline, or ``SDComponents``
+            (made into one with a copy of its scheduler).
         encoder: see ``resolve_encoder``; None lets the pipeline encode (CLIP, cut at 77 tokens).
-        seed: image i starts from the noise of ``torch.Generator('cpu').manual_seed(seed)`` (or ``seed[i]``):
-            the same on every device, and the same for every prompt when one seed is given.
+        seed: image i starts from the noise of ``torch.Generator('cpu').manual_seed(seed)`` (or
+            ``seed[i]``): the same on every device, and the same for every prompt when one seed is
+            given.
     """
     if hasattr(pipeline, "to_pipeline"):  # SDComponents: sample with a copy of its sampler
         pipeline = pipeline.to_pipeline(scheduler=pipeline.sampler())  # what an export samples with
@@ -132,16 +174,27 @@ def generate(pipeline, prompts: str | list[str], encoder=None, steps: int = 25, 
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generators, height=height,
-                  width=width, output_type=output_type, **pipeline_kwargs)
+    common = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators,
+        height=height,
+        width=width,
+        output_type=output_type,
+        **pipeline_kwargs,
+    )
     encoder = resolve_encoder(encoder, pipe)
     if encoder is None:
         return pipe(prompts, negative_prompt=[negative_prompt] * len(prompts), **common).images
     cond, uncond = encode_for_guidance(encoder, prompts, negative_prompt)
     param = next(pipe.unet.parameters())
-    kwargs = dict(prompt_embeds=cond.embeds.to(param.device, param.dtype),
-                  negative_prompt_embeds=uncond.embeds.to(param.device, param.dtype))
+    kwargs = dict(
+        prompt_embeds=cond.embeds.to(param.device, param.dtype),
+        negative_prompt_embeds=uncond.embeds.to(param.device, param.dtype),
+    )
     if cond.pooled is not None:  # SDXL
-        kwargs.update(pooled_prompt_embeds=cond.pooled.to(param.device, param.dtype),
-                      negative_pooled_prompt_embeds=uncond.pooled.to(param.device, param.dtype))
+        kwargs.update(
+            pooled_prompt_embeds=cond.pooled.to(param.device, param.dtype),
+            negative_pooled_prompt_embeds=uncond.pooled.to(param.device, param.dtype),
+        )
     return pipe(**kwargs, **common).images

@@ -1,20 +1,24 @@
 """Caption splitters for the segment-level (LongAlign) text encoder: ``str -> list[str]``.
 
-* ``official``: exactly what LongAlign's code does (``tools.py``: ``collate_fn`` / ``caption2embed``)::
+* ``official``: exactly what LongAlign's code does
+  (``tools.py``: ``collate_fn`` / ``caption2embed``)::
 
       pattern = re.compile(r'"!|\\.|\\?|;"')
       pieces = [s + '.' for s in re.split(pattern, caption) if len(s) > 0] or [caption]
 
-  Note the stray double quotes inside that raw string: the alternatives are ``"!``, ``.``, ``?`` and ``;"``, so
-  the official code splits on every ``.`` and ``?`` (also inside decimals, "3.5" -> "3." + "5."), but on ``!`` and
-  ``;`` only when a double quote precedes/follows them. Every non-empty piece gets a "." appended (whitespace is
-  kept: the CLIP tokenizer drops it), and a caption with no non-empty piece ("" or ".") is one segment, itself.
-  We reproduce this, quirks included, because the default matches the official semantics.
-* ``sentences``: split after ``.``, ``!`` or ``?`` followed by whitespace; pieces stripped, empty ones dropped.
-* ``packed``: sentence boundaries that skip decimals and common abbreviations ("e.g.", "Mr.", "U.S.", initials),
-  plus line breaks; consecutive sentences are then packed greedily into segments of at most 75 tokens (CLIP's 77
-  minus <sot>/<eot>), and a sentence longer than that is wrapped at word boundaries, so nothing is truncated
-  unless a single word exceeds 75 tokens. Fewer, fuller segments also mean fewer <sot> rows in the conditioning.
+  Note the stray double quotes inside that raw string: the alternatives are ``"!``, ``.``, ``?`` and
+  ``;"``, so the official code splits on every ``.`` and ``?`` (also inside decimals, "3.5" ->
+  "3." + "5."), but on ``!`` and ``;`` only when a double quote precedes/follows them. Every
+  non-empty piece gets a "." appended (whitespace is kept: the CLIP tokenizer drops it), and a
+  caption with no non-empty piece ("" or ".") is one segment, itself. We reproduce this, quirks
+  included, because the default matches the official semantics.
+* ``sentences``: split after ``.``, ``!`` or ``?`` followed by whitespace; pieces stripped,
+  empty ones dropped.
+* ``packed``: sentence boundaries that skip decimals and common abbreviations ("e.g.", "Mr.",
+  "U.S.", initials), plus line breaks; consecutive sentences are then packed greedily into segments
+  of at most 75 tokens (CLIP's 77 minus <sot>/<eot>), and a sentence longer than that is wrapped at
+  word boundaries, so nothing is truncated unless a single word exceeds 75 tokens. Fewer, fuller
+  segments also mean fewer <sot> rows in the conditioning.
 """
 
 from __future__ import annotations
@@ -24,14 +28,44 @@ from typing import Callable
 
 Splitter = Callable[[str], list[str]]
 
-OFFICIAL_PATTERN = re.compile(r'"!|\.|\?|;"')  # verbatim from LongAlign's tools.py, stray quotes included
+# verbatim from LongAlign's tools.py, stray quotes included
+OFFICIAL_PATTERN = re.compile(r'"!|\.|\?|;"')
 MAX_SEGMENT_TOKENS = 75
 
-# Words that end with "." without ending a sentence. "etc." and "no." are left out: they often do end one.
-ABBREVIATIONS = frozenset({
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "cf", "approx", "fig", "figs", "e.g",
-    "i.e", "incl", "dept", "gen", "col", "lt", "sgt", "capt", "rev", "hon", "ave", "blvd",
-})
+# Words that end with "." without ending a sentence. "etc." and "no." are left out:
+# they often do end one.
+ABBREVIATIONS = frozenset(
+    {
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "prof",
+        "sr",
+        "jr",
+        "st",
+        "mt",
+        "ft",
+        "vs",
+        "cf",
+        "approx",
+        "fig",
+        "figs",
+        "e.g",
+        "i.e",
+        "incl",
+        "dept",
+        "gen",
+        "col",
+        "lt",
+        "sgt",
+        "capt",
+        "rev",
+        "hon",
+        "ave",
+        "blvd",
+    }
+)
 _DOTTED = re.compile(r"^(?:[a-z]\.){2,}$", re.IGNORECASE)  # e.g. i.e. U.S. a.m. p.m.
 _INITIAL = re.compile(r"^[A-Z]\.$")  # J. R. R. Tolkien
 _BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(\s+)")
@@ -50,23 +84,28 @@ def sentence_split(caption: str) -> list[str]:
 
 
 def _is_abbreviation(text: str, match: re.Match) -> bool:
-    """Whether the boundary ``match`` is a lone "." closing an abbreviation rather than a sentence."""
-    if text[match.start():match.start(1)] != ".":
+    """Whether the boundary ``match`` is a lone "." closing an abbreviation rather than a
+    sentence."""
+    if text[match.start() : match.start(1)] != ".":
         return False
-    words = text[:match.start() + 1].split()
+    words = text[: match.start() + 1].split()
     word = words[-1].lstrip(_OPENERS) if words else ""
-    return (word[:-1].lower() in ABBREVIATIONS or bool(_DOTTED.match(word)) or bool(_INITIAL.match(word)))
+    return (
+        word[:-1].lower() in ABBREVIATIONS
+        or bool(_DOTTED.match(word))
+        or bool(_INITIAL.match(word))
+    )
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: boundaries after [.!?] + whitespace (not after abbreviations), and line breaks.
-    Decimals ("3.5") never split, since no whitespace follows their point."""
+    """Sentences of ``text``: boundaries after [.!?] + whitespace (not after abbreviations), and
+    line breaks. Decimals ("3.5") never split, since no whitespace follows their point."""
     sentences, start = [], 0
     for match in _BOUNDARY.finditer(text):
         newline = "\n" in match.group(1)
         if not newline and _is_abbreviation(text, match):
             continue
-        sentences.append(text[start:match.start(1)])
+        sentences.append(text[start : match.start(1)])
         start = match.end(1)
     sentences.append(text[start:])
     out = []
@@ -76,11 +115,13 @@ def split_sentences(text: str) -> list[str]:
 
 
 class PackedSplitter:
-    """Sentences (see ``split_sentences``) packed greedily into segments of at most ``max_tokens`` tokens.
+    """Sentences (see ``split_sentences``) packed greedily into segments of at most ``max_tokens``
+    tokens.
 
-    Token counts come from ``tokenizer`` without special tokens. A segment's count is taken as the sum of its
-    parts' counts: exact for CLIP, whose BPE never merges across whitespace (a test checks every packed segment
-    by re-tokenizing it). A sentence over ``max_tokens`` is wrapped at word boundaries.
+    Token counts come from ``tokenizer`` without special tokens. A segment's count is taken as the
+    sum of its parts' counts: exact for CLIP, whose BPE never merges across whitespace (a test
+    checks every packed segment by re-tokenizing it). A sentence over ``max_tokens`` is wrapped at
+    word boundaries.
     """
 
     def __init__(self, tokenizer, max_tokens: int = MAX_SEGMENT_TOKENS):
@@ -90,7 +131,10 @@ class PackedSplitter:
     def _counts(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids]
+        return [
+            len(ids)
+            for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+        ]
 
     def _pack(self, pieces: list[str], counts: list[int]) -> list[str]:
         segments, current, used = [], [], 0
@@ -114,7 +158,7 @@ class PackedSplitter:
             else:  # wrap an over-long sentence at word boundaries, then pack it like any other
                 words = sentence.split()
                 units.extend(self._pack(words, self._counts(words)))
-                unit_counts.extend(self._counts(units[len(unit_counts):]))
+                unit_counts.extend(self._counts(units[len(unit_counts) :]))
         return self._pack(units, unit_counts)
 
 
@@ -122,7 +166,8 @@ SPLITTERS = {"official": official_split, "sentences": sentence_split}
 
 
 def resolve_splitter(splitter: str | Splitter, tokenizer=None) -> Splitter:
-    """A splitter by name (``official``, ``sentences``, ``packed``) or any callable ``str -> list[str]``."""
+    """A splitter by name (``official``, ``sentences``, ``packed``) or any callable
+    ``str -> list[str]``."""
     if callable(splitter):
         return splitter
     if splitter == "packed":
@@ -131,5 +176,7 @@ def resolve_splitter(splitter: str | Splitter, tokenizer=None) -> Splitter:
         return PackedSplitter(tokenizer)
     if splitter in SPLITTERS:
         return SPLITTERS[splitter]
-    raise ValueError(f"unknown splitter {splitter!r}; expected one of "
-                     f"{sorted([*SPLITTERS, 'packed'])} or a callable str -> list[str]")
+    raise ValueError(
+        f"unknown splitter {splitter!r}; expected one of "
+        f"{sorted([*SPLITTERS, 'packed'])} or a callable str -> list[str]"
+    )

@@ -1,12 +1,14 @@
-"""LongAlign's optional T5 branch: a frozen T5 encoder over the whole caption and a trainable GEGLU adapter.
+"""LongAlign's optional T5 branch: a frozen T5 encoder over the whole caption and a trainable GEGLU
+adapter.
 
-Official semantics (LongAlign ``tools.caption2embed`` and ``modules/adapters.py``, itself LaVi-Bridge's adapter):
-the caption is tokenized by T5's tokenizer to exactly ``max_length`` = 240 tokens (padded / truncated), encoded by
-T5 *without* an attention mask (pads are attended to; ``use_attention_mask=True`` changes that), and projected by
-``TextAdapter``: LayerNorm(1024) -> GEGLU(1024 -> 4096) -> Dropout(0.1) -> Linear(4096 -> 896) -> LayerNorm(896)
--> GEGLU(896 -> 3584) -> Dropout(0.1) -> Linear(3584 -> 768). Its 240 rows go after the 240 CLIP rows. The
-parameter names match LaVi-Bridge's checkpoint (``ff1.net.0.proj``, ``norm1``, ...), which the official code
-starts from, so ``TextAdapter.from_pretrained(dir)`` loads that checkpoint as-is.
+Official semantics (LongAlign ``tools.caption2embed`` and ``modules/adapters.py``, itself
+LaVi-Bridge's adapter): the caption is tokenized by T5's tokenizer to exactly ``max_length`` = 240
+tokens (padded / truncated), encoded by T5 *without* an attention mask (pads are attended to;
+``use_attention_mask=True`` changes that), and projected by ``TextAdapter``: LayerNorm(1024) ->
+GEGLU(1024 -> 4096) -> Dropout(0.1) -> Linear(4096 -> 896) -> LayerNorm(896) -> GEGLU(896 -> 3584)
+-> Dropout(0.1) -> Linear(3584 -> 768). Its 240 rows go after the 240 CLIP rows. The parameter names
+match LaVi-Bridge's checkpoint (``ff1.net.0.proj``, ``norm1``, ...), which the official code starts
+from, so ``TextAdapter.from_pretrained(dir)`` loads that checkpoint as-is.
 """
 
 from __future__ import annotations
@@ -36,18 +38,27 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, mult: int = 4, dropout: float = 0.1):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim_out))
+        self.net = nn.Sequential(
+            GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim_out)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class TextAdapter(ModelMixin, ConfigMixin):
-    """T5 hidden states (…, in_dim) -> UNet conditioning rows (…, out_dim); paper size 1024 -> 896 -> 768."""
+    """T5 hidden states (…, in_dim) -> UNet conditioning rows (…, out_dim);
+    paper size 1024 -> 896 -> 768."""
 
     @register_to_config
-    def __init__(self, in_dim: int = 1024, int_dim: int = 896, out_dim: int = 768, mult: int = 4,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int = 1024,
+        int_dim: int = 896,
+        out_dim: int = 768,
+        mult: int = 4,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         self.norm1 = nn.LayerNorm(in_dim)
@@ -60,11 +71,17 @@ class TextAdapter(ModelMixin, ConfigMixin):
 
 
 class T5Branch(nn.Module):
-    """Captions -> (B, max_length, adapter out_dim). T5 is frozen (eval, no grad, kept in eval by ``train()``);
-    only the adapter trains."""
+    """Captions -> (B, max_length, adapter out_dim). T5 is frozen (eval, no grad, kept in eval by
+    ``train()``); only the adapter trains."""
 
-    def __init__(self, t5_tokenizer, t5_encoder: nn.Module, adapter: nn.Module, max_length: int = 240,
-                 use_attention_mask: bool = False):
+    def __init__(
+        self,
+        t5_tokenizer,
+        t5_encoder: nn.Module,
+        adapter: nn.Module,
+        max_length: int = 240,
+        use_attention_mask: bool = False,
+    ):
         super().__init__()
         d_model = t5_encoder.config.d_model
         if getattr(adapter, "in_dim", d_model) != d_model:
@@ -82,8 +99,13 @@ class T5Branch(nn.Module):
         return self
 
     def forward(self, captions: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(captions), max_length=self.max_length, padding="max_length", truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(captions),
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
         device = next(self.encoder.parameters()).device
         mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
         with torch.no_grad():
@@ -92,13 +114,19 @@ class T5Branch(nn.Module):
         return self.adapter(hidden.to(param.device, param.dtype))
 
 
-def build_t5_branch(source: str | os.PathLike | None, adapter: str | os.PathLike | nn.Module | None = None,
-                    hidden_dim: int = 896, out_dim: int = 768, max_length: int = 240,
-                    use_attention_mask: bool = False, torch_dtype: torch.dtype | None = None) -> T5Branch | None:
+def build_t5_branch(
+    source: str | os.PathLike | None,
+    adapter: str | os.PathLike | nn.Module | None = None,
+    hidden_dim: int = 896,
+    out_dim: int = 768,
+    max_length: int = 240,
+    use_attention_mask: bool = False,
+    torch_dtype: torch.dtype | None = None,
+) -> T5Branch | None:
     """The T5 branch from a local directory or hub id holding a T5 tokenizer and encoder (official:
-    ``google-t5/t5-large``), or None for ``source=None``. ``adapter``: a directory / hub id of a saved
-    ``TextAdapter`` (e.g. LaVi-Bridge's ``t5_unet/adapter``), a module, or None for a fresh one
-    (T5 d_model -> ``hidden_dim`` -> ``out_dim``). Never runs remote code."""
+    ``google-t5/t5-large``), or None for ``source=None``. ``adapter``: a directory / hub id of a
+    saved ``TextAdapter`` (e.g. LaVi-Bridge's ``t5_unet/adapter``), a module, or None for a fresh
+    one (T5 d_model -> ``hidden_dim`` -> ``out_dim``). Never runs remote code."""
     if source is None:
         return None
     from transformers import AutoTokenizer, T5EncoderModel
@@ -110,7 +138,9 @@ def build_t5_branch(source: str | os.PathLike | None, adapter: str | os.PathLike
         adapter = TextAdapter(in_dim=encoder.config.d_model, int_dim=hidden_dim, out_dim=out_dim)
     elif not isinstance(adapter, nn.Module):
         adapter = TextAdapter.from_pretrained(str(adapter))
-    return T5Branch(tokenizer, encoder, adapter, max_length=max_length, use_attention_mask=use_attention_mask)
+    return T5Branch(
+        tokenizer, encoder, adapter, max_length=max_length, use_attention_mask=use_attention_mask
+    )
 
 
 _TINY_CORPUS = [
@@ -123,8 +153,9 @@ _TINY_CORPUS = [
 
 
 def write_tiny_t5(out_dir: str | os.PathLike, d_model: int = 16, seed: int = 0) -> Path:
-    """Write a tiny T5 encoder (random weights) and a tokenizer trained on a few sentences into ``out_dir``,
-    in the ``from_pretrained`` layout, so tests exercise the real loading path offline."""
+    """Write a tiny T5 encoder (random weights) and a tokenizer trained on a few sentences into
+    ``out_dir``, in the ``from_pretrained`` layout,
+    so tests exercise the real loading path offline."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -133,14 +164,34 @@ def write_tiny_t5(out_dir: str | os.PathLike, d_model: int = 16, seed: int = 0) 
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(_TINY_CORPUS, trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+    tok.train_from_iterator(
+        _TINY_CORPUS,
+        trainers.UnigramTrainer(
+            vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
     fast.save_pretrained(str(out))
-    config = T5Config(vocab_size=tok.get_vocab_size(), d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=2,
-                      num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=tok.get_vocab_size(),
+        d_model=d_model,
+        d_kv=4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         T5EncoderModel(config).save_pretrained(str(out))

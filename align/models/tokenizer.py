@@ -1,9 +1,10 @@
 """A real CLIP tokenizer, built offline.
 
-Stable Diffusion's tokenizer is OpenAI's CLIP BPE (49408 ids, 49406 = <|startoftext|>, 49407 = <|endoftext|>,
-77 positions). open_clip_torch ships that exact vocabulary as ``bpe_simple_vocab_16e6.txt.gz``; we turn it into
-the ``vocab.json`` + ``merges.txt`` layout that ``transformers.CLIPTokenizer`` reads, then load it through the
-ordinary ``from_pretrained`` path. Ids are identical to ``openai/clip-vit-large-patch14``'s tokenizer.
+Stable Diffusion's tokenizer is OpenAI's CLIP BPE (49408 ids, 49406 = <|startoftext|>, 49407 =
+<|endoftext|>, 77 positions). open_clip_torch ships that exact vocabulary as
+``bpe_simple_vocab_16e6.txt.gz``; we turn it into the ``vocab.json`` + ``merges.txt`` layout that
+``transformers.CLIPTokenizer`` reads, then load it through the ordinary ``from_pretrained`` path.
+Ids are identical to ``openai/clip-vit-large-patch14``'s tokenizer.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ MAX_LENGTH = 77
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table (same order as open_clip and transformers)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """GPT-2/CLIP's reversible byte -> printable-unicode table
+    (same order as open_clip and transformers)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -40,16 +46,25 @@ def _bpe_merges() -> list[str]:
 
 
 def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_TOKEN) -> Path:
-    """Write vocab.json, merges.txt and the tokenizer configs of SD's CLIP tokenizer into ``out_dir``.
+    """Write vocab.json, merges.txt and the tokenizer configs of SD's CLIP tokenizer into
+    ``out_dir``.
 
-    ``pad_token``: SD1.5 and SDXL's first tokenizer pad with <|endoftext|>; SDXL's second pads with "!".
+    ``pad_token``: SD1.5 and SDXL's first tokenizer pad with <|endoftext|>;
+    SDXL's second pads with "!".
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merges = _bpe_merges()
     units = list(_bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
-    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    vocab = (
+        units
+        + [u + "</w>" for u in units]
+        + ["".join(m.split()) for m in merges]
+        + [SOT_TOKEN, EOT_TOKEN]
+    )
+    (out / "vocab.json").write_text(
+        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
+    )
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -62,7 +77,12 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_
         "clean_up_tokenization_spaces": True,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    specials = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": pad_token}
+    specials = {
+        "bos_token": SOT_TOKEN,
+        "eos_token": EOT_TOKEN,
+        "unk_token": EOT_TOKEN,
+        "pad_token": pad_token,
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return out
 
@@ -72,7 +92,8 @@ def _cache_root() -> Path:
 
 
 def build_clip_tokenizer(pad_token: str = EOT_TOKEN):
-    """Load SD's CLIP tokenizer, writing its files to the align cache the first time (no network needed)."""
+    """Load SD's CLIP tokenizer, writing its files to the align cache the first time
+    (no network needed)."""
     from transformers import CLIPTokenizer
 
     name = "clip-tokenizer" if pad_token == EOT_TOKEN else "clip-tokenizer-pad-bang"

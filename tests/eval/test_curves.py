@@ -33,18 +33,29 @@ def test_wandb_offline_run(tmp_path):
         "import wandb\n"
         f"run = wandb.init(mode='offline', project='p', dir={str(tmp_path)!r})\n"
         "for i in range(300):\n"
-        "    run.log({'train/loss': 1.0 / (i + 1), 'note': 'text', 'train/long_name_' + 'x' * 40: float(i)}, step=i)\n"
+        "    run.log({'train/loss': 1.0 / (i + 1), 'note': 'text', 'train/long_name_' + 'x' * 40: "
+        "float(i)}, step=i)\n"
         "    if i % 100 == 0:\n"
         "        run.log({'val/acc': i / 300}, step=i)\n"
-        "run.finish()\n")
-    env = {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120, capture_output=True)
+        "run.finish()\n"
+    )
+    env = {
+        "WANDB_SILENT": "true",
+        "WANDB_MODE": "offline",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }
+    subprocess.run(
+        [sys.executable, "-c", script], check=True, env=env, timeout=120, capture_output=True
+    )
     kind, where = find_run(tmp_path / "wandb")
     assert kind == "wandb" and where.name.startswith("offline-run-")
     curves = read_curves(tmp_path)
-    assert set(curves) == {"train/loss", "val/acc", "train/long_name_" + "x" * 40}  # strings are not curves
+    # strings are not curves
+    assert set(curves) == {"train/loss", "val/acc", "train/long_name_" + "x" * 40}
     steps, values = curves["train/loss"]
-    assert steps == list(range(300)) and values[9] == pytest.approx(0.1)  # records span several 32 KiB blocks
+    # records span several 32 KiB blocks
+    assert steps == list(range(300)) and values[9] == pytest.approx(0.1)
     assert curves["val/acc"][0] == [0, 100, 200]
 
 

@@ -1,4 +1,5 @@
-"""FID: the Fréchet distance itself, a set against itself, growth with added noise, statistics files."""
+"""FID: the Fréchet distance itself, a set against itself, growth with added noise,
+statistics files."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align.eval.fid import (FeatureStats, FIDError, build_feature_extractor, compute_stats, fid_from_stats,
-                            frechet_distance, reference_stats)
+from align.eval.fid import (
+    FeatureStats,
+    FIDError,
+    build_feature_extractor,
+    compute_stats,
+    fid_from_stats,
+    frechet_distance,
+    reference_stats,
+)
 
 
 def test_frechet_distance_closed_form():
@@ -17,7 +25,8 @@ def test_frechet_distance_closed_form():
     # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
-    # a full covariance against itself, rotated: 0; scaled by 4: tr(S) (2 - 1)^2 ... = tr(S + 4S - 2*2S) = tr(S)
+    # a full covariance against itself, rotated: 0; scaled by 4: tr(S)
+    # (2 - 1)^2 ... = tr(S + 4S - 2*2S) = tr(S)
     a = rng.normal(size=(5, 5))
     s = a @ a.T
     assert frechet_distance(mu1, s, mu1, s) == pytest.approx(0.0, abs=1e-8)
@@ -31,14 +40,24 @@ def clip_features(tiny_rewards):
 
 def smooth_images(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray((np.clip(rng.normal(0.5, 0.2, (8, 8, 3)), 0, 1) * 255).astype(np.uint8))
-            .resize((64, 64), Image.BICUBIC) for _ in range(n)]
+    return [
+        Image.fromarray(
+            (np.clip(rng.normal(0.5, 0.2, (8, 8, 3)), 0, 1) * 255).astype(np.uint8)
+        ).resize((64, 64), Image.BICUBIC)
+        for _ in range(n)
+    ]
 
 
 def add_noise(images, sigma, seed=1):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray((np.clip(np.asarray(im) / 255 + rng.normal(0, sigma, (64, 64, 3)), 0, 1) * 255)
-                            .astype(np.uint8)) for im in images]
+    return [
+        Image.fromarray(
+            (np.clip(np.asarray(im) / 255 + rng.normal(0, sigma, (64, 64, 3)), 0, 1) * 255).astype(
+                np.uint8
+            )
+        )
+        for im in images
+    ]
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(clip_features):
@@ -47,7 +66,10 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(clip_features):
     assert ref.n == 40 and ref.features == clip_features.spec
     scale = np.trace(ref.sigma)
     assert fid_from_stats(ref, compute_stats(images, clip_features, batch_size=7)) < 1e-6 * scale
-    fids = [fid_from_stats(ref, compute_stats(add_noise(images, s), clip_features)) for s in (0.03, 0.1, 0.3)]
+    fids = [
+        fid_from_stats(ref, compute_stats(add_noise(images, s), clip_features))
+        for s in (0.03, 0.1, 0.3)
+    ]
     assert fids[0] > 1e-4 * scale
     assert fids[0] < fids[1] < fids[2], fids
 

@@ -1,5 +1,5 @@
-"""The `make eval` recipe end to end on CPU (tiny export vs the tiny base, tiny rewards in the real layouts),
-through the real console entry point, and the bad inputs it must report."""
+"""The `make eval` recipe end to end on CPU (tiny export vs the tiny base, tiny rewards in the real
+layouts), through the real console entry point, and the bad inputs it must report."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ import pytest
 
 from align.cli import main as align
 
-PROMPTS = ["a photo of a cat", "a red car on a street", "an astronaut riding a horse", "a painting of a forest"]
+PROMPTS = [
+    "a photo of a cat",
+    "a red car on a street",
+    "an astronaut riding a horse",
+    "a painting of a forest",
+]
 REWARDS = ["pickscore", "hps", "clip", "aesthetic", "imagereward"]
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_rewards):
-    """What `make eval` does: save the tiny base (and here a stand-in export), render both, evaluate."""
+    """What `make eval` does: save the tiny base (and here a stand-in export),
+    render both, evaluate."""
     import torch
 
     threads = torch.get_num_threads()
@@ -32,17 +38,55 @@ def _recipe(root, tiny_rewards):
     from align.models import load_components
 
     load_components("tiny").save_pretrained(root / "tiny-base")
-    load_components("tiny", seed=1).save_pretrained(root / "tiny-export")  # stands in for a trained export
+    # stands in for a trained export
+    load_components("tiny", seed=1).save_pretrained(root / "tiny-export")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     for name, checkpoint in (("run", "tiny-export"), ("base", "tiny-base")):
-        assert align(["sample", "--checkpoint", str(root / checkpoint), "--prompts", str(prompts), "--out",
-                      str(root / name), "-n", "2", "--steps", "5", "--device", "cpu", "--no-progress"]) == 0
+        assert (
+            align(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(root / checkpoint),
+                    "--prompts",
+                    str(prompts),
+                    "--out",
+                    str(root / name),
+                    "-n",
+                    "2",
+                    "--steps",
+                    "5",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     reward_root = tiny_rewards["clip"].parent
-    code = align(["eval", "--images", str(root / "run"), "--baseline", str(root / "base"), "--reward-root",
-                  str(reward_root), "--fid-reference", str(root / "base"), "--fid-features",
-                  f"clip:{reward_root / 'clip'}", "--out", str(root / "report"), "--device", "cpu",
-                  "--bootstrap", "200", "--no-progress"])
+    code = align(
+        [
+            "eval",
+            "--images",
+            str(root / "run"),
+            "--baseline",
+            str(root / "base"),
+            "--reward-root",
+            str(reward_root),
+            "--fid-reference",
+            str(root / "base"),
+            "--fid-features",
+            f"clip:{reward_root / 'clip'}",
+            "--out",
+            str(root / "report"),
+            "--device",
+            "cpu",
+            "--bootstrap",
+            "200",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return root
 
@@ -58,7 +102,8 @@ def test_report_files_and_table(recipe, capsys):
         assert entry["run"]["low"] <= entry["run"]["value"] <= entry["run"]["high"]
         assert win["value"] == pytest.approx((win["wins"] + 0.5 * win["ties"]) / 8)
     fid = report["fid"]
-    assert fid["baseline"] == pytest.approx(0.0, abs=1e-6) and fid["run"] > 0  # base is the reference
+    # base is the reference
+    assert fid["baseline"] == pytest.approx(0.0, abs=1e-6) and fid["run"] > 0
     with (recipe / "report" / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["reward"] for r in rows][:5] == REWARDS and rows[5]["reward"].startswith("fid")
@@ -74,9 +119,24 @@ def test_report_files_and_table(recipe, capsys):
 
 
 def test_median_pairing_and_subset_of_rewards(recipe, tiny_rewards, capsys):
-    code = align(["eval", "--images", str(recipe / "run"), "--baseline", str(recipe / "base"), "--rewards", "hps",
-                  "--reward-source", f"hps={tiny_rewards['hps']}", "--pairing", "median", "--out",
-                  str(recipe / "report-median"), "--no-progress"])
+    code = align(
+        [
+            "eval",
+            "--images",
+            str(recipe / "run"),
+            "--baseline",
+            str(recipe / "base"),
+            "--rewards",
+            "hps",
+            "--reward-source",
+            f"hps={tiny_rewards['hps']}",
+            "--pairing",
+            "median",
+            "--out",
+            str(recipe / "report-median"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((recipe / "report-median" / "report.json").read_text())
     assert list(report["rewards"]) == ["hps"] and report["rewards"]["hps"]["win_rate"]["n"] == 4
@@ -88,8 +148,20 @@ def test_unreadable_image_is_reported_and_skipped(recipe, tiny_rewards, tmp_path
     shutil.copytree(recipe / "run", run)
     shutil.rmtree(run / "eval", ignore_errors=True)
     (run / "00002_1.png").write_bytes(b"\x89PNG broken")
-    code = align(["eval", "--images", str(run), "--baseline", str(recipe / "base"), "--rewards", "pickscore",
-                  "--reward-root", str(tiny_rewards["clip"].parent), "--no-progress"])
+    code = align(
+        [
+            "eval",
+            "--images",
+            str(run),
+            "--baseline",
+            str(recipe / "base"),
+            "--rewards",
+            "pickscore",
+            "--reward-root",
+            str(tiny_rewards["clip"].parent),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "skipping unreadable image" in err and "00002_1.png" in err
@@ -105,24 +177,60 @@ def test_mismatched_prompt_sets_list_the_difference(recipe, tmp_path, capsys):
     lines = (other / "prompts.jsonl").read_text().splitlines()
     lines[1] = json.dumps({"index": 1, "prompt": "a blue bicycle"})
     (other / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    assert align(["eval", "--images", str(recipe / "run"), "--baseline", str(other), "--rewards", "clip",
-                  "--no-progress"]) == 2
+    assert (
+        align(
+            [
+                "eval",
+                "--images",
+                str(recipe / "run"),
+                "--baseline",
+                str(other),
+                "--rewards",
+                "clip",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "prompt sets differ" in err and "'a red car on a street'" in err and "'a blue bicycle'" in err
+    assert (
+        "prompt sets differ" in err
+        and "'a red car on a street'" in err
+        and "'a blue bicycle'" in err
+    )
 
 
 def test_empty_prompt_set_fails_at_start(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code = align(["sample", "--checkpoint", str(tmp_path / "no-such-model"), "--prompts", str(empty), "--out",
-                  str(tmp_path / "out")])
+    code = align(
+        [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "no-such-model"),
+            "--prompts",
+            str(empty),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert "empty" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_missing_reward_checkpoint_names_the_file(recipe, tmp_path, capsys):
-    code = align(["eval", "--images", str(recipe / "run"), "--rewards", "imagereward", "--reward-source",
-                  f"imagereward={tmp_path}", "--no-progress"])
+    code = align(
+        [
+            "eval",
+            "--images",
+            str(recipe / "run"),
+            "--rewards",
+            "imagereward",
+            "--reward-source",
+            f"imagereward={tmp_path}",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert str(tmp_path / "ImageReward.pt") in capsys.readouterr().err
 

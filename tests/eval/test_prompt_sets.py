@@ -1,4 +1,5 @@
-"""Prompt sets from txt, jsonl, csv/tsv (PartiPrompts) and parquet (Pick-a-Pic), and their errors."""
+"""Prompt sets from txt, jsonl, csv/tsv (PartiPrompts) and parquet (Pick-a-Pic),
+and their errors."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ def test_txt_skips_blank_lines(tmp_path):
 
 def test_jsonl_objects_and_strings(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text("\n".join([json.dumps({"prompt": "one"}), json.dumps("two"),
-                               json.dumps({"caption": "three", "x": 1})]))
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "one"}),
+                json.dumps("two"),
+                json.dumps({"caption": "three", "x": 1}),
+            ]
+        )
+    )
     assert read_prompts(path) == ["one", "two", "three"]
     path.write_text(json.dumps({"text": "a", "other": "b"}) + "\n")
     assert read_prompts(path, column="other") == ["b"]
@@ -28,8 +36,10 @@ def test_jsonl_objects_and_strings(tmp_path):
 
 def test_partiprompts_tsv_and_csv(tmp_path):
     tsv = tmp_path / "PartiPrompts.tsv"
-    tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\nA sign that says 'hi, you'\tWriting\t"
-                   "Basic\tquoted, with comma\n")
+    tsv.write_text(
+        "Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\n"
+        "A sign that says 'hi, you'\tWriting\tBasic\tquoted, with comma\n"
+    )
     assert read_prompts(tsv) == ["bond", "A sign that says 'hi, you'"]
     csv_path = tmp_path / "p.csv"
     csv_path.write_text('id,caption\n1,"a cat, sitting"\n2,a dog\n')
@@ -43,15 +53,22 @@ def test_pickapic_parquet_caption_deduplicated(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "test.parquet"
-    table = pa.table({"caption": ["b cat", "a dog", "b cat", None, "c fox", "a dog"],
-                      "jpg_0": [b"\x00"] * 6, "label_0": [1.0, 0.0, 0.5, 1.0, 1.0, 0.0]})
+    table = pa.table(
+        {
+            "caption": ["b cat", "a dog", "b cat", None, "c fox", "a dog"],
+            "jpg_0": [b"\x00"] * 6,
+            "label_0": [1.0, 0.0, 0.5, 1.0, 1.0, 0.0],
+        }
+    )
     pq.write_table(table, path)
     # test_unique style: first occurrences, in order
     assert read_prompts(path) == ["b cat", "a dog", "c fox"]
     assert read_prompts(path, dedupe=False) == ["b cat", "a dog", "b cat", "c fox", "a dog"]
 
 
-@pytest.mark.parametrize("content,name", [("\n  \n", "empty.txt"), ("", "empty.jsonl"), ("Prompt\n", "e.tsv")])
+@pytest.mark.parametrize(
+    "content,name", [("\n  \n", "empty.txt"), ("", "empty.jsonl"), ("Prompt\n", "e.tsv")]
+)
 def test_empty_prompt_set_is_an_error(tmp_path, content, name):
     path = tmp_path / name
     path.write_text(content)

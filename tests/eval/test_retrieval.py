@@ -1,5 +1,6 @@
-"""Text-to-image retrieval at segment level (LongAlign Table 1): R@1 on fabricated embeddings with a known answer,
-full score vs the text-relevant part, R@1 against the number of sentences kept, and the command end to end."""
+"""Text-to-image retrieval at segment level (LongAlign Table 1): R@1 on fabricated embeddings with a
+known answer, full score vs the text-relevant part, R@1 against the number of sentences kept, and
+the command end to end."""
 
 import json
 import math
@@ -8,8 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.eval.retrieval import (aggregate, common_direction_of, main, recall_at_1, retrieval_from_embeddings,
-                                  similarity)
+from align.eval.retrieval import (
+    aggregate,
+    common_direction_of,
+    main,
+    recall_at_1,
+    retrieval_from_embeddings,
+    similarity,
+)
 
 
 def e(i, d=4):
@@ -19,13 +26,16 @@ def e(i, d=4):
 
 
 def fabricated_set():
-    """Three captions sharing a strong common direction e3 and one private direction each (e0, e1, e2);
-    images 0 and 1 show their caption's private content, image 2 mostly the common "style" direction.
+    """Three captions sharing a strong common direction e3 and one private direction each (e0, e1,
+    e2); images 0 and 1 show their caption's private content, image 2 mostly the common "style"
+    direction.
 
-    Full score: image 2's large common component beats images 0 and 1 for *every* caption, so only caption 2
-    retrieves its own image: R@1 = 1/3. Text-relevant part (v = e3): each caption keeps 0.3 * its private
-    direction, which only its own image shares: R@1 = 1."""
-    text = torch.stack([0.3 * e(0) + 0.95 * e(3), 0.3 * e(1) + 0.95 * e(3), 0.3 * e(2) + 0.95 * e(3)])
+    Full score: image 2's large common component beats images 0 and 1 for *every* caption, so only
+    caption 2 retrieves its own image: R@1 = 1/3. Text-relevant part (v = e3): each caption keeps
+    0.3 * its private direction, which only its own image shares: R@1 = 1."""
+    text = torch.stack(
+        [0.3 * e(0) + 0.95 * e(3), 0.3 * e(1) + 0.95 * e(3), 0.3 * e(2) + 0.95 * e(3)]
+    )
     images = torch.stack([e(0) + e(3), e(1) + e(3), 0.1 * e(2) + e(3)])
     return images, text
 
@@ -36,7 +46,8 @@ def test_r1_full_vs_text_relevant_on_a_known_answer():
     full = similarity(images, text, v, "full")
     rel = similarity(images, text, v, "relevant")
     img = F.normalize(images, dim=-1)
-    # by hand: caption 0 scores image 0 at 0.3*.707 + 0.95*.707 = 0.884 and image 2 at 0.95*0.995 = 0.945
+    # by hand: caption 0 scores image 0 at 0.3*.707 + 0.95*.707 = 0.884 and image 2 at 0.95*0.995 =
+    # 0.945
     assert full[0, 0].item() == pytest.approx((0.3 + 0.95) / math.sqrt(2), abs=1e-5)
     assert full[0, 2].item() == pytest.approx(0.95 * img[2, 3].item(), abs=1e-5)
     assert full[0].argmax() == 2 and full[1].argmax() == 2 and full[2].argmax() == 2
@@ -48,7 +59,8 @@ def test_r1_full_vs_text_relevant_on_a_known_answer():
 
 
 def test_recall_counts_ties_as_misses_and_checks_shape():
-    assert recall_at_1(torch.tensor([[1.0, 1.0], [0.0, 2.0]])) == 0.5  # row 0 ties with image 1: a miss
+    # row 0 ties with image 1: a miss
+    assert recall_at_1(torch.tensor([[1.0, 1.0], [0.0, 2.0]])) == 0.5
     assert recall_at_1(torch.tensor([[3.0, 1.0], [0.0, 2.0]])) == 1.0
     with pytest.raises(ValueError):
         recall_at_1(torch.zeros(2, 3))
@@ -57,16 +69,18 @@ def test_recall_counts_ties_as_misses_and_checks_shape():
 
 
 def test_curve_against_sentences_kept():
-    """N captions of three segments: segment 1 is common to all (says nothing about the image), segment 2 is each
-    caption's own, segment 3 is common again. One sentence kept: every caption is the same text, so it retrieves
-    the same image for all: R@1 = 1/N. Two or three kept: each caption's own segment decides: R@1 = 1."""
+    """N captions of three segments: segment 1 is common to all (says nothing about the image),
+    segment 2 is each caption's own, segment 3 is common again. One sentence kept: every caption is
+    the same text, so it retrieves the same image for all: R@1 = 1/N. Two or three kept: each
+    caption's own segment decides: R@1 = 1."""
     n = 5
     d = n + 2
     own = torch.eye(d)[:n]  # caption i's own segment: e_i
     common_a, common_b = e(n, d), e(n + 1, d)
     segments = torch.stack([common_a.expand(n, d), own, common_b.expand(n, d)], dim=1)
     mask = torch.ones(n, 3, dtype=torch.bool)
-    # image j shows e_j plus common content c_j e_n, c_j increasing: with one sentence kept the last image wins all
+    # image j shows e_j plus common content c_j e_n, c_j increasing:
+    # with one sentence kept the last image wins all
     images = own + torch.linspace(0.5, 0.9, n)[:, None] * common_a
     result = retrieval_from_embeddings(images, segments, mask)
     assert [c["sentences"] for c in result.curve] == [1, 2, 3]
@@ -103,8 +117,24 @@ def test_command_end_to_end_on_a_tiny_clip(long_caption_shards, tmp_path, capsys
 
     clip = write_tiny_hf_clip(tmp_path / "clip", seed=13)
     out = tmp_path / "report"
-    rc = main(["--reward", "clip", "--reward-source", str(clip), "--data", str(long_caption_shards),
-               "--limit", "10", "--max-sentences", "3", "--out", str(out), "--device", "cpu"])
+    rc = main(
+        [
+            "--reward",
+            "clip",
+            "--reward-source",
+            str(clip),
+            "--data",
+            str(long_caption_shards),
+            "--limit",
+            "10",
+            "--max-sentences",
+            "3",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "retrieval.json").read_text())
     assert report["n"] == 10 and report["reward"] == "clip" and report["direction"] == "set"
@@ -112,7 +142,25 @@ def test_command_end_to_end_on_a_tiny_clip(long_caption_shards, tmp_path, capsys
     assert [c["sentences"] for c in report["curve"]] == [1, 2, 3]
     assert "R@1" in capsys.readouterr().out
     # bad input: one usable sample cannot be retrieved among; a missing path is named
-    assert main(["--reward", "clip", "--reward-source", str(clip), "--data", str(long_caption_shards),
-                 "--limit", "1"]) == 2
-    assert main(["--reward", "clip", "--reward-source", str(clip), "--data", str(tmp_path / "nowhere")]) == 2
+    assert (
+        main(
+            [
+                "--reward",
+                "clip",
+                "--reward-source",
+                str(clip),
+                "--data",
+                str(long_caption_shards),
+                "--limit",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            ["--reward", "clip", "--reward-source", str(clip), "--data", str(tmp_path / "nowhere")]
+        )
+        == 2
+    )
     assert "nowhere" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""`align sample` on long prompts: the segment encoder sees text past token 77, CLIP's 77-token cut does not;
-a LongAlign SFT export (LoRA + prompt_encoder.json + align_export.json) samples with nothing else given."""
+"""`align sample` on long prompts: the segment encoder sees text past token 77, CLIP's 77-token cut
+does not; a LongAlign SFT export (LoRA + prompt_encoder.json + align_export.json) samples with
+nothing else given."""
 
 import json
 
@@ -10,16 +11,38 @@ from PIL import Image
 from align.cli import main
 from align.modules import SFTModule
 
-HEAD = " ".join(["a red circle in the top left corner of a plain white canvas."] * 8)  # well over 77 tokens
-PROMPTS = [HEAD + " a blue square sits in the bottom right.", HEAD + " a green triangle sits in the bottom right."]
+# well over 77 tokens
+HEAD = " ".join(["a red circle in the top left corner of a plain white canvas."] * 8)
+PROMPTS = [
+    HEAD + " a blue square sits in the bottom right.",
+    HEAD + " a green triangle sits in the bottom right.",
+]
 
 
 def render(tmp_path, name, *flags, checkpoint="tiny"):
     prompt_file = tmp_path / "long.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / name
-    assert main(["sample", "--checkpoint", checkpoint, "--prompt-file", str(prompt_file), "--out", str(out),
-                 "--steps", "2", "--device", "cpu", "--no-progress", *flags]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                checkpoint,
+                "--prompt-file",
+                str(prompt_file),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                *flags,
+            ]
+        )
+        == 0
+    )
     return out, [np.asarray(Image.open(out / f"{i:05d}_0.png"), dtype=np.float32) for i in range(2)]
 
 
@@ -41,6 +64,7 @@ def test_lora_sft_export_samples_with_its_own_encoder(tmp_path):
     out, images = render(tmp_path, "sft", checkpoint=str(export))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["encoder"] == str(export) and meta["lora_base"] == "tiny"
-    assert not np.array_equal(images[0], images[1])  # segment encoding, from the export's prompt_encoder.json
+    # segment encoding, from the export's prompt_encoder.json
+    assert not np.array_equal(images[0], images[1])
     _, base_images = render(tmp_path, "base", "--encoder", "segment")
     assert not np.array_equal(images[0], base_images[0])  # the LoRA was applied

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from align.eval.stats import (cluster_bootstrap, lower_median, mean_score, paired_win_rate, per_prompt_median)
+from align.eval.stats import (
+    cluster_bootstrap,
+    lower_median,
+    mean_score,
+    paired_win_rate,
+    per_prompt_median,
+)
 
 
 def scores(values_by_prompt: dict[int, list[float]]) -> dict[tuple[int, int], float]:
@@ -20,7 +26,11 @@ def test_all_wins_all_losses_all_ties():
     loss = paired_win_rate({k: v - 1 for k, v in base.items()}, base)
     assert loss.estimate.value == 0.0 and loss.losses == 30
     tie = paired_win_rate(dict(base), base)
-    assert tie.estimate.value == 0.5 and tie.ties == 30 and tie.estimate.low == tie.estimate.high == 0.5
+    assert (
+        tie.estimate.value == 0.5
+        and tie.ties == 30
+        and tie.estimate.low == tie.estimate.high == 0.5
+    )
 
 
 def test_pairs_by_prompt_and_seed_not_by_rank():
@@ -59,10 +69,13 @@ def test_median_pairing_is_the_kto_protocol():
 
 def test_bootstrap_of_two_clusters_has_known_distribution():
     # two prompts scoring 0 and 1: resampled means are 0, .5, 1 with probabilities 1/4, 1/2, 1/4
-    est = cluster_bootstrap(np.array([0.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1]), n_boot=4000, seed=0)
+    est = cluster_bootstrap(
+        np.array([0.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1]), n_boot=4000, seed=0
+    )
     assert est.value == 0.5 and est.low == 0.0 and est.high == 1.0
-    est = cluster_bootstrap(np.array([0.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1]), n_boot=4000, seed=0,
-                            confidence=0.4)  # the central 40% of {0: 25%, .5: 50%, 1: 25%} is .5
+    est = cluster_bootstrap(
+        np.array([0.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1]), n_boot=4000, seed=0, confidence=0.4
+    )  # the central 40% of {0: 25%, .5: 50%, 1: 25%} is .5
     assert est.low == est.high == 0.5
 
 
@@ -75,8 +88,9 @@ def test_bootstrap_interval_matches_the_binomial_width():
     assert est.low == pytest.approx(est.value - half, abs=0.006)
     assert est.high == pytest.approx(est.value + half, abs=0.006)
     # deterministic for a seed, different for another
-    assert cluster_bootstrap(outcomes, np.arange(n), n_boot=500, seed=1) == \
-        cluster_bootstrap(outcomes, np.arange(n), n_boot=500, seed=1)
+    assert cluster_bootstrap(outcomes, np.arange(n), n_boot=500, seed=1) == cluster_bootstrap(
+        outcomes, np.arange(n), n_boot=500, seed=1
+    )
 
 
 def test_clustering_widens_the_interval_for_correlated_images():

@@ -13,8 +13,18 @@ def test_ids_match_open_clip_bpe_and_sd_layout():
     assert ours[0] == SOT_ID and len(ours) == 77
     assert set(ours[n:]) == {EOT_ID}  # SD1.5 pads with <|endoftext|>
     # a well-known SD id sequence: "a photo of an astronaut riding a horse"
-    assert tok("a photo of an astronaut riding a horse").input_ids == [49406, 320, 1125, 539, 550, 18376, 6765,
-                                                                       320, 4558, 49407]
+    assert tok("a photo of an astronaut riding a horse").input_ids == [
+        49406,
+        320,
+        1125,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+        49407,
+    ]
 
 
 def test_sdxl_second_tokenizer_pads_with_bang():

@@ -7,4 +7,11 @@ from align.modules.preference import PreferenceModelModule
 from align.modules.rft import RFTModule
 from align.modules.sft import SFTModule
 
-__all__ = ["DiffusionModule", "DPOModule", "KTOModule", "PreferenceModelModule", "RFTModule", "SFTModule"]
+__all__ = [
+    "DiffusionModule",
+    "DPOModule",
+    "KTOModule",
+    "PreferenceModelModule",
+    "RFTModule",
+    "SFTModule",
+]

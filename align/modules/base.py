@@ -74,8 +74,8 @@ def add_lora(
     targets: list[str] = DEFAULT_LORA_TARGETS,
     dropout: float = 0.0,
 ) -> None:
-    """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets`` (module-name
-    suffixes)."""
+    """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets``
+    (module-name suffixes)."""
     from peft import LoraConfig
 
     unet.add_adapter(
@@ -94,15 +94,14 @@ class DiffusionModule(L.LightningModule):
 
     Args:
         model: a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local
-            diffusers directory, or a hub id; ``variant`` (e.g. ``fp16``) and ``revision`` pass to
-            ``from_pretrained``.
-        vae: another VAE (a VAE directory or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``), or
-            None.
+            diffusers directory, or a hub id; ``variant``
+            (e.g. ``fp16``) and ``revision`` pass to ``from_pretrained``.
+        vae: another VAE (a VAE directory or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``),
+            or None.
         prompt_encoder: ``clip`` (SD1.5 / SDXL as the model is) or ``segment`` (LongAlign).
         prompt_encoder_args: keyword arguments of that encoder (segment: ``max_rows``, ``splitter``,
-            ``t5``, ...).
-            The encoder is frozen except for what its ``trainable_prompt_parts()`` returns (the T5
-            adapter).
+            ``t5``, ...). The encoder is frozen except for what its ``trainable_prompt_parts()``
+            returns (the T5 adapter).
         lora_rank: 0 trains the full UNet; > 0 trains a LoRA of that rank and uses the adapter-free
             UNet as the reference. ``lora_alpha`` (default: the rank), ``lora_targets`` (module-name
             suffixes) and ``lora_dropout`` configure it; the export carries them
@@ -115,16 +114,16 @@ class DiffusionModule(L.LightningModule):
             choice, and the default; RFT follows its own DDIM trajectory). High-noise steps are
             where layout and colour are decided; at low noise a preference pair differs in pixel
             detail the policy can fit in either direction (measured in the shapes world:
-            ``docs/demo/findings.md``).
-        gradient_checkpointing / channels_last / compile_unet: memory and speed switches for the
-            policy UNet.
+            ``docs/demo/design.md``).
+        gradient_checkpointing / channels_last / compile_unet:
+            memory and speed switches for the policy UNet.
         compile_reference: also ``torch.compile`` the frozen reference UNet (a forward-only graph; a
             LoRA reference is the policy UNet itself, so it follows ``compile_unet``).
         compile_mode: ``torch.compile``'s ``mode`` for both (None: its default; ``reduce-overhead``
             adds CUDA graphs, ``max-autotune-no-cudagraphs`` benchmarks kernels at the first step);
             torch rejects an unknown mode when the module is built.
-        reference_inference_mode: run reference forwards under ``torch.inference_mode`` (no autograd
-            state).
+        reference_inference_mode: run reference forwards under ``torch.inference_mode``
+            (no autograd state).
         frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet
             in that dtype (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype
             and outputs back to float32.
@@ -133,8 +132,8 @@ class DiffusionModule(L.LightningModule):
             rounding is visible noise in the DPO logit: ``docs/benchmarks.md``).
         time_ids: SDXL's size conditioning: ``official`` (constant, as the Diffusion-DPO code) or
             ``image`` (each image's original size and crop).
-        optimizer / lr_scheduler: injected by LightningCLI (``class_path`` + ``init_args`` in the
-            config).
+        optimizer / lr_scheduler: injected by LightningCLI
+            (``class_path`` + ``init_args`` in the config).
     """
 
     needs_reference = True
@@ -168,8 +167,8 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        # the base of every rank's random streams: seed_everything's seed (the same in every
-        # process), else seed
+        # the base of every rank's random streams: seed_everything's seed
+        # (the same in every process), else seed
         self.stream_seed = int(os.environ.get("PL_GLOBAL_SEED", seed))
         # injected modules are recorded by their config (RFTModule), not pickled
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "objective"])
@@ -296,8 +295,8 @@ class DiffusionModule(L.LightningModule):
         return ["" if self.host_rng.random() < self.caption_dropout else c for c in captions]
 
     def encode_prompts(self, captions: list[str]) -> PromptEmbeds:
-        """Without grad, unless the encoder has trainable parts (then grad flows into those parts
-        only)."""
+        """Without grad, unless the encoder has trainable parts
+        (then grad flows into those parts only)."""
         with torch.set_grad_enabled(
             torch.is_grad_enabled() and bool(self.trainable_prompt_parts())
         ):
@@ -314,8 +313,9 @@ class DiffusionModule(L.LightningModule):
             return self.encode_prompts(captions)
         if self.hparams.prompt_encoder != "clip" or self.trainable_prompt_parts():
             raise ValueError(
-                f"cached prompt embeddings are CLIP's; prompt_encoder={self.hparams.prompt_encoder!r} "
-                "encodes captions itself: train on shards without cached embeddings"
+                "cached prompt embeddings are CLIP's; "
+                f"prompt_encoder={self.hparams.prompt_encoder!r} encodes captions itself: train on "
+                "shards without cached embeddings"
             )
         if batch.get("cache_fingerprint") is not None:
             if getattr(self, "_model_fingerprint", None) is None:
@@ -324,9 +324,10 @@ class DiffusionModule(L.LightningModule):
                 self._model_fingerprint = model_fingerprint(self.vae, self.components.text_encoders)
             if batch["cache_fingerprint"] != self._model_fingerprint:
                 raise ValueError(
-                    f"the batch was cached with another VAE / text encoder (fingerprint "
-                    f"{batch['cache_fingerprint']}) than this module's ({self._model_fingerprint}): "
-                    f"re-cache with `align data cache-latents --model {self.hparams.model}`"
+                    "the batch was cached with another VAE / text encoder (fingerprint "
+                    f"{batch['cache_fingerprint']}) than this module's "
+                    f"({self._model_fingerprint}): re-cache with `align data cache-latents --model "
+                    f"{self.hparams.model}`"
                 )
         dtype = self.unet.dtype
         embeds = batch["prompt_embeds"].to(self.device, dtype)
@@ -348,8 +349,8 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_latents(self, batch: dict) -> torch.Tensor:
-        """Latents of the batch's images; cached VAE moments (``latent_moments``) skip the VAE
-        entirely.
+        """Latents of the batch's images; cached VAE moments
+        (``latent_moments``) skip the VAE entirely.
 
         Both paths sample the same DiagonalGaussianDistribution from the same moments, so training
         on a cache and on images consumes the random stream identically.
@@ -367,8 +368,8 @@ class DiffusionModule(L.LightningModule):
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor | None:
         """SDXL's added time ids: original (h, w), crop (top, left), target (h, w). ``official``
-        (the Diffusion-DPO code): constant (res, res, 0, 0, res, res); ``image``: each image's size
-        and crop."""
+        (the Diffusion-DPO code): constant (res, res, 0, 0, res, res); ``image``:
+        each image's size and crop."""
         if not self.components.is_sdxl:
             return None
         res = self.components.resolution
@@ -383,8 +384,8 @@ class DiffusionModule(L.LightningModule):
     def sample_noise(
         self, latents: torch.Tensor, group: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps, shared across ``group`` consecutive blocks of the batch (pairs:
-        group=2)."""
+        """Noise and timesteps, shared across ``group`` consecutive blocks of the batch
+        (pairs: group=2)."""
         n = latents.shape[0] // group
         gen = self.generator
         noise = torch.randn(
@@ -421,8 +422,8 @@ class DiffusionModule(L.LightningModule):
     def unet_errors(
         self, latents, noise, t, cond: PromptEmbeds, time_ids=None, reference: bool = False
     ):
-        """Per-sample denoising error (N,) of the policy, or of the reference with
-        ``reference=True``."""
+        """Per-sample denoising error (N,) of the policy,
+        or of the reference with ``reference=True``."""
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
         if not reference:
@@ -476,8 +477,8 @@ class DiffusionModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """Clip where Lightning's own clipping would refuse or be wrong; otherwise Lightning's
-        clipping.
+        """Clip where Lightning's own clipping would refuse or be wrong;
+        otherwise Lightning's clipping.
 
         * FSDP (``configs/trainer/fsdp_sdxl.yaml``): each rank holds a shard of the gradients, so
           the norm must be taken over every rank's shard; Lightning's FSDP plugin refuses norm

@@ -1,4 +1,5 @@
-"""Helpers that keep frozen parts frozen: no gradients, eval mode, out of optimizers and checkpoints."""
+"""Helpers that keep frozen parts frozen: no gradients, eval mode,
+out of optimizers and checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def freeze(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(unet: nn.Module):
-    """The base weights of a LoRA-adapted UNet, i.e. the reference model, without a second UNet in memory."""
+    """The base weights of a LoRA-adapted UNet, i.e. the reference model,
+    without a second UNet in memory."""
     unet.disable_adapters()
     try:
         yield unet
@@ -24,7 +26,8 @@ def adapters_disabled(unet: nn.Module):
 
 
 def trainable_state_dict(module: nn.Module, state_dict: dict) -> dict:
-    """Only the entries of parameters that train: frozen weights are rebuilt from the model source on load."""
+    """Only the entries of parameters that train: frozen weights are rebuilt from the model source
+    on load."""
     keep = {name for name, p in module.named_parameters() if p.requires_grad}
     return {k: v for k, v in state_dict.items() if k in keep}
 

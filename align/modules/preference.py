@@ -1,15 +1,17 @@
 """Training a segment-level preference model (Denscore) as a LightningModule.
 
-Not a ``DiffusionModule``: it fine-tunes a transformers ``CLIPModel`` (both towers and the logit scale) on
-preference pairs whose captions are long, with ``align.objectives.preference.preference_loss``: PickScore's
-objective (softmax over the pair's two scores against the human label, ties as 0.5 / 0.5) applied to LongAlign's
-segment-aggregated scores, plus an optional per-segment term (``segment_weight``).
+Not a ``DiffusionModule``: it fine-tunes a transformers ``CLIPModel`` (both towers and the logit
+scale) on preference pairs whose captions are long, with
+``align.objectives.preference.preference_loss``: PickScore's objective (softmax over the pair's two
+scores against the human label, ties as 0.5 / 0.5) applied to LongAlign's segment-aggregated scores,
+plus an optional per-segment term (``segment_weight``).
 
-Scores are computed by the same code the reward registry scores with (``align.rewards.denscore.Denscore`` over
-the CLIP being trained, ``align.rewards.segments``): the model trains on exactly the score it is later used with.
-Export (``export(dir)``, called by ``align.callbacks.DiffusersExport``): the CLIPModel, its tokenizer, the image
-processor config and the common text direction of recent training captions, which ``build_reward("denscore",
-dir)`` loads as is.
+Scores are computed by the same code the reward registry scores with
+(``align.rewards.denscore.Denscore`` over the CLIP being trained, ``align.rewards.segments``): the
+model trains on exactly the score it is later used with. Export (``export(dir)``, called by
+``align.callbacks.DiffusersExport``): the CLIPModel, its tokenizer, the image processor config and
+the common text direction of recent training captions,
+which ``build_reward("denscore", dir)`` loads as is.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 
 def load_clip(source: str, seed: int = 0):
-    """(CLIPModel, tokenizer, image processor) from a local directory or hub id, or ``tiny-clip``: the tiny random
-    CLIP of ``align.rewards.tiny`` (written to a temporary directory and loaded through the same path)."""
+    """(CLIPModel, tokenizer, image processor) from a local directory or hub id, or ``tiny-clip``:
+    the tiny random CLIP of ``align.rewards.tiny`` (written to a temporary directory and loaded
+    through the same path)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     if source == TINY:
@@ -61,20 +64,32 @@ class PreferenceModelModule(L.LightningModule):
     """Fine-tunes a CLIPModel into a segment-level preference model.
 
     Args:
-        model: ``tiny-clip``, a local CLIPModel directory (with tokenizer and ``preprocessor_config.json``) or a
-            hub id (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` for the paper's CLIP-H).
+        model: ``tiny-clip``, a local CLIPModel directory (with tokenizer and
+            ``preprocessor_config.json``) or a hub id (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` for
+            the paper's CLIP-H).
         splitter: how captions are split into segments (``official``, ``sentences``, ``packed``).
         segment_weight: weight of the per-segment term (0: the pair term alone).
-        logit_scale: None trains CLIP's own logit scale (exp, clamped at 100, as PickScore); a number fixes it.
-        gradient_checkpointing: recompute both towers' activations in backward (CLIP-H at batch > 8).
-        direction_captions: how many recent training captions the export's common direction is estimated over.
+        logit_scale: None trains CLIP's own logit scale (exp, clamped at 100, as PickScore);
+            a number fixes it.
+        gradient_checkpointing: recompute both towers' activations in backward
+            (CLIP-H at batch > 8).
+        direction_captions: how many recent training captions the export's common direction is
+            estimated over.
         optimizer / lr_scheduler: injected by LightningCLI.
     """
 
-    def __init__(self, model: str = TINY, splitter: str = "official", segment_weight: float = 0.0,
-                 logit_scale: float | None = None, gradient_checkpointing: bool = False,
-                 direction_captions: int = 2048, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model: str = TINY,
+        splitter: str = "official",
+        segment_weight: float = 0.0,
+        logit_scale: float | None = None,
+        gradient_checkpointing: bool = False,
+        direction_captions: int = 2048,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         from align.rewards.denscore import Denscore
@@ -85,10 +100,15 @@ class PreferenceModelModule(L.LightningModule):
         if gradient_checkpointing:
             clip_model.gradient_checkpointing_enable()
         if logit_scale is not None:
-            clip_model.logit_scale.requires_grad_(False)  # fixed: neither trained nor in the optimizer
+            # fixed: neither trained nor in the optimizer
+            clip_model.logit_scale.requires_grad_(False)
         self.scorer = Denscore(HFClip(clip_model, tokenizer, processor), splitter=splitter)
         self.scorer.train()
-        self.splitter, self.segment_weight, self.fixed_logit_scale = splitter, segment_weight, logit_scale
+        self.splitter, self.segment_weight, self.fixed_logit_scale = (
+            splitter,
+            segment_weight,
+            logit_scale,
+        )
         self._recent: collections.deque[str] = collections.deque(maxlen=direction_captions)
         self._skipped: dict[str, int] = {}
 
@@ -96,7 +116,7 @@ class PreferenceModelModule(L.LightningModule):
     def clip(self):
         return self.scorer.clip.model
 
-    # ---- scoring ------------------------------------------------------------------------------------
+    # ---- scoring ---------------------------------------------------------------------------------
     def current_logit_scale(self) -> torch.Tensor:
         if self.fixed_logit_scale is not None:
             return torch.tensor(float(self.fixed_logit_scale), device=self.device)
@@ -110,14 +130,27 @@ class PreferenceModelModule(L.LightningModule):
         image_emb = F.normalize(self.scorer.image_features(batch["pixel_values"]).float(), dim=-1)
         texts = embed_prompt_segments(self.scorer, captions, self.splitter, grad=True)
         if not bool(texts.has_text.all()):
-            raise ValueError("a caption without segments reached the preference loss; the data module drops them")
+            raise ValueError(
+                "a caption without segments reached the preference loss; the data module drops them"
+            )
         img_0, img_1 = image_emb[:b], image_emb[b:]
         scores_0 = segment_score(img_0, texts.embeddings, texts.mask)
         scores_1 = segment_score(img_1, texts.embeddings, texts.mask)
-        seg_0, seg_1 = segment_cosines(img_0, texts.embeddings), segment_cosines(img_1, texts.embeddings)
-        return preference_loss(scores_0, scores_1, batch["label_0"], batch["label_1"], self.current_logit_scale(),
-                               segment_scores_0=seg_0, segment_scores_1=seg_1, segment_mask=texts.mask,
-                               segment_weight=self.segment_weight)
+        seg_0, seg_1 = (
+            segment_cosines(img_0, texts.embeddings),
+            segment_cosines(img_1, texts.embeddings),
+        )
+        return preference_loss(
+            scores_0,
+            scores_1,
+            batch["label_0"],
+            batch["label_1"],
+            self.current_logit_scale(),
+            segment_scores_0=seg_0,
+            segment_scores_1=seg_1,
+            segment_mask=texts.mask,
+            segment_weight=self.segment_weight,
+        )
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self.pair_loss(batch)
@@ -136,33 +169,44 @@ class PreferenceModelModule(L.LightningModule):
 
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in metrics.items():
-            self.log(f"{prefix}/{name}", value.float(), prog_bar=name in ("loss", "accuracy"), batch_size=batch_size,
-                     sync_dist=prefix != "train")
+            self.log(
+                f"{prefix}/{name}",
+                value.float(),
+                prog_bar=name in ("loss", "accuracy"),
+                batch_size=batch_size,
+                sync_dist=prefix != "train",
+            )
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         size = getattr(dm, "image_size", None)
         expected = self.clip.config.vision_config.image_size
         if size is not None and size != expected:
-            raise ValueError(f"the data module crops {size} px but the CLIP vision tower takes {expected} px")
+            raise ValueError(
+                f"the data module crops {size} px but the CLIP vision tower takes {expected} px"
+            )
 
-    # ---- optimisation, export -------------------------------------------------------------------------
+    # ---- optimisation, export --------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # one foreach pass, not a norm per tensor
+            # one foreach pass, not a norm per tensor
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     @torch.no_grad()
     def export_direction(self, captions: list[str] | None = None) -> torch.Tensor | None:
-        """The common direction of ``captions`` (default: the recent training captions) under the current model."""
+        """The common direction of ``captions`` (default: the recent training captions) under the
+        current model."""
         from align.objectives.reward import DegenerateDirection
         from align.rewards.segments import estimate_direction
 
@@ -178,12 +222,20 @@ class PreferenceModelModule(L.LightningModule):
             self.scorer.train(was_training)
 
     def export(self, out_dir: str | Path) -> Path:
-        """A Denscore directory (``align.rewards.denscore`` layout) that ``build_reward('denscore', out_dir)`` loads."""
+        """A Denscore directory (``align.rewards.denscore`` layout) that
+        ``build_reward('denscore', out_dir)`` loads."""
         from align.rewards.denscore import write_denscore_export
 
         proc = self.scorer.clip.processor
         crop = proc.crop_size
         size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
-        return write_denscore_export(self.clip, self.scorer.clip.tokenizer, out_dir, image_size=size,
-                                     image_mean=proc.image_mean, image_std=proc.image_std,
-                                     direction=self.export_direction(), splitter=self.splitter)
+        return write_denscore_export(
+            self.clip,
+            self.scorer.clip.tokenizer,
+            out_dir,
+            image_size=size,
+            image_mean=proc.image_mean,
+            image_std=proc.image_std,
+            direction=self.export_direction(),
+            splitter=self.splitter,
+        )

@@ -1,8 +1,8 @@
 """Supervised fine-tuning (SFT) as a LightningModule: images and captions in, ``denoise_loss`` out.
 
-LongAlign's SFT stage (segment encoder, UNet LoRA, T5 adapter trainable) and the SFT baselines of the
-Diffusion-DPO / Diffusion-KTO papers (full or LoRA fine-tuning on preferred images, CLIP encoder) are this one
-module with different configs. There is no reference model.
+LongAlign's SFT stage (segment encoder, UNet LoRA, T5 adapter trainable) and the SFT baselines of
+the Diffusion-DPO / Diffusion-KTO papers (full or LoRA fine-tuning on preferred images, CLIP
+encoder) are this one module with different configs. There is no reference model.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ class SFTModule(DiffusionModule):
     """The denoising loss on batches of B images with captions, with any prompt encoder.
 
     Args:
-        snr_gamma: Min-SNR-gamma loss weights (e.g. 5.0); None (default, as LongAlign) trains unweighted MSE.
+        snr_gamma: Min-SNR-gamma loss weights (e.g. 5.0); None
+            (default, as LongAlign) trains unweighted MSE.
         Everything else: see ``DiffusionModule``. With ``prompt_encoder: segment`` and
-        ``prompt_encoder_args: {t5: {source: ...}}`` the T5 adapter trains with the UNet (or its LoRA).
+        ``prompt_encoder_args: {t5: {source: ...}}`` the T5 adapter trains with the UNet
+            (or its LoRA).
 
-    Export (``DiffusersExport``): the base's diffusers export (pipeline directory, or LoRA file), plus
-    ``prompt_encoder.json`` and, with the T5 branch, ``text_adapter/`` (layout: ``align.models.sampling``).
+    Export (``DiffusersExport``): the base's diffusers export (pipeline directory, or LoRA file),
+    plus ``prompt_encoder.json`` and, with the T5 branch, ``text_adapter/`` (layout:
+    ``align.models.sampling``).
     """
 
     needs_reference = False
@@ -34,7 +37,8 @@ class SFTModule(DiffusionModule):
         self.snr_gamma = snr_gamma
 
     def denoise(self, batch: dict) -> DenoiseOutput:
-        cond = self.prompt_embeds(batch)  # caption dropout, then the encoder (or a latent cache's embeddings)
+        # caption dropout, then the encoder (or a latent cache's embeddings)
+        cond = self.prompt_embeds(batch)
         latents = self.encode_latents(batch)
         noise, t = self.sample_noise(latents)
         time_ids = self.time_ids(batch, latents.shape[0])
@@ -43,7 +47,9 @@ class SFTModule(DiffusionModule):
         pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
         weights = None
         if self.snr_gamma is not None:
-            weights = min_snr_weights(t, self.scheduler.alphas_cumprod, self.snr_gamma, self.prediction_type)
+            weights = min_snr_weights(
+                t, self.scheduler.alphas_cumprod, self.snr_gamma, self.prediction_type
+            )
         return denoise_loss(pred, target, weights)
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -53,11 +59,16 @@ class SFTModule(DiffusionModule):
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int):
-        out = self.denoise(batch)  # the same draws at every validation (DiffusionModule.seed_streams)
+        # the same draws at every validation (DiffusionModule.seed_streams)
+        out = self.denoise(batch)
         self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
 
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)
-        save_prompt_encoder(self.prompt_encoder, out, self.hparams.prompt_encoder,
-                            self.hparams.get("prompt_encoder_args"))
+        save_prompt_encoder(
+            self.prompt_encoder,
+            out,
+            self.hparams.prompt_encoder,
+            self.hparams.get("prompt_encoder_args"),
+        )
         return out

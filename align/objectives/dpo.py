@@ -1,7 +1,7 @@
 """Diffusion-DPO (Wallace et al. 2023), exactly as the official training script computes it.
 
-Rows ``[:B]`` of every input are the winners of B pairs and rows ``[B:]`` the losers; a pair's two rows share
-noise and timestep (the module guarantees that). With e the per-sample denoising error:
+Rows ``[:B]`` of every input are the winners of B pairs and rows ``[B:]`` the losers; a pair's two
+rows share noise and timestep (the module guarantees that). With e the per-sample denoising error:
 
     d_model = e_policy(w) - e_policy(l)
     d_ref   = e_ref(w)    - e_ref(l)            (no gradient)
@@ -26,7 +26,8 @@ class DPOOutput:
 
     loss: torch.Tensor
     implicit_acc: torch.Tensor  # fraction of pairs with inside > 0; a tie (inside == 0) counts half
-    reward_margin: torch.Tensor  # mean of inside: implicit reward of the winner minus that of the loser
+    # mean of inside: implicit reward of the winner minus that of the loser
+    reward_margin: torch.Tensor
     policy_err: torch.Tensor  # mean policy error over winners and losers
     ref_err: torch.Tensor  # mean reference error over winners and losers
     policy_err_w: torch.Tensor
@@ -40,17 +41,24 @@ class DPOOutput:
 
 def _split_pairs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim != 1 or x.shape[0] % 2:
-        raise ValueError(f"{name} must have shape (2B,) with winners in [:B] and losers in [B:], got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (2B,) with winners in [:B] and losers in [B:], got "
+            f"{tuple(x.shape)}"
+        )
     return x.chunk(2)
 
 
 def dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: float = 5000.0) -> DPOOutput:
     """Diffusion-DPO loss from per-sample errors of shape (2B,), winners first.
 
-    ``beta`` follows the official launchers' convention (with the 0.5 factor): 5000 for SD1.5 and SDXL.
+    ``beta`` follows the official launchers' convention (with the 0.5 factor):
+    5000 for SD1.5 and SDXL.
     """
     if policy_err.shape != ref_err.shape:
-        raise ValueError(f"policy_err {tuple(policy_err.shape)} and ref_err {tuple(ref_err.shape)} differ in shape")
+        raise ValueError(
+            f"policy_err {tuple(policy_err.shape)} and ref_err {tuple(ref_err.shape)} "
+            "differ in shape"
+        )
     model_w, model_l = _split_pairs(policy_err, "policy_err")
     ref_w, ref_l = _split_pairs(ref_err.detach(), "ref_err")
     d_model = model_w - model_l

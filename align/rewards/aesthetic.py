@@ -1,12 +1,14 @@
-"""The LAION aesthetic predictor v2 (``improved-aesthetic-predictor``, ``sac+logos+ava1-l14-linearMSE.pth``).
+"""The LAION aesthetic predictor v2 (``improved-aesthetic-predictor``,
+``sac+logos+ava1-l14-linearMSE.pth``).
 
 Score = ``MLP(normalize(CLIP-L/14 image embedding))``: the embedding of OpenAI's CLIP ViT-L/14
-(``openai/clip-vit-large-patch14`` through transformers: the same weights and projection as ``clip.load``),
-L2-normalised, through the predictor's 5-layer linear MLP (no activations; dropout is inactive in eval), as the
-original ``simple_inference.py`` does. Preprocessing is OpenAI CLIP's ``_transform(224)`` (PIL bicubic resize,
-center crop, OpenAI mean/std). The prompt is ignored. ``source``: the ``.pth`` file, a directory holding it,
-or a hub repository with it (no default: the file is published in the GitHub repository
-christophschuhmann/improved-aesthetic-predictor); ``clip``: the CLIP backbone (local directory or hub id).
+(``openai/clip-vit-large-patch14`` through transformers: the same weights and projection as
+``clip.load``), L2-normalised, through the predictor's 5-layer linear MLP (no activations; dropout
+is inactive in eval), as the original ``simple_inference.py`` does. Preprocessing is OpenAI CLIP's
+``_transform(224)`` (PIL bicubic resize, center crop, OpenAI mean/std). The prompt is ignored.
+``source``: the ``.pth`` file, a directory holding it, or a hub repository with it (no default: the
+file is published in the GitHub repository christophschuhmann/improved-aesthetic-predictor);
+``clip``: the CLIP backbone (local directory or hub id).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from align.rewards.base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipRewardModel, normalize, openai_clip_transform,
-                                resize_shortest_center_crop)
+from align.rewards.base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ClipRewardModel,
+    normalize,
+    openai_clip_transform,
+    resize_shortest_center_crop,
+)
 from align.rewards.hf_clip import HFClip
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, resolve_file
@@ -33,8 +41,15 @@ class AestheticMLP(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -55,7 +70,9 @@ class AestheticScore(ClipRewardModel):
         return torch.stack([self._transform(im) for im in images])
 
     def preprocess_tensor(self, images):
-        return normalize(resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return normalize(
+            resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        )
 
     def image_features(self, pixel_values):
         return self.clip.image_features(pixel_values)
@@ -71,8 +88,10 @@ def load_head(path) -> AestheticMLP:
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     if "layers.0.weight" not in state:
-        raise RewardSourceError(f"reward 'aesthetic': {path} is not an aesthetic-predictor state dict "
-                                f"(no layers.0.weight; keys: {', '.join(list(state)[:5])} ...)")
+        raise RewardSourceError(
+            f"reward 'aesthetic': {path} is not an aesthetic-predictor state dict "
+            f"(no layers.0.weight; keys: {', '.join(list(state)[:5])} ...)"
+        )
     head = AestheticMLP(int(state["layers.0.weight"].shape[1]))
     head.load_state_dict(state)
     return head
@@ -80,11 +99,17 @@ def load_head(path) -> AestheticMLP:
 
 @register_reward("aesthetic")
 def build_aesthetic(source: str | None = None, clip: str | None = None, **_) -> AestheticScore:
-    where = "it is published in the GitHub repository christophschuhmann/improved-aesthetic-predictor"
+    where = (
+        "it is published in the GitHub repository christophschuhmann/improved-aesthetic-predictor"
+    )
     head = load_head(resolve_file("aesthetic", source, FILENAME, None, where_to_get=where))
     backbone = HFClip.load("aesthetic", clip, DEFAULT_CLIP)
     dim = backbone.model.config.projection_dim
     if dim != head.input_size:
-        raise ValueError(f"reward 'aesthetic': the head takes {head.input_size}-d embeddings but the CLIP backbone "
-                         f"gives {dim}-d ones (the predictor needs CLIP ViT-L/14)")
-    return AestheticScore(backbone, head, image_size=int(backbone.model.config.vision_config.image_size))
+        raise ValueError(
+            f"reward 'aesthetic': the head takes {head.input_size}-d embeddings but the CLIP "
+            f"backbone gives {dim}-d ones (the predictor needs CLIP ViT-L/14)"
+        )
+    return AestheticScore(
+        backbone, head, image_size=int(backbone.model.config.vision_config.image_size)
+    )

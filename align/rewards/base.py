@@ -1,15 +1,17 @@
 """The one small interface every reward model sits behind, and the pieces CLIP-based rewards share.
 
-A reward maps (images, prompts) to one score per image: ``reward.score(images, prompts)``. Images are a list of
-PIL images (each model then applies its original preprocessing, PIL resampling included) or a float tensor
-(N, 3, H, W) in [0, 1] (a decoded batch during reward fine-tuning: the same steps done with differentiable
-torch ops). Scoring is batched and runs under ``no_grad`` unless ``grad=True``.
+A reward maps (images, prompts) to one score per image: ``reward.score(images, prompts)``. Images
+are a list of PIL images (each model then applies its original preprocessing, PIL resampling
+included) or a float tensor (N, 3, H, W) in [0, 1] (a decoded batch during reward fine-tuning: the
+same steps done with differentiable torch ops). Scoring is batched and runs under ``no_grad`` unless
+``grad=True``.
 
-CLIP-based rewards (PickScore, HPSv2, CLIP score, the aesthetic predictor) also expose their embeddings,
-``embed_images`` / ``embed_texts`` (L2-normalised by default), and ``embed_segments``: LongAlign's segment-level
-text embeddings (a caption split into segments, each embedded on its own). ``segment_scores`` and
-``decomposed_scores`` apply LongAlign's pure functions (``align.objectives.reward``) to these embeddings, so every
-CLIP-based reward gets them from this base class, without a copy per model.
+CLIP-based rewards (PickScore, HPSv2, CLIP score, the aesthetic predictor) also expose their
+embeddings, ``embed_images`` / ``embed_texts`` (L2-normalised by default), and ``embed_segments``:
+LongAlign's segment-level text embeddings (a caption split into segments, each embedded on its own).
+``segment_scores`` and ``decomposed_scores`` apply LongAlign's pure functions
+(``align.objectives.reward``) to these embeddings, so every CLIP-based reward gets them from this
+base class, without a copy per model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class RewardSourceError(FileNotFoundError):
-    """A reward model's weights or configuration could not be found; the message names what was looked for."""
+    """A reward model's weights or configuration could not be found;
+    the message names what was looked for."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,17 +44,20 @@ def slice_images(images, start: int, stop: int):
     return images[start:stop]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Differentiable tensor preprocessing (images in [0, 1], shape (N, 3, H, W)).
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"image tensors must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"image tensors must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}"
+        )
     return images
 
 
 def resize_shortest(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased; torchvision's output-size rule)."""
+    """Resize so the shorter side is ``size`` (bicubic, antialiased; torchvision's output-size
+    rule)."""
     images = _check_tensor_images(images)
     h, w = images.shape[-2:]
     if min(h, w) == size:
@@ -59,7 +65,9 @@ def resize_shortest(images: torch.Tensor, size: int) -> torch.Tensor:
     short, long = (h, w) if h <= w else (w, h)
     new_short, new_long = size, int(size * long / short)
     new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
-    return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(
+        images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+    )
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -72,22 +80,26 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``Resize(size, BICUBIC) + CenterCrop(size)`` (OpenAI CLIP, BLIP, the HF CLIP image processor) as
-    differentiable tensor ops."""
+    """``Resize(size, BICUBIC) + CenterCrop(size)`` (OpenAI CLIP, BLIP, the HF CLIP image processor)
+    as differentiable tensor ops."""
     return center_crop(resize_shortest(images, size), size)
 
 
 def resize_longest_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
-    """Resize the longer side to ``size`` (bicubic, antialiased) and pad to a centred square (HPSv2's
-    ``ResizeMaxSize``), differentiable."""
+    """Resize the longer side to ``size`` (bicubic, antialiased) and pad to a centred square
+    (HPSv2's ``ResizeMaxSize``), differentiable."""
     images = _check_tensor_images(images)
     h, w = images.shape[-2:]
     scale = size / float(max(h, w))
     if scale != 1.0:
         new_h, new_w = round(h * scale), round(w * scale)
-        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+        )
         pad_h, pad_w = size - new_h, size - new_w
-        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
+        images = F.pad(
+            images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill
+        )
     return images
 
 
@@ -98,30 +110,47 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 def openai_clip_transform(size: int = 224):
-    """OpenAI CLIP's ``_transform(n_px)`` (also ImageReward's and the LAION aesthetic predictor's): PIL bicubic
-    resize of the shorter side, center crop, RGB, ToTensor, normalise with the OpenAI CLIP statistics."""
-    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+    """OpenAI CLIP's ``_transform(n_px)`` (also ImageReward's and the LAION aesthetic predictor's):
+    PIL bicubic resize of the shorter side, center crop, RGB, ToTensor,
+    normalise with the OpenAI CLIP statistics."""
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+        ToTensor,
+    )
 
-    return Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size), to_rgb, ToTensor(),
-                    Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    return Compose(
+        [
+            Resize(size, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(size),
+            to_rgb,
+            ToTensor(),
+            Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        ]
+    )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # LongAlign segments.
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def split_segments(caption: str) -> list[str]:
-    """LongAlign's own caption split (``align.models.splitters.official_split``), the default for segment scores."""
+    """LongAlign's own caption split (``align.models.splitters.official_split``),
+    the default for segment scores."""
     from align.models.splitters import official_split
 
     return official_split(caption)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The interface.
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class RewardModel(nn.Module):
-    """Images + prompts -> one score per image. Subclasses implement ``preprocess_pil``, ``preprocess_tensor``
-    and ``forward(pixel_values, prompts)``; batching, grad control and device handling live here."""
+    """Images + prompts -> one score per image. Subclasses implement ``preprocess_pil``,
+    ``preprocess_tensor`` and ``forward(pixel_values, prompts)``; batching,
+    grad control and device handling live here."""
 
     name: str = "reward"
     #: whether a higher score means "better" (all rewards here); used by win rates and relabelling
@@ -131,7 +160,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.default_batch_size = 32
 
-    # -- to implement ------------------------------------------------------------------------------------------
+    # -- to implement ------------------------------------------------------------------------------
     def preprocess_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -141,7 +170,7 @@ class RewardModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- shared ------------------------------------------------------------------------------------------------
+    # -- shared ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         for p in self.parameters():
@@ -156,23 +185,31 @@ class RewardModel(nn.Module):
         return torch.float32
 
     def freeze(self) -> "RewardModel":
-        """Eval mode, no parameter requires grad (gradients still flow to the *input* with ``grad=True``)."""
+        """Eval mode, no parameter requires grad (gradients still flow to the *input* with
+        ``grad=True``)."""
         self.eval()
         self.requires_grad_(False)
         return self
 
     def pixel_values(self, images) -> torch.Tensor:
-        """Model-ready pixels: the original PIL preprocessing for PIL images, the differentiable one for tensors."""
+        """Model-ready pixels: the original PIL preprocessing for PIL images,
+        the differentiable one for tensors."""
         if isinstance(images, torch.Tensor):
             out = self.preprocess_tensor(images.to(self.device, torch.float32))
         else:
             out = self.preprocess_pil([to_rgb(im) for im in images]).to(self.device)
         return out.to(self.dtype)
 
-    def score(self, images, prompts: Sequence[str] | str, batch_size: int | None = None,
-              grad: bool = False) -> torch.Tensor:
-        """Scores (float32, shape (N,), on the model's device) of ``images`` for ``prompts`` (one per image, or
-        one string for all). ``grad=True`` keeps the graph (needs tensor images to reach the pixels)."""
+    def score(
+        self,
+        images,
+        prompts: Sequence[str] | str,
+        batch_size: int | None = None,
+        grad: bool = False,
+    ) -> torch.Tensor:
+        """Scores (float32, shape (N,), on the model's device) of ``images`` for ``prompts`` (one
+        per image, or one string for all). ``grad=True`` keeps the graph (needs tensor images to
+        reach the pixels)."""
         n = num_images(images)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         if len(prompts) != n:
@@ -193,9 +230,10 @@ class RewardModel(nn.Module):
 class ClipRewardModel(RewardModel):
     """A reward computed from CLIP-style image and text embeddings.
 
-    Subclasses implement ``image_features(pixel_values)`` and ``text_features(prompts)`` (the model's projected,
-    *unnormalised* features) and ``score_embeddings(image_emb, text_emb)`` (row-wise, from normalised
-    embeddings). Everything else, including LongAlign's segment embeddings, is shared.
+    Subclasses implement ``image_features(pixel_values)`` and ``text_features(prompts)`` (the
+    model's projected, *unnormalised* features) and ``score_embeddings(image_emb, text_emb)``
+    (row-wise, from normalised embeddings). Everything else,
+    including LongAlign's segment embeddings, is shared.
     """
 
     #: whether the score depends on the prompt at all (False for the aesthetic predictor)
@@ -207,27 +245,41 @@ class ClipRewardModel(RewardModel):
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor | None) -> torch.Tensor:
+    def score_embeddings(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         image_emb = F.normalize(self.image_features(pixel_values).float(), dim=-1)
-        text_emb = F.normalize(self.text_features(list(prompts)).float(), dim=-1) if self.uses_text else None
+        text_emb = (
+            F.normalize(self.text_features(list(prompts)).float(), dim=-1)
+            if self.uses_text
+            else None
+        )
         return self.score_embeddings(image_emb, text_emb)
 
-    def embed_images(self, images, batch_size: int | None = None, grad: bool = False,
-                     normalized: bool = True) -> torch.Tensor:
+    def embed_images(
+        self, images, batch_size: int | None = None, grad: bool = False, normalized: bool = True
+    ) -> torch.Tensor:
         """Image embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
         batch_size = batch_size or self.default_batch_size
         out = []
         with torch.set_grad_enabled(grad):
             for start in range(0, num_images(images), batch_size):
-                feats = self.image_features(self.pixel_values(slice_images(images, start, start + batch_size)))
+                feats = self.image_features(
+                    self.pixel_values(slice_images(images, start, start + batch_size))
+                )
                 out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
         return torch.cat(out)
 
-    def embed_texts(self, prompts: Sequence[str], batch_size: int | None = None, grad: bool = False,
-                    normalized: bool = True) -> torch.Tensor:
+    def embed_texts(
+        self,
+        prompts: Sequence[str],
+        batch_size: int | None = None,
+        grad: bool = False,
+        normalized: bool = True,
+    ) -> torch.Tensor:
         """Text embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
         prompts = list(prompts)
         batch_size = batch_size or self.default_batch_size
@@ -238,13 +290,19 @@ class ClipRewardModel(RewardModel):
                 out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
         return torch.cat(out)
 
-    def embed_segments(self, captions: Sequence[str], split: Callable[[str], list[str]] = split_segments,
-                       grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """LongAlign's segment-level text embeddings: each caption split into segments (LongAlign's own split by
-        default), each segment embedded on its own (truncated at the text tower's length) and L2-normalised.
+    def embed_segments(
+        self,
+        captions: Sequence[str],
+        split: Callable[[str], list[str]] = split_segments,
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LongAlign's segment-level text embeddings: each caption split into segments (LongAlign's
+        own split by default), each segment embedded on its own (truncated at the text tower's
+        length) and L2-normalised.
 
-        Returns ``(embeddings, mask)``: (B, S_max, D) float32 right-padded with zeros and a (B, S_max) bool mask of
-        real segments. All segments of the batch go through the text tower in one batched call.
+        Returns ``(embeddings, mask)``: (B, S_max, D) float32 right-padded with zeros and a (B,
+        S_max) bool mask of real segments. All segments of the batch go through the text tower in
+        one batched call.
         """
         segments = [split(c) for c in captions]
         flat = [s for segs in segments for s in segs]
@@ -259,8 +317,13 @@ class ClipRewardModel(RewardModel):
             i += len(segs)
         return out, mask
 
-    def segment_scores(self, images, captions: Sequence[str], split: Callable[[str], list[str]] = split_segments,
-                       grad: bool = False) -> torch.Tensor:
+    def segment_scores(
+        self,
+        images,
+        captions: Sequence[str],
+        split: Callable[[str], list[str]] = split_segments,
+        grad: bool = False,
+    ) -> torch.Tensor:
         """LongAlign's segment-level score (B,): the mean over segments of cos(image, segment)
         (``align.objectives.reward.segment_score``), for every CLIP-based reward alike."""
         from align.objectives.reward import segment_score
@@ -269,14 +332,23 @@ class ClipRewardModel(RewardModel):
         with torch.set_grad_enabled(grad):
             return segment_score(self.embed_images(images, grad=grad), segments, mask)
 
-    def decomposed_scores(self, images, captions: Sequence[str], direction: torch.Tensor, w: float = 0.3,
-                          split: Callable[[str], list[str]] = split_segments, grad: bool = False):
-        """LongAlign's decomposition of the segment score along ``direction`` (v): a ``DecomposedScore`` with the
-        original, text-relevant, text-irrelevant and reweighted (``w``) scores
-        (``align.objectives.reward.decomposed_score``)."""
+    def decomposed_scores(
+        self,
+        images,
+        captions: Sequence[str],
+        direction: torch.Tensor,
+        w: float = 0.3,
+        split: Callable[[str], list[str]] = split_segments,
+        grad: bool = False,
+    ):
+        """LongAlign's decomposition of the segment score along ``direction`` (v): a
+        ``DecomposedScore`` with the original, text-relevant, text-irrelevant and reweighted (``w``)
+        scores (``align.objectives.reward.decomposed_score``)."""
         from align.objectives.reward import decomposed_score, segment_text_embedding
 
         segments, mask = self.embed_segments(captions, split=split, grad=grad)
         with torch.set_grad_enabled(grad):
             text = segment_text_embedding(segments, mask)
-            return decomposed_score(self.embed_images(images, grad=grad), text, direction.to(text.device), w=w)
+            return decomposed_score(
+                self.embed_images(images, grad=grad), text, direction.to(text.device), w=w
+            )

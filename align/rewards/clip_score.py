@@ -1,7 +1,8 @@
-"""CLIP score (Hessel et al. 2021, as torchmetrics computes it): ``max(100 * cos(image_emb, text_emb), 0)``.
+"""CLIP score (Hessel et al. 2021, as torchmetrics computes it):
+``max(100 * cos(image_emb, text_emb), 0)``.
 
-Model and processor: ``openai/clip-vit-large-patch14`` by default (transformers CLIPModel, PIL-backend image
-processor, 77-token truncation), or any local CLIP directory in that layout.
+Model and processor: ``openai/clip-vit-large-patch14`` by default (transformers CLIPModel,
+PIL-backend image processor, 77-token truncation), or any local CLIP directory in that layout.
 """
 
 from __future__ import annotations

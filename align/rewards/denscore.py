@@ -1,15 +1,18 @@
 """Denscore (LongAlign): a CLIP preference model scored at segment level, and decomposed.
 
-Score (Denscore-O) = the segment-aggregated cosine <img, t>, t = the mean of the normalised segment embeddings
-(``align.rewards.segments``), as the official ``dense_score`` computes it (no logit scale). With a common
-direction v (``direction.safetensors`` in the export, or any saved direction), ``score_columns`` also reports
-the decomposition: ``denscore`` = the text-relevant part <img, t - eta v> (the paper's "Denscore"), and
-``denscore-w`` = S_w = relevant + w * irrelevant (the reward fine-tuning objective).
+Score (Denscore-O) = the segment-aggregated cosine <img, t>, t = the mean of the normalised segment
+embeddings (``align.rewards.segments``), as the official ``dense_score`` computes it (no logit
+scale). With a common direction v (``direction.safetensors`` in the export, or any saved direction),
+``score_columns`` also reports the decomposition: ``denscore`` = the text-relevant part
+<img, t - eta v> (the paper's "Denscore"), and ``denscore-w`` = S_w = relevant + w * irrelevant (the
+reward fine-tuning objective).
 
-Layout (written by ``PreferenceModelModule.export`` and by :func:`write_denscore_export`): a transformers
-``CLIPModel`` directory (``config.json``, ``model.safetensors``), its tokenizer files, ``preprocessor_config.json``,
-``direction.safetensors`` (optional) and ``align_reward.json`` (``{"options": {"direction": ...}}``).
-The published model is ``luping-liu/Denscore`` (a CLIP-H; processor: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+Layout (written by ``PreferenceModelModule.export`` and by :func:`write_denscore_export`): a
+transformers ``CLIPModel`` directory (``config.json``, ``model.safetensors``), its tokenizer files,
+``preprocessor_config.json``, ``direction.safetensors`` (optional) and ``align_reward.json``
+(``{"options": {"direction": ...}}``).
+The published model is ``luping-liu/Denscore`` (a CLIP-H; processor:
+``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
 
     align data tiny-denscore OUT_DIR     # a tiny random Denscore in this layout (CPU defaults)
 """
@@ -35,16 +38,25 @@ COLUMNS = {"original": "denscore-o", "relevant": "denscore", "weighted": "densco
 
 
 class Denscore(HFClipReward):
-    """Segment-level CLIP preference score; see the module doc. ``score()`` is Denscore-O (a cosine)."""
+    """Segment-level CLIP preference score; see the module doc. ``score()`` is Denscore-O
+    (a cosine)."""
 
     name = "denscore"
 
-    def __init__(self, clip: HFClip, direction: torch.Tensor | None = None, w: float = 0.3,
-                 splitter: str = "official"):
+    def __init__(
+        self,
+        clip: HFClip,
+        direction: torch.Tensor | None = None,
+        w: float = 0.3,
+        splitter: str = "official",
+    ):
         super().__init__(clip)
         self.w, self.splitter = w, splitter
-        self.register_buffer("direction", None if direction is None else F.normalize(direction.float(), dim=0),
-                             persistent=False)
+        self.register_buffer(
+            "direction",
+            None if direction is None else F.normalize(direction.float(), dim=0),
+            persistent=False,
+        )
 
     def score_embeddings(self, image_emb, text_emb):
         return (image_emb * text_emb).sum(-1)
@@ -56,25 +68,40 @@ class Denscore(HFClipReward):
         return self.score_embeddings(image_emb, texts.text.to(image_emb.device))
 
     def scorer(self) -> SegmentScorer:
-        return SegmentScorer(self, direction=self.direction, w=self.w, splitter=self.splitter, columns=COLUMNS)
+        return SegmentScorer(
+            self, direction=self.direction, w=self.w, splitter=self.splitter, columns=COLUMNS
+        )
 
-    def score_columns(self, images, prompts: Sequence[str], batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Denscore-O (``denscore-o``), the text-relevant part (``denscore``) and S_w (``denscore-w``) per image.
+    def score_columns(
+        self, images, prompts: Sequence[str], batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Denscore-O (``denscore-o``), the text-relevant part (``denscore``) and S_w
+        (``denscore-w``) per image.
 
-        Decomposed along the saved direction; without one, call :meth:`fit_direction` on the prompt set first."""
+        Decomposed along the saved direction; without one,
+        call :meth:`fit_direction` on the prompt set first."""
         return self.scorer().score_columns(images, list(prompts), batch_size)
 
     def fit_direction(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Estimate the common direction over ``prompts`` and keep it (when the export carries none)."""
+        """Estimate the common direction over ``prompts`` and keep it
+        (when the export carries none)."""
         v = estimate_direction(self, list(prompts), self.splitter, batch_size)
         self.direction = v.to(self.device)
         return v
 
 
-def write_denscore_export(model, tokenizer, out: str | Path, image_size: int = 224,
-                          image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
-                          direction: torch.Tensor | None = None, splitter: str = "official") -> Path:
-    """Write a Denscore directory: CLIPModel + tokenizer + CLIP image processor config (+ direction, manifest)."""
+def write_denscore_export(
+    model,
+    tokenizer,
+    out: str | Path,
+    image_size: int = 224,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    direction: torch.Tensor | None = None,
+    splitter: str = "official",
+) -> Path:
+    """Write a Denscore directory: CLIPModel + tokenizer + CLIP image processor config
+    (+ direction, manifest)."""
     from transformers import CLIPImageProcessor
 
     from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -84,9 +111,12 @@ def write_denscore_export(model, tokenizer, out: str | Path, image_size: int = 2
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=list(image_mean or OPENAI_CLIP_MEAN),
-                       image_std=list(image_std or OPENAI_CLIP_STD)).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(image_mean or OPENAI_CLIP_MEAN),
+        image_std=list(image_std or OPENAI_CLIP_STD),
+    ).save_pretrained(out)
     options: dict = {"splitter": splitter}
     if direction is not None:
         save_direction(direction, out / DIRECTION_FILE)
@@ -96,12 +126,22 @@ def write_denscore_export(model, tokenizer, out: str | Path, image_size: int = 2
 
 
 @register_reward("denscore")
-def build_denscore(source: str | None = None, processor: str | None = None, direction: str | None = None,
-                   w: float = 0.3, splitter: str = "official", **_) -> Denscore:
-    """Denscore from an export directory (its own processor and direction) or a hub id (default: the published
-    model with the CLIP-H processor, no direction). ``direction``: a saved direction file (overrides the
-    export's)."""
-    if processor is None and source is not None and (Path(source).expanduser() / "preprocessor_config.json").is_file():
+def build_denscore(
+    source: str | None = None,
+    processor: str | None = None,
+    direction: str | None = None,
+    w: float = 0.3,
+    splitter: str = "official",
+    **_,
+) -> Denscore:
+    """Denscore from an export directory (its own processor and direction) or a hub id (default: the
+    published model with the CLIP-H processor, no direction). ``direction``: a saved direction file
+    (overrides the export's)."""
+    if (
+        processor is None
+        and source is not None
+        and (Path(source).expanduser() / "preprocessor_config.json").is_file()
+    ):
         processor = source
     clip = HFClip.load("denscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR)
     v = load_direction(direction) if direction else None
@@ -119,8 +159,9 @@ TINY_CAPTIONS = (
 
 
 def write_tiny_denscore(out: str | Path, seed: int = 17) -> Path:
-    """A tiny random Denscore (the tiny CLIP of ``align.rewards.tiny``) in the export layout, with a direction
-    estimated over a few fixed captions. Written once: a complete directory is left as is."""
+    """A tiny random Denscore (the tiny CLIP of ``align.rewards.tiny``) in the export layout, with a
+    direction estimated over a few fixed captions. Written once:
+    a complete directory is left as is."""
     from transformers import CLIPModel, CLIPTokenizer
 
     from align.rewards.tiny import write_tiny_hf_clip

@@ -1,5 +1,5 @@
-"""A transformers CLIPModel with its tokenizer and (PIL-backend) image processor: the backbone of PickScore,
-CLIP score and the LAION aesthetic predictor."""
+"""A transformers CLIPModel with its tokenizer and (PIL-backend) image processor: the backbone of
+PickScore, CLIP score and the LAION aesthetic predictor."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from align.rewards.sources import load_error, resolve_pretrained
 
 
 def _features(out) -> torch.Tensor:
-    """``get_*_features`` returns a tensor (transformers 4) or an output whose pooler_output is projected (5)."""
+    """``get_*_features`` returns a tensor (transformers 4) or an output whose pooler_output is
+    projected (5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
@@ -31,7 +32,8 @@ def _shortest_edge(processor) -> int:
 
 
 class HFClip(nn.Module):
-    """CLIPModel + tokenizer + image processor loaded with ``from_pretrained`` (local directory or hub id)."""
+    """CLIPModel + tokenizer + image processor loaded with ``from_pretrained``
+    (local directory or hub id)."""
 
     def __init__(self, model, tokenizer, processor, max_length: int = 77):
         super().__init__()
@@ -41,12 +43,20 @@ class HFClip(nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def load(cls, reward: str, source: str | None, default: str, processor: str | None = None,
-             vision_only: bool = False) -> "HFClip":
+    def load(
+        cls,
+        reward: str,
+        source: str | None,
+        default: str,
+        processor: str | None = None,
+        vision_only: bool = False,
+    ) -> "HFClip":
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         where = resolve_pretrained(reward, source, default)
-        proc_where = resolve_pretrained(reward, processor or where, default, needs="preprocessor_config.json")
+        proc_where = resolve_pretrained(
+            reward, processor or where, default, needs="preprocessor_config.json"
+        )
         try:
             model = CLIPModel.from_pretrained(where)
         except Exception as err:
@@ -74,8 +84,13 @@ class HFClip(nn.Module):
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             raise RuntimeError("this CLIP backbone was loaded without a tokenizer")
-        return self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+        return self.tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = {k: v.to(self.model.device) for k, v in self.tokenize(prompts).items()}
@@ -83,8 +98,8 @@ class HFClip(nn.Module):
 
 
 class HFClipReward(ClipRewardModel):
-    """A reward over a transformers CLIPModel (PickScore, CLIP score, Denscore): preprocessing and the two
-    towers come from ``HFClip``; a subclass only says how two embeddings make a score."""
+    """A reward over a transformers CLIPModel (PickScore, CLIP score, Denscore): preprocessing and
+    the two towers come from ``HFClip``; a subclass only says how two embeddings make a score."""
 
     def __init__(self, clip: HFClip):
         super().__init__()

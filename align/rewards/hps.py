@@ -1,16 +1,17 @@
-"""HPSv2 / HPSv2.1 (Wu et al. 2023): an open_clip ViT-H-14 fine-tuned on Human Preference Dataset v2.
+"""HPSv2 / HPSv2.1 (Wu et al. 2023): an open_clip ViT-H-14 fine-tuned on Human Preference Dataset
+v2.
 
 Score = ``cos(image_emb, text_emb)`` (the official ``img_score.py``: the diagonal of
 ``image_features @ text_features.T`` with open_clip's normalised features). The model is open_clip's
-``ViT-H-14`` with the HPS checkpoint (``checkpoint["state_dict"]``) loaded strictly. Preprocessing is HPS's
-``preprocess_val`` (``light_augmentation=True``): ToTensor, resize the *longer* side to 224 (bicubic, on the
-tensor), pad to a centred square with 0, normalise with the OpenAI CLIP statistics. Text: open_clip's tokenizer
-for the architecture (77 tokens).
+``ViT-H-14`` with the HPS checkpoint (``checkpoint["state_dict"]``) loaded strictly. Preprocessing
+is HPS's ``preprocess_val`` (``light_augmentation=True``): ToTensor, resize the *longer* side to 224
+(bicubic, on the tensor), pad to a centred square with 0, normalise with the OpenAI CLIP statistics.
+Text: open_clip's tokenizer for the architecture (77 tokens).
 
 ``source``: the checkpoint file (``HPS_v2.1_compressed.pt``, or ``HPS_v2_compressed.pt`` with
-``version="v2.0"``), a directory holding it, or the hub repository (default ``xswu/HPSv2``). A directory may
-also hold ``open_clip_config.json`` (open_clip's ``{"model_cfg": ...}`` layout) to use another architecture
-than ViT-H-14 (the tiny test models do).
+``version="v2.0"``), a directory holding it, or the hub repository (default ``xswu/HPSv2``). A
+directory may also hold ``open_clip_config.json`` (open_clip's ``{"model_cfg": ...}`` layout) to use
+another architecture than ViT-H-14 (the tiny test models do).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipRewardModel, normalize, resize_longest_pad, to_rgb
+from align.rewards.base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ClipRewardModel,
+    normalize,
+    resize_longest_pad,
+    to_rgb,
+)
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, resolve_file
 
@@ -34,7 +42,8 @@ CONFIG_FILE = "open_clip_config.json"
 
 
 def hps_preprocess(image, size: int = 224) -> torch.Tensor:
-    """HPS's ``preprocess_val`` for one PIL image: ToTensor, ResizeMaxSize(size) on the tensor, normalise."""
+    """HPS's ``preprocess_val`` for one PIL image: ToTensor,
+    ResizeMaxSize(size) on the tensor, normalise."""
     x = TF.to_tensor(to_rgb(image))
     h, w = x.shape[1:]
     scale = size / float(max(h, w))
@@ -59,7 +68,9 @@ class HPSv2(ClipRewardModel):
         return torch.stack([hps_preprocess(im, self.image_size) for im in images])
 
     def preprocess_tensor(self, images):
-        return normalize(resize_longest_pad(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return normalize(
+            resize_longest_pad(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        )
 
     def image_features(self, pixel_values):
         return self.model.encode_image(pixel_values)
@@ -83,11 +94,15 @@ def load_hps_state_dict(path: Path) -> dict:
 
 
 @register_reward("hps")
-def build_hps(source: str | None = None, version: str = "v2.1", arch: str | None = None, **_) -> HPSv2:
+def build_hps(
+    source: str | None = None, version: str = "v2.1", arch: str | None = None, **_
+) -> HPSv2:
     import open_clip
 
     if version not in FILENAMES:
-        raise ValueError(f"reward 'hps': unknown version {version!r}; known: {', '.join(FILENAMES)}")
+        raise ValueError(
+            f"reward 'hps': unknown version {version!r}; known: {', '.join(FILENAMES)}"
+        )
     checkpoint = resolve_file("hps", source, FILENAMES[version], DEFAULT_REPO)
     if arch is not None:
         config = Path(arch) if Path(arch).is_file() else None
@@ -97,7 +112,9 @@ def build_hps(source: str | None = None, version: str = "v2.1", arch: str | None
         model_cfg = json.loads(config.read_text())
         model_cfg = model_cfg.get("model_cfg", model_cfg)
         model = open_clip.CLIP(**model_cfg)
-        tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+        tokenizer = open_clip.SimpleTokenizer(
+            context_length=model_cfg["text_cfg"].get("context_length", 77)
+        )
         arch = str(config)
     else:
         arch = arch or DEFAULT_ARCH
@@ -109,7 +126,10 @@ def build_hps(source: str | None = None, version: str = "v2.1", arch: str | None
     unexpected = [k for k in unexpected if not k.endswith("attn_mask")]
     if missing or unexpected:
         raise RewardSourceError(
-            f"reward 'hps': {checkpoint} does not fit open_clip {arch} (missing "
-            f"{len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
+            f"reward 'hps': {checkpoint} does not fit open_clip {arch} (missing {len(missing)} "
+            f"keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
+        )
     size = model.visual.image_size
-    return HPSv2(model, tokenizer, image_size=int(size[0] if isinstance(size, (tuple, list)) else size))
+    return HPSv2(
+        model, tokenizer, image_size=int(size[0] if isinstance(size, (tuple, list)) else size)
+    )

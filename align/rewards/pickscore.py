@@ -1,10 +1,10 @@
 """PickScore (Kirstain et al. 2023): a CLIP-H fine-tuned on Pick-a-Pic preferences.
 
-Score = ``logit_scale.exp() * cos(image_emb, text_emb)``, exactly as the official example computes it
-(``model.logit_scale.exp() * text_embs @ image_embs.T``). Model: ``yuvalkirstain/PickScore_v1`` (transformers
-CLIPModel); processor: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (its CLIP image processor on the PIL backend,
-and its tokenizer, truncating at 77 tokens). A local model directory holding ``preprocessor_config.json`` is
-its own processor.
+Score = ``logit_scale.exp() * cos(image_emb, text_emb)``, exactly as the official example computes
+it (``model.logit_scale.exp() * text_embs @ image_embs.T``). Model: ``yuvalkirstain/PickScore_v1``
+(transformers CLIPModel); processor: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (its CLIP image
+processor on the PIL backend, and its tokenizer, truncating at 77 tokens). A local model directory
+holding ``preprocessor_config.json`` is its own processor.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ class PickScore(HFClipReward):
 
 @register_reward("pickscore")
 def build_pickscore(source: str | None = None, processor: str | None = None, **_) -> PickScore:
-    if processor is None and source is not None and (Path(source).expanduser() / "preprocessor_config.json").is_file():
+    if (
+        processor is None
+        and source is not None
+        and (Path(source).expanduser() / "preprocessor_config.json").is_file()
+    ):
         processor = source
-    return PickScore(HFClip.load("pickscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR))
+    return PickScore(
+        HFClip.load("pickscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR)
+    )

@@ -1,23 +1,28 @@
-"""LongAlign's segment-level scoring for every CLIP-based reward (CLIP, PickScore, HPSv2, Denscore, ...).
+"""LongAlign's segment-level scoring for every CLIP-based reward
+(CLIP, PickScore, HPSv2, Denscore, ...).
 
 Built on the embeddings every ``ClipRewardModel`` exposes (``embed_images``, ``embed_texts``,
-``embed_segments``) and on the pure functions of ``align.objectives.reward``; nothing here depends on which
-model is behind the reward, so no reward carries its own copy.
+``embed_segments``) and on the pure functions of ``align.objectives.reward``; nothing here depends
+on which model is behind the reward, so no reward carries its own copy.
 
-* :func:`embed_prompt_segments`: split each prompt (``align.models.splitters``, the official splitter by default),
-  embed every segment of the batch in one batched call, and aggregate: t = the mean of the normalised segment
-  embeddings (not re-normalised). A prompt with no segment (no piece holding a letter or a digit: "", "  ",
-  "...") has no text to score against: its mask row is empty, t = 0, ``has_text`` is False, and callers drop it
-  (reward fine-tuning) or report it (evaluation) rather than score it.
-* :func:`batch_direction`: the common text direction v of a batch (averaged across DDP ranks), with a saved
-  direction as the fallback when the batch cannot define one (a batch of one prompt).
-* :func:`estimate_direction`: v over a whole prompt set, to save once (``save_direction``) and reuse.
-* :func:`score_segments`: the segment-aggregated score and its decomposition (``DecomposedScore``: original,
-  text-relevant, text-irrelevant, reweighted S_w).
+* :func:`embed_prompt_segments`: split each prompt (``align.models.splitters``, the official
+  splitter by default), embed every segment of the batch in one batched call, and aggregate: t = the
+  mean of the normalised segment embeddings (not re-normalised). A prompt with no segment (no piece
+  holding a letter or a digit: "", "  ", "...") has no text to score against: its mask row is empty,
+  t = 0, ``has_text`` is False, and callers drop it (reward fine-tuning) or report it
+  (evaluation) rather than score it.
+* :func:`batch_direction`: the common text direction v of a batch (averaged across DDP ranks), with
+  a saved direction as the fallback when the batch cannot define one (a batch of one prompt).
+* :func:`estimate_direction`: v over a whole prompt set, to save once
+  (``save_direction``) and reuse.
+* :func:`score_segments`: the segment-aggregated score and its decomposition (``DecomposedScore``:
+  original, text-relevant, text-irrelevant, reweighted S_w).
 * :class:`SegmentScorer`: a reward + splitter + direction + w, scoring image sets into named columns
-  (``<name>-seg-o`` original, ``<name>-seg`` text-relevant, ``<name>-seg-w`` S_w; Denscore names its own).
+  (``<name>-seg-o`` original, ``<name>-seg`` text-relevant, ``<name>-seg-w`` S_w; Denscore names its
+  own).
 
-Save a direction estimated over a prompt set (txt / jsonl / long-caption shards, see ``align.data.prompts``)::
+Save a direction estimated over a prompt set (txt / jsonl / long-caption shards, see
+``align.data.prompts``)::
 
     align direction --reward denscore --source DIR --prompts PROMPTS --out direction.safetensors
 """
@@ -33,8 +38,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from align.objectives.reward import (DecomposedScore, DegenerateDirection, common_direction, decomposed_score,
-                                     load_direction, segment_cosines, segment_text_embedding)
+from align.objectives.reward import (
+    DecomposedScore,
+    DegenerateDirection,
+    common_direction,
+    decomposed_score,
+    load_direction,
+    segment_cosines,
+    segment_text_embedding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +54,8 @@ _CONTENT = re.compile(r"\w")  # a segment says something when it holds a letter 
 
 
 def resolve_reward_splitter(reward, splitter: str | Callable[[str], list[str]] = "official"):
-    """A splitter by name or callable; ``packed`` counts tokens with the reward's own tokenizer when it has one."""
+    """A splitter by name or callable; ``packed`` counts tokens with the reward's own tokenizer when
+    it has one."""
     from align.models.splitters import resolve_splitter
 
     tokenizer = getattr(getattr(reward, "clip", None), "tokenizer", None)
@@ -59,8 +72,9 @@ def has_segments(prompt: str, split: Callable[[str], list[str]]) -> bool:
 
 
 def split_prompts(prompts: Sequence[str], split: Callable[[str], list[str]]) -> list[list[str]]:
-    """Each prompt's segments as the splitter gives them (the official pieces are kept as they are, so scores
-    match the official code), or ``[]`` for a prompt with no segment holding a letter or a digit."""
+    """Each prompt's segments as the splitter gives them (the official pieces are kept as they are,
+    so scores match the official code), or ``[]`` for a prompt with no segment holding a letter or a
+    digit."""
     out = []
     for prompt in prompts:
         if not isinstance(prompt, str):
@@ -77,7 +91,8 @@ class SegmentTexts:
     segments: list[list[str]]
     embeddings: torch.Tensor  # (B, S, D) L2-normalised, zero rows where mask is False
     mask: torch.Tensor  # (B, S) bool, real segments
-    text: torch.Tensor  # (B, D) mean of the real segments' normalised embeddings (not re-normalised)
+    # (B, D) mean of the real segments' normalised embeddings (not re-normalised)
+    text: torch.Tensor
     has_text: torch.Tensor  # (B,) bool, prompts with at least one segment
 
     def __len__(self) -> int:
@@ -86,8 +101,13 @@ class SegmentTexts:
     def select(self, keep: torch.Tensor) -> "SegmentTexts":
         """The rows where ``keep`` (B,) is True."""
         idx = keep.nonzero().flatten().tolist()
-        return SegmentTexts([self.segments[i] for i in idx], self.embeddings[keep], self.mask[keep],
-                            self.text[keep], self.has_text[keep])
+        return SegmentTexts(
+            [self.segments[i] for i in idx],
+            self.embeddings[keep],
+            self.mask[keep],
+            self.text[keep],
+            self.has_text[keep],
+        )
 
 
 def _text_dim(reward) -> int:
@@ -98,34 +118,41 @@ def _text_dim(reward) -> int:
     return cached
 
 
-def embed_prompt_segments(reward, prompts: Sequence[str], splitter: str | Callable = "official",
-                          grad: bool = False) -> SegmentTexts:
-    """Split ``prompts`` and embed all their segments with ``reward``'s text tower in one batched call.
+def embed_prompt_segments(
+    reward, prompts: Sequence[str], splitter: str | Callable = "official", grad: bool = False
+) -> SegmentTexts:
+    """Split ``prompts`` and embed all their segments with ``reward``'s text tower in one batched
+    call.
 
     ``reward`` is any ``ClipRewardModel``. Prompts without segments get an empty mask row and t = 0.
     """
     split = resolve_reward_splitter(reward, splitter)
     segments = split_prompts(list(prompts), split)
     b, device = len(segments), reward.device
-    if not any(segments):  # nothing to embed (also an empty batch): keep the shapes, no model call needed
+    # nothing to embed (also an empty batch): keep the shapes, no model call needed
+    if not any(segments):
         d = _text_dim(reward)
         emb = torch.zeros(b, 1, d, device=device)
         mask = torch.zeros(b, 1, dtype=torch.bool, device=device)
     else:
         per_prompt = iter(segments)
-        emb, mask = reward.embed_segments(list(prompts), split=lambda _caption: next(per_prompt), grad=grad)
+        emb, mask = reward.embed_segments(
+            list(prompts), split=lambda _caption: next(per_prompt), grad=grad
+        )
     has_text = mask.any(dim=1)
     with torch.set_grad_enabled(grad):
         text = segment_text_embedding(emb, mask)
     return SegmentTexts(segments, emb, mask, text, has_text)
 
 
-def batch_direction(text: torch.Tensor, fallback: torch.Tensor | None = None,
-                    min_count: int = 2) -> tuple[torch.Tensor, str]:
-    """(v, source): the common direction of the global batch's text embeddings (N, D) (a collective under DDP:
-    every rank calls it, one holding no rows too), ``source = "batch"``; when the batch cannot define one
-    (fewer than ``min_count`` prompts globally, or a zero mean), ``fallback`` with ``source = "saved"``.
-    Without a fallback the ``DegenerateDirection`` propagates: the caller must skip, not guess."""
+def batch_direction(
+    text: torch.Tensor, fallback: torch.Tensor | None = None, min_count: int = 2
+) -> tuple[torch.Tensor, str]:
+    """(v, source): the common direction of the global batch's text embeddings (N, D) (a collective
+    under DDP: every rank calls it, one holding no rows too), ``source = "batch"``; when the batch
+    cannot define one (fewer than ``min_count`` prompts globally, or a zero mean), ``fallback`` with
+    ``source = "saved"``. Without a fallback the ``DegenerateDirection`` propagates:
+    the caller must skip, not guess."""
     try:
         return common_direction(text, min_count=min_count), "batch"
     except DegenerateDirection as err:
@@ -136,21 +163,29 @@ def batch_direction(text: torch.Tensor, fallback: torch.Tensor | None = None,
 
 
 @torch.no_grad()
-def estimate_direction(reward, prompts: Sequence[str], splitter: str | Callable = "official",
-                       batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """v over a whole prompt set (this process only): the normalised mean of the prompts' segment-aggregated
-    text embeddings. Prompts without segments are left out. Raises ``DegenerateDirection`` for fewer than two."""
+def estimate_direction(
+    reward,
+    prompts: Sequence[str],
+    splitter: str | Callable = "official",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """v over a whole prompt set (this process only): the normalised mean of the prompts'
+    segment-aggregated text embeddings. Prompts without segments are left out. Raises
+    ``DegenerateDirection`` for fewer than two."""
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
     total, count = None, 0
     for start in tqdm(range(0, len(prompts), batch_size), desc="direction", disable=not progress):
-        texts = embed_prompt_segments(reward, prompts[start:start + batch_size], splitter)
+        texts = embed_prompt_segments(reward, prompts[start : start + batch_size], splitter)
         rows = texts.text[texts.has_text].double()
         total = rows.sum(dim=0) if total is None else total + rows.sum(dim=0)
         count += rows.shape[0]
     if count < 2:
-        raise DegenerateDirection(f"{count} prompts with segments; a common direction needs at least 2")
+        raise DegenerateDirection(
+            f"{count} prompts with segments; a common direction needs at least 2"
+        )
     mean = total / count
     if mean.norm() < 1e-8:
         raise DegenerateDirection("the mean text embedding is ~0; its direction is undefined")
@@ -173,17 +208,31 @@ class SegmentScores:
         return self.decomposed.original
 
 
-def score_segments(reward, images, prompts: Sequence[str] | SegmentTexts, direction: torch.Tensor | str = "batch",
-                   w: float = 0.3, splitter: str | Callable = "official", grad: bool = False,
-                   fallback: torch.Tensor | None = None, image_emb: torch.Tensor | None = None) -> SegmentScores:
-    """Segment-level scores of ``images`` (PIL list or (N, 3, H, W) tensor in [0, 1]) for ``prompts``.
+def score_segments(
+    reward,
+    images,
+    prompts: Sequence[str] | SegmentTexts,
+    direction: torch.Tensor | str = "batch",
+    w: float = 0.3,
+    splitter: str | Callable = "official",
+    grad: bool = False,
+    fallback: torch.Tensor | None = None,
+    image_emb: torch.Tensor | None = None,
+) -> SegmentScores:
+    """Segment-level scores of ``images`` (PIL list or (N, 3, H, W) tensor in [0, 1]) for
+    ``prompts``.
 
-    ``direction``: a (D,) tensor, or ``"batch"`` (v of this batch's prompts across ranks; ``fallback`` when
-    degenerate, see :func:`batch_direction`). ``grad=True`` keeps the graph from the scores to tensor images.
-    ``image_emb`` (B, D), if given, replaces the image tower call (e.g. embeddings computed elsewhere).
-    Prompts without segments score 0 in every part (their t is 0); see ``texts.has_text``.
+    ``direction``: a (D,) tensor, or ``"batch"`` (v of this batch's prompts across ranks;
+    ``fallback`` when degenerate, see :func:`batch_direction`). ``grad=True`` keeps the graph from
+    the scores to tensor images. ``image_emb`` (B, D), if given, replaces the image tower call (e.g.
+    embeddings computed elsewhere). Prompts without segments score 0 in every part (their t is 0);
+    see ``texts.has_text``.
     """
-    texts = prompts if isinstance(prompts, SegmentTexts) else embed_prompt_segments(reward, prompts, splitter)
+    texts = (
+        prompts
+        if isinstance(prompts, SegmentTexts)
+        else embed_prompt_segments(reward, prompts, splitter)
+    )
     if isinstance(direction, str):
         if direction != "batch":
             raise ValueError(f"direction must be a (D,) tensor or 'batch', got {direction!r}")
@@ -196,34 +245,50 @@ def score_segments(reward, images, prompts: Sequence[str] | SegmentTexts, direct
         image_emb = F.normalize(image_emb.float(), dim=-1)
         cos = segment_cosines(image_emb, texts.embeddings.to(image_emb.device))
         cos = torch.where(texts.mask.to(cos.device), cos, torch.zeros_like(cos))
-        dec = decomposed_score(image_emb, texts.text.to(image_emb.device), v.to(image_emb.device), w=w)
+        dec = decomposed_score(
+            image_emb, texts.text.to(image_emb.device), v.to(image_emb.device), w=w
+        )
     return SegmentScores(texts, image_emb, cos, dec, v, source)
 
 
 class SegmentScorer:
-    """A CLIP-based reward scored LongAlign's way: segment level, decomposed along a common direction.
+    """A CLIP-based reward scored LongAlign's way: segment level,
+    decomposed along a common direction.
 
-    ``direction``: a (D,) tensor, a saved direction file, or None (then :meth:`fit_direction` on the prompt set
-    before scoring, or scores are decomposed along each scoring batch's own direction, with a warning).
-    ``columns`` names the outputs of :meth:`score_columns`: ``{part: column}`` with parts ``original``,
-    ``relevant``, ``irrelevant``, ``weighted``; default ``<name>-seg-o``, ``<name>-seg``, ``<name>-seg-w``.
+    ``direction``: a (D,) tensor, a saved direction file, or None (then :meth:`fit_direction` on the
+    prompt set before scoring, or scores are decomposed along each scoring batch's own direction,
+    with a warning). ``columns`` names the outputs of :meth:`score_columns`: ``{part: column}`` with
+    parts ``original``, ``relevant``, ``irrelevant``, ``weighted``; default ``<name>-seg-o``,
+    ``<name>-seg``, ``<name>-seg-w``.
     """
 
-    def __init__(self, reward, direction: torch.Tensor | str | Path | None = None, w: float = 0.3,
-                 splitter: str | Callable = "official", columns: dict[str, str] | None = None):
+    def __init__(
+        self,
+        reward,
+        direction: torch.Tensor | str | Path | None = None,
+        w: float = 0.3,
+        splitter: str | Callable = "official",
+        columns: dict[str, str] | None = None,
+    ):
         if not all(hasattr(reward, a) for a in ("embed_images", "embed_texts", "embed_segments")):
-            raise TypeError(f"{type(reward).__name__} is not a CLIP-based reward (no image/text embeddings)")
+            raise TypeError(
+                f"{type(reward).__name__} is not a CLIP-based reward (no image/text embeddings)"
+            )
         self.reward, self.w, self.splitter = reward, w, splitter
         if isinstance(direction, (str, Path)):
             direction = load_direction(direction)
         self.direction = direction
         name = getattr(reward, "name", "reward")
-        self.columns = columns or {"original": f"{name}-seg-o", "relevant": f"{name}-seg",
-                                   "weighted": f"{name}-seg-w"}
+        self.columns = columns or {
+            "original": f"{name}-seg-o",
+            "relevant": f"{name}-seg",
+            "weighted": f"{name}-seg-w",
+        }
         self._warned = False
 
     def fit_direction(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Estimate v over the whole prompt set (so that every image is decomposed along the same v)."""
+        """Estimate v over the whole prompt set (so that every image is decomposed along the same
+        v)."""
         self.direction = estimate_direction(self.reward, prompts, self.splitter, batch_size)
         return self.direction
 
@@ -231,23 +296,39 @@ class SegmentScorer:
         direction = self.direction
         if direction is None:
             if not self._warned:
-                log.warning("%s: no common direction given or fitted: decomposing along each batch's own",
-                            getattr(self.reward, "name", "reward"))
+                log.warning(
+                    "%s: no common direction given or fitted: decomposing along each batch's own",
+                    getattr(self.reward, "name", "reward"),
+                )
                 self._warned = True
             direction = "batch"
-        return score_segments(self.reward, images, prompts, direction, self.w, self.splitter, grad=grad)
+        return score_segments(
+            self.reward, images, prompts, direction, self.w, self.splitter, grad=grad
+        )
 
     @torch.no_grad()
-    def score_columns(self, images, prompts: Sequence[str], batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """``{column: scores (N,)}`` for the parts named in ``columns``; prompts without segments give NaN
-        (no score, rather than a misleading 0)."""
+    def score_columns(
+        self, images, prompts: Sequence[str], batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{column: scores (N,)}`` for the parts named in ``columns``; prompts without segments
+        give NaN (no score, rather than a misleading 0)."""
         n = len(images) if not isinstance(images, torch.Tensor) else images.shape[0]
         batch_size = batch_size or getattr(self.reward, "default_batch_size", 32)
         parts: dict[str, list[torch.Tensor]] = {p: [] for p in self.columns}
         for start in range(0, n, batch_size):
-            out = self.score(images[start:start + batch_size], list(prompts[start:start + batch_size]))
+            out = self.score(
+                images[start : start + batch_size], list(prompts[start : start + batch_size])
+            )
             for part in self.columns:
                 value = getattr(out.decomposed, part).float()
-                parts[part].append(torch.where(out.texts.has_text.to(value.device), value,
-                                               torch.full_like(value, float("nan"))))
-        return {col: torch.cat(parts[part]) if parts[part] else torch.zeros(0) for part, col in self.columns.items()}
+                parts[part].append(
+                    torch.where(
+                        out.texts.has_text.to(value.device),
+                        value,
+                        torch.full_like(value, float("nan")),
+                    )
+                )
+        return {
+            col: torch.cat(parts[part]) if parts[part] else torch.zeros(0)
+            for part, col in self.columns.items()
+        }

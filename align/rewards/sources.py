@@ -1,10 +1,11 @@
 """Where a reward model's files come from: a local file, a local directory, or a hub repository.
 
-Every miss raises ``RewardSourceError`` naming the file (and the places) it looked for, before any compute.
-A local reward directory may carry ``align_reward.json`` (``{"options": {...}}``): loader options that the
-hub layouts imply (which CLIP backbone the aesthetic head sits on, which tokenizer ImageReward uses, the
-architecture of a checkpoint file). String values naming an existing path relative to the directory are
-resolved against it. The tiny test models are written in the real layouts plus such a manifest.
+Every miss raises ``RewardSourceError`` naming the file (and the places) it looked for, before any
+compute. A local reward directory may carry ``align_reward.json`` (``{"options": {...}}``): loader
+options that the hub layouts imply (which CLIP backbone the aesthetic head sits on, which tokenizer
+ImageReward uses, the architecture of a checkpoint file). String values naming an existing path
+relative to the directory are resolved against it. The tiny test models are written in the real
+layouts plus such a manifest.
 """
 
 from __future__ import annotations
@@ -43,14 +44,23 @@ def read_manifest(source: str | Path | None) -> dict:
     return resolved
 
 
-def resolve_file(reward: str, source: str | None, filename: str, default_repo: str | None,
-                 also: tuple[str, ...] = (), where_to_get: str = "") -> Path:
-    """The path of ``filename`` for ``reward``: ``source`` is that file itself, a directory holding it, or a
-    hub repository id (downloaded through the hub cache; offline this fails with the file named)."""
+def resolve_file(
+    reward: str,
+    source: str | None,
+    filename: str,
+    default_repo: str | None,
+    also: tuple[str, ...] = (),
+    where_to_get: str = "",
+) -> Path:
+    """The path of ``filename`` for ``reward``: ``source`` is that file itself, a directory holding
+    it, or a hub repository id (downloaded through the hub cache; offline this fails with the file
+    named)."""
     source = source or default_repo
     if source is None:
-        raise RewardSourceError(f"reward {reward!r} needs its checkpoint file {filename}: pass its path (or a "
-                                f"directory holding it){'; ' + where_to_get if where_to_get else ''}")
+        raise RewardSourceError(
+            f"reward {reward!r} needs its checkpoint file {filename}: pass its path (or a "
+            f"directory holding it){'; ' + where_to_get if where_to_get else ''}"
+        )
     path = Path(source).expanduser()
     names = (filename, *also)
     if path.is_file():
@@ -60,10 +70,14 @@ def resolve_file(reward: str, source: str | None, filename: str, default_repo: s
             if (path / name).is_file():
                 return path / name
         raise RewardSourceError(
-            f"reward {reward!r}: no {filename} in {path} (looked for {', '.join(str(path / n) for n in names)})")
+            f"reward {reward!r}: no {filename} in {path} (looked for "
+            f"{', '.join(str(path / n) for n in names)})"
+        )
     if not is_hub_id(source):
-        raise RewardSourceError(f"reward {reward!r}: {source} does not exist (looked for the file {path}, "
-                                f"or a directory holding {filename})")
+        raise RewardSourceError(
+            f"reward {reward!r}: {source} does not exist (looked for the file {path}, "
+            f"or a directory holding {filename})"
+        )
     from huggingface_hub import hf_hub_download
 
     errors = []
@@ -72,24 +86,36 @@ def resolve_file(reward: str, source: str | None, filename: str, default_repo: s
             return Path(hf_hub_download(source, name))
         except Exception as err:  # offline, missing file, gated repository
             errors.append(f"{name}: {type(err).__name__}")
-    raise RewardSourceError(f"reward {reward!r}: could not get {filename} from hub repository {source!r} "
-                            f"({'; '.join(errors)}); download it and pass its local path")
+    raise RewardSourceError(
+        f"reward {reward!r}: could not get {filename} from hub repository {source!r} "
+        f"({'; '.join(errors)}); download it and pass its local path"
+    )
 
 
-def resolve_pretrained(reward: str, source: str | None, default_repo: str, needs: str = "config.json") -> str:
-    """A ``from_pretrained`` location: an existing local directory (which must hold ``needs``) or a hub id."""
+def resolve_pretrained(
+    reward: str, source: str | None, default_repo: str, needs: str = "config.json"
+) -> str:
+    """A ``from_pretrained`` location: an existing local directory
+    (which must hold ``needs``) or a hub id."""
     source = source or default_repo
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / needs).is_file():
-            raise RewardSourceError(f"reward {reward!r}: no {needs} in {path} (looked for {path / needs})")
+            raise RewardSourceError(
+                f"reward {reward!r}: no {needs} in {path} (looked for {path / needs})"
+            )
         return str(path)
     if not is_hub_id(source):
-        raise RewardSourceError(f"reward {reward!r}: no such directory {path} (looked for {path / needs})")
+        raise RewardSourceError(
+            f"reward {reward!r}: no such directory {path} (looked for {path / needs})"
+        )
     return source
 
 
 def load_error(reward: str, source: str, err: Exception) -> RewardSourceError:
-    """Wrap a ``from_pretrained`` failure (typically: offline and not cached) so the message names the source."""
-    return RewardSourceError(f"reward {reward!r}: could not load {source!r} ({type(err).__name__}: {err}); "
-                             "pass a local directory in the same layout")
+    """Wrap a ``from_pretrained`` failure (typically: offline and not cached) so the message names
+    the source."""
+    return RewardSourceError(
+        f"reward {reward!r}: could not load {source!r} ({type(err).__name__}: {err}); "
+        "pass a local directory in the same layout"
+    )

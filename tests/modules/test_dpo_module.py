@@ -10,7 +10,9 @@ from align.modules import DPOModule
 
 @pytest.fixture(scope="module")
 def batch(pair_shards):
-    dm = PickAPicDataModule(str(pair_shards), batch_size=3, resolution=32, num_workers=0, batches_per_epoch=1)
+    dm = PickAPicDataModule(
+        str(pair_shards), batch_size=3, resolution=32, num_workers=0, batches_per_epoch=1
+    )
     return next(iter(dm.train_dataloader()))
 
 
@@ -29,7 +31,9 @@ def test_pair_shares_noise_and_timestep(batch, monkeypatch):
     monkeypatch.setattr(m, "unet_errors", spy)
     m.pair_errors(batch)
     b = 3
-    assert torch.equal(seen["noise"][:b], seen["noise"][b:]) and torch.equal(seen["t"][:b], seen["t"][b:])
+    assert torch.equal(seen["noise"][:b], seen["noise"][b:]) and torch.equal(
+        seen["t"][:b], seen["t"][b:]
+    )
     assert torch.equal(seen["cond"][:b], seen["cond"][b:])
     assert not torch.equal(seen["latents"][:b], seen["latents"][b:])  # winners and losers differ
 
@@ -125,8 +129,15 @@ def test_export_loads_into_a_pipeline_that_samples(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     for p, q in zip(pipe.unet.parameters(), m.unet.parameters()):
         assert torch.equal(p, q)
-    image = pipe("a red circle", num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert image.shape == (1, 32, 32, 3)
 
 
@@ -148,7 +159,9 @@ def test_lora_export_loads_with_load_lora_weights(tmp_path, tiny_pipeline_dir):
 
 
 def test_sdxl_pairs_get_time_ids(pair_shards):
-    dm = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=1)
+    dm = PickAPicDataModule(
+        str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=1
+    )
     b = next(iter(dm.train_dataloader()))
     m = DPOModule(model="tiny-xl").train()
     ids = m.time_ids(b, 4)
@@ -165,7 +178,8 @@ def test_frozen_dtype_stores_frozen_parts_in_bf16_and_still_trains(batch):
     assert next(m.unet.parameters()).dtype == torch.float32
     policy, ref = m.pair_errors(batch)
     assert policy.dtype == ref.dtype == torch.float32
-    assert torch.allclose(policy, ref, rtol=5e-2)  # policy == reference up to bf16 rounding of the reference
+    # policy == reference up to bf16 rounding of the reference
+    assert torch.allclose(policy, ref, rtol=5e-2)
     loss = m.training_step(batch, 0)
     loss.backward()
     assert all(p.grad is None for p in m.ref_unet.parameters())
@@ -179,10 +193,22 @@ def test_a_data_module_that_keeps_ties_fails_before_the_first_step(pair_shards, 
 
     m = DPOModule(model="tiny")
     monkeypatch.setattr(m, "training_step", lambda *a: pytest.fail("a step ran"))
-    dm = PickAPicDataModule(str(pair_shards), batch_size=2, resolution=32, num_workers=0, batches_per_epoch=1,
-                            drop_ties=False)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    dm = PickAPicDataModule(
+        str(pair_shards),
+        batch_size=2,
+        resolution=32,
+        num_workers=0,
+        batches_per_epoch=1,
+        drop_ties=False,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="drop_ties"):
         trainer.fit(m, datamodule=dm)
 
@@ -206,10 +232,14 @@ def test_lora_export_with_alpha_other_than_rank_rebuilds_the_trained_unet(tmp_pa
     pipe.load_lora_weights(str(out))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([10, 500])
-    cond = torch.randn(2, 7, m.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(
+        2, 7, m.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)
+    )
     extra = {}
     if preset == "tiny-xl":
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}}
+        extra = {
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}
+        }
     with torch.no_grad():
         want = m.unet(x, t, encoder_hidden_states=cond, **extra).sample
         got = pipe.unet(x, t, encoder_hidden_states=cond, **extra).sample
@@ -220,11 +250,17 @@ def test_lora_export_with_alpha_other_than_rank_rebuilds_the_trained_unet(tmp_pa
 
 
 def test_sdxl_time_ids_are_the_official_constant_unless_asked_per_image():
-    batch = {"original_size": torch.tensor([[40, 50], [64, 30]]), "crop_top_left": torch.tensor([[3, 0], [0, 7]])}
+    batch = {
+        "original_size": torch.tensor([[40, 50], [64, 30]]),
+        "crop_top_left": torch.tensor([[3, 0], [0, 7]]),
+    }
     official = DPOModule(model="tiny-xl").time_ids(batch, 2)
     assert official.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
     image = DPOModule(model="tiny-xl", time_ids="image").time_ids(batch, 2)
-    assert image.tolist() == [[40.0, 50.0, 3.0, 0.0, 32.0, 32.0], [64.0, 30.0, 0.0, 7.0, 32.0, 32.0]]
+    assert image.tolist() == [
+        [40.0, 50.0, 3.0, 0.0, 32.0, 32.0],
+        [64.0, 30.0, 0.0, 7.0, 32.0, 32.0],
+    ]
     with pytest.raises(ValueError, match="time_ids"):
         DPOModule(model="tiny-xl", time_ids="both")
 
@@ -237,16 +273,26 @@ def test_a_full_export_samples_with_the_bases_scheduler_and_keeps_its_safety_che
     from align.models import load_components
 
     small = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
-    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=small, projection_dim=8,
-                                                      vision_config={**small, "image_size": 32, "patch_size": 8}))
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=small,
+            projection_dim=8,
+            vision_config={**small, "image_size": 32, "patch_size": 8},
+        )
+    )
     parts = load_components("tiny")
-    base = parts.to_pipeline(scheduler=parts.inference_scheduler)  # the base samples with PNDM, as SD1.5
-    base.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    # the base samples with PNDM, as SD1.5
+    base = parts.to_pipeline(scheduler=parts.inference_scheduler)
+    base.register_modules(
+        safety_checker=checker, feature_extractor=CLIPImageProcessor(crop_size=32, size=32)
+    )
     base.register_to_config(requires_safety_checker=True)
     base.save_pretrained(tmp_path / "base")
     out = DPOModule(model=str(tmp_path / "base")).export(tmp_path / "export")
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # the base's sampler, not DDPM
     assert pipe.safety_checker is not None and pipe.feature_extractor is not None
-    xl = StableDiffusionPipeline.load_config(str(DPOModule(model="tiny-xl").export(tmp_path / "xl")))
+    xl = StableDiffusionPipeline.load_config(
+        str(DPOModule(model="tiny-xl").export(tmp_path / "xl"))
+    )
     assert xl["scheduler"][1] == "EulerDiscreteScheduler"

@@ -22,8 +22,15 @@ def kto_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(kto_shards):
-    dm = KTODataModule(str(kto_shards), p_desirable=0.5, batch_size=6, resolution=32, num_workers=0,
-                       batches_per_epoch=1, seed=3)
+    dm = KTODataModule(
+        str(kto_shards),
+        p_desirable=0.5,
+        batch_size=6,
+        resolution=32,
+        num_workers=0,
+        batches_per_epoch=1,
+        seed=3,
+    )
     b = next(iter(dm.train_dataloader()))
     b["desirable"] = torch.tensor([True, False, True, False, True, False])
     return b
@@ -77,27 +84,56 @@ def test_mismatched_reference_point_uses_rolled_prompts(batch, monkeypatch):
 
 def test_end_to_end_tiny_fit_and_export(tmp_path, kto_shards, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(ROOT / "configs/kto/tiny.yaml"), "--data.shards", str(kto_shards),
-          "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.max_steps", "3",
-          "--trainer.log_every_n_steps", "1"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/kto/tiny.yaml"),
+            "--data.shards",
+            str(kto_shards),
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "4",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     export = glob.glob(str(tmp_path / "logs/align-kto/*/export/final/unet"))
     assert export
     from diffusers import UNet2DConditionModel
 
     UNet2DConditionModel.from_pretrained(export[0])
     metrics = open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0]).readline()
-    for name in ("train/loss", "train/reward_desirable", "train/reward_undesirable", "train/reference_point",
-                 "train/frac_desirable"):
+    for name in (
+        "train/loss",
+        "train/reward_desirable",
+        "train/reward_undesirable",
+        "train/reference_point",
+        "train/frac_desirable",
+    ):
         assert name in metrics
 
 
-def test_mismatched_reference_point_with_one_image_per_batch_fails_before_the_first_step(kto_shards, monkeypatch):
+def test_mismatched_reference_point_with_one_image_per_batch_fails_before_the_first_step(
+    kto_shards, monkeypatch
+):
     import lightning as L
 
     m = KTOModule(model="tiny", reference_point="mismatched")
     monkeypatch.setattr(m, "training_step", lambda *a: pytest.fail("a step ran"))
-    dm = KTODataModule(str(kto_shards), batch_size=1, resolution=32, num_workers=0, batches_per_epoch=1)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    dm = KTODataModule(
+        str(kto_shards), batch_size=1, resolution=32, num_workers=0, batches_per_epoch=1
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="batch_size >= 2"):
         trainer.fit(m, datamodule=dm)

@@ -1,5 +1,6 @@
-"""Denscore training: pair data in shard order with labels kept, the module scoring exactly as the exported reward
-does, the loss training the score the right way, and a tiny `align fit` whose export the registry loads."""
+"""Denscore training: pair data in shard order with labels kept, the module scoring exactly as the
+exported reward does, the loss training the score the right way,
+and a tiny `align fit` whose export the registry loads."""
 
 import csv
 import glob
@@ -12,13 +13,15 @@ import pytest
 import torch
 
 from align.data.pipeline import SkipSample
-from align.data.preference import (PreferencePairDataModule, clip_transform, decode_preference_pair,
-                                   write_synthetic_long_pairs)
+from align.data.preference import (
+    PreferencePairDataModule,
+    clip_transform,
+    decode_preference_pair,
+    write_synthetic_long_pairs,
+)
 from align.modules.preference import PreferenceModelModule
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +42,21 @@ def raw_samples(shard):
 
 
 def test_pairs_keep_shard_order_and_labels(long_pairs):
-    dm = PreferencePairDataModule(str(long_pairs / "longpairs-000000.tar"), batch_size=4, num_workers=0,
-                                  batches_per_epoch=2, shuffle_buffer=0)
+    dm = PreferencePairDataModule(
+        str(long_pairs / "longpairs-000000.tar"),
+        batch_size=4,
+        num_workers=0,
+        batches_per_epoch=2,
+        shuffle_buffer=0,
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (8, 3, 224, 224)
     meta = raw_samples(long_pairs / "longpairs-000000.tar")
     for i, key in enumerate(batch["key"]):
-        assert batch["label_0"][i].item() == meta[key]["label_0"] and batch["label_1"][i].item() == meta[key]["label_1"]
+        assert (
+            batch["label_0"][i].item() == meta[key]["label_0"]
+            and batch["label_1"][i].item() == meta[key]["label_1"]
+        )
         assert batch["caption"][i] == meta[key]["caption"]
     assert len(batch["caption"][0].split(". ")) >= 4  # long captions
 
@@ -54,14 +65,22 @@ def test_short_and_empty_captions_are_skipped(long_pairs):
     from helpers import pair_sample
 
     transform = clip_transform(224)
-    assert decode_preference_pair(pair_sample("a", caption="One sentence. And two."), transform,
-                                  min_segments=2)["label_0"] == 1.0
+    assert (
+        decode_preference_pair(
+            pair_sample("a", caption="One sentence. And two."), transform, min_segments=2
+        )["label_0"]
+        == 1.0
+    )
     with pytest.raises(SkipSample, match="short_caption"):
-        decode_preference_pair(pair_sample("b", caption="just one sentence"), transform, min_segments=2)
+        decode_preference_pair(
+            pair_sample("b", caption="just one sentence"), transform, min_segments=2
+        )
     with pytest.raises(SkipSample, match="no_segments"):
         decode_preference_pair(pair_sample("c", caption="..."), transform)
     with pytest.raises(SkipSample, match="tie"):
-        decode_preference_pair(pair_sample("d", caption="A tie. Two.", label_0=0.5), transform, drop_ties=True)
+        decode_preference_pair(
+            pair_sample("d", caption="A tie. Two.", label_0=0.5), transform, drop_ties=True
+        )
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +90,15 @@ def batch(long_pairs):
 
 
 def test_loss_trains_the_segment_score_the_right_way(batch):
-    """A few AdamW steps on one batch: the pair loss falls and the preferred image's segment score rises."""
+    """A few AdamW steps on one batch: the pair loss falls and the preferred image's segment score
+    rises."""
     torch.manual_seed(0)
     m = PreferenceModelModule(model="tiny-clip", segment_weight=0.5).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     first = m.pair_loss(batch)
-    assert first.segment_loss > 0 and torch.isclose(first.loss, first.pair_loss + 0.5 * first.segment_loss)
+    assert first.segment_loss > 0 and torch.isclose(
+        first.loss, first.pair_loss + 0.5 * first.segment_loss
+    )
     for _ in range(6):
         opt.zero_grad()
         out = m.pair_loss(batch)
@@ -107,10 +129,14 @@ def test_export_scores_exactly_as_the_module(batch, tmp_path):
     assert isinstance(reward, Denscore) and reward.direction is not None
     b = len(batch["caption"])
     with torch.no_grad():
-        img = torch.nn.functional.normalize(m.scorer.image_features(batch["pixel_values"][:b]), dim=-1)
+        img = torch.nn.functional.normalize(
+            m.scorer.image_features(batch["pixel_values"][:b]), dim=-1
+        )
         texts = embed_prompt_segments(m.scorer, batch["caption"])
         want = segment_score(img, texts.embeddings, texts.mask)
-        got_img = torch.nn.functional.normalize(reward.image_features(batch["pixel_values"][:b]), dim=-1)
+        got_img = torch.nn.functional.normalize(
+            reward.image_features(batch["pixel_values"][:b]), dim=-1
+        )
         got_texts = embed_prompt_segments(reward, batch["caption"])
         got = segment_score(got_img, got_texts.embeddings, got_texts.mask)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -120,21 +146,55 @@ def test_align_fit_end_to_end_and_the_registry_loads_the_export(long_pairs, tmp_
     from align.cli import main
 
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(ROOT / "configs/longalign/denscore_tiny.yaml"),
-          "--data.train_shards", str(long_pairs), "--data.val_shards", str(long_pairs / "longpairs-000001.tar"),
-          "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_batches", "1",
-          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/longalign/denscore_tiny.yaml"),
+            "--data.train_shards",
+            str(long_pairs),
+            "--data.val_shards",
+            str(long_pairs / "longpairs-000001.tar"),
+            "--data.batch_size",
+            "4",
+            "--data.num_workers",
+            "0",
+            "--data.val_batches",
+            "1",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     run = Path(glob.glob(str(tmp_path / "logs/align-denscore/*/"))[0])
     export = run / "export/final"
-    assert (export / "model.safetensors").is_file() and (export / "preprocessor_config.json").is_file()
-    assert (run / "checkpoints/last.ckpt").is_file() and "PreferenceModelModule" in (run / "config.yaml").read_text()
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0])))
+    assert (export / "model.safetensors").is_file() and (
+        export / "preprocessor_config.json"
+    ).is_file()
+    assert (run / "checkpoints/last.ckpt").is_file() and "PreferenceModelModule" in (
+        run / "config.yaml"
+    ).read_text()
+    rows = list(
+        csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0]))
+    )
     logged = set().union(*(r.keys() for r in rows))
-    for name in ("train/loss", "train/accuracy", "train/pair_loss", "train/segment_loss", "train/logit_scale",
-                 "train/grad_norm", "val/loss", "val/accuracy"):
+    for name in (
+        "train/loss",
+        "train/accuracy",
+        "train/pair_loss",
+        "train/segment_loss",
+        "train/logit_scale",
+        "train/grad_norm",
+        "val/loss",
+        "val/accuracy",
+    ):
         assert name in logged, name
 
-    # the export scores through the registry: Denscore-O, the text-relevant part and S_w, with its direction
+    # the export scores through the registry: Denscore-O, the text-relevant part and S_w,
+    # with its direction
     from PIL import Image
 
     from align.rewards import build_reward
@@ -150,7 +210,8 @@ def test_align_fit_end_to_end_and_the_registry_loads_the_export(long_pairs, tmp_
 
 
 def test_the_registry_finds_denscore_on_its_own(monkeypatch):
-    """`build_reward("denscore")` must not depend on someone having imported align.rewards.denscore first."""
+    """`build_reward("denscore")` must not depend on someone having imported align.rewards.denscore
+    first."""
     import align.rewards
     from align.rewards import registry
 

@@ -24,7 +24,8 @@ def test_each_rank_draws_its_own_noise_timesteps_and_dropout(dpo, monkeypatch):
     monkeypatch.setattr(DPOModule, "global_rank", property(lambda self: 1))
     rank1 = draws(dpo)
     assert not torch.equal(rank0[0], rank1[0]) and rank0[2] != rank1[2]
-    assert torch.equal(draws(dpo)[0], rank1[0]) and torch.equal(draws(dpo)[1], rank1[1])  # reproducible
+    # reproducible
+    assert torch.equal(draws(dpo)[0], rank1[0]) and torch.equal(draws(dpo)[1], rank1[1])
 
 
 def test_micro_batches_differ_and_validation_batches_repeat(dpo):
@@ -46,17 +47,22 @@ def test_seed_everything_sets_the_streams(monkeypatch):
 
 def test_unet_output_is_float32_under_bf16_autocast(dpo):
     unet = dpo.unet
-    assert isinstance(unet.conv_out, Float32Conv2d) and isinstance(dpo.ref_unet.conv_out, Float32Conv2d)
+    assert isinstance(unet.conv_out, Float32Conv2d) and isinstance(
+        dpo.ref_unet.conv_out, Float32Conv2d
+    )
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = unet(x, t, encoder_hidden_states=cond).sample
     assert out.dtype == torch.float32
-    assert set(unet.state_dict()) == set(type(unet).from_config(unet.config).state_dict())  # export unchanged
+    # export unchanged
+    assert set(unet.state_dict()) == set(type(unet).from_config(unet.config).state_dict())
 
 
-def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(tmp_path, pair_shards, monkeypatch):
-    """Fixed noise, timesteps and dropout per validation batch: the fit's last val/loss is what `align validate`
-    prints for the checkpoint of the same step."""
+def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(
+    tmp_path, pair_shards, monkeypatch
+):
+    """Fixed noise, timesteps and dropout per validation batch: the fit's last val/loss is what
+    `align validate` prints for the checkpoint of the same step."""
     import csv
     from pathlib import Path
 
@@ -64,24 +70,62 @@ def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(tmp_path, p
 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)
-    data = ["--data.train_shards", str(pair_shards), "--data.val_shards", str(pair_shards / "pairs-000000.tar"),
-            "--data.num_workers", "0", "--data.batch_size", "2", "--data.val_batches", "2",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"]
-    run_lightning_cli(["fit", "--config", str(root / "configs/dpo/tiny.yaml"), *data,
-                       "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-                       "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.save_last", "true"])
-    rows = list(csv.DictReader(open(next(Path("logs").glob("lightning_logs/version_*/metrics.csv")))))
+    data = [
+        "--data.train_shards",
+        str(pair_shards),
+        "--data.val_shards",
+        str(pair_shards / "pairs-000000.tar"),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "2",
+        "--data.val_batches",
+        "2",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        "logs",
+    ]
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(root / "configs/dpo/tiny.yaml"),
+            *data,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath",
+            "ckpt",
+            "--trainer.callbacks.save_last",
+            "true",
+        ]
+    )
+    rows = list(
+        csv.DictReader(open(next(Path("logs").glob("lightning_logs/version_*/metrics.csv"))))
+    )
     fit_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
-    cli = run_lightning_cli(["validate", "--config", str(root / "configs/dpo/tiny.yaml"), *data,
-                             "--ckpt_path", "ckpt/last.ckpt"])
+    cli = run_lightning_cli(
+        [
+            "validate",
+            "--config",
+            str(root / "configs/dpo/tiny.yaml"),
+            *data,
+            "--ckpt_path",
+            "ckpt/last.ckpt",
+        ]
+    )
     validated = float(cli.trainer.callback_metrics["val/loss"])
     assert abs(validated - fit_val) < 1e-6, (fit_val, validated)
 
 
 def test_fp16_autocast_the_official_precision_trains():
-    """The SD1.5 paper configs run `precision: 16-mixed`: fp16 autocast, float32 weights, loss scaling
-    (what Lightning does on a GPU; on the CPU it falls back to bf16, so the step is driven by hand)."""
+    """The SD1.5 paper configs run `precision: 16-mixed`: fp16 autocast, float32 weights, loss
+    scaling (what Lightning does on a GPU; on the CPU it falls back to bf16, so the step is driven
+    by hand)."""
     from align.bench.step import StepConfig, make_batch
 
     dpo = DPOModule(model="tiny", caption_dropout=0.5).train()

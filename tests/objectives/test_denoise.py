@@ -36,7 +36,10 @@ def test_gradient_flows_to_pred_not_weights_and_low_precision_is_upcast():
     torch.testing.assert_close(pred.grad, torch.tensor([[0.5, 1.0], [4.5, 6.0]]))
     assert weights.grad is None
     assert all(not v.requires_grad for k, v in out.metrics().items() if k != "loss")
-    assert denoise_loss(pred.detach().bfloat16(), torch.zeros(2, 2, dtype=torch.bfloat16)).loss.dtype == torch.float32
+    assert (
+        denoise_loss(pred.detach().bfloat16(), torch.zeros(2, 2, dtype=torch.bfloat16)).loss.dtype
+        == torch.float32
+    )
 
 
 def test_shape_errors():
@@ -55,19 +58,25 @@ def test_min_snr_hand_computed():
     v = min_snr_weights(t, ac, gamma=5.0, prediction_type="v_prediction")
     torch.testing.assert_close(v, torch.tensor([0.5, 0.5, 0.1, 0.0]))
     # gather by timestep, repeated and out of order
-    torch.testing.assert_close(min_snr_weights(torch.tensor([1, 0, 0]), ac, gamma=1.0),
-                               torch.tensor([1.0, 1 / 9, 1 / 9]))
+    torch.testing.assert_close(
+        min_snr_weights(torch.tensor([1, 0, 0]), ac, gamma=1.0), torch.tensor([1.0, 1 / 9, 1 / 9])
+    )
 
 
 def test_min_snr_matches_diffusers_snr():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
+    )
     t = torch.tensor([0, 10, 250, 500, 999])
     snr = compute_snr(sched, t).double()
-    want = torch.stack([snr, torch.full_like(snr, 5.0)], dim=1).min(dim=1)[0] / snr  # diffusers' epsilon weighting
-    torch.testing.assert_close(min_snr_weights(t, sched.alphas_cumprod, 5.0).double(), want, rtol=1e-5, atol=1e-7)
+    # diffusers' epsilon weighting
+    want = torch.stack([snr, torch.full_like(snr, 5.0)], dim=1).min(dim=1)[0] / snr
+    torch.testing.assert_close(
+        min_snr_weights(t, sched.alphas_cumprod, 5.0).double(), want, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_min_snr_validation():

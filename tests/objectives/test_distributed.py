@@ -41,9 +41,10 @@ def test_result_is_detached_and_validated():
         all_reduce_mean(torch.rand(4), counts=torch.ones(3))
 
 
-# --- two ranks ----------------------------------------------------------------------------------------------
-# Rank 0 holds three samples and rank 1 one: a mean of per-rank means would be wrong, so would a local mean.
-RANK_G = {0: [0.4, 0.3, 0.2], 1: [-0.2]}  # implicit rewards g = ref - policy; global mean 0.7 / 4 = 0.175
+# --- two ranks ------------------------------------------------------------------------------------
+# Rank 0 holds three samples and rank 1 one: a mean of per-rank means would be wrong, so would a
+# local mean. implicit rewards g = ref - policy; global mean 0.7 / 4 = 0.175
+RANK_G = {0: [0.4, 0.3, 0.2], 1: [-0.2]}
 RANK_TEXT = {0: [[1.0, 0.0]] * 3, 1: [[0.0, 3.0]]}  # global mean (0.75, 0.75) -> (1, 1)/sqrt 2
 
 
@@ -55,8 +56,13 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
     try:
         g = torch.tensor(RANK_G[rank])
         ref = torch.full_like(g, 0.5)
@@ -69,9 +75,12 @@ def _worker(rank: int, world_size: int, port: int, outdir: str) -> None:
             # one row per rank: too few locally (min_count 2), enough globally
             "direction_one_each": common_direction(torch.eye(2)[rank : rank + 1]),
             # rank 1 holds no rows at all and must still get the global answer
-            "direction_empty_rank": common_direction(torch.tensor([[2.0, 0.0], [0.0, 2.0]]) if rank == 0
-                                                     else torch.zeros(0, 2)),
-            "weighted": all_reduce_mean(torch.tensor([float(rank + 1)]), counts=torch.tensor([float(rank + 1)]))[0],
+            "direction_empty_rank": common_direction(
+                torch.tensor([[2.0, 0.0], [0.0, 2.0]]) if rank == 0 else torch.zeros(0, 2)
+            ),
+            "weighted": all_reduce_mean(
+                torch.tensor([float(rank + 1)]), counts=torch.tensor([float(rank + 1)])
+            )[0],
         }
         try:  # two rows globally: too few for min_count 3, on every rank alike
             common_direction(torch.ones(1, 2), min_count=3)
@@ -85,10 +94,16 @@ def _worker(rank: int, world_size: int, port: int, outdir: str) -> None:
 
 def test_global_batch_statistics_across_two_ranks(tmp_path):
     world_size = 2
-    # fork, not spawn: the children inherit the imported torch instead of paying seconds to import it again,
-    # and need not re-import this test module by name. Safe here: they set one thread before any op.
-    mp.start_processes(_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True,
-                       start_method="fork")
+    # fork, not spawn: the children inherit the imported torch instead of paying seconds to import
+    # it again, and need not re-import this test module by name. Safe here:
+    # they set one thread before any op.
+    mp.start_processes(
+        _worker,
+        args=(world_size, _free_port(), str(tmp_path)),
+        nprocs=world_size,
+        join=True,
+        start_method="fork",
+    )
     diag = torch.full((2,), 1 / math.sqrt(2))
     for rank in range(world_size):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -97,5 +112,6 @@ def test_global_batch_statistics_across_two_ranks(tmp_path):
         torch.testing.assert_close(out["direction"], diag)
         torch.testing.assert_close(out["direction_one_each"], diag)
         torch.testing.assert_close(out["direction_empty_rank"], diag)
-        assert out["weighted"].item() == pytest.approx((1 * 1 + 2 * 2) / 3)  # count-weighted, not (1 + 2) / 2
+        # count-weighted, not (1 + 2) / 2
+        assert out["weighted"].item() == pytest.approx((1 * 1 + 2 * 2) / 3)
         assert out["degenerate_raised"] is True

@@ -50,7 +50,16 @@ def test_hand_computed_with_explicit_reference_point_and_lambdas():
         "risk-seeking": lambda x: -math.log(_sig(-x)),
     }
     for name, u in expected.items():
-        out = kto_loss(policy, ref, desirable, beta=4.0, reference_point=0.05, utility=name, lambda_d=2.0, lambda_u=0.5)
+        out = kto_loss(
+            policy,
+            ref,
+            desirable,
+            beta=4.0,
+            reference_point=0.05,
+            utility=name,
+            lambda_d=2.0,
+            lambda_u=0.5,
+        )
         want = sum(lam * (1.0 - u(x)) for lam, x in zip(lams, xs)) / 3
         assert out.loss.item() == pytest.approx(want, rel=1e-6), name
         assert out.reference_point.item() == pytest.approx(0.05)
@@ -91,7 +100,9 @@ def test_reference_point_carries_no_gradient():
     assert out.reference_point.item() > 0  # not clamped, so a leaking gradient would show
     out.loss.backward()
     p2 = p1.detach().clone().requires_grad_()
-    kto_loss(p2, ref, desirable, beta=500.0, reference_point=out.reference_point.item()).loss.backward()
+    kto_loss(
+        p2, ref, desirable, beta=500.0, reference_point=out.reference_point.item()
+    ).loss.backward()
     torch.testing.assert_close(p1.grad, p2.grad)
 
 
@@ -101,8 +112,15 @@ def test_reference_gets_no_gradient_and_metrics_detached():
     out.loss.backward()
     assert ref.grad is None
     metrics = out.metrics()
-    assert set(metrics) == {"loss", "reward_desirable", "reward_undesirable", "reference_point",
-                            "frac_desirable", "policy_err", "ref_err"}
+    assert set(metrics) == {
+        "loss",
+        "reward_desirable",
+        "reward_undesirable",
+        "reference_point",
+        "frac_desirable",
+        "policy_err",
+        "ref_err",
+    }
     assert all(not v.requires_grad for v in metrics.values())
 
 
@@ -121,4 +139,9 @@ def test_input_validation():
     with pytest.raises(TypeError):
         kto_loss(torch.rand(2), torch.rand(2), torch.tensor([1, 0]))
     with pytest.raises(ValueError):
-        kto_loss(torch.rand(2), torch.rand(2), torch.tensor([True, False]), reference_point=torch.zeros(2))
+        kto_loss(
+            torch.rand(2),
+            torch.rand(2),
+            torch.tensor([True, False]),
+            reference_point=torch.zeros(2),
+        )

@@ -38,7 +38,9 @@ def test_batch_mean_accuracy_ties_excluded_and_score_ties_half():
     s1 = _t(0.1, 0.1, 0.2, 0.1, 0.9)
     l0 = _t(1.0, 0.0, 1.0, 0.5, 1.0)
     out = preference_loss(s0, s1, l0, 1 - l0, logit_scale=10.0)
-    expected = sum(_ce(10 * a, 10 * b, l) for a, b, l in zip(s0.tolist(), s1.tolist(), l0.tolist())) / 5
+    expected = (
+        sum(_ce(10 * a, 10 * b, l) for a, b, l in zip(s0.tolist(), s1.tolist(), l0.tolist())) / 5
+    )
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)
     assert out.pair_loss.item() == pytest.approx(expected, rel=1e-9)
     # decided pairs: correct, wrong, score tie (half), wrong -> 1.5 / 4
@@ -65,7 +67,10 @@ def test_segment_term_mask_aware_per_pair_mean():
     seg1 = _t([0.1, 2.0, nan], [0.4, 0.2, 9.0], [nan, nan, nan])
     mask = torch.tensor([[True, False, False], [True, True, False], [False, False, False]])
     scale = 10.0
-    pair = sum(_ce(scale * a, scale * b, l) for a, b, l in zip(s0.tolist(), s1.tolist(), l0.tolist())) / 3
+    pair = (
+        sum(_ce(scale * a, scale * b, l) for a, b, l in zip(s0.tolist(), s1.tolist(), l0.tolist()))
+        / 3
+    )
     pair_a = _ce(3.0, 1.0, 1.0)
     pair_b = (_ce(1.0, 4.0, 0.0) + _ce(5.0, 2.0, 0.0)) / 2
     segment = (pair_a + pair_b) / 2  # the third pair has no real segment and is left out
@@ -82,7 +87,9 @@ def test_segment_term_mask_aware_per_pair_mean():
 def test_segment_term_without_mask_uses_every_segment():
     seg0, seg1 = _t([0.3, 0.1]), _t([0.1, 0.4])
     out = preference_loss(_t(0.2), _t(0.25), _t(1.0), _t(0.0), 10.0, seg0, seg1, segment_weight=1.0)
-    assert out.segment_loss.item() == pytest.approx((_ce(3.0, 1.0, 1.0) + _ce(1.0, 4.0, 1.0)) / 2, rel=1e-9)
+    assert out.segment_loss.item() == pytest.approx(
+        (_ce(3.0, 1.0, 1.0) + _ce(1.0, 4.0, 1.0)) / 2, rel=1e-9
+    )
 
 
 def test_gradients_raise_preferred_score_and_stay_finite_through_nan_padding():
@@ -92,8 +99,17 @@ def test_gradients_raise_preferred_score_and_stay_finite_through_nan_padding():
     seg1 = torch.tensor([[0.2, float("nan")], [0.3, 0.1]], requires_grad=True)
     mask = torch.tensor([[True, False], [True, True]])
     logit_scale = torch.tensor(50.0, requires_grad=True)
-    out = preference_loss(s0, s1, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), logit_scale,
-                          seg0, seg1, mask, segment_weight=1.0)
+    out = preference_loss(
+        s0,
+        s1,
+        torch.tensor([1.0, 0.0]),
+        torch.tensor([0.0, 1.0]),
+        logit_scale,
+        seg0,
+        seg1,
+        mask,
+        segment_weight=1.0,
+    )
     out.loss.backward()
     assert s0.grad[0] < 0 < s1.grad[0]  # descent raises the preferred image's score
     assert s1.grad[1] < 0 < s0.grad[1]
@@ -116,4 +132,6 @@ def test_input_validation():
     with pytest.raises(ValueError):
         preference_loss(one, one, one, 1 - one, 100.0, torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError):
-        preference_loss(one, one, one, 1 - one, 100.0, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3))
+        preference_loss(
+            one, one, one, 1 - one, 100.0, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3)
+        )

@@ -2,7 +2,7 @@
 
 The world's part is built here: the base model, on-policy preference shards judged by the exact
 judge, long-caption shards, the tiny CLIP's initial weights, the training captions and the held-out
-judge set (``<artifacts>/judge-<eval_set>.json``). Every training run is then exactly what a user
+judge set (``<artifacts>/judge.json``: the ``eval_set`` of this demo). Every training run is then exactly what a user
 runs: ``align fit --config configs/demo/<method>.yaml`` (the same modules, data modules and
 callbacks), with ``ALIGN_DEMO=<artifacts>`` and per-run flags (seed, control data, quick sizes).
 Runs are independent once the world exists, so ``workers`` processes (one torch thread each: the
@@ -279,7 +279,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
     if cfg.eval_set not in ("test", "validation"):
         raise ValueError(f"eval_set must be 'test' or 'validation', got {cfg.eval_set!r}")
-    os.environ["ALIGN_DEMO"], os.environ["ALIGN_DEMO_EVAL_SET"] = cfg.artifacts, cfg.eval_set
+    os.environ["ALIGN_DEMO"] = cfg.artifacts
     seeds = judged_seeds(cfg)
     timings: dict[str, float] = {}
     t_all = time.time()
@@ -313,9 +313,9 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         timings["long-caption data + base on long captions"] = time.time() - t
         log("base model on long captions (facts past token 77): "
             f"{ {enc: r['score'] for enc, r in long_base.items()} }")
-    judge_set = {"short": eval_caps, "long": long_caps, "seeds": seeds, "every": cfg.eval_every,
+    judge_set = {"eval_set": cfg.eval_set, "short": eval_caps, "long": long_caps, "seeds": seeds, "every": cfg.eval_every,
                  "curve_seeds": cfg.curve_seeds, "steps": cfg.sample_steps, "guidance": cfg.guidance}
-    (art / f"judge-{cfg.eval_set}.json").write_text(json.dumps(judge_set, indent=2) + "\n")
+    (art / "judge.json").write_text(json.dumps(judge_set, indent=2) + "\n")
     pref_accuracy = None
     if "rft-clip" in cfg.methods:
         t = time.time()

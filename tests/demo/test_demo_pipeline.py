@@ -193,7 +193,7 @@ def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():
 
 
 def judge_set(tmp_path, seeds, every):
-    path = tmp_path / "judge-test.json"
+    path = tmp_path / "judge.json"
     path.write_text(json.dumps({"short": ["a", "b"], "long": [], "seeds": seeds, "every": every,
                                 "curve_seeds": 2, "steps": 2, "guidance": 4.0}))
     return str(path)

@@ -111,7 +111,7 @@ def test_sft_config_trains_two_steps_and_judges_late_facts(toy_base, tmp_path, m
     (art / "base").symlink_to(toy_base)
     held_out = long_eval_captions(2, seed=3)
     write_long_caption_shards(art / "prefs" / "long", n_scenes=16, seed=0, exclude=held_out)
-    (art / "judge-test.json").write_text(json.dumps(
+    (art / "judge.json").write_text(json.dumps(
         {"short": [], "long": held_out, "seeds": [0, 1], "every": 0, "curve_seeds": 2, "steps": 2,
          "guidance": 4.0}))
     monkeypatch.setenv("ALIGN_DEMO", str(art))

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from align.commands import doc_summary
 from align.objectives.reward import decompose_text
 
 
@@ -257,7 +256,10 @@ def to_markdown(result: RetrievalResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align eval retrieval", description=doc_summary(__doc__))
+    # the docstring's first paragraph on one line (align.commands.doc_summary; eval sits below it)
+    p = argparse.ArgumentParser(
+        prog="align eval retrieval", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument(
         "--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore"
     )

@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic shards in the real schemas and tiny models, all made on the fly (no downloads)."""
+"""Shared fixtures: synthetic shards in the real schemas and tiny models, all made on the fly
+(no downloads)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _close_wandb_run():
-    """Lightning leaves the wandb run open after fit; close it so the next test's logger starts a new one."""
+    """Lightning leaves the wandb run open after fit;
+    close it so the next test's logger starts a new one."""
     yield
     import sys
 
@@ -48,7 +50,8 @@ def _close_wandb_run():
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier (every test)."""
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier
+    (every test)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,7 +60,8 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_rewards(tmp_path_factory):
-    """Tiny random models of every reward, in the real layouts (shared by tests/rewards and tests/eval)."""
+    """Tiny random models of every reward, in the real layouts
+    (shared by tests/rewards and tests/eval)."""
     from align.rewards.tiny import write_tiny_rewards
 
     return write_tiny_rewards(tmp_path_factory.getbasetemp() / "tiny-rewards")
@@ -65,11 +69,11 @@ def tiny_rewards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_images():
-    """Three RGB PIL images of different sizes and aspect ratios (so resizing and cropping are exercised)."""
+    """Three RGB PIL images of different sizes and aspect ratios
+    (so resizing and cropping are exercised)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
     sizes = [(224, 224), (300, 200), (96, 160)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
-

@@ -1,4 +1,5 @@
-"""Fabricators of raw samples in the real shard schemas, shared by the tests (importable: pythonpath=tests)."""
+"""Fabricators of raw samples in the real shard schemas, shared by the tests
+(importable: pythonpath=tests)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ def jpeg(color=(200, 30, 30), size=(40, 32)) -> bytes:
     return buf.getvalue()
 
 
-def pair_sample(key: str, caption="a red square", label_0=1.0, label_1=None, first=None, second=None,
-                **extra) -> dict:
+def pair_sample(
+    key: str, caption="a red square", label_0=1.0, label_1=None, first=None, second=None, **extra
+) -> dict:
     """A raw webdataset sample in the Pick-a-Pic pair schema."""
-    meta = {"caption": caption, "label_0": label_0, "label_1": 1.0 - label_0 if label_1 is None else label_1, **extra}
-    return {"__key__": key, "jpg_0.jpg": first if first is not None else jpeg((200, 30, 30)),
-            "jpg_1.jpg": second if second is not None else jpeg((30, 30, 200)), "json": json.dumps(meta).encode()}
+    meta = {
+        "caption": caption,
+        "label_0": label_0,
+        "label_1": 1.0 - label_0 if label_1 is None else label_1,
+        **extra,
+    }
+    return {
+        "__key__": key,
+        "jpg_0.jpg": first if first is not None else jpeg((200, 30, 30)),
+        "jpg_1.jpg": second if second is not None else jpeg((30, 30, 200)),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_tar(path, samples) -> str:
@@ -34,11 +45,16 @@ def write_tar(path, samples) -> str:
 def single_sample(key: str, caption="a red square", label=True, image=None, **extra) -> dict:
     """A raw webdataset sample in the single-image (KTO) schema; ``label`` is written as given."""
     meta = {"caption": caption, "label": label, "image_uid": f"uid-{key}", **extra}
-    return {"__key__": key, "jpg": image if image is not None else jpeg(), "json": json.dumps(meta).encode()}
+    return {
+        "__key__": key,
+        "jpg": image if image is not None else jpeg(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def perturb_lora(module, seed=0):
-    """peft starts lora_B at zero (so lora_A gets no gradient): move every LoRA weight off its init."""
+    """peft starts lora_B at zero (so lora_A gets no gradient):
+    move every LoRA weight off its init."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +65,8 @@ def perturb_lora(module, seed=0):
 
 
 def run_cache(*args) -> int:
-    """``align data cache-latents`` in-process, one torch thread, no progress bar; the caller's thread count kept."""
+    """``align data cache-latents`` in-process, one torch thread, no progress bar;
+    the caller's thread count kept."""
     import torch
 
     from align.data.commands.cache_latents import main as cache_main

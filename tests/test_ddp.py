@@ -1,6 +1,6 @@
-"""Two CPU processes (gloo) under Lightning's DDP strategy, with a logger and the config saver on: disjoint shards
-per rank, each rank its own noise and timesteps, identical weights after, and no rank left waiting on a
-broadcast."""
+"""Two CPU processes (gloo) under Lightning's DDP strategy, with a logger and the config saver on:
+disjoint shards per rank, each rank its own noise and timesteps, identical weights after, and no
+rank left waiting on a broadcast."""
 
 import json
 import subprocess
@@ -12,21 +12,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_rank_ddp_reads_disjoint_shards_and_stays_in_sync(tmp_path, pair_shards):
     audit = tmp_path / "audit"
-    cmd = [sys.executable, "-m", "align.cli", "fit", "--config", str(ROOT / "configs/dpo/tiny.yaml"),
-           "--config", str(ROOT / "configs/trainer/ddp_cpu2.yaml"),
-           "--data.train_shards", str(pair_shards), "--data.val_shards", "null", "--data.num_workers", "0",
-           "--data.batch_size", "2", "--trainer.max_steps", "3", "--trainer.val_check_interval", "null",
-           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs"),
-           "--trainer.enable_checkpointing", "false",
-           "--trainer.callbacks", "align.callbacks.RankAudit", "--trainer.callbacks.out_dir", str(audit)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs/dpo/tiny.yaml"),
+        "--config",
+        str(ROOT / "configs/trainer/ddp_cpu2.yaml"),
+        "--data.train_shards",
+        str(pair_shards),
+        "--data.val_shards",
+        "null",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "2",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "null",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "align.callbacks.RankAudit",
+        "--trainer.callbacks.out_dir",
+        str(audit),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((audit / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [3, 3]
-    shards = [{int(k) // 16 for k in r["keys"]} for r in ranks]  # the fixture writes 16 pairs per shard
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [
+        3,
+        3,
+    ]
+    # the fixture writes 16 pairs per shard
+    shards = [{int(k) // 16 for k in r["keys"]} for r in ranks]
     assert shards[0] and shards[1] and shards[0].isdisjoint(shards[1])
     streams = [r["streams"] for r in ranks]
     assert len(streams[0]) == len(streams[1]) == 3 and all(a != b for a, b in zip(*streams))
     assert len(set(streams[0])) == 3  # and a new draw at every step
     assert ranks[0]["weight_sum"] == ranks[1]["weight_sum"]
-    assert list((tmp_path / "logs").glob("lightning_logs/version_*/config.yaml"))  # saved once, no rank hung
+    # saved once, no rank hung
+    assert list((tmp_path / "logs").glob("lightning_logs/version_*/config.yaml"))

@@ -1,4 +1,5 @@
-"""The notebooks run headless (nbclient) on tiny artifacts: an eval report of the tiny model, a Lightning run."""
+"""The notebooks run headless (nbclient) on tiny artifacts: an eval report of the tiny model,
+a Lightning run."""
 
 from __future__ import annotations
 
@@ -27,11 +28,22 @@ def tiny_report(tmp_path_factory):
         rewards = write_tiny_rewards(root / "rewards", names=("hps",))
         prompts = ["a cat", "a red car", "a forest"]
         for name, seed in (("run", 1), ("base", 0)):
-            sample_images(prompts, root / name, SampleConfig("tiny", steps=3, images_per_prompt=2, progress=False),
-                          components=load_components("tiny", seed=seed))
-        report, rows, _ = evaluate(EvalConfig(images=str(root / "run"), baseline=str(root / "base"),
-                                              rewards=["hps"], reward_sources={"hps": str(rewards["hps"])},
-                                              n_boot=50, progress=False))
+            sample_images(
+                prompts,
+                root / name,
+                SampleConfig("tiny", steps=3, images_per_prompt=2, progress=False),
+                components=load_components("tiny", seed=seed),
+            )
+        report, rows, _ = evaluate(
+            EvalConfig(
+                images=str(root / "run"),
+                baseline=str(root / "base"),
+                rewards=["hps"],
+                reward_sources={"hps": str(rewards["hps"])},
+                n_boot=50,
+                progress=False,
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     write_report(report, root / "report", rows)
@@ -45,7 +57,9 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     logger = CSVLogger(root, name="tiny-dpo")
     for step in range(20):
-        logger.log_metrics({"train/loss": 0.69 - 0.01 * step, "train/implicit_acc": 0.5 + 0.01 * step}, step=step)
+        logger.log_metrics(
+            {"train/loss": 0.69 - 0.01 * step, "train/implicit_acc": 0.5 + 0.01 * step}, step=step
+        )
         if step % 5 == 4:
             logger.log_metrics({"val/loss": 0.7 - 0.01 * step}, step=step)
     logger.save()
@@ -60,7 +74,9 @@ def execute(name: str, env: dict, monkeypatch):
         monkeypatch.setenv(key, str(value))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     return nb
 
 
@@ -74,7 +90,9 @@ def outputs(nb) -> tuple[str, int]:
 
 
 def test_eval_report_notebook(tiny_report, monkeypatch):
-    nb = execute("eval_report.ipynb", {"ALIGN_REPORT_DIR": tiny_report, "ALIGN_MAX_PAIRS": 2}, monkeypatch)
+    nb = execute(
+        "eval_report.ipynb", {"ALIGN_REPORT_DIR": tiny_report, "ALIGN_MAX_PAIRS": 2}, monkeypatch
+    )
     text, images = outputs(nb)
     assert "| hps | 6 |" in text and "showing 2" in text
     assert images == 2  # the side-by-side grid and the score-difference histograms

@@ -78,10 +78,12 @@ train-longalign-rft: $(STAMP) ## LongAlign reward fine-tuning (default: tiny mod
 	@if [ "$(CONFIG)" = "configs/longalign/rft_tiny.yaml" ]; then $(MAKE) --no-print-directory $(SYNTH_LONG)/longcaption-000003.tar $(TINY_DENSCORE)/.complete; fi
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
 
-test: $(STAMP) ## the fast suite (CPU, tiny models; slow cases skipped)
+test: $(STAMP) ## lint (ruff: lines <= 100, pyflakes) + the fast suite (CPU, tiny models; no slow cases)
+	$(BIN)/ruff check align tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
-test-all: $(STAMP) ## every test, the slow ones too
+test-all: $(STAMP) ## lint + every test, the slow ones too
+	$(BIN)/ruff check align tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
 demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/, ~27 min from scratch, ~17 with the base cached (QUICK=1: a smaller base, 1 seed, fewer steps)

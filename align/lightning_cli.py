@@ -1,7 +1,9 @@
-"""LightningCLI for every objective: ``align fit --config a.yaml --config b.yaml --model.beta 2000``.
+"""LightningCLI for every objective:
+``align fit --config a.yaml --config b.yaml --model.beta 2000``.
 
-The omegaconf parser mode lets configs interpolate (``${model.init_args.beta}``); later ``--config`` files and
-dotted flags override earlier ones. The resolved config of every run is saved next to its checkpoints.
+The omegaconf parser mode lets configs interpolate (``${model.init_args.beta}``); later ``--config``
+files and dotted flags override earlier ones. The resolved config of every run is saved next to its
+checkpoints.
 A model or data source that does not exist stops the run at start with one line that names it.
 """
 
@@ -16,8 +18,16 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from align.callbacks.run_dir import run_dir
-from align.callbacks.survival import (SOUND_TO_CHANGE, AtomicCheckpointIO, NonFiniteGuard, Preemption,
-                                     ResumeGuard, RunRefused, refuse_resume, setting_differences)
+from align.callbacks.survival import (
+    SOUND_TO_CHANGE,
+    AtomicCheckpointIO,
+    NonFiniteGuard,
+    Preemption,
+    ResumeGuard,
+    RunRefused,
+    refuse_resume,
+    setting_differences,
+)
 from align.data.batching import apply_global_batch
 from align.models.loader import ModelSourceError
 
@@ -25,14 +35,16 @@ STARTUP_ERRORS = (ModelSourceError, FileNotFoundError)
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Saves the resolved config as ``<run dir>/config.yaml`` (one per run, beside its checkpoints)."""
+    """Saves the resolved config as ``<run dir>/config.yaml``
+    (one per run, beside its checkpoints)."""
 
     def __init__(self, *args, **kwargs):
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # run_dir broadcasts: every rank must call it, and Lightning calls save_config on rank 0 only
+        # run_dir broadcasts: every rank must call it,
+        # and Lightning calls save_config on rank 0 only
         self._run_dir = run_dir(trainer)
         super().setup(trainer, pl_module, stage)
 
@@ -40,11 +52,14 @@ class SaveRunConfig(SaveConfigCallback):
         path = self._run_dir / self.config_filename
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+            self.parser.save(
+                self.config, str(path), skip_none=False, overwrite=True, multifile=False
+            )
 
 
 def startup_error(exc: BaseException) -> BaseException | None:
-    """The missing-model / missing-data error behind ``exc`` (jsonargparse wraps it), if there is one."""
+    """The missing-model / missing-data error behind ``exc`` (jsonargparse wraps it),
+    if there is one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -56,26 +71,31 @@ def startup_error(exc: BaseException) -> BaseException | None:
 
 class AlignCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """Every run gets the survival kit (``align.callbacks.survival``) unless its config sets its own."""
+        """Every run gets the survival kit (``align.callbacks.survival``) unless its config sets its
+        own."""
         trainer = super()._instantiate_trainer(config, callbacks)
         for kind in (NonFiniteGuard, Preemption, ResumeGuard):
             if not any(isinstance(c, kind) for c in trainer.callbacks):
-                trainer.callbacks.insert(0, kind())  # first: the guard checks before anything is written
+                trainer.callbacks.insert(
+                    0, kind()
+                )  # first: the guard checks before anything is written
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI rebuilds the module from the checkpoint's settings, silently over the command
-        line's: a fit resume that changes one is refused instead, naming each (performance switches
-        may change and are kept)."""
+        """LightningCLI rebuilds the module from the checkpoint's settings, silently over the
+        command line's: a fit resume that changes one is refused instead, naming each (performance
+        switches may change and are kept)."""
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
         if sub != "fit" or not path or not Path(path).is_file():
             return super()._parse_ckpt_path()
         args = self.config[sub]["model"]["init_args"]
         now = args.as_dict() if hasattr(args, "as_dict") else dict(args)
-        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get(
+            "hyper_parameters", {}
+        )
         try:
             refuse_resume(setting_differences(saved, now))
         except RunRefused as err:
@@ -108,7 +128,9 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     except RunRefused as err:
         sys.exit(f"align: error: {err}")
     except SIGTERMException:
-        sys.stderr.write("align: stopped by SIGTERM; the checkpoint to resume from is named above\n")
+        sys.stderr.write(
+            "align: stopped by SIGTERM; the checkpoint to resume from is named above\n"
+        )
         sys.exit(143)  # 128 + SIGTERM: what a job script expects from a terminated job
 
 

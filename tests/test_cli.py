@@ -1,4 +1,5 @@
-"""The user's entry points: `align fit` end to end on the tiny default, resume, composition, start-up errors."""
+"""The user's entry points: `align fit` end to end on the tiny default, resume,
+composition, start-up errors."""
 
 import csv
 import glob
@@ -17,11 +18,29 @@ TINY = str(ROOT / "configs/dpo/tiny.yaml")
 
 def fit(tmp_path, shards, *extra):
     """Run `align fit` on the tiny config in-process, in tmp_path, on the given shards."""
-    args = ["fit", "--config", TINY, "--data.train_shards", str(shards), "--data.val_shards", "null",
-            "--data.num_workers", "0", "--trainer.max_steps", "4", "--trainer.val_check_interval", "null", "--trainer.log_every_n_steps", "1",
-            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.every_n_train_steps", "2",
-            "--data.seed", "2", *extra]  # data seed 2: the first batches of pair_shards hold ties (counted)
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        "--data.train_shards",
+        str(shards),
+        "--data.val_shards",
+        "null",
+        "--data.num_workers",
+        "0",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "null",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "2",
+        "--data.seed",
+        "2",
+        *extra,
+    ]  # data seed 2: the first batches of pair_shards hold ties (counted)
     return main(args)
 
 
@@ -47,43 +66,76 @@ def test_fit_writes_every_artifact(finished_run):
     assert (run / "checkpoints/last.ckpt").exists()
     assert (run / "export/final/model_index.json").exists() and (run / "export/final/unet").is_dir()
     assert glob.glob(str(finished_run / "logs/wandb/offline-run-*"))
-    rows = list(csv.DictReader(open(glob.glob(str(finished_run / "logs/csv/version_*/metrics.csv"))[0])))
+    rows = list(
+        csv.DictReader(open(glob.glob(str(finished_run / "logs/csv/version_*/metrics.csv"))[0]))
+    )
     logged = set().union(*(r.keys() for r in rows))
-    for name in ("train/loss", "train/implicit_acc", "train/reward_margin", "train/policy_err", "train/ref_err",
-                 "train/grad_norm", "train/samples_per_sec"):
+    for name in (
+        "train/loss",
+        "train/implicit_acc",
+        "train/reward_margin",
+        "train/policy_err",
+        "train/ref_err",
+        "train/grad_norm",
+        "train/samples_per_sec",
+    ):
         assert name in logged, name
     assert any(k.startswith("lr-") for k in logged)
     assert any(k.startswith("train/skipped/") for k in logged)  # the fixture has ties: counted
 
 
-def test_checkpoint_holds_only_trainable_weights_and_resumes(finished_run, pair_shards, monkeypatch):
+def test_checkpoint_holds_only_trainable_weights_and_resumes(
+    finished_run, pair_shards, monkeypatch
+):
     ckpt_path = next(finished_run.glob("logs/align-dpo/*/checkpoints/last.ckpt"))
     ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     assert ckpt["global_step"] == 4
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
     monkeypatch.chdir(finished_run)
     fit(finished_run, pair_shards, "--ckpt_path", str(ckpt_path), "--trainer.max_steps", "6")
-    resumed = sorted(finished_run.glob("logs/align-dpo/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    resumed = sorted(
+        finished_run.glob("logs/align-dpo/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
     assert torch.load(resumed[-1], weights_only=False, map_location="cpu")["global_step"] == 6
 
 
 def test_configs_compose_override_and_interpolate(tmp_path, capsys):
     extra = tmp_path / "extra.yaml"
-    extra.write_text("model:\n  init_args:\n    caption_dropout: 0.5\n"
-                     "data:\n  init_args:\n    batch_size: 3\n    val_batches: ${data.init_args.batch_size}\n")
+    extra.write_text(
+        "model:\n  init_args:\n    caption_dropout: 0.5\n"
+        "data:\n  init_args:\n    batch_size: 3\n    val_batches: ${data.init_args.batch_size}\n"
+    )
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", TINY, "--config", str(ROOT / "configs/trainer/cpu.yaml"), "--config", str(extra),
-              "--model.beta", "2000", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--config",
+                str(ROOT / "configs/trainer/cpu.yaml"),
+                "--config",
+                str(extra),
+                "--model.beta",
+                "2000",
+                "--print_config",
+            ]
+        )
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "beta: 2000" in out and "caption_dropout: 0.5" in out and "val_batches: 3" in out
 
 
-@pytest.mark.parametrize("flag,expect", [
-    (["--data.train_shards", "/nowhere/shards-{000..009}.tar"], "no shards match '/nowhere/shards-{000..009}.tar'"),
-    (["--model.model", "/nowhere/model"], "model '/nowhere/model'"),
-    (["--model.model", "tiny-xxl"], "known presets"),
-])
+@pytest.mark.parametrize(
+    "flag,expect",
+    [
+        (
+            ["--data.train_shards", "/nowhere/shards-{000..009}.tar"],
+            "no shards match '/nowhere/shards-{000..009}.tar'",
+        ),
+        (["--model.model", "/nowhere/model"], "model '/nowhere/model'"),
+        (["--model.model", "tiny-xxl"], "known presets"),
+    ],
+)
 def test_bad_paths_fail_at_start_with_the_name(flag, expect, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as err:
@@ -100,5 +152,7 @@ def test_unknown_config_key_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_tool_commands_are_listed():
-    proc = subprocess.run([sys.executable, "-m", "align.cli", "data", "--help"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "data", "--help"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "synthetic" in proc.stdout

@@ -1,6 +1,6 @@
 """Imports point one way: models and objectives at the bottom; rewards; data; modules and eval;
-bench and callbacks; the LightningCLI; the demo (it runs `align fit`); commands on top. No module imports one that (transitively)
-imports it."""
+bench and callbacks; the LightningCLI; the demo (it runs `align fit`); commands on top. No module
+imports one that (transitively) imports it."""
 
 import ast
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""Lightning callbacks: diffusers export, throughput, the end-of-run artifact summary, the DDP rank audit,
-and the survival kit (divergence guard, pre-emption checkpoint, atomic checkpoint writes)."""
+"""Lightning callbacks: diffusers export, throughput, the end-of-run artifact summary, the DDP rank
+audit, and the survival kit (divergence guard, pre-emption checkpoint, atomic checkpoint writes)."""
 
 from align.callbacks.artifacts import ArtifactSummary
 from align.callbacks.export import DiffusersExport
@@ -8,5 +8,12 @@ from align.callbacks.survival import NonFiniteGuard, Preemption
 from align.callbacks.throughput import Throughput
 from align.callbacks.validation_images import ValidationImages
 
-__all__ = ["ArtifactSummary", "DiffusersExport", "NonFiniteGuard", "Preemption", "RankAudit", "Throughput",
-           "ValidationImages"]
+__all__ = [
+    "ArtifactSummary",
+    "DiffusersExport",
+    "NonFiniteGuard",
+    "Preemption",
+    "RankAudit",
+    "Throughput",
+    "ValidationImages",
+]

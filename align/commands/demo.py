@@ -1,4 +1,5 @@
-"""The shapes-world demo: base model, judge-made data, every method's config + controls, judged report.
+"""The shapes-world demo: base model, judge-made data, every method's config + controls,
+judged report.
 
 Usage::
 
@@ -22,51 +23,83 @@ import argparse
 import os
 import sys
 
+from align.commands import doc_summary
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="align demo", description=doc_summary(__doc__))
     p.add_argument("--quick", action="store_true", help="fewer captions and steps (CI scale)")
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
-    p.add_argument("--artifacts", default=None,
-                   help="base model, shards and runs, cached (default: artifacts/shapes; "
-                        "--quick: artifacts/shapes-quick)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="training seeds per method (default: 3; --quick: 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the driver: base training, sampling (default: all cores)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes running training runs side by side, one thread each (default: 2)")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,"
-                        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip (default: all "
-                        "but the label-free controls dpo-shuffled and kto-shuffled)")
+    p.add_argument(
+        "--artifacts",
+        default=None,
+        help="base model, shards and runs, cached (default: artifacts/shapes; "
+        "--quick: artifacts/shapes-quick)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the driver: base training, sampling (default: all cores)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running training runs side by side, one thread each (default: 2)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,"
+        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip (default: all "
+        "but the label-free controls dpo-shuffled and kto-shuffled)",
+    )
     p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")
     p.add_argument("--steps", type=int, default=None, help="the training steps of every method")
     p.add_argument("--batch-size", type=int, default=None, help="the batch size of every method")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="judge every method every N steps (default 0: at the end only)")
-    p.add_argument("--eval-set", choices=("test", "validation"), default="test",
-                   help="held-out captions and seeds to judge on (default: test, the report's)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="judge every method every N steps (default 0: at the end only)",
+    )
+    p.add_argument(
+        "--eval-set",
+        choices=("test", "validation"),
+        default="test",
+        help="held-out captions and seeds to judge on (default: test, the report's)",
+    )
     return p
 
 
 def demo_config(args: argparse.Namespace):
     """The ``DemoConfig`` the command line asks for: the full or quick defaults, its overrides
     given to every run as ``align fit`` flags (after the quick sizes, so they win)."""
-    from align.demo.run import DemoConfig, batch, quick_config, steps
+    from align.demo.run import DemoConfig, batch_of, quick_config, steps
 
-    given = {k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None}
-    cfg = (quick_config if args.quick else DemoConfig)(out=args.out, eval_set=args.eval_set, **given)
+    given = {
+        k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None
+    }
+    cfg = (quick_config if args.quick else DemoConfig)(
+        out=args.out, eval_set=args.eval_set, **given
+    )
     fit_args = {k: list(v) for k, v in cfg.fit_args.items()}
-    every = (steps(args.steps) if args.steps else []) + (batch(args.batch_size) if args.batch_size
-                                                        else [])
+    every = (steps(args.steps) if args.steps else []) + (
+        batch_of(args.batch_size) if args.batch_size else []
+    )
     for key in {*fit_args, "*"} - {"preference-model"}:  # after the quick sizes: they win
         fit_args[key] = fit_args.get(key, []) + every
     for family in ("dpo", "kto"):
         if args.lr is not None:
             fit_args[family] = fit_args.get(family, []) + [
-                "--model.init_args.optimizer.init_args.lr", str(args.lr)]
+                "--model.init_args.optimizer.init_args.lr",
+                str(args.lr),
+            ]
         if args.beta is not None:
             fit_args[family] = fit_args.get(family, []) + ["--model.init_args.beta", str(args.beta)]
     cfg.fit_args = {k: v for k, v in fit_args.items() if v}
@@ -89,8 +122,10 @@ def main(argv: list[str]) -> int:
     from align.demo.run import run_demo
 
     summary = run_demo(demo_config(args), command="align demo " + " ".join(argv))
-    print(f"align demo: report written to {os.path.join(args.out, 'README.md')} "
-          f"({summary['timings_s']['total']:.0f}s)")
+    print(
+        f"align demo: report written to {os.path.join(args.out, 'README.md')} "
+        f"({summary['timings_s']['total']:.0f}s)"
+    )
     return 0
 
 

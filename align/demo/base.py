@@ -1,29 +1,32 @@
-"""The base model of the shapes world: the ``tiny`` preset's VAE, then its UNet and text encoder, trained on
-rendered scenes whose captions are deliberately noisy (each object's colour named wrongly with ``p_color``, its
-shape with ``p_shape``), so that the base is imperfectly aligned and preference tuning has something to fix.
+"""The base model of the shapes world: the ``tiny`` preset's VAE, then its UNet and text encoder,
+trained on rendered scenes whose captions are deliberately noisy (each object's colour named wrongly
+with ``p_color``, its shape with ``p_shape``), so that the base is imperfectly aligned and
+preference tuning has something to fix.
 
-The base predicts the velocity (``v_prediction``, as SD 2.x) rather than the noise: at high noise the velocity
-target is almost ``-x0``, so the caption's information (which colour, which cell) is worth a large share of the
-loss, and a tiny UNet learns to follow captions in a few hundred steps; with the noise target the caption changes
-the loss by ~1e-3 at those steps and the same UNet ignored its captions after 800 steps (measured). Its noise
-schedule is rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
-Flawed"): with SD's schedule the last timestep keeps 7% of the image, so the model learned to read where the
-object is from the starting noise instead of from the caption. And its VAE downsamples by 4 (one more block than
-the ``tiny`` preset's), so the tiny UNet works on 8x8 latents: its two levels then span the whole picture, and it
-learned which cell a caption names within ~900 steps (judge 0.63 at 900 steps, vs 0.17 after 800 steps on the
-preset's 16x16 latents, where objects landed wherever the starting noise put them; measured on one-object
-scenes). The default world now has one or two objects per scene.
+The base predicts the velocity (``v_prediction``, as SD 2.x) rather than the noise: at high noise
+the velocity target is almost ``-x0``, so the caption's information (which colour, which cell) is
+worth a large share of the loss, and a tiny UNet learns to follow captions in a few hundred steps;
+with the noise target the caption changes the loss by ~1e-3 at those steps and the same UNet ignored
+its captions after 800 steps (measured). Its noise schedule is rescaled to zero terminal SNR (Lin et
+al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): with SD's schedule the
+last timestep keeps 7% of the image, so the model learned to read where the object is from the
+starting noise instead of from the caption. And its VAE downsamples by 4 (one more block than the
+``tiny`` preset's), so the tiny UNet works on 8x8 latents: its two levels then span the whole
+picture, and it learned which cell a caption names within ~900 steps (judge 0.63 at 900 steps, vs
+0.17 after 800 steps on the preset's 16x16 latents, where objects landed wherever the starting noise
+put them; measured on one-object scenes). The default world now has one or two objects per scene.
 
 Its conditioning is wider than the ``tiny`` preset's: a 64-wide text encoder (the preset's: 32) and
-cross-attention at both UNet levels (the preset's: at the 8x8 level and the mid block). With the preset's, the
-base read shapes in two-object scenes at chance (judge 0.530 on the validation captions), and no method moved
-held-out captions beyond noise in a few hundred steps, not even plain SFT on perfectly captioned images; with the
-wider one (docs/demo/design.md) the base drew 93% of shapes right (judge 0.721 there),
-and DPO, KTO, their flipped controls and both RFTs moved the held-out score by 0.05-0.15 in the report. The UNet
-grows from 0.80 M to 1.08 M parameters.
+cross-attention at both UNet levels (the preset's: at the 8x8 level and the mid block). With the
+preset's, the base read shapes in two-object scenes at chance (judge 0.530 on the validation
+captions), and no method moved held-out captions beyond noise in a few hundred steps, not even plain
+SFT on perfectly captioned images; with the wider one (docs/demo/design.md) the base drew 93% of
+shapes right (judge 0.721 there), and DPO, KTO, their flipped controls and both RFTs moved the
+held-out score by 0.05-0.15 in the report. The UNet grows from 0.80 M to 1.08 M parameters.
 
-The result is a diffusers pipeline directory (``load_components(dir)`` / ``StableDiffusionPipeline.from_pretrained``)
-with a ``demo_base.json`` recording the settings; it is reused when the settings match.
+The result is a diffusers pipeline directory (``load_components(dir)`` /
+``StableDiffusionPipeline.from_pretrained``) with a ``demo_base.json`` recording the settings; it is
+reused when the settings match.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from align.demo import world
 @dataclass
 class BaseConfig:
     scenes: int = 4000
-    max_objects: int = 2  # one or two objects per scene (see ``align.demo.run.caption_sets`` for why two)
+    max_objects: int = (
+        2  # one or two objects per scene (see ``align.demo.run.caption_sets`` for why two)
+    )
     p_color: float = 0.25
     p_shape: float = 0.15
     vae_steps: int = 400
@@ -57,9 +62,15 @@ class BaseConfig:
     caption_dropout: float = 0.1
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True
-    vae_blocks: int = 3  # down blocks of the VAE: 2 is the tiny preset's (16x16 latents), 3 gives 8x8
-    text_width: int = 64  # the text encoder's width = the UNet's cross-attention dim (tiny preset: 32)
-    cross_attention_levels: int = 2  # UNet levels with cross-attention, from the top (tiny preset: 1)
+    vae_blocks: int = (
+        3  # down blocks of the VAE: 2 is the tiny preset's (16x16 latents), 3 gives 8x8
+    )
+    text_width: int = (
+        64  # the text encoder's width = the UNet's cross-attention dim (tiny preset: 32)
+    )
+    cross_attention_levels: int = (
+        2  # UNet levels with cross-attention, from the top (tiny preset: 1)
+    )
     seed: int = 0
 
 
@@ -70,7 +81,9 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def render_dataset(n: int, seed: int, max_objects: int = world.GRID * world.GRID) -> tuple[list, torch.Tensor]:
+def render_dataset(
+    n: int, seed: int, max_objects: int = world.GRID * world.GRID
+) -> tuple[list, torch.Tensor]:
     """``n`` random scenes and their images as a (n, 3, 32, 32) tensor in [-1, 1]."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, max_objects=max_objects) for _ in range(n)]
@@ -84,37 +97,51 @@ def _progress(stage: str, step: int, total: int, loss: float, start: float) -> N
 
 
 def demo_vae(blocks: int):
-    """The tiny preset's VAE with ``blocks`` down/up blocks (channels doubling from 8): downsampling 2**(blocks-1)."""
+    """The tiny preset's VAE with ``blocks`` down/up blocks (channels doubling from 8):
+    downsampling 2**(blocks-1)."""
     from diffusers import AutoencoderKL
 
     from align.models.presets import get_preset
 
     config = dict(get_preset("tiny").vae)
-    config.update(block_out_channels=[8 * 2 ** i for i in range(blocks)],
-                  down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks)
+    config.update(
+        block_out_channels=[8 * 2**i for i in range(blocks)],
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+    )
     return AutoencoderKL(**config)
 
 
 def demo_conditioning(parts, cfg: BaseConfig) -> None:
-    """Replace ``parts``' UNet and text encoder by fresh ones with ``cfg``'s conditioning capacity (unchanged when
-    it is the tiny preset's): ``text_width`` for the text encoder (its MLP twice as wide) and the UNet's
-    cross-attention dim, cross-attention blocks at the top ``cross_attention_levels`` levels."""
+    """Replace ``parts``' UNet and text encoder by fresh ones with ``cfg``'s conditioning capacity
+    (unchanged when it is the tiny preset's): ``text_width`` for the text encoder (its MLP twice as
+    wide) and the UNet's cross-attention dim, cross-attention blocks at the top
+    ``cross_attention_levels`` levels."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_cfg, text_cfg = dict(parts.unet.config), parts.text_encoders[0].config.to_dict()
     levels = len(unet_cfg["block_out_channels"])
     if not 1 <= cfg.cross_attention_levels <= levels:
-        raise ValueError(f"cross_attention_levels must be 1..{levels}, got {cfg.cross_attention_levels}")
+        raise ValueError(
+            f"cross_attention_levels must be 1..{levels}, got {cfg.cross_attention_levels}"
+        )
     attend = [i < cfg.cross_attention_levels for i in range(levels)]
-    if cfg.text_width == text_cfg["hidden_size"] and attend == [t.startswith("CrossAttn") for t in
-                                                                unet_cfg["down_block_types"]]:
+    if cfg.text_width == text_cfg["hidden_size"] and attend == [
+        t.startswith("CrossAttn") for t in unet_cfg["down_block_types"]
+    ]:
         return
     unet_cfg.update(
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
-        cross_attention_dim=cfg.text_width, attention_head_dim=cfg.text_width // 8)
-    text_cfg.update(hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width, projection_dim=cfg.text_width)
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=cfg.text_width // 8,
+    )
+    text_cfg.update(
+        hidden_size=cfg.text_width,
+        intermediate_size=2 * cfg.text_width,
+        projection_dim=cfg.text_width,
+    )
     parts.unet = UNet2DConditionModel.from_config(unet_cfg)
     parts.text_encoders[0] = CLIPTextModel(CLIPTextConfig(**text_cfg))
 
@@ -140,10 +167,17 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseConfig, gen: torch.Generator) 
 
 @torch.no_grad()
 def encode_moments(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.parameters for i in range(0, len(images), batch)])
+    return torch.cat(
+        [
+            vae.encode(images[i : i + batch]).latent_dist.parameters
+            for i in range(0, len(images), batch)
+        ]
+    )
 
 
-def train_unet(parts, moments: torch.Tensor, scenes: list, cfg: BaseConfig, gen: torch.Generator) -> None:
+def train_unet(
+    parts, moments: torch.Tensor, scenes: list, cfg: BaseConfig, gen: torch.Generator
+) -> None:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from align.objectives.common import diffusion_target
@@ -161,17 +195,30 @@ def train_unet(parts, moments: torch.Tensor, scenes: list, cfg: BaseConfig, gen:
     start = time.time()
     for step in range(1, cfg.unet_steps + 1):
         idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
-        captions = ["" if rng.random() < cfg.caption_dropout else
-                    world.caption(world.noisy_scene(scenes[i], rng, cfg.p_color, cfg.p_shape)) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        captions = [
+            ""
+            if rng.random() < cfg.caption_dropout
+            else world.caption(world.noisy_scene(scenes[i], rng, cfg.p_color, cfg.p_shape))
+            for i in idx.tolist()
+        ]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         latents = DiagonalGaussianDistribution(moments[idx]).sample(generator=gen) * scale
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, diffusion_target(cfg.prediction_type, latents, noise, t, scheduler))
-        lr = cfg.unet_lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps)))
+        lr = (
+            cfg.unet_lr
+            * min(1.0, step / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -189,7 +236,8 @@ def base_matches(out_dir: str | Path, cfg: BaseConfig) -> bool:
 
 
 def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool = False) -> Path:
-    """Train the base (or reuse ``out_dir`` when it was trained with the same settings); returns ``out_dir``."""
+    """Train the base (or reuse ``out_dir`` when it was trained with the same settings);
+    returns ``out_dir``."""
     from align.models import load_components
 
     cfg = cfg or BaseConfig()
@@ -205,23 +253,37 @@ def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool =
         parts.vae = demo_vae(cfg.vae_blocks)
         parts.unet.register_to_config(sample_size=world.SIZE // 2 ** (cfg.vae_blocks - 1))
     demo_conditioning(parts, cfg)
-    schedule = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if cfg.zero_terminal_snr else {}
+    schedule = (
+        dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if cfg.zero_terminal_snr
+        else {}
+    )
     parts.noise_scheduler = type(parts.noise_scheduler).from_config(
-        parts.noise_scheduler.config, prediction_type=cfg.prediction_type, **schedule)
+        parts.noise_scheduler.config, prediction_type=cfg.prediction_type, **schedule
+    )
     scenes, images = render_dataset(cfg.scenes, cfg.seed, cfg.max_objects)
     log(f"base model: {cfg.scenes} scenes rendered; training the VAE ({cfg.vae_steps} steps)")
     train_vae(parts.vae, images, cfg, gen)
     moments = encode_moments(parts.vae, images)
     std = float(moments[:, :4].std())
-    parts.vae.register_to_config(scaling_factor=1.0 / std)  # unit-variance latents, as SD's 0.18215 was chosen
+    parts.vae.register_to_config(
+        scaling_factor=1.0 / std
+    )  # unit-variance latents, as SD's 0.18215 was chosen
     t1 = time.time()
-    log(f"base model: VAE done in {t1 - t0:.0f}s (latent std {std:.3f}); training UNet + text encoder "
-        f"({cfg.unet_steps} steps)")
+    log(
+        f"base model: VAE done in {t1 - t0:.0f}s (latent std {std:.3f}); training UNet + text "
+        "encoder "
+        f"({cfg.unet_steps} steps)"
+    )
     train_unet(parts, moments, scenes, cfg, gen)
     tmp = out.with_name(out.name + ".tmp")
     parts.save_pretrained(tmp)
-    (tmp / META).write_text(json.dumps({"config": asdict(cfg), "seconds": {"vae": t1 - t0, "unet": time.time() - t1}},
-                                       indent=2) + "\n")
+    (tmp / META).write_text(
+        json.dumps(
+            {"config": asdict(cfg), "seconds": {"vae": t1 - t0, "unet": time.time() - t1}}, indent=2
+        )
+        + "\n"
+    )
     if out.exists():
         import shutil
 

@@ -21,9 +21,17 @@ def make_pipeline(components, unet=None):
 
 
 @torch.no_grad()
-def sample(pipe, captions: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0,
-           encoder=None, batch: int = 64) -> np.ndarray:
-    """(len(captions) * len(seeds), H, W, 3) uint8, caption-major: image j of caption i from seed ``seeds[j]``."""
+def sample(
+    pipe,
+    captions: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance: float = 4.0,
+    encoder=None,
+    batch: int = 64,
+) -> np.ndarray:
+    """(len(captions) * len(seeds), H, W, 3) uint8, caption-major:
+    image j of caption i from seed ``seeds[j]``."""
     from align.models.sampling import generate
 
     prompts = [c for c in captions for _ in seeds]
@@ -34,8 +42,15 @@ def sample(pipe, captions: list[str], seeds: list[int], steps: int = 20, guidanc
     out = []
     try:
         for i in range(0, len(prompts), batch):
-            imgs = generate(pipe, prompts[i:i + batch], encoder=encoder, steps=steps, guidance=guidance,
-                            seed=all_seeds[i:i + batch], output_type="np")
+            imgs = generate(
+                pipe,
+                prompts[i : i + batch],
+                encoder=encoder,
+                steps=steps,
+                guidance=guidance,
+                seed=all_seeds[i : i + batch],
+                output_type="np",
+            )
             out.append((np.clip(np.asarray(imgs), 0, 1) * 255).round().astype(np.uint8))
     finally:
         unet.train(was_training)
@@ -43,7 +58,8 @@ def sample(pipe, captions: list[str], seeds: list[int], steps: int = 20, guidanc
 
 
 def first_seeds_score(scores, seeds_per_caption: int, k: int | None) -> float:
-    """Mean of caption-major ``scores`` (``seeds_per_caption`` per caption) over each caption's first ``k`` seeds."""
+    """Mean of caption-major ``scores`` (``seeds_per_caption`` per caption) over each caption's
+    first ``k`` seeds."""
     return float(np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_caption)[:, :k].mean())
 
 
@@ -52,7 +68,9 @@ def caption_means(scores, seeds_per_caption: int) -> list[float]:
     return np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_caption).mean(1).tolist()
 
 
-def evaluate(pipe, captions: list[str], seeds: list[int], encoder=None, only_cells=None, **kw) -> dict:
+def evaluate(
+    pipe, captions: list[str], seeds: list[int], encoder=None, only_cells=None, **kw
+) -> dict:
     """Mean judge score (fraction of facts satisfied) of samples for ``captions`` x ``seeds``."""
     t = time.time()
     images = sample(pipe, captions, seeds, encoder=encoder, **kw)
@@ -60,5 +78,12 @@ def evaluate(pipe, captions: list[str], seeds: list[int], encoder=None, only_cel
     if only_cells is None:
         scores = judge_many(images, texts)
     else:
-        scores = np.array([judge(im, tx, only_cells=only_cells).value for im, tx in zip(images, texts)])
-    return {"score": float(scores.mean()), "scores": scores, "images": images, "seconds": time.time() - t}
+        scores = np.array(
+            [judge(im, tx, only_cells=only_cells).value for im, tx in zip(images, texts)]
+        )
+    return {
+        "score": float(scores.mean()),
+        "scores": scores,
+        "images": images,
+        "seconds": time.time() - t,
+    }

@@ -1,11 +1,13 @@
-"""The programmatic judge: reads a shapes-world image back and scores how many facts of a caption it satisfies.
+"""The programmatic judge: reads a shapes-world image back and scores how many facts of a caption it
+satisfies.
 
-Facts of a caption: for every sentence naming a colour, a shape and a position, "the cell at that position holds
-an object of that colour" and "... of that shape" (sentences without all three carry no facts). Reading an
-image: in each cell, pixels far from the background are foreground; each takes the nearest palette colour; the
-cell's colour is the majority colour if at least ``min_pixels`` pixels have it, else the cell is empty. Its shape
-is read from how much of the majority colour's bounding box it fills (a square fills it, a triangle about half).
-Exact on rendered images (tested); majority votes keep it stable on blurry generated ones.
+Facts of a caption: for every sentence naming a colour, a shape and a position, "the cell at that
+position holds an object of that colour" and "... of that shape" (sentences without all three carry
+no facts). Reading an image: in each cell, pixels far from the background are foreground; each takes
+the nearest palette colour; the cell's colour is the majority colour if at least ``min_pixels``
+pixels have it, else the cell is empty. Its shape is read from how much of the majority colour's
+bounding box it fills (a square fills it, a triangle about half). Exact on rendered images (tested);
+majority votes keep it stable on blurry generated ones.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class Fact:
 
 
 def parse_caption(text: str) -> list[Obj]:
-    """The objects a caption states, in order: every sentence with one colour, one shape and one position."""
+    """The objects a caption states, in order: every sentence with one colour,
+    one shape and one position."""
     objs = []
     for sent in _SENTENCE.findall(text.lower()):
         colors = [c for c in COLORS if _WORD[c].search(sent)]
@@ -58,8 +61,11 @@ class Reading:
     pixels: int
 
 
-def read_image(image, fg_threshold: float = 90.0, min_pixels: int = 12, square_fill: float = 0.74) -> list[Reading]:
-    """One ``Reading`` per cell, row-major. ``image``: PIL, or an (H, W, 3) array (uint8, or float in [0, 1])."""
+def read_image(
+    image, fg_threshold: float = 90.0, min_pixels: int = 12, square_fill: float = 0.74
+) -> list[Reading]:
+    """One ``Reading`` per cell, row-major. ``image``: PIL, or an (H, W, 3) array
+    (uint8, or float in [0, 1])."""
     arr = to_array(image).astype(np.float32)
     size = arr.shape[0]
     fg = np.linalg.norm(arr - np.array(BACKGROUND, np.float32), axis=-1) > fg_threshold
@@ -96,11 +102,14 @@ class Score:
 
 
 def judge(image, text: str, only_cells: set[int] | None = None) -> Score:
-    """Score one image against one caption; ``only_cells`` restricts the facts to those cells' objects."""
+    """Score one image against one caption; ``only_cells`` restricts the facts to those cells'
+    objects."""
     reading = read_image(image)
     objs = [o for o in parse_caption(text) if only_cells is None or o.cell in only_cells]
     color_ok = sum(reading[o.cell].color == o.color for o in objs)
-    shape_ok = sum(reading[o.cell].color is not None and reading[o.cell].shape == o.shape for o in objs)
+    shape_ok = sum(
+        reading[o.cell].color is not None and reading[o.cell].shape == o.shape for o in objs
+    )
     return Score(color_ok + shape_ok, 2 * len(objs), color_ok, shape_ok, len(objs))
 
 

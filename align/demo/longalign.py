@@ -1,12 +1,12 @@
 """LongAlign SFT in the shapes world: segment encoding against CLIP's 77-token truncation.
 
-Long captions (``world.caption(scene, long=True)``) put every object's sentence after a 92-token fact-free
-preamble, so a truncating encoder never sees a fact. Both arms fine-tune the same base with ``SFTModule`` on the
-same long-caption shards (``LongCaptionDataModule``, the real long-caption schema) and differ only in the prompt
-encoder: ``segment`` (LongAlign's segment-level CLIP encoding, ``align.models.segment``) or ``truncate`` (the
-standard CLIP encoder: ``tokenize`` cuts every caption at 77 tokens). Evaluation samples held-out long captions
-(never in the shards) with each arm's own encoder and judges only the facts whose sentence lies past token 77
-(``cells_beyond``).
+Long captions (``world.caption(scene, long=True)``) put every object's sentence after a 92-token
+fact-free preamble, so a truncating encoder never sees a fact. Both arms fine-tune the same base
+with ``SFTModule`` on the same long-caption shards (``LongCaptionDataModule``, the real long-caption
+schema) and differ only in the prompt encoder: ``segment`` (LongAlign's segment-level CLIP encoding,
+``align.models.segment``) or ``truncate`` (the standard CLIP encoder: ``tokenize`` cuts every
+caption at 77 tokens). Evaluation samples held-out long captions (never in the shards) with each
+arm's own encoder and judges only the facts whose sentence lies past token 77 (``cells_beyond``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ def _tokenizer():
 def cells_beyond(caption: str, tokenizer=None, max_length: int = TRUNCATION) -> set[int]:
     """The cells of the objects whose sentence lies wholly past CLIP's ``max_length`` tokens.
 
-    A 77-token encoder keeps <sot>, the first ``max_length - 2`` content tokens and <eot>; a sentence whose first
-    token comes after those is dropped entirely by truncation. Token positions are counted with the CLIP
-    tokenizer on the caption's prefix (CLIP's BPE never merges across whitespace, so the prefix's tokens are the
-    caption's first tokens).
+    A 77-token encoder keeps <sot>, the first ``max_length - 2`` content tokens and <eot>; a
+    sentence whose first token comes after those is dropped entirely by truncation. Token positions
+    are counted with the CLIP tokenizer on the caption's prefix (CLIP's BPE never merges across
+    whitespace, so the prefix's tokens are the caption's first tokens).
     """
     tokenizer = tokenizer or _tokenizer()
     cells = set()
@@ -47,15 +47,18 @@ def cells_beyond(caption: str, tokenizer=None, max_length: int = TRUNCATION) -> 
         objs = parse_caption(match.group())
         if not objs:
             continue
-        prefix = caption[:match.start()]
-        n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix.strip() else 0
+        prefix = caption[: match.start()]
+        n_prefix = (
+            len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix.strip() else 0
+        )
         if n_prefix >= max_length - 2:
             cells.update(o.cell for o in objs)
     return cells
 
 
 def long_eval_captions(n: int, seed: int = 7919, exclude=(), max_objects: int = 1) -> list[str]:
-    """``n`` distinct long captions of random scenes (at most ``max_objects`` objects), none in ``exclude``.
+    """``n`` distinct long captions of random scenes (at most ``max_objects`` objects),
+    none in ``exclude``.
 
     With one object per scene the world has 32 distinct captions; the training shards exclude these.
     """
@@ -70,15 +73,22 @@ def long_eval_captions(n: int, seed: int = 7919, exclude=(), max_objects: int = 
     raise ValueError(f"only {len(out)} distinct long captions outside exclude (asked for {n})")
 
 
-def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max_objects: int = 1, exclude=(),
-                              shards: int = 16, long: bool = True) -> Path:
-    """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as long-caption
-    shards (``jpg``, ``txt``, ``json``; ``align.data.schema``) ``longcaption-000000.tar`` ... in ``out_dir``.
-    ``long=False`` writes the short captions instead.
+def write_long_caption_shards(
+    out_dir: str | Path,
+    n_scenes: int,
+    seed: int,
+    max_objects: int = 1,
+    exclude=(),
+    shards: int = 16,
+    long: bool = True,
+) -> Path:
+    """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as
+    long-caption shards (``jpg``, ``txt``, ``json``; ``align.data.schema``)
+    ``longcaption-000000.tar`` ... in ``out_dir``. ``long=False`` writes the short captions instead.
 
-    Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are written in random
-    order, so shards need no buffer shuffle; many small shards give each training seed its own
-    order of shards. Returns ``out_dir``.
+    Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are
+    written in random order, so shards need no buffer shuffle; many small shards give each training
+    seed its own order of shards. Returns ``out_dir``.
     """
     from align.data.synthetic import _write_shards
     from align.demo.prefs import png_free_jpeg
@@ -94,10 +104,17 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
         else:
             raise ValueError("every scene's caption is excluded")
         image = np.asarray(world.render(scene, rng))
-        meta = {"source": "shapes-world", "index": i,
-                "objects": [{"cell": o.cell, "color": o.color, "shape": o.shape} for o in scene]}
-        return {"__key__": f"{i:09d}", "jpg": png_free_jpeg(image), "txt": cap.encode("utf-8"),
-                "json": json.dumps(meta).encode()}
+        meta = {
+            "source": "shapes-world",
+            "index": i,
+            "objects": [{"cell": o.cell, "color": o.color, "shape": o.shape} for o in scene],
+        }
+        return {
+            "__key__": f"{i:09d}",
+            "jpg": png_free_jpeg(image),
+            "txt": cap.encode("utf-8"),
+            "json": json.dumps(meta).encode(),
+        }
 
     out = Path(out_dir)
     _write_shards(out, "longcaption", n_scenes, min(shards, n_scenes), make, seed)
@@ -105,7 +122,8 @@ def write_long_caption_shards(out_dir: str | Path, n_scenes: int, seed: int, max
 
 
 def resolve_encoder(components, encoder):
-    """A prompt encoder module: ``segment`` / ``truncate`` built on ``components``, or a module as given."""
+    """A prompt encoder module: ``segment`` / ``truncate`` built on ``components``,
+    or a module as given."""
     if isinstance(encoder, str):
         from align.models.prompts import build_prompt_encoder
 
@@ -115,14 +133,24 @@ def resolve_encoder(components, encoder):
     return encoder
 
 
-def evaluate_long(components, unet, encoder, captions: list[str], seeds: list[int], steps: int = 10,
-                  guidance: float = 4.0, tokenizer=None) -> dict:
-    """Judge score of samples for long ``captions`` x ``seeds``, counting only the facts past token 77.
+def evaluate_long(
+    components,
+    unet,
+    encoder,
+    captions: list[str],
+    seeds: list[int],
+    steps: int = 10,
+    guidance: float = 4.0,
+    tokenizer=None,
+) -> dict:
+    """Judge score of samples for long ``captions`` x ``seeds``,
+    counting only the facts past token 77.
 
-    ``encoder``: ``segment``, ``truncate`` or a prompt encoder module (a trained module's ``prompt_encoder``);
-    conditional and unconditional embeddings both come from it. Returns ``evaluate``'s dict (``score``: mean
-    over images of the fraction of their caption's late facts satisfied; ``scores``, ``images``, ``seconds``)
-    plus ``cells`` (the late cells of each caption). Captions without late facts are an error.
+    ``encoder``: ``segment``, ``truncate`` or a prompt encoder module (a trained module's
+    ``prompt_encoder``); conditional and unconditional embeddings both come from it. Returns
+    ``evaluate``'s dict (``score``: mean over images of the fraction of their caption's late facts
+    satisfied; ``scores``, ``images``, ``seconds``) plus ``cells`` (the late cells of each caption).
+    Captions without late facts are an error.
     """
     from align.demo.evaluate import make_pipeline, sample
 
@@ -130,12 +158,31 @@ def evaluate_long(components, unet, encoder, captions: list[str], seeds: list[in
     tokenizer = tokenizer or components.tokenizers[0]
     cells = [cells_beyond(c, tokenizer) for c in captions]
     if not all(cells):
-        raise ValueError("every evaluation caption needs facts past token 77: "
-                         f"{[c for c, k in zip(captions, cells) if not k]}")
+        raise ValueError(
+            "every evaluation caption needs facts past token 77: "
+            f"{[c for c, k in zip(captions, cells) if not k]}"
+        )
     pipe = make_pipeline(components, unet=unet)
-    images = sample(pipe, captions, list(seeds), steps=steps, guidance=guidance,
-                    encoder=resolve_encoder(components, encoder))
-    scores = np.array([judge(images[i * len(seeds) + j], cap, only_cells=cells[i]).value
-                       for i, cap in enumerate(captions) for j in range(len(seeds))], dtype=np.float64)
-    return {"score": float(scores.mean()), "scores": scores, "images": images, "cells": cells,
-            "seconds": time.time() - t}
+    images = sample(
+        pipe,
+        captions,
+        list(seeds),
+        steps=steps,
+        guidance=guidance,
+        encoder=resolve_encoder(components, encoder),
+    )
+    scores = np.array(
+        [
+            judge(images[i * len(seeds) + j], cap, only_cells=cells[i]).value
+            for i, cap in enumerate(captions)
+            for j in range(len(seeds))
+        ],
+        dtype=np.float64,
+    )
+    return {
+        "score": float(scores.mean()),
+        "scores": scores,
+        "images": images,
+        "cells": cells,
+        "seconds": time.time() - t,
+    }

@@ -1,12 +1,13 @@
 """On-policy preference data from the judge, in the real shard schemas.
 
-The base model samples ``images_per_caption`` images for each training caption (fixed seeds); the judge scores
-them. Pairs (Pick-a-Pic schema): every two images of a caption; the one satisfying more facts wins
-(``label_0`` 1 or 0), equal scores are kept as ties (0.5, which the DPO data module drops as the official code
-does). KTO singles: an image is desirable when it satisfies every fact of its caption. ``flipped`` writes the
-control: winners and losers swapped, desirable and undesirable swapped. ``shuffled_seed`` writes the label-free
-control: each decisive pair's winner drawn at random (same images, same ties), or the KTO labels permuted across
-images (same class sizes), which measures what training on these images does whatever the preference.
+The base model samples ``images_per_caption`` images for each training caption (fixed seeds); the
+judge scores them. Pairs (Pick-a-Pic schema): every two images of a caption; the one satisfying more
+facts wins (``label_0`` 1 or 0), equal scores are kept as ties (0.5, which the DPO data module drops
+as the official code does). KTO singles: an image is desirable when it satisfies every fact of its
+caption. ``flipped`` writes the control: winners and losers swapped, desirable and undesirable
+swapped. ``shuffled_seed`` writes the label-free control: each decisive pair's winner drawn at
+random (same images, same ties), or the KTO labels permuted across images (same class sizes), which
+measures what training on these images does whatever the preference.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from align.demo.judge import judge_many
 
 
 def png_free_jpeg(image: np.ndarray) -> bytes:
-    """JPEG bytes (quality 95, no chroma subsampling: colours survive at 32 px) of an (H, W, 3) uint8 array."""
+    """JPEG bytes (quality 95, no chroma subsampling: colours survive at 32 px) of an
+    (H, W, 3) uint8 array."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=95, subsampling=0)
     return buf.getvalue()
@@ -48,15 +50,27 @@ def pair_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = N
             label_0 = 0.5 if sa == sb else float(sa > sb)
             if label_0 != 0.5 and (flipped or (rng is not None and rng.random() < 0.5)):
                 label_0 = 1.0 - label_0
-            out.append({"caption": cap, "label_0": label_0, "label_1": 1.0 - label_0,
-                        "image_0": rec["images"][ia], "image_1": rec["images"][ib],
-                        "image_0_uid": f"shapes-{ia:07d}", "image_1_uid": f"shapes-{ib:07d}",
-                        "score_0": float(sa), "score_1": float(sb)})
+            out.append(
+                {
+                    "caption": cap,
+                    "label_0": label_0,
+                    "label_1": 1.0 - label_0,
+                    "image_0": rec["images"][ia],
+                    "image_1": rec["images"][ib],
+                    "image_0_uid": f"shapes-{ia:07d}",
+                    "image_1_uid": f"shapes-{ib:07d}",
+                    "score_0": float(sa),
+                    "score_1": float(sb),
+                }
+            )
     return out
 
 
-def single_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = None) -> list[dict]:
-    """KTO singles; ``shuffled_seed``: the judge's labels permuted across images (same class sizes, random labels)."""
+def single_samples(
+    rec: dict, flipped: bool = False, shuffled_seed: int | None = None
+) -> list[dict]:
+    """KTO singles; ``shuffled_seed``: the judge's labels permuted across images
+    (same class sizes, random labels)."""
     out = []
     k = rec["per_caption"]
     labels = np.asarray(rec["scores"]) == 1.0
@@ -65,8 +79,15 @@ def single_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None =
     for i, cap in enumerate(rec["captions"]):
         for j in range(k):
             idx = i * k + j
-            out.append({"caption": cap, "label": bool(labels[idx]) != flipped, "image": rec["images"][idx],
-                        "image_uid": f"shapes-{idx:07d}", "score": float(rec["scores"][idx])})
+            out.append(
+                {
+                    "caption": cap,
+                    "label": bool(labels[idx]) != flipped,
+                    "image": rec["images"][idx],
+                    "image_uid": f"shapes-{idx:07d}",
+                    "score": float(rec["scores"][idx]),
+                }
+            )
     return out
 
 
@@ -75,10 +96,27 @@ def write_pairs(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) ->
 
     def make(i, rng):
         s = samples[order[i]]
-        meta = {k: s[k] for k in ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "score_0", "score_1")}
-        meta.update(model_0="shapes-base", model_1="shapes-base", ranking_id=int(order[i]), user_id=0)
-        return {"__key__": f"{i:09d}", "jpg_0.jpg": png_free_jpeg(s["image_0"]), "jpg_1.jpg": png_free_jpeg(s["image_1"]),
-                "json": json.dumps(meta).encode()}
+        meta = {
+            k: s[k]
+            for k in (
+                "caption",
+                "label_0",
+                "label_1",
+                "image_0_uid",
+                "image_1_uid",
+                "score_0",
+                "score_1",
+            )
+        }
+        meta.update(
+            model_0="shapes-base", model_1="shapes-base", ranking_id=int(order[i]), user_id=0
+        )
+        return {
+            "__key__": f"{i:09d}",
+            "jpg_0.jpg": png_free_jpeg(s["image_0"]),
+            "jpg_1.jpg": png_free_jpeg(s["image_1"]),
+            "json": json.dumps(meta).encode(),
+        }
 
     return _write_shards(out_dir, "pairs", len(samples), shards, make, seed)
 
@@ -88,9 +126,19 @@ def write_singles(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) 
 
     def make(i, rng):
         s = samples[order[i]]
-        meta = {"caption": s["caption"], "label": s["label"], "image_uid": s["image_uid"], "score": s["score"],
-                "wins": int(s["label"]), "losses": int(not s["label"])}
-        return {"__key__": f"{i:09d}", "jpg": png_free_jpeg(s["image"]), "json": json.dumps(meta).encode()}
+        meta = {
+            "caption": s["caption"],
+            "label": s["label"],
+            "image_uid": s["image_uid"],
+            "score": s["score"],
+            "wins": int(s["label"]),
+            "losses": int(not s["label"]),
+        }
+        return {
+            "__key__": f"{i:09d}",
+            "jpg": png_free_jpeg(s["image"]),
+            "json": json.dumps(meta).encode(),
+        }
 
     return _write_shards(out_dir, "singles", len(samples), shards, make, seed)
 
@@ -98,6 +146,12 @@ def write_singles(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) 
 def summary(rec: dict) -> dict:
     pairs = pair_samples(rec)
     ties = sum(p["label_0"] == 0.5 for p in pairs)
-    return {"captions": len(rec["captions"]), "images": int(len(rec["scores"])),
-            "mean_score": float(np.mean(rec["scores"])), "desirable": int((rec["scores"] == 1.0).sum()),
-            "pairs": len(pairs), "decisive_pairs": len(pairs) - ties, "ties": ties}
+    return {
+        "captions": len(rec["captions"]),
+        "images": int(len(rec["scores"])),
+        "mean_score": float(np.mean(rec["scores"])),
+        "desirable": int((rec["scores"] == 1.0).sum()),
+        "pairs": len(pairs),
+        "decisive_pairs": len(pairs) - ties,
+        "ties": ties,
+    }

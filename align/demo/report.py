@@ -1,4 +1,5 @@
-"""The demo's report: a markdown summary, judge score vs training step per method, and a grid of samples."""
+"""The demo's report: a markdown summary, judge score vs training step per method,
+and a grid of samples."""
 
 from __future__ import annotations
 
@@ -15,28 +16,36 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def expectation(method: str) -> str:
-    """What a method must do to the judge score: "down" for the flipped controls, "control" for truncation (it
-    cannot see facts past token 77) and for random labels (what training on the images does whatever the
-    labels), "up" for everything else."""
+    """What a method must do to the judge score: "down" for the flipped controls, "control" for
+    truncation (it cannot see facts past token 77) and for random labels (what training on the
+    images does whatever the labels), "up" for everything else."""
     if method.endswith("-flipped"):
         return "down"
     return "control" if method.endswith(("-truncate", "-shuffled")) else "up"
 
 
-# the control each method is also compared with when it ran: segment encoding vs truncation; DPO, KTO and their
-# flipped controls vs the same method on random labels (what training on the same images does whatever the labels)
-RIVALS = {"sft-segment": "sft-truncate", "dpo": "dpo-shuffled", "dpo-flipped": "dpo-shuffled",
-          "kto": "kto-shuffled", "kto-flipped": "kto-shuffled"}
+# the control each method is also compared with when it ran: segment encoding vs truncation; DPO,
+# KTO and their flipped controls vs the same method on random labels (what training on the same
+# images does whatever the labels)
+RIVALS = {
+    "sft-segment": "sft-truncate",
+    "dpo": "dpo-shuffled",
+    "dpo-flipped": "dpo-shuffled",
+    "kto": "kto-shuffled",
+    "kto-flipped": "kto-shuffled",
+}
 
 
 def judging_error(runs: list[dict], reference) -> float | None:
     """Standard error of a mean change that comes from the finite set of held-out captions judged.
 
-    ``reference``: the base's per-caption scores, or the runs of the method compared with. The change per
-    caption (averaged over training seeds and sampling seeds) is treated as a sample of captions:
-    sd / sqrt(#captions). The spread over training seeds misses this part, because every training seed is judged
-    on the same captions and seeds and so shares their luck. None when per-caption scores are missing.
+    ``reference``: the base's per-caption scores, or the runs of the method compared with. The
+    change per caption (averaged over training seeds and sampling seeds) is treated as a sample of
+    captions: sd / sqrt(#captions). The spread over training seeds misses this part, because every
+    training seed is judged on the same captions and seeds and so shares their luck. None when
+    per-caption scores are missing.
     """
+
     def per_caption(x):
         if isinstance(x, list) and x and isinstance(x[0], dict):
             if any("caption_scores" not in r for r in x):
@@ -52,8 +61,8 @@ def judging_error(runs: list[dict], reference) -> float | None:
 
 
 def _shown(gap: float, sd: float, se: float | None) -> str:
-    """Whether a change (``gap``, signed so that positive is the expected direction) is beyond 2 sd over training
-    seeds and, when known, beyond 2 judging standard errors."""
+    """Whether a change (``gap``, signed so that positive is the expected direction) is beyond 2 sd
+    over training seeds and, when known, beyond 2 judging standard errors."""
     if gap <= 2 * sd:
         return "NOT shown at this scale"
     if se is not None and gap <= 2 * se:
@@ -61,7 +70,9 @@ def _shown(gap: float, sd: float, se: float | None) -> str:
     return "yes"
 
 
-def verdict(method: str, runs: list[dict], baseline: float, results: dict, caption_baseline=None) -> str:
+def verdict(
+    method: str, runs: list[dict], baseline: float, results: dict, caption_baseline=None
+) -> str:
     m, sd = mean_spread([r["final"] for r in runs])
     want = expectation(method)
     se = judging_error(runs, caption_baseline)
@@ -72,14 +83,17 @@ def verdict(method: str, runs: list[dict], baseline: float, results: dict, capti
         return f"{head}; no verdict with one training seed"
     if want == "control":
         return f"{head}; control (no expectation)"
-    out = f"{head}; expected {want}: {_shown((m - baseline) if want == 'up' else (baseline - m), sd, se)}"
+    gain = (m - baseline) if want == "up" else (baseline - m)
+    out = f"{head}; expected {want}: {_shown(gain, sd, se)}"
     rival = RIVALS.get(method)
     if rival in results:
         mr, sdr = mean_spread([r["final"] for r in results[rival]])
         gap = (m - mr) if want == "up" else (mr - m)
         word = "beats" if want == "up" else "falls below"
-        out += (f"; {word} {rival} ({mr:.4f}) by {abs(m - mr):.4f}: "
-                f"{_shown(gap, max(sd, sdr), judging_error(runs, results[rival]))}")
+        out += (
+            f"; {word} {rival} ({mr:.4f}) by {abs(m - mr):.4f}: "
+            f"{_shown(gap, max(sd, sdr), judging_error(runs, results[rival]))}"
+        )
     return out
 
 
@@ -94,57 +108,87 @@ def plot_curves(results: dict, baselines: dict, path: Path) -> None:
         steps = [s for s, _ in runs[0]["curve"]]
         vals = np.array([[v for _, v in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
         style = "--" if "flipped" in method else "-." if "shuffled" in method else "-"
-        line, = ax.plot(steps, vals.mean(0), marker="o", label=method, linestyle=style)
+        (line,) = ax.plot(steps, vals.mean(0), marker="o", label=method, linestyle=style)
         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
     for value in sorted(set(baselines.values())):
         ax.axhline(value, color="grey", lw=0.8, linestyle=":")
     ax.set_xlabel("training step")
     ax.set_ylabel("judge score (fraction of facts satisfied)")
-    ax.set_title("held-out captions; mean over training seeds, band = min..max; dotted: base", fontsize=9)
+    ax.set_title(
+        "held-out captions; mean over training seeds, band = min..max; dotted: base", fontsize=9
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def sample_grid(samples: dict, captions: list[str], per_caption: int, path: Path, rows: int = 8,
-                scale: int = 3) -> None:
+def sample_grid(
+    samples: dict, captions: list[str], per_caption: int, path: Path, rows: int = 8, scale: int = 3
+) -> None:
     """Rows: the first ``rows`` held-out captions (first sampling seed); columns: models."""
     names = list(samples)
     cell = 32 * scale
     pad, header = 4, 14
-    grid = Image.new("RGB", (len(names) * (cell + pad) + pad, header + rows * (cell + pad) + pad), (255, 255, 255))
+    grid = Image.new(
+        "RGB",
+        (len(names) * (cell + pad) + pad, header + rows * (cell + pad) + pad),
+        (255, 255, 255),
+    )
     draw = ImageDraw.Draw(grid)
     for j, name in enumerate(names):
         draw.text((pad + j * (cell + pad), 1), name[:16], fill=(0, 0, 0))
         for i in range(min(rows, len(captions))):
-            img = Image.fromarray(samples[name][i * per_caption]).resize((cell, cell), Image.NEAREST)
+            img = Image.fromarray(samples[name][i * per_caption]).resize(
+                (cell, cell), Image.NEAREST
+            )
             grid.paste(img, (pad + j * (cell + pad), header + i * (cell + pad)))
     grid.save(path)
-    (path.with_suffix(".txt")).write_text("\n".join(f"row {i}: {c}" for i, c in enumerate(captions[:rows])) + "\n")
+    (path.with_suffix(".txt")).write_text(
+        "\n".join(f"row {i}: {c}" for i, c in enumerate(captions[:rows])) + "\n"
+    )
 
 
-def write_report(out: Path, summary: dict, samples: dict, captions: list[str], per_caption: int,
-                 extra_sections: list[str] | None = None) -> Path:
+def write_report(
+    out: Path,
+    summary: dict,
+    samples: dict,
+    captions: list[str],
+    per_caption: int,
+    extra_sections: list[str] | None = None,
+) -> Path:
     out = Path(out)
     baselines = summary["baselines"]
-    plot_curves(summary["results"], summary.get("curve_baselines", baselines), out / "judge_curves.png")
+    plot_curves(
+        summary["results"], summary.get("curve_baselines", baselines), out / "judge_curves.png"
+    )
     sample_grid(samples, captions, per_caption, out / "samples.png")
     cfg = summary["config"]
     base = summary["base_score"]
     lines = [
-        "# align demo: the shapes world", "",
+        "# align demo: the shapes world",
+        "",
         f"Command: `{summary.get('command', 'align demo')}`  ",
-        f"torch threads: {summary['torch_threads']}; total time {summary['timings_s']['total']:.0f}s", "",
-        "Judge score = fraction of a caption's facts (colour and shape of each object at its position) that the "
-        f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} set) x {per_caption} "
+        f"torch threads: {summary['torch_threads']}; total time "
+        f"{summary['timings_s']['total']:.0f}s",
+        "",
+        "Judge score = fraction of a caption's facts (colour and shape of each object at its "
+        "position) that the "
+        f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} "
+        f"set) x {per_caption} "
         f"fixed sampling seeds "
-        f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
-        f"{cfg['seeds']} training seeds (the base is one fixed model). The curves (`judge_curves.png`) are judged "
-        f"on the first {min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling seeds at every "
-        "step, the table on all of them.", "",
-        "## Results", "",
-        "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change vs base "
+        f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation "
+        "over "
+        f"{cfg['seeds']} training seeds (the base is one fixed model). The curves "
+        "(`judge_curves.png`) are judged "
+        f"on the first {min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling "
+        "seeds at every "
+        "step, the table on all of them.",
+        "",
+        "## Results",
+        "",
+        "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change "
+        "vs base "
         "(judging SE) | per seed |",
         "|---|---|---|---|---|---|",
         f"| base | short captions | {base:.4f} | — | — | — |",
@@ -154,36 +198,83 @@ def write_report(out: Path, summary: dict, samples: dict, captions: list[str], p
         m, sd = mean_spread(finals)
         b = baselines[method]
         se = judging_error(runs, summary.get("caption_baselines", {}).get(method))
-        lines.append(f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | {m - b:+.4f}"
-                     f"{'' if se is None else f' ({se:.4f})'} | {', '.join(f'{v:.4f}' for v in finals)} |")
-    lines += ["", "Verdicts (a method 'raises' the score when mean - base > 2 sd over training seeds; a flipped "
-              "control 'lowers' it when base - mean > 2 sd; segment encoding 'beats' truncation, and DPO, KTO or a "
-              "flipped control differs from the same method on random labels, when the difference of means > 2 sd, "
-              "the larger of the two. Each must also exceed 2 judging SE: the standard error of the change over the "
-              "held-out captions (per-caption changes averaged over training and sampling seeds, sd / "
-              "sqrt(#captions)), which the spread over training seeds misses because every seed is judged on the "
-              "same captions and sampling seeds):", ""]
+        lines.append(
+            f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | "
+            f"{m - b:+.4f}"
+            f"{'' if se is None else f' ({se:.4f})'} | {', '.join(f'{v:.4f}' for v in finals)} |"
+        )
+    lines += [
+        "",
+        "Verdicts (a method 'raises' the score when mean - base > 2 sd over training seeds; a "
+        "flipped "
+        "control 'lowers' it when base - mean > 2 sd; segment encoding 'beats' truncation, and "
+        "DPO, KTO or a "
+        "flipped control differs from the same method on random labels, when the difference of "
+        "means > 2 sd, "
+        "the larger of the two. Each must also exceed 2 judging SE: the standard error of the "
+        "change over the "
+        "held-out captions (per-caption changes averaged over training and sampling seeds, sd / "
+        "sqrt(#captions)), which the spread over training seeds misses because every seed is "
+        "judged on the "
+        "same captions and sampling seeds):",
+        "",
+    ]
     for method, runs in summary["results"].items():
         cap_base = summary.get("caption_baselines", {}).get(method)
-        lines.append(f"- {method}: {verdict(method, runs, baselines[method], summary['results'], cap_base)}")
+        lines.append(
+            f"- {method}: {verdict(method, runs, baselines[method], summary['results'], cap_base)}"
+        )
     p = summary["preferences"]
-    lines += ["", "## Data", "",
-              f"Preference data: the base sampled {p['images']} images for {p['captions']} training captions "
-              f"(disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; {p['pairs']} pairs "
-              f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as in the official "
-              f"code); {p['desirable']} of {p['images']} images desirable (every fact satisfied).", "",
-              *([f"Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
-                 f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.", ""]
-                if summary.get("preference_model") is not None else []),
-              "## Runs", "", "Each method is one config of `configs/demo/` run by `align fit` "
-              "(training seed 0 shown; the others differ in the seed flags only):", "", "```",
-              *summary.get("commands", {}).values(), "```", "",
-              "## Settings", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", "",
-              "## Timings (seconds)", "", *(f"- {k}: {v:.0f}" for k, v in summary["timings_s"].items()), "",
-              "![judge curves](judge_curves.png)", "", "![samples](samples.png)", "",
-              "Sample grid: rows are the first held-out captions (`samples.txt`), columns the models (training "
-              "seed 0, first sampling seed); the sft-* columns show the held-out long captions instead "
-              "(`long_eval_captions` in demo.json).", ""]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"Preference data: the base sampled {p['images']} images for {p['captions']} training "
+        "captions "
+        f"(disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; {p['pairs']} "
+        "pairs "
+        f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as in "
+        "the official "
+        f"code); {p['desirable']} of {p['images']} images desirable (every fact satisfied).",
+        "",
+        *(
+            [
+                f"Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
+                f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.",
+                "",
+            ]
+            if summary.get("preference_model") is not None
+            else []
+        ),
+        "## Runs",
+        "",
+        "Each method is one config of `configs/demo/` run by `align fit` "
+        "(training seed 0 shown; the others differ in the seed flags only):",
+        "",
+        "```",
+        *summary.get("commands", {}).values(),
+        "```",
+        "",
+        "## Settings",
+        "",
+        "```",
+        *(f"{k}: {v}" for k, v in cfg.items()),
+        "```",
+        "",
+        "## Timings (seconds)",
+        "",
+        *(f"- {k}: {v:.0f}" for k, v in summary["timings_s"].items()),
+        "",
+        "![judge curves](judge_curves.png)",
+        "",
+        "![samples](samples.png)",
+        "",
+        "Sample grid: rows are the first held-out captions (`samples.txt`), columns the models "
+        "(training "
+        "seed 0, first sampling seed); the sft-* columns show the held-out long captions instead "
+        "(`long_eval_captions` in demo.json).",
+        "",
+    ]
     lines += extra_sections or []
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,10 +1,12 @@
-"""The whole demo: world -> base -> judge-made data -> every method's ``align fit`` x seeds -> report.
+"""The whole demo: world -> base -> judge-made data -> every method's ``align fit`` x seeds ->
+report.
 
 The world's part is built here: the base model, on-policy preference shards judged by the exact
 judge, long-caption shards, the tiny CLIP's initial weights, the training captions and the held-out
-judge set (``<artifacts>/judge.json``: the ``eval_set`` of this demo). Every training run is then exactly what a user
-runs: ``align fit --config configs/demo/<method>.yaml`` (the same modules, data modules and
-callbacks), with ``ALIGN_DEMO=<artifacts>`` and per-run flags (seed, control data, quick sizes).
+judge set (``<artifacts>/judge.json``: the ``eval_set`` of this demo). Every training run is then
+exactly what a user runs: ``align fit --config configs/demo/<method>.yaml`` (the same modules, data
+modules and callbacks), with ``ALIGN_DEMO=<artifacts>`` and per-run flags (seed, control data,
+quick sizes).
 Runs are independent once the world exists, so ``workers`` processes (one torch thread each: the
 tiny model runs best single-threaded) run them side by side. Each run's ``ShapesJudge`` callback
 writes its held-out judge score to ``<artifacts>/runs/<method>/seed<k>/judge.json``.
@@ -28,8 +30,14 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log
 from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline, sample
-from align.demo.prefs import (build_records, pair_samples, single_samples, summary, write_pairs,
-                              write_singles)
+from align.demo.prefs import (
+    build_records,
+    pair_samples,
+    single_samples,
+    summary,
+    write_pairs,
+    write_singles,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 # method -> (config, flags that make it a control). Flipped: the same run on reversed labels;
@@ -54,13 +62,19 @@ def steps(n: int) -> list[str]:
     return ["--trainer.max_steps", str(n), "--data.init_args.batches_per_epoch", str(n)]
 
 
-def batch(n: int) -> list[str]:
+def batch_of(n: int) -> list[str]:
     return ["--data.init_args.batch_size", str(n)]
 
 
 # ``--quick``: each config's run shortened (flags by "*", family or method, in that order)
-QUICK_ARGS = {"dpo": steps(20), "kto": steps(30), "sft": steps(80), "rft-judge": steps(8) + batch(8),
-              "rft-clip": steps(8) + batch(8), "preference-model": steps(30)}
+QUICK_ARGS = {
+    "dpo": steps(20),
+    "kto": steps(30),
+    "sft": steps(80),
+    "rft-judge": steps(8) + batch_of(8),
+    "rft-clip": steps(8) + batch_of(8),
+    "preference-model": steps(30),
+}
 
 
 @dataclass
@@ -85,11 +99,20 @@ class DemoConfig:
     guidance: float = 4.0
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
     # the label-free controls dpo-shuffled and kto-shuffled are opt-in (time)
-    methods: tuple = ("dpo", "dpo-flipped", "kto", "kto-flipped", "sft-segment", "sft-truncate",
-                      "rft-judge", "rft-clip")
+    methods: tuple = (
+        "dpo",
+        "dpo-flipped",
+        "kto",
+        "kto-flipped",
+        "sft-segment",
+        "sft-truncate",
+        "rft-judge",
+        "rft-clip",
+    )
     workers: int = 2  # processes running training runs side by side (one torch thread each)
     # "base": on-policy samples of the base (the demo); "rendered": renders of each caption's scene
-    # with every colour wrong with probability 0.5 (known-good and known-bad images; toy-scale tests)
+    # with every colour wrong with probability 0.5
+    # (known-good and known-bad images; toy-scale tests)
     pref_source: str = "base"
     # extra `align fit` flags by "*" (every method's run), family ("dpo", "sft", ...), method or
     # "preference-model"
@@ -103,8 +126,13 @@ def quick_config(**kw) -> DemoConfig:
     kw.setdefault("seeds", 1)
     kw.setdefault("artifacts", "artifacts/shapes-quick")
     kw.setdefault("fit_args", QUICK_ARGS)
-    return DemoConfig(base=BaseConfig(scenes=2000, vae_steps=120, unet_steps=350),
-                      pref_captions=64, eval_captions=8, long_scenes=400, **kw)
+    return DemoConfig(
+        base=BaseConfig(scenes=2000, vae_steps=120, unet_steps=350),
+        pref_captions=64,
+        eval_captions=8,
+        long_scenes=400,
+        **kw,
+    )
 
 
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
@@ -122,14 +150,14 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
         if c not in pool:
             pool.append(c)
     quarter = len(pool) // 4
-    test = pool[:min(cfg.eval_captions, quarter)]
+    test = pool[: min(cfg.eval_captions, quarter)]
     if cfg.eval_set == "validation":
-        held_out, excluded = pool[len(test):min(quarter, 2 * len(test))], set(pool[:quarter])
+        held_out, excluded = pool[len(test) : min(quarter, 2 * len(test))], set(pool[:quarter])
     else:
         held_out, excluded = test, set(test)
     drawn = world.scenes(8 * cfg.pref_captions + 100, seed=104729, max_objects=cfg.base.max_objects)
     train = [c for c in (world.caption(s) for s in drawn) if c not in excluded]
-    return train[:cfg.pref_captions], held_out
+    return train[: cfg.pref_captions], held_out
 
 
 def judged_seeds(cfg: DemoConfig) -> list[int]:
@@ -144,8 +172,10 @@ def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np
     out = []
     for cap in captions:
         scene = tuple(parse_caption(cap))
-        out += [np.asarray(world.render(world.noisy_scene(scene, rng, 0.5, 0.0), rng))
-                for _ in range(per_caption)]
+        out += [
+            np.asarray(world.render(world.noisy_scene(scene, rng, 0.5, 0.0), rng))
+            for _ in range(per_caption)
+        ]
     return np.stack(out)
 
 
@@ -153,8 +183,13 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
     """Images for the training captions (on-policy or rendered), judged, written as pair and single
     shards with their flipped (and, when asked for, shuffled) controls; returns the data summary."""
     if cfg.pref_source == "base":
-        images = sample(base_pipe, train_caps, list(range(cfg.images_per_caption)),
-                        steps=cfg.sample_steps, guidance=cfg.guidance)
+        images = sample(
+            base_pipe,
+            train_caps,
+            list(range(cfg.images_per_caption)),
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+        )
     else:
         images = rendered_samples(train_caps, cfg.images_per_caption)
     rec = build_records(train_caps, images, cfg.images_per_caption)
@@ -167,8 +202,10 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
     (data_dir / "train_captions.txt").write_text("".join(c + "\n" for c in train_caps))
     found = summary(rec)
     if found["decisive_pairs"] == 0 or not 0 < found["desirable"] < found["images"]:
-        raise RuntimeError(f"the preference data has no signal (every pair a tie, or one KTO class "
-                           f"empty): {found}; train the base longer or sample more images")
+        raise RuntimeError(
+            f"the preference data has no signal (every pair a tie, or one KTO class "
+            f"empty): {found}; train the base longer or sample more images"
+        )
     return found
 
 
@@ -180,13 +217,28 @@ def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str],
     objects = cfg.base.max_objects
     long_caps = test_caps = long_eval_captions(cfg.eval_captions, max_objects=objects)
     if cfg.eval_set == "validation":
-        long_caps = long_eval_captions(cfg.eval_captions, seed=VALIDATION_LONG_SEED,
-                                       exclude=test_caps, max_objects=objects)
-    write_long_caption_shards(data_dir / "long", cfg.long_scenes, seed=cfg.base.seed + 17,
-                              max_objects=objects, exclude=list(dict.fromkeys(test_caps + long_caps)))
-    results = {enc: evaluate_long(base, base.unet, enc, long_caps, judged_seeds(cfg),
-                                  steps=cfg.sample_steps, guidance=cfg.guidance)
-               for enc in ("segment", "truncate")}
+        long_caps = long_eval_captions(
+            cfg.eval_captions, seed=VALIDATION_LONG_SEED, exclude=test_caps, max_objects=objects
+        )
+    write_long_caption_shards(
+        data_dir / "long",
+        cfg.long_scenes,
+        seed=cfg.base.seed + 17,
+        max_objects=objects,
+        exclude=list(dict.fromkeys(test_caps + long_caps)),
+    )
+    results = {
+        enc: evaluate_long(
+            base,
+            base.unet,
+            enc,
+            long_caps,
+            judged_seeds(cfg),
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+        )
+        for enc in ("segment", "truncate")
+    }
     return long_caps, results
 
 
@@ -215,22 +267,34 @@ def fit(args: list[str], threads: int = 1) -> float:
 def job_args(cfg: DemoConfig, method: str, seed: int) -> list[str]:
     """The ``align fit`` flags of one run (``ALIGN_DEMO`` names the artifacts)."""
     config, control = METHODS[method]
-    return ["--config", str(CONFIGS / config),
-            *(a.format(art=cfg.artifacts) for a in control),
-            "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
-            "--data.init_args.seed", str(seed), "--trainer.logger.init_args.name", method,
-            "--trainer.logger.init_args.version", f"seed{seed}", *fit_args(cfg, method)]
+    return [
+        "--config",
+        str(CONFIGS / config),
+        *(a.format(art=cfg.artifacts) for a in control),
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.seed",
+        str(seed),
+        "--data.init_args.seed",
+        str(seed),
+        "--trainer.logger.init_args.name",
+        method,
+        "--trainer.logger.init_args.version",
+        f"seed{seed}",
+        *fit_args(cfg, method),
+    ]
 
 
 def longest_first(jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """``jobs`` with the RFT runs first (they sample with gradients: the longest), so the runs left
-    when one worker runs dry are short ones. A run's result does not depend on its order or worker."""
+    when one worker runs dry are short ones. A run's result does not depend on its order or
+    worker."""
     return sorted(jobs, key=lambda job: not job[0].startswith("rft"))
 
 
 def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> list[dict]:
-    """Every (method, seed) run, in ``workers`` spawned processes (longest first); each result is its
-    ``judge.json`` with ``seconds``, in job order."""
+    """Every (method, seed) run, in ``workers`` spawned processes (longest first); each result is
+    its ``judge.json`` with ``seconds``, in job order."""
     for method, seed in jobs:
         shutil.rmtree(Path(cfg.artifacts) / "runs" / method / f"seed{seed}", ignore_errors=True)
     args = {job: job_args(cfg, *job) for job in jobs}
@@ -244,8 +308,15 @@ def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> list[dict]:
     for method, seed in jobs:
         run = Path(cfg.artifacts) / "runs" / method / f"seed{seed}"
         result = json.loads((run / "judge.json").read_text())
-        results.append({"method": method, "seed": seed, **result,
-                        "seconds": seconds[(method, seed)], "run": str(run)})
+        results.append(
+            {
+                "method": method,
+                "seed": seed,
+                **result,
+                "seconds": seconds[(method, seed)],
+                "run": str(run),
+            }
+        )
     return results
 
 
@@ -259,11 +330,25 @@ def preference_model(cfg: DemoConfig, out_dir: Path) -> tuple[Path, float]:
     objects, seed = cfg.base.max_objects, cfg.base.seed
     shutil.rmtree(out_dir, ignore_errors=True)
     write_small_clip(out_dir / "init", seed=seed)
-    write_pairs(out_dir / "rendered-pairs", rendered_pairs(2000, seed=seed + 29, max_objects=objects),
-                shards=4)
-    fit(["--config", str(CONFIGS / PREFERENCE_MODEL), "--seed_everything", str(seed),
-         "--model.init_args.seed", str(seed), "--data.init_args.seed", str(seed),
-         *fit_args(cfg, "preference-model")], threads=torch.get_num_threads())
+    write_pairs(
+        out_dir / "rendered-pairs",
+        rendered_pairs(2000, seed=seed + 29, max_objects=objects),
+        shards=4,
+    )
+    fit(
+        [
+            "--config",
+            str(CONFIGS / PREFERENCE_MODEL),
+            "--seed_everything",
+            str(seed),
+            "--model.init_args.seed",
+            str(seed),
+            "--data.init_args.seed",
+            str(seed),
+            *fit_args(cfg, "preference-model"),
+        ],
+        threads=torch.get_num_threads(),
+    )
     export = out_dir / "export" / "final"
     held_out = rendered_pairs(300, seed=seed + 31, max_objects=objects)
     acc = pairwise_accuracy(build_reward("denscore", str(export)), held_out)
@@ -294,11 +379,16 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     base = load_components(str(base_dir))
     base_pipe = make_pipeline(base)
     t = time.time()
-    judged = {"short": evaluate(base_pipe, eval_caps, seeds, steps=cfg.sample_steps,
-                                guidance=cfg.guidance)}
+    judged = {
+        "short": evaluate(
+            base_pipe, eval_caps, seeds, steps=cfg.sample_steps, guidance=cfg.guidance
+        )
+    }
     timings["evaluate base"] = time.time() - t
-    log(f"base model: judge score {judged['short']['score']:.4f} on {len(eval_caps)} "
-        f"{cfg.eval_set} captions x {len(seeds)} seeds")
+    log(
+        f"base model: judge score {judged['short']['score']:.4f} on {len(eval_caps)} "
+        f"{cfg.eval_set} captions x {len(seeds)} seeds"
+    )
 
     t = time.time()
     pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
@@ -311,10 +401,20 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         long_caps, long_base = long_caption_data(cfg, base, art / "prefs")
         judged.update({f"long-{enc}": r for enc, r in long_base.items()})
         timings["long-caption data + base on long captions"] = time.time() - t
-        log("base model on long captions (facts past token 77): "
-            f"{ {enc: r['score'] for enc, r in long_base.items()} }")
-    judge_set = {"eval_set": cfg.eval_set, "short": eval_caps, "long": long_caps, "seeds": seeds, "every": cfg.eval_every,
-                 "curve_seeds": cfg.curve_seeds, "steps": cfg.sample_steps, "guidance": cfg.guidance}
+        log(
+            "base model on long captions (facts past token 77): "
+            f"{ {enc: r['score'] for enc, r in long_base.items()} }"
+        )
+    judge_set = {
+        "eval_set": cfg.eval_set,
+        "short": eval_caps,
+        "long": long_caps,
+        "seeds": seeds,
+        "every": cfg.eval_every,
+        "curve_seeds": cfg.curve_seeds,
+        "steps": cfg.sample_steps,
+        "guidance": cfg.guidance,
+    }
     (art / "judge.json").write_text(json.dumps(judge_set, indent=2) + "\n")
     pref_accuracy = None
     if "rft-clip" in cfg.methods:
@@ -324,8 +424,10 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
 
     t = time.time()
     jobs = [(m, s) for m in cfg.methods for s in range(cfg.seeds)]
-    log(f"{len(jobs)} runs of align fit ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on "
-        f"{cfg.workers} worker(s)")
+    log(
+        f"{len(jobs)} runs of align fit ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on "
+        f"{cfg.workers} worker(s)"
+    )
     done = run_jobs(cfg, jobs)
     timings[f"training runs ({len(jobs)}, {cfg.workers} workers)"] = time.time() - t
     timings["total"] = time.time() - t_all
@@ -337,28 +439,45 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     samples: dict = {"base": judged["short"]["images"]}
     for r in done:
         start = (0, first_seeds_score(base_on(r["method"])["scores"], len(seeds), cfg.curve_seeds))
-        results[r["method"]].append({"seed": r["seed"], "final": r["final"],
-                                     "curve": [start, *map(tuple, r["curve"])],
-                                     "caption_scores": r["caption_scores"],
-                                     "seconds": r["seconds"]})
+        results[r["method"]].append(
+            {
+                "seed": r["seed"],
+                "final": r["final"],
+                "curve": [start, *map(tuple, r["curve"])],
+                "caption_scores": r["caption_scores"],
+                "seconds": r["seconds"],
+            }
+        )
         if r["seed"] == 0:
             samples[r["method"]] = np.load(Path(r["run"]) / "judge_images.npy")
     summary_out = {
-        "config": asdict(cfg), "base_score": judged["short"]["score"], "preferences": pref_summary,
+        "config": asdict(cfg),
+        "base_score": judged["short"]["score"],
+        "preferences": pref_summary,
         "baselines": {m: base_on(m)["score"] for m in cfg.methods},
-        "curve_baselines": {m: first_seeds_score(base_on(m)["scores"], len(seeds), cfg.curve_seeds)
-                            for m in cfg.methods},
-        "caption_baselines": {m: caption_means(base_on(m)["scores"], len(seeds))
-                              for m in cfg.methods},
-        "eval_sets": {m: "long captions, facts past token 77" if m.startswith("sft-")
-                      else "short captions" for m in cfg.methods},
+        "curve_baselines": {
+            m: first_seeds_score(base_on(m)["scores"], len(seeds), cfg.curve_seeds)
+            for m in cfg.methods
+        },
+        "caption_baselines": {
+            m: caption_means(base_on(m)["scores"], len(seeds)) for m in cfg.methods
+        },
+        "eval_sets": {
+            m: "long captions, facts past token 77" if m.startswith("sft-") else "short captions"
+            for m in cfg.methods
+        },
         "base_long_score": {k[5:]: v["score"] for k, v in judged.items() if k.startswith("long-")}
         or None,
         "preference_model": pref_accuracy,
-        "commands": {m: f"ALIGN_DEMO={cfg.artifacts} align fit " + " ".join(job_args(cfg, m, 0))
-                     for m in cfg.methods},
-        "results": results, "timings_s": timings, "eval_captions": eval_caps,
-        "long_eval_captions": long_caps, "torch_threads": torch.get_num_threads(),
+        "commands": {
+            m: f"ALIGN_DEMO={cfg.artifacts} align fit " + " ".join(job_args(cfg, m, 0))
+            for m in cfg.methods
+        },
+        "results": results,
+        "timings_s": timings,
+        "eval_captions": eval_caps,
+        "long_eval_captions": long_caps,
+        "torch_threads": torch.get_num_threads(),
         "command": command,
     }
     (out / "demo.json").write_text(json.dumps(summary_out, indent=2, default=float) + "\n")

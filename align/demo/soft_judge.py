@@ -1,30 +1,33 @@
-"""A differentiable relaxation of the shapes-world judge, as a registry reward (``build_reward("shapes-judge")``).
+"""A differentiable relaxation of the shapes-world judge, as a registry reward
+(``build_reward("shapes-judge")``).
 
-Why it exists: the judge (``align.demo.judge``) is exact but reads images with argmins, thresholds and majority
-votes, so it has no gradient; reward fine-tuning (``RFTModule`` with a direct reward) backpropagates the reward
-through the decoded image, so it needs one. ``SoftJudge`` scores the same facts with smooth operations. It is a
-training signal only: the exact judge stays the evaluator, and the two agree in ranking on clear cases (tested),
-not in value.
+Why it exists: the judge (``align.demo.judge``) is exact but reads images with argmins, thresholds
+and majority votes, so it has no gradient; reward fine-tuning (``RFTModule`` with a direct reward)
+backpropagates the reward through the decoded image, so it needs one. ``SoftJudge`` scores the same
+facts with smooth operations. It is a training signal only: the exact judge stays the evaluator, and
+the two agree in ranking on clear cases (tested), not in value.
 
-The relaxation, per image and caption (objects parsed by ``judge.parse_caption``, exactly as the judge does):
+The relaxation, per image and caption (objects parsed by ``judge.parse_caption``, exactly as the
+judge does):
 
 * every pixel gets a soft membership over {background, the 4 palette colours}:
-  ``softmax(-||255 * pixel - colour|| / tau)`` (Euclidean distance, smoothed at 0; the judge takes the nearest
-  colour, this is its soft version);
-* colour fact = (target-colour mass in the object's cell) / max(foreground mass in the cell, ``min_pixels``):
-  the share of the cell's foreground that has the stated colour (the judge's majority vote), near 0 for an
-  empty cell (the judge's ``min_pixels``);
-* shape fact = fit(stated shape) * softmax_shapes(fit / ``shape_temperature``)[stated shape], where fit(s) is
-  the soft IoU of the cell's foreground (1 - p(background)) with shape s's mask as the renderer draws it,
-  softly maximised over the renderer's position and size jitter (the best-fitting template): "an object is
-  there, and it looks more like the stated shape than like the other" (the judge classifies the shape by its
-  bounding-box fill instead, which has no useful gradient);
-* object score = (colour + shape) / 2, reward = mean over objects, in [0, 1]; a caption stating no object
-  scores 1, as with the judge. Cells the caption does not mention are ignored, as by the judge.
+  ``softmax(-||255 * pixel - colour|| / tau)`` (Euclidean distance, smoothed at 0; the judge takes
+  the nearest colour, this is its soft version);
+* colour fact = (target-colour mass in the object's cell) / max(foreground mass in the cell,
+  ``min_pixels``): the share of the cell's foreground that has the stated colour (the judge's
+  majority vote), near 0 for an empty cell (the judge's ``min_pixels``);
+* shape fact = fit(stated shape) * softmax_shapes(fit / ``shape_temperature``)[stated shape], where
+  fit(s) is the soft IoU of the cell's foreground (1 - p(background)) with shape s's mask as the
+  renderer draws it, softly maximised over the renderer's position and size jitter (the best-fitting
+  template): "an object is there, and it looks more like the stated shape than like the other" (the
+  judge classifies the shape by its bounding-box fill instead, which has no useful gradient);
+* object score = (colour + shape) / 2, reward = mean over objects, in [0, 1]; a caption stating no
+  object scores 1, as with the judge. Cells the caption does not mention are ignored,
+  as by the judge.
 
-So a correct object scores near 1, the right shape in the wrong colour near 0.5, an empty cell near 0, the
-right colour in the wrong shape in between (as the judge's 1, 0.5, 0, 0.5). No trainable parameters; the
-computation is float32 whatever ``.to(dtype)`` was applied.
+So a correct object scores near 1, the right shape in the wrong colour near 0.5, an empty cell near
+0, the right colour in the wrong shape in between (as the judge's 1, 0.5, 0, 0.5). No trainable
+parameters; the computation is float32 whatever ``.to(dtype)`` was applied.
 """
 
 from __future__ import annotations
@@ -54,21 +57,41 @@ def _draw_mask(shape: str, cell: int, size: int, dx: float, dy: float, dhalf: fl
     left, top, _, _ = world.cell_box(cell, size)
     half, cx, cy = step * 0.34 + dhalf, left + step / 2 + dx, top + step / 2 + dy
     if shape == "square":
-        draw.rectangle([round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1], fill=1)
+        draw.rectangle(
+            [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1], fill=1
+        )
     else:
-        draw.polygon([(cx, cy - half - 1), (cx - half - 1, cy + half), (cx + half + 1, cy + half)], fill=1)
+        draw.polygon(
+            [(cx, cy - half - 1), (cx - half - 1, cy + half), (cx + half + 1, cy + half)], fill=1
+        )
     return np.asarray(image, dtype=np.float32)
 
 
 @lru_cache(maxsize=None)
 def templates(size: int = world.SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shape masks, cell masks): (len(SHAPES), cells, J, size, size) masks of every shape in every cell as the
-    renderer draws it at J jitters (offsets in [-1, 1] px, half-size in [-0.5, 0.5] px: ``world.render``'s
-    range), and (cells, size, size) masks of the cells."""
+    """(shape masks, cell masks): (len(SHAPES), cells, J, size, size) masks of every shape in every
+    cell as the renderer draws it at J jitters (offsets in [-1, 1] px, half-size in [-0.5, 0.5] px:
+    ``world.render``'s range), and (cells, size, size) masks of the cells."""
     offsets, halves = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
     cells = world.GRID * world.GRID
-    shapes = np.stack([np.stack([np.stack([_draw_mask(shape, c, size, dx, dy, dh) for dx in offsets for dy in offsets
-                                           for dh in halves]) for c in range(cells)]) for shape in world.SHAPES])
+    shapes = np.stack(
+        [
+            np.stack(
+                [
+                    np.stack(
+                        [
+                            _draw_mask(shape, c, size, dx, dy, dh)
+                            for dx in offsets
+                            for dy in offsets
+                            for dh in halves
+                        ]
+                    )
+                    for c in range(cells)
+                ]
+            )
+            for shape in world.SHAPES
+        ]
+    )
     boxes = np.zeros((cells, size, size), np.float32)
     for c in range(cells):
         left, top, right, bottom = world.cell_box(c, size)
@@ -80,21 +103,33 @@ class SoftJudge(RewardModel):
     """The judge's facts, relaxed to be differentiable (see the module doc).
 
     Args:
-        tau: softness of the colour membership, in 0-255 pixel-distance units (smaller: closer to the judge's
-            hard nearest colour, but vanishing gradients far from a decision boundary).
-        min_pixels: foreground mass below which a cell's colour fact is damped (the judge's ``min_pixels``).
-        fit_temperature: softness of the max over a template's jitters (smaller: closer to the best fit).
-        shape_temperature: softness of the choice between the shapes' fits (smaller: closer to a hard choice).
+        tau: softness of the colour membership, in 0-255 pixel-distance units (smaller: closer to
+            the judge's hard nearest colour, but vanishing gradients far from a decision boundary).
+        min_pixels: foreground mass below which a cell's colour fact is damped
+            (the judge's ``min_pixels``).
+        fit_temperature: softness of the max over a template's jitters
+            (smaller: closer to the best fit).
+        shape_temperature: softness of the choice between the shapes' fits
+            (smaller: closer to a hard choice).
     """
 
     name = "shapes-judge"
 
-    def __init__(self, tau: float = 30.0, min_pixels: float = 12.0, fit_temperature: float = 0.02,
-                 shape_temperature: float = 0.08):
+    def __init__(
+        self,
+        tau: float = 30.0,
+        min_pixels: float = 12.0,
+        fit_temperature: float = 0.02,
+        shape_temperature: float = 0.08,
+    ):
         super().__init__()
         self.tau, self.min_pixels = float(tau), float(min_pixels)
-        self.fit_temperature, self.shape_temperature = float(fit_temperature), float(shape_temperature)
-        # no parameters: this buffer only carries the device (``.to(device)``) for ``RewardModel.score``
+        self.fit_temperature, self.shape_temperature = (
+            float(fit_temperature),
+            float(shape_temperature),
+        )
+        # no parameters: this buffer only carries the device
+        # (``.to(device)``) for ``RewardModel.score``
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     @property
@@ -111,11 +146,15 @@ class SoftJudge(RewardModel):
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"shapes-judge needs square (N, 3, H, H) images in [0, 1]; got {tuple(images.shape)}")
+            raise ValueError(
+                "shapes-judge needs square (N, 3, H, H) images in [0, 1]; got "
+                f"{tuple(images.shape)}"
+            )
         return images
 
     def memberships(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 1 + colours, H, W): soft membership of every pixel in {background, palette colours}."""
+        """(N, 1 + colours, H, W): soft membership of every pixel in {background,
+        palette colours}."""
         x = pixel_values.float().clamp(0, 1) * 255.0
         palette = _PALETTE.to(x.device)
         d2 = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # (N, K, H, W)
@@ -135,11 +174,15 @@ class SoftJudge(RewardModel):
             for o in objs:
                 fg_cell = fg[i] * cell_t[o.cell]
                 mass = fg_cell.sum()
-                color = (p[i, _COLOR_INDEX[o.color]] * cell_t[o.cell]).sum() / mass.clamp(min=self.min_pixels)
+                color = (p[i, _COLOR_INDEX[o.color]] * cell_t[o.cell]).sum() / mass.clamp(
+                    min=self.min_pixels
+                )
                 masks = shape_t[:, o.cell]  # (shapes, J, H, W)
                 inter = (masks * fg_cell).sum((-2, -1))
                 iou = inter / (masks.sum((-2, -1)) + mass - inter)
-                fit = (torch.softmax(iou / self.fit_temperature, -1) * iou).sum(-1)  # (shapes,): ~ best jitter
+                fit = (torch.softmax(iou / self.fit_temperature, -1) * iou).sum(
+                    -1
+                )  # (shapes,): ~ best jitter
                 k = world.SHAPES.index(o.shape)
                 shape = fit[k] * torch.softmax(fit / self.shape_temperature, 0)[k]
                 scores.append(0.5 * (color + shape))

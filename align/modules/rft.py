@@ -2,27 +2,30 @@
 
 Per step (official ``unet_reward.py``; DESIGN.md "LongAlign"):
 
-1. encode the prompts and the empty prompt with the same (segment) encoder; start from Gaussian noise;
+1. encode the prompts and the empty prompt with the same (segment) encoder;
+   start from Gaussian noise;
 2. DDIM (eta 0, "trailing" timesteps: 999, 979, ..., 19 for 50 steps) with classifier-free guidance.
-   The UNet always sees the current latents *detached*; at ``grad_steps`` evenly spaced steps (stride
-   ``num_steps // grad_steps``, a random offset in [0, stride)) its call keeps gradients (checkpointed:
-   recomputed in backward), at every other step it runs under ``no_grad``. The DDIM update stays
-   differentiable, so the reward's gradient reaches each chosen step's UNet output through the linear
-   chain of updates that follow it, and no other UNet call;
+   The UNet always sees the current latents *detached*; at ``grad_steps`` evenly spaced steps
+   (stride ``num_steps // grad_steps``, a random offset in [0, stride)) its call keeps gradients
+   (checkpointed: recomputed in backward), at every other step it runs under ``no_grad``. The DDIM
+   update stays differentiable, so the reward's gradient reaches each chosen step's UNet output
+   through the linear chain of updates that follow it, and no other UNet call;
 3. decode the last step's x0 prediction with the (frozen) VAE to [0, 1];
 4. the injected objective (``align.rewards.rft``) scores the images: LongAlign's segment-level S_w
    (loss 0.5 * (1 - mean S_w)) or a reward maximised directly (loss 1 - mean score).
 
-Bad input is skipped and logged, never trained on: the objective drops prompts it cannot score and names
-batches it cannot use (``train/skipped_no_segments``, ``train/skipped_degenerate``,
-``train/direction_fallback``); a non-finite reward skips the step (``train/skipped_nonfinite``). Under DDP
-these decisions are all-reduced so every rank skips together (one rank skipping alone would hang).
+Bad input is skipped and logged, never trained on: the objective drops prompts it cannot score and
+names batches it cannot use (``train/skipped_no_segments``, ``train/skipped_degenerate``,
+``train/direction_fallback``); a non-finite reward skips the step (``train/skipped_nonfinite``).
+Under DDP these decisions are all-reduced so every rank skips together
+(one rank skipping alone would hang).
 
 The policy is a *new* LoRA (``lora_rank`` > 0) on top of the SFT model: ``model`` is the base and
-``init_lora`` an SFT LoRA export fused into the base weights first. The prompt encoder defaults to the one
-recorded in the SFT export (``prompt_encoder.json``, T5 adapter included, frozen here). Export: the new LoRA,
-``prompt_encoder.json`` (+ ``text_adapter/``) and ``rft.json`` naming the base and the SFT LoRA it sits on:
-load both LoRAs (``load_lora_weights(sft, adapter_name="sft")``, then this one) to sample.
+``init_lora`` an SFT LoRA export fused into the base weights first. The prompt encoder defaults to
+the one recorded in the SFT export (``prompt_encoder.json``, T5 adapter included, frozen here).
+Export: the new LoRA, ``prompt_encoder.json`` (+ ``text_adapter/``) and ``rft.json`` naming the base
+and the SFT LoRA it sits on: load both LoRAs (``load_lora_weights(sft, adapter_name="sft")``, then
+this one) to sample.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def grad_step_indices(num_steps: int, grad_steps: int, offset: int) -> list[int]:
-    """``grad_steps`` indices evenly spaced by ``num_steps // grad_steps``, starting at ``offset``."""
+    """``grad_steps`` indices evenly spaced by ``num_steps // grad_steps``,
+    starting at ``offset``."""
     if not 1 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps must be in [1, num_steps={num_steps}], got {grad_steps}")
     stride = num_steps // grad_steps
@@ -76,10 +80,10 @@ def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
 
 
 def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
-    """Fuse a diffusers-format LoRA export (UNet part) into ``unet``'s base weights with diffusers' own
-    ``fuse_lora`` + ``unload_lora`` (the export's adapter config, alpha included, sets the scale, as
-    ``load_lora_weights`` does). Call it before the UNet gets an adapter of its own: peft keeps a fused
-    layer marked merged. Returns the number of layers fused."""
+    """Fuse a diffusers-format LoRA export (UNet part) into ``unet``'s base weights with diffusers'
+    own ``fuse_lora`` + ``unload_lora`` (the export's adapter config, alpha included, sets the
+    scale, as ``load_lora_weights`` does). Call it before the UNet gets an adapter of its own: peft
+    keeps a fused layer marked merged. Returns the number of layers fused."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -116,16 +120,26 @@ class RFTModule(DiffusionModule):
 
     needs_reference = False
 
-    def __init__(self, objective: RewardObjective, num_steps: int = 50, grad_steps: int = 5,
-                 guidance_scale: float = 7.5, resolution: int | None = None,
-                 vae_checkpointing: bool = False, init_lora: str | None = None, **kwargs):
+    def __init__(
+        self,
+        objective: RewardObjective,
+        num_steps: int = 50,
+        grad_steps: int = 5,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        vae_checkpointing: bool = False,
+        init_lora: str | None = None,
+        **kwargs,
+    ):
         if kwargs.get("lora_rank", 0) <= 0:
             raise ValueError("RFT trains a new LoRA on top of the SFT model: set lora_rank > 0")
         grad_step_indices(num_steps, grad_steps, 0)  # validates the pair before anything is loaded
         if init_lora is not None and not Path(init_lora).expanduser().exists():
             raise FileNotFoundError(f"init_lora {init_lora} does not exist")
         if kwargs.get("prompt_encoder_args") is None:
-            spec = read_encoder_spec(init_lora) or read_encoder_spec(_local_dir(kwargs.get("model")))
+            spec = read_encoder_spec(init_lora) or read_encoder_spec(
+                _local_dir(kwargs.get("model"))
+            )
             if spec is not None:
                 kwargs["prompt_encoder"], kwargs["prompt_encoder_args"] = spec
                 log.info("RFT prompt encoder from the SFT export: %s %s", *spec)
@@ -138,8 +152,9 @@ class RFTModule(DiffusionModule):
         self.num_steps, self.grad_steps, self.guidance_scale = num_steps, grad_steps, guidance_scale
         self.resolution = resolution or self.components.resolution
         self.vae_checkpointing = vae_checkpointing
-        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(),
-                             persistent=False)
+        self.register_buffer(
+            "alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
         self.init_lora = init_lora
         self._counts: dict[str, int] = {}
 
@@ -148,7 +163,7 @@ class RFTModule(DiffusionModule):
             fused = merge_lora_into_unet(unet, self._sft_lora, sdxl=self.components.is_sdxl)
             log.info("fused %d LoRA layers of %s into the base UNet", fused, self._sft_lora)
 
-    # ---- frozen parts -------------------------------------------------------------------------------
+    # ---- frozen parts ----------------------------------------------------------------------------
     def trainable_prompt_parts(self) -> list[torch.nn.Module]:
         return []  # RFT trains the new LoRA only; an SFT T5 adapter stays frozen
 
@@ -156,16 +171,18 @@ class RFTModule(DiffusionModule):
         objective = getattr(self, "objective", None)
         return super().frozen_modules() + ([objective] if objective is not None else [])
 
-    # ---- sampling -----------------------------------------------------------------------------------
+    # ---- sampling --------------------------------------------------------------------------------
     def grad_indices(self, step: int | None = None) -> list[int]:
-        """This step's gradient steps: evenly spaced, random offset (reproducible from seed and step)."""
+        """This step's gradient steps: evenly spaced, random offset
+        (reproducible from seed and step)."""
         step = self.global_step if step is None else step
         stride = self.num_steps // self.grad_steps
         offset = random.Random(self.hparams.seed * 1_000_003 + step).randrange(stride)
         return grad_step_indices(self.num_steps, self.grad_steps, offset)
 
-    def guided_prediction(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
-                          time_ids: torch.Tensor | None) -> torch.Tensor:
+    def guided_prediction(
+        self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, time_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond)."""
         n = x.shape[0]
         out = self.unet_forward(self.unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids)
@@ -177,11 +194,18 @@ class RFTModule(DiffusionModule):
         if self.prediction_type == "epsilon":
             return (x - (1 - a_t).sqrt() * pred) / a_t.sqrt(), pred
         if self.prediction_type == "v_prediction":
-            return a_t.sqrt() * x - (1 - a_t).sqrt() * pred, a_t.sqrt() * pred + (1 - a_t).sqrt() * x
+            return a_t.sqrt() * x - (1 - a_t).sqrt() * pred, a_t.sqrt() * pred + (
+                1 - a_t
+            ).sqrt() * x
         raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
-    def rollout(self, prompts: list[str], grad_indices: list[int], noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def rollout(
+        self,
+        prompts: list[str],
+        grad_indices: list[int],
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """DDIM with CFG from noise; returns the last step's x0 prediction (latents), differentiable
         through the UNet calls at ``grad_indices`` only."""
         n = len(prompts)
@@ -193,8 +217,9 @@ class RFTModule(DiffusionModule):
         if noise is None:
             side = self.resolution // self.components.vae_scale_factor
             device = self.device if generator is None else generator.device
-            noise = torch.randn((n, self.unet.config.in_channels, side, side), generator=generator,
-                                device=device).to(self.device)
+            noise = torch.randn(
+                (n, self.unet.config.in_channels, side, side), generator=generator, device=device
+            ).to(self.device)
         timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, self.num_steps)
         timesteps = timesteps.to(self.device)
         alphas = self.alphas_cumprod.to(self.device)
@@ -205,8 +230,9 @@ class RFTModule(DiffusionModule):
             a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
             x_in = x.detach()  # official: the UNet never differentiates through its input
             if i in chosen and torch.is_grad_enabled():
-                pred = checkpoint(self.guided_prediction, x_in, t, both, time_ids,
-                                  use_reentrant=False)
+                pred = checkpoint(
+                    self.guided_prediction, x_in, t, both, time_ids, use_reentrant=False
+                )
             else:
                 with torch.no_grad():
                     pred = self.guided_prediction(x_in, t, both, time_ids)
@@ -215,7 +241,8 @@ class RFTModule(DiffusionModule):
         return x0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] (float32), differentiable w.r.t. the latents (the VAE is frozen)."""
+        """Latents -> images in [0, 1] (float32), differentiable w.r.t. the latents
+        (the VAE is frozen)."""
         vae = self.vae
         z = latents / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
@@ -232,7 +259,7 @@ class RFTModule(DiffusionModule):
             images = run(z)
         return (images.float() * 0.5 + 0.5).clamp(0, 1)
 
-    # ---- steps --------------------------------------------------------------------------------------
+    # ---- steps -----------------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
 
@@ -264,7 +291,9 @@ class RFTModule(DiffusionModule):
         images = self.decode(self.rollout(prepared.prompts, self.grad_indices()))
         loss, metrics = self.objective(images, prepared, grad=True)
         if self.any_rank(not bool(torch.isfinite(loss.detach())), self.device):
-            log.warning("step %d: non-finite reward on some rank; skipping the step", self.global_step)
+            log.warning(
+                "step %d: non-finite reward on some rank; skipping the step", self.global_step
+            )
             return self.skip("skipped_nonfinite")
         self.log_metrics("train", {"loss": loss.detach(), **metrics}, len(prepared.prompts))
         self.log_counts()
@@ -284,16 +313,20 @@ class RFTModule(DiffusionModule):
             return None
         self.log_metrics("val", {"loss": loss, **metrics}, len(prepared.prompts))
 
-    # ---- export -------------------------------------------------------------------------------------
+    # ---- export ----------------------------------------------------------------------------------
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)
         save_prompt_encoder(self.prompt_encoder, out, self.encoder_kind, self.encoder_args)
-        info = {"base_model": self.hparams.get("model"), "init_lora": self.init_lora,
-                "lora_rank": self.hparams.lora_rank, **self.objective.settings,
-                "load": "pipe = from_pretrained(base_model); "
-                        "pipe.load_lora_weights(init_lora, adapter_name='sft'); "
-                        "pipe.load_lora_weights(<this dir>, adapter_name='rft'); "
-                        "pipe.set_adapters(['sft', 'rft'], [1.0, 1.0])"}
+        info = {
+            "base_model": self.hparams.get("model"),
+            "init_lora": self.init_lora,
+            "lora_rank": self.hparams.lora_rank,
+            **self.objective.settings,
+            "load": "pipe = from_pretrained(base_model); "
+            "pipe.load_lora_weights(init_lora, adapter_name='sft'); "
+            "pipe.load_lora_weights(<this dir>, adapter_name='rft'); "
+            "pipe.set_adapters(['sft', 'rft'], [1.0, 1.0])",
+        }
         (Path(out) / "rft.json").write_text(json.dumps(info, indent=2) + "\n")
         return out
 

@@ -1,10 +1,10 @@
 """The reward registry: small named factories, ``build_reward(name, source, device)`` builds one.
 
-A factory has the signature ``factory(source: str | None, **options) -> RewardModel``; ``source`` is a local
-path or hub id (``None``: the model's published default). Options from a local source's ``align_reward.json``
-are merged under the caller's options. A reward registered outside this package is named ``module:name``
-(e.g. the shapes-world demo's ``align.demo.soft_judge:shapes-judge``): the module is imported first, which
-registers it.
+A factory has the signature ``factory(source: str | None, **options) -> RewardModel``; ``source`` is
+a local path or hub id (``None``: the model's published default). Options from a local source's
+``align_reward.json`` are merged under the caller's options. A reward registered outside this
+package is named ``module:name`` (e.g. the shapes-world demo's
+``align.demo.soft_judge:shapes-judge``): the module is imported first, which registers it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ import torch
 from align.rewards.base import RewardModel
 
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}
-_ALIASES = {"hpsv2": "hps", "hpsv2.1": "hps", "pick": "pickscore", "clipscore": "clip", "clip-score": "clip",
-            "laion-aesthetic": "aesthetic", "aesthetics": "aesthetic", "image-reward": "imagereward",
-            "image_reward": "imagereward"}
+_ALIASES = {
+    "hpsv2": "hps",
+    "hpsv2.1": "hps",
+    "pick": "pickscore",
+    "clipscore": "clip",
+    "clip-score": "clip",
+    "laion-aesthetic": "aesthetic",
+    "aesthetics": "aesthetic",
+    "image-reward": "imagereward",
+    "image_reward": "imagereward",
+}
 
 
 def register_reward(name: str):
@@ -57,10 +65,15 @@ def available_rewards() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def build_reward(name: str, source: str | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, **options) -> RewardModel:
-    """Build the reward ``name`` from ``source`` (local path or hub id; default: the published weights), frozen,
-    in eval mode, on ``device`` in ``dtype``."""
+def build_reward(
+    name: str,
+    source: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **options,
+) -> RewardModel:
+    """Build the reward ``name`` from ``source`` (local path or hub id; default: the published
+    weights), frozen, in eval mode, on ``device`` in ``dtype``."""
     from align.rewards.sources import read_manifest
 
     key = canonical_name(name)

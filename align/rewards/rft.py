@@ -1,14 +1,18 @@
-"""What reward fine-tuning maximises: one protocol, two objectives a config injects into ``RFTModule``.
+"""What reward fine-tuning maximises: one protocol,
+two objectives a config injects into ``RFTModule``.
 
-Per batch the module calls ``objective.prepare(prompts)`` (every rank: it may hold a collective), samples
-images for the prepared prompts, then ``objective(images, prepared, grad)`` -> (loss, metrics). A batch an
-objective cannot use names the counter to raise in ``prepared.skip``; the module skips it on every rank.
+Per batch the module calls ``objective.prepare(prompts)`` (every rank: it may hold a collective),
+samples images for the prepared prompts, then ``objective(images, prepared, grad)`` -> (loss,
+metrics). A batch an objective cannot use names the counter to raise in ``prepared.skip``; the
+module skips it on every rank.
 
-- ``SegmentPreference``: LongAlign's decomposed, reweighted segment-level score of a CLIP-based reward,
-  S_w = <img, t - eta v> + w * eta <img, v>, v the batch's common text direction across ranks
-  (``direction: batch``) or a saved one; loss = 0.5 * (1 - mean S_w) (official ``unet_reward.py``).
-- ``DirectReward``: any registry reward maximised as is (DRaFT / AlignProp): loss = 1 - mean score, the
-  score expected in [0, 1] (e.g. the shapes world's judge relaxation, ``align.demo.soft_judge``).
+- ``SegmentPreference``: LongAlign's decomposed, reweighted segment-level score of a CLIP-based
+  reward, S_w = <img, t - eta v> + w * eta <img, v>, v the batch's common text direction across
+  ranks (``direction: batch``) or a saved one; loss = 0.5 * (1 - mean S_w)
+  (official ``unet_reward.py``).
+- ``DirectReward``: any registry reward maximised as is (DRaFT / AlignProp): loss = 1 - mean score,
+  the score expected in [0, 1] (e.g. the shapes world's judge relaxation,
+  ``align.demo.soft_judge``).
 
 Both build their reward from the registry (a name, or ``module:name`` for one registered outside
 ``align.rewards``), frozen, in ``dtype``; it moves with the module and never enters checkpoints.
@@ -44,8 +48,14 @@ class Prepared:
 class RewardObjective(torch.nn.Module):
     """A frozen registry reward and how RFT turns its scores into a loss."""
 
-    def __init__(self, reward: str, source: str | None, options: dict | None, dtype: str,
-                 random_crop: int | None):
+    def __init__(
+        self,
+        reward: str,
+        source: str | None,
+        options: dict | None,
+        dtype: str,
+        random_crop: int | None,
+    ):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -65,7 +75,7 @@ class RewardObjective(torch.nn.Module):
             return images
         h, w = images.shape[-2:]
         top, left = random.randrange(h - size + 1), random.randrange(w - size + 1)
-        return images[..., top:top + size, left:left + size]
+        return images[..., top : top + size, left : left + size]
 
     def prepare(self, prompts: list[str]) -> Prepared:
         return Prepared(prompts, skip=None if prompts else "skipped_empty_batch")
@@ -74,11 +84,20 @@ class RewardObjective(torch.nn.Module):
 class DirectReward(RewardObjective):
     """loss = 1 - mean reward of the decoded images (DRaFT / AlignProp); logs ``reward_mean``."""
 
-    def __init__(self, reward: str, source: str | None = None, options: dict | None = None,
-                 dtype: str = "float32", random_crop: int | None = None):
+    def __init__(
+        self,
+        reward: str,
+        source: str | None = None,
+        options: dict | None = None,
+        dtype: str = "float32",
+        random_crop: int | None = None,
+    ):
         super().__init__(reward, source, options, dtype, random_crop)
-        self.record(dict(reward=reward, source=source, options=options, dtype=dtype,
-                         random_crop=random_crop))
+        self.record(
+            dict(
+                reward=reward, source=source, options=options, dtype=dtype, random_crop=random_crop
+            )
+        )
 
     def forward(self, images: torch.Tensor, prepared: Prepared, grad: bool):
         scores = self.reward.score(self.crop(images), prepared.prompts, grad=grad)
@@ -92,33 +111,54 @@ class SegmentPreference(RewardObjective):
         reward / source / options / dtype: the registry reward, where its weights are, its factory
             options, ``float32`` or ``bfloat16``.
         w: the weight of the text-irrelevant part (0.3; 1 recovers the original score).
-        direction: ``batch`` (v per batch, averaged across ranks) or a saved direction file (fixed v).
+        direction: ``batch`` (v per batch, averaged across ranks) or a saved direction file
+            (fixed v).
         direction_fallback: a saved direction for a batch that cannot define one (None: skip it).
         splitter: how prompts are split into segments (``official``).
         random_crop: crop decoded images to this side before scoring (official: 504 of 512).
     """
 
-    def __init__(self, reward: str = "denscore", source: str | None = None,
-                 options: dict | None = None, dtype: str = "float32", w: float = 0.3,
-                 direction: str = "batch", direction_fallback: str | None = None,
-                 splitter: str = "official", random_crop: int | None = None):
+    def __init__(
+        self,
+        reward: str = "denscore",
+        source: str | None = None,
+        options: dict | None = None,
+        dtype: str = "float32",
+        w: float = 0.3,
+        direction: str = "batch",
+        direction_fallback: str | None = None,
+        splitter: str = "official",
+        random_crop: int | None = None,
+    ):
         fixed = None if direction == "batch" else load_direction(direction)  # a missing file: now
         fallback = None if direction_fallback is None else load_direction(direction_fallback)
         super().__init__(reward, source, options, dtype, random_crop)
         if not all(hasattr(self.reward, a) for a in ("embed_images", "embed_segments")):
-            raise TypeError(f"reward {reward!r} has no image/text embeddings: LongAlign's "
-                            "decomposition needs a CLIP-based reward; use DirectReward")
+            raise TypeError(
+                f"reward {reward!r} has no image/text embeddings: LongAlign's "
+                "decomposition needs a CLIP-based reward; use DirectReward"
+            )
         self.w, self.splitter = w, splitter
         self.settings["w"] = w
-        self.record(dict(reward=reward, source=source, options=options, dtype=dtype, w=w,
-                         direction=direction, direction_fallback=direction_fallback,
-                         splitter=splitter, random_crop=random_crop))
+        self.record(
+            dict(
+                reward=reward,
+                source=source,
+                options=options,
+                dtype=dtype,
+                w=w,
+                direction=direction,
+                direction_fallback=direction_fallback,
+                splitter=splitter,
+                random_crop=random_crop,
+            )
+        )
         self.register_buffer("fixed_direction", fixed, persistent=False)
         self.register_buffer("fallback_direction", fallback, persistent=False)
 
     def prepare(self, prompts: list[str]) -> Prepared:
-        """Prompts without segments are dropped (counted); v comes from the batch (a collective: called
-        on every rank, whatever it holds), the fixed direction, or the fallback."""
+        """Prompts without segments are dropped (counted); v comes from the batch (a collective:
+        called on every rank, whatever it holds), the fixed direction, or the fallback."""
         with torch.no_grad():
             texts = embed_prompt_segments(self.reward, prompts, self.splitter)
         keep = texts.has_text.tolist()

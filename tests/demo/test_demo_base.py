@@ -1,5 +1,5 @@
-"""The demo base's conditioning capacity: wider than the tiny preset's where the config says so, and the trained
-base directory loads back with it."""
+"""The demo base's conditioning capacity: wider than the tiny preset's where the config says so, and
+the trained base directory loads back with it."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ def test_conditioning_widens_the_text_encoder_and_adds_cross_attention_to_every_
     assert unet.config.cross_attention_dim == 64 and text.config.hidden_size == 64
     assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
     assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
-    ids = parts.tokenizers[0](["a red square in the top left."], padding="max_length", return_tensors="pt").input_ids
-    out = unet(torch.randn(1, 4, 16, 16), torch.tensor([10]), encoder_hidden_states=text(ids)[0]).sample
+    ids = parts.tokenizers[0](
+        ["a red square in the top left."], padding="max_length", return_tensors="pt"
+    ).input_ids
+    out = unet(
+        torch.randn(1, 4, 16, 16), torch.tensor([10]), encoder_hidden_states=text(ids)[0]
+    ).sample
     assert out.shape == (1, 4, 16, 16)
 
 
@@ -36,7 +40,10 @@ def test_a_level_count_the_unet_does_not_have_fails_with_its_name():
 
 def test_the_trained_base_loads_back_with_its_conditioning(tmp_path):
     torch.set_num_threads(1)
-    base = build_base(tmp_path / "base", BaseConfig(scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4))
+    base = build_base(
+        tmp_path / "base",
+        BaseConfig(scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4),
+    )
     parts = load_components(str(base))
     assert parts.unet.config.cross_attention_dim == 64 == parts.text_encoders[0].config.hidden_size
     assert list(parts.unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2

@@ -1,9 +1,11 @@
-"""Scale checks (slow; ``make test-all``): what the demo's report must show, at a smaller scale than the report.
+"""Scale checks (slow; ``make test-all``): what the demo's report must show,
+at a smaller scale than the report.
 
-Each trains real models for minutes, so they run on the demo's own bases, cached where ``make demo`` keeps them
-(trained there first when missing: ~10 minutes for the full base, ~2 for the quick one). Every number is
-deterministic on a given machine (fixed seeds throughout), so a check that passes once is not luck of the draw
-on that machine; the margins in the report (``docs/demo/README.md``) say how far each is from failing.
+Each trains real models for minutes, so they run on the demo's own bases, cached where ``make demo``
+keeps them (trained there first when missing: ~10 minutes for the full base, ~2 for the quick one).
+Every number is deterministic on a given machine (fixed seeds throughout), so a check that passes
+once is not luck of the draw on that machine; the margins in the report (``docs/demo/README.md``)
+say how far each is from failing.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ def _finals(summary: dict, method: str) -> list[float]:
 
 
 def test_segment_encoding_beats_truncation_on_facts_past_token_77(tmp_path):
-    """On the quick demo (2 training seeds): LongAlign SFT with segment encoding satisfies more of the facts past
-    token 77 than the same SFT with truncation, and more than the base."""
-    cfg = quick_config(out=str(tmp_path / "report"), seeds=2, artifacts=str(ROOT / "artifacts" / "shapes-quick"))
+    """On the quick demo (2 training seeds): LongAlign SFT with segment encoding satisfies more of
+    the facts past token 77 than the same SFT with truncation, and more than the base."""
+    cfg = quick_config(
+        out=str(tmp_path / "report"), seeds=2, artifacts=str(ROOT / "artifacts" / "shapes-quick")
+    )
     cfg.methods = ("sft-segment", "sft-truncate")
     summary = run_demo(cfg)
     segment, truncate = _finals(summary, "sft-segment"), _finals(summary, "sft-truncate")
@@ -37,19 +41,36 @@ def test_segment_encoding_beats_truncation_on_facts_past_token_77(tmp_path):
 
 
 def test_each_method_raises_the_score_and_each_flipped_control_lowers_it(tmp_path):
-    """On the full demo's base, one training seed per method, half the report's held-out captions with 4 sampling
-    seeds: DPO, KTO, RFT with the judge and RFT with the tiny CLIP preference model each raise the judge's score on
-    held-out captions; DPO and KTO with winners and losers (desirable and undesirable) swapped lower it."""
-    base = build_base(ROOT / "artifacts" / "shapes" / "base", BaseConfig())  # the demo's, reused or trained
+    """On the full demo's base, one training seed per method, half the report's held-out captions
+    with 4 sampling seeds: DPO, KTO, RFT with the judge and RFT with the tiny CLIP preference model
+    each raise the judge's score on held-out captions; DPO and KTO with winners and losers
+    (desirable and undesirable) swapped lower it."""
+    base = build_base(
+        ROOT / "artifacts" / "shapes" / "base", BaseConfig()
+    )  # the demo's, reused or trained
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "base").symlink_to(base)
     cfg = DemoConfig()
-    cfg = replace(cfg, out=str(tmp_path / "report"), artifacts=str(tmp_path / "art"), seeds=1, eval_captions=32,
-                  eval_seeds=cfg.eval_seeds[:4], methods=("dpo", "dpo-flipped", "kto", "kto-flipped", "rft-judge",
-                                                          "rft-clip"))
+    cfg = replace(
+        cfg,
+        out=str(tmp_path / "report"),
+        artifacts=str(tmp_path / "art"),
+        seeds=1,
+        eval_captions=32,
+        eval_seeds=cfg.eval_seeds[:4],
+        methods=("dpo", "dpo-flipped", "kto", "kto-flipped", "rft-judge", "rft-clip"),
+    )
     summary = run_demo(cfg)
     base_score = summary["base_score"]
     for method in ("dpo", "kto", "rft-judge", "rft-clip"):
-        assert _finals(summary, method)[0] > base_score, (method, _finals(summary, method), base_score)
+        assert _finals(summary, method)[0] > base_score, (
+            method,
+            _finals(summary, method),
+            base_score,
+        )
     for control in ("dpo-flipped", "kto-flipped"):
-        assert _finals(summary, control)[0] < base_score, (control, _finals(summary, control), base_score)
+        assert _finals(summary, control)[0] < base_score, (
+            control,
+            _finals(summary, control),
+            base_score,
+        )

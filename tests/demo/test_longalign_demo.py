@@ -11,8 +11,12 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base
 from align.demo.judge import judge, parse_caption
-from align.demo.longalign import (cells_beyond, long_eval_captions, resolve_encoder,
-                                  write_long_caption_shards)
+from align.demo.longalign import (
+    cells_beyond,
+    long_eval_captions,
+    resolve_encoder,
+    write_long_caption_shards,
+)
 from align.models.tokenizer import build_clip_tokenizer
 
 
@@ -23,8 +27,10 @@ def tok():
 
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("la") / "base",
-                      BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4))
+    return build_base(
+        tmp_path_factory.mktemp("la") / "base",
+        BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
+    )
 
 
 def test_every_long_sentence_starts_past_token_77(tok):
@@ -40,7 +46,10 @@ def test_every_long_sentence_starts_past_token_77(tok):
         ids = tok(text, truncation=True, max_length=77).input_ids  # what a 77-token encoder reads
         assert parse_caption(tok.decode(ids, skip_special_tokens=True)) == []
     # short captions, and a long sentence placed early, are within the limit
-    assert cells_beyond("a red square in the top left. a green square in the bottom right.", tok) == set()
+    assert (
+        cells_beyond("a red square in the top left. a green square in the bottom right.", tok)
+        == set()
+    )
     early = world.sentence(world.Obj(1, "red", "square"), long=True)
     late = world.sentence(world.Obj(2, "green", "triangle"), long=True)
     assert cells_beyond(" ".join([early, *world.LONG_PREAMBLE, late]), tok) == {2}
@@ -58,14 +67,29 @@ def test_shards_are_long_caption_schema_with_true_long_captions(tmp_path, tok):
     from align.data.longcaption import LongCaptionDataModule
 
     held_out = long_eval_captions(8, seed=3)
-    shards = write_long_caption_shards(tmp_path / "long", n_scenes=24, seed=0, exclude=held_out, shards=4)
+    shards = write_long_caption_shards(
+        tmp_path / "long", n_scenes=24, seed=0, exclude=held_out, shards=4
+    )
     assert len(list(shards.glob("longcaption-*.tar"))) == 4
-    dm = LongCaptionDataModule(sources=str(shards), batch_size=6, resolution=world.SIZE, num_workers=0,
-                               batches_per_epoch=4, shuffle_buffer=0)
+    dm = LongCaptionDataModule(
+        sources=str(shards),
+        batch_size=6,
+        resolution=world.SIZE,
+        num_workers=0,
+        batches_per_epoch=4,
+        shuffle_buffer=0,
+    )
     seen = 0
     for batch in dm.train_dataloader():
         assert batch["pixel_values"].shape[1:] == (3, world.SIZE, world.SIZE)
-        px = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        px = (
+            ((batch["pixel_values"] + 1) * 127.5)
+            .round()
+            .clamp(0, 255)
+            .byte()
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
         for image, cap in zip(px, batch["caption"]):
             assert len(tok(cap).input_ids) > 77 and cap not in held_out
             assert cells_beyond(cap, tok) == {o.cell for o in parse_caption(cap)}
@@ -83,10 +107,11 @@ def test_truncation_drops_the_late_facts_and_segments_keep_them(toy_base):
     with torch.no_grad():
         trunc = resolve_encoder(parts, "truncate")([a, b]).embeds
         seg = resolve_encoder(parts, "segment")([a, b]).embeds
-        short = resolve_encoder(parts, "truncate")(["a red square in the top left.",
-                                                     "a blue triangle in the bottom right."]).embeds
-    # the 77-token encoder cannot tell the two captions apart (same tokens; rows of a batched matmul may round
-    # differently, so not bitwise: seen once on a loaded machine)
+        short = resolve_encoder(parts, "truncate")(
+            ["a red square in the top left.", "a blue triangle in the bottom right."]
+        ).embeds
+    # the 77-token encoder cannot tell the two captions apart (same tokens; rows of a batched matmul
+    # may round differently, so not bitwise: seen once on a loaded machine)
     torch.testing.assert_close(trunc[0], trunc[1], rtol=0, atol=1e-5)
     assert not torch.allclose(seg[0], seg[1])
     assert not torch.allclose(short[0], short[1])
@@ -100,23 +125,45 @@ def read_weights(folder):
 
 
 @pytest.mark.parametrize("encoder,lora_rank", [("segment", 4), ("truncate", 0)])
-def test_sft_config_trains_two_steps_and_judges_late_facts(toy_base, tmp_path, monkeypatch, encoder,
-                                                          lora_rank):
+def test_sft_config_trains_two_steps_and_judges_late_facts(
+    toy_base, tmp_path, monkeypatch, encoder, lora_rank
+):
     import json
 
-    from align.demo.run import DemoConfig, batch, fit, job_args, steps
+    from align.demo.run import DemoConfig, batch_of, fit, job_args, steps
 
     art = tmp_path / "art"
     (art / "prefs").mkdir(parents=True)
     (art / "base").symlink_to(toy_base)
     held_out = long_eval_captions(2, seed=3)
     write_long_caption_shards(art / "prefs" / "long", n_scenes=16, seed=0, exclude=held_out)
-    (art / "judge.json").write_text(json.dumps(
-        {"short": [], "long": held_out, "seeds": [0, 1], "every": 0, "curve_seeds": 2, "steps": 2,
-         "guidance": 4.0}))
+    (art / "judge.json").write_text(
+        json.dumps(
+            {
+                "short": [],
+                "long": held_out,
+                "seeds": [0, 1],
+                "every": 0,
+                "curve_seeds": 2,
+                "steps": 2,
+                "guidance": 4.0,
+            }
+        )
+    )
     monkeypatch.setenv("ALIGN_DEMO", str(art))
-    cfg = DemoConfig(artifacts=str(art), fit_args={"*": steps(2) + batch(4) + [
-        "--model.init_args.lora_rank", str(lora_rank), "--model.init_args.optimizer.init_args.lr", "1e-3"]})
+    cfg = DemoConfig(
+        artifacts=str(art),
+        fit_args={
+            "*": steps(2)
+            + batch_of(4)
+            + [
+                "--model.init_args.lora_rank",
+                str(lora_rank),
+                "--model.init_args.optimizer.init_args.lr",
+                "1e-3",
+            ]
+        },
+    )
     method = f"sft-{encoder}"
     fit(job_args(cfg, method, 0))
     run = art / "runs" / method / "seed0"
@@ -127,14 +174,22 @@ def test_sft_config_trains_two_steps_and_judges_late_facts(toy_base, tmp_path, m
     before = read_weights(toy_base / "unet")
     if lora_rank:  # a LoRA on the cross-attention projections only, moved off its zero init
         lora = {k: v for k, v in after.items() if "lora.up" in k}  # diffusers: up = B
-        assert lora and all(".attn2." in k for k in after) and any(v.abs().sum() > 0 for v in lora.values())
+        assert (
+            lora
+            and all(".attn2." in k for k in after)
+            and any(v.abs().sum() > 0 for v in lora.values())
+        )
         # reproducible: the same seed trains the same weights (no clock-seeded shuffle buffer)
         fit(job_args(cfg, method, 0) + ["--trainer.logger.init_args.version", "again"])
         again = read_weights(art / "runs" / method / "again" / "export/final")
-        assert after.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in after.items())
+        assert after.keys() == again.keys() and all(
+            torch.equal(v, again[k]) for k, v in after.items()
+        )
     else:  # full fine-tuning: the UNet moved
         unet = read_weights(run / "export/final/unet")
-        assert unet.keys() == before.keys() and any(not torch.equal(v, before[k]) for k, v in unet.items())
+        assert unet.keys() == before.keys() and any(
+            not torch.equal(v, before[k]) for k, v in unet.items()
+        )
     judged = json.loads((run / "judge.json").read_text())
     assert 0.0 <= judged["final"] <= 1.0 and len(judged["caption_scores"]) == 2
     assert np.load(run / "judge_images.npy").shape == (4, world.SIZE, world.SIZE, 3)

@@ -4,7 +4,6 @@ configs/demo/preference_model.yaml, exports a Denscore directory the registry lo
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
@@ -14,12 +13,19 @@ import torch
 from align.demo import world
 from align.demo.judge import judge
 from align.demo.prefs import build_records, pair_samples, write_pairs
-from align.demo.reward_model import (CORRUPTIONS, corrupt, pairwise_accuracy, read_pairs,
-                                     rendered_pairs, write_small_clip)
+from align.demo.reward_model import (
+    CORRUPTIONS,
+    corrupt,
+    pairwise_accuracy,
+    read_pairs,
+    rendered_pairs,
+    write_small_clip,
+)
 
 
 def _rendered_pair_samples(n: int = 8, k: int = 2):
-    """As tests/demo/test_demo_pipeline.py: the caption's scene rendered (winner) and colour-wrong scenes."""
+    """As tests/demo/test_demo_pipeline.py: the caption's scene rendered
+    (winner) and colour-wrong scenes."""
     rng = random.Random(0)
     captions, images = [], []
     for _ in range(n):
@@ -27,13 +33,15 @@ def _rendered_pair_samples(n: int = 8, k: int = 2):
         captions.append(world.caption(scene))
         images.append(np.asarray(world.render(scene)))
         for _ in range(1, k):
-            images.append(np.asarray(world.render(world.noisy_scene(scene, rng, p_color=1.0, p_shape=0.0))))
+            images.append(
+                np.asarray(world.render(world.noisy_scene(scene, rng, p_color=1.0, p_shape=0.0)))
+            )
     return pair_samples(build_records(captions, np.stack(images), k))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from align.demo.run import CONFIGS, PREFERENCE_MODEL, batch, fit, steps
+    from align.demo.run import CONFIGS, PREFERENCE_MODEL, batch_of, fit, steps
 
     torch.set_num_threads(1)
     art = tmp_path_factory.mktemp("reward_model")
@@ -43,8 +51,16 @@ def trained(tmp_path_factory):
     write_small_clip(art / "preference_model" / "init", seed=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ALIGN_DEMO", str(art))
-        fit(["--config", str(CONFIGS / PREFERENCE_MODEL), *steps(3), *batch(4),
-             "--trainer.log_every_n_steps", "1"])
+        fit(
+            [
+                "--config",
+                str(CONFIGS / PREFERENCE_MODEL),
+                *steps(3),
+                *batch_of(4),
+                "--trainer.log_every_n_steps",
+                "1",
+            ]
+        )
     return art / "preference_model" / "export" / "final", pairs, art
 
 
@@ -55,7 +71,12 @@ def test_training_runs_and_the_registry_loads_the_export(trained):
     from align.rewards.denscore import Denscore
 
     export, pairs, art = trained
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "align_reward.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "align_reward.json",
+    ):
         assert (export / name).is_file(), name
     rows = list(csv.DictReader(open(art / "runs" / "preference_model" / "seed0" / "metrics.csv")))
     assert max(int(r["step"]) for r in rows) <= 3 and any(r.get("train/loss") for r in rows)
@@ -74,20 +95,30 @@ def test_export_scores_32px_tensors_with_gradients_to_the_pixels(trained):
 
     reward = build_reward("denscore", str(trained[0]))
     images = torch.rand(3, 3, 32, 32, requires_grad=True)
-    scores = reward.score(images, ["a red square in the top left.", "a blue triangle in the bottom right.",
-                                   "a green square in the top right. a yellow triangle in the bottom left."],
-                          grad=True)
+    scores = reward.score(
+        images,
+        [
+            "a red square in the top left.",
+            "a blue triangle in the bottom right.",
+            "a green square in the top right. a yellow triangle in the bottom left.",
+        ],
+        grad=True,
+    )
     assert scores.shape == (3,) and torch.isfinite(scores).all()
     scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
-    assert all(p.grad is None for p in reward.parameters())  # frozen: gradients reach the images only
+    assert all(
+        p.grad is None for p in reward.parameters()
+    )  # frozen: gradients reach the images only
     # the tensor path and the PIL path agree on 32 px images (no resampling, the same normalisation)
     arrays = [world.to_array(np.random.default_rng(i).random((32, 32, 3))) for i in range(2)]
     from PIL import Image
 
     pil = reward.score([Image.fromarray(a) for a in arrays], "a red square in the top left.")
-    tensor = reward.score(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0,
-                          "a red square in the top left.")
+    tensor = reward.score(
+        torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0,
+        "a red square in the top left.",
+    )
     torch.testing.assert_close(pil, tensor, rtol=1e-4, atol=1e-4)
 
 
@@ -108,10 +139,12 @@ def test_pairwise_accuracy_counts_decisive_pairs_only():
 
     red, blue = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)
     red[..., 0], blue[..., 2] = 200, 200
-    pairs = [{"caption": "c", "label_0": 1.0, "image_0": red, "image_1": blue},
-             {"caption": "c", "label_0": 0.0, "image_0": red, "image_1": blue},
-             {"caption": "c", "label_0": 0.0, "image_0": blue, "image_1": red},
-             {"caption": "c", "label_0": 0.5, "image_0": blue, "image_1": red}]
+    pairs = [
+        {"caption": "c", "label_0": 1.0, "image_0": red, "image_1": blue},
+        {"caption": "c", "label_0": 0.0, "image_0": red, "image_1": blue},
+        {"caption": "c", "label_0": 0.0, "image_0": blue, "image_1": red},
+        {"caption": "c", "label_0": 0.5, "image_0": blue, "image_1": red},
+    ]
     assert pairwise_accuracy(ByRed(), pairs) == pytest.approx(2 / 3)
     assert np.isnan(pairwise_accuracy(ByRed(), pairs[3:]))
 

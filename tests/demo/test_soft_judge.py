@@ -1,5 +1,6 @@
-"""The soft judge (the shapes world's differentiable reward): ranks images as the exact judge does on clear cases,
-has gradients w.r.t. the pixels, no parameters, and is built by the reward registry."""
+"""The soft judge (the shapes world's differentiable reward): ranks images as the exact judge does
+on clear cases, has gradients w.r.t. the pixels, no parameters,
+and is built by the reward registry."""
 
 from __future__ import annotations
 
@@ -28,21 +29,36 @@ def renders(scene, n=4, seed=0):
 
 
 def as_tensor(images) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
+    return torch.from_numpy(
+        np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+    ).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("cell,color,shape", [(0, "red", "square"), (3, "yellow", "triangle"), (1, "blue", "triangle")])
-def test_ranks_correct_over_wrong_colour_over_empty_and_right_over_wrong_shape(soft, cell, color, shape):
+@pytest.mark.parametrize(
+    "cell,color,shape", [(0, "red", "square"), (3, "yellow", "triangle"), (1, "blue", "triangle")]
+)
+def test_ranks_correct_over_wrong_colour_over_empty_and_right_over_wrong_shape(
+    soft, cell, color, shape
+):
     cap = world.caption((O(cell, color, shape),))
     other_color = next(c for c in world.COLORS if c != color)
     other_shape = next(s for s in world.SHAPES if s != shape)
-    cases = {"correct": (O(cell, color, shape),), "wrong colour": (O(cell, other_color, shape),),
-             "wrong shape": (O(cell, color, other_shape),), "empty": (),
-             "other cell": (O((cell + 1) % 4, color, shape),)}
+    cases = {
+        "correct": (O(cell, color, shape),),
+        "wrong colour": (O(cell, other_color, shape),),
+        "wrong shape": (O(cell, color, other_shape),),
+        "empty": (),
+        "other cell": (O((cell + 1) % 4, color, shape),),
+    }
     got = {name: soft.score(renders(scene), cap) for name, scene in cases.items()}
-    worst, best = {k: float(v.min()) for k, v in got.items()}, {k: float(v.max()) for k, v in got.items()}
+    worst, best = (
+        {k: float(v.min()) for k, v in got.items()},
+        {k: float(v.max()) for k, v in got.items()},
+    )
     assert worst["correct"] > 0.9 and best["empty"] < 0.1 and best["other cell"] < 0.1
-    assert worst["correct"] > best["wrong colour"] > 0.3 > best["empty"]  # right shape, wrong colour: ~0.5
+    assert (
+        worst["correct"] > best["wrong colour"] > 0.3 > best["empty"]
+    )  # right shape, wrong colour: ~0.5
     assert worst["correct"] > best["wrong shape"] and worst["wrong shape"] > best["empty"]
     # the same on PIL and tensor input, and on blurred images (generated ones are blurry)
     images = renders(cases["correct"])
@@ -52,8 +68,8 @@ def test_ranks_correct_over_wrong_colour_over_empty_and_right_over_wrong_shape(s
 
 
 def test_agrees_in_ranking_with_the_exact_judge(soft):
-    """On rendered scenes under noisy captions (0, 1 or 2 wrong facts per object), every image the judge ranks
-    higher the soft judge ranks higher too."""
+    """On rendered scenes under noisy captions (0, 1 or 2 wrong facts per object), every image the
+    judge ranks higher the soft judge ranks higher too."""
     rng = random.Random(0)
     scenes = [world.random_scene(rng, max_objects=2) for _ in range(60)]
     caps = [world.caption(world.noisy_scene(s, rng, 0.5, 0.5)) for s in scenes]
@@ -64,22 +80,30 @@ def test_agrees_in_ranking_with_the_exact_judge(soft):
     assert len(levels) >= 3
     for lo, hi in zip(levels, levels[1:]):
         assert got[exact == lo].max() < got[exact == hi].min(), (lo, hi)
-    # hand-made: two objects, one right, one wrong colour; and a caption with no facts scores 1 (as the judge)
+    # hand-made: two objects, one right, one wrong colour; and a caption with no facts scores 1
+    # (as the judge)
     scene = (O(0, "green", "square"), O(3, "blue", "triangle"))
     im = world.render(scene)
     both = "a green square in the top left. a blue triangle in the bottom right."
     half = "a green square in the top left. a red triangle in the bottom right."
     assert judge(im, both).value > judge(im, half).value
     assert float(soft.score([im], both)) > float(soft.score([im], half))
-    assert float(soft.score([im], "a picture of nothing.")) == 1.0 == judge(im, "a picture of nothing.").value
+    assert (
+        float(soft.score([im], "a picture of nothing."))
+        == 1.0
+        == judge(im, "a picture of nothing.").value
+    )
 
 
 def test_gradients_wrt_the_images_are_finite_and_non_zero(soft):
     images = renders((O(2, "red", "triangle"),), n=2) + [world.render(())]
     x = as_tensor(images)
     x = (0.8 * x + 0.1).requires_grad_(True)  # off the exact palette, as a generated image is
-    caps = ["a red triangle in the bottom left.", "a blue square in the bottom left.",
-            "a red triangle in the bottom left."]
+    caps = [
+        "a red triangle in the bottom left.",
+        "a blue square in the bottom left.",
+        "a red triangle in the bottom left.",
+    ]
     scores = soft.score(x, caps, grad=True)
     assert scores.requires_grad and scores.shape == (3,)
     scores.sum().backward()
@@ -98,9 +122,13 @@ def test_templates_are_the_renderers_shapes():
     centre = shapes.shape[2] // 2  # the middle jitter is no jitter
     for s, shape in enumerate(world.SHAPES):
         for cell in range(world.GRID * world.GRID):
-            drawn = np.asarray(world.render((O(cell, "red", shape),))) != np.array(world.BACKGROUND, np.uint8)
+            drawn = np.asarray(world.render((O(cell, "red", shape),))) != np.array(
+                world.BACKGROUND, np.uint8
+            )
             assert np.array_equal(shapes[s, cell, centre].numpy() > 0, drawn.any(-1))
-            assert float((shapes[s, cell] * (1 - cells[cell])).sum()) == 0  # every jitter stays in its cell
+            assert (
+                float((shapes[s, cell] * (1 - cells[cell])).sum()) == 0
+            )  # every jitter stays in its cell
 
 
 def test_registry_builds_it_without_parameters_in_any_dtype():

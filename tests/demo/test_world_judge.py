@@ -1,4 +1,5 @@
-"""The shapes world and its judge: exact on rendered images, stable on degraded ones, captions round-trip."""
+"""The shapes world and its judge: exact on rendered images, stable on degraded ones,
+captions round-trip."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ def test_caption_round_trip_and_facts():
     text = world.caption(scene)
     assert text == "a red square in the top left. a blue triangle in the bottom right."
     assert parse_caption(text) == list(scene)
-    assert facts(text) == [Fact("color", 0, "red"), Fact("shape", 0, "square"),
-                           Fact("color", 3, "blue"), Fact("shape", 3, "triangle")]
+    assert facts(text) == [
+        Fact("color", 0, "red"),
+        Fact("shape", 0, "square"),
+        Fact("color", 3, "blue"),
+        Fact("shape", 3, "triangle"),
+    ]
     assert parse_caption(world.caption(scene, long=True)) == list(scene)
     assert parse_caption("a picture of nothing. a red thing somewhere.") == []
 
@@ -51,7 +56,9 @@ def test_judge_counts_exactly_the_violated_facts():
     for _ in range(200):
         scene = world.random_scene(rng)
         lie = world.noisy_scene(scene, rng, p_color=0.5, p_shape=0.5)
-        wrong = sum(a.color != b.color for a, b in zip(scene, lie)) + sum(a.shape != b.shape for a, b in zip(scene, lie))
+        wrong = sum(a.color != b.color for a, b in zip(scene, lie)) + sum(
+            a.shape != b.shape for a, b in zip(scene, lie)
+        )
         score = judge(world.render(scene, rng), world.caption(lie))
         assert score.total == 2 * len(scene)
         assert score.total - score.satisfied == wrong
@@ -64,7 +71,8 @@ def test_judge_counts_exactly_the_violated_facts():
 
 @pytest.mark.parametrize("degrade", ["blur", "jpeg", "noise"])
 def test_judge_reads_colours_of_degraded_images(degrade):
-    """Generated images are blurry and noisy; the colour reading (majority vote) must survive that."""
+    """Generated images are blurry and noisy; the colour reading
+    (majority vote) must survive that."""
     rng = random.Random(2)
     nrng = np.random.default_rng(0)
     ok = total = 0
@@ -94,7 +102,9 @@ def test_long_captions_put_late_objects_beyond_77_tokens():
     assert len(ids) > 77
     last = world.sentence(scene[-1], long=True)
     prefix = text[: text.index(last)]
-    assert len(tok(prefix).input_ids) - 1 >= 76  # the last object's sentence starts at or after token 77
+    assert (
+        len(tok(prefix).input_ids) - 1 >= 76
+    )  # the last object's sentence starts at or after token 77
 
 
 def test_noisy_scene_rates():

@@ -1,6 +1,7 @@
-"""LongAlign reward fine-tuning: gradients reach only the new LoRA and flow through exactly the chosen sampling
-steps; bad input (no segments, a batch of one prompt, a NaN reward) is skipped and logged; the SFT LoRA is merged
-under the new one; the prompt data module; a tiny end-to-end `align fit`."""
+"""LongAlign reward fine-tuning: gradients reach only the new LoRA and flow through exactly the
+chosen sampling steps; bad input (no segments, a batch of one prompt, a NaN reward) is skipped and
+logged; the SFT LoRA is merged under the new one; the prompt data module;
+a tiny end-to-end `align fit`."""
 
 import csv
 import glob
@@ -25,8 +26,6 @@ CAPTIONS = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def denscore_dir(tmp_path_factory):
     from align.rewards.denscore import write_tiny_denscore
@@ -35,8 +34,14 @@ def denscore_dir(tmp_path_factory):
 
 
 def make(denscore_dir, objective=None, **kw):
-    args = dict(model="tiny", prompt_encoder="segment", lora_rank=4, num_steps=4, grad_steps=2,
-                guidance_scale=7.5)
+    args = dict(
+        model="tiny",
+        prompt_encoder="segment",
+        lora_rank=4,
+        num_steps=4,
+        grad_steps=2,
+        guidance_scale=7.5,
+    )
     args.update(kw)
     objective = objective or SegmentPreference("denscore", str(denscore_dir))
     return RFTModule(objective, **args).train()
@@ -61,12 +66,19 @@ def test_module_needs_a_lora_and_frozen_parts_stay_frozen(denscore_dir):
     assert trainable and all(".lora_" in n and n.startswith("unet.") for n in trainable)
     assert not m.vae.training and not m.objective.reward.training and not m.prompt_encoder.training
     opt = m.configure_optimizers()
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in m.parameters() if p.requires_grad
+    }
     ckpt = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(ckpt)
-    assert set(ckpt["state_dict"]) == set(trainable)  # the reward, VAE and text encoder never enter checkpoints
+    assert set(ckpt["state_dict"]) == set(
+        trainable
+    )  # the reward, VAE and text encoder never enter checkpoints
     offsets = {tuple(m.grad_indices(step)) for step in range(40)}
-    assert offsets == {(0, 2), (1, 3)}  # 4 steps, 2 with gradients: stride 2, random offset in [0, 2)
+    assert offsets == {
+        (0, 2),
+        (1, 3),
+    }  # 4 steps, 2 with gradients: stride 2, random offset in [0, 2)
 
 
 def rft_objective(m, noise, indices, prompts=CAPTIONS):
@@ -100,8 +112,8 @@ def test_gradients_reach_only_lora_and_flow_through_exactly_the_chosen_steps(den
     for frozen in (m.vae, m.prompt_encoder, m.objective):
         assert all(p.grad is None for p in frozen.parameters())
 
-    # every step's contribution is separate and additive: grad({1, 3}) = grad({1}) + grad({3}), each non-zero,
-    # so the gradient flows through the chosen UNet calls and through nothing else
+    # every step's contribution is separate and additive: grad({1, 3}) = grad({1}) + grad({3}), each
+    # non-zero, so the gradient flows through the chosen UNet calls and through nothing else
     parts = []
     for idx in ([1], [3]):
         m.zero_grad(set_to_none=True)
@@ -129,7 +141,9 @@ def test_batch_of_one_prompt_uses_the_saved_direction_or_is_skipped(denscore_dir
     assert m.training_step({"caption": CAPTIONS[:1]}, 0) is None  # degenerate, no fallback: skipped
     assert m._counts == {"skipped_degenerate": 1}
 
-    m.objective.fallback_direction = load_direction(denscore_dir / "direction.safetensors")  # fallback
+    m.objective.fallback_direction = load_direction(
+        denscore_dir / "direction.safetensors"
+    )  # fallback
     loss = m.training_step({"caption": CAPTIONS[:1]}, 1)
     assert loss is not None and torch.isfinite(loss) and loss.requires_grad
     assert m._counts == {"skipped_degenerate": 1, "direction_fallback": 1}
@@ -137,7 +151,10 @@ def test_batch_of_one_prompt_uses_the_saved_direction_or_is_skipped(denscore_dir
     assert m._counts["direction_fallback"] == 1
 
     o = m.objective
-    o.fallback_direction, o.fixed_direction = None, o.fallback_direction  # direction=<file>: fixed v
+    o.fallback_direction, o.fixed_direction = (
+        None,
+        o.fallback_direction,
+    )  # direction=<file>: fixed v
     assert m.training_step({"caption": CAPTIONS[:1]}, 3) is not None
     assert m._counts == {"skipped_degenerate": 1, "direction_fallback": 1}
     # the constructor arguments set exactly those buffers
@@ -150,7 +167,9 @@ def test_prompts_without_segments_are_dropped_and_counted(denscore_dir, monkeypa
     m = make(denscore_dir)
     seen = []
     real = m.rollout
-    monkeypatch.setattr(m, "rollout", lambda prompts, *a, **k: seen.append(list(prompts)) or real(prompts, *a, **k))
+    monkeypatch.setattr(
+        m, "rollout", lambda prompts, *a, **k: seen.append(list(prompts)) or real(prompts, *a, **k)
+    )
     loss = m.training_step({"caption": ["...", CAPTIONS[0], "   ", CAPTIONS[1]]}, 0)
     assert loss is not None and seen == [[CAPTIONS[0], CAPTIONS[1]]]
     assert m._counts == {"skipped_no_segments": 2}
@@ -164,7 +183,9 @@ def test_sft_lora_is_merged_under_the_new_lora(denscore_dir, tmp_path):
     sft = SFTModule(model="tiny", prompt_encoder="segment", lora_rank=4, lora_alpha=16)  # scale 4
     perturb_lora(sft, seed=3)
     sft.export(tmp_path / "sft")
-    m = make(denscore_dir, prompt_encoder="clip", prompt_encoder_args={}, init_lora=str(tmp_path / "sft"))
+    m = make(
+        denscore_dir, prompt_encoder="clip", prompt_encoder_args={}, init_lora=str(tmp_path / "sft")
+    )
     assert m.encoder_kind == "clip"  # explicit encoder arguments win over the export's spec
     m = make(denscore_dir, prompt_encoder="clip", init_lora=str(tmp_path / "sft"))
     assert m.encoder_kind == "segment"  # no explicit args: the SFT export's prompt_encoder.json
@@ -215,30 +236,70 @@ def test_align_fit_end_to_end_on_the_tiny_default(denscore_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n")
-    main(["fit", "--config", str(ROOT / "configs/longalign/rft_tiny.yaml"),
-          "--model.objective.init_args.source", str(denscore_dir),
-          "--model.objective.init_args.direction_fallback",
-          str(denscore_dir / "direction.safetensors"),
-          "--model.num_steps", "4", "--model.grad_steps", "2",
-          "--data.prompts", str(prompts), "--data.val_prompts", "null", "--data.batch_size", "2",
-          "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "null",
-          "--trainer.log_every_n_steps", "1"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/longalign/rft_tiny.yaml"),
+            "--model.objective.init_args.source",
+            str(denscore_dir),
+            "--model.objective.init_args.direction_fallback",
+            str(denscore_dir / "direction.safetensors"),
+            "--model.num_steps",
+            "4",
+            "--model.grad_steps",
+            "2",
+            "--data.prompts",
+            str(prompts),
+            "--data.val_prompts",
+            "null",
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "null",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     run = Path(glob.glob(str(tmp_path / "logs/align-longalign-rft/*/"))[0])
     assert (run / "export/final/pytorch_lora_weights.safetensors").is_file()
     assert (run / "export/final/rft.json").is_file() and (run / "checkpoints/last.ckpt").is_file()
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0])))
+    rows = list(
+        csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0]))
+    )
     logged = set().union(*(r.keys() for r in rows))
-    for name in ("train/loss", "train/reward_weighted", "train/reward_relevant", "train/reward_irrelevant",
-                 "train/reward_original", "train/reward_eta", "train/grad_norm"):
+    for name in (
+        "train/loss",
+        "train/reward_weighted",
+        "train/reward_relevant",
+        "train/reward_irrelevant",
+        "train/reward_original",
+        "train/reward_eta",
+        "train/grad_norm",
+    ):
         assert name in logged, name
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2 and all(0.0 <= x <= 1.0 for x in losses)
     assert os.path.exists(run / "config.yaml") and "RFTModule" in (run / "config.yaml").read_text()
 
-    # the injected objective is part of the run: align export rebuilds it, a resume may not change it
+    # the injected objective is part of the run: align export rebuilds it,
+    # a resume may not change it
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp")]) == 0
     info = json.loads((tmp_path / "exp/rft.json").read_text())
     assert info["reward"] == "denscore" and info["w"] == 0.3
     with pytest.raises(SystemExit, match="model.objective"):
-        main(["fit", "--config", str(run / "config.yaml"), "--model.objective.init_args.w", "0.5",
-              "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+        main(
+            [
+                "fit",
+                "--config",
+                str(run / "config.yaml"),
+                "--model.objective.init_args.w",
+                "0.5",
+                "--ckpt_path",
+                str(run / "checkpoints/last.ckpt"),
+            ]
+        )

@@ -1,5 +1,6 @@
-"""RFT with a reward that is not CLIP-based (DRaFT / AlignProp style): loss = 1 - mean reward of the decoded
-rollout, gradients reach only the new LoRA, a non-finite reward skips the step, metrics are logged."""
+"""RFT with a reward that is not CLIP-based (DRaFT / AlignProp style): loss = 1 - mean reward of the
+decoded rollout, gradients reach only the new LoRA, a non-finite reward skips the step,
+metrics are logged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from align.demo.soft_judge import SoftJudge
 from align.modules.rft import RFTModule
 from align.rewards.rft import DirectReward
 
-CAPTIONS = ["a red square in the top left.", "a blue triangle in the bottom right.", "a green square in the top right."]
+CAPTIONS = [
+    "a red square in the top left.",
+    "a blue triangle in the bottom right.",
+    "a green square in the top right.",
+]
 
 
 def make(**kw):
@@ -33,7 +38,9 @@ def test_training_step_maximises_the_reward_directly_and_trains_only_the_lora(mo
     perturb_lora(m)
     decoded = []
     real_decode = m.decode
-    monkeypatch.setattr(m, "decode", lambda latents: decoded.append(real_decode(latents)) or decoded[-1])
+    monkeypatch.setattr(
+        m, "decode", lambda latents: decoded.append(real_decode(latents)) or decoded[-1]
+    )
     logged = record_logs(m, monkeypatch)
 
     loss = m.training_step({"caption": CAPTIONS}, 0)
@@ -48,8 +55,15 @@ def test_training_step_maximises_the_reward_directly_and_trains_only_the_lora(mo
     loss.backward()
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-    assert trainable and set(grads) == trainable and all(".lora_" in n and n.startswith("unet.") for n in grads)
-    assert all(torch.isfinite(g).all() for g in grads.values()) and sum(g.abs().sum() for g in grads.values()) > 0
+    assert (
+        trainable
+        and set(grads) == trainable
+        and all(".lora_" in n and n.startswith("unet.") for n in grads)
+    )
+    assert (
+        all(torch.isfinite(g).all() for g in grads.values())
+        and sum(g.abs().sum() for g in grads.values()) > 0
+    )
     for frozen in (m.vae, m.prompt_encoder):
         assert all(p.grad is None for p in frozen.parameters())
 
@@ -57,7 +71,9 @@ def test_training_step_maximises_the_reward_directly_and_trains_only_the_lora(mo
 def test_nonfinite_reward_skips_the_step_and_validation_logs_the_reward(monkeypatch):
     m = make()
     real = m.objective.reward.forward
-    monkeypatch.setattr(m.objective.reward, "forward", lambda px, prompts: real(px, prompts) * float("nan"))
+    monkeypatch.setattr(
+        m.objective.reward, "forward", lambda px, prompts: real(px, prompts) * float("nan")
+    )
     assert m.training_step({"caption": CAPTIONS}, 0) is None
     assert m._counts == {"skipped_nonfinite": 1}
     assert all(p.grad is None for p in m.parameters())

@@ -1,5 +1,6 @@
-"""Each reward's score formula on tiny random models of the real classes, saved in the real layouts and loaded
-through the real loaders; the shared interface (batching, grad control, tensors, segments); bad sources."""
+"""Each reward's score formula on tiny random models of the real classes, saved in the real layouts
+and loaded through the real loaders; the shared interface (batching, grad control, tensors,
+segments); bad sources."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from align.rewards import ClipRewardModel, RewardSourceError, available_rewards, build_reward, canonical_name
+from align.rewards import (
+    ClipRewardModel,
+    RewardSourceError,
+    available_rewards,
+    build_reward,
+    canonical_name,
+)
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "an astronaut riding a horse at sunset"]
 
@@ -21,7 +28,9 @@ def _cos(a, b):
 
 
 def test_registry_names_and_aliases():
-    builtin = set(available_rewards()) - {"shapes-judge"}  # the demo registers its judge when imported
+    builtin = set(available_rewards()) - {
+        "shapes-judge"
+    }  # the demo registers its judge when imported
     assert builtin == {"aesthetic", "clip", "denscore", "hps", "imagereward", "pickscore"}
     assert canonical_name("HPSv2") == "hps" and canonical_name("ImageReward") == "imagereward"
     with pytest.raises(ValueError, match="unknown reward 'nope'.*pickscore"):
@@ -39,9 +48,12 @@ def test_pickscore_is_logit_scale_times_cosine(tiny_rewards, sample_images):
     processor = CLIPImageProcessorPil.from_pretrained(tiny_rewards["pickscore"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_rewards["pickscore"])
     with torch.no_grad():
-        img = model.get_image_features(**processor(images=sample_images, return_tensors="pt")).pooler_output
-        txt = model.get_text_features(**tokenizer(PROMPTS, padding=True, truncation=True, max_length=77,
-                                                  return_tensors="pt")).pooler_output
+        img = model.get_image_features(
+            **processor(images=sample_images, return_tensors="pt")
+        ).pooler_output
+        txt = model.get_text_features(
+            **tokenizer(PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        ).pooler_output
     expected = model.logit_scale.exp() * _cos(img, txt)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
     assert reward.logit_scale.item() == pytest.approx(model.logit_scale.exp().item())
@@ -69,7 +81,8 @@ def test_hps_is_cosine_of_open_clip_features(tiny_rewards, sample_images):
     reward = build_reward("hps", str(tiny_rewards["hps"]))
     scores = reward.score(sample_images, PROMPTS)
 
-    # the checkpoint layout: {"state_dict": ...} of an open_clip CLIP, loaded as HPS's img_score.py does
+    # the checkpoint layout: {"state_dict": ...} of an open_clip CLIP,
+    # loaded as HPS's img_score.py does
     ckpt = torch.load(tiny_rewards["hps"] / "HPS_v2.1_compressed.pt", weights_only=True)
     model = open_clip.CLIP(**TINY_OPEN_CLIP, output_dict=True)
     model.load_state_dict(ckpt["state_dict"])
@@ -85,7 +98,9 @@ def test_hps_preprocessing_resizes_the_longer_side_and_pads():
     from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from align.rewards.hps import hps_preprocess
 
-    image = Image.new("RGB", (448, 224), (255, 255, 255))  # wide: 224 x 112 after resizing, padded top/bottom
+    image = Image.new(
+        "RGB", (448, 224), (255, 255, 255)
+    )  # wide: 224 x 112 after resizing, padded top/bottom
     x = hps_preprocess(image)
     assert x.shape == (3, 224, 224)
     black = [(0 - m) / s for m, s in zip(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
@@ -106,8 +121,11 @@ def test_aesthetic_is_mlp_of_normalised_clip_embedding(tiny_rewards, sample_imag
     scores = reward.score(sample_images, PROMPTS)
     # independent: the released head layout, a CLIP model, and OpenAI CLIP's transform
     head = AestheticMLP(16)
-    head.load_state_dict(torch.load(tiny_rewards["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth",
-                                    weights_only=True))
+    head.load_state_dict(
+        torch.load(
+            tiny_rewards["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True
+        )
+    )
     clip = CLIPModel.from_pretrained(tiny_rewards["aesthetic"] / "clip").eval()
     pixels = torch.stack([openai_clip_transform(224)(im) for im in sample_images])
     with torch.no_grad():
@@ -126,9 +144,11 @@ def test_image_reward_formula_and_checkpoint_layout(tiny_rewards, sample_images)
 
     # every checkpoint tensor landed where its name says
     state = torch.load(tiny_rewards["imagereward"] / "ImageReward.pt", weights_only=True)
-    loaded = {**{f"blip.visual_encoder.{k}": v for k, v in reward.visual_encoder.state_dict().items()},
-              **{f"blip.text_encoder.{k}": v for k, v in reward.text_encoder.state_dict().items()},
-              **{f"mlp.{k}": v for k, v in reward.mlp.state_dict().items()}}
+    loaded = {
+        **{f"blip.visual_encoder.{k}": v for k, v in reward.visual_encoder.state_dict().items()},
+        **{f"blip.text_encoder.{k}": v for k, v in reward.text_encoder.state_dict().items()},
+        **{f"mlp.{k}": v for k, v in reward.mlp.state_dict().items()},
+    }
     for key, value in loaded.items():
         torch.testing.assert_close(value, state[key], msg=key)
 
@@ -139,10 +159,15 @@ def test_image_reward_formula_and_checkpoint_layout(tiny_rewards, sample_images)
     with torch.no_grad():
         image_embeds = reward.visual_encoder.forward_features(pixels)
         assert image_embeds.shape == (3, 1 + (224 // 32) ** 2, 32)  # every token, [CLS] first
-        hidden = reward.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                     encoder_hidden_states=image_embeds,
-                                     encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long))
-        expected = (reward.mlp(hidden.last_hidden_state[:, 0]).squeeze(-1) - REWARD_MEAN) / REWARD_STD
+        hidden = reward.text_encoder(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long),
+        )
+        expected = (
+            reward.mlp(hidden.last_hidden_state[:, 0]).squeeze(-1) - REWARD_MEAN
+        ) / REWARD_STD
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
     # the image matters (cross-attention is live)
     flipped = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in sample_images]
@@ -180,8 +205,11 @@ def test_segment_embeddings_are_shared_by_clip_rewards(tiny_rewards, sample_imag
         reward = build_reward(name, str(tiny_rewards[name]))
         assert isinstance(reward, ClipRewardModel)
         emb, mask = reward.embed_segments(captions)
-        assert emb.shape[:2] == (3, 3) and mask.tolist() == [[True] * 3, [True, False, False],
-                                                             [True, False, False]]
+        assert emb.shape[:2] == (3, 3) and mask.tolist() == [
+            [True] * 3,
+            [True, False, False],
+            [True, False, False],
+        ]
         torch.testing.assert_close(emb[0, 1], reward.embed_texts([" It is red."])[0])
         torch.testing.assert_close(emb[mask].norm(dim=-1), torch.ones(int(mask.sum())))
         scores = reward.segment_scores(sample_images, captions)
@@ -190,7 +218,9 @@ def test_segment_embeddings_are_shared_by_clip_rewards(tiny_rewards, sample_imag
         torch.testing.assert_close(scores[0], (emb[0] @ img[0]).mean())
         torch.testing.assert_close(scores[1], emb[1, 0] @ img[1])
         # w = 1 recovers the segment score; the decomposition adds up
-        v = F.normalize(torch.randn(img.shape[-1], generator=torch.Generator().manual_seed(0)), dim=0)
+        v = F.normalize(
+            torch.randn(img.shape[-1], generator=torch.Generator().manual_seed(0)), dim=0
+        )
         dec = reward.decomposed_scores(sample_images, captions, v, w=1.0)
         torch.testing.assert_close(dec.weighted, scores)
         torch.testing.assert_close(dec.relevant + dec.irrelevant, scores)
@@ -199,8 +229,13 @@ def test_segment_embeddings_are_shared_by_clip_rewards(tiny_rewards, sample_imag
 def test_missing_checkpoints_name_the_file(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = {"hps": "HPS_v2.1_compressed.pt", "imagereward": "ImageReward.pt", "aesthetic":
-             "sac+logos+ava1-l14-linearMSE.pth", "pickscore": "config.json", "clip": "config.json"}
+    cases = {
+        "hps": "HPS_v2.1_compressed.pt",
+        "imagereward": "ImageReward.pt",
+        "aesthetic": "sac+logos+ava1-l14-linearMSE.pth",
+        "pickscore": "config.json",
+        "clip": "config.json",
+    }
     for name, filename in cases.items():
         with pytest.raises(RewardSourceError) as err:
             build_reward(name, str(empty))
@@ -232,9 +267,11 @@ def test_the_registry_never_imports_the_demo_and_takes_module_qualified_names():
     import subprocess
     import sys
 
-    code = ("import sys; from align.rewards.registry import available_rewards, canonical_name; "
-            "assert 'shapes-judge' not in available_rewards(); "
-            "assert not [m for m in sys.modules if m.startswith('align.demo')]; "
-            "assert canonical_name('align.demo.soft_judge:shapes-judge') == 'shapes-judge'")
+    code = (
+        "import sys; from align.rewards.registry import available_rewards, canonical_name; "
+        "assert 'shapes-judge' not in available_rewards(); "
+        "assert not [m for m in sys.modules if m.startswith('align.demo')]; "
+        "assert canonical_name('align.demo.soft_judge:shapes-judge') == 'shapes-judge'"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Write a tiny random T5 encoder (with its tokenizer): the offline stand-in for LongAlign's T5 branch.
+"""Write a tiny random T5 encoder and tokenizer: an offline stand-in for LongAlign's T5 branch.
 
 align data tiny-t5 data/synthetic/tiny-t5
 """

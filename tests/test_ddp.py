@@ -3,6 +3,7 @@ disjoint shards per rank, each rank its own noise and timesteps, identical weigh
 rank left waiting on a broadcast."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,13 @@ def test_two_rank_ddp_reads_disjoint_shards_and_stays_in_sync(tmp_path, pair_sha
         "--trainer.enable_checkpointing",
         "false",
         "--trainer.callbacks",
-        "align.callbacks.RankAudit",
+        "rank_audit.RankAudit",
         "--trainer.callbacks.out_dir",
         str(audit),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}  # the rank audit is a test fixture
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((audit / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [

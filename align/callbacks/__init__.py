@@ -1,9 +1,9 @@
-"""Lightning callbacks: diffusers export, throughput, the end-of-run artifact summary, the DDP rank
-audit, and the survival kit (divergence guard, pre-emption checkpoint, atomic checkpoint writes)."""
+"""Lightning callbacks: diffusers export, throughput, the end-of-run artifact summary, validation
+images, and the survival kit (divergence guard, pre-emption checkpoint, atomic checkpoint
+writes)."""
 
 from align.callbacks.artifacts import ArtifactSummary
 from align.callbacks.export import DiffusersExport
-from align.callbacks.rank_audit import RankAudit
 from align.callbacks.survival import NonFiniteGuard, Preemption
 from align.callbacks.throughput import Throughput
 from align.callbacks.validation_images import ValidationImages
@@ -13,7 +13,6 @@ __all__ = [
     "DiffusersExport",
     "NonFiniteGuard",
     "Preemption",
-    "RankAudit",
     "Throughput",
     "ValidationImages",
 ]

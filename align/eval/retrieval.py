@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from align.objectives.reward import decompose_text
+from align.objectives.reward import DegenerateDirection, common_direction, decompose_text
 
 
 def similarity(
@@ -72,16 +72,6 @@ def recall_at_1(scores: torch.Tensor) -> float:
     if scores.shape[0] == 1:
         return 1.0
     return float((diag > others.max(dim=1).values).float().mean())
-
-
-def common_direction_of(text_emb: torch.Tensor) -> torch.Tensor:
-    """v over a whole set (local, no collective): the normalised mean text embedding."""
-    if text_emb.shape[0] < 2:
-        raise ValueError("retrieval needs at least two captions")
-    mean = text_emb.double().mean(dim=0)
-    if mean.norm() < 1e-8:
-        raise ValueError("the mean text embedding is ~0: no common direction")
-    return (mean / mean.norm()).float()
 
 
 def aggregate(
@@ -125,7 +115,7 @@ def retrieval_from_embeddings(
 
     def measure(keep: int | None) -> tuple[float, float]:
         text = aggregate(segment_emb, mask, keep)
-        v = direction if direction is not None else common_direction_of(text)
+        v = direction if direction is not None else common_direction(text, across_ranks=False)
         return (
             recall_at_1(similarity(image_emb, text, v, "full")),
             recall_at_1(similarity(image_emb, text, v, "relevant")),
@@ -303,7 +293,7 @@ def main(argv: list[str]) -> int:
         result = retrieval(
             reward, images, captions, args.splitter, direction, args.max_sentences, args.batch_size
         )
-    except (RewardSourceError, FileNotFoundError, ValueError) as err:
+    except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:
         print(f"align eval retrieval: error: {err}", file=sys.stderr)
         return 2
     result.reward = reward.name

@@ -23,7 +23,7 @@ def is_distributed() -> bool:
 
 
 def all_reduce_mean(
-    values: torch.Tensor, counts: torch.Tensor | None = None
+    values: torch.Tensor, counts: torch.Tensor | None = None, across_ranks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Count-weighted mean over dim 0 of ``values`` across every rank, and the global count.
 
@@ -34,7 +34,8 @@ def all_reduce_mean(
     rather than NaN: callers that need a minimum count (e.g.
     :func:`align.objectives.reward.common_direction`) check ``count`` themselves.
 
-    Every rank must call this (it is a collective), even one holding no rows. Sums and counts travel
+    Every rank must call this (it is a collective), even one holding no rows; ``across_ranks=False``
+    keeps it to this process's rows. Sums and counts travel
     in one float64 all-reduce: one collective, and no float32 rounding in sums of many rows.
     """
     if values.ndim < 1:
@@ -54,7 +55,7 @@ def all_reduce_mean(
     weights = counts.view(-1, *([1] * (values.ndim - 1)))
     total = (values * weights).sum(dim=0)
     packed = torch.cat([total.flatten(), counts.sum().view(1)])
-    if is_distributed():
+    if across_ranks and is_distributed():
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     total, count = packed[:-1].view(values.shape[1:]), packed[-1]
     nonempty = count > 0  # a tensor, not a Python bool: no host sync on GPU

@@ -117,9 +117,11 @@ def segment_score(
     return (F.normalize(image_emb, dim=-1) * text).sum(dim=-1)
 
 
-def common_direction(text_emb: torch.Tensor, min_count: int = 2) -> torch.Tensor:
-    """v: the normalised mean of the text embeddings (N, D) over the global batch, detached,
-    float32 (D,).
+def common_direction(
+    text_emb: torch.Tensor, min_count: int = 2, across_ranks: bool = True
+) -> torch.Tensor:
+    """v: the normalised mean of the text embeddings (N, D) over the global batch (or, with
+    ``across_ranks=False``, over this process's rows: a whole prompt set), detached, float32 (D,).
 
     Under DDP the mean covers every rank's rows, weighted by count (a collective: call it on every
     rank, even one holding no rows). The official code averages each rank's own mean
@@ -133,11 +135,10 @@ def common_direction(text_emb: torch.Tensor, min_count: int = 2) -> torch.Tensor
     """
     if text_emb.ndim != 2:
         raise ValueError(f"text_emb must have shape (N, D), got {tuple(text_emb.shape)}")
-    mean, count = all_reduce_mean(text_emb)
+    mean, count = all_reduce_mean(text_emb, across_ranks=across_ranks)
     if count.item() < min_count:
         raise DegenerateDirection(
-            f"{int(count.item())} text embeddings in the global batch; "
-            f"a common direction needs at least {min_count}"
+            f"{int(count.item())} text embeddings; a common direction needs at least {min_count}"
         )
     norm = mean.norm()
     if norm.item() < 1e-8:

@@ -176,20 +176,11 @@ def estimate_direction(
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
-    total, count = None, 0
+    rows = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="direction", disable=not progress):
         texts = embed_prompt_segments(reward, prompts[start : start + batch_size], splitter)
-        rows = texts.text[texts.has_text].double()
-        total = rows.sum(dim=0) if total is None else total + rows.sum(dim=0)
-        count += rows.shape[0]
-    if count < 2:
-        raise DegenerateDirection(
-            f"{count} prompts with segments; a common direction needs at least 2"
-        )
-    mean = total / count
-    if mean.norm() < 1e-8:
-        raise DegenerateDirection("the mean text embedding is ~0; its direction is undefined")
-    return (mean / mean.norm()).float()
+        rows.append(texts.text[texts.has_text])
+    return common_direction(torch.cat(rows) if rows else torch.zeros(0, 1), across_ranks=False)
 
 
 @dataclass

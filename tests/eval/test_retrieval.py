@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align.objectives.reward import DegenerateDirection, common_direction
+
 from align.eval.retrieval import (
     aggregate,
-    common_direction_of,
     main,
     recall_at_1,
     retrieval_from_embeddings,
@@ -98,9 +99,10 @@ def test_curve_against_sentences_kept():
 
 def test_set_direction_is_the_normalised_mean_and_needs_two_captions():
     _, text = fabricated_set()
-    torch.testing.assert_close(common_direction_of(text), F.normalize(text.mean(0), dim=0))
-    with pytest.raises(ValueError):
-        common_direction_of(text[:1])
+    local = common_direction(text, across_ranks=False)
+    torch.testing.assert_close(local, F.normalize(text.mean(0), dim=0))
+    with pytest.raises(DegenerateDirection):
+        common_direction(text[:1], across_ranks=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """What each DDP rank saw and holds: the keys of the samples it trained on, a fingerprint of its
 random stream at each step, and a checksum of its weights.
 
-For checking a multi-GPU set-up before a long run (are shards split? do ranks stay in sync?), and
-for the test that proves both on two CPU processes.
+A test fixture (tests/test_ddp.py): the two-process run names it by class path, with tests/ on
+PYTHONPATH.
 """
 
 from __future__ import annotations

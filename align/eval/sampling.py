@@ -29,6 +29,7 @@ from align.eval.layout import (
     write_prompts_file,
 )
 from align.data.prompt_files import PromptSetError
+from align.models.sampling import text_arguments
 
 # name -> (diffusers class, default steps)
 SCHEDULERS = {
@@ -291,7 +292,7 @@ def sample_images(
     if lora:
         pipe.load_lora_weights(lora)
     if encoder is not None:
-        from align.models.sampling import encode_for_guidance, resolve_encoder
+        from align.models.sampling import resolve_encoder
 
         encoder = resolve_encoder(encoder, pipe).to(device)
     latent_shape = (
@@ -306,26 +307,8 @@ def sample_images(
         batch = todo[start : start + config.batch_size]
         seeds = [s for _, s in batch]
         texts = [prompts[i] for i, _ in batch]
-        if encoder is None:
-            text_kwargs = dict(
-                prompt=texts,
-                negative_prompt=[config.negative_prompt] * len(batch)
-                if config.negative_prompt
-                else None,
-            )
-        # long prompts: the same encoder makes cond and uncond, handed to the pipeline as embeddings
-        else:
-            cond, uncond = encode_for_guidance(encoder, texts, config.negative_prompt)
-            text_kwargs = dict(
-                prompt_embeds=cond.embeds.to(dtype), negative_prompt_embeds=uncond.embeds.to(dtype)
-            )
-            if cond.pooled is not None:
-                text_kwargs.update(
-                    pooled_prompt_embeds=cond.pooled.to(dtype),
-                    negative_pooled_prompt_embeds=uncond.pooled.to(dtype),
-                )
         kwargs = dict(
-            **text_kwargs,
+            **text_arguments(encoder, texts, config.negative_prompt, dtype=dtype),
             num_inference_steps=settings["steps"],
             guidance_scale=settings["guidance_scale"],
             height=settings["height"],

@@ -143,6 +143,26 @@ def encode_for_guidance(
     return encoder(list(prompts)), encoder([negative_prompt] * len(prompts))
 
 
+def text_arguments(
+    encoder, prompts: list[str], negative_prompt: str = "", device=None, dtype=None
+) -> dict:
+    """The text part of a diffusers pipeline call: the prompts for the pipeline to encode
+    (``encoder`` None; an empty negative prompt left to the pipeline, which zeroes it for SDXL), or
+    cond and uncond embeddings both from ``encoder`` (long prompts)."""
+    if encoder is None:
+        negative = [negative_prompt] * len(prompts) if negative_prompt else None
+        return {"prompt": list(prompts), "negative_prompt": negative}
+    cond, uncond = encode_for_guidance(encoder, prompts, negative_prompt)
+    kwargs = {
+        "prompt_embeds": cond.embeds.to(device, dtype),
+        "negative_prompt_embeds": uncond.embeds.to(device, dtype),
+    }
+    if cond.pooled is not None:  # SDXL
+        kwargs["pooled_prompt_embeds"] = cond.pooled.to(device, dtype)
+        kwargs["negative_pooled_prompt_embeds"] = uncond.pooled.to(device, dtype)
+    return kwargs
+
+
 def generate(
     pipeline,
     prompts: str | list[str],
@@ -183,18 +203,8 @@ def generate(
         output_type=output_type,
         **pipeline_kwargs,
     )
-    encoder = resolve_encoder(encoder, pipe)
-    if encoder is None:
-        return pipe(prompts, negative_prompt=[negative_prompt] * len(prompts), **common).images
-    cond, uncond = encode_for_guidance(encoder, prompts, negative_prompt)
     param = next(pipe.unet.parameters())
-    kwargs = dict(
-        prompt_embeds=cond.embeds.to(param.device, param.dtype),
-        negative_prompt_embeds=uncond.embeds.to(param.device, param.dtype),
+    text = text_arguments(
+        resolve_encoder(encoder, pipe), prompts, negative_prompt, param.device, param.dtype
     )
-    if cond.pooled is not None:  # SDXL
-        kwargs.update(
-            pooled_prompt_embeds=cond.pooled.to(param.device, param.dtype),
-            negative_pooled_prompt_embeds=uncond.pooled.to(param.device, param.dtype),
-        )
-    return pipe(**kwargs, **common).images
+    return pipe(**text, **common).images

@@ -22,6 +22,13 @@ from align.models.tokenizer import EOT_TOKEN, build_clip_tokenizer
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def is_hub_id(source: str) -> bool:
+    """``org/name`` that is not a local path: a Hugging Face Hub repository id."""
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        return False
+    return bool(_HUB_ID.match(source))
+
+
 class ModelSourceError(ValueError):
     """The model source names nothing loadable; raised before any compute."""
 
@@ -230,7 +237,7 @@ def load_pretrained(
 
 def _where(source: str, what: str) -> str:
     local = Path(source).expanduser()
-    if not local.is_dir() and (source.startswith((".", "/", "~")) or not _HUB_ID.match(source)):
+    if not local.is_dir() and not is_hub_id(source):
         known = f"; known presets: {', '.join(sorted(PRESETS))}" if what == "model" else ""
         raise ModelSourceError(
             f"{what} {source!r}: no such directory, and not a hub id (org/name){known}"

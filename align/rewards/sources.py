@@ -11,19 +11,12 @@ layouts plus such a manifest.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from align.models.loader import is_hub_id
 from align.rewards.base import RewardSourceError
 
 MANIFEST = "align_reward.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def is_hub_id(source: str) -> bool:
-    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
-        return False
-    return bool(_HUB_ID.match(source))
 
 
 def read_manifest(source: str | Path | None) -> dict:

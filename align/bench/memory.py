@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from align.bench.runner import _native_resolution, software_versions
 from align.bench.step import StepConfig, build_module, make_batch
 
 
@@ -269,8 +270,6 @@ def memory_record(cfg: StepConfig) -> dict:
     """A ``--memory-estimate`` record: static memory plus bracketed activation memory,
     all in GiB."""
     from datetime import datetime, timezone
-
-    from align.bench.runner import _native_resolution, software_versions
 
     gib = 2.0**30
     static = static_memory(cfg)

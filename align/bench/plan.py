@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
+from align.bench.flops import count_step_flops
+from align.bench.memory import memory_record
+from align.bench.step import StepConfig
 from align.data.batching import accumulation_for
 from align.data.epochs import epoch_batches
+from align.models.presets import PRESETS
 
 OVERHEAD_GIB = 1.0  # CUDA context and allocator reserve, on top of the estimate
 # DPO/KTO: policy forward F + backward 2F + reference forward F = 4F; checkpointing recomputes F
@@ -173,8 +177,6 @@ def lr_points(model_args: dict, steps: int) -> list[tuple[int, float]]:
 def preset_of(model: str, override: str | None = None) -> str | None:
     """The architecture preset to estimate ``model`` with: a preset name, a known hub id, or a local
     diffusers directory's UNet (SD1.5 or SDXL shaped by its cross-attention width)."""
-    from align.models.presets import PRESETS
-
     if override or model in PRESETS:
         return override or model
     unet = Path(model) / "unet" / "config.json"
@@ -264,8 +266,6 @@ def our_settings(cfg: dict, plan: Plan) -> dict[str, object]:
 
 def step_config(cfg: dict, preset: str):
     """The ``align.bench`` step of a DPO/KTO config (None for other modules)."""
-    from align.bench.step import StepConfig
-
     model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
     objective = OBJECTIVES.get(class_name(cfg["model"]["class_path"]))
     if objective is None:
@@ -293,8 +293,6 @@ def step_config(cfg: dict, preset: str):
 
 def memory_gib(step) -> tuple[float, float]:
     """GiB per GPU, bracketed by 2- and 4-byte activations, on the meta device (SD1.5: ~20 s)."""
-    from align.bench.memory import memory_record
-
     record = memory_record(step)
     low, high = record["total_bf16_frozen_gib" if step.frozen_dtype else "total_fp32_frozen_gib"]
     return (high, high) if step.precision == "32" else (low, high)  # float32: 4-byte activations
@@ -302,8 +300,6 @@ def memory_gib(step) -> tuple[float, float]:
 
 def step_flops(step) -> int:
     """Model FLOPs of one micro-batch on one GPU (meta device)."""
-    from align.bench.flops import count_step_flops
-
     return count_step_flops(step).total
 
 

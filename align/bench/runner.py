@@ -34,6 +34,7 @@ import torch
 
 from align.bench.flops import StepFlops, count_step_flops, measure_matmul_rate
 from align.bench.step import PRECISIONS, BareStep, StepConfig, build_module, make_batch
+from align.models.presets import get_preset
 
 MODES = ("bare", "lightning")
 
@@ -294,8 +295,6 @@ def run(
 
 
 def _native_resolution(preset: str) -> int:
-    from align.models.presets import get_preset
-
     return get_preset(preset).resolution
 
 

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from align.callbacks.run_dir import run_dir
+from align.rewards import build_reward
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class ValidationImages(L.Callback):
     def render_reference(self, trainer, pl_module) -> list:
         """The reference model's images from the same noise
         (the frozen copy, or the UNet without adapters)."""
+        # align.modules imports diffusers, and `align export --help` imports align.callbacks
         from align.modules.frozen import adapters_disabled
 
         if pl_module.ref_unet is not None:
@@ -129,8 +131,6 @@ class ValidationImages(L.Callback):
             return self.render(trainer, pl_module)
 
     def score(self, images, device) -> float:
-        from align.rewards import build_reward
-
         if self._reward is None:
             self._reward = build_reward(self.reward_name, self.reward_source, device=device)
         return float(self._reward.score(images, list(self.prompts)).float().mean())

@@ -57,6 +57,7 @@ import torch
 from align.data.images import decode_json, read_pair_meta
 from align.data.pipeline import SkipSample, merge_skips
 from align.data.schema import single_meta_problem
+from align.data.writer import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,6 @@ class CacheInfo:
 def read_cache_info(folder: str | os.PathLike) -> CacheInfo:
     """The settings of the cache in ``folder``; ValueError naming the folder when it is not a
     finished cache."""
-    from align.data.writer import MANIFEST, load_manifest
-
     folder = Path(folder)
     manifest = load_manifest(folder)
     cache = (manifest or {}).get("source", {}).get("cache") if isinstance(manifest, dict) else None

@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from align.data.pipeline import SKIPPED, SkipSample
+from align.data.tars import READ_ERRORS, iter_tar_groups
+
 log = logging.getLogger(__name__)
 # the shard writer's (align.data.writer); read here without importing the writer
 MANIFEST = "manifest.json"
@@ -41,8 +44,6 @@ MANIFEST = "manifest.json"
 def _count_tar_samples(url: str) -> int:
     """Samples in a tar up to where it is damaged
     (a shard that cannot be read at all: 0, logged)."""
-    from align.data.tars import READ_ERRORS, iter_tar_groups
-
     count = 0
     try:
         for _ in iter_tar_groups(url):
@@ -265,8 +266,6 @@ class EpochStream(torch.utils.data.IterableDataset):
     def _pass(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
         """Decoded samples of a role's range in one pass; SkipSample and decode errors counted,
         not raised."""
-        from align.data.pipeline import SKIPPED, SkipSample
-
         for sample in self._role_samples(segment, rank, role, counter):
             where = f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"
             try:

@@ -16,6 +16,7 @@ import random
 import torch
 
 from align.data.epochs import EpochStream, MixedSegments, shard_sizes
+from align.data.cached import CachedShards
 from align.data.images import decode_image, decode_json
 from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
 from align.data.schema import SINGLE_IMAGE_KEY, single_meta_problem
@@ -126,8 +127,6 @@ class KTODataModule(StreamingDataModule):
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_singles
         if cached:
-            from align.data.cached import CachedShards
-
             self.cache = CachedShards(
                 [self.desirable_urls, self.undesirable_urls, self.val_urls],
                 ("single",),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data.epochs import EpochStream, MixedSegments, shard_sizes
+from align.data.cached import CachedShards
 from align.data.images import decode_caption, decode_image
 from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
 from align.data.schema import LONG_CAPTION_KEYS
@@ -176,8 +177,6 @@ class LongCaptionDataModule(StreamingDataModule):
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_images
         if cached:
-            from align.data.cached import CachedShards
-
             self.cache = CachedShards(
                 [s.shards for s in self.sources + self.val_sources],
                 ("long",),

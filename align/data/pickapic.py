@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from align.data.cached import CachedShards
 from align.data.images import decode_image, decode_json, read_pair_meta
 from align.data.pipeline import merge_skips
 from align.data.schema import PAIR_IMAGE_KEYS
@@ -116,8 +117,6 @@ class PickAPicDataModule(ShardSetDataModule):
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_pairs
         if cached:
-            from align.data.cached import CachedShards
-
             self.cache = CachedShards(
                 [self.train_urls, self.val_urls], ("pair",), resolution, flip_prob, crop
             )

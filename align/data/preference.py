@@ -34,6 +34,11 @@ from align.data.images import decode_image, decode_json, read_pair_meta
 from align.data.pipeline import SkipSample, merge_skips
 from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule
+from align.data.synthetic import COLORS, SHAPES, _write_shards, jpeg_bytes
+from align.data.synthetic_long import render_scene, scene_caption, synthetic_scene
+from align.models.splitters import official_split
+from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
+from align.rewards.segments import split_prompts
 
 
 def clip_transform(image_size: int = 224, mean=None, std=None):
@@ -45,8 +50,6 @@ def clip_transform(image_size: int = 224, mean=None, std=None):
         CenterCrop,
         ToTensor,
     )
-
-    from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
     return Compose(
         [
@@ -61,9 +64,6 @@ def clip_transform(image_size: int = 224, mean=None, std=None):
 
 def segment_count(caption: str) -> int:
     """Segments of ``caption`` that hold a letter or a digit (official splitter)."""
-    from align.models.splitters import official_split
-    from align.rewards.segments import split_prompts
-
     return len(split_prompts([caption], official_split)[0])
 
 
@@ -155,8 +155,6 @@ class PreferencePairDataModule(ShardSetDataModule):
 # ---- synthetic long-caption pairs ----------------------------------------------------------------
 def _perturb(scene: dict, rng: random.Random) -> dict:
     """The scene with one shape recoloured or reshaped (to a (colour, shape) no other shape has)."""
-    from align.data.synthetic import COLORS, SHAPES
-
     other = copy.deepcopy(scene)
     target = rng.choice(other["objects"])
     taken = {(o["color"], o["shape"]) for o in other["objects"]}
@@ -174,9 +172,6 @@ def synthetic_long_pair(
 ) -> dict:
     """One pair sample with a long caption (see the module doc);
     winner position and ties drawn at random."""
-    from align.data.synthetic import jpeg_bytes
-    from align.data.synthetic_long import render_scene, scene_caption, synthetic_scene
-
     scene = synthetic_scene(rng)
     caption = scene_caption(scene, rng)
     good, bad = render_scene(scene, size, rng), render_scene(_perturb(scene, rng), size, rng)
@@ -213,8 +208,6 @@ def write_synthetic_long_pairs(
 ) -> list[Path]:
     """Write ``samples`` long-caption pairs into ``shards`` tars ``longpairs-000000.tar`` ...;
     returns them."""
-    from align.data.synthetic import _write_shards
-
     return _write_shards(
         out_dir,
         "longpairs",

@@ -13,9 +13,16 @@ from pathlib import Path
 
 import torch
 
+from align.eval.fid import (
+    build_feature_extractor,
+    compute_stats,
+    fid_from_stats,
+    reference_stats,
+)
 from align.eval.layout import ImageSet, ImageSetError, prompt_difference, scan_image_set
 from align.eval.scoring import score_image_set
 from align.eval.stats import mean_score, paired_win_rate
+from align.rewards import build_reward, canonical_name
 
 
 @dataclass
@@ -65,14 +72,9 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, ImageSet | None]:
 def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
     """Run the evaluation; returns (report dict, per-image score rows, report directory). Writes
     nothing."""
-    from align.eval.fid import (
-        build_feature_extractor,
-        compute_stats,
-        fid_from_stats,
-        reference_stats,
-    )
+    # align.eval.sampling imports diffusers (through align.models.sampling): `align eval` needs
+    # only its device helper
     from align.eval.sampling import resolve_device
-    from align.rewards import build_reward, canonical_name
 
     log = log if log is not None else sys.stderr
     names = list(dict.fromkeys(canonical_name(n) for n in config.rewards))

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align.eval.scoring import load_image
+from align.rewards.hf_clip import HFClip
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -105,8 +108,6 @@ class FeatureExtractor:
 
 class ClipFeatures(FeatureExtractor):
     def __init__(self, source: str, device: str | torch.device = "cpu"):
-        from align.rewards.hf_clip import HFClip
-
         self.spec = f"clip:{source}"
         self.clip = HFClip.load("fid", source, source, vision_only=True).eval().to(device)
         self.device = torch.device(device)
@@ -192,8 +193,6 @@ def compute_stats(
 ) -> FeatureStats:
     """Mean and covariance (float64, unbiased) of the features of ``images`` (PIL images or paths;
     unreadable paths are appended to ``skipped`` and left out)."""
-    from align.eval.scoring import load_image
-
     n, total, outer = 0, None, None
 
     def flush(batch):

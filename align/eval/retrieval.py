@@ -35,7 +35,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from align.objectives.reward import DegenerateDirection, common_direction, decompose_text
+from align.data.images import decode_image
+from align.data.pipeline import SkipSample, expand_shards
+from align.objectives.reward import (
+    DegenerateDirection,
+    common_direction,
+    decompose_text,
+    load_direction,
+    segment_text_embedding,
+)
+from align.rewards import RewardSourceError, build_reward
+from align.rewards.segments import embed_prompt_segments
 
 
 def similarity(
@@ -79,8 +89,6 @@ def aggregate(
 ) -> torch.Tensor:
     """Segment-aggregated text embeddings (N, D) from (N, S, D) and (N, S),
     using the first ``keep`` segments."""
-    from align.objectives.reward import segment_text_embedding
-
     if keep is not None:
         mask = mask & (torch.arange(mask.shape[1], device=mask.device)[None, :] < keep)
     return segment_text_embedding(segment_emb, mask)
@@ -148,8 +156,8 @@ def load_retrieval_set(data: str | list[str], limit: int | None = None):
     """(PIL images, captions, skip counts) from long-caption or pair shards, in shard order."""
     import webdataset as wds
 
-    from align.data.images import decode_image
-    from align.data.pipeline import SkipSample, expand_shards
+    # align.data.preference and align.data.prompts import lightning and transformers (through
+    # align.data.shard_module): `align eval retrieval --help` imports this module
     from align.data.preference import segment_count
     from align.data.prompts import caption_of
 
@@ -196,8 +204,6 @@ def retrieval(
     batch_size: int = 32,
 ) -> RetrievalResult:
     """Embed (batched) and measure; ``reward`` is any CLIP-based registry reward."""
-    from align.rewards.segments import embed_prompt_segments
-
     image_emb = torch.cat(
         [reward.embed_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
@@ -275,9 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from align.eval.sampling import resolve_device
-    from align.objectives.reward import load_direction
-    from align.rewards import RewardSourceError, build_reward
+    from align.eval.sampling import resolve_device  # imports diffusers (align.models.sampling)
 
     try:
         images, captions, skipped = load_retrieval_set(args.data, args.limit or None)

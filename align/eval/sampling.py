@@ -29,7 +29,8 @@ from align.eval.layout import (
     write_prompts_file,
 )
 from align.data.prompt_files import PromptSetError
-from align.models.sampling import text_arguments
+from align.models import load_components
+from align.models.sampling import resolve_encoder, text_arguments
 
 # name -> (diffusers class, default steps)
 SCHEDULERS = {
@@ -236,8 +237,6 @@ def sample_images(
     """
     from tqdm.auto import tqdm
 
-    from align.models import load_components
-
     if not prompts:
         raise PromptSetError("the prompt set is empty")
     if config.images_per_prompt < 1:
@@ -292,8 +291,6 @@ def sample_images(
     if lora:
         pipe.load_lora_weights(lora)
     if encoder is not None:
-        from align.models.sampling import resolve_encoder
-
         encoder = resolve_encoder(encoder, pipe).to(device)
     latent_shape = (
         pipe.unet.config.in_channels,

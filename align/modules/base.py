@@ -21,6 +21,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from align.data.cached import model_fingerprint
 from align.models import load_components
 from align.models.embeds import PromptEmbeds
 from align.models.prompts import build_prompt_encoder
@@ -319,8 +320,6 @@ class DiffusionModule(L.LightningModule):
             )
         if batch.get("cache_fingerprint") is not None:
             if getattr(self, "_model_fingerprint", None) is None:
-                from align.data.cached import model_fingerprint
-
                 self._model_fingerprint = model_fingerprint(self.vae, self.components.text_encoders)
             if batch["cache_fingerprint"] != self._model_fingerprint:
                 raise ValueError(

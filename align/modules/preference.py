@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from align.objectives.preference import preference_loss
-from align.objectives.reward import segment_cosines, segment_score
+from align.objectives.reward import DegenerateDirection, segment_cosines, segment_score
+from align.rewards.denscore import Denscore, write_denscore_export
+from align.rewards.hf_clip import HFClip
+from align.rewards.segments import embed_prompt_segments, estimate_direction
+from align.rewards.tiny import write_tiny_hf_clip
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,6 @@ def load_clip(source: str, seed: int = 0):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     if source == TINY:
-        from align.rewards.tiny import write_tiny_hf_clip
-
         with tempfile.TemporaryDirectory() as tmp:
             write_tiny_hf_clip(tmp, seed=seed)
             return load_clip(tmp)
@@ -92,9 +94,6 @@ class PreferenceModelModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        from align.rewards.denscore import Denscore
-        from align.rewards.hf_clip import HFClip
-
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         clip_model, tokenizer, processor = load_clip(model, seed=seed)
         if gradient_checkpointing:
@@ -123,8 +122,6 @@ class PreferenceModelModule(L.LightningModule):
         return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def pair_loss(self, batch: dict):
-        from align.rewards.segments import embed_prompt_segments
-
         captions = list(batch["caption"])
         b = len(captions)
         image_emb = F.normalize(self.scorer.image_features(batch["pixel_values"]).float(), dim=-1)
@@ -207,9 +204,6 @@ class PreferenceModelModule(L.LightningModule):
     def export_direction(self, captions: list[str] | None = None) -> torch.Tensor | None:
         """The common direction of ``captions`` (default: the recent training captions) under the
         current model."""
-        from align.objectives.reward import DegenerateDirection
-        from align.rewards.segments import estimate_direction
-
         captions = list(self._recent) if captions is None else captions
         was_training = self.scorer.training
         self.scorer.eval()
@@ -224,8 +218,6 @@ class PreferenceModelModule(L.LightningModule):
     def export(self, out_dir: str | Path) -> Path:
         """A Denscore directory (``align.rewards.denscore`` layout) that
         ``build_reward('denscore', out_dir)`` loads."""
-        from align.rewards.denscore import write_denscore_export
-
         proc = self.scorer.clip.processor
         crop = proc.crop_size
         size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))

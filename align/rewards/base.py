@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from align.models.splitters import official_split
+from align.objectives.reward import decomposed_score, segment_score, segment_text_embedding
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -139,8 +142,6 @@ def openai_clip_transform(size: int = 224):
 def split_segments(caption: str) -> list[str]:
     """LongAlign's own caption split (``align.models.splitters.official_split``),
     the default for segment scores."""
-    from align.models.splitters import official_split
-
     return official_split(caption)
 
 
@@ -326,8 +327,6 @@ class ClipRewardModel(RewardModel):
     ) -> torch.Tensor:
         """LongAlign's segment-level score (B,): the mean over segments of cos(image, segment)
         (``align.objectives.reward.segment_score``), for every CLIP-based reward alike."""
-        from align.objectives.reward import segment_score
-
         segments, mask = self.embed_segments(captions, split=split, grad=grad)
         with torch.set_grad_enabled(grad):
             return segment_score(self.embed_images(images, grad=grad), segments, mask)
@@ -344,8 +343,6 @@ class ClipRewardModel(RewardModel):
         """LongAlign's decomposition of the segment score along ``direction`` (v): a
         ``DecomposedScore`` with the original, text-relevant, text-irrelevant and reweighted (``w``)
         scores (``align.objectives.reward.decomposed_score``)."""
-        from align.objectives.reward import decomposed_score, segment_text_embedding
-
         segments, mask = self.embed_segments(captions, split=split, grad=grad)
         with torch.set_grad_enabled(grad):
             text = segment_text_embedding(segments, mask)

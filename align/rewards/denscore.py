@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from align.objectives.reward import load_direction, save_direction
+from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from align.rewards.hf_clip import HFClip, HFClipReward
 from align.rewards.registry import register_reward
 from align.rewards.segments import SegmentScorer, embed_prompt_segments, estimate_direction
+from align.rewards.sources import MANIFEST
+from align.rewards.tiny import write_tiny_hf_clip
 
 DEFAULT_MODEL = "luping-liu/Denscore"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -104,9 +107,6 @@ def write_denscore_export(
     (+ direction, manifest)."""
     from transformers import CLIPImageProcessor
 
-    from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from align.rewards.sources import MANIFEST
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -163,8 +163,6 @@ def write_tiny_denscore(out: str | Path, seed: int = 17) -> Path:
     direction estimated over a few fixed captions. Written once:
     a complete directory is left as is."""
     from transformers import CLIPModel, CLIPTokenizer
-
-    from align.rewards.tiny import write_tiny_hf_clip
 
     out = Path(out)
     if (out / ".complete").exists():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from align.rewards.base import RewardModel
+from align.rewards.sources import read_manifest
 
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}
 _ALIASES = {
@@ -74,8 +75,6 @@ def build_reward(
 ) -> RewardModel:
     """Build the reward ``name`` from ``source`` (local path or hub id; default: the published
     weights), frozen, in eval mode, on ``device`` in ``dtype``."""
-    from align.rewards.sources import read_manifest
-
     key = canonical_name(name)
     merged = {**read_manifest(source), **options}
     model = _FACTORIES[key](source, **merged)

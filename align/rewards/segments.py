@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from align.models.splitters import resolve_splitter
+from align.models.tokenizer import build_clip_tokenizer
 from align.objectives.reward import (
     DecomposedScore,
     DegenerateDirection,
@@ -56,12 +58,8 @@ _CONTENT = re.compile(r"\w")  # a segment says something when it holds a letter 
 def resolve_reward_splitter(reward, splitter: str | Callable[[str], list[str]] = "official"):
     """A splitter by name or callable; ``packed`` counts tokens with the reward's own tokenizer when
     it has one."""
-    from align.models.splitters import resolve_splitter
-
     tokenizer = getattr(getattr(reward, "clip", None), "tokenizer", None)
     if splitter == "packed" and tokenizer is None:
-        from align.models.tokenizer import build_clip_tokenizer
-
         tokenizer = build_clip_tokenizer()
     return resolve_splitter(splitter, tokenizer)
 

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from align.models.tokenizer import build_clip_tokenizer
+from align.rewards.aesthetic import AestheticMLP
 from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from align.rewards.image_reward import blip_text_config, load_blip_tokenizer
 from align.rewards.sources import MANIFEST
 
 TINY_NAMES = ("pickscore", "hps", "clip", "aesthetic", "imagereward")
@@ -65,8 +68,6 @@ def write_tiny_hf_clip(out: str | Path, seed: int = 0) -> Path:
     """A tiny transformers CLIPModel (224-px vision tower) with SD's CLIP tokenizer and the CLIP
     processor config."""
     from transformers import CLIPConfig, CLIPModel
-
-    from align.models.tokenizer import build_clip_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +128,6 @@ def write_tiny_hps(out: str | Path, seed: int = 0) -> Path:
 
 
 def _random_linear_head(input_size: int, seed: int):
-    from align.rewards.aesthetic import AestheticMLP
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = AestheticMLP(input_size)
@@ -185,8 +184,6 @@ def write_tiny_image_reward(out: str | Path, seed: int = 0) -> Path:
     ``blip.vision_proj``, ``blip.text_proj``, ``mlp.layers.*``) and ``med_config.json``; a tiny BERT
     tokenizer."""
     from transformers import BlipTextModel
-
-    from align.rewards.image_reward import blip_text_config, load_blip_tokenizer
     from timm.models.vision_transformer import VisionTransformer
     from functools import partial
 

@@ -135,7 +135,15 @@ class Preemption(L.Callback):
 
     @staticmethod
     def checkpoint_path(trainer) -> Path:
+        """The checkpoint callback's folder, else ``<run dir>/checkpoints`` (never the working
+        directory). Computed locally: no collective while ranks are being stopped."""
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder is None and trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            root = logger.save_dir or trainer.default_root_dir
+            folder = os.path.join(root, str(logger.name), version, "checkpoints")
         return Path(folder or trainer.default_root_dir) / "last.ckpt"
 
 

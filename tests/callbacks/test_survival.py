@@ -255,3 +255,18 @@ def test_a_resume_that_changes_fixed_settings_is_refused_naming_each(
     # a performance switch may change, and so may max_steps
     cli = run_lightning_cli(resume + ["--model.init_args.gradient_checkpointing", "true"])
     assert cli.trainer.global_step == 3
+
+
+def test_a_run_without_checkpoints_is_preempted_into_its_run_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from align.callbacks.survival import Preemption
+
+    logger = SimpleNamespace(save_dir=str(tmp_path / "runs"), name="dpo", version="seed0")
+    trainer = SimpleNamespace(checkpoint_callback=None, loggers=[logger], default_root_dir=".")
+    path = Preemption.checkpoint_path(trainer)
+    assert path == tmp_path / "runs" / "dpo" / "seed0" / "checkpoints" / "last.ckpt"
+    logger.version = 3
+    assert Preemption.checkpoint_path(trainer).parent.parent.name == "version_3"
+    trainer.checkpoint_callback = SimpleNamespace(dirpath=str(tmp_path / "ckpt"))
+    assert Preemption.checkpoint_path(trainer) == tmp_path / "ckpt" / "last.ckpt"

@@ -86,7 +86,7 @@ test-all: $(STAMP) ## lint + every test, the slow ones too
 	$(BIN)/ruff check align tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
-demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/, ~27 min from scratch, ~17 with the base cached (QUICK=1: a smaller base, 1 seed, fewer steps)
+demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/, ~28 min from scratch, ~19 with the base cached (QUICK=1: a smaller base, 1 seed, fewer steps)
 	$(ALIGN) demo $(if $(QUICK),--quick --out reports/quick,--out reports) $(ARGS)
 
 bench: $(STAMP) ## benchmarks on this machine: Lightning vs a bare loop (tiny), FLOPs of SD1.5/SDXL DPO and KTO steps (meta device)

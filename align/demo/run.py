@@ -470,7 +470,8 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         or None,
         "preference_model": pref_accuracy,
         "commands": {
-            m: f"ALIGN_DEMO={cfg.artifacts} align fit " + " ".join(job_args(cfg, m, 0))
+            m: f"ALIGN_DEMO={cfg.artifacts} align fit "
+            + " ".join(job_args(cfg, m, 0)).replace(f"{CONFIGS.parent.parent}{os.sep}", "")
             for m in cfg.methods
         },
         "results": results,

@@ -62,6 +62,14 @@ def steps(n: int) -> list[str]:
     return ["--trainer.max_steps", str(n), "--data.init_args.batches_per_epoch", str(n)]
 
 
+def seed_args(seed: int) -> list[str]:
+    """One seed for everything: Lightning's, the module's noise and the data order."""
+    return [
+        f"--{key}={seed}"
+        for key in ("seed_everything", "model.init_args.seed", "data.init_args.seed")
+    ]
+
+
 def batch_of(n: int) -> list[str]:
     return ["--data.init_args.batch_size", str(n)]
 
@@ -271,12 +279,7 @@ def job_args(cfg: DemoConfig, method: str, seed: int) -> list[str]:
         "--config",
         str(CONFIGS / config),
         *(a.format(art=cfg.artifacts) for a in control),
-        "--seed_everything",
-        str(seed),
-        "--model.init_args.seed",
-        str(seed),
-        "--data.init_args.seed",
-        str(seed),
+        *seed_args(seed),
         "--trainer.logger.init_args.name",
         method,
         "--trainer.logger.init_args.version",
@@ -339,12 +342,7 @@ def preference_model(cfg: DemoConfig, out_dir: Path) -> tuple[Path, float]:
         [
             "--config",
             str(CONFIGS / PREFERENCE_MODEL),
-            "--seed_everything",
-            str(seed),
-            "--model.init_args.seed",
-            str(seed),
-            "--data.init_args.seed",
-            str(seed),
+            *seed_args(seed),
             *fit_args(cfg, "preference-model"),
         ],
         threads=torch.get_num_threads(),

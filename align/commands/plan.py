@@ -7,9 +7,10 @@ Examples:
 
 Nothing is downloaded and nothing trains: the config is resolved as ``align fit`` resolves it (later
 configs and dotted flags override), the data's size comes from its shards' manifests (or
---num-samples), memory and FLOPs from the model built on the meta device (DPO and KTO configs; about
-25 s for SD1.5). For the paper configs the official launcher's settings are printed beside ours. A
-plan that cannot fit the GPU exits 1.
+--num-samples; remote shards' manifests are fetched from where the shards are, and remote shards
+that no manifest lists are not downloaded to count them), memory and FLOPs from the model built on
+the meta device (DPO and KTO configs; about 25 s for SD1.5). For the paper configs the official
+launcher's settings are printed beside ours. A plan that cannot fit the GPU exits 1.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def training_samples(
 ) -> tuple[int | None, int | None, str]:
     """(samples, batches per rank per epoch, where the count comes from)."""
     from align.bench.plan import data_epoch
+    from align.data.epochs import no_shard_downloads
 
     data = cfg["data"]["init_args"]
     if num_samples is not None:
@@ -99,10 +101,11 @@ def training_samples(
     if not hasattr(cls, "epoch_plan"):
         return None, None, f"{name} does not stream data epochs"
     try:
-        datamodule = cls(**data)
+        with no_shard_downloads():  # a plan downloads nothing
+            datamodule = cls(**data)
+            samples, epoch = datamodule.epoch_plan(plan.world, plan.accumulation)
     except (FileNotFoundError, ValueError) as err:
         return None, None, f"{err} (pass --num-samples)"
-    samples, epoch = datamodule.epoch_plan(plan.world, plan.accumulation)
     return samples, epoch, "the shards"
 
 

@@ -2,13 +2,14 @@
 order each pass, and a stream that resumes after the last consumed batch.
 
 The plan of pass ``p`` is computed alike by every process from the shards' sample counts
-(``shard_sizes``: the converters' ``manifest.json``, else the tar headers): the shards in an order
-drawn from ``(seed, p)``, their samples laid end to end and cut into ``world x workers`` contiguous
-ranges of whole batches, one per *role* (a rank and one of its worker slots). The remainder, fewer
-than ``world x workers x batch_size`` samples, sits out that pass. A role reads its range in a
-random interleaving of its shards, through a seeded shuffle buffer; a sample the decoder skips (a
-tie, a corrupt image) is replaced by repeating the role's own range (counted as
-``repeated_to_fill``), so every rank yields the same number of batches.
+(``shard_sizes``: the converters' ``manifest.json``, else the tar headers; local or remote shards,
+``align.data.remote``): the shards in an order drawn from ``(seed, p)``, their samples laid end to
+end and cut into ``world x workers`` contiguous ranges of whole batches, one per *role* (a rank and
+one of its worker slots). The remainder, fewer than ``world x workers x batch_size`` samples, sits
+out that pass. A role reads its range in a random interleaving of its shards, through a seeded
+shuffle buffer; a sample the decoder skips (a tie, a corrupt image) is replaced by repeating the
+role's own range (counted as ``repeated_to_fill``), so every rank yields the same number of
+batches.
 
 Batches are numbered per rank from the start of the run: batch ``k`` belongs to segment ``k // P``
 (a pass; ``P`` batches per rank per pass) and to role ``k % workers``. A loader iteration (a
@@ -20,6 +21,8 @@ at any batch continues the exact sequence. Randomness inside the pipeline is see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -27,27 +30,50 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from tqdm import tqdm
 
 from align.data.pipeline import SKIPPED, SkipSample
-from align.data.tars import READ_ERRORS, iter_tar_groups
+from align.data.remote import MANIFEST, describe, is_remote, manifest_location, manifest_sizes
+from align.data.tars import READ_ERRORS, iter_tar_groups, iter_tar_samples
 
 log = logging.getLogger(__name__)
-# the shard writer's (align.data.writer); read here without importing the writer
-MANIFEST = "manifest.json"
 
 
 # ---- how many samples each shard holds -----------------------------------------------------------
+# Counting a remote shard without a manifest downloads it; `align plan` turns that off
+_count_remote_shards: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "count_remote_shards", default=True
+)
+REMOTE_COUNT_THREADS = 8
+
+
+@contextlib.contextmanager
+def no_shard_downloads():
+    """Within this block ``shard_sizes`` never downloads a remote shard to count it: a remote
+    shard that no manifest lists is a ``ValueError`` naming it."""
+    token = _count_remote_shards.set(False)
+    try:
+        yield
+    finally:
+        _count_remote_shards.reset(token)
+
+
 def _count_tar_samples(url: str) -> int:
     """Samples in a tar up to where it is damaged
-    (a shard that cannot be read at all: 0, logged)."""
+    (a shard that cannot be read at all: 0, logged). A remote one is streamed through once."""
     count = 0
     try:
-        for _ in iter_tar_groups(url):
-            count += 1
+        if is_remote(url):
+            for _ in iter_tar_samples(url, fields=lambda field: False):
+                count += 1
+        else:
+            for _ in iter_tar_groups(url):
+                count += 1
     except READ_ERRORS as err:
         log.warning(
             "shard %s is damaged after %d samples (%r): the rest of it is left out", url, count, err
@@ -55,32 +81,89 @@ def _count_tar_samples(url: str) -> int:
     return count
 
 
+def _local_manifest_size(url: str, manifests: dict) -> int | None:
+    """Samples of a local shard from the ``manifest.json`` in its folder (None: not listed)."""
+    path = Path(url)
+    folder = path.parent
+    if folder not in manifests:
+        try:
+            manifests[folder] = json.loads((folder / MANIFEST).read_text()).get("shards", {})
+        except (OSError, ValueError, AttributeError):
+            manifests[folder] = {}
+    record = manifests[folder].get(path.name)
+    if not (isinstance(record, dict) and "samples" in record):
+        return None
+    size = os.path.getsize(path)
+    if "bytes" in record and int(record["bytes"]) != size:
+        raise ValueError(
+            f"{url}: {folder / MANIFEST} lists {record['bytes']} bytes and "
+            f"{record['samples']} samples, the file has {size} bytes. Rewrite the shard "
+            f"(rerun its `align data` command) or remove the stale manifest"
+        )
+    return int(record["samples"])
+
+
+def _remote_manifest_size(url: str, manifests: dict) -> int | None:
+    """Samples of a remote shard from the manifest where it is (None: not listed)."""
+    location = manifest_location(url)
+    if location is None:
+        return None
+    where, name = location
+    if where not in manifests:
+        manifests[where] = manifest_sizes(where)
+    return manifests[where].get(name)
+
+
 def shard_sizes(urls: list[str]) -> list[int]:
     """Samples per shard: from the ``manifest.json`` beside a shard when it lists it, else counted
-    from the tar's headers. A manifest whose byte count disagrees with the file is an error naming
-    both."""
-    manifests: dict[Path, dict] = {}
-    sizes = []
+    from the tar's headers. A local manifest whose byte count disagrees with the file is an error
+    naming both.
+
+    Remote shards (``align.data.remote``) read the manifest where they are (``<base
+    URL>/manifest.json``; nothing else is downloaded; the byte check needs the file and is skipped).
+    A remote shard that no manifest lists is counted the only way a tar can be, by streaming it
+    through once at start (several at a time, with a warning naming the shards and a progress
+    bar), so that the epoch plan stays exact; put the ``manifest.json`` that its ``align data``
+    command wrote beside the shards to start without that download. Inside ``no_shard_downloads()``
+    (``align plan``) such shards are a ``ValueError`` instead."""
+    manifests: dict = {}
+    sizes: list[int | None] = []
     for url in urls:
-        path = Path(url)
-        folder = path.parent
-        if folder not in manifests:
-            try:
-                manifests[folder] = json.loads((folder / MANIFEST).read_text()).get("shards", {})
-            except (OSError, ValueError, AttributeError):
-                manifests[folder] = {}
-        record = manifests[folder].get(path.name)
-        if isinstance(record, dict) and "samples" in record:
-            size = os.path.getsize(path)
-            if "bytes" in record and int(record["bytes"]) != size:
-                raise ValueError(
-                    f"{url}: {folder / MANIFEST} lists {record['bytes']} bytes and "
-                    f"{record['samples']} samples, the file has {size} bytes. Rewrite the shard "
-                    f"(rerun its `align data` command) or remove the stale manifest"
-                )
-            sizes.append(int(record["samples"]))
+        if is_remote(url):
+            sizes.append(_remote_manifest_size(url, manifests))
         else:
-            sizes.append(_count_tar_samples(url))
+            sizes.append(_local_manifest_size(url, manifests))
+    unlisted = [i for i, size in enumerate(sizes) if size is None]
+    remote = [urls[i] for i in unlisted if is_remote(urls[i])]
+    if remote and not _count_remote_shards.get():
+        raise ValueError(
+            f"{len(remote)} remote shard(s) ({describe(remote)}) are listed in no {MANIFEST} "
+            "where they are, and counting their samples would download them"
+        )
+    if remote:
+        log.warning(
+            "%d remote shard(s) (%s) are listed in no %s where they are: counting their samples "
+            "by reading each through once now. Put the %s that their `align data` command wrote "
+            "beside them to skip this",
+            len(remote),
+            describe(remote),
+            MANIFEST,
+            MANIFEST,
+        )
+    for i in unlisted:
+        if not is_remote(urls[i]):
+            sizes[i] = _count_tar_samples(urls[i])
+    remote_at = [i for i in unlisted if is_remote(urls[i])]
+    if remote_at:
+        with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote_at))) as pool:
+            counts = tqdm(
+                pool.map(_count_tar_samples, [urls[i] for i in remote_at]),
+                total=len(remote_at),
+                desc="counting remote shards",
+                unit="shard",
+            )
+            for i, count in zip(remote_at, counts):
+                sizes[i] = count
     return sizes
 
 

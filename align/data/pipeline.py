@@ -15,6 +15,8 @@ from pathlib import Path
 
 import braceexpand
 
+from align.data.remote import expand_remote, is_remote
+
 log = logging.getLogger(__name__)
 
 SKIPPED = "__skipped__"
@@ -32,16 +34,20 @@ class SkipSample(Exception):
 
 
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Every shard named by brace patterns (``a-{000..009}.tar``), globs or plain paths,
-    in a stable order.
+    """Every shard named by brace patterns (``a-{000..009}.tar``), globs, folders or plain paths,
+    or by URLs, ``pipe:`` commands and hub repositories (``align.data.remote``), in a stable order.
 
     A pattern that matches no file, or a brace pattern naming files of which some do not exist, is
-    an error naming them: found at start, not mid-run.
+    an error naming them (``FileNotFoundError``), as is a remote shard that cannot be read: found
+    at start, not mid-run.
     """
     if isinstance(patterns, (str, Path)):
         patterns = [str(patterns)]
     shards: list[str] = []
     for pattern in patterns:
+        if is_remote(str(pattern)):
+            shards.extend(expand_remote(str(pattern)))
+            continue
         matched, missing = [], []
         for expanded in braceexpand.braceexpand(str(pattern)):
             if any(ch in expanded for ch in "*?["):

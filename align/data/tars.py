@@ -1,5 +1,5 @@
-"""Reading shard tars: expanding shard specs into paths,
-grouping members into samples as webdataset does.
+"""Reading shard tars: expanding shard specs into paths (and, where a command asks for it, remote
+URLs: ``align.data.remote``), grouping members into samples as webdataset does.
 
 Kept apart from :mod:`align.data.writer` so that the commands that only read shards (``verify``,
 ``kto-labels``, ``cache-latents``) and the writer's own resume check share one small reader without
@@ -12,22 +12,34 @@ import glob
 import hashlib
 import os
 import tarfile
+from contextlib import suppress
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from align.data.remote import expand_remote, is_remote, open_remote
 
 # pyarrow's errors derive from these
 READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
 
 
-def expand_shard_paths(specs: Iterable[str], suffix: str = ".tar") -> tuple[list[str], list[str]]:
+def expand_shard_paths(
+    specs: Iterable[str], suffix: str = ".tar", remote: bool = False
+) -> tuple[list[str], list[str]]:
     """Expand paths, globs, brace patterns (``shards-{000000..000009}.tar``) and folders (every
     ``*.tar`` in them) into (existing paths in order,
-    specs that matched nothing). Duplicates are kept once."""
+    specs that matched nothing). Duplicates are kept once.
+
+    ``remote``: URLs, ``pipe:`` commands and hub repositories are expanded too
+    (``align.data.remote.expand_remote``; one that cannot be read raises ``RemoteShardError``);
+    otherwise they match nothing, for commands that need files."""
     from braceexpand import braceexpand
 
     found: list[str] = []
     missing: list[str] = []
     for spec in specs:
+        if remote and is_remote(spec):
+            found.extend(expand_remote(spec))
+            continue
         for pattern in braceexpand(spec):
             if os.path.isdir(pattern):
                 matches = sorted(str(p) for p in Path(pattern).rglob(f"*{suffix}") if p.is_file())
@@ -81,24 +93,46 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def iter_tar_samples(
-    path: str, fields: Callable[[str], bool] | None = None
+    source: str | BinaryIO, fields: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """Yield (key, {field: bytes}) per sample, reading members as they stream by (fine for
     compressed tars); fields for which ``fields(field)`` is false are listed with value None and not
-    read."""
-    with tarfile.open(path, "r:*") as tar:
-        key, sample = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key or ext in sample:
-                if key is not None:
-                    yield key, sample
-                key, sample = member_key, {}
-            sample[ext] = read_member(tar, member) if fields is None or fields(ext) else None
-        if key is not None:
-            yield key, sample
+    read. ``source``: a local path, a remote shard URL (``align.data.remote``) or an open binary
+    stream; the last two are read once, front to back. A stream that breaks off raises where it
+    does, as a damaged file would (``READ_ERRORS``)."""
+    if isinstance(source, (str, os.PathLike)) and not is_remote(str(source)):
+        with tarfile.open(source, "r:*") as tar:
+            yield from _tar_samples(tar, fields)
+        return
+    stream = open_remote(str(source)) if isinstance(source, str) else source
+    finished = False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            yield from _tar_samples(tar, fields)
+        finished = True
+    finally:
+        if stream is not source and finished:
+            stream.close()  # raises when the download failed after the tar's last member
+        elif stream is not source:  # stopped early or broke: the read error says what happened
+            with suppress(OSError):
+                stream.close()
+
+
+def _tar_samples(
+    tar: tarfile.TarFile, fields: Callable[[str], bool] | None
+) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    key, sample = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        member_key, ext = split_member_name(member.name)
+        if member_key != key or ext in sample:
+            if key is not None:
+                yield key, sample
+            key, sample = member_key, {}
+        sample[ext] = read_member(tar, member) if fields is None or fields(ext) else None
+    if key is not None:
+        yield key, sample
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

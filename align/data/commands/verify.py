@@ -1,12 +1,14 @@
 """Check shards: read every sample, decode every image, validate the schema; exit 1 on any problem.
 
-Usage: align data verify <shard paths, globs, brace patterns or folders...>
+Usage: align data verify <shard paths, globs, brace patterns, folders, URLs or hf:// repos...>
        [--schema auto|pair|single|long|cached] [--workers N] [--report report.json] [--examples 20]
 
 The schema (``align.data.schema``) is detected per shard from its first sample unless ``--schema``
 is given. When the shard's folder has a ``manifest.json`` listing it (written by the converters),
-its sha256 and sample count are checked too. Exit status: 0 all good, 1 problems found,
-2 no shards / bad arguments.
+its sha256 and sample count are checked too. Remote shards (``https://...``, ``pipe:...``,
+``hf://datasets/<org>/<repo>``: ``align.data.remote``) are streamed through once, their sha256
+taken on the way, against the manifest where they are. Exit status: 0 all good, 1 problems found,
+2 no shards / bad arguments / remote shards that cannot be read.
 
 Latent caches (``align data cache-latents``) are ``cached`` shards, checked by
 :mod:`align.data.commands.verify_cache`.
@@ -15,6 +17,8 @@ Latent caches (``align data cache-latents``) are ``cached`` shards, checked by
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -39,6 +43,13 @@ from align.data.commands.verify_cache import (
     cache_settings,
     detect_cached,
     parse_json,
+)
+from align.data.remote import (
+    RemoteShardError,
+    fetch_manifest,
+    is_remote,
+    manifest_location,
+    open_remote,
 )
 from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
 from align.data.writer import MANIFEST, die_with_parent
@@ -117,7 +128,7 @@ def caption_problem(raw: object) -> str | None:
     return None
 
 
-def _manifest(path: Path) -> dict | None:
+def _local_manifest(path: Path) -> dict | None:
     """The ``manifest.json`` beside ``path`` (None when absent or unreadable)."""
     manifest = path.parent / MANIFEST
     if not manifest.exists():
@@ -129,10 +140,51 @@ def _manifest(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _manifest_record(manifest: dict | None, path: Path) -> dict | None:
+# every shard of a remote folder shares one manifest: fetched once per process
+_remote_manifest = functools.lru_cache(maxsize=16)(fetch_manifest)
+
+
+def _manifest(shard: str) -> tuple[dict | None, str]:
+    """(the manifest where ``shard`` is, or None; the shard's name in it)."""
+    if not is_remote(shard):
+        return _local_manifest(Path(shard)), Path(shard).name
+    location = manifest_location(shard)
+    return (_remote_manifest(location[0]), location[1]) if location else (None, shard)
+
+
+def _manifest_record(manifest: dict | None, name: str) -> dict | None:
     shards = (manifest or {}).get("shards")
-    record = shards.get(path.name) if isinstance(shards, dict) else None
+    record = shards.get(name) if isinstance(shards, dict) else None
     return record if isinstance(record, dict) else None
+
+
+class HashingReader:
+    """A remote shard's stream that hashes what is read through it: its sha256 in the one pass."""
+
+    def __init__(self, url: str):
+        self.stream, self.sha256 = open_remote(url), hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+    def finish(self) -> str | None:
+        """The sha256 of the whole stream (what the tar reader left unread included); None when
+        the stream breaks off."""
+        try:
+            while self.read(1 << 20):
+                pass
+            self.stream.close()  # raises when the download failed
+        except OSError:
+            return None
+        return self.sha256.hexdigest()
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:  # a broken stream: already reported as corrupt_tar
+            pass
 
 
 # ------------------------------------------------------------------------------------ cached shards
@@ -158,10 +210,12 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
             found.append((key, reason, detail))
 
     seen: set[str] = set()
-    manifest = _manifest(Path(path))
+    manifest, name = _manifest(path)
+    remote = HashingReader(path) if is_remote(path) else None
+    intact = True
     cached: CachedShardCheck | None = None
     try:
-        for key, sample in iter_tar_samples(path):
+        for key, sample in iter_tar_samples(remote or path):
             report["samples"] += 1
             if report["schema"] is None:
                 fields = set(sample)
@@ -186,9 +240,15 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
             report["bad_samples"] += bool(issues)
     except (tarfile.TarError, OSError, EOFError) as exn:
         note("-", "corrupt_tar", f"after {report['samples']} samples: {type(exn).__name__}: {exn}")
-    record = _manifest_record(manifest, Path(path))
+        intact = False
+    record = _manifest_record(manifest, name)
+    if remote is not None:
+        digest = remote.finish() if intact and record is not None else None
+        remote.close()
+    else:
+        digest = sha256_file(path) if record is not None else None
     if record is not None:
-        if sha256_file(path) != record.get("sha256"):
+        if digest is not None and digest != record.get("sha256"):
             note("-", "checksum_mismatch", f"sha256 differs from {MANIFEST}")
         if record.get("samples") != report["samples"]:
             note(
@@ -208,7 +268,12 @@ def _verify_args(args: tuple) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("shards", nargs="+", help="shard paths, globs, brace patterns or folders")
+    parser.add_argument(
+        "shards",
+        nargs="+",
+        help="shard paths, globs, brace patterns or folders; https:// URLs, pipe: commands, "
+        "hf://datasets/<org>/<repo>",
+    )
     parser.add_argument(
         "--schema",
         choices=("auto", *SCHEMAS, CACHED),
@@ -225,7 +290,11 @@ def main(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    paths, missing = expand_shard_paths(args.shards)
+    try:
+        paths, missing = expand_shard_paths(args.shards, remote=True)
+    except RemoteShardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for spec in missing:
         print(f"error: no shard matches {spec}", file=sys.stderr)
     if not paths:

@@ -101,6 +101,8 @@ EVAL_CHECKPOINT ?=
 EVAL_BASE       ?= tiny
 EVAL_PROMPTS    ?= configs/eval/prompts-tiny.txt
 EVAL_OUT        ?= artifacts/eval
+# FID compares samples with real images: the synthetic validation shard the tiny model trains against
+EVAL_FID_REFERENCE ?= $(SYNTH)/pairs-000000.tar
 TINY_REWARDS    := artifacts/tiny-rewards
 
 $(TINY_REWARDS)/imagereward/.complete: | $(STAMP)
@@ -111,10 +113,11 @@ eval: $(STAMP) $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DP
 	if [ -z "$$ckpt" ]; then ckpt=$$(ls -td logs/align-dpo/*/export/final 2>/dev/null | head -1); fi; \
 	if [ -z "$$ckpt" ]; then $(MAKE) --no-print-directory train-dpo && ckpt=$$(ls -td logs/align-dpo/*/export/final | head -1); fi; \
 	echo "evaluating $$ckpt against $(EVAL_BASE)"; \
+	if [ "$(EVAL_FID_REFERENCE)" = "$(SYNTH)/pairs-000000.tar" ]; then $(MAKE) --no-print-directory data-synthetic; fi && \
 	$(ALIGN) sample --checkpoint $$ckpt --prompts $(EVAL_PROMPTS) --out $(EVAL_OUT)/run -n 2 --steps 10 --device cpu && \
 	$(ALIGN) sample --checkpoint $(EVAL_BASE) --prompts $(EVAL_PROMPTS) --out $(EVAL_OUT)/base -n 2 --steps 10 --device cpu && \
 	$(ALIGN) eval --images $(EVAL_OUT)/run --baseline $(EVAL_OUT)/base --reward-root $(TINY_REWARDS) \
-	  --fid-reference $(EVAL_OUT)/base --fid-features clip:$(TINY_REWARDS)/clip --out $(EVAL_OUT)/report --device cpu
+	  --fid-reference $(EVAL_FID_REFERENCE) --fid-features clip:$(TINY_REWARDS)/clip --out $(EVAL_OUT)/report --device cpu
 
 clean: ## remove logs, reports and generated data (keeps .venv)
 	rm -rf logs reports artifacts data/synthetic

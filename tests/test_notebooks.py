@@ -1,5 +1,6 @@
-"""The notebooks run headless (nbclient) on tiny artifacts: an eval report of the tiny model,
-a Lightning run."""
+"""The notebooks run headless (nbclient) on tiny artifacts: an eval report of the tiny model, a
+real tiny `align fit` run opened at the directory its end-of-run summary printed, a KTO run
+directory."""
 
 from __future__ import annotations
 
@@ -51,19 +52,71 @@ def tiny_report(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, pair_shards):
+    """A real 4-step `align fit` of the tiny DPO config; returns the run directory its end-of-run
+    summary printed (as printed: relative to where it ran) and that folder."""
+    import contextlib
+    import io
+    import os
+
+    import torch
+
+    from align.cli import main as align
+
+    root = tmp_path_factory.mktemp("fit")
+    cwd, threads, printed = Path.cwd(), torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(printed):
+            align(
+                [
+                    "fit",
+                    "--config",
+                    str(ROOT / "configs/dpo/tiny.yaml"),
+                    "--data.train_shards",
+                    str(pair_shards),
+                    "--data.val_shards",
+                    "null",
+                    "--data.num_workers",
+                    "0",
+                    "--trainer.max_steps",
+                    "4",
+                    "--trainer.val_check_interval",
+                    "null",
+                    "--trainer.log_every_n_steps",
+                    "1",
+                ]
+            )
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    lines = [ln for ln in printed.getvalue().splitlines() if ln.startswith("run directory:")]
+    assert lines, printed.getvalue()[-2000:]
+    return lines[-1].split(":", 1)[1].strip(), root
+
+
+@pytest.fixture(scope="module")
+def fabricated_kto_run(tmp_path_factory):
+    """A KTO run directory in the layout `align fit` writes: config.yaml and metrics.csv."""
     from lightning.pytorch.loggers import CSVLogger
 
-    root = tmp_path_factory.mktemp("run")
-    logger = CSVLogger(root, name="tiny-dpo")
+    run = tmp_path_factory.mktemp("kto-run")
+    logger = CSVLogger(run, name="", version="")  # writes <run>/metrics.csv
     for step in range(20):
         logger.log_metrics(
-            {"train/loss": 0.69 - 0.01 * step, "train/implicit_acc": 0.5 + 0.01 * step}, step=step
+            {
+                "train/loss": 0.5 - 0.01 * step,
+                "train/reward_desirable": 0.01 * step,
+                "train/reward_undesirable": -0.01 * step,
+                "train/grad_norm": 1.0,
+            },
+            step=step,
         )
-        if step % 5 == 4:
-            logger.log_metrics({"val/loss": 0.7 - 0.01 * step}, step=step)
     logger.save()
-    return root
+    (run / "config.yaml").write_text("model:\n  class_path: align.modules.KTOModule\n")
+    assert (run / "metrics.csv").is_file()
+    return run
 
 
 def execute(name: str, env: dict, monkeypatch):
@@ -98,7 +151,17 @@ def test_eval_report_notebook(tiny_report, monkeypatch):
     assert images == 2  # the side-by-side grid and the score-difference histograms
 
 
-def test_training_curves_notebook(tiny_run, monkeypatch):
-    nb = execute("training_curves.ipynb", {"ALIGN_RUN_DIR": tiny_run}, monkeypatch)
+def test_training_curves_notebook_on_the_printed_run_directory(tiny_run, monkeypatch):
+    printed, where = tiny_run
+    nb = execute("training_curves.ipynb", {"ALIGN_RUN_DIR": where / printed}, monkeypatch)
     text, images = outputs(nb)
-    assert "3 metrics" in text and "train/implicit_acc" in text and images == 1
+    assert "method dpo" in text and images == 1
+    for curve in ("train/loss", "train/implicit_acc", "train/reward_margin", "train/grad_norm"):
+        assert curve in text
+    assert "lr-" in text and "train/policy_err " not in text
+
+
+def test_training_curves_notebook_kto(fabricated_kto_run, monkeypatch):
+    nb = execute("training_curves.ipynb", {"ALIGN_RUN_DIR": fabricated_kto_run}, monkeypatch)
+    text, images = outputs(nb)
+    assert "method kto" in text and "train/reward_undesirable" in text and images == 1

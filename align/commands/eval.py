@@ -7,12 +7,15 @@ Usage::
                [--reward-source NAME=PATH_OR_HUB_ID ...] [--reward-root DIR] [--pairing seed|median]
                [--bootstrap 1000] [--confidence 0.95] [--fid-reference DIR|STATS.npz]
                [--fid-features inception[:WEIGHTS.pth]|clip:DIR] [--out DIR] [--batch-size B]
-               [--device auto]
+               [--device auto] [--no-plot]
 
 ``--images`` / ``--baseline`` are image sets written by ``align sample`` from the same prompt set
 and seeds; images pair on (prompt, seed) (``--pairing median``: the median-scoring image per prompt,
-the Diffusion-KTO protocol). Writes ``report.md``, ``report.csv``, ``report.json`` and
-``scores.csv`` to ``--out`` (default ``<images>/eval``) and prints the table.
+the Diffusion-KTO protocol). Writes ``report.md``, ``report.csv``, ``report.json``,
+``scores.csv``, ``grid.png`` (baseline and run images side by side, captioned with their scores) and
+``win_rates.png`` (the win rates with their intervals; needs ``align[eval]``, ``--no-plot`` skips
+it) to ``--out`` (default ``<images>/eval``) and prints the table. ``--fid-reference`` takes real
+images (a folder, ``.tar`` shards or an ``.npz`` of statistics), never a set being scored.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fid-reference",
         default=None,
-        help="directory of reference images or an .npz of statistics",
+        help="real images: a directory, .tar shards (or a directory of them) or an .npz of "
+        "statistics; not --images or --baseline",
     )
     p.add_argument(
         "--fid-features",
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-plot", action="store_true", help="skip win_rates.png (it needs matplotlib)"
+    )
     return p
 
 
@@ -81,8 +88,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from align.eval.evaluate import EvalConfig, evaluate
     from align.eval.fid import FIDError
+    from align.eval.figures import write_figures
     from align.eval.layout import ImageSetError
     from align.eval.report import to_markdown, write_report
+    from align.extras import MissingExtra, require
     from align.rewards import RewardSourceError
 
     config = EvalConfig(
@@ -102,16 +111,28 @@ def main(argv: list[str]) -> int:
         out=args.out,
         progress=not args.no_progress,
     )
+    plot = bool(args.baseline) and not args.no_plot
     try:
+        if plot:  # before any scoring: a missing package must not cost the user a scoring pass
+            require("matplotlib", "eval", "the win-rate plot (--no-plot skips it)")
         from transformers.utils import logging as hf_logging
 
         # per-model "Loading weights" bars; ours show the scoring progress
         hf_logging.disable_progress_bar()
         report, rows, out = evaluate(config)
-    except (ImageSetError, RewardSourceError, FIDError, FileNotFoundError, ValueError) as err:
+    except (
+        ImageSetError,
+        RewardSourceError,
+        FIDError,
+        FileNotFoundError,
+        ValueError,
+        MissingExtra,
+    ) as err:
         print(f"align eval: error: {err}", file=sys.stderr)
         return 2
-    paths = write_report(report, out, rows)
+    figures = write_figures(report, rows, out, plot=plot)
+    report["figures"] = {name: path.name for name, path in figures.items()}
+    paths = {**write_report(report, out, rows), **figures}
     print(to_markdown(report))
     print(f"report: {', '.join(str(p) for p in paths.values())}")
     return 0

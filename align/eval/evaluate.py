@@ -2,7 +2,8 @@
 
 Everything that can be checked without compute is checked first: both sets exist and hold images,
 their prompt sets are identical (otherwise the error lists the difference), the reward names are
-known, the FID reference exists. Then the rewards are loaded and the images scored.
+known, the FID reference exists and is not one of the sets being scored. Then the rewards are
+loaded and the images scored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from align.eval.fid import (
     build_feature_extractor,
+    check_reference_is_real,
     compute_stats,
     fid_from_stats,
     reference_stats,
@@ -83,8 +85,11 @@ def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
     if config.pairing not in ("seed", "median"):
         raise ValueError(f"unknown pairing {config.pairing!r} (seed or median)")
     run, baseline = load_sets(config)
-    if config.fid_reference and not Path(config.fid_reference).expanduser().exists():
-        raise FileNotFoundError(f"FID reference {config.fid_reference} does not exist")
+    if config.fid_reference:
+        if not Path(config.fid_reference).expanduser().exists():
+            raise FileNotFoundError(f"FID reference {config.fid_reference} does not exist")
+        scored = {"run": run.root, **({"baseline": baseline.root} if baseline else {})}
+        check_reference_is_real(config.fid_reference, scored)
     out = Path(config.out) if config.out else run.root / "eval"
     device = resolve_device(config.device)
 

@@ -10,6 +10,11 @@ Feature extractors (``build_feature_extractor(spec)``):
   Kynkäänniemi et al. 2023), preprocessed by its own PIL-backend image processor; works from local
   weights (the tiny CLIP of ``align.rewards.tiny`` in tests and ``make eval``).
 
+References (``reference_stats``): an ``.npz`` of statistics, a directory of real images, or
+webdataset shards (a ``.tar`` or a directory of them; every image field, e.g. both images of a
+Pick-a-Pic pair): ``make eval`` takes the synthetic validation shard the tiny model trained against.
+A reference that is (or holds) an image set being scored is refused (``check_reference_is_real``).
+
 Statistics are accumulated in float64 and saved as ``.npz`` with ``mu``, ``sigma`` (the pytorch-fid
 / clean-fid key names), ``n`` and ``features`` (the extractor spec, checked on reuse so that
 statistics of different features are never compared). The distance is
@@ -19,6 +24,7 @@ eigendecompositions (exact for PSD matrices, no scipy needed).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align.data.tars import READ_ERRORS, iter_tar_samples
 from align.eval.scoring import load_image
+from align.extras import require
 from align.rewards.hf_clip import HFClip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -120,19 +128,15 @@ class ClipFeatures(FeatureExtractor):
 
 class InceptionFeatures(FeatureExtractor):
     def __init__(self, weights: str | None = None, device: str | torch.device = "cpu"):
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            import torch_fidelity  # noqa: F401
-        except ImportError as err:
-            raise FIDError(
-                "FID with Inception features needs the torch-fidelity package "
-                "(pip install torch-fidelity), or use --fid-features clip:<CLIP dir>"
-            ) from err
+        # torchmetrics' Inception is torch-fidelity's; --fid-features clip:<dir> needs neither
+        require("torch_fidelity", "eval", "FID with Inception features")
+        fid_module = require("torchmetrics.image.fid", "eval", "FID with Inception features")
+
         if weights is not None and not Path(weights).is_file():
             raise FIDError(f"FID Inception weights not found: {weights}")
         self.spec = "inception"
         self.model = (
-            NoTrainInceptionV3(
+            fid_module.NoTrainInceptionV3(
                 name="inception-v3-compat",
                 features_list=["2048"],
                 feature_extractor_weights_path=weights,
@@ -225,11 +229,41 @@ def compute_stats(
     return FeatureStats(mu=mu, sigma=sigma, n=n, features=extractor.spec)
 
 
+def shard_images(shards: Sequence[Path], skipped: list | None = None) -> Iterable[Image.Image]:
+    """Every image of webdataset shards (fields ``jpg``, ``png``, ``jpg_0.jpg``, ...: both images of
+    a pair); an unreadable image is appended to ``skipped`` and left out."""
+    for shard in shards:
+        for key, sample in _shard_samples(shard):
+            for name, data in sample.items():
+                if data is None:  # not an image field: not read
+                    continue
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        yield image.convert("RGB")
+                except READ_ERRORS as err:
+                    if skipped is not None:
+                        skipped.append((f"{shard}:{key}.{name}", f"{type(err).__name__}: {err}"))
+
+
+def _shard_samples(shard: Path):
+    try:
+        yield from iter_tar_samples(str(shard), fields=_is_image_field)
+    except READ_ERRORS as err:  # a damaged reference is the user's to fix: one line, no traceback
+        raise FIDError(f"FID reference shard {shard} cannot be read: {err}") from err
+
+
+def _is_image_field(field: str) -> bool:
+    return "." + field.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES
+
+
 def reference_stats(
     reference: str | Path, extractor: FeatureExtractor, batch_size: int = 32
 ) -> FeatureStats:
-    """Statistics of ``reference``: an ``.npz`` statistics file, or a directory of images."""
+    """Statistics of ``reference``: an ``.npz`` statistics file, a directory of images, or
+    webdataset shards of real images (a ``.tar`` file, or a directory of them)."""
     path = Path(reference).expanduser()
+    if path.is_file() and path.suffix == ".tar":
+        return compute_stats(shard_images([path]), extractor, batch_size=batch_size)
     if path.is_file():
         stats = FeatureStats.load(path)
         if stats.features not in (extractor.spec, "unknown"):
@@ -239,9 +273,29 @@ def reference_stats(
         return stats
     if path.is_dir():
         files = list_images(path)
-        if not files:
-            raise FIDError(f"FID reference {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        return compute_stats(files, extractor, batch_size=batch_size)
+        if files:
+            return compute_stats(files, extractor, batch_size=batch_size)
+        shards = sorted(path.rglob("*.tar"))
+        if shards:
+            return compute_stats(shard_images(shards), extractor, batch_size=batch_size)
+        raise FIDError(
+            f"FID reference {path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards"
+        )
     raise FIDError(
-        f"FID reference {path} does not exist (a directory of images or an .npz statistics file)"
+        f"FID reference {path} does not exist (a directory of images, .tar shards or an .npz "
+        "statistics file)"
     )
+
+
+def check_reference_is_real(reference: str | Path, image_sets: dict[str, Path]) -> None:
+    """Refuse a reference that is (or holds) one of the sets being scored: FID against the images
+    themselves says nothing (the baseline's FID would be 0 by construction)."""
+    ref = Path(reference).expanduser().resolve()
+    for label, folder in image_sets.items():
+        folder = Path(folder).expanduser().resolve()
+        if folder == ref or ref in folder.parents:
+            relation = "is" if folder == ref else "holds"
+            raise FIDError(
+                f"the FID reference {reference} {relation} the {label} image set {folder}: FID "
+                "must compare samples with real images (e.g. the validation shards), not samples"
+            )

@@ -1,6 +1,6 @@
 """The evaluation report: one table (mean score per reward, win rate against the baseline, FID),
 written as ``report.md``, ``report.csv`` and ``report.json``, plus ``scores.csv``
-(every image's scores, both sets)."""
+(every image's scores, both sets). The figures beside it are ``align.eval.figures``'s."""
 
 from __future__ import annotations
 
@@ -134,6 +134,9 @@ def to_markdown(report: dict) -> str:
         ]
         if fid.get("baseline") is not None:
             lines.append(f"| baseline | {fid['baseline_n']} | {_fmt(fid['baseline'])} |")
+    figures = report.get("figures") or {}
+    if figures:  # written beside report.md by align.eval.figures
+        lines += ["", *(f"![{name}]({file})" for name, file in figures.items())]
     return "\n".join(lines) + "\n"
 
 

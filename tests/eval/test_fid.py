@@ -98,3 +98,30 @@ def test_reference_directory_and_stats_file(clip_features, tmp_path):
 def test_unknown_features():
     with pytest.raises(FIDError, match="unknown FID features"):
         build_feature_extractor("vgg")
+
+
+def test_reference_shards(clip_features, pair_shards, tmp_path):
+    """Real images from webdataset shards: a .tar, or a folder of them (both images of a pair)."""
+    one = reference_stats(pair_shards / "pairs-000000.tar", clip_features)
+    every = reference_stats(pair_shards, clip_features)
+    assert one.n == 32 and every.n == 128
+    assert not np.allclose(one.mu, every.mu)
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar archive")
+    with pytest.raises(FIDError, match="broken.tar cannot be read"):
+        reference_stats(broken, clip_features)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FIDError, match="no .tar shards"):
+        reference_stats(empty, clip_features)
+
+
+def test_a_scored_set_is_no_reference(tmp_path):
+    from align.eval.fid import check_reference_is_real
+
+    sets = {"run": tmp_path / "samples" / "run", "baseline": tmp_path / "samples" / "base"}
+    check_reference_is_real(tmp_path / "real", sets)  # elsewhere: fine
+    with pytest.raises(FIDError, match="is the baseline image set"):
+        check_reference_is_real(tmp_path / "samples" / "base" / ".", sets)
+    with pytest.raises(FIDError, match="holds the run image set"):
+        check_reference_is_real(tmp_path / "samples", sets)

@@ -1,15 +1,24 @@
 """The `make eval` recipe end to end on CPU (tiny export vs the tiny base, tiny rewards in the real
-layouts), through the real console entry point, and the bad inputs it must report."""
+layouts, FID against a synthetic validation shard), through the real console entry point: the
+report, its image grid and win-rate plot, and the bad inputs it must report."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from align.cli import main as align
+from align.eval.figures import FONT_SIZE, PAD, image_grid, win_rate_figure
+from align.eval.report import read_scores
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROMPTS = [
     "a photo of a cat",
@@ -21,7 +30,7 @@ REWARDS = ["pickscore", "hps", "clip", "aesthetic", "imagereward"]
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_rewards):
+def recipe(tmp_path_factory, tiny_rewards, pair_shards):
     """What `make eval` does: save the tiny base (and here a stand-in export),
     render both, evaluate."""
     import torch
@@ -29,12 +38,12 @@ def recipe(tmp_path_factory, tiny_rewards):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before the function-scoped one-thread fixture
     try:
-        return _recipe(tmp_path_factory.mktemp("make-eval"), tiny_rewards)
+        return _recipe(tmp_path_factory.mktemp("make-eval"), tiny_rewards, pair_shards)
     finally:
         torch.set_num_threads(threads)
 
 
-def _recipe(root, tiny_rewards):
+def _recipe(root, tiny_rewards, pair_shards):
     from align.models import load_components
 
     load_components("tiny").save_pretrained(root / "tiny-base")
@@ -75,7 +84,7 @@ def _recipe(root, tiny_rewards):
             "--reward-root",
             str(reward_root),
             "--fid-reference",
-            str(root / "base"),
+            str(pair_shards / "pairs-000000.tar"),  # the real images of a validation shard
             "--fid-features",
             f"clip:{reward_root / 'clip'}",
             "--out",
@@ -102,8 +111,9 @@ def test_report_files_and_table(recipe, capsys):
         assert entry["run"]["low"] <= entry["run"]["value"] <= entry["run"]["high"]
         assert win["value"] == pytest.approx((win["wins"] + 0.5 * win["ties"]) / 8)
     fid = report["fid"]
-    # base is the reference
-    assert fid["baseline"] == pytest.approx(0.0, abs=1e-6) and fid["run"] > 0
+    # both sets against the shard's real images (16 pairs: 32 images), neither against itself
+    assert fid["reference_n"] == 32 and fid["reference"].endswith("pairs-000000.tar")
+    assert fid["run"] > 0 and fid["baseline"] > 0 and fid["run"] != fid["baseline"]
     with (recipe / "report" / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["reward"] for r in rows][:5] == REWARDS and rows[5]["reward"].startswith("fid")
@@ -116,6 +126,99 @@ def test_report_files_and_table(recipe, capsys):
     assert wins == report["rewards"]["pickscore"]["win_rate"]["wins"]
     md = (recipe / "report" / "report.md").read_text()
     assert "| pickscore | 8 |" in md and "win rate vs baseline" in md and "FID" in md
+    assert "![grid](grid.png)" in md and "![win_rates](win_rates.png)" in md
+
+
+def test_image_grid_pairs_base_and_run_with_their_scores(recipe):
+    cell = 192
+    with Image.open(recipe / "report" / "grid.png") as written:
+        size = written.size
+    rows_shown = 8  # 4 prompts x 2 seeds, every prompt's first seed first
+    row_height = 2 * (FONT_SIZE + 4) + cell + len(REWARDS) * (FONT_SIZE + 4) + PAD
+    assert size == (2 * cell + 3 * PAD, PAD + FONT_SIZE + 4 + rows_shown * row_height)
+    scores = read_scores(recipe / "report")
+    grid, cells = image_grid(scores, REWARDS, cell=cell)
+    assert grid.size == size
+    assert [c.key for c in cells[:8:2]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    by = {(r["set"], r["prompt_index"], r["seed"]): r for r in scores}
+    for left, right in zip(cells[::2], cells[1::2]):
+        # one row: the baseline image, then the run's of the same prompt and seed
+        assert (left.set, right.set) == ("baseline", "run") and left.key == right.key
+        for c in (left, right):
+            row = by[(c.set, *c.key)]
+            assert c.caption == [f"{r} {row[r]:.4g}" for r in REWARDS]
+            source = Image.open(row["path"]).convert("RGB").resize((cell, cell), Image.NEAREST)
+            assert grid.crop(c.box).tobytes() == source.tobytes()
+
+
+def test_win_rate_plot(recipe):
+    import matplotlib.image
+
+    png = matplotlib.image.imread(recipe / "report" / "win_rates.png")
+    assert png.shape[:2] == (int(round(100 * (1.4 + 0.45 * len(REWARDS)))), 700)
+    report = json.loads((recipe / "report" / "report.json").read_text())
+    fig = win_rate_figure(report)
+    ax = fig.axes[0]
+    at = {t.get_text(): y for t, y in zip(ax.get_yticklabels(), ax.get_yticks())}
+    labels = sorted(at, key=at.get, reverse=True)  # the table's order, first on top
+    assert [label.split("\n")[0] for label in labels] == REWARDS
+    for label, name in zip(labels, REWARDS):
+        win = report["rewards"][name]["win_rate"]
+        assert f"{win['value']:.2f} [{win['low']:.2f}, {win['high']:.2f}]" in label
+        assert f"W/T/L {win['wins']}/{win['ties']}/{win['losses']}" in label
+    assert "95% bootstrap CI" in ax.get_xlabel()
+    (points,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    values = [report["rewards"][name]["win_rate"]["value"] for name in REWARDS]
+    assert list(points.get_xdata()) == pytest.approx(values)
+
+
+@pytest.mark.parametrize(
+    "reference, said", [("base", "is the baseline"), ("run", "is the run"), (".", "holds the run")]
+)
+def test_fid_reference_must_not_be_a_scored_set(recipe, tmp_path, reference, said, capsys):
+    out = tmp_path / "report"
+    code = align(
+        [
+            "eval",
+            "--images",
+            str(recipe / "run"),
+            "--baseline",
+            str(recipe / "base"),
+            "--rewards",
+            "",
+            "--fid-reference",
+            str(recipe / reference),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert f"{said} image set" in err and "real images" in err and len(err.splitlines()) == 1
+
+
+def test_makefile_eval_compares_with_real_images():
+    makefile = (ROOT / "Makefile").read_text()
+    (recipe_line,) = [ln for ln in makefile.splitlines() if "--fid-reference" in ln]
+    reference = re.search(r"--fid-reference (\S+)", recipe_line).group(1)
+    assert reference == "$(EVAL_FID_REFERENCE)"
+    default = re.search(r"^EVAL_FID_REFERENCE \?= (\S+)$", makefile, re.M).group(1)
+    assert default == "$(SYNTH)/pairs-000000.tar"  # the validation shard of configs/dpo/tiny.yaml
+    assert (
+        "val_shards: data/synthetic/pickapic/pairs-000000.tar"
+        in (ROOT / "configs/dpo/tiny.yaml").read_text()
+    )
+
+
+def test_missing_matplotlib_stops_before_scoring(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if align[eval] were not installed
+    argv = ["eval", "--images", str(recipe / "run"), "--baseline", str(recipe / "base")]
+    argv += ["--rewards", "nonexistent-reward", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert align(argv) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'align[eval]'" in err and "--no-plot" in err
+    assert "nonexistent" not in err  # stopped before the rewards were looked at
 
 
 def test_median_pairing_and_subset_of_rewards(recipe, tiny_rewards, capsys):

@@ -1,11 +1,19 @@
 # align — every entry point a user needs. `make help` lists them.
-# Each target installs what it needs: a .venv is created once and `pip install -e ".[dev]"` reruns only
-# when setup.cfg changes.
+# Each target installs what it needs into .venv (created once): align alone for training, the extras of
+# setup.cfg it uses for the rest, pinned by constraints.txt. An install reruns only when setup.cfg,
+# pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# one stamp per set of extras: .installed-core (pip install -e .), .installed-eval+rewards
+# (pip install -e ".[eval,rewards]"), ...
+STAMP  := $(VENV)/.installed-core
+DEV_STAMP  := $(VENV)/.installed-dev
+EVAL_STAMP := $(VENV)/.installed-eval+rewards
+DEMO_STAMP := $(VENV)/.installed-demo
+GPU_STAMP  := $(VENV)/.installed-8bit
+comma  := ,
 ALIGN  := $(BIN)/align
 SYNTH  := data/synthetic/pickapic
 SYNTH_KTO := data/synthetic/kto
@@ -22,13 +30,13 @@ help: ## list the targets
 	@echo "  CONFIG=<yaml> picks the set-up for train-* targets (default: the embedded tiny CPU run);"
 	@echo "  ARGS='--trainer.max_steps 10' passes extra LightningCLI flags."
 
-$(STAMP): setup.cfg pyproject.toml
+$(VENV)/.installed-%: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".$(if $(filter core,$*),,[$(subst +,$(comma),$*)])"
+	touch $@
 
-install: $(STAMP) ## create .venv and install align with its dev extras
+install: $(DEV_STAMP) ## create .venv and install align with its dev extras (what `make test` needs)
 
 $(SYNTH)/pairs-000003.tar: | $(STAMP)
 	$(ALIGN) data synthetic pickapic --out $(SYNTH)
@@ -78,22 +86,22 @@ train-longalign-rft: $(STAMP) ## LongAlign reward fine-tuning (default: tiny mod
 	@if [ "$(CONFIG)" = "configs/longalign/rft_tiny.yaml" ]; then $(MAKE) --no-print-directory $(SYNTH_LONG)/longcaption-000003.tar $(TINY_DENSCORE)/.complete; fi
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
 
-test: $(STAMP) ## lint (ruff: lines <= 100, pyflakes) + the fast suite (CPU, tiny models; no slow cases)
+test: $(DEV_STAMP) ## lint (ruff: lines <= 100, pyflakes) + the fast suite (CPU, tiny models; no slow cases)
 	$(BIN)/ruff check align tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
-test-all: $(STAMP) ## lint + every test, the slow ones too
+test-all: $(DEV_STAMP) ## lint + every test, the slow ones too
 	$(BIN)/ruff check align tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
-demo: $(STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/, ~28 min from scratch, ~19 with the base cached (QUICK=1: a smaller base, 1 seed, fewer steps)
+demo: $(DEMO_STAMP) ## shapes-world demo: base, judge-made data, DPO/KTO/LongAlign SFT/RFT + controls x 3 seeds, judged report in reports/, ~28 min from scratch, ~19 with the base cached (QUICK=1: a smaller base, 1 seed, fewer steps)
 	$(ALIGN) demo $(if $(QUICK),--quick --out reports/quick,--out reports) $(ARGS)
 
 bench: $(STAMP) ## benchmarks on this machine: Lightning vs a bare loop (tiny), FLOPs of SD1.5/SDXL DPO and KTO steps (meta device)
 	$(ALIGN) bench --objective dpo kto --preset tiny --batch 4 --steps 20 --compare-bare --threads 1 $(ARGS)
 	$(ALIGN) bench --objective dpo kto --preset sd15-arch sdxl-arch --batch 1 --flops-only
 
-bench-gpu: $(STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md (PART=core|extra|fast|compile|graphs; rows to reports/gpu)
+bench-gpu: $(GPU_STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md (PART=core|extra|fast|compile|graphs; rows to reports/gpu)
 	PYTHON=$(BIN)/python ALIGN=$(ALIGN) bash scripts/gpu_bench.sh $(or $(PART),core) reports/gpu
 
 # ---- evaluation: sample the newest tiny DPO export and the tiny base, score both, win rates, FID ----------
@@ -105,10 +113,10 @@ EVAL_OUT        ?= artifacts/eval
 EVAL_FID_REFERENCE ?= $(SYNTH)/pairs-000000.tar
 TINY_REWARDS    := artifacts/tiny-rewards
 
-$(TINY_REWARDS)/imagereward/.complete: | $(STAMP)
+$(TINY_REWARDS)/imagereward/.complete: | $(EVAL_STAMP)
 	$(ALIGN) data tiny-rewards $(TINY_REWARDS)
 
-eval: $(STAMP) $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DPO export vs the tiny base (EVAL_CHECKPOINT=<export> to choose; trains one if none)
+eval: $(EVAL_STAMP) $(TINY_REWARDS)/imagereward/.complete ## sample + score a tiny DPO export vs the tiny base (EVAL_CHECKPOINT=<export> to choose; trains one if none)
 	@ckpt="$(EVAL_CHECKPOINT)"; \
 	if [ -z "$$ckpt" ]; then ckpt=$$(ls -td logs/align-dpo/*/export/final 2>/dev/null | head -1); fi; \
 	if [ -z "$$ckpt" ]; then $(MAKE) --no-print-directory train-dpo && ckpt=$$(ls -td logs/align-dpo/*/export/final | head -1); fi; \

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from align.extras import require
+
 OBJECTIVES = {"dpo": "align.modules.dpo.DPOModule", "kto": "align.modules.kto.KTOModule"}
 OPTIMIZERS = ("adamw", "adamw-fused", "adafactor", "adamw8bit")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # bench name -> Lightning precision
@@ -119,12 +121,7 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
     if name == "adamw8bit":
         # imported when the optimizer is made: FLOP/memory estimates need no bitsandbytes
         def adamw8bit(params):
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError(
-                    "optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)"
-                ) from None
+            bnb = require("bitsandbytes", "8bit", "the optimizer adamw8bit")
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
         return adamw8bit

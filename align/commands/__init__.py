@@ -13,6 +13,8 @@ import pkgutil
 import sys
 from types import ModuleType
 
+from align.extras import MissingExtra
+
 
 def discover(package: str) -> dict[str, str]:
     """Map command names to module paths for every public module of ``package``."""
@@ -62,5 +64,9 @@ def dispatch(package: str, argv: list[str], prog: str) -> int:
             file=sys.stderr,
         )
         return 2
-    module: ModuleType = importlib.import_module(commands[name])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        module: ModuleType = importlib.import_module(commands[name])
+        return int(module.main(argv[1:]) or 0)
+    except MissingExtra as err:  # an optional package the command needs: one line, no traceback
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2

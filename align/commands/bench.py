@@ -20,6 +20,7 @@ import os
 import sys
 
 from align.commands import doc_details, doc_summary
+from align.extras import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.optimizer == "adamw8bit" and not (args.memory_estimate or args.flops_only):
+        require("bitsandbytes", "8bit", "--optimizer adamw8bit")  # before any model is built
     device = pick_device(args.device)
     precision = args.precision
     if precision == "auto":

@@ -24,6 +24,8 @@ import os
 import sys
 
 from align.commands import doc_summary
+from align.demo.report import PLOTS
+from align.extras import require
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,6 +116,7 @@ def demo_config(args: argparse.Namespace):
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    require("matplotlib", "demo", PLOTS)  # at start, not after the runs
     os.environ.setdefault("WANDB_MODE", "offline")
     import torch
 

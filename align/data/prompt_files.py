@@ -19,6 +19,8 @@ import csv
 import json
 from pathlib import Path
 
+from align.extras import require
+
 CANDIDATE_COLUMNS = ("Prompt", "prompt", "caption", "text", "Caption", "Text")
 PARQUET_COLUMNS = ("caption", "prompt", "text", "Prompt")
 
@@ -75,7 +77,7 @@ def _read_delimited(path: Path, column: str | None) -> list[str]:
 
 
 def _read_parquet(path: Path, column: str | None) -> list[str]:
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "data", "reading a .parquet prompt set")
 
     names = pq.ParquetFile(path).schema_arrow.names
     key = _pick_column(names, column, PARQUET_COLUMNS, path)

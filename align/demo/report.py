@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from align.extras import require
+
+PLOTS = "the demo report's judge curves"
+
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
@@ -98,10 +102,8 @@ def verdict(
 
 
 def plot_curves(results: dict, baselines: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "demo", PLOTS).use("Agg")
+    plt = require("matplotlib.pyplot", "demo", PLOTS)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method, runs in results.items():

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from align.extras import require
 from align.rewards.aesthetic import AestheticMLP
 from align.rewards.base import (
     OPENAI_CLIP_MEAN,
@@ -56,19 +57,19 @@ DEFAULT_TOKENIZER = "bert-base-uncased"
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_LENGTH = 35
+VIT_PURPOSE = "the reward model ImageReward (its ViT)"
 
 
 def build_blip_vit(state: dict[str, torch.Tensor], num_heads: int | None = None) -> nn.Module:
     """A timm VisionTransformer shaped like the BLIP ViT whose weights are ``state``
     (prefix stripped)."""
-    from timm.models.vision_transformer import VisionTransformer
-
+    timm_vit = require("timm.models.vision_transformer", "rewards", VIT_PURPOSE)
     proj = state["patch_embed.proj.weight"]
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    return VisionTransformer(
+    return timm_vit.VisionTransformer(
         img_size=grid * patch,
         patch_size=patch,
         embed_dim=embed_dim,
@@ -235,6 +236,7 @@ def build_image_reward(
 ) -> ImageReward:
     from transformers import BlipTextModel
 
+    require("timm.models.vision_transformer", "rewards", VIT_PURPOSE)  # before any download
     checkpoint = resolve_file("imagereward", source, CHECKPOINT, DEFAULT_REPO)
     if med_config is None:
         local = checkpoint.parent / MED_CONFIG

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from align.extras import require
 from align.models.tokenizer import build_clip_tokenizer
 from align.rewards.aesthetic import AestheticMLP
 from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -184,8 +185,9 @@ def write_tiny_image_reward(out: str | Path, seed: int = 0) -> Path:
     ``blip.vision_proj``, ``blip.text_proj``, ``mlp.layers.*``) and ``med_config.json``; a tiny BERT
     tokenizer."""
     from transformers import BlipTextModel
-    from timm.models.vision_transformer import VisionTransformer
     from functools import partial
+
+    timm_vit = require("timm.models.vision_transformer", "rewards", "the tiny ImageReward's ViT")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def write_tiny_image_reward(out: str | Path, seed: int = 0) -> Path:
     (out / "med_config.json").write_text(json.dumps(med_config, indent=2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = VisionTransformer(
+        vit = timm_vit.VisionTransformer(
             img_size=224,
             patch_size=32,
             embed_dim=WIDTH,

@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from align.bench.memory import SavedTensors, static_memory
 from align.bench.step import BareStep, StepConfig, build_module, make_batch
+from align.extras import MissingExtra
 
 
 def unets(module):
@@ -281,7 +282,7 @@ def test_8bit_adamw_is_optional():
         import bitsandbytes  # noqa: F401
     except ImportError:
         module = build_module(StepConfig(optimizer="adamw8bit"))  # building needs no bitsandbytes
-        with pytest.raises(ValueError, match="bitsandbytes"):
+        with pytest.raises(MissingExtra, match=r"bitsandbytes.*align\[8bit\]"):
             module.configure_optimizers()
     else:
         pytest.skip("bitsandbytes is installed: its 8-bit AdamW needs CUDA, not tested here")

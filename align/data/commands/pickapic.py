@@ -32,6 +32,9 @@ from align.data.convert_helpers import (
 )
 from align.data.schema import PAIR_OPTIONAL_META, pair_meta_problem
 from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
+from align.extras import require
+
+PYARROW_PURPOSE = "converting Pick-a-Pic parquet files"
 
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 UID_COLUMNS = ("image_0_uid", "image_1_uid")
@@ -85,7 +88,7 @@ def convert_row(row: dict, opts: dict) -> dict | Skip:
 
 def convert_row_group(payload: tuple, need):
     """Writer converter: the rows of one (file, row group), streamed in small record batches."""
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "data", PYARROW_PURPOSE)
 
     path, row_group, columns, opts = payload
     parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
@@ -124,7 +127,7 @@ def parquet_files(sources: list[str]) -> tuple[list[tuple[Path, str]], list[str]
 
 def plan(files: list[tuple[Path, str]], opts: dict) -> tuple[list[Unit], dict, list]:
     """Units (one per row group), the files skipped by reason, and the inputs' identities."""
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "data", PYARROW_PURPOSE)
 
     units, skipped, inputs = [], {}, []
     for path, name in files:
@@ -175,6 +178,7 @@ def main(argv: list[str]) -> int:
     add_writer_args(parser, prefix="pickapic", shard_size=1000)
     add_image_args(parser, max_side=512)
     args = parser.parse_args(argv)
+    require("pyarrow.parquet", "data", PYARROW_PURPOSE)  # before anything is read or written
 
     files, missing = parquet_files(args.src)
     if missing:

@@ -61,14 +61,14 @@ def finished_run(tmp_path_factory, pair_shards):
 def test_fit_writes_every_artifact(finished_run):
     runs = glob.glob(str(finished_run / "logs/align-dpo/*/"))
     assert len(runs) == 1
-    run = Path(runs[0])
+    run = Path(runs[0])  # every artifact under the run directory, named method-model-time
+    assert run.name.startswith("dpo-tiny-")
     assert (run / "config.yaml").exists() and "DPOModule" in (run / "config.yaml").read_text()
     assert (run / "checkpoints/last.ckpt").exists()
     assert (run / "export/final/model_index.json").exists() and (run / "export/final/unet").is_dir()
-    assert glob.glob(str(finished_run / "logs/wandb/offline-run-*"))
-    rows = list(
-        csv.DictReader(open(glob.glob(str(finished_run / "logs/csv/version_*/metrics.csv"))[0]))
-    )
+    assert glob.glob(str(run / f"wandb/offline-run-*-{run.name}"))  # the run name is the wandb id
+    assert len(list((run / "images").glob("step-*/*.png"))) == 4  # policy | reference panels
+    rows = list(csv.DictReader(open(run / "csv/version_0/metrics.csv")))
     logged = set().union(*(r.keys() for r in rows))
     for name in (
         "train/loss",
@@ -93,10 +93,12 @@ def test_checkpoint_holds_only_trainable_weights_and_resumes(
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
     monkeypatch.chdir(finished_run)
     fit(finished_run, pair_shards, "--ckpt_path", str(ckpt_path), "--trainer.max_steps", "6")
-    resumed = sorted(
-        finished_run.glob("logs/align-dpo/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-    )
-    assert torch.load(resumed[-1], weights_only=False, map_location="cpu")["global_step"] == 6
+    # the same run continues: same directory, a second CSV version, the same wandb run id
+    run = ckpt_path.parent.parent
+    assert [p.parent.parent for p in finished_run.glob("logs/*/*/checkpoints/last.ckpt")] == [run]
+    assert torch.load(ckpt_path, weights_only=False, map_location="cpu")["global_step"] == 6
+    assert (run / "csv/version_1/metrics.csv").is_file()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run.name}"))) == 2
 
 
 def test_configs_compose_override_and_interpolate(tmp_path, capsys):

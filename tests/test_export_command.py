@@ -33,6 +33,8 @@ def run(tmp_path_factory, pair_shards):
             "2",
             "--trainer.val_check_interval",
             "null",
+            "--trainer.check_val_every_n_epoch",  # Lightning's default checkpoint: at epoch end
+            "1",
             "--trainer.logger",
             "lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.save_dir",
@@ -42,7 +44,7 @@ def run(tmp_path_factory, pair_shards):
         ]
     )
     mp.undo()
-    return cwd / "logs/lightning_logs/version_0"
+    return next((cwd / "logs").glob("align-dpo/*"))  # the run directory
 
 
 def test_a_run_exports_in_fp16_with_a_card_a_stock_pipeline_loads(run, tmp_path, capsys):
@@ -60,7 +62,7 @@ def test_a_run_exports_in_fp16_with_a_card_a_stock_pipeline_loads(run, tmp_path,
     card = (tmp_path / "exp/README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "tiny" and "Diffusion-DPO" in meta["tags"]
-    assert "beta: 5000" in card  # the resolved config
+    assert "beta: 50" in card  # the resolved config
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 

@@ -48,8 +48,12 @@ def fit_args(shards, *extra, config=TINY, data_key="train_shards") -> list[str]:
     ]
 
 
-def losses(version: int = 0) -> list[float]:
-    path = Path(f"logs/lightning_logs/version_{version}/metrics.csv")
+def losses(run: int = 0) -> list[float]:
+    """Training losses of the ``run``-th run started in ``logs/`` (each has its own directory)."""
+    found = sorted(
+        Path("logs").glob("*/*/csv/version_0/metrics.csv"), key=lambda p: p.stat().st_ctime
+    )
+    path = found[run]
     return [float(r["train/loss"]) for r in csv.DictReader(open(path)) if r.get("train/loss")]
 
 
@@ -97,10 +101,10 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_non_zero(sig, code, tmp
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = tmp_path / "logs/lightning_logs/version_0/metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 3:
+        metrics = next(tmp_path.glob("logs/*/*/csv/version_0/metrics.csv"), None)
+        if metrics is not None and len(metrics.read_text().splitlines()) > 3:
             break
         time.sleep(0.5)
     proc.send_signal(sig)
@@ -243,10 +247,10 @@ def test_a_resume_that_changes_fixed_settings_is_refused_naming_each(
     run_lightning_cli(fit_args(pair_shards, "--trainer.max_steps", "2", *ckpt))
     resume = fit_args(pair_shards, "--trainer.max_steps", "3", "--ckpt_path", "ckpt/last.ckpt")
     for change, named in [
-        (["--model.init_args.beta", "2000"], "model.beta: checkpoint 5000.0, now 2000.0"),
+        (["--model.init_args.beta", "2000"], "model.beta: checkpoint 50.0, now 2000.0"),
         (
             ["--model.init_args.optimizer.init_args.lr", "3e-5"],
-            "learning rate: checkpoint 1e-05, now 3e-05",
+            "learning rate: checkpoint 0.0003, now 3e-05",
         ),
     ]:
         with pytest.raises(SystemExit) as stop:

@@ -178,7 +178,7 @@ def test_align_fit_end_to_end_and_the_registry_loads_the_export(long_pairs, tmp_
         run / "config.yaml"
     ).read_text()
     rows = list(
-        csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0]))
+        csv.DictReader(open(glob.glob(str(tmp_path / "logs/*/*/csv/version_*/metrics.csv"))[0]))
     )
     logged = set().union(*(r.keys() for r in rows))
     for name in (

@@ -269,7 +269,7 @@ def test_align_fit_end_to_end_on_the_tiny_default(denscore_dir, tmp_path, monkey
     assert (run / "export/final/pytorch_lora_weights.safetensors").is_file()
     assert (run / "export/final/rft.json").is_file() and (run / "checkpoints/last.ckpt").is_file()
     rows = list(
-        csv.DictReader(open(glob.glob(str(tmp_path / "logs/csv/version_*/metrics.csv"))[0]))
+        csv.DictReader(open(glob.glob(str(tmp_path / "logs/*/*/csv/version_*/metrics.csv"))[0]))
     )
     logged = set().union(*(r.keys() for r in rows))
     for name in (

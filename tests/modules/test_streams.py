@@ -105,7 +105,7 @@ def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(
         ]
     )
     rows = list(
-        csv.DictReader(open(next(Path("logs").glob("lightning_logs/version_*/metrics.csv"))))
+        csv.DictReader(open(next(Path("logs").glob("*/*/csv/version_*/metrics.csv"))))
     )
     fit_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
     cli = run_lightning_cli(

@@ -1,9 +1,11 @@
 """Synthetic shards in the real schemas, for the embedded default run and the tests.
 
 Images are flat-coloured shapes on a plain background, captioned "a red circle on a white
-background"; the preferred image of a pair matches its caption, the other gets the colour or the
-shape wrong. Nothing here is meant to be learnt from at scale: it exercises every byte of the real
-data path with no download.
+background". The preferred image of a pair matches its caption and is drawn cleanly; the other gets
+the colour or the shape wrong and is drawn with pixel noise, as a failed generation looks. That
+preference is learnable: the embedded tiny DPO run lifts held-out implicit accuracy from 0.5 to
+about 0.9 in 200 steps (``docs/benchmarks.md``). It exercises every byte of the real data path with
+no download.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
@@ -51,6 +54,14 @@ def render(shape: str, color: str, background: str, size: int, rng: random.Rando
     return image
 
 
+def with_noise(image: Image.Image, seed: int, std: float = 80.0) -> Image.Image:
+    """``image`` with Gaussian pixel noise of ``std`` (0-255 scale): the look of a failed sample.
+    Seeded by the sample's index, so the rest of a shard's draws do not depend on it."""
+    pixels = np.asarray(image, dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, std, pixels.shape)
+    return Image.fromarray((pixels + noise).clip(0, 255).astype(np.uint8))
+
+
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
@@ -69,6 +80,7 @@ def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: floa
         bad = render(shape, rng.choice([c for c in COLORS if c != color]), background, size, rng)
     else:
         bad = render(rng.choice([s for s in SHAPES if s != shape]), color, background, size, rng)
+    bad = with_noise(bad, seed=index)
     tie = rng.random() < tie_fraction
     good_first = rng.random() < 0.5
     label_0 = 0.5 if tie else (1.0 if good_first else 0.0)
@@ -138,7 +150,8 @@ def write_synthetic_pickapic(
 
 
 def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: float) -> dict:
-    """One single-image sample in the KTO schema: desirable when the image matches its caption."""
+    """One single-image sample in the KTO schema: desirable when the image matches its caption
+    (drawn cleanly); undesirable ones get the colour wrong and pixel noise."""
     shape, color, background = (
         rng.choice(SHAPES),
         rng.choice(list(COLORS)),
@@ -146,6 +159,8 @@ def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: flo
     )
     desirable = rng.random() < p_desirable
     drawn = color if desirable else rng.choice([c for c in COLORS if c != color])
+    image = render(shape, drawn, background, size, rng)
+    image = image if desirable else with_noise(image, seed=index)
     article = "an" if color[0] in "aeiou" else "a"
     meta = {
         "caption": f"{article} {color} {shape} on a {background} background",
@@ -156,7 +171,7 @@ def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: flo
     }
     return {
         "__key__": f"{index:09d}",
-        "jpg": jpeg_bytes(render(shape, drawn, background, size, rng)),
+        "jpg": jpeg_bytes(image),
         "json": json.dumps(meta).encode(),
     }
 

@@ -48,6 +48,7 @@ class KTOOutput:
     reward_desirable: torch.Tensor  # mean g over desirable samples; 0.0 when the batch has none
     reward_undesirable: torch.Tensor  # mean g over undesirable samples; 0.0 when the batch has none
     reference_point: torch.Tensor  # z0 used in this step
+    implicit_acc: torch.Tensor  # fraction on their class's side of z0 (x > 0); a tie counts half
     frac_desirable: torch.Tensor  # fraction of this rank's samples labelled desirable
     policy_err: torch.Tensor  # mean policy error
     ref_err: torch.Tensor  # mean reference error
@@ -140,6 +141,7 @@ def kto_loss(
             reward_desirable=_class_mean(g, desirable),
             reward_undesirable=_class_mean(g, ~desirable),
             reference_point=z0,
+            implicit_acc=(torch.sign(x.detach()) + 1.0).mean() / 2.0,
             frac_desirable=desirable.float().mean(),
             policy_err=policy_err.detach().float().mean(),
             ref_err=ref_err.detach().float().mean(),

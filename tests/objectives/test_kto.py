@@ -34,6 +34,7 @@ def test_hand_computed_kahneman_tversky():
     assert out.reward_desirable.item() == pytest.approx(0.3)
     assert out.reward_undesirable.item() == pytest.approx(0.1)
     assert out.frac_desirable.item() == 0.5
+    assert out.implicit_acc.item() == 1.0  # x = [1, 1]: both on their class's side
     assert out.policy_err.item() == pytest.approx(0.2)
     assert out.ref_err.item() == pytest.approx(0.4)
 
@@ -63,6 +64,7 @@ def test_hand_computed_with_explicit_reference_point_and_lambdas():
         want = sum(lam * (1.0 - u(x)) for lam, x in zip(lams, xs)) / 3
         assert out.loss.item() == pytest.approx(want, rel=1e-6), name
         assert out.reference_point.item() == pytest.approx(0.05)
+        assert out.implicit_acc.item() == pytest.approx(2 / 3)  # x = [1, -0.2, 1]
 
 
 def test_policy_equals_reference_gives_half():
@@ -70,6 +72,7 @@ def test_policy_equals_reference_gives_half():
     out = kto_loss(err.clone(), err.clone(), torch.tensor([True, True, False, True, False, True]))
     assert out.loss.item() == pytest.approx(0.5)  # x = 0 -> 1 - sigmoid(0)
     assert out.reference_point.item() == 0.0
+    assert out.implicit_acc.item() == 0.5  # every sample on z0: ties count half
 
 
 def test_absent_class_reports_zero_not_nan():
@@ -117,6 +120,7 @@ def test_reference_gets_no_gradient_and_metrics_detached():
         "reward_desirable",
         "reward_undesirable",
         "reference_point",
+        "implicit_acc",
         "frac_desirable",
         "policy_err",
         "ref_err",

@@ -2,12 +2,13 @@
 as it trains.
 
 With ``compare_reference`` (on by default for modules that have a reference: DPO, KTO) each logged
-image is the policy's and the reference's side by side, from the same noise; with ``reward`` set,
+image is the policy's and the reference's side by side, from the same noise, labelled
+``policy | reference``; with ``reward`` set,
 both are scored by that reward model and the means are logged as ``val/reward/<name>/policy`` and
 ``.../reference``.
 
 Images go to every logger that has ``log_image`` (wandb: one panel per prompt, the caption under it)
-and, as PNGs, to ``<run>/validation_images/step-<N>/`` (so a CSV-only run has them too). Rendering
+and, as PNGs, to ``<run>/images/step-<N>/`` (so a CSV-only run has them too). Rendering
 uses the module's own prompt encoder (segment encoding for LongAlign) through
 ``align.models.sampling.generate``, on global rank 0 only, with the module in eval mode (adapter
 dropout off) and in the trainer's precision (bf16 autocast in ``bf16-mixed``); the training RNG
@@ -171,7 +172,7 @@ class ValidationImages(L.Callback):
         step = trainer.global_step
         self.rendered_steps.append(step)
         # every rank: run_dir broadcasts
-        out = run_dir(trainer) / "validation_images" / f"step-{step:06d}"
+        out = run_dir(trainer) / "images" / f"step-{step:06d}"
         if not trainer.is_global_zero:
             return
         images = self.render(trainer, pl_module)
@@ -204,11 +205,22 @@ class ValidationImages(L.Callback):
         log.info("validation images for step %d in %s", step, out)
 
 
-def side_by_side(left, right):
-    """One image: ``left`` (policy) and ``right`` (reference) next to each other."""
-    from PIL import Image
+def side_by_side(left, right, labels=("policy", "reference"), min_size: int = 128):
+    """One image: ``left`` (policy) and ``right`` (reference) next to each other, each under its
+    label; images smaller than ``min_size`` are enlarged (nearest neighbour, so pixels stay
+    pixels) to be readable."""
+    from PIL import Image, ImageDraw
 
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
+    scale = max(1, -(-min_size // max(left.height, 1)))
+    left, right = (
+        im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (left, right)
+    )
+    strip = 14
+    canvas = Image.new(
+        "RGB", (left.width + right.width, max(left.height, right.height) + strip), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for x, image, label in ((0, left, labels[0]), (left.width, right, labels[1])):
+        draw.text((x + 3, 1), label, fill="black")
+        canvas.paste(image, (x, strip))
     return canvas

@@ -3,6 +3,7 @@ every N steps."""
 
 import lightning as L
 import torch
+from PIL import Image
 from lightning.pytorch.loggers import Logger
 
 from align.callbacks import ValidationImages
@@ -60,10 +61,11 @@ def test_logs_policy_and_reference_side_by_side_with_reward_scores(tmp_path, pai
     trainer.fit(module, data)
     assert [step for _, step, _ in logger.images] == [2, 4]
     key, _, images = logger.images[0]
-    # 32 px policy | reference
-    assert key == "val/images" and len(images) == 2 and images[0].size == (64, 32)
-    left, right = images[0].crop((0, 0, 32, 32)), images[0].crop((32, 0, 64, 32))
+    # 32 px policy | reference, enlarged 4x under a 14 px label strip
+    assert key == "val/images" and len(images) == 2 and images[0].size == (256, 142)
+    left, right = images[0].crop((0, 14, 128, 142)), images[0].crop((128, 14, 256, 142))
+    assert left.resize((32, 32), Image.NEAREST).resize((128, 128), Image.NEAREST) == left
     assert list(left.getdata()) != list(right.getdata())  # the policy moved away from the reference
     rewards = [m for _, m in logger.metrics if "val/reward/clip/policy" in m]
     assert len(rewards) == 2 and all("val/reward/clip/reference" in m for m in rewards)
-    assert (tmp_path / "rec" / "0" / "validation_images" / "step-000002" / "00.png").exists()
+    assert (tmp_path / "rec" / "0" / "images" / "step-000002" / "00.png").exists()

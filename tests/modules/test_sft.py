@@ -251,7 +251,7 @@ def test_validation_images_with_csv_logging_only(long_shards, tmp_path):
     trainer.fit(m, dm)
     assert images.rendered_steps == [0, 2, 3]  # start, every 2 steps, end
     for step in images.rendered_steps:
-        folder = tmp_path / "csv/version_0/validation_images" / f"step-{step:06d}"
+        folder = tmp_path / "csv/version_0/images" / f"step-{step:06d}"
         assert sorted(p.name for p in folder.glob("*.png")) == ["00.png", "01.png"]
         assert (folder / "prompts.txt").read_text().splitlines() == [LONG_A, LONG_B]
     assert m.training and m.unet.training and not m.vae.training  # rendering restored the modes
@@ -300,10 +300,10 @@ def test_tiny_longalign_sft_fit_end_to_end_then_sample_the_export(
     )
     final = run / "export/final"
     assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / SPEC_FILE).is_file()
-    assert len(list((run / "validation_images/step-000003").glob("*.png"))) == 3
+    assert len(list((run / "images/step-000003").glob("*.png"))) == 3
     # log_image reached wandb
-    assert len(glob.glob("logs/wandb/offline-run-*/files/media/images/val/*.png")) == 3
-    rows = list(csv.DictReader(open(glob.glob("logs/csv/version_*/metrics.csv")[0])))
+    assert len(glob.glob("logs/*/*/wandb/offline-run-*/files/media/images/val/*.png")) == 3
+    rows = list(csv.DictReader(open(glob.glob("logs/*/*/csv/version_*/metrics.csv")[0])))
     logged = set().union(*(r.keys() for r in rows))
     assert {"train/loss", "train/err", "train/grad_norm", "val/loss"} <= logged
 
@@ -361,7 +361,7 @@ def test_tiny_sft_winners_fit(pair_shards, tmp_path, monkeypatch):
     assert (run / "export/final/model_index.json").is_file() and (
         run / "export/final" / SPEC_FILE
     ).is_file()
-    rows = list(csv.DictReader(open(glob.glob("logs/csv/version_*/metrics.csv")[0])))
+    rows = list(csv.DictReader(open(glob.glob("logs/*/*/csv/version_*/metrics.csv")[0])))
     assert "train/loss" in set().union(*(r.keys() for r in rows))
 
 

@@ -3,6 +3,7 @@ metrics did and where everything it wrote is."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -87,8 +88,9 @@ class ArtifactSummary(L.Callback):
         if (root / "config.yaml").exists():
             lines.append(f"resolved config:   {root / 'config.yaml'}")
         for cb in trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path):
-                lines.append(f"checkpoint:        {cb.last_model_path or cb.best_model_path}")
+            saved = isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path)
+            if saved:
+                lines.append(f"checkpoint:        {short(saved)}")
             if isinstance(cb, DiffusersExport) and cb.last_export:
                 lines.append(f"diffusers export:  {cb.last_export}")
         images = root / "images"
@@ -102,3 +104,9 @@ class ArtifactSummary(L.Callback):
             elif getattr(logger, "log_dir", None):
                 lines.append(f"{type(logger).__name__ + ':':<19}{logger.log_dir}")
         print("\n".join(["", "=" * 80, "align: run finished", *lines, "=" * 80]), flush=True)
+
+
+def short(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative

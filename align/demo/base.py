@@ -31,6 +31,7 @@ reused when the settings match.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -72,9 +73,23 @@ class BaseConfig:
         2  # UNet levels with cross-attention, from the top (tiny preset: 1)
     )
     seed: int = 0
+    # torch threads of the training: the same settings and threads give the same weights to the
+    # bit (measured), another thread count other weights (another reduction order)
+    threads: int = 2
 
 
 META = "demo_base.json"
+# the code a base is made by: a change to any of these trains a new base instead of reusing one
+BASE_SOURCES = ("demo/base.py", "demo/world.py", "models/presets.py", "models/loader.py")
+
+
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of ``BASE_SOURCES``."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in BASE_SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def log(msg: str) -> None:
@@ -231,20 +246,34 @@ def train_unet(
 
 
 def base_matches(out_dir: str | Path, cfg: BaseConfig) -> bool:
+    """Whether ``out_dir`` holds a base trained with ``cfg`` by the current code."""
     meta = Path(out_dir) / META
-    return meta.is_file() and json.loads(meta.read_text()).get("config") == asdict(cfg)
+    if not meta.is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    return saved.get("config") == asdict(cfg) and saved.get("code") == code_fingerprint()
 
 
 def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool = False) -> Path:
-    """Train the base (or reuse ``out_dir`` when it was trained with the same settings);
+    """Train the base (or reuse ``out_dir`` when the same settings and code trained it);
     returns ``out_dir``."""
-    from align.models import load_components
 
     cfg = cfg or BaseConfig()
     out = Path(out_dir)
     if not force and base_matches(out, cfg):
         log(f"base model: reusing {out}")
         return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_base(out, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_base(out: Path, cfg: BaseConfig) -> Path:
+    from align.models import load_components
+
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -280,7 +309,12 @@ def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool =
     parts.save_pretrained(tmp)
     (tmp / META).write_text(
         json.dumps(
-            {"config": asdict(cfg), "seconds": {"vae": t1 - t0, "unet": time.time() - t1}}, indent=2
+            {
+                "config": asdict(cfg),
+                "code": code_fingerprint(),
+                "seconds": {"vae": t1 - t0, "unet": time.time() - t1},
+            },
+            indent=2,
         )
         + "\n"
     )

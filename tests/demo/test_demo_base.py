@@ -42,8 +42,27 @@ def test_the_trained_base_loads_back_with_its_conditioning(tmp_path):
     torch.set_num_threads(1)
     base = build_base(
         tmp_path / "base",
-        BaseConfig(scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4),
+        BaseConfig(scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4, threads=1),
     )
     parts = load_components(str(base))
     assert parts.unet.config.cross_attention_dim == 64 == parts.text_encoders[0].config.hidden_size
     assert list(parts.unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+
+
+def test_the_base_is_reproducible_and_reused_only_by_the_same_settings_and_code(
+    tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    import align.demo.base as base_module
+
+    cfg = BaseConfig(scenes=16, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, threads=1)
+    weights = []
+    for name in ("a", "b"):
+        build_base(tmp_path / name, cfg)
+        weights.append(load_file(tmp_path / name / "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # to the bit
+    assert base_module.base_matches(tmp_path / "a", cfg)
+    assert not base_module.base_matches(tmp_path / "a", BaseConfig(**{**vars(cfg), "threads": 2}))
+    monkeypatch.setattr(base_module, "code_fingerprint", lambda: "changed")
+    assert not base_module.base_matches(tmp_path / "a", cfg)  # the code that made it changed

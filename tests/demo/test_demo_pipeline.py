@@ -136,7 +136,7 @@ def test_demo_runs_end_to_end_at_toy_scale(tmp_path):
         out=str(tmp_path / "report"),
         artifacts=str(tmp_path / "art"),
         seeds=2,
-        base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
+        base=BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, threads=1),
         pref_captions=8,
         images_per_caption=3,
         pref_source="rendered",

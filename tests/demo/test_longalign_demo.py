@@ -29,7 +29,7 @@ def tok():
 def toy_base(tmp_path_factory):
     return build_base(
         tmp_path_factory.mktemp("la") / "base",
-        BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4),
+        BaseConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, threads=1),
     )
 
 

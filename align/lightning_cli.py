@@ -2,9 +2,9 @@
 ``align fit --config a.yaml --config b.yaml --model.beta 2000``.
 
 The omegaconf parser mode lets configs interpolate (``${model.init_args.beta}``); later ``--config``
-files and dotted flags override earlier ones. The resolved config of every run is saved next to its
-checkpoints.
-A model or data source that does not exist stops the run at start with one line that names it.
+files and dotted flags override earlier ones. ``align fit`` names each run and gives it one
+directory for everything it writes (``align.callbacks.run_dir``); a resume continues it. A model,
+data source or optional package that is missing stops the run at start with one line that names it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import diffusers
-
 import lightning as L
 import torch
 import transformers
@@ -25,9 +24,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from align.callbacks.progress import StepProgressBar
 import align.data  # noqa: F401  (imported: `--data PickAPicDataModule` resolves by short name)
 import align.modules  # noqa: F401  (and `--model DPOModule`)
+from align.callbacks.progress import StepProgressBar
 from align.callbacks.run_dir import (
     RUN_NAME_ENV,
     RunPlan,

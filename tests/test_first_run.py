@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from align.callbacks import ArtifactSummary
+from align.callbacks.progress import StepProgressBar
 from align.data.synthetic import write_synthetic_kto, write_synthetic_pickapic
 from align.lightning_cli import run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def summary_of(tmp_path, config: str, shards: dict[str, str], steps: int) -> ArtifactSummary:
+def summary_of(tmp_path, config: str, shards: dict[str, str], steps: int, cli_out=None):
     args = ["fit", "--config", str(ROOT / config)]
     for key, value in shards.items():
         args += [f"--data.{key}", value]
@@ -27,16 +28,24 @@ def summary_of(tmp_path, config: str, shards: dict[str, str], steps: int) -> Art
         "--data.num_workers=0",
     ]
     cli = run_lightning_cli(args)
+    if cli_out is not None:
+        cli_out.append(cli)
     return next(c for c in cli.trainer.callbacks if isinstance(c, ArtifactSummary))
 
 
-def test_tiny_dpo_learns_the_synthetic_winner(tmp_path):
+def test_tiny_dpo_learns_the_synthetic_winner(tmp_path, capfd):
     write_synthetic_pickapic(tmp_path / "pairs", pairs=256, shards=4, resolution=32)
     shards = {
         "train_shards": str(tmp_path / "pairs/pairs-{000001..000003}.tar"),
         "val_shards": str(tmp_path / "pairs/pairs-000000.tar"),
     }
-    summary = summary_of(tmp_path, "configs/dpo/tiny.yaml", shards, steps=60)
+    clis = []
+    summary = summary_of(tmp_path, "configs/dpo/tiny.yaml", shards, steps=60, cli_out=clis)
+    printed = capfd.readouterr()
+    assert "held-out metrics:  step 0 -> end" in printed.out
+    assert "litlogger" not in printed.err + printed.out  # library noise silenced at the source
+    bar = clis[0].trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar) and bar.train_progress_bar.desc.startswith("step 60/60")
     before, after = summary.before, summary.after
     assert before["val/implicit_acc"] == 0.5  # policy == reference: every pair a tie
     assert before["val/loss"] == pytest.approx(0.6931, abs=1e-4)

@@ -61,6 +61,6 @@ def test_two_rank_ddp_reads_disjoint_shards_and_stays_in_sync(tmp_path, pair_sha
     assert len(streams[0]) == len(streams[1]) == 3 and all(a != b for a, b in zip(*streams))
     assert len(set(streams[0])) == 3  # and a new draw at every step
     assert ranks[0]["weight_sum"] == ranks[1]["weight_sum"]
-    # saved once, no rank hung; both ranks in one run directory (the launched rank inherits the name)
+    # saved once, no rank hung; both ranks in one run directory (launched ranks inherit the name)
     assert len(list((tmp_path / "logs").glob("align-dpo/*/config.yaml"))) == 1
     assert len(list((tmp_path / "logs").glob("*/*"))) == 1

@@ -174,8 +174,18 @@ def setting_differences(saved: dict, now: dict) -> list[str]:
     return [
         f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
         for k in keys
-        if saved.get(k) != now.get(k)
+        if as_saved(saved.get(k)) != as_saved(now.get(k))
     ]
+
+
+def as_saved(value):
+    """``value`` as a checkpoint stores it: tuples become lists (``timestep_range: [0, 500]``
+    parses to a tuple and comes back from the checkpoint as a list)."""
+    if isinstance(value, (list, tuple)):
+        return [as_saved(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_saved(v) for k, v in value.items()}
+    return value
 
 
 class ResumeGuard(L.Callback):

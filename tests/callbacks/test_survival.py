@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.callbacks.survival import AtomicCheckpointIO, all_finite
+from align.callbacks.survival import AtomicCheckpointIO, all_finite, setting_differences
 from align.lightning_cli import run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,3 +274,12 @@ def test_a_run_without_checkpoints_is_preempted_into_its_run_directory(tmp_path)
     assert Preemption.checkpoint_path(trainer).parent.parent.name == "version_3"
     trainer.checkpoint_callback = SimpleNamespace(dirpath=str(tmp_path / "ckpt"))
     assert Preemption.checkpoint_path(trainer) == tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_a_setting_read_back_from_a_checkpoint_as_a_list_is_not_a_change():
+    # the parser gives timestep_range as a tuple, the checkpoint's hyperparameters as a list
+    saved = {"timestep_range": [0, 500], "beta": 10.0}
+    assert setting_differences(saved, {"timestep_range": (0, 500), "beta": 10.0}) == []
+    assert setting_differences(saved, {"timestep_range": (0, 400), "beta": 10.0}) == [
+        "model.timestep_range: checkpoint [0, 500], now (0, 400)"
+    ]

@@ -14,7 +14,7 @@ from align.lightning_cli import run_lightning_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def summary_of(tmp_path, config: str, shards: dict[str, str], steps: int, cli_out=None):
+def fit(tmp_path, config: str, shards: dict[str, str], steps: int):
     args = ["fit", "--config", str(ROOT / config)]
     for key, value in shards.items():
         args += [f"--data.{key}", value]
@@ -27,9 +27,10 @@ def summary_of(tmp_path, config: str, shards: dict[str, str], steps: int, cli_ou
         f"init_args: {{save_dir: {tmp_path}}}}}]",
         "--data.num_workers=0",
     ]
-    cli = run_lightning_cli(args)
-    if cli_out is not None:
-        cli_out.append(cli)
+    return run_lightning_cli(args)
+
+
+def summary_of(cli) -> ArtifactSummary:
     return next(c for c in cli.trainer.callbacks if isinstance(c, ArtifactSummary))
 
 
@@ -39,12 +40,12 @@ def test_tiny_dpo_learns_the_synthetic_winner(tmp_path, capfd):
         "train_shards": str(tmp_path / "pairs/pairs-{000001..000003}.tar"),
         "val_shards": str(tmp_path / "pairs/pairs-000000.tar"),
     }
-    clis = []
-    summary = summary_of(tmp_path, "configs/dpo/tiny.yaml", shards, steps=60, cli_out=clis)
+    cli = fit(tmp_path, "configs/dpo/tiny.yaml", shards, steps=60)
+    summary = summary_of(cli)
     printed = capfd.readouterr()
     assert "held-out metrics:  step 0 -> end" in printed.out
     assert "litlogger" not in printed.err + printed.out  # library noise silenced at the source
-    bar = clis[0].trainer.progress_bar_callback
+    bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, StepProgressBar) and bar.train_progress_bar.desc.startswith("step 60/60")
     before, after = summary.before, summary.after
     assert before["val/implicit_acc"] == 0.5  # policy == reference: every pair a tie
@@ -60,7 +61,7 @@ def test_tiny_kto_separates_desirable_from_undesirable(tmp_path):
         "shards": str(tmp_path / "singles/singles-{000001..000003}.tar"),
         "val_shards": str(tmp_path / "singles/singles-000000.tar"),
     }
-    summary = summary_of(tmp_path, "configs/kto/tiny.yaml", shards, steps=60)
+    summary = summary_of(fit(tmp_path, "configs/kto/tiny.yaml", shards, steps=60))
     before, after = summary.before, summary.after
     assert before["val/implicit_acc"] == 0.5 and before["val/reward_desirable"] == 0.0
     assert after["val/implicit_acc"] >= 0.65  # 64 held-out images: 0.5 +- 0.06 by chance

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from align.callbacks.export import DiffusersExport
+from align.callbacks.export import DiffusersExport, scalar_metrics
 from align.callbacks.run_dir import run_dir
 
 # the held-out metrics worth a newcomer's look, in this order, when the method logs them
@@ -23,10 +23,6 @@ HEADLINE = (
     "val/reward_undesirable",
     "val/accuracy",
 )
-
-
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
 class ArtifactSummary(L.Callback):

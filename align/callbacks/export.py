@@ -40,6 +40,11 @@ def run_config(trainer) -> dict:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The one-number entries of ``trainer.callback_metrics``, as floats."""
+    return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
 class DiffusersExport(L.Callback):
     """Writes ``<run>/export/step-<N>`` at each checkpoint
     (if ``on_checkpoint``) and ``<run>/export/final``.
@@ -80,11 +85,7 @@ class DiffusersExport(L.Callback):
         config = run_config(trainer)
         assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
-            metrics = {
-                k: float(v)
-                for k, v in getattr(trainer, "callback_metrics", {}).items()
-                if getattr(v, "numel", lambda: 1)() == 1
-            }
+            metrics = scalar_metrics(getattr(trainer, "callback_metrics", {}))
             write_export(pl_module, root / name, self.export_dtype, config, metrics)
             self.last_export = root / name
             log.info("exported %s", self.last_export)

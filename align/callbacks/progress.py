@@ -34,9 +34,6 @@ class StepProgressBar(TQDMProgressBar):
         bar.set_description(self.description(trainer), refresh=False)
         bar.set_postfix(self.get_metrics(trainer, pl_module))
 
-    def _should_update(self, current: int, total) -> bool:
-        return self.is_enabled and (current % self.refresh_rate == 0 or current == total)
-
     @staticmethod
     def description(trainer) -> str:
         return f"step {trainer.global_step}/{trainer.max_steps} · epoch {trainer.current_epoch}"

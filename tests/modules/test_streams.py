@@ -104,9 +104,7 @@ def test_val_metrics_of_a_run_equal_align_validate_on_its_checkpoint(
             "true",
         ]
     )
-    rows = list(
-        csv.DictReader(open(next(Path("logs").glob("*/*/csv/version_*/metrics.csv"))))
-    )
+    rows = list(csv.DictReader(open(next(Path("logs").glob("*/*/csv/version_*/metrics.csv")))))
     fit_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
     cli = run_lightning_cli(
         [

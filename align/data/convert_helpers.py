@@ -1,5 +1,5 @@
 """Helpers shared by the ``align data`` converters: image preparation, long-caption samples, JSONL
-reading, input lookup, and the common command-line options.
+reading, input lookup, the common command-line options, and running the shard writer.
 
 Kept apart from :mod:`align.data.writer`, which holds only the shard-writing machinery these
 converters feed.
@@ -7,13 +7,17 @@ converters feed.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import multiprocessing as mp
 import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from align.data.writer import Skip, Unit
+from align.data.writer import Skip, Unit, die_with_parent, run_command, write_shards
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -25,9 +29,8 @@ class ImageError(ValueError):
 def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality: int = 95) -> bytes:
     """Validated RGB JPEG bytes, downscaled so the longer side is <= ``max_side`` and the shorter
     side is <= ``shorter_side`` (0 = no limit; never upscales). A JPEG that needs no change is
-    decoded (so truncated data is caught) and returned as is;
-    anything else is re-encoded at ``quality``.
-    Raises :class:`ImageError` for bytes that cannot be decoded."""
+    returned as is; anything else is re-encoded at ``quality``. Raises :class:`ImageError` for
+    bytes that cannot be decoded."""
     from PIL import Image
 
     if not data:
@@ -35,11 +38,11 @@ def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            scale = 1.0
-            if max_side and max(width, height) > max_side:
-                scale = min(scale, max_side / max(width, height))
-            if shorter_side and min(width, height) > shorter_side:
-                scale = min(scale, shorter_side / min(width, height))
+            scale = min(
+                1.0,
+                max_side / max(width, height) if max_side else 1.0,
+                shorter_side / min(width, height) if shorter_side else 1.0,
+            )
             if scale == 1.0 and image.format == "JPEG" and image.mode == "RGB":
                 # Validation only: DCT-scaled decoding still reads every entropy-coded byte (so
                 # truncation is caught) at half the cost of a full decode.
@@ -48,13 +51,12 @@ def prepare_jpeg(data: bytes, max_side: int = 0, shorter_side: int = 0, quality:
                 return bytes(data)
             target = (max(1, round(width * scale)), max(1, round(height * scale)))
             if image.format == "JPEG" and scale < 1.0:
-                # DCT-domain downscale to >= target: much faster decoding
-                image.draft("RGB", target)
+                image.draft("RGB", target)  # DCT-domain downscale to >= target: much faster
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or (
                 image.mode == "P" and "transparency" in image.info
             ):
-                rgba = image.convert("RGBA")
+                rgba = image.convert("RGBA")  # transparent -> white, not black
                 converted = Image.new("RGB", rgba.size, (255, 255, 255))
                 converted.paste(rgba, mask=rgba.getchannel("A"))
             else:
@@ -79,9 +81,7 @@ def long_caption_sample(
     if not image:
         return Skip("missing_image")
     try:
-        jpg = prepare_jpeg(
-            image, opts.get("max_side", 0), opts.get("shorter_side", 0), opts.get("quality", 95)
-        )
+        jpg = prepare_jpeg(image, opts["max_side"], opts["shorter_side"], opts["quality"])
     except ImageError:
         return Skip("undecodable_image")
     sample = {"jpg": jpg, "txt": caption, "json": meta}
@@ -90,36 +90,20 @@ def long_caption_sample(
     return sample
 
 
-def image_options(args) -> dict:
-    """The image options of parsed :func:`add_image_args` arguments
-    (they are part of the fingerprint)."""
-    return {"max_side": args.max_side, "shorter_side": args.shorter_side, "quality": args.quality}
-
-
 def chunk_units(
     rows: list, shard_size: int, name: str, payload: Callable[[list], Any]
 ) -> list[Unit]:
-    """Split an in-memory list of rows into units of one shard each:
-    ``Unit(f"{name}:{k}", len, payload(chunk))``."""
-    return [
-        Unit(
-            f"{name}:{k // shard_size}",
-            len(rows[k : k + shard_size]),
-            payload(rows[k : k + shard_size]),
-        )
-        for k in range(0, len(rows), shard_size)
-    ]
+    """An in-memory list of rows as units of one shard each: ``Unit(f"{name}:{k}", ...)``."""
+    chunks = [rows[k : k + shard_size] for k in range(0, len(rows), shard_size)]
+    return [Unit(f"{name}:{k}", len(chunk), payload(chunk)) for k, chunk in enumerate(chunks)]
 
 
 def iter_jsonl(path: str | os.PathLike, start: int = 0) -> Iterator[tuple[int, Any]]:
     """(byte offset, parsed object or None when the line is not JSON) for every non-blank line."""
     with open(path, "rb") as handle:
         handle.seek(start)
-        while True:
-            offset = handle.tell()
-            line = handle.readline()
-            if not line:
-                return
+        while line := handle.readline():
+            offset = handle.tell() - len(line)
             if not line.strip():
                 continue
             try:
@@ -152,30 +136,61 @@ def norm_relpath(path: str) -> str:
 
 def find_image(directory: str | os.PathLike, stem: str) -> Path | None:
     """``directory/<stem>.jpg|.jpeg|.png|.webp`` (first that exists), or None."""
-    for suffix in IMAGE_SUFFIXES:
-        path = Path(directory) / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
+    paths = (Path(directory) / f"{stem}{suffix}" for suffix in IMAGE_SUFFIXES)
+    return next((path for path in paths if path.is_file()), None)
+
+
+def fail(message: str, prog: str | None = None) -> int:
+    """Print ``[<prog>: ]error: <message>``; the exit status of bad arguments or inputs (2)."""
+    print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def map_in_processes(function: Callable, items: list, workers: int) -> Iterable:
+    """``map(function, items)``, in up to ``workers`` processes (which die with this one) when
+    there are several items."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(
+        min(workers, len(items)),
+        mp_context=ctx,
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        yield from pool.map(function, items)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def command_parser(command: str, doc: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of ``align data <command>``, described by the first paragraph of ``doc``."""
+    description = doc.split("\n\n")[0]
+    return argparse.ArgumentParser(prog=f"align data {command}", description=description, **kwargs)
 
 
 def add_image_args(parser, max_side: int = 0, shorter_side: int = 0) -> None:
-    parser.add_argument(
-        "--max-side",
-        type=int,
-        default=max_side,
-        help=f"downscale so the longer side is at most this (0 = keep; default {max_side})",
-    )
-    parser.add_argument(
-        "--shorter-side",
-        type=int,
-        default=shorter_side,
-        help=f"downscale so the shorter side is at most this (0 = keep; default {shorter_side})",
-    )
+    for flag, default, which in (
+        ("--max-side", max_side, "longer"),
+        ("--shorter-side", shorter_side, "shorter"),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            default=default,
+            help=f"downscale so the {which} side is at most this (0 = keep; default {default})",
+        )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
 
 
-def add_writer_args(parser, prefix: str, shard_size: int = 1000) -> None:
+def image_options(args) -> dict:
+    """The options of :func:`add_image_args` (they are part of the fingerprint)."""
+    return {"max_side": args.max_side, "shorter_side": args.shorter_side, "quality": args.quality}
+
+
+def add_writer_args(parser, prefix: str, shard_size: int = 1000, workers: bool = True) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; resumable)")
     parser.add_argument("--prefix", default=prefix, help=f"shard name prefix (default {prefix})")
     parser.add_argument(
@@ -184,10 +199,28 @@ def add_writer_args(parser, prefix: str, shard_size: int = 1000) -> None:
         default=shard_size,
         help=f"input rows per shard (default {shard_size})",
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=max(1, min(8, os.cpu_count() or 1)),
-        help="worker processes (output is identical for any number)",
-    )
+    if workers:
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=max(1, min(8, os.cpu_count() or 1)),
+            help="worker processes (output is identical for any number)",
+        )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def write_from_args(args, command: str, **kwargs) -> int:
+    """:func:`~align.data.writer.write_shards` into ``args.out`` with the options of
+    :func:`add_writer_args`; the converter's exit status (:func:`~align.data.writer.run_command`).
+    """
+    return run_command(
+        lambda: write_shards(
+            args.out,
+            command=command,
+            prefix=args.prefix,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    )

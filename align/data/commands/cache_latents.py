@@ -1,5 +1,5 @@
-"""Precompute VAE latents and text embeddings of pair,
-single-image or long-caption shards, resumably.
+"""Precompute VAE latents and text embeddings of pair, single-image or long-caption shards,
+resumably.
 
 Usage: align data cache-latents --model <dir|hub id|preset> --shards <shards...> --out <dir>
        [--resolution R] [--flip] [--batch-size 16] [--device auto|cpu|cuda[:i]]
@@ -17,11 +17,9 @@ documented in ``align.data.cached``; samples keep their keys and order, and unus
 json, undecodable image, empty caption) are skipped and counted. Ties are kept (the data module
 drops them at load time, as it does for image shards).
 
-Work is batched (``--batch-size`` images per VAE forward, as many captions per text forward) under
-``torch.no_grad`` (``--dtype bf16``: autocast, the default on CUDA). Resumable through the shard
-writer's manifest (``align.data.writer``): finished shards are verified and kept; an output folder
-made with another model, resolution, flip setting,
-dtype or from other inputs is refused without touching it.
+``--dtype bf16`` (the default on CUDA) encodes under autocast. Resumable through the shard writer's
+manifest (``align.data.writer``); an output folder made with another model, resolution, flip
+setting, dtype or from other inputs is refused without touching it.
 """
 
 from __future__ import annotations
@@ -53,34 +51,23 @@ from align.data.cached import (
     model_fingerprint,
     npy_bytes,
 )
-from align.data.images import decode_image
+from align.data.commands._verify_cache import CACHE_SETTINGS, META_PROBLEM
+from align.data.commands.verify import detect_schema
+from align.data.convert_helpers import add_writer_args, fail
+from align.data.images import decode_caption, decode_image, decode_json
 from align.data.pipeline import SkipSample
-from align.data.schema import (
-    PAIR_IMAGE_KEYS,
-    SINGLE_IMAGE_KEY,
-    pair_meta_problem,
-    single_meta_problem,
-)
+from align.data.schema import PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY
 from align.data.tars import READ_ERRORS, expand_shard_paths, iter_tar_groups, iter_tar_samples
 from align.data.transforms import ImageTransform
 from align.data.writer import Skip, Unit, file_identity, load_manifest, run_command, write_shards
 
 # settings that change the cached values: an existing output made with other values is refused
-CHECKED = (
-    "schema",
-    "model_fingerprint",
-    "resolution",
-    "flip",
-    "dtype",
-    "store_dtype",
-    "prompt_encoder",
-)
+CHECKED = ("schema", *(k for k in CACHE_SETTINGS if k != "model"))
 
 
 @dataclass
 class Prepared:
-    """A row ready to encode: its key, json, caption and cropped images
-    (pixels in [-1, 1], source order)."""
+    """A row ready to encode (pixels in [-1, 1], in the source's image order)."""
 
     key: str
     meta: dict
@@ -92,8 +79,7 @@ class Prepared:
 
 
 class Encoder:
-    """The model's VAE and prompt encoder on ``device``, encoding batches under no_grad
-    (and autocast)."""
+    """The model's VAE and prompt encoder on ``device``, encoding batches."""
 
     def __init__(self, components, settings: dict, device: torch.device, batch_size: int):
         from align.models.prompts import build_prompt_encoder
@@ -136,38 +122,23 @@ class Encoder:
 
     def prepare(self, key: str, sample: dict, schema: str) -> Prepared | Skip:
         """Checks as the data modules do (same skip reasons), then decodes and crops the images."""
-        txt = None
+        txt = sample.get("txt") if schema == "long" else None
         try:
             if schema == "long":
-                txt = sample.get("txt")
-                if txt is None:
-                    return Skip("missing_caption")
-                try:
-                    caption = txt.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    return Skip("bad_caption")
-                try:
+                caption = decode_caption(txt)
+                try:  # a long caption's json is optional metadata, kept as it is
                     meta = json.loads(sample["json"]) if sample.get("json") else {}
                 except (ValueError, UnicodeDecodeError):
                     meta = {}
                 meta = meta if isinstance(meta, dict) else {"source_json": meta}
             else:
-                if sample.get("json") is None:
-                    return Skip("missing_json")
-                try:
-                    meta = json.loads(sample["json"])
-                except (ValueError, UnicodeDecodeError):
-                    return Skip("bad_json")
-                problem = (pair_meta_problem if schema == "pair" else single_meta_problem)(meta)
+                meta = decode_json(sample)
+                problem = META_PROBLEM[schema](meta)
                 if problem:
                     return Skip(problem)
-                caption = meta["caption"].strip()
-            if not caption:
-                return Skip("empty_caption")
-            images = [
-                decode_image(sample, k)
-                for k in (PAIR_IMAGE_KEYS if schema == "pair" else (SINGLE_IMAGE_KEY,))
-            ]
+                caption = decode_caption(meta["caption"])
+            keys = PAIR_IMAGE_KEYS if schema == "pair" else (SINGLE_IMAGE_KEY,)
+            images = [decode_image(sample, k) for k in keys]
         except SkipSample as skip:
             return Skip(skip.reason)
         crops = [self.transform(image) for image in images]
@@ -182,57 +153,39 @@ class Encoder:
         )
 
     def encode(self, rows: list, schema: str):
-        """Encode the prepared rows of ``rows`` together; yield one writer item per row,
-        in order."""
+        """Encode the prepared rows of ``rows`` together; one writer item per row, in order."""
         ready = [r for r in rows if isinstance(r, Prepared)]
         pixels = [p for r in ready for p in r.pixels]
         if self.flip:
-            pixels += [p.flip(-1) for r in ready for p in r.pixels]
+            pixels += [p.flip(-1) for p in pixels]
         moments = self.moments(pixels) if pixels else []
+        half = len(moments) // 2 if self.flip else len(moments)
+        plain, flipped = iter(moments[:half]), iter(moments[half:])
         embeds, pooled = self.prompts([r.caption for r in ready]) if ready else ([], None)
-        n_images = len(pixels) // (2 if self.flip else 1)
-        position, index = 0, -1
+        texts = iter(zip(embeds, pooled or [None] * len(embeds)))
+        pair = schema == "pair"
+        names = PAIR_MOMENTS if pair else (SINGLE_MOMENTS,)
+        flip_names = (PAIR_MOMENTS_FLIP if pair else (SINGLE_MOMENTS_FLIP,)) if self.flip else ()
         for row in rows:
             if not isinstance(row, Prepared):
                 yield row
                 continue
-            index += 1
-            count = len(row.pixels)
-            mine = moments[position : position + count]
-            flipped = (
-                moments[n_images + position : n_images + position + count] if self.flip else []
-            )
-            position += count
             cache = {
-                **{
-                    k: self.settings[k]
-                    for k in (
-                        "model",
-                        "model_fingerprint",
-                        "resolution",
-                        "flip",
-                        "dtype",
-                        "store_dtype",
-                        "prompt_encoder",
-                    )
-                },
+                **{k: self.settings[k] for k in CACHE_SETTINGS},
                 "crop": "center",
                 "original_size": [list(s) for s in row.original_size],
                 "crop_top_left": [list(c) for c in row.crop_top_left],
             }
+            embed, pooled_embed = next(texts)
             out = {
                 "__key__": row.key,
                 "json": {**row.meta, "cache": cache},
-                EMBEDS: npy_bytes(embeds[index]),
+                EMBEDS: npy_bytes(embed),
             }
-            if pooled is not None:
-                out[POOLED] = npy_bytes(pooled[index])
-            names = PAIR_MOMENTS if schema == "pair" else (SINGLE_MOMENTS,)
-            flip_names = PAIR_MOMENTS_FLIP if schema == "pair" else (SINGLE_MOMENTS_FLIP,)
-            for name, value in zip(names, mine):
-                out[name] = npy_bytes(value)
-            for name, value in zip(flip_names, flipped):
-                out[name] = npy_bytes(value)
+            if pooled_embed is not None:
+                out[POOLED] = npy_bytes(pooled_embed)
+            out.update({name: npy_bytes(next(plain)) for name in names})
+            out.update({name: npy_bytes(next(flipped)) for name in flip_names})
             if row.txt is not None:
                 out["txt"] = row.txt
             yield out
@@ -242,8 +195,7 @@ _ENCODER: Encoder | None = None  # set by main; the writer runs in this process 
 
 
 def convert_shard(payload: tuple, need):
-    """Writer converter: the samples of one input shard, encoded in batches,
-    one item per sample in order."""
+    """Writer converter: the samples of one input shard, encoded in batches."""
     path, schema = payload
     encoder = _ENCODER
     per_row = 2 if schema == "pair" else 1
@@ -261,25 +213,15 @@ def convert_shard(payload: tuple, need):
     yield from encoder.encode(pending, schema)
 
 
-def detect_schema(path: str) -> str | None:
-    from align.data.commands.verify import detect_schema as detect
-
-    for _, sample in iter_tar_samples(path, fields=lambda field: False):
-        return detect(set(sample))
-    return None
-
-
 def plan(paths: list[str], schema: str) -> tuple[list[Unit], dict]:
-    """One unit per input shard (rows: its samples, counted from the tar headers);
-    unreadable shards named."""
+    """One unit per input shard (its samples counted from the tar headers); unreadable shards."""
     units, skipped = [], {}
     for path in paths:
         try:
             rows = sum(1 for _ in iter_tar_groups(path))
         except READ_ERRORS as exn:
-            skipped.setdefault("unreadable_tar", []).append(
-                f"{os.path.basename(path)}: {type(exn).__name__}"
-            )
+            name = f"{os.path.basename(path)}: {type(exn).__name__}"
+            skipped.setdefault("unreadable_tar", []).append(name)
             continue
         if rows:
             units.append(Unit(os.path.basename(path), rows, (path, schema)))
@@ -287,8 +229,7 @@ def plan(paths: list[str], schema: str) -> tuple[list[Unit], dict]:
 
 
 def refused_settings(out: Path, settings: dict) -> str | None:
-    """Why an existing cache in ``out`` cannot be resumed with ``settings``
-    (which settings differ), or None."""
+    """Why an existing cache in ``out`` cannot be resumed with ``settings``, or None."""
     manifest = load_manifest(out) if out.is_dir() else None
     if manifest is None:
         return None
@@ -324,76 +265,49 @@ def main(argv: list[str]) -> int:
         description=doc_summary(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", required=True, help="local diffusers folder, hub id, or preset (tiny, ...)"
-    )
-    parser.add_argument(
-        "--shards", nargs="+", required=True, help="input shards: paths, globs, braces, folders"
-    )
-    parser.add_argument("--out", required=True, help="output folder (created; resumable)")
-    parser.add_argument(
-        "--resolution", type=int, default=0, help="square crop size in px (default: the model's)"
-    )
-    parser.add_argument(
-        "--flip", action="store_true", help="also store the latents of the flipped crop"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="images per VAE forward (captions per text forward)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", required=True, help="local diffusers folder, hub id, or preset (tiny, ...)")
+    add("--shards", nargs="+", required=True, help="input shards: paths, globs, braces, folders")
+    add("--resolution", type=int, default=0, help="square crop size in px (default: the model's)")
+    add("--flip", action="store_true", help="also store the latents of the flipped crop")
+    add("--batch-size", type=int, default=16, help="images per VAE forward (and captions per text)")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add(
         "--dtype",
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="compute dtype: bf16 autocast (default on CUDA) or fp32 (default on CPU)",
     )
-    parser.add_argument(
+    add(
         "--store-dtype",
         choices=tuple(STORE_DTYPES),
         default="float16",
         help="dtype of the stored tensors (default float16; see align.data.cached)",
     )
-    parser.add_argument("--schema", choices=("auto", "pair", "single", "long"), default="auto")
-    parser.add_argument(
+    add("--schema", choices=("auto", "pair", "single", "long"), default="auto")
+    add(
         "--threads",
         type=int,
         default=0,
-        help="CPU threads for torch (default: torch's choice; "
-        "1 is fastest per core on a busy machine)",
+        help="CPU threads for torch (default: torch's; 1 is fastest per core on a busy machine)",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="weights seed of a preset model (the module's seed)"
-    )
-    parser.add_argument("--prefix", default="cache", help="shard name prefix (default cache)")
-    parser.add_argument(
-        "--shard-size", type=int, default=1000, help="input rows per output shard (default 1000)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add("--seed", type=int, default=0, help="weights seed of a preset model (the module's seed)")
+    add_writer_args(parser, prefix="cache", workers=False)  # encodes in this process
     args = parser.parse_args(argv)
 
     paths, missing = expand_shard_paths(args.shards)
     if missing or not paths:
-        print(f"error: no shard matches {', '.join(missing or args.shards)}", file=sys.stderr)
-        return 2
-    schema = args.schema if args.schema != "auto" else detect_schema(paths[0])
+        return fail(f"no shard matches {', '.join(missing or args.shards)}")
+    schema = args.schema
+    if schema == "auto":
+        first = next(iter_tar_samples(paths[0], fields=lambda field: False), None)
+        schema = detect_schema(set(first[1])) if first else None
     if schema is None:
-        print(
-            f"error: cannot tell the schema of {paths[0]} (pair, single or long): pass --schema",
-            file=sys.stderr,
-        )
-        return 2
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+        return fail(f"cannot tell the schema of {paths[0]} (pair, single or long): pass --schema")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -404,8 +318,7 @@ def main(argv: list[str]) -> int:
     try:
         components = load_components(args.model, seed=args.seed)
     except ModelSourceError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+        return fail(str(exn))
     settings = {
         "model": args.model,
         "model_fingerprint": model_fingerprint(components.vae, components.text_encoders),
@@ -419,8 +332,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     refusal = refused_settings(out, settings)
     if refusal:
-        print(f"error: refusing to write: {refusal}", file=sys.stderr)
-        return 2
+        return fail(f"refusing to write: {refusal}")
 
     global _ENCODER
     _ENCODER = Encoder(components, settings, device, args.batch_size)

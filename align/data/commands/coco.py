@@ -15,20 +15,21 @@ caption file in the COCO format works (e.g. long re-captions).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 from align.data.convert_helpers import (
     add_image_args,
     add_writer_args,
     chunk_units,
+    command_parser,
+    fail,
     image_options,
     long_caption_sample,
+    write_from_args,
 )
-from align.data.writer import file_identity, run_command, write_shards
+from align.data.writer import file_identity
 
 
 def clean(caption: str) -> str:
@@ -73,22 +74,17 @@ def load_rows(caption_files: list[str], mode: str) -> list[tuple]:
             files[image["id"]] = image["file_name"]
         for ann in data.get("annotations", []):
             captions.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
-    return [
-        (
-            image_id,
-            files[image_id],
-            combine([c for _, c in sorted(captions.get(image_id, []), key=lambda x: x[0])], mode),
-        )
-        for image_id in sorted(files)
-    ]
+    rows = []
+    for image_id in sorted(files):
+        ordered = sorted(captions.get(image_id, []), key=lambda annotation: annotation[0])
+        rows.append((image_id, files[image_id], combine([c for _, c in ordered], mode)))
+    return rows
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data coco", description=__doc__.split("\n\n")[0])
+    parser = command_parser("coco", __doc__)
     parser.add_argument("--images", required=True, help="COCO image folder (e.g. val2017)")
-    parser.add_argument(
-        "--captions", nargs="+", required=True, help="captions_*.json (COCO format)"
-    )
+    parser.add_argument("--captions", nargs="+", required=True, help="captions_*.json (COCO)")
     parser.add_argument("--caption-mode", choices=("join", "longest"), default="join")
     add_writer_args(parser, prefix="coco")
     add_image_args(parser, shorter_side=512)
@@ -96,8 +92,7 @@ def main(argv: list[str]) -> int:
 
     for path in [args.images, *args.captions]:
         if not Path(path).exists():
-            print(f"error: not found: {path}", file=sys.stderr)
-            return 2
+            return fail(f"not found: {path}")
     opts = image_options(args)
     images = str(Path(args.images).resolve())
     rows = load_rows(args.captions, args.caption_mode)
@@ -108,16 +103,4 @@ def main(argv: list[str]) -> int:
         "caption_mode": args.caption_mode,
         "options": opts,
     }
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="coco",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert_images,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
-    )
+    return write_from_args(args, "coco", source=source, units=units, convert=convert_images)

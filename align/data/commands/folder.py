@@ -7,15 +7,13 @@ Usage: align data folder --images <dir> --captions <captions.jsonl ...> --out da
 ``file`` is relative to ``--images`` (subfolders allowed). Rows are the union of the image files
 found (``.jpg``/``.jpeg``/``.png``/``.webp``, recursively) and the files named in the jsonl, sorted
 by path: an image without a caption is skipped as ``missing_caption``, a caption whose image is
-absent as ``missing_image``. A file captioned twice keeps its first caption
-(the repeats are counted).
+absent as ``missing_image``. A file captioned twice keeps its first caption (repeats are counted).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
+from collections import Counter
 from pathlib import Path
 
 from align.data.convert_helpers import (
@@ -23,13 +21,16 @@ from align.data.convert_helpers import (
     add_image_args,
     add_writer_args,
     chunk_units,
+    command_parser,
     dotted,
+    fail,
     image_options,
     iter_jsonl,
     long_caption_sample,
     norm_relpath,
+    write_from_args,
 )
-from align.data.writer import file_identity, run_command, write_shards
+from align.data.writer import file_identity
 
 
 def convert_files(payload: tuple, need):
@@ -45,11 +46,9 @@ def convert_files(payload: tuple, need):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data folder", description=__doc__.split("\n\n")[0])
+    parser = command_parser("folder", __doc__)
     parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument(
-        "--captions", nargs="+", required=True, help="jsonl files of {file, caption}"
-    )
+    parser.add_argument("--captions", nargs="+", required=True, help="jsonl of {file, caption}")
     parser.add_argument("--file-field", default="file")
     parser.add_argument("--caption-field", default="caption", help="dotted path of the caption")
     add_writer_args(parser, prefix="folder")
@@ -58,8 +57,7 @@ def main(argv: list[str]) -> int:
 
     for path in [args.images, *args.captions]:
         if not Path(path).exists():
-            print(f"error: not found: {path}", file=sys.stderr)
-            return 2
+            return fail(f"not found: {path}")
     root = Path(args.images).resolve()
     files = {
         str(p.relative_to(root).as_posix())
@@ -67,15 +65,14 @@ def main(argv: list[str]) -> int:
         if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
     }
     captions: dict[str, str] = {}
-    pre_skipped: dict[str, int] = {}
+    pre_skipped: Counter = Counter()
     for path in args.captions:
         for _, record in iter_jsonl(path):
-            name = dotted(record, args.file_field) if isinstance(record, dict) else None
-            text = dotted(record, args.caption_field) if isinstance(record, dict) else None
+            name, text = dotted(record, args.file_field), dotted(record, args.caption_field)
             if not isinstance(name, str) or not isinstance(text, str):
-                pre_skipped["bad_caption_line"] = pre_skipped.get("bad_caption_line", 0) + 1
+                pre_skipped["bad_caption_line"] += 1
             elif norm_relpath(name) in captions:
-                pre_skipped["duplicate_caption"] = pre_skipped.get("duplicate_caption", 0) + 1
+                pre_skipped["duplicate_caption"] += 1
             else:
                 captions[norm_relpath(name)] = text
     rows = [(rel, captions.get(rel)) for rel in sorted(files | set(captions))]
@@ -89,17 +86,11 @@ def main(argv: list[str]) -> int:
         "fields": [args.file_field, args.caption_field],
         "options": opts,
     }
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="folder",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert_files,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            pre_skipped=pre_skipped,
-        )
+    return write_from_args(
+        args,
+        "folder",
+        source=source,
+        units=units,
+        convert=convert_files,
+        pre_skipped=pre_skipped,
     )

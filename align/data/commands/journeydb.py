@@ -17,25 +17,28 @@ offsets of annotation lines, not the annotations.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tarfile
 from array import array
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 from align.data.convert_helpers import (
     IMAGE_SUFFIXES,
     add_image_args,
     add_writer_args,
+    command_parser,
     dotted,
+    fail,
     image_options,
     iter_jsonl,
     long_caption_sample,
     norm_relpath,
     read_jsonl_at,
+    write_from_args,
 )
 from align.data.tars import expand_shard_paths, read_member
-from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
+from align.data.writer import Skip, Unit, file_identity
 
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 
@@ -48,9 +51,7 @@ def archive_stem(path: str) -> str:
     return name
 
 
-def _sample(annotation: dict | None, image: bytes | None, opts: dict):
-    if annotation is None:
-        return Skip("bad_annotation")
+def _sample(annotation: dict, image: bytes | None, opts: dict):
     caption = dotted(annotation, opts["caption_field"])
     return long_caption_sample(
         image,
@@ -61,13 +62,9 @@ def _sample(annotation: dict | None, image: bytes | None, opts: dict):
 
 
 def convert_lines(payload: tuple, need):
-    """Writer converter (folder mode): ``rows`` annotation lines from a byte offset;
-    images from the folder."""
+    """Writer converter (folder mode): ``rows`` annotation lines from a byte offset."""
     annotations, start, rows, images, opts = payload
-    row = 0
-    for _, annotation in iter_jsonl(annotations, start):
-        if row == rows:
-            return
+    for row, (_, annotation) in enumerate(islice(iter_jsonl(annotations, start), rows)):
         if not need(row):
             yield None
         elif not isinstance(annotation, dict) or not annotation.get("img_path"):
@@ -75,14 +72,12 @@ def convert_lines(payload: tuple, need):
         else:
             path = Path(images) / norm_relpath(annotation["img_path"])
             yield _sample(annotation, path.read_bytes() if path.is_file() else None, opts)
-        row += 1
 
 
 def _lookup(wanted: dict, name: str, stem: str) -> str | None:
-    """The annotation key of a member path: the full path, ``<stem>/<rest>``,
-    or shorter suffixes of it."""
-    path = norm_relpath(name)
-    parts = path.split("/")
+    """The annotation key of a member path: the full path, ``<stem>/<rest>``, or shorter suffixes
+    of it."""
+    parts = norm_relpath(name).split("/")
     for i in range(len(parts)):
         candidate = "/".join(parts[i:])
         for key in (candidate, f"{stem}/{candidate}"):
@@ -123,10 +118,49 @@ def convert_archive(payload: tuple, need):
     yield from (Skip("duplicate_annotation") for _ in range(duplicates))
 
 
+def plan_lines(annotations: list[str], images: str, shard_size: int, opts: dict) -> list[Unit]:
+    """Folder mode: one unit per ``shard_size`` lines of each annotation file."""
+    units = []
+    for path in annotations:
+        starts, count = [], 0  # the offsets of every unit's first line only (memory)
+        for offset, _ in iter_jsonl(path):
+            if count % shard_size == 0:
+                starts.append(offset)
+            count += 1
+        for k, start in enumerate(starts):
+            rows = min(shard_size, count - k * shard_size)
+            units.append(Unit(f"{Path(path).name}:{k}", rows, (path, start, rows, images, opts)))
+    return units
+
+
+def plan_archives(
+    annotations: list[str], archives: list[str], opts: dict
+) -> tuple[list[Unit], Counter]:
+    """Archive mode: one unit per (archive, annotation file); the annotations skipped."""
+    by_stem = {archive_stem(a): a for a in archives}
+    offsets = {stem: {} for stem in by_stem}  # stem -> annotation file -> array of line offsets
+    pre_skipped: Counter = Counter()
+    for path in annotations:
+        for offset, annotation in iter_jsonl(path):
+            img_path = annotation.get("img_path") if isinstance(annotation, dict) else None
+            if not img_path:
+                pre_skipped["bad_annotation"] += 1
+                continue
+            stem = norm_relpath(img_path).split("/")[0]
+            if stem in by_stem:
+                offsets[stem].setdefault(path, array("q")).append(offset)
+            else:
+                pre_skipped["missing_image"] += 1
+    units = [
+        Unit(f"{Path(archive).name}:{Path(path).name}", len(lines), (archive, lines, path, opts))
+        for archive in archives
+        for path, lines in offsets[archive_stem(archive)].items()
+    ]
+    return units, pre_skipped
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="align data journeydb", description=__doc__.split("\n\n")[0]
-    )
+    parser = command_parser("journeydb", __doc__)
     parser.add_argument(
         "--annotations", nargs="+", required=True, help="jsonl files with img_path and a caption"
     )
@@ -145,11 +179,9 @@ def main(argv: list[str]) -> int:
 
     for path in args.annotations:
         if not Path(path).is_file():
-            print(f"error: --annotations not found: {path}", file=sys.stderr)
-            return 2
+            return fail(f"--annotations not found: {path}")
     opts = {"caption_field": args.caption_field, **image_options(args)}
     folder = args.images[0] if len(args.images) == 1 and Path(args.images[0]).is_dir() else None
-    archives: list[str] = []
     if folder is not None:
         archives = sorted(
             str(p) for p in Path(folder).iterdir() if p.name.endswith(ARCHIVE_SUFFIXES)
@@ -157,72 +189,23 @@ def main(argv: list[str]) -> int:
     else:
         archives, missing = expand_shard_paths(args.images, suffix=".tgz")
         if missing or not archives:
-            print(
-                f"error: --images not found: {', '.join(missing or args.images)}", file=sys.stderr
-            )
-            return 2
+            return fail(f"--images not found: {', '.join(missing or args.images)}")
     annotations = [str(Path(p).resolve()) for p in args.annotations]
-    units: list[Unit] = []
-    pre_skipped: dict[str, int] = {}
+    source = {"annotations": [file_identity(p) for p in annotations]}
     if folder is not None and not archives:
-        images = str(Path(folder).resolve())
-        for path in annotations:
-            starts, count = [], 0
-            for offset, _ in iter_jsonl(path):
-                if count % args.shard_size == 0:
-                    starts.append(offset)
-                count += 1
-            for k, start in enumerate(starts):
-                rows = min(args.shard_size, count - k * args.shard_size)
-                units.append(
-                    Unit(f"{Path(path).name}:{k}", rows, (path, start, rows, images, opts))
-                )
-        source = {
-            "annotations": [file_identity(p) for p in annotations],
-            "images": Path(folder).name,
-            "options": opts,
-        }
-        convert = convert_lines
+        units = plan_lines(annotations, str(Path(folder).resolve()), args.shard_size, opts)
+        pre_skipped, convert = Counter(), convert_lines
+        source["images"] = Path(folder).name
     else:
-        by_stem = {archive_stem(a): a for a in archives}
-        offsets = {stem: {} for stem in by_stem}  # stem -> annotation file -> array of line offsets
-        for path in annotations:
-            for offset, annotation in iter_jsonl(path):
-                img_path = annotation.get("img_path") if isinstance(annotation, dict) else None
-                if not img_path:
-                    pre_skipped["bad_annotation"] = pre_skipped.get("bad_annotation", 0) + 1
-                    continue
-                stem = norm_relpath(img_path).split("/")[0]
-                if stem not in by_stem:
-                    pre_skipped["missing_image"] = pre_skipped.get("missing_image", 0) + 1
-                    continue
-                offsets[stem].setdefault(path, array("q")).append(offset)
-        for archive in archives:
-            for path, lines in offsets[archive_stem(archive)].items():
-                units.append(
-                    Unit(
-                        f"{Path(archive).name}:{Path(path).name}",
-                        len(lines),
-                        (archive, lines, path, opts),
-                    )
-                )
-        source = {
-            "annotations": [file_identity(p) for p in annotations],
-            "archives": [file_identity(a) for a in archives],
-            "options": opts,
-        }
+        units, pre_skipped = plan_archives(annotations, archives, opts)
         convert = convert_archive
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="journeydb",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            pre_skipped=pre_skipped,
-        )
+        source["archives"] = [file_identity(a) for a in archives]
+    source["options"] = opts
+    return write_from_args(
+        args,
+        "journeydb",
+        source=source,
+        units=units,
+        convert=convert,
+        pre_skipped=pre_skipped,
     )

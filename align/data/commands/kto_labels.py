@@ -1,5 +1,5 @@
-"""Label each image of Pick-a-Pic pair shards desirable/undesirable
-(Diffusion-KTO) into single-image shards.
+"""Label each image of Pick-a-Pic pair shards desirable/undesirable (Diffusion-KTO) into
+single-image shards.
 
 Usage: align data kto-labels --src <pair shards: paths, globs, brace patterns or folders...>
        --out <dir> [--policy preferred-once|always-won|drop-contested] [--shard-size 2000]
@@ -11,8 +11,7 @@ its JPEG bytes). Pass 1 reads only the json members and counts, per uid, wins (l
 once, from its first occurrence that has image bytes, with the caption of that pair. Policies:
 
 * ``preferred-once`` (default, the Diffusion-KTO paper): desirable iff it won at least once.
-* ``always-won``: desirable iff it won at least once and never lost;
-  every other image is undesirable.
+* ``always-won``: desirable iff it won at least once and never lost; else undesirable.
 * ``drop-contested``: images that both won and lost are dropped; the rest: desirable iff they won.
 
 So an image seen only in ties is undesirable under every policy (it was never preferred). Output:
@@ -25,20 +24,22 @@ never images.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 
-from align.data.convert_helpers import add_writer_args
+from align.data.convert_helpers import (
+    add_writer_args,
+    command_parser,
+    fail,
+    map_in_processes,
+    write_from_args,
+)
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
 from align.data.tars import expand_shard_paths, iter_tar_groups, read_member
-from align.data.writer import Skip, Unit, die_with_parent, file_identity, run_command, write_shards
+from align.data.writer import Skip, Unit, file_identity
 
 POLICIES = ("preferred-once", "always-won", "drop-contested")
 UID_KEYS = ("image_0_uid", "image_1_uid")
@@ -46,8 +47,7 @@ MODEL_KEYS = ("model_0", "model_1")
 
 
 def decide(wins: int, losses: int, policy: str) -> bool | None:
-    """The label of an image with these counts under ``policy``: True desirable,
-    False undesirable, None drop."""
+    """An image's label under ``policy``: True desirable, False undesirable, None dropped."""
     if policy == "preferred-once":
         return wins >= 1
     if policy == "always-won":
@@ -78,8 +78,7 @@ def _uid(meta: dict, side: int, tar: tarfile.TarFile, member: tarfile.TarInfo | 
 
 def index_shard(path: str) -> tuple[list, str | None]:
     """Pass 1 over one shard: per sample (ordinal, key, problem, labels, uids, has-bytes flags),
-    without reading images unless a uid must be hashed. Second item: a read error,
-    if the tar is damaged."""
+    reading images only to hash a missing uid; and the read error of a damaged tar, or None."""
     entries = []
     try:
         for ordinal, (key, group, tar) in enumerate(iter_tar_groups(path)):
@@ -107,46 +106,35 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
     slot_skips: Counter = Counter()
     read_errors: dict[str, list] = {}
     pairs = ties = 0
-    bar = tqdm(total=len(paths), unit="shard", desc="kto-labels: counting", disable=not progress)
-    if workers > 1 and len(paths) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(
-            min(workers, len(paths)),
-            mp_context=ctx,
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
-        )
-        results = pool.map(index_shard, paths)
-    else:
-        pool, results = None, map(index_shard, paths)
-    try:
-        for shard, (entries, error) in enumerate(results):
-            bar.update()
-            if error:
-                read_errors.setdefault("damaged_tar", []).append(
-                    f"{os.path.basename(paths[shard])}: {error}"
-                )
-            for ordinal, key, problem, labels, uids, has in entries:
-                if problem:
-                    slot_skips[problem] += 2
+    results = tqdm(
+        map_in_processes(index_shard, paths, workers),
+        total=len(paths),
+        unit="shard",
+        desc="kto-labels: counting",
+        disable=not progress,
+    )
+    for shard, (entries, error) in enumerate(results):
+        if error:
+            read_errors.setdefault("damaged_tar", []).append(
+                f"{os.path.basename(paths[shard])}: {error}"
+            )
+        for ordinal, key, problem, labels, uids, has in entries:
+            if problem:
+                slot_skips[problem] += 2
+                continue
+            pairs += 1
+            ties += labels[0] == 0.5
+            for side in (0, 1):
+                uid = uids[side]
+                if uid is None:
+                    slot_skips["unresolved_image"] += 1
                     continue
-                pairs += 1
-                ties += labels[0] == 0.5
-                for side in (0, 1):
-                    uid = uids[side]
-                    if uid is None:
-                        slot_skips["unresolved_image"] += 1
-                        continue
-                    entry = counts.setdefault(uid, [0, 0, 0, 0, None])
-                    label = labels[side]
-                    entry[0 if label == 1.0 else 1 if label == 0.0 else 2] += 1
-                    entry[3] += 1
-                    if entry[4] is None and has[side]:
-                        entry[4] = (shard, ordinal, side, key)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+                entry = counts.setdefault(uid, [0, 0, 0, 0, None])
+                label = labels[side]
+                entry[0 if label == 1.0 else 1 if label == 0.0 else 2] += 1
+                entry[3] += 1
+                if entry[4] is None and has[side]:
+                    entry[4] = (shard, ordinal, side, key)
 
     emit: dict[int, list] = {}
     images: Counter = Counter()
@@ -177,8 +165,7 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
 
 
 def convert_shard(payload: tuple, need):
-    """Writer converter: the images of one input shard whose first occurrence is there,
-    in tar order."""
+    """Writer converter: the images first seen in one input shard, in tar order."""
     path, entries = payload
     position = 0
     for ordinal, (key, group, tar) in enumerate(iter_tar_groups(path)):
@@ -215,42 +202,30 @@ def convert_shard(payload: tuple, need):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="align data kto-labels", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--src", nargs="+", required=True, help="pair shards: paths, globs, braces, folders"
-    )
+    parser = command_parser("kto-labels", __doc__)
+    parser.add_argument("--src", nargs="+", required=True, help="pair shards (paths, globs, ...)")
     parser.add_argument("--policy", choices=POLICIES, default="preferred-once")
     add_writer_args(parser, prefix="kto", shard_size=2000)
     args = parser.parse_args(argv)
 
     paths, missing = expand_shard_paths(args.src)
     if missing or not paths:
-        print(f"error: no shard matches {', '.join(missing or args.src)}", file=sys.stderr)
-        return 2
-    emit, slot_skips, stats, read_errors = build_plan(
-        paths, args.policy, args.workers, not args.no_progress
-    )
+        return fail(f"no shard matches {', '.join(missing or args.src)}")
+    progress = not args.no_progress
+    emit, slot_skips, stats, read_errors = build_plan(paths, args.policy, args.workers, progress)
     units = [
         Unit(os.path.basename(path), len(emit[i]), (path, emit[i]))
         for i, path in enumerate(paths)
         if i in emit
     ]
     source = {"inputs": [file_identity(p) for p in paths], "policy": args.policy}
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="kto-labels",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert_shard,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            pre_skipped=slot_skips,
-            files_skipped=read_errors,
-            extra=stats,
-        )
+    return write_from_args(
+        args,
+        "kto-labels",
+        source=source,
+        units=units,
+        convert=convert_shard,
+        pre_skipped=slot_skips,
+        files_skipped=read_errors,
+        extra=stats,
     )

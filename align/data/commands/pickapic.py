@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from align.data.convert_helpers import (
     ImageError,
     add_image_args,
     add_writer_args,
+    command_parser,
+    fail,
     find_image,
     image_options,
     prepare_jpeg,
+    write_from_args,
 )
 from align.data.schema import PAIR_OPTIONAL_META, pair_meta_problem
-from align.data.writer import Skip, Unit, file_identity, run_command, write_shards
+from align.data.writer import Skip, Unit, file_identity
 from align.extras import require
 
 PYARROW_PURPOSE = "converting Pick-a-Pic parquet files"
@@ -96,23 +98,15 @@ def convert_row_group(payload: tuple, need):
     for batch in parquet.iter_batches(
         batch_size=opts["batch_rows"], row_groups=[row_group], columns=columns, use_threads=False
     ):
-        if not any(need(row + i) for i in range(batch.num_rows)):
-            yield from [None] * batch.num_rows
-            row += batch.num_rows
-            continue
-        data = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-        for i in range(batch.num_rows):
-            yield (
-                convert_row({name: values[i] for name, values in data.items()}, opts)
-                if need(row)
-                else None
-            )
-            row += 1
+        needed = [need(row + i) for i in range(batch.num_rows)]
+        rows = batch.to_pylist() if any(needed) else [None] * batch.num_rows
+        for wanted, values in zip(needed, rows):
+            yield convert_row(values, opts) if wanted else None
+        row += batch.num_rows
 
 
 def parquet_files(sources: list[str]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(path, stable name) of every parquet file named or inside a named folder;
-    and the missing sources."""
+    """(path, stable name) of every parquet file named or in a named folder; the missing sources."""
     files, missing = [], []
     for src in sources:
         path = Path(src)
@@ -138,12 +132,12 @@ def plan(files: list[tuple[Path, str]], opts: dict) -> tuple[list[Unit], dict, l
         except Exception:  # truncated or not parquet at all: pyarrow raises several kinds
             skipped.setdefault("unreadable_parquet", []).append(name)
             continue
-        inline = all(c in names for c in IMAGE_COLUMNS)
-        needed = list(REQUIRED) + ([] if inline else list(UID_COLUMNS))
-        if any(c not in names for c in needed) or (not inline and not opts["images_dir"]):
-            skipped.setdefault(
-                "missing_columns" if inline or opts["images_dir"] else "no_image_columns", []
-            ).append(name)
+        inline = set(IMAGE_COLUMNS) <= names
+        if not inline and not opts["images_dir"]:
+            skipped.setdefault("no_image_columns", []).append(name)
+            continue
+        if not set(REQUIRED if inline else (*REQUIRED, *UID_COLUMNS)) <= names:
+            skipped.setdefault("missing_columns", []).append(name)
             continue
         wanted = list(REQUIRED) + [c for c in ("has_label", *PAIR_OPTIONAL_META) if c in names]
         if inline:
@@ -151,18 +145,15 @@ def plan(files: list[tuple[Path, str]], opts: dict) -> tuple[list[Unit], dict, l
         columns = list(dict.fromkeys(wanted))
         for row_group in range(metadata.num_row_groups):
             rows = metadata.row_group(row_group).num_rows
+            payload = (str(path), row_group, columns, opts)
             if rows:
-                units.append(
-                    Unit(f"{name}#rg{row_group}", rows, (str(path), row_group, columns, opts))
-                )
+                units.append(Unit(f"{name}#rg{row_group}", rows, payload))
     return units, skipped, inputs
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="align data pickapic",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "pickapic", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--src", nargs="+", required=True, help="parquet files or folders of them")
     parser.add_argument("--drop-ties", action="store_true", help="skip rows with label_0 == 0.5")
@@ -182,14 +173,11 @@ def main(argv: list[str]) -> int:
 
     files, missing = parquet_files(args.src)
     if missing:
-        print(f"error: --src not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return fail(f"--src not found: {', '.join(missing)}")
     if not files:
-        print(f"error: no .parquet files in {', '.join(args.src)}", file=sys.stderr)
-        return 2
+        return fail(f"no .parquet files in {', '.join(args.src)}")
     if args.images_dir and not os.path.isdir(args.images_dir):
-        print(f"error: --images-dir not found: {args.images_dir}", file=sys.stderr)
-        return 2
+        return fail(f"--images-dir not found: {args.images_dir}")
     opts = {
         "drop_ties": args.drop_ties,
         "drop_unlabeled": args.drop_unlabeled,
@@ -199,28 +187,20 @@ def main(argv: list[str]) -> int:
     }
     units, files_skipped, inputs = plan(files, opts)
     if files_skipped.get("no_image_columns") and not units:
-        print(
-            "error: the parquet files have no jpg_0/jpg_1 columns (the _no_images variant): "
-            "pass --images-dir",
-            file=sys.stderr,
+        return fail(
+            "the parquet files have no jpg_0/jpg_1 columns (the _no_images variant): "
+            "pass --images-dir"
         )
-        return 2
     source = {
         "inputs": inputs,
         "options": {k: v for k, v in opts.items() if k not in ("batch_rows", "images_dir")},
         "images_dir": Path(args.images_dir).name if args.images_dir else None,
     }
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="pickapic",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert_row_group,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            files_skipped=files_skipped,
-        )
+    return write_from_args(
+        args,
+        "pickapic",
+        source=source,
+        units=units,
+        convert=convert_row_group,
+        files_skipped=files_skipped,
     )

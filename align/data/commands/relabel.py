@@ -27,31 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 from align.commands import doc_summary
+from align.data.convert_helpers import fail
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
-
-
-def split_member(name: str) -> tuple[str, str]:
-    """webdataset's (key, field): the key runs to the first dot of the basename."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, field = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), field
-
-
-def iter_samples(tar: tarfile.TarFile):
-    """Yield (key, [(TarInfo, bytes), ...]) for consecutive members sharing a key."""
-    key, members = None, []
-    for info in tar:
-        if not info.isfile():
-            continue
-        k, _ = split_member(info.name)
-        data = tar.extractfile(info).read()
-        if key is not None and k != key:
-            yield key, members
-            members = []
-        key = k
-        members.append((info, data))
-    if members:
-        yield key, members
+from align.data.tars import iter_tar_groups, read_member
 
 
 def relabel_meta(
@@ -61,12 +39,8 @@ def relabel_meta(
     out = dict(meta)
     if "human_label_0" not in out:  # relabelling a relabelled shard keeps the original human label
         out["human_label_0"], out["human_label_1"] = meta["label_0"], meta["label_1"]
-    if score_0 > score_1:
-        out["label_0"], out["label_1"] = 1.0, 0.0
-    elif score_1 > score_0:
-        out["label_0"], out["label_1"] = 0.0, 1.0
-    else:
-        out["label_0"], out["label_1"] = 0.5, 0.5
+    out["label_0"] = 1.0 if score_0 > score_1 else 0.0 if score_1 > score_0 else 0.5
+    out["label_1"] = 1.0 - out["label_0"]
     out["ai_feedback"] = {
         "reward": reward,
         "source": source,
@@ -83,11 +57,10 @@ def _add(tar: tarfile.TarFile, info: tarfile.TarInfo, data: bytes) -> None:
     tar.addfile(new, io.BytesIO(data))
 
 
-def _prepare(key: str, members) -> tuple[dict | None, list | None, str | None]:
+def _prepare(fields: dict[str, bytes]) -> tuple[dict | None, list | None, str | None]:
     """(meta, [image_0, image_1], None) for a usable pair, else (None, None, reason)."""
     from PIL import Image
 
-    fields = {split_member(info.name)[1]: data for info, data in members}
     if "json" not in fields:
         return None, None, "missing_json"
     try:
@@ -121,37 +94,35 @@ def relabel_shard(
     progress=None,
 ) -> None:
     tmp = dst.with_name(dst.name + ".partial")
-    with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
-        pending = []  # (members, meta, images)
+    with tarfile.open(tmp, "w") as tout:
+        pending = []  # (members {field: TarInfo}, their bytes {field: bytes}, meta, images)
 
         def flush():
             if not pending:
                 return
-            images = [im for _, _, ims in pending for im in ims]
-            captions = [m["caption"] for _, m, _ in pending for _ in range(2)]
+            images = [im for *_, ims in pending for im in ims]
+            captions = [meta["caption"] for _, _, meta, _ in pending for _ in range(2)]
             scores = reward.score(images, captions, batch_size=2 * batch_size).cpu().tolist()
-            for j, (members, meta, _) in enumerate(pending):
+            for j, (members, fields, meta, _) in enumerate(pending):
                 new_meta = relabel_meta(meta, scores[2 * j], scores[2 * j + 1], reward_name, source)
-                agree = float(new_meta["label_0"]) == float(
-                    meta.get("human_label_0", meta["label_0"])
-                )
+                agree = new_meta["label_0"] == float(meta.get("human_label_0", meta["label_0"]))
                 counts["agree_with_human" if agree else "disagree_with_human"] += 1
-                for info, data in members:
-                    if split_member(info.name)[1] == "json":
-                        data = json.dumps(new_meta, ensure_ascii=False).encode("utf-8")
-                    _add(tout, info, data)
+                fields["json"] = json.dumps(new_meta, ensure_ascii=False).encode("utf-8")
+                for field, info in members.items():
+                    _add(tout, info, fields[field])
                 counts["relabelled"] += 1
             if progress is not None:
                 progress.update(len(pending))
             pending.clear()
 
-        for key, members in iter_samples(tin):
-            meta, images, problem = _prepare(key, members)
+        for key, members, tar in iter_tar_groups(str(src)):
+            fields = {field: read_member(tar, info) for field, info in members.items()}
+            meta, images, problem = _prepare(fields)
             if problem:
                 counts[f"skipped_{problem}"] += 1
                 print(f"warning: {src.name}: skipping sample {key!r} ({problem})", file=sys.stderr)
                 continue
-            pending.append((members, meta, images))
+            pending.append((members, fields, meta, images))
             if len(pending) == batch_size:
                 flush()
         flush()
@@ -183,37 +154,28 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
 
+    from align.data.pipeline import expand_shards
     from align.eval.sampling import resolve_device
     from align.rewards import RewardSourceError, build_reward, canonical_name
 
-    from align.data.pipeline import expand_shards
-
+    prog = "align data relabel"
     try:
         shards = [Path(s) for s in expand_shards(args.src)]
     except FileNotFoundError as err:
-        print(f"align data relabel: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), prog)
     out = Path(args.out).expanduser()
     if any(s.resolve().parent == out.resolve() for s in shards):
-        print(
-            "align data relabel: error: --out must differ from the shards' directory",
-            file=sys.stderr,
-        )
-        return 2
+        return fail("--out must differ from the shards' directory", prog)
     existing = [out / s.name for s in shards if (out / s.name).exists()]
     if existing and not args.overwrite:
-        print(
-            f"align data relabel: error: {len(existing)} output shards exist (e.g. {existing[0]}); "
-            "pass --overwrite",
-            file=sys.stderr,
+        return fail(
+            f"{len(existing)} output shards exist (e.g. {existing[0]}); pass --overwrite", prog
         )
-        return 2
     try:
         name = canonical_name(args.reward)
         reward = build_reward(name, args.reward_source, device=resolve_device(args.device))
     except (ValueError, RewardSourceError) as err:
-        print(f"align data relabel: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), prog)
     out.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
     bar = tqdm(desc=f"relabel ({name})", unit="pair", disable=args.no_progress)

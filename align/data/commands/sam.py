@@ -1,5 +1,5 @@
-"""Convert SA-1B tars (sa_N.jpg + sa_N.json) with a folder of long captions
-(sa_N.txt) into long-caption shards.
+"""Convert SA-1B tars (sa_N.jpg + sa_N.json) with a folder of long captions (sa_N.txt) into
+long-caption shards.
 
 Usage: align data sam --src <SA-1B tars, globs or folders...> --captions <folder of sa_N.txt>
        --out data/sam [--shorter-side 512] [--max-side 0] [--shard-size 1000] [--workers N]
@@ -13,19 +13,20 @@ and named. Output: ``jpg``, ``txt``, ``json`` (source, image file, tar) per samp
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
 from align.data.convert_helpers import (
     add_image_args,
     add_writer_args,
+    command_parser,
+    fail,
     image_options,
     long_caption_sample,
+    write_from_args,
 )
 from align.data.tars import expand_shard_paths, read_member
-from align.data.writer import Unit, file_identity, run_command, write_shards
+from align.data.writer import Unit, file_identity
 
 
 def _is_image(member: tarfile.TarInfo) -> bool:
@@ -43,30 +44,21 @@ def convert_tar(payload: tuple, need):
     """Writer converter: every image of one SA-1B tar, in tar order."""
     path, captions, opts = payload
     tar_stem = Path(path).name.split(".")[0]
-    row = 0
     with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not _is_image(member):
-                continue
-            if need(row):
-                name = PurePosixPath(member.name).name
-                stem = name.rsplit(".", 1)[0]
-                caption = caption_for(Path(captions), tar_stem, stem)
-                image = read_member(tar, member) if caption else None
-                yield long_caption_sample(
-                    image,
-                    caption,
-                    {"source": "sa-1b", "image": name, "tar": Path(path).name},
-                    opts,
-                    key=stem,
-                )
-            else:
+        for row, member in enumerate(m for m in tar if _is_image(m)):
+            if not need(row):
                 yield None
-            row += 1
+                continue
+            name = PurePosixPath(member.name).name
+            stem = name.rsplit(".", 1)[0]
+            caption = caption_for(Path(captions), tar_stem, stem)
+            image = read_member(tar, member) if caption else None
+            meta = {"source": "sa-1b", "image": name, "tar": Path(path).name}
+            yield long_caption_sample(image, caption, meta, opts, key=stem)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data sam", description=__doc__.split("\n\n")[0])
+    parser = command_parser("sam", __doc__)
     parser.add_argument(
         "--src", nargs="+", required=True, help="SA-1B tars: paths, globs, braces or folders"
     )
@@ -79,12 +71,11 @@ def main(argv: list[str]) -> int:
 
     paths, missing = expand_shard_paths(args.src)
     if missing or not paths:
-        print(f"error: --src not found: {', '.join(missing or args.src)}", file=sys.stderr)
-        return 2
+        return fail(f"--src not found: {', '.join(missing or args.src)}")
     if not Path(args.captions).is_dir():
-        print(f"error: --captions folder not found: {args.captions}", file=sys.stderr)
-        return 2
+        return fail(f"--captions folder not found: {args.captions}")
     opts = image_options(args)
+    captions = str(Path(args.captions).resolve())
     units, files_skipped = [], {}
     for path in tqdm(paths, desc="sam: counting images", unit="tar", disable=args.no_progress):
         try:
@@ -94,25 +85,17 @@ def main(argv: list[str]) -> int:
             files_skipped.setdefault("unreadable_tar", []).append(Path(path).name)
             continue
         if rows:
-            units.append(
-                Unit(Path(path).name, rows, (path, str(Path(args.captions).resolve()), opts))
-            )
+            units.append(Unit(Path(path).name, rows, (path, captions, opts)))
     source = {
         "inputs": [file_identity(p) for p in paths],
         "captions": Path(args.captions).name,
         "options": opts,
     }
-    return run_command(
-        lambda: write_shards(
-            args.out,
-            command="sam",
-            prefix=args.prefix,
-            source=source,
-            units=units,
-            convert=convert_tar,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            files_skipped=files_skipped,
-        )
+    return write_from_args(
+        args,
+        "sam",
+        source=source,
+        units=units,
+        convert=convert_tar,
+        files_skipped=files_skipped,
     )

@@ -11,39 +11,31 @@ taken on the way, against the manifest where they are. Exit status: 0 all good, 
 2 no shards / bad arguments / remote shards that cannot be read.
 
 Latent caches (``align data cache-latents``) are ``cached`` shards, checked by
-:mod:`align.data.commands.verify_cache`.
+:mod:`align.data.commands._verify_cache`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from align.data.images import decode_caption
-from align.data.pipeline import SkipSample
-from align.data.schema import (
-    LONG_CAPTION_KEYS,
-    PAIR_IMAGE_KEYS,
-    SINGLE_IMAGE_KEY,
-    pair_meta_problem,
-    single_meta_problem,
-)
-from align.data.commands.verify_cache import (
+from align.data.commands._verify_cache import (
+    META_PROBLEM,
     CachedShardCheck,
     cache_settings,
     detect_cached,
     parse_json,
 )
+from align.data.convert_helpers import command_parser, fail, map_in_processes
+from align.data.images import decode_caption
+from align.data.pipeline import SkipSample
 from align.data.remote import (
     RemoteShardError,
     fetch_manifest,
@@ -51,11 +43,18 @@ from align.data.remote import (
     manifest_location,
     open_remote,
 )
+from align.data.schema import LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY
 from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
-from align.data.writer import MANIFEST, die_with_parent
+from align.data.writer import MANIFEST
 
-SCHEMAS = ("pair", "single", "long")
 CACHED = "cached"  # shards of a latent cache (align.data.cached)
+# schema -> (its image members, the members every sample must have)
+LAYOUTS = {
+    "pair": (PAIR_IMAGE_KEYS, (*PAIR_IMAGE_KEYS, "json")),
+    "single": ((SINGLE_IMAGE_KEY,), (SINGLE_IMAGE_KEY, "json")),
+    "long": (("jpg",), LONG_CAPTION_KEYS),
+}
+SCHEMAS = tuple(LAYOUTS)
 
 
 def detect_schema(fields: set[str]) -> str | None:
@@ -81,44 +80,6 @@ def _decode(data: bytes | None) -> str | None:
     return None
 
 
-def sample_problems(schema: str, sample: dict[str, bytes]) -> list[tuple[str, str]]:
-    """(reason, detail) for everything wrong with one sample under ``schema``."""
-    problems = []
-    if schema == "pair":
-        images, required = PAIR_IMAGE_KEYS, (*PAIR_IMAGE_KEYS, "json")
-    elif schema == "single":
-        images, required = (SINGLE_IMAGE_KEY,), (SINGLE_IMAGE_KEY, "json")
-    else:
-        images, required = ("jpg",), LONG_CAPTION_KEYS
-    for key in required:
-        if key not in sample:
-            problems.append((f"missing_{key}", "member absent"))
-    for key in images:
-        if key in sample:
-            error = _decode(sample[key])
-            if error:
-                problems.append(("corrupt_image", f"{key}: {error}"))
-    if "json" in sample:
-        meta, error = parse_json(sample["json"])
-        if error:
-            problems.append(("bad_json", error))
-        elif schema in ("pair", "single"):
-            problem = (pair_meta_problem if schema == "pair" else single_meta_problem)(meta)
-            if problem:
-                problems.append((problem, json.dumps(meta)[:200]))
-            elif (reason := caption_problem(meta.get("caption"))) is not None:
-                problems.append((reason, ""))  # what training would skip
-        elif not isinstance(meta, dict):
-            problems.append(("json_not_object", str(meta)[:200]))
-    if (
-        schema == "long"
-        and "txt" in sample
-        and (reason := caption_problem(sample["txt"])) is not None
-    ):
-        problems.append((reason, ""))
-    return problems
-
-
 def caption_problem(raw: object) -> str | None:
     """Why training would skip this caption (missing, not UTF-8, blank), or None."""
     try:
@@ -128,13 +89,35 @@ def caption_problem(raw: object) -> str | None:
     return None
 
 
+def sample_problems(schema: str, sample: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(reason, detail) for everything wrong with one sample under ``schema``."""
+    images, required = LAYOUTS[schema]
+    problems = [(f"missing_{key}", "member absent") for key in required if key not in sample]
+    for key in images:
+        error = _decode(sample[key]) if key in sample else None
+        if error:
+            problems.append(("corrupt_image", f"{key}: {error}"))
+    if "json" in sample:
+        meta, error = parse_json(sample["json"])
+        if error:
+            problems.append(("bad_json", error))
+        elif schema in META_PROBLEM:
+            problem = META_PROBLEM[schema](meta)
+            if problem:
+                problems.append((problem, json.dumps(meta)[:200]))
+            elif reason := caption_problem(meta.get("caption")):
+                problems.append((reason, ""))  # what training would skip
+        elif not isinstance(meta, dict):
+            problems.append(("json_not_object", str(meta)[:200]))
+    if schema == "long" and "txt" in sample and (reason := caption_problem(sample["txt"])):
+        problems.append((reason, ""))
+    return problems
+
+
 def _local_manifest(path: Path) -> dict | None:
     """The ``manifest.json`` beside ``path`` (None when absent or unreadable)."""
-    manifest = path.parent / MANIFEST
-    if not manifest.exists():
-        return None
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        data = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -144,18 +127,16 @@ def _local_manifest(path: Path) -> dict | None:
 _remote_manifest = functools.lru_cache(maxsize=16)(fetch_manifest)
 
 
-def _manifest(shard: str) -> tuple[dict | None, str]:
-    """(the manifest where ``shard`` is, or None; the shard's name in it)."""
+def _manifest_record(shard: str) -> tuple[dict | None, dict | None]:
+    """(the manifest where ``shard`` is, or None; its record of the shard, or None)."""
     if not is_remote(shard):
-        return _local_manifest(Path(shard)), Path(shard).name
-    location = manifest_location(shard)
-    return (_remote_manifest(location[0]), location[1]) if location else (None, shard)
-
-
-def _manifest_record(manifest: dict | None, name: str) -> dict | None:
+        manifest, name = _local_manifest(Path(shard)), Path(shard).name
+    else:
+        location = manifest_location(shard)
+        manifest, name = (_remote_manifest(location[0]), location[1]) if location else (None, "")
     shards = (manifest or {}).get("shards")
     record = shards.get(name) if isinstance(shards, dict) else None
-    return record if isinstance(record, dict) else None
+    return manifest, record if isinstance(record, dict) else None
 
 
 class HashingReader:
@@ -187,14 +168,8 @@ class HashingReader:
             pass
 
 
-# ------------------------------------------------------------------------------------ cached shards
-# align.data.cached imports torch: it is imported only once a shard looks cached, so that verifying
-# image shards stays as light as it was.
-
-
 def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
-    """Report for one shard: samples, schema, problems by reason, a few examples
-    (key, reason, detail)."""
+    """One shard's report: samples, schema, problems by reason, examples (key, reason, detail)."""
     problems: Counter = Counter()
     found: list[tuple[str, str, str]] = []
     report = {
@@ -210,7 +185,7 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
             found.append((key, reason, detail))
 
     seen: set[str] = set()
-    manifest, name = _manifest(path)
+    manifest, record = _manifest_record(path)
     remote = HashingReader(path) if is_remote(path) else None
     intact = True
     cached: CachedShardCheck | None = None
@@ -241,7 +216,6 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
     except (tarfile.TarError, OSError, EOFError) as exn:
         note("-", "corrupt_tar", f"after {report['samples']} samples: {type(exn).__name__}: {exn}")
         intact = False
-    record = _manifest_record(manifest, name)
     if remote is not None:
         digest = remote.finish() if intact and record is not None else None
         remote.close()
@@ -262,12 +236,34 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
     return report
 
 
-def _verify_args(args: tuple) -> dict:
-    return verify_shard(*args)
+def print_reports(reports: list[dict]) -> tuple[int, int, Counter]:
+    """Print each shard's problems and the totals; (samples, bad samples, problems by reason)."""
+    totals: Counter = Counter()
+    for report in reports:
+        totals.update(report["problems"])
+        if report["problems"]:
+            print(
+                f"{report['shard']}: {report['samples']} samples, {report['bad_samples']} bad, "
+                f"problems {report['problems']}"
+            )
+            for key, reason, detail in report["examples"]:
+                print(f"  {key}: {reason}: {detail}")
+    schemas = dict(Counter(r["schema"] for r in reports))
+    samples = sum(r["samples"] for r in reports)
+    bad = sum(r["bad_samples"] for r in reports)
+    bad_shards = sum(bool(r["problems"]) for r in reports)
+    empty = sum(r["empty"] for r in reports)
+    print(
+        f"verified {len(reports)} shards ({schemas}): {samples} samples, {bad} bad samples, "
+        f"{bad_shards} shards with problems" + (f", {empty} empty shards" if empty else "")
+    )
+    for reason, n in sorted(totals.items()):
+        print(f"  {reason}: {n}")
+    return samples, bad, totals
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="align data verify", description=__doc__.split("\n\n")[0])
+    parser = command_parser("verify", __doc__)
     parser.add_argument(
         "shards",
         nargs="+",
@@ -281,9 +277,7 @@ def main(argv: list[str]) -> int:
         help="auto (per shard), or check every shard as this schema (cached: a latent cache)",
     )
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-    parser.add_argument(
-        "--examples", type=int, default=20, help="problem examples to show per shard"
-    )
+    parser.add_argument("--examples", type=int, default=20, help="problem examples per shard")
     parser.add_argument("--report", help="also write the full report as JSON here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -293,65 +287,30 @@ def main(argv: list[str]) -> int:
     try:
         paths, missing = expand_shard_paths(args.shards, remote=True)
     except RemoteShardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     for spec in missing:
         print(f"error: no shard matches {spec}", file=sys.stderr)
     if not paths:
-        print("error: no shards to verify", file=sys.stderr)
-        return 2
-    jobs = [(p, args.schema, args.examples) for p in paths]
-    bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=args.no_progress)
-    reports = []
-    if args.workers > 1 and len(jobs) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(
-            min(args.workers, len(jobs)),
-            mp_context=ctx,
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
-        ) as pool:
-            for report in pool.map(_verify_args, jobs):
-                reports.append(report)
-                bar.update()
-    else:
-        for job in jobs:
-            reports.append(_verify_args(job))
-            bar.update()
-    bar.close()
-
-    totals: Counter = Counter()
-    schemas = Counter(r["schema"] for r in reports)
-    for report in reports:
-        totals.update(report["problems"])
-        if report["problems"]:
-            print(
-                f"{report['shard']}: {report['samples']} samples, {report['bad_samples']} bad, "
-                f"problems {report['problems']}"
-            )
-            for key, reason, detail in report["examples"]:
-                print(f"  {key}: {reason}: {detail}")
-    samples = sum(r["samples"] for r in reports)
-    bad = sum(r["bad_samples"] for r in reports)
-    bad_shards = sum(bool(r["problems"]) for r in reports)
-    empty = [r["shard"] for r in reports if r["empty"]]
-    print(
-        f"verified {len(reports)} shards ({dict(schemas)}): {samples} samples, {bad} bad samples, "
-        f"{bad_shards} shards with problems" + (f", {len(empty)} empty shards" if empty else "")
+        return fail("no shards to verify")
+    verify = functools.partial(verify_shard, schema=args.schema, examples=args.examples)
+    reports = list(
+        tqdm(
+            map_in_processes(verify, paths, args.workers),
+            total=len(paths),
+            unit="shard",
+            desc="verify",
+            disable=args.no_progress,
+        )
     )
-    for reason, n in sorted(totals.items()):
-        print(f"  {reason}: {n}")
+    samples, bad, totals = print_reports(reports)
     if args.report:
         with open(args.report, "w", encoding="utf-8") as handle:
-            json.dump(
-                {
-                    "shards": reports,
-                    "samples": samples,
-                    "bad_samples": bad,
-                    "problems": dict(totals),
-                    "missing": missing,
-                },
-                handle,
-                indent=1,
-            )
+            report = {
+                "shards": reports,
+                "samples": samples,
+                "bad_samples": bad,
+                "problems": dict(totals),
+                "missing": missing,
+            }
+            json.dump(report, handle, indent=1)
     return 1 if totals or missing else 0

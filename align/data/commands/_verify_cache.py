@@ -1,22 +1,17 @@
 """The ``cached`` schema of ``align data verify``: checks of latent-cache shards.
 
-Latent caches (``align data cache-latents``, schema in ``align.data.cached``) are ``cached`` shards:
-detected from their ``.npy`` members, or from a ``manifest.json`` written by ``cache-latents`` in
-their folder. Their pair, single-image or long-caption layout is the manifest's (else the first
-sample's). Every sample must have the layout's members (the moments of each image, the flipped ones
-when the cache has ``--flip``, ``embeds.npy``, ``pooled.npy`` when the cache has
-``uncond_pooled.npy``, ``txt`` for long captions) and no other tensors; every tensor must load
-(``allow_pickle=False``), be of the stored dtype and hold only finite values; moments are
-``(2C, h, h)`` with ``h`` dividing the cache's resolution, and each tensor's shape is the same
-across the shard and agrees with ``uncond.npy`` (``embeds.npy``: ``(L, D)`` of its ``(1, L, D)``).
-The ``json`` is the source's (checked as the source schema's) plus a ``cache`` object whose settings
-must be the manifest's (else the first sample's) and whose ``original_size`` / ``crop_top_left``
-have one ``[a, b]`` per image. A cache folder without ``uncond.npy`` (an unfinished run, which
-training refuses) is a problem too.
+Latent caches (``align data cache-latents``, schema in ``align.data.cached``) are detected from
+their ``.npy`` members or from a ``cache-latents`` ``manifest.json`` in their folder, whose pair,
+single-image or long-caption layout they follow (else the first sample's). Every sample must have
+the layout's tensors (``pooled.npy`` when the folder has ``uncond_pooled.npy``, the flipped moments
+with ``--flip``) and no others, each loading without pickle, of the stored dtype, finite, of a
+shape that agrees across the shard and with ``uncond.npy`` (moments: ``(2C, h, h)``, ``h`` dividing
+the resolution). The ``json`` is the source's plus a ``cache`` object whose settings must be the
+manifest's (else the first sample's). A cache folder without ``uncond.npy`` (an unfinished run,
+which training refuses) is a problem too.
 
-Kept apart from :mod:`align.data.commands.verify` (image shards, the command itself) because a
-cache's checks read its folder (``uncond.npy``, the manifest's cache settings) and its tensors,
-not images.
+Kept apart from :mod:`align.data.commands.verify` because a cache's checks read its folder and its
+tensors, not images.
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ CACHE_SETTINGS = (
     "store_dtype",
     "prompt_encoder",
 )
+META_PROBLEM = {"pair": pair_meta_problem, "single": single_meta_problem}
 
 
 def parse_json(data: bytes | None) -> tuple[object, str | None]:
@@ -52,8 +48,7 @@ def parse_json(data: bytes | None) -> tuple[object, str | None]:
 
 
 def cache_settings(manifest: dict | None) -> dict | None:
-    """The settings a ``cache-latents`` manifest recorded (its ``source.cache``);
-    None for any other manifest."""
+    """A ``cache-latents`` manifest's ``source.cache``; None for any other manifest."""
     source = (manifest or {}).get("source")
     cache = source.get("cache") if isinstance(source, dict) else None
     if not isinstance(cache, dict):
@@ -79,46 +74,36 @@ def _load_npy(data: bytes | None) -> np.ndarray:
 
 
 def _pairs_of_ints(value: object, count: int) -> bool:
+    def natural(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
     return (
         isinstance(value, list)
         and len(value) == count
-        and all(
-            isinstance(v, list)
-            and len(v) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-            for v in value
-        )
+        and all(isinstance(v, list) and len(v) == 2 and all(map(natural, v)) for v in value)
     )
 
 
 class CachedShardCheck:
     """The checks of one cached shard's samples, against what its folder records (the manifest's
-    cache settings, ``uncond.npy``) or, where it records nothing, against the shard's first sample.
-
-    Args:
-        path: the shard.
-        manifest: the ``manifest.json`` beside it, or None.
-        fields: the fields of its first sample (the layout, when no cache manifest names it).
-    """
+    cache settings, ``uncond.npy``) or, where it records nothing, against the shard's first sample
+    (``fields``: the fields of that sample)."""
 
     def __init__(self, path: Path, manifest: dict | None, fields: set[str]):
+        # imported here: align.data.cached imports torch, which image shards need not pay for
         from align.data import cached
 
         self.cached = cached  # the module: the cache schema's member names
         settings = cache_settings(manifest)
         self.settings = dict(settings) if settings is not None else None
         self.settings_from = MANIFEST if settings is not None else None
-        schema = (settings or {}).get("schema")
-        if schema not in cached.SCHEMAS:
-            schema = (
-                "pair"
-                if fields & set(cached.PAIR_MOMENTS)
-                else "long"
-                if "txt" in fields
-                else "single"
-            )
-        self.schema = schema
-        pair = schema == "pair"
+        self.schema = (settings or {}).get("schema")
+        if self.schema not in cached.SCHEMAS:  # no cache manifest: the first sample's layout
+            if fields & set(cached.PAIR_MOMENTS):
+                self.schema = "pair"
+            else:
+                self.schema = "long" if "txt" in fields else "single"
+        pair = self.schema == "pair"
         self.moments = cached.PAIR_MOMENTS if pair else (cached.SINGLE_MOMENTS,)
         self.flip_moments = cached.PAIR_MOMENTS_FLIP if pair else (cached.SINGLE_MOMENTS_FLIP,)
         self.first_flip = any(name in fields for name in self.flip_moments)
@@ -131,36 +116,29 @@ class CachedShardCheck:
             pooled = path.parent / cached.UNCOND_POOLED
             self.pooled = pooled.is_file()
             for file, member, ndim in ((uncond, cached.EMBEDS, 3), (pooled, cached.POOLED, 2)):
-                if file.is_file():
-                    self._seed_shape(file, member, ndim)
+                problem = self._seed_shape(file, member, ndim) if file.is_file() else None
+                if problem:
+                    self.folder_problems.append(("bad_uncond", f"{file.name}: {problem}"))
         elif settings is not None:
-            self.folder_problems.append(
-                (
-                    "missing_uncond",
-                    f"no {cached.UNCOND} beside the shard: the cache run did "
-                    "not finish (training refuses it; rerun the same command to resume)",
-                )
+            detail = (
+                f"no {cached.UNCOND} beside the shard: the cache run did not finish (training "
+                "refuses it; rerun the same command to resume)"
             )
+            self.folder_problems.append(("missing_uncond", detail))
 
-    def _seed_shape(self, file: Path, member: str, ndim: int) -> None:
+    def _seed_shape(self, file: Path, member: str, ndim: int) -> str | None:
+        """Take the shape of ``member`` from ``file`` (``uncond*.npy``); what is wrong with the
+        file, or None."""
         try:
             array = _load_npy(file.read_bytes())
         except Exception as exn:  # any load failure is the finding
-            self.folder_problems.append(("bad_uncond", f"{file.name}: {type(exn).__name__}: {exn}"))
-            return
+            return f"{type(exn).__name__}: {exn}"
         if array.ndim != ndim or array.shape[0] != 1:
-            self.folder_problems.append(
-                (
-                    "bad_uncond",
-                    f"{file.name}: shape {array.shape}, expected (1, ...) with {ndim} axes",
-                )
-            )
-            return
-        if array.dtype.kind in "fc" and not bool(np.isfinite(array).all()):
-            self.folder_problems.append(
-                ("bad_uncond", f"{file.name}: holds NaN or infinite values")
-            )
+            return f"shape {array.shape}, expected (1, ...) with {ndim} axes"
         self.shapes[member] = (tuple(array.shape[1:]), f"{file.name} {tuple(array.shape)} implies")
+        if array.dtype.kind in "fc" and not bool(np.isfinite(array).all()):
+            return "holds NaN or infinite values"
+        return None
 
     @property
     def flip(self) -> bool:
@@ -195,16 +173,9 @@ class CachedShardCheck:
                 problems.append((f"missing_{name}", "member absent"))
             else:
                 problems += self._array_problems(key, name, sample[name])
-        for name in sorted(sample):
-            if name.endswith(".npy") and name not in members:
-                problems.append(
-                    (
-                        "unexpected_member",
-                        f"{name} (this cache: flip={self.flip}, "
-                        f"pooled={self.pooled}, {self.schema} layout)",
-                    )
-                )
-        return problems
+        layout = f"this cache: flip={self.flip}, pooled={self.pooled}, {self.schema} layout"
+        unexpected = [n for n in sorted(sample) if n.endswith(".npy") and n not in members]
+        return problems + [("unexpected_member", f"{name} ({layout})") for name in unexpected]
 
     def _meta_problems(self, meta: object) -> list[tuple[str, str]]:
         if not isinstance(meta, dict):
@@ -213,12 +184,10 @@ class CachedShardCheck:
         if not isinstance(cache, dict):
             return [("not_cached", "json has no cache object")]
         problems = []
-        if self.schema in ("pair", "single"):
-            problem = (pair_meta_problem if self.schema == "pair" else single_meta_problem)(meta)
-            if problem:
-                problems.append(
-                    (problem, json.dumps({k: v for k, v in meta.items() if k != "cache"})[:200])
-                )
+        problem = META_PROBLEM[self.schema](meta) if self.schema in META_PROBLEM else None
+        if problem:
+            source_meta = {k: v for k, v in meta.items() if k != "cache"}
+            problems.append((problem, json.dumps(source_meta)[:200]))
         recorded = {k: cache.get(k) for k in CACHE_SETTINGS}
         if self.settings is None:
             self.settings, self.settings_from = recorded, "the shard's first sample"
@@ -231,13 +200,9 @@ class CachedShardCheck:
             problems.append(("cache_settings_mismatch", "; ".join(differ)))
         for name in ("original_size", "crop_top_left"):
             if not _pairs_of_ints(cache.get(name), len(self.moments)):
-                problems.append(
-                    (
-                        "bad_cache_sizes",
-                        f"{name}: {json.dumps(cache.get(name))[:100]}, expected "
-                        f"{len(self.moments)} [a, b] of non-negative ints",
-                    )
-                )
+                found = json.dumps(cache.get(name))[:100]
+                expected = f"{len(self.moments)} [a, b] of non-negative ints"
+                problems.append(("bad_cache_sizes", f"{name}: {found}, expected {expected}"))
         return problems
 
     def _array_problems(self, key: str, name: str, data: bytes | None) -> list[tuple[str, str]]:
@@ -252,22 +217,19 @@ class CachedShardCheck:
             problems.append(("wrong_dtype", f"{name}: {array.dtype}, the cache stores {store}"))
         elif array.dtype.kind != "f":
             problems.append(("wrong_dtype", f"{name}: {array.dtype}, not floating point"))
-        if array.dtype.kind in "fc":
-            bad = int(array.size - np.isfinite(array).sum())
-            if bad:
-                problems.append(
-                    ("non_finite", f"{name}: {bad} of {array.size} values are NaN or infinite")
-                )
+        bad = int(array.size - np.isfinite(array).sum()) if array.dtype.kind in "fc" else 0
+        if bad:
+            detail = f"{name}: {bad} of {array.size} values are NaN or infinite"
+            problems.append(("non_finite", detail))
         group = "moments" if name in (*self.moments, *self.flip_moments) else name
         shape = tuple(array.shape)
         resolution = (self.settings or {}).get("resolution")
         if group == "moments":
             ok = (
                 len(shape) == 3
-                and shape[0] % 2 == 0
                 and shape[0] > 0
-                and shape[1] == shape[2]
-                and shape[1] > 0
+                and shape[0] % 2 == 0
+                and shape[1] == shape[2] > 0
                 and (not isinstance(resolution, int) or resolution % shape[1] == 0)
             )
             expected = f"(2C, h, h) with h dividing the resolution {resolution}"

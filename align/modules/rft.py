@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from align.models.embeds import PromptEmbeds
 from align.models.sampling import SPEC_FILE, save_prompt_encoder
 from align.modules.base import DiffusionModule
+from align.modules.sampling import DDIMSampling, ddim_timesteps
 from align.objectives.distributed import is_distributed
 from align.rewards.rft import RewardObjective
 
@@ -57,12 +57,6 @@ def grad_step_indices(num_steps: int, grad_steps: int, offset: int) -> list[int]
     if not 0 <= offset < stride:
         raise ValueError(f"offset must be in [0, {stride}), got {offset}")
     return [offset + stride * k for k in range(grad_steps)]
-
-
-def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
-    """DDIM's "trailing" spacing (the official 999, 979, ..., 19 for 1000 / 50)."""
-    ts = torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps).round().long() - 1
-    return ts[:num_steps]
 
 
 def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
@@ -105,7 +99,7 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
     return fused
 
 
-class RFTModule(DiffusionModule):
+class RFTModule(DDIMSampling, DiffusionModule):
     """Reward fine-tuning: a new LoRA trained to maximise ``objective`` of its own samples.
 
     Args:
@@ -180,25 +174,6 @@ class RFTModule(DiffusionModule):
         offset = random.Random(self.hparams.seed * 1_000_003 + step).randrange(stride)
         return grad_step_indices(self.num_steps, self.grad_steps, offset)
 
-    def guided_prediction(
-        self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, time_ids: torch.Tensor | None
-    ) -> torch.Tensor:
-        """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond)."""
-        n = x.shape[0]
-        out = self.unet_forward(self.unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids)
-        c, u = out[:n], out[n:]
-        return u + self.guidance_scale * (c - u)
-
-    def _x0_eps(self, pred: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor):
-        pred = pred.float()
-        if self.prediction_type == "epsilon":
-            return (x - (1 - a_t).sqrt() * pred) / a_t.sqrt(), pred
-        if self.prediction_type == "v_prediction":
-            return a_t.sqrt() * x - (1 - a_t).sqrt() * pred, a_t.sqrt() * pred + (
-                1 - a_t
-            ).sqrt() * x
-        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
-
     def rollout(
         self,
         prompts: list[str],
@@ -208,18 +183,9 @@ class RFTModule(DiffusionModule):
     ) -> torch.Tensor:
         """DDIM with CFG from noise; returns the last step's x0 prediction (latents), differentiable
         through the UNet calls at ``grad_indices`` only."""
-        n = len(prompts)
-        with torch.no_grad():
-            cond, uncond = self.encode_prompts(prompts), self.encode_prompts([""] * n)
-        pooled = None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled])
-        both = PromptEmbeds(torch.cat([cond.embeds, uncond.embeds]), pooled)
-        time_ids = self.time_ids({}, 2 * n)
+        both, time_ids = self.conditioning(prompts)
         if noise is None:
-            side = self.resolution // self.components.vae_scale_factor
-            device = self.device if generator is None else generator.device
-            noise = torch.randn(
-                (n, self.unet.config.in_channels, side, side), generator=generator, device=device
-            ).to(self.device)
+            noise = self.initial_noise(len(prompts), generator)
         timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, self.num_steps)
         timesteps = timesteps.to(self.device)
         alphas = self.alphas_cumprod.to(self.device)
@@ -236,28 +202,9 @@ class RFTModule(DiffusionModule):
             else:
                 with torch.no_grad():
                     pred = self.guided_prediction(x_in, t, both, time_ids)
-            x0, eps = self._x0_eps(pred, x, a_t)
+            x0, eps = self.x0_eps(pred, x, a_t)
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return x0
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] (float32), differentiable w.r.t. the latents
-        (the VAE is frozen)."""
-        vae = self.vae
-        z = latents / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift:
-            z = z + shift
-        z = z.to(vae.dtype)
-
-        def run(z):
-            return vae.decode(z).sample
-
-        if self.vae_checkpointing and torch.is_grad_enabled():
-            images = checkpoint(run, z, use_reentrant=False)
-        else:
-            images = run(z)
-        return (images.float() * 0.5 + 0.5).clamp(0, 1)
 
     # ---- steps -----------------------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:

@@ -41,7 +41,15 @@ def register_reward(name: str):
     return wrap
 
 
-BUILTINS = ("aesthetic", "clip_score", "denscore", "hps", "image_reward", "pickscore")
+BUILTINS = (
+    "aesthetic",
+    "clip_score",
+    "compressibility",
+    "denscore",
+    "hps",
+    "image_reward",
+    "pickscore",
+)
 
 
 def _ensure_builtins() -> None:

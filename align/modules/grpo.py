@@ -1,0 +1,244 @@
+"""GRPO for epsilon- and v-prediction UNets (SD1.5, SDXL): the policy learns from its own samples.
+
+Per batch of B prompts (DDPO's stochastic DDIM, Flow-GRPO's group advantages; ``align.objectives
+.grpo``):
+
+1. sample G images per prompt with DDIM at ``eta`` > 0 and classifier-free guidance, keeping each
+   step's latents and log-probability (no gradients);
+2. score the decoded images with the injected reward (one registry reward or a weighted sum);
+   advantages are normalised within each prompt's group; a group whose rewards are all equal, or
+   that holds a non-finite reward, has none (counted: ``train/groups_without_advantage``,
+   ``train/nonfinite_rewards``);
+3. ``updates`` optimizer steps over the B * G samples, each on its share of them: for
+   ``train_steps`` of the denoising steps (drawn per batch), recompute the step's log-probability
+   under the current policy and minimise PPO's clipped surrogate (+ ``kl_beta`` times the KL to the
+   reference). From the second update on the policy has moved: that is where the clip acts.
+
+One training batch therefore makes ``updates`` optimizer steps (``trainer.max_steps`` counts them);
+Lightning's ``gradient_clip_val`` does not apply (manual optimisation): use ``max_grad_norm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from align.modules.base import DiffusionModule
+from align.modules.frozen import adapters_disabled, trainable_parameters
+from align.modules.sampling import DDIMSampling, ddim_timesteps
+from align.objectives.distributed import is_distributed
+from align.objectives.grpo import ddim_std, ddim_step_logprob, group_advantages, grpo_loss
+from align.rewards.weighted import WeightedReward
+
+
+class GRPOModule(DDIMSampling, DiffusionModule):
+    """GRPO with a reward injected by the config (``align.rewards.weighted.WeightedReward``).
+
+    Args:
+        reward: what the policy maximises (a registry reward or a weighted sum).
+        group_size: images per prompt (G); advantages are normalised within each group.
+        num_steps / eta / guidance_scale: the DDIM sampler (eta > 0: every step has a density).
+        train_steps: how many of the ``num_steps`` denoising steps each update trains on (DDPO's
+            ``timestep_fraction``; all by default), drawn at random per batch.
+        updates: optimizer steps per sampled batch, each on 1 / ``updates`` of its samples.
+        clip_range: PPO's clip on the probability ratio (DDPO: 1e-4).
+        adv_clip: bound on |advantage| (DDPO: 5).
+        kl_beta: weight of the KL to the reference (0: no reference is kept or run).
+        max_grad_norm: gradient norm clipping per optimizer step (None: off).
+        resolution: image side in pixels (None: the model's native resolution).
+        Everything else: see ``DiffusionModule``.
+    """
+
+    def __init__(
+        self,
+        reward: WeightedReward,
+        group_size: int = 4,
+        num_steps: int = 20,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        train_steps: int | None = None,
+        updates: int = 2,
+        clip_range: float = 1e-4,
+        adv_clip: float = 5.0,
+        kl_beta: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        resolution: int | None = None,
+        vae_checkpointing: bool = False,
+        **kwargs,
+    ):
+        if group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (advantages compare a group), got {group_size}"
+            )
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 (eta 0 has no transition density), got {eta}")
+        train_steps = num_steps if train_steps is None else train_steps
+        if not 1 <= train_steps <= num_steps:
+            raise ValueError(
+                f"train_steps must be in [1, num_steps={num_steps}], got {train_steps}"
+            )
+        if updates < 1:
+            raise ValueError(f"updates must be >= 1, got {updates}")
+        kwargs.setdefault("reference", "auto" if kl_beta else "none")
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.reward = reward.eval().requires_grad_(False)
+        self.hparams["reward"] = reward.config  # checked on resume, rebuilt by align export
+        self.group_size, self.num_steps, self.eta = group_size, num_steps, eta
+        self.guidance_scale, self.train_steps, self.updates = guidance_scale, train_steps, updates
+        self.clip_range, self.adv_clip, self.kl_beta = clip_range, adv_clip, kl_beta
+        self.max_grad_norm = max_grad_norm
+        self.resolution = resolution or self.components.resolution
+        self.vae_checkpointing = vae_checkpointing
+        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, num_steps)
+        alphas = self.scheduler.alphas_cumprod.float()
+        prev = torch.cat([alphas[timesteps[1:]], alphas[:1]])
+        self.register_buffer("timesteps", timesteps, persistent=False)
+        self.register_buffer("a_t", alphas[timesteps], persistent=False)
+        self.register_buffer("a_prev", prev, persistent=False)
+        self._counts: dict[str, int] = {}
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        reward = getattr(self, "reward", None)
+        return super().frozen_modules() + ([reward] if reward is not None else [])
+
+    # ---- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts: list[str]) -> dict:
+        """DDIM (eta > 0) from the module's generator; every step's latents and log-probability:
+        ``latents`` (S + 1, N, ...), ``log_probs`` (S, N), ``images`` (N, 3, H, W) in [0, 1]."""
+        cond, time_ids = self.conditioning(prompts)
+        x = self.initial_noise(len(prompts), self.generator).float()
+        latents, log_probs = [x], []
+        for i, t in enumerate(self.timesteps):
+            x0, eps = self.x0_eps(self.guided_prediction(x, t, cond, time_ids), x, self.a_t[i])
+            x, log_prob, _ = ddim_step_logprob(
+                x0, eps, self.a_t[i], self.a_prev[i], self.eta, generator=self.generator
+            )
+            latents.append(x)
+            log_probs.append(log_prob)
+        images = self.decode(x)
+        return {
+            "latents": torch.stack(latents),
+            "log_probs": torch.stack(log_probs),
+            "images": images,
+            "cond": cond,
+            "time_ids": time_ids,
+        }
+
+    def step_log_prob(self, rollout: dict, step: int, rows: torch.Tensor, reference: bool = False):
+        """(log-probability (n,), transition mean) of ``rollout``'s step ``step`` for ``rows``
+        under the policy, or the reference (no gradient)."""
+        cond, time_ids = rollout["cond"], rollout["time_ids"]
+        both = torch.cat([rows, rows + cond.embeds.shape[0] // 2])  # [cond; uncond] rows
+        cond = type(cond)(cond.embeds[both], None if cond.pooled is None else cond.pooled[both])
+        time_ids = None if time_ids is None else time_ids[both]
+        x, prev = rollout["latents"][step, rows], rollout["latents"][step + 1, rows]
+        t, a_t, a_prev = self.timesteps[step], self.a_t[step], self.a_prev[step]
+        if not reference:
+            pred = self.guided_prediction(x, t, cond, time_ids)
+        else:
+            with torch.no_grad():
+                if self.use_lora_reference:
+                    with adapters_disabled(self.unet):
+                        pred = self.guided_prediction(x, t, cond, time_ids)
+                else:
+                    pred = self.guided_prediction(x, t, cond, time_ids, unet=self.ref_unet)
+        x0, eps = self.x0_eps(pred, x, a_t)
+        _, log_prob, mean = ddim_step_logprob(x0, eps, a_t, a_prev, self.eta, prev_sample=prev)
+        return log_prob, mean
+
+    # ---- rewards and advantages ------------------------------------------------------------------
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group advantages; a group with a non-finite reward gets none (counted)."""
+        groups = rewards.view(-1, self.group_size)
+        finite = torch.isfinite(groups).all(dim=1, keepdim=True).expand_as(groups).reshape(-1)
+        self.count("nonfinite_rewards", int((~torch.isfinite(rewards)).sum()))
+        safe = torch.where(finite, rewards, torch.zeros_like(rewards))
+        adv, valid = group_advantages(safe, self.group_size, clip=self.adv_clip)
+        valid = valid & finite
+        adv = torch.where(valid, adv, torch.zeros_like(adv))
+        self.count("groups_without_advantage", int((~valid).sum()) // self.group_size)
+        return adv, valid
+
+    def count(self, name: str, n: int) -> None:
+        self._counts[name] = self._counts.get(name, 0) + n
+        self.log(f"train/{name}", float(self._counts[name]), reduce_fx="max")
+
+    def any_rank(self, flag: bool) -> bool:
+        if not is_distributed():
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def expand(self, captions) -> list[str]:
+        return [c for c in captions for _ in range(self.group_size)]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.log_skipped(batch)
+        prompts = self.expand(batch["caption"])
+        rollout = self.sample(prompts)
+        rewards, parts = self.reward(rollout["images"], prompts)
+        rewards = rewards.to(self.device).float()
+        adv, valid = self.advantages(rewards)
+        n = len(prompts)
+        finite = torch.isfinite(rewards)
+        metrics = {"reward": rewards[finite].mean() if finite.any() else rewards.new_zeros(())}
+        metrics.update({f"reward/{k}": v[finite.to(v.device)].mean() for k, v in parts.items()})
+        metrics["valid_fraction"] = valid.float().mean()
+        self.log_metrics("train", metrics, n)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        if not self.any_rank(bool(valid.any())):
+            # nothing to learn from: the updates are counted (no gradients, nothing changes), so
+            # a reward that never separates a group still ends at max_steps
+            self.count("skipped_no_advantage", 1)
+            for _ in range(self.updates):
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            return None
+        order = torch.tensor(self.host_rng.sample(range(n), n), device=self.device)
+        for chunk in order.chunk(self.updates):
+            for step in self.host_rng.sample(range(self.num_steps), self.train_steps):
+                log_prob, mean = self.step_log_prob(rollout, step, chunk)
+                ref_mean = None
+                if self.kl_beta:
+                    ref_mean = self.step_log_prob(rollout, step, chunk, reference=True)[1]
+                out = grpo_loss(
+                    log_prob,
+                    rollout["log_probs"][step, chunk],
+                    adv[chunk],
+                    self.clip_range,
+                    mean=mean,
+                    ref_mean=ref_mean,
+                    std=ddim_std(self.a_t[step], self.a_prev[step], self.eta),
+                    kl_beta=self.kl_beta,
+                )
+                self.manual_backward(out.loss / self.train_steps)
+            if self.max_grad_norm:
+                self.clip_gradients(optimizer, self.max_grad_norm, "norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            self.log_metrics("train", {"loss": out.loss.detach(), **out.metrics()}, len(chunk))
+        return None
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        prompts = self.expand(batch["caption"])
+        rollout = self.sample(prompts)
+        rewards, parts = self.reward(rollout["images"], prompts)
+        finite = torch.isfinite(rewards)
+        if not finite.any():
+            return None
+        metrics = {"reward": rewards[finite].mean()}
+        metrics.update({f"reward/{k}": v[finite.to(v.device)].mean() for k, v in parts.items()})
+        self.log_metrics("val", metrics, int(finite.sum()))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(trainable_parameters(self))
+        if self.scheduler_factory is None:
+            return optimizer
+        return [optimizer], [self.scheduler_factory(optimizer)]

@@ -1,0 +1,140 @@
+"""GRPO for denoising models (DDPO's stochastic DDIM, Flow-GRPO's group advantages): pure tensors.
+
+A policy samples G images per prompt with DDIM at eta > 0, which makes every step a Gaussian
+transition x_t -> x_{t-1} with a known density (ddpo-pytorch ``ddim_step_with_logprob``):
+
+    mean = sqrt(a_prev) * x0 + sqrt(1 - a_prev - std^2) * eps
+    std  = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+
+and log p(x_{t-1} | x_t) is that Gaussian's log density, averaged over the latent's dimensions
+(DDPO's choice: a per-element mean keeps ratios near 1 whatever the latent size). Rewards become
+advantages within each prompt's group (reward - group mean) / group std; a group whose rewards are
+all equal carries no preference and is masked out (counted by the caller, never a NaN). The loss is
+PPO's clipped surrogate on the ratio exp(logp_new - logp_old), optionally plus beta * KL to the
+reference (the squared difference of the two transition means over 2 std^2: the Gaussians' exact
+KL, Flow-GRPO's estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def ddim_std(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """The DDIM transition's standard deviation sigma_t(eta) (DDIM eq. 16)."""
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_step_logprob(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step from the model's x0 and eps predictions (float32).
+
+    Returns (x_{t-1}, log p(x_{t-1} | x_t) per sample (N,), the transition mean). Without
+    ``prev_sample`` x_{t-1} is drawn (``generator``); with it, its density is evaluated (the
+    sample is detached: only the mean carries the policy's gradient)."""
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a transition density, got {eta}")
+    x0, eps = x0.float(), eps.float()
+    std = ddim_std(a_t.float(), a_prev.float(), eta)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        prev_sample = mean.detach() + std * noise
+    prev_sample = prev_sample.detach().float()
+    log_prob = (
+        -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
+    return prev_sample, log_prob.flatten(1).mean(dim=1), mean
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-4, clip: float | None = 5.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r - group mean) / (group std + eps) within each group of ``group_size`` consecutive
+    samples (Flow-GRPO's normalisation; the population std).
+
+    Returns (advantages (N,), valid (N,) bool). A group whose rewards are all equal (std <= eps)
+    has no advantage: its entries are 0 and not valid. ``clip`` bounds |advantage| (DDPO: 5)."""
+    if rewards.ndim != 1 or group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} must be (N,) with N a multiple of group_size >= 2 "
+            f"(got group_size {group_size})"
+        )
+    if not torch.isfinite(rewards).all():
+        raise ValueError("non-finite rewards: drop those samples before computing advantages")
+    groups = rewards.float().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, unbiased=False, keepdim=True)  # numpy's, as DDPO and Flow-GRPO
+    valid = (std > eps).expand_as(groups)
+    adv = torch.where(valid, (groups - mean) / (std + eps), torch.zeros_like(groups))
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv.reshape(-1), valid.reshape(-1)
+
+
+@dataclass
+class GRPOOutput:
+    loss: torch.Tensor
+    ratio: torch.Tensor  # mean exp(logp_new - logp_old)
+    clip_frac: torch.Tensor  # fraction of samples where the clip was active
+    approx_kl: torch.Tensor  # 0.5 * mean (logp_new - logp_old)^2 (DDPO's diagnostic)
+    kl_ref: torch.Tensor  # mean KL to the reference transition (0 without one)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.__dict__.items()}
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float = 1e-4,
+    mean: torch.Tensor | None = None,
+    ref_mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> GRPOOutput:
+    """PPO's clipped surrogate for one denoising step of N samples:
+
+        loss = mean(max(-A * r, -A * clip(r, 1 - c, 1 + c))) + kl_beta * mean KL
+
+    with r = exp(log_prob - old_log_prob). The KL term needs the policy's and the reference's
+    transition means and the step's std: KL = ||mean - ref_mean||^2 / (2 std^2), averaged over the
+    latent's dimensions like the log-probabilities."""
+    if not log_prob.shape == old_log_prob.shape == advantages.shape or log_prob.ndim != 1:
+        raise ValueError(
+            f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
+            f"advantages {tuple(advantages.shape)} must all be (N,)"
+        )
+    advantages = advantages.detach().float()
+    diff = log_prob.float() - old_log_prob.detach().float()
+    ratio = torch.exp(diff)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    kl = torch.zeros((), device=loss.device)
+    if kl_beta:
+        if mean is None or ref_mean is None or std is None:
+            raise ValueError("kl_beta > 0 needs mean, ref_mean and std")
+        kl = ((mean.float() - ref_mean.detach().float()) ** 2).flatten(1).mean(dim=1)
+        kl = (kl / (2 * std.float() ** 2)).mean()
+        loss = loss + kl_beta * kl
+    with torch.no_grad():
+        return GRPOOutput(
+            loss=loss,
+            ratio=ratio.mean(),
+            clip_frac=((ratio - 1).abs() > clip_range).float().mean(),
+            approx_kl=0.5 * (diff**2).mean(),
+            kl_ref=kl.detach(),
+        )

@@ -1,0 +1,88 @@
+"""One registry reward or a weighted sum of them, scored per image without gradients.
+
+``WeightedReward("pickscore,hps:0.5")`` builds PickScore (weight 1) and HPS (weight 0.5) and scores
+images as the weighted sum, keeping each part. A name outside ``align.rewards`` is written
+``module:name`` (``align.demo.soft_judge:shapes-judge``); a weight follows the last colon.
+``sources`` maps a reward's name as written to its weights (local path or hub id; default: the
+published ones). Used by GRPO, ``align data generate-pairs`` and the reward-hacking monitor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from align.rewards.registry import build_reward
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_rewards(spec: str) -> dict[str, float]:
+    """``"pickscore,hps:0.5"`` -> {"pickscore": 1.0, "hps": 0.5}."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = item.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            name, value = item, 1.0
+        if not name:
+            raise ValueError(f"reward {item!r} has no name")
+        weights[name] = weights.get(name, 0.0) + value
+    if not weights:
+        raise ValueError(f"no reward named in {spec!r}; e.g. 'pickscore' or 'pickscore,hps:0.5'")
+    return weights
+
+
+class WeightedReward(torch.nn.Module):
+    """Frozen rewards and their weights; ``forward(images, prompts)`` -> (total (N,), parts)."""
+
+    def __init__(
+        self,
+        rewards: str,
+        sources: dict[str, str] | None = None,
+        dtype: str = "float32",
+        batch_size: int | None = None,
+    ):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.weights = parse_rewards(rewards)
+        unknown = set(sources or {}) - set(self.weights)
+        if unknown:
+            raise ValueError(f"sources for rewards not in {rewards!r}: {sorted(unknown)}")
+        self.models = torch.nn.ModuleDict(
+            {
+                self.key(name): build_reward(name, (sources or {}).get(name), dtype=DTYPES[dtype])
+                for name in self.weights
+            }
+        )
+        self.batch_size = batch_size
+        self.config = {
+            "class_path": f"{__name__}.{type(self).__name__}",
+            "init_args": {
+                "rewards": rewards,
+                "sources": sources,
+                "dtype": dtype,
+                "batch_size": batch_size,
+            },
+        }
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "_")  # ModuleDict keys cannot hold dots
+
+    @torch.no_grad()
+    def forward(
+        self, images, prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {
+            name: self.models[self.key(name)].score(images, prompts, self.batch_size)
+            for name in self.weights
+        }
+        device = next(iter(parts.values())).device
+        total = sum(w * parts[name].to(device) for name, w in self.weights.items())
+        return total, parts

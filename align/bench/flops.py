@@ -1,34 +1,24 @@
-"""FLOPs of one training step, counted by torch's own FLOP counter,
-and the device's measured matmul rate.
+"""FLOPs of one training step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
+module's real ``training_step`` and ``backward`` (on the meta device: nothing allocated, so an
+SDXL-size step is counted on a laptop), and the device's measured matmul rate.
 
-``count_step_flops`` runs the module's real ``training_step`` and ``backward`` under
-``torch.utils.flop_counter.FlopCounterMode``. With ``meta=True`` every weight and activation lives
-on the meta device: shapes propagate, nothing is allocated or computed, so the FLOPs of an SDXL-size
-step are counted on a laptop in seconds.
-
-What is counted (the convention of "model FLOPs"):
-* the UNet FLOPs: policy forward + backward and reference forward, on every image of the step (for
-  DPO the winner and the loser of each pair); this is the numerator of achieved TFLOP/s and of the
-  fraction of peak;
-* the prompt encoder's forward, reported separately, and 0 when the batch carries cached prompt
-  embeddings (on the meta device it is counted and then removed: by_op still includes it);
-* the VAE encoder only when latents are not cached (``other``).
-Counted with gradient checkpointing off and without ``torch.compile``: recomputation is hardware
-work, not model work. On the meta device attention runs SDPA's math path (two matmuls forward, their
-gradients backward); a flash kernel does the same model FLOPs (plus a recompute in its backward,
-which is not counted).
+"Model FLOPs": the UNets' (policy forward + backward, reference forward), counted without gradient
+checkpointing or ``torch.compile``, since recomputation is hardware work, not model work. The prompt
+encoder is reported separately and the VAE encoder in ``other``; with cached latents and embeddings
+they do not run. docs/benchmarks.md has the details and the figures.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from align.bench.step import StepConfig, build_module, make_batch
+from align.bench.report import new_record, software_versions
+from align.bench.step import StepConfig, build_module, make_batch, sync
 
 
 @dataclass
@@ -41,9 +31,6 @@ class StepFlops:
     other: int  # everything else (the VAE encoder when latents are not cached)
     images: int  # images per step through the policy (2 x pairs for DPO)
     by_op: dict[str, int]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def count_step_flops(
@@ -65,8 +52,7 @@ def count_step_flops(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a Trainer
         with FlopCounterMode(display=False) as counter:
-            loss = module.training_step(batch, 0)
-            loss.backward()
+            module.training_step(batch, 0).backward()
     counts = counter.get_flop_counts()
 
     def flops_of(name: str) -> int:
@@ -83,34 +69,37 @@ def count_step_flops(
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def flops_record(cfg: StepConfig, flops: StepFlops) -> dict:
+    """A FLOP-count-only record (meta device: no timing, no memory)."""
+    return {
+        **new_record(cfg, "flops"),
+        "unet_flops_per_step": flops.unet,
+        "text_flops_per_step": flops.text,
+        "other_flops_per_step": flops.other,
+        "total_flops_per_step": flops.total,
+        "unet_flops_per_sample": flops.unet / cfg.batch,
+        "flops_by_op": flops.by_op,
+        "env": {
+            "device": "meta (shapes only; FLOPs are device-independent)",
+            **software_versions(),
+        },
+    }
 
 
-def measure_matmul_rate(
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    n: int | None = None,
-    iters: int | None = None,
-    trials: int = 5,
-) -> float:
-    """The device's measured dense matmul rate in FLOP/s: the best of ``trials`` timings of
-    ``iters`` square ``n x n`` matmuls (2 n^3 FLOPs each). The denominator of "fraction of peak"."""
+def measure_matmul_rate(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
+    """The device's measured dense matmul rate in FLOP/s: the best of 5 timings of a few square
+    ``n x n`` matmuls (2 n^3 FLOPs each). The denominator of "fraction of peak"."""
     device = torch.device(device)
-    if n is None:
-        n = 8192 if device.type == "cuda" else 1024
-    if iters is None:
-        iters = 20 if device.type == "cuda" else 4
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 4)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up: kernel selection, allocator
-    _sync(device)
+    sync(device)
     best = 0.0
-    for _ in range(trials):
+    for _ in range(5):
         start = time.perf_counter()
         for _ in range(iters):
             torch.matmul(a, b)
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
     return best

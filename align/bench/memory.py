@@ -1,33 +1,26 @@
-"""Memory, measured where a CPU can measure it and estimated where only a GPU could.
+"""Memory, measured where a CPU can measure it and estimated where only a GPU could
+(docs/benchmarks.md, "Memory estimates").
 
-* ``SavedTensors``: the bytes autograd keeps for backward inside a context (unique storages,
-  parameters and buffers excluded), via ``torch.autograd.graph.saved_tensors_hooks``. Works on CPU,
-  CUDA and meta tensors; this is how the tests show that gradient checkpointing lowers activation
-  memory.
-* ``static_memory``: analytic bytes of weights, gradients and optimizer state of a training set-up,
-  from the module built on the meta device (exact parameter shapes, nothing allocated). An estimate:
-  it leaves out activations, allocator fragmentation, CUDA context and workspace.
+* ``SavedTensors``: the bytes autograd keeps for backward inside a context; CPU, CUDA or meta.
+* ``static_memory``: weights, gradients and optimizer state, from exact parameter counts.
 * ``activation_memory``: the saved-for-backward bytes of one real ``training_step`` on the meta
-  device (plus, with gradient checkpointing, the largest block's activations, which its recompute
-  holds in backward), with attention routed to a memory-efficient kernel (it saves q, k, v, out and
-  the log-sum-exp, as flash attention does, not the seq x seq probabilities of the math path).
-  Computed twice: in float32 (every saved tensor 4 bytes: above what bf16 autocast keeps) and in
-  bfloat16 (every saved tensor 2 bytes: below it, since autocast keeps normalisation inputs in
-  float32), which brackets the bf16-mixed figure.
+  device, in float32 (above what bf16 autocast keeps) and in bfloat16 (below it, since autocast
+  keeps normalisation inputs in float32): the two bracket the bf16-mixed figure.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
-from align.bench.runner import _native_resolution, software_versions
+from align.bench.report import new_record, software_versions
 from align.bench.step import StepConfig, build_module, make_batch
 
 
@@ -35,88 +28,55 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-class SavedTensors:
-    """Context manager: unique storage bytes that autograd saves for backward while it is active.
+class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager: unique storage bytes (``bytes``, per storage in ``storages``) that autograd
+    saves for backward while it is active.
 
-    ``exclude``: tensors (parameters, buffers) whose storages are not activations and are not
-    counted. Nested hooks (e.g. non-reentrant gradient checkpointing) take precedence, so what a
-    checkpointed region drops is, correctly, not counted.
+    ``exclude``: tensors (parameters, buffers) whose storages are not activations. Nested hooks
+    (e.g. non-reentrant gradient checkpointing) take precedence, so what a checkpointed region drops
+    is, correctly, not counted.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self.exclude = {_storage_key(t) for t in exclude}
         self.storages: dict[int, int] = {}
-        self.total = 0
-        self._hooks = None
+        self.bytes = 0
+        super().__init__(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in self.exclude and key not in self.storages:
             self.storages[key] = t.untyped_storage().nbytes()
-            self.total += self.storages[key]
-        return t
-
-    @staticmethod
-    def _unpack(t: torch.Tensor) -> torch.Tensor:
+            self.bytes += self.storages[key]
         return t
 
     def __enter__(self) -> "SavedTensors":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
 
-    @property
-    def bytes(self) -> int:
-        return self.total
-
-
-@contextlib.contextmanager
 def memory_efficient_attention():
     """Route ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 calls) to the
     flash-style kernel with a meta implementation, so meta-device estimates save what flash
     attention saves on a GPU."""
     original = F.scaled_dot_product_attention
 
-    def sdpa(
-        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs
-    ):
-        if attn_mask is not None or dropout_p or kwargs:
-            return original(
-                query,
-                key,
-                value,
-                attn_mask=attn_mask,
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=scale,
-                **kwargs,
-            )
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, scale=scale
-        )[0]
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if attn_mask is not None or dropout_p or kw:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
 
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+    return mock.patch.object(F, "scaled_dot_product_attention", sdpa)
 
 
 def _cast_inputs(dtype: torch.dtype):
-    def hook(module, args, kwargs):
-        cast = lambda x: (  # noqa: E731
-            x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-        )
-        kwargs = {
-            k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v))
-            for k, v in kwargs.items()
-        }
-        return tuple(cast(a) for a in args), kwargs
+    """A forward pre-hook casting the floating-point tensors among the inputs to ``dtype``."""
 
-    return hook
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if x.is_floating_point() else x
+
+    return lambda module, args, kwargs: tree_map_only(torch.Tensor, cast, (args, kwargs))
 
 
 # what diffusers' gradient checkpointing wraps
@@ -136,43 +96,41 @@ class ActivationMemory:
 
 
 def activation_memory(cfg: StepConfig, dtype: torch.dtype = torch.float32) -> ActivationMemory:
-    """Saved-for-backward bytes of one ``training_step`` of ``cfg`` (all of its switches, e.g.
-    gradient checkpointing and LoRA), computed on the meta device in ``dtype``; with gradient
-    checkpointing also the largest single block's activations,
-    which its recompute holds during backward."""
+    """Saved-for-backward bytes of one ``training_step`` of ``cfg`` (all of its switches), on the
+    meta device in ``dtype``; with gradient checkpointing also the largest single block's
+    activations, which its recompute holds during backward."""
     saved, _ = _saved_bytes(cfg, dtype)
-    largest = (
-        _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype)[1]
-        if cfg.gradient_checkpointing
-        else 0
-    )
+    largest = 0
+    if cfg.gradient_checkpointing:
+        _, largest = _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype)
     return ActivationMemory(saved=saved, largest_block=largest)
 
 
 def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes saved for backward, the most that one checkpointable block saved)."""
     # the text encoders run without grad: saved nothing
     cfg = cfg.replace(compile_unet=False, compile_reference=False, cached_text=False)
     module = build_module(cfg, meta=True)
     if dtype != torch.float32:
         diffusers_log = logging.getLogger("diffusers")
-        # "modules to keep in float32: []"
-        level, diffusers_log.level = diffusers_log.level, logging.ERROR
+        level = diffusers_log.level
+        diffusers_log.setLevel(logging.ERROR)  # "modules to keep in float32: []"
         for unet in {id(m): m for m in (module.unet, module.ref_unet) if m is not None}.values():
             unet.to(dtype)
             unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
         diffusers_log.setLevel(level)
     batch = make_batch(module, cfg)
     exclude = [*module.parameters(), *module.buffers()]
-    largest = 0
+    saved_at, largest = {}, 0
     with warnings.catch_warnings(), memory_efficient_attention(), SavedTensors(exclude) as saved:
         warnings.simplefilter("ignore")
 
         def before(block, args):
-            block._bench_saved_at = saved.total
+            saved_at[block] = saved.bytes
 
         def after(block, args, out):
             nonlocal largest
-            largest = max(largest, saved.total - block._bench_saved_at)
+            largest = max(largest, saved.bytes - saved_at[block])
 
         for block in module.unet.modules():
             if type(block).__name__ in CHECKPOINTED_BLOCKS:
@@ -221,37 +179,29 @@ class StaticMemory:
     reference_bf16: int  # the frozen parts cast to bfloat16
 
     @property
+    def train_state(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.autocast_weight_copies
+
+    @property
     def total_as_built(self) -> int:
-        return (
-            self.weights
-            + self.gradients
-            + self.optimizer_state
-            + self.autocast_weight_copies
-            + self.reference_as_built
-        )
+        return self.train_state + self.reference_as_built
 
     @property
     def total_bf16_frozen(self) -> int:
-        return (
-            self.weights
-            + self.gradients
-            + self.optimizer_state
-            + self.autocast_weight_copies
-            + self.reference_bf16
-        )
+        return self.train_state + self.reference_bf16
 
 
 def static_memory(cfg: StepConfig) -> StaticMemory:
     """Analytic weight + gradient + optimizer-state bytes of ``cfg`` (one GPU, no sharding)."""
     module = build_module(cfg.replace(compile_unet=False, compile_reference=False), meta=True)
+
+    def numel(params) -> int:
+        return sum(p.numel() for p in params)
+
     trainable = [p for p in module.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n_policy = sum(p.numel() for p in module.unet.parameters())
-    n_ref = (
-        sum(p.numel() for p in module.ref_unet.parameters()) if module.ref_unet is not None else 0
-    )
-    n_enc = sum(p.numel() for m in (module.vae, module.prompt_encoder) for p in m.parameters())
-    bf16 = cfg.precision == "bf16"
+    n_train, n_policy = numel(trainable), numel(module.unet.parameters())
+    n_ref = numel(module.ref_unet.parameters()) if module.ref_unet is not None else 0
+    n_enc = numel(module.vae.parameters()) + numel(module.prompt_encoder.parameters())
     return StaticMemory(
         trainable_params=n_train,
         policy_unet_params=n_policy,
@@ -260,7 +210,7 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
         weights=4 * n_policy,
         gradients=4 * n_train,
         optimizer_state=optimizer_state_bytes(trainable, cfg.optimizer),
-        autocast_weight_copies=2 * n_train if bf16 else 0,
+        autocast_weight_copies=2 * n_train if cfg.precision == "bf16" else 0,
         reference_as_built=4 * (n_ref + n_enc),
         reference_bf16=2 * (n_ref + n_enc),
     )
@@ -269,19 +219,17 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
 def memory_record(cfg: StepConfig) -> dict:
     """A ``--memory-estimate`` record: static memory plus bracketed activation memory,
     all in GiB."""
-    from datetime import datetime, timezone
-
+    record = new_record(cfg, "memory")
     gib = 2.0**30
     static = static_memory(cfg)
     act_hi = activation_memory(cfg, torch.float32)
     act_lo = activation_memory(cfg, torch.bfloat16)
-    peak = lambda static_bytes, act: (static_bytes + act.peak) / gib  # noqa: E731
+
+    def totals(static_bytes: int) -> list[float]:
+        return [(static_bytes + act.peak) / gib for act in (act_lo, act_hi)]
+
     return {
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mode": "memory",
-        **cfg.to_dict(),
-        "resolution": cfg.resolution or _native_resolution(cfg.preset),
-        "sample_unit": cfg.sample_unit,
+        **record,
         "estimate": True,
         "trainable_params": static.trainable_params,
         "policy_unet_params": static.policy_unet_params,
@@ -299,13 +247,7 @@ def memory_record(cfg: StepConfig) -> dict:
         "activations_bf16_gib": act_lo.saved / gib,
         "recompute_block_fp32_gib": act_hi.largest_block / gib,
         "recompute_block_bf16_gib": act_lo.largest_block / gib,
-        "total_bf16_frozen_gib": [
-            peak(static.total_bf16_frozen, act_lo),
-            peak(static.total_bf16_frozen, act_hi),
-        ],
-        "total_fp32_frozen_gib": [
-            peak(static.total_as_built, act_lo),
-            peak(static.total_as_built, act_hi),
-        ],
+        "total_bf16_frozen_gib": totals(static.total_bf16_frozen),
+        "total_fp32_frozen_gib": totals(static.total_as_built),
         "env": {"device": "meta (shapes only)", **software_versions()},
     }

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from align.bench.flops import count_step_flops
 from align.bench.memory import memory_record
 from align.bench.step import StepConfig
 from align.data.batching import accumulation_for
-from align.data.epochs import epoch_batches
+from align.data.epochs import epoch_batches, no_shard_downloads
 from align.models.presets import PRESETS
 
 OVERHEAD_GIB = 1.0  # CUDA context and allocator reserve, on top of the estimate
@@ -72,6 +71,7 @@ class Plan:
     unit: str
     target_batch: int | None = None  # data.global_batch_size when set
     samples: int | None = None  # in the training set
+    samples_from: str = ""  # where the count comes from, or why it is unknown
     epoch_batches: int | None = None  # per rank
     steps: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -104,7 +104,8 @@ def world_size(trainer: dict, devices: int | None, num_nodes: int | None) -> int
     return devices * (num_nodes or int(trainer.get("num_nodes") or 1))
 
 
-def batching(cfg: dict, world: int) -> Plan:
+def make_plan(cfg: dict, world: int, num_samples: int | None = None) -> Plan:
+    """The batch, the data's size and epoch, and the steps of ``cfg`` on ``world`` GPUs."""
     data, trainer = cfg["data"]["init_args"], cfg["trainer"]
     micro, target = int(data["batch_size"]), data.get("global_batch_size")
     if target:
@@ -118,52 +119,59 @@ def batching(cfg: dict, world: int) -> Plan:
         plan.notes.append(
             f"global batch {target} is not reachable on {world} GPUs x {micro}: {actual} is used"
         )
-    return plan
-
-
-def add_schedule(plan: Plan, cfg: dict, samples: int | None, epoch_batches_: int | None) -> None:
-    """Steps from max_steps / max_epochs and the epoch length; the epochs and passes they make."""
-    trainer = cfg["trainer"]
-    plan.samples, plan.epoch_batches = samples, epoch_batches_
-    max_steps = trainer.get("max_steps")
-    max_epochs = trainer.get("max_epochs")
+    plan.samples, plan.epoch_batches, plan.samples_from = _training_samples(cfg, plan, num_samples)
+    # the steps from max_steps / max_epochs and the epoch length
+    max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
     if (max_steps is None or max_steps < 0) and max_epochs is None:
         max_epochs = 1000  # Lightning's default when neither is set
     candidates = [max_steps] if max_steps is not None and max_steps >= 0 else []
     if max_epochs is not None and max_epochs >= 0 and plan.steps_per_epoch is not None:
         candidates.append(max_epochs * plan.steps_per_epoch)
     plan.steps = min(candidates) if candidates else None
+    return plan
 
 
-def data_epoch(samples: int, data: dict, world: int, accumulation: int, mixed: bool = False) -> int:
-    return epoch_batches(
-        samples,
-        world=world,
-        workers=int(data.get("num_workers") or 0),
-        batch_size=int(data["batch_size"]),
-        multiple_of=accumulation,
-        batches_per_epoch=data.get("batches_per_epoch"),
-        mixed=mixed,
-    )
+def _training_samples(
+    cfg: dict, plan: Plan, num_samples: int | None
+) -> tuple[int | None, int | None, str]:
+    """(samples, batches per rank per epoch, where the count comes from)."""
+    data = cfg["data"]["init_args"]
+    if num_samples is not None:
+        epoch = epoch_batches(
+            num_samples,
+            world=plan.world,
+            workers=int(data.get("num_workers") or 0),
+            batch_size=int(data["batch_size"]),
+            multiple_of=plan.accumulation,
+            batches_per_epoch=data.get("batches_per_epoch"),
+        )
+        return num_samples, epoch, "--num-samples"
+    module, _, name = cfg["data"]["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not hasattr(cls, "epoch_plan"):
+        return None, None, f"{name} does not stream data epochs"
+    try:
+        with no_shard_downloads():  # a plan downloads nothing
+            samples, epoch = cls(**data).epoch_plan(plan.world, plan.accumulation)
+    except (FileNotFoundError, ValueError) as err:
+        return None, None, f"{err} (pass --num-samples)"
+    return samples, epoch, "the shards"
 
 
 def lr_points(model_args: dict, steps: int) -> list[tuple[int, float]]:
     """The learning rate after ``s`` optimizer steps at a few points, from the config's optimizer
     and scheduler (stepped per optimizer step, as ``configure_optimizers`` does)."""
     lr = float(model_args.get("optimizer", {}).get("init_args", {}).get("lr", 1e-3))
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=lr)
-    spec = model_args.get("lr_scheduler")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    spec = model_args.get("lr_scheduler") or {}
     scheduler = None
     if spec:
         module, _, name = spec["class_path"].rpartition(".")
         scheduler = getattr(importlib.import_module(module), name)(
             optimizer, **spec.get("init_args", {})
         )
-    warm = (spec or {}).get("init_args", {}).get("total_iters")
-    marks = sorted(
-        {0, 1, steps // 4, steps // 2, steps - 1, *([warm] if warm and warm < steps else [])}
-    )
+    warm = spec.get("init_args", {}).get("total_iters")
+    marks = {0, 1, steps // 4, steps // 2, steps - 1, *([warm] if warm and warm < steps else [])}
     points = []
     for step in range(steps):
         if step in marks:
@@ -191,26 +199,29 @@ def measured_mfu(objective: str, preset: str, batch: int, path: Path = BENCH_REC
     ``objective`` on ``preset`` in ``docs/bench_results.jsonl``; None when there is none."""
     if not path.is_file():
         return None
-    best = None
+    found = []  # (record, the GPU's spec)
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        device = rec.get("env", {}).get("device", "")
-        spec = next((g for key, g in GPUS.items() if key.upper() in device.upper()), None)
+        device = rec.get("env", {}).get("device", "").upper()
+        spec = next((g for key, g in GPUS.items() if key.upper() in device), None)
         if (
-            rec.get("mode") != "lightning"
-            or rec.get("objective") != objective
-            or spec is None
-            or rec.get("preset") != preset
-            or not rec.get("achieved_tflops")
+            spec is not None
+            and rec.get("mode") == "lightning"
+            and (rec.get("objective"), rec.get("preset")) == (objective, preset)
+            and rec.get("achieved_tflops")
         ):
-            continue
-        score = (abs(rec["batch"] - batch), rec.get("compile_unet", False))
-        if best is None or score < best[0]:
-            best = (score, rec["achieved_tflops"] / spec.bf16_tflops, rec)
-    return None if best is None else best[1:]
+            found.append((rec, spec))
+    if not found:
+        return None
+    rec, spec = min(
+        found, key=lambda f: (abs(f[0]["batch"] - batch), f[0].get("compile_unet", False))
+    )
+    return rec["achieved_tflops"] / spec.bf16_tflops, rec
 
 
-def fmt_num(x: float | int | None) -> str:
+def _fmt(x: object) -> str:
+    if isinstance(x, str):
+        return x
     if x is None:
         return "?"
     if isinstance(x, int) or float(x).is_integer() and abs(x) >= 1:
@@ -223,20 +234,12 @@ def compare(ours: dict[str, object], official: dict[str, object], reasons: dict[
     rows = []
     for key, theirs in official.items():
         mine = ours.get(key)
-        same = (
-            mine == theirs
-            if not isinstance(theirs, float) or mine is None
-            else math.isclose(float(mine), theirs, rel_tol=1e-9)
-        )
+        if isinstance(theirs, float) and mine is not None:
+            same = math.isclose(float(mine), theirs, rel_tol=1e-9)
+        else:
+            same = mine == theirs
         mark = "" if same else "differs: " + reasons.get(key, "no reason recorded")
-        rows.append(
-            (
-                key,
-                fmt_num(mine) if not isinstance(mine, str) else mine,
-                fmt_num(theirs) if not isinstance(theirs, str) else theirs,
-                mark,
-            )
-        )
+        rows.append((key, _fmt(mine), _fmt(theirs), mark))
     return rows
 
 
@@ -264,7 +267,7 @@ def our_settings(cfg: dict, plan: Plan) -> dict[str, object]:
     }
 
 
-def step_config(cfg: dict, preset: str):
+def step_config(cfg: dict, preset: str) -> StepConfig | None:
     """The ``align.bench`` step of a DPO/KTO config (None for other modules)."""
     model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
     objective = OBJECTIVES.get(class_name(cfg["model"]["class_path"]))
@@ -291,23 +294,16 @@ def step_config(cfg: dict, preset: str):
     )
 
 
-def memory_gib(step) -> tuple[float, float]:
+def memory_gib(step: StepConfig) -> tuple[float, float]:
     """GiB per GPU, bracketed by 2- and 4-byte activations, on the meta device (SD1.5: ~20 s)."""
     record = memory_record(step)
     low, high = record["total_bf16_frozen_gib" if step.frozen_dtype else "total_fp32_frozen_gib"]
     return (high, high) if step.precision == "32" else (low, high)  # float32: 4-byte activations
 
 
-def step_flops(step) -> int:
-    """Model FLOPs of one micro-batch on one GPU (meta device)."""
-    return count_step_flops(step).total
-
-
-def hours(
-    plan: Plan, flops: int, device: Gpu, mfu: float, checkpointing: bool, fp32: bool
-) -> float:
+def hours(plan: Plan, flops: int, device: Gpu, mfu: float, step: StepConfig) -> float:
     """Wall-clock hours of ``plan.steps`` at ``mfu`` of ``device``'s peak (each GPU runs its
     micro-batches one after another; model FLOPs, plus the policy recompute under checkpointing)."""
-    peak = (device.tf32_tflops if fp32 else device.bf16_tflops) * 1e12
-    work = flops * (CHECKPOINT_RECOMPUTE if checkpointing else 1.0)
+    peak = (device.tf32_tflops if step.precision == "32" else device.bf16_tflops) * 1e12
+    work = flops * (CHECKPOINT_RECOMPUTE if step.gradient_checkpointing else 1.0)
     return plan.steps * plan.accumulation * work / (peak * mfu) / 3600

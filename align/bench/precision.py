@@ -48,25 +48,16 @@ def logit_noise(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=gen).repeat(2)
     cond = torch.randn(pairs, 77, unet.config.cross_attention_dim, generator=gen).repeat(2, 1, 1)
     noisy = scheduler.add_noise(latents, noise, t)
-    args = [x.to(device) for x in (noisy, t, cond, noise)]
+    inputs = [x.to(device) for x in (noisy, t, cond, noise)]
 
     def diff(errors: torch.Tensor) -> torch.Tensor:
         return (errors[:pairs] - errors[pairs:]).double()
 
-    exact = diff(
-        _errors(
-            unet.double(),
-            args[0].double(),
-            args[1],
-            args[2].double(),
-            args[3].double(),
-            None,
-            False,
-        )
-    )
+    exact_inputs = [x.double() if x.is_floating_point() else x for x in inputs]
+    exact = diff(_errors(unet.double(), *exact_inputs, None, False))
     unet.float()
     out = {}
-    for name, (dtype, fp32) in SETTINGS.items():
-        d = diff(_errors(unet, args[0], args[1], args[2], args[3], dtype, fp32))
+    for name, (dtype, fp32_output) in SETTINGS.items():
+        d = diff(_errors(unet, *inputs, dtype, fp32_output))
         out[name] = float((0.5 * beta * (d - exact)).std())
     return out

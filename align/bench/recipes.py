@@ -52,7 +52,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "sft/winners_sd15.yaml": Recipe(
         _DPO_SOURCE.format("sd15") + " with --sft (the preferred image of each pair)",
-        {k: v for k, v in _DPO_SD15.items() if k != "beta"} | {"micro-batch": 1},
+        {k: v for k, v in _DPO_SD15.items() if k != "beta"},
         {"micro-batch": "2 images per GPU: the DPO run's 2 images per forward"},
     ),
     "kto/sd15.yaml": Recipe(

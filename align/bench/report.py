@@ -1,15 +1,53 @@
-"""Bench records as a fixed-width table, and appended to a JSON-lines file (one record per line)."""
+"""Bench records: their common fields, a fixed-width table of them, and a JSON-lines file they are
+appended to (one record per line)."""
 
 from __future__ import annotations
 
 import json
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
-TIMED_COLUMNS = (
+import torch
+
+from align.bench.step import StepConfig
+from align.models.presets import get_preset
+
+
+def software_versions() -> dict[str, str]:
+    import diffusers
+    import lightning
+    import peft
+    import transformers
+
+    packages = (torch, lightning, diffusers, transformers, peft)
+    return {
+        "python": platform.python_version(),
+        **{package.__name__: package.__version__ for package in packages},
+        "cuda": torch.version.cuda or "",
+        "platform": platform.platform(),
+    }
+
+
+def new_record(cfg: StepConfig, mode: str, started: datetime | None = None) -> dict:
+    """The fields every record has: when, the mode, and the step's whole configuration."""
+    return {
+        "time_utc": (started or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        "mode": mode,
+        **cfg.to_dict(),
+        "resolution": cfg.resolution or get_preset(cfg.preset).resolution,
+        "sample_unit": cfg.sample_unit,
+    }
+
+
+# (title, record key, format): a str.format pattern or one of the names _cell knows
+_STEP = (
     ("objective", "objective", "{}"),
     ("preset", "preset", "{}"),
     ("res", "resolution", "{}"),
     ("batch", "batch", "{}"),
+)
+TIMED_COLUMNS = _STEP + (
     ("prec", "precision", "{}"),
     ("mode", "mode", "{}"),
     ("median ms", "median_step_s", "ms"),
@@ -20,23 +58,14 @@ TIMED_COLUMNS = (
     ("peak mem MB", "peak_mem_mb", "{:.0f}"),
     ("overhead", "overhead_vs_bare_pct", "{:+.1f}%"),
 )
-FLOPS_COLUMNS = (
-    ("objective", "objective", "{}"),
-    ("preset", "preset", "{}"),
-    ("res", "resolution", "{}"),
-    ("batch", "batch", "{}"),
+FLOPS_COLUMNS = _STEP + (
     ("lora", "lora_rank", "{}"),
     ("UNet GFLOP/step", "unet_flops_per_step", "gflop"),
     ("UNet GFLOP/sample", "unet_flops_per_sample", "gflop"),
     ("text GFLOP/step", "text_flops_per_step", "gflop"),
     ("total GFLOP/step", "total_flops_per_step", "gflop"),
 )
-
-MEMORY_COLUMNS = (
-    ("objective", "objective", "{}"),
-    ("preset", "preset", "{}"),
-    ("res", "resolution", "{}"),
-    ("batch", "batch", "{}"),
+MEMORY_COLUMNS = _STEP + (
     ("lora", "lora_rank", "{}"),
     ("optim", "optimizer", "{}"),
     ("weights+grads+optim GiB", "_train_state_gib", "{:.1f}"),
@@ -47,20 +76,19 @@ MEMORY_COLUMNS = (
 )
 
 
-def _derived(record: dict) -> dict:
-    if record.get("mode") != "memory":
-        return record
+def _memory_cells(r: dict) -> dict:
+    """The memory table's combined cells: sums, and low..high brackets."""
     return {
-        **record,
-        "_train_state_gib": record["weights_gib"]
-        + record["gradients_gib"]
-        + record["optimizer_state_gib"]
-        + record["autocast_weight_copies_gib"],
-        "_frozen_gib": f"{record['frozen_fp32_gib']:.1f}/{record['frozen_bf16_gib']:.1f}",
-        "_act_gib": f"{record['activations_bf16_gib'] + record['recompute_block_bf16_gib']:.1f}.."
-        f"{record['activations_fp32_gib'] + record['recompute_block_fp32_gib']:.1f}",
-        "_total_fp32": "{:.1f}..{:.1f}".format(*record["total_fp32_frozen_gib"]),
-        "_total_bf16": "{:.1f}..{:.1f}".format(*record["total_bf16_frozen_gib"]),
+        **r,
+        "_train_state_gib": r["weights_gib"]
+        + r["gradients_gib"]
+        + r["optimizer_state_gib"]
+        + r["autocast_weight_copies_gib"],
+        "_frozen_gib": f"{r['frozen_fp32_gib']:.1f}/{r['frozen_bf16_gib']:.1f}",
+        "_act_gib": f"{r['activations_bf16_gib'] + r['recompute_block_bf16_gib']:.1f}.."
+        f"{r['activations_fp32_gib'] + r['recompute_block_fp32_gib']:.1f}",
+        "_total_fp32": "{:.1f}..{:.1f}".format(*r["total_fp32_frozen_gib"]),
+        "_total_bf16": "{:.1f}..{:.1f}".format(*r["total_bf16_frozen_gib"]),
     }
 
 
@@ -81,16 +109,19 @@ def _cell(record: dict, key: str, fmt: str) -> str:
 
 def format_table(records: list[dict]) -> str:
     """A plain-text table: one header, one separator, one row per record
-    (timed or FLOP-count records)."""
+    (timed, FLOP-count or memory records, one kind per table)."""
     if not records:
         return ""
     modes = {r.get("mode") for r in records}
-    columns = {frozenset({"flops"}): FLOPS_COLUMNS, frozenset({"memory"}): MEMORY_COLUMNS}.get(
-        frozenset(modes), TIMED_COLUMNS
-    )
-    if columns is TIMED_COLUMNS and modes & {"flops", "memory"}:
+    if modes == {"flops"}:
+        columns = FLOPS_COLUMNS
+    elif modes == {"memory"}:
+        columns = MEMORY_COLUMNS
+        records = [_memory_cells(r) for r in records]
+    elif modes & {"flops", "memory"}:
         raise ValueError("format_table: one kind of record per table (timed, flops or memory)")
-    records = [_derived(r) for r in records]
+    else:
+        columns = TIMED_COLUMNS
     rows = [[title for title, _, _ in columns]]
     rows += [[_cell(r, key, fmt) for _, key, fmt in columns] for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]

@@ -1,11 +1,6 @@
-"""One training step of an objective, built from the real module code path.
-
-Nothing here re-implements an objective: the bench constructs the same ``DPOModule`` / ``KTOModule``
-that ``align fit`` builds (same switches, same optimizer factories), feeds it a synthetic batch in
-the data pipeline's format (captions + cached VAE moments, or pixels), and calls the module's own
-``training_step``. The bare loop and the Lightning run below therefore time exactly the same
-forward/backward/optimizer work.
-"""
+"""One training step of an objective, built from the real module code path: the ``DPOModule`` /
+``KTOModule`` that ``align fit`` builds, a synthetic batch in the data pipeline's format, and the
+module's own ``training_step``. Nothing here re-implements an objective."""
 
 from __future__ import annotations
 
@@ -29,8 +24,7 @@ class StepConfig:
     """What one benchmarked step is: objective, model, batch and every performance switch.
 
     ``batch`` counts pairs for DPO (the UNet sees 2 x batch images) and images for KTO.
-    ``resolution`` is in pixels; None means the preset's native size
-    (512 for sd15-arch, 1024 for sdxl-arch).
+    ``resolution`` is in pixels; None means the preset's native size.
     """
 
     objective: str = "dpo"
@@ -57,18 +51,15 @@ class StepConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}"
-            )
+        for name, known in (
+            ("objective", OBJECTIVES),
+            ("optimizer", OPTIMIZERS),
+            ("precision", PRECISIONS),
+        ):
+            if getattr(self, name) not in known:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}"
+                )
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 
@@ -88,25 +79,12 @@ class StepConfig:
         return replace(self, **changes)
 
 
-def module_class(objective: str):
-    """The LightningModule class of an objective; a clear error if it is not in this checkout."""
-    path = OBJECTIVES[objective]
-    mod, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"objective {objective!r} needs {path}, which this checkout does not have ({err})"
-        ) from None
-
-
 def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
     """The optimizer callables the configs in ``configs/optim/`` name,
     as a LightningCLI would inject them."""
-    if name == "adamw":
-        return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
-    if name == "adamw-fused":
-        return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=True)
+    if name in ("adamw", "adamw-fused"):
+        fused = True if name == "adamw-fused" else None  # None: torch's default
+        return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -131,42 +109,29 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
 def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool = False):
     """The objective's LightningModule with ``cfg``'s switches, on ``device`` (or the meta device).
 
-    ``meta=True`` builds every weight on the meta device: shapes only, no memory, for FLOP counts
-    and memory estimates of full-size presets on a laptop. Otherwise the weights are created on
-    ``device`` directly: random initialisation of SDXL's 3.5 B parameters on the host, then a copy
-    to the GPU, would cost more than the benchmark's steps.
+    ``meta=True``: shapes only, nothing allocated, for FLOP counts and memory estimates of
+    full-size presets on a laptop. Otherwise the weights are created on ``device`` directly: random
+    initialisation of SDXL's 3.5 B parameters on the host, then a copy to the GPU, would cost more
+    than the benchmark's steps.
     """
-    cls = module_class(cfg.objective)
     target = torch.device("meta") if meta else torch.device(device)
-    kwargs = dict(
-        model=cfg.preset,
-        lora_rank=cfg.lora_rank,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        channels_last=cfg.channels_last,
-        compile_unet=cfg.compile_unet,
-        compile_reference=cfg.compile_reference,
-        compile_mode=cfg.compile_mode,
-        reference_inference_mode=cfg.reference_inference_mode,
-        frozen_dtype=cfg.frozen_dtype,
-        optimizer=optimizer_factory(cfg.optimizer, cfg.lr),
-        seed=cfg.seed,
-    )
+    module_path, _, name = OBJECTIVES[cfg.objective].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name)  # imported outside the device context
     with target:
-        module = cls(**kwargs)
-    return module.to(target).train()
-
-
-def latent_shape(module, cfg: StepConfig) -> tuple[int, int, int]:
-    """(channels, h, w) of the latents at ``cfg.resolution``
-    (the preset's native size by default)."""
-    parts = module.components
-    res = cfg.resolution or parts.resolution
-    if res % parts.vae_scale_factor:
-        raise ValueError(
-            f"resolution {res} is not a multiple of the VAE factor {parts.vae_scale_factor}"
+        module = cls(
+            model=cfg.preset,
+            lora_rank=cfg.lora_rank,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            channels_last=cfg.channels_last,
+            compile_unet=cfg.compile_unet,
+            compile_reference=cfg.compile_reference,
+            compile_mode=cfg.compile_mode,
+            reference_inference_mode=cfg.reference_inference_mode,
+            frozen_dtype=cfg.frozen_dtype,
+            optimizer=optimizer_factory(cfg.optimizer, cfg.lr),
+            seed=cfg.seed,
         )
-    side = res // parts.vae_scale_factor
-    return parts.vae.config.latent_channels, side, side
+    return module.to(target).train()
 
 
 def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None) -> dict:
@@ -176,41 +141,29 @@ def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None
     DPO rows are winners then losers."""
     device = torch.device(device) if device is not None else module.device
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = cfg.images
-    captions = [f"a photo of object {i}, studio light" for i in range(cfg.batch)]
-    c, h, w = latent_shape(module, cfg)
-    batch: dict = {"caption": captions}
+    parts = module.components
+
+    def tensor(*shape, sample=torch.randn) -> torch.Tensor:
+        if device.type == "meta":
+            return torch.empty(*shape, device=device)
+        return sample(*shape, generator=gen).to(device)
+
+    n, res = cfg.images, cfg.resolution or parts.resolution
+    if res % parts.vae_scale_factor:
+        raise ValueError(
+            f"resolution {res} is not a multiple of the VAE factor {parts.vae_scale_factor}"
+        )
+    batch: dict = {"caption": [f"a photo of object {i}, studio light" for i in range(cfg.batch)]}
     if cfg.cached_latents:
-        moments = torch.randn(n, 2 * c, h, w, generator=gen) if device.type != "meta" else None
-        batch["latent_moments"] = (
-            moments.to(device)
-            if moments is not None
-            else torch.empty(n, 2 * c, h, w, device=device)
-        )
+        side = res // parts.vae_scale_factor
+        batch["latent_moments"] = tensor(n, 2 * parts.vae.config.latent_channels, side, side)
     else:
-        res = cfg.resolution or module.components.resolution
-        pixels = (
-            torch.rand(n, 3, res, res, generator=gen) * 2 - 1 if device.type != "meta" else None
-        )
-        batch["pixel_values"] = (
-            pixels.to(device) if pixels is not None else torch.empty(n, 3, res, res, device=device)
-        )
+        batch["pixel_values"] = tensor(n, 3, res, res, sample=torch.rand) * 2 - 1
     if cfg.cached_text:
-        if not hasattr(module, "prompt_embeds"):
-            raise ValueError(
-                "this checkout's modules do not read cached prompt embeddings: use "
-                "cached_text=False"
-            )
-        unet_cfg, encoders = module.unet.config, module.components.text_encoders
-        shapes = {"prompt_embeds": (cfg.batch, 77, unet_cfg.cross_attention_dim)}
-        if module.components.is_sdxl:
-            shapes["pooled_embeds"] = (cfg.batch, encoders[-1].config.projection_dim)
-        for key, shape in shapes.items():
-            batch[key] = (
-                torch.randn(*shape, generator=gen).to(device)
-                if device.type != "meta"
-                else torch.empty(*shape, device=device)
-            )
+        batch["prompt_embeds"] = tensor(cfg.batch, 77, module.unet.config.cross_attention_dim)
+        if parts.is_sdxl:
+            projection = parts.text_encoders[-1].config.projection_dim
+            batch["pooled_embeds"] = tensor(cfg.batch, projection)
     if cfg.objective == "kto":
         # P(desirable) = 0.8 as in the paper's batches; at least one of each class when batch >= 2
         desirable = torch.tensor([(i % 5) != 4 for i in range(n)])
@@ -220,12 +173,9 @@ def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None
     return batch
 
 
-def autocast(cfg: StepConfig, device: torch.device):
-    """The autocast Lightning's ``bf16-mixed`` applies around ``training_step``;
-    nothing for ``32``."""
-    if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class BareStep:
@@ -241,9 +191,14 @@ class BareStep:
         self.device = module.device
 
     def __call__(self, batch: dict, index: int) -> torch.Tensor:
+        # the autocast Lightning's bf16-mixed applies around training_step
+        if self.cfg.precision == "bf16":
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log() without a Trainer warns and does nothing
-            with autocast(self.cfg, self.device):
+            with autocast:
                 loss = self.module.training_step(batch, index)
             loss.backward()
             self.module.on_before_optimizer_step(self.optimizer)

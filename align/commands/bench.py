@@ -18,6 +18,7 @@ import argparse
 import itertools
 import os
 import sys
+from dataclasses import fields
 
 from align.commands import doc_details, doc_summary
 from align.extras import require
@@ -36,93 +37,80 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=doc_details(__doc__),
     )
-    p.add_argument("--objective", nargs="+", default=["dpo"], choices=sorted(OBJECTIVES))
-    p.add_argument("--preset", nargs="+", default=["tiny"], choices=sorted(PRESETS))
-    p.add_argument(
-        "--batch", type=int, default=4, help="pairs (dpo) or images (kto) per micro-batch"
-    )
-    p.add_argument(
-        "--resolution", type=int, default=None, help="pixels (default: the preset's native size)"
-    )
-    p.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--rounds", type=int, default=1, help="alternate the modes this many times, pooling steps"
-    )
-    p.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("--objective", nargs="+", default=["dpo"], choices=sorted(OBJECTIVES))
+    add("--preset", nargs="+", default=["tiny"], choices=sorted(PRESETS))
+    add("--batch", type=int, default=4, help="pairs (dpo) or images (kto) per micro-batch")
+    add("--resolution", type=int, help="pixels (default: the preset's native size)")
+    add("--steps", type=int, default=20, help="timed steps after the warm-up")
+    add("--warmup", type=int, default=3)
+    add("--rounds", type=int, default=1, help="alternate the modes this many times, pooling steps")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    add(
         "--threads",
         type=int,
         default=0,
         help="torch intra-op CPU threads (0: torch's default); 1 is steadier on a shared CPU",
     )
-    p.add_argument(
+    add(
         "--precision",
         default="auto",
         choices=["auto", *PRECISIONS],
         help="bf16 = Lightning's bf16-mixed autocast; auto: bf16 on CUDA, 32 on the CPU",
     )
-    p.add_argument(
-        "--compare-bare", action="store_true", help="also run the same step in a plain PyTorch loop"
-    )
+    add("--compare-bare", action="store_true", help="also time the step in a plain PyTorch loop")
     only = p.add_mutually_exclusive_group()
     only.add_argument(
         "--logit-noise",
         action="store_true",
         help="std of the DPO logit's error from each precision vs float64 (beta 5000); no timing",
     )
-    only.add_argument(
-        "--flops-only", action="store_true", help="count FLOPs on the meta device; no timing"
-    )
+    only.add_argument("--flops-only", action="store_true", help="count FLOPs; no timing")
     only.add_argument(
         "--memory-estimate",
         action="store_true",
         help="estimate GPU memory on the meta device (weights, gradients, optimizer state, "
         "activations); no timing; precision auto means bf16 here",
     )
-    p.add_argument(
-        "--lora-rank", type=int, default=0, help="> 0: LoRA, reference = adapters disabled"
-    )
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy UNet")
-    p.add_argument(
-        "--compile-reference", action="store_true", help="torch.compile the frozen reference UNet"
-    )
-    p.add_argument(
+    # the options below are StepConfig's fields, by their dest
+    add("--lora-rank", type=int, default=0, help="> 0: LoRA, reference = adapters disabled")
+    add("--gradient-checkpointing", action="store_true")
+    add("--channels-last", action="store_true")
+    add("--compile", action="store_true", dest="compile_unet", help="compile the policy UNet")
+    add("--compile-reference", action="store_true", help="compile the frozen reference UNet")
+    add(
         "--compile-mode",
-        default=None,
         help="torch.compile's mode: reduce-overhead (CUDA graphs), max-autotune, ... "
         "(default: its default)",
     )
-    p.add_argument(
+    add(
         "--reference-no-grad",
-        action="store_true",
+        action="store_false",
+        dest="reference_inference_mode",
         help="reference forward under no_grad instead of inference_mode",
     )
-    p.add_argument(
+    add(
         "--frozen-dtype",
         choices=["bf16", "fp16"],
-        default=None,
         help="store the frozen reference UNet, VAE and text encoders in this dtype "
         "(configs/perf/lowmem.yaml)",
     )
-    p.add_argument(
-        "--pixels", action="store_true", help="encode pixels with the VAE (default: cached latents)"
+    add(
+        "--pixels",
+        action="store_false",
+        dest="cached_latents",
+        help="encode pixels with the VAE (default: cached latents)",
     )
-    p.add_argument(
+    add(
         "--captions",
-        action="store_true",
+        action="store_false",
+        dest="cached_text",
         help="encode captions with the text encoders (default: cached prompt embeddings)",
     )
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument(
-        "--json", default="reports/bench.jsonl", help="append records here ('' disables)"
-    )
+    add("--optimizer", default="adamw", choices=OPTIMIZERS)
+    add("--lr", type=float, default=1e-5)
+    add("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    add("--json", default="reports/bench.jsonl", help="append records here ('' disables)")
     return p
 
 
@@ -131,17 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.logit_noise:
         from align.bench.precision import logit_noise
 
+        device = "cpu" if args.device == "auto" else args.device
         for preset in args.preset:
-            for name, std in logit_noise(
-                preset, device="cpu" if args.device == "auto" else args.device
-            ).items():
+            for name, std in logit_noise(preset, device=device).items():
                 print(f"{preset:10s} {name:18s} DPO logit noise (std, beta 5000): {std:.5f}")
         return 0
-    from align.bench.flops import count_step_flops
+    from align.bench.flops import count_step_flops, flops_record
     from align.bench.memory import memory_record
     from align.bench.report import append_jsonl, format_table
-    from align.bench.runner import flops_record, pick_device, run
-    from align.bench.step import StepConfig, module_class
+    from align.bench.runner import pick_device, run
+    from align.bench.step import StepConfig
 
     if args.threads > 0:
         import torch
@@ -153,33 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or args.memory_estimate else "32"
+    # the options named as StepConfig's fields (by their dest), for every objective and preset
+    switches = {f.name: getattr(args, f.name) for f in fields(StepConfig) if hasattr(args, f.name)}
+    switches.update(precision=precision, grad_clip=args.grad_clip or None)
     records = []
     for objective, preset in itertools.product(args.objective, args.preset):
-        cfg = StepConfig(
-            objective=objective,
-            preset=preset,
-            batch=args.batch,
-            resolution=args.resolution,
-            precision=precision,
-            lora_rank=args.lora_rank,
-            gradient_checkpointing=args.gradient_checkpointing,
-            channels_last=args.channels_last,
-            compile_unet=args.compile,
-            compile_reference=args.compile_reference,
-            compile_mode=args.compile_mode,
-            reference_inference_mode=not args.reference_no_grad,
-            frozen_dtype=args.frozen_dtype,
-            cached_latents=not args.pixels,
-            cached_text=not args.captions,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            grad_clip=args.grad_clip or None,
-        )
-        try:
-            module_class(objective)
-        except ValueError as err:
-            print(f"align bench: skipping {objective}: {err}", file=sys.stderr)
-            continue
+        cfg = StepConfig(**{**switches, "objective": objective, "preset": preset})
         print(
             f"align bench: {objective} / {preset}, batch {cfg.batch}, {precision}, {device} ...",
             file=sys.stderr,
@@ -195,15 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         records += run(
             cfg,
             device,
+            flops,
             warmup=args.warmup,
             steps=args.steps,
             compare_bare=args.compare_bare,
             rounds=args.rounds,
-            flops=flops,
         )
-    if not records:
-        print("align bench: nothing ran", file=sys.stderr)
-        return 1
     for record in records:
         record["argv"] = ["align", "bench", *(sys.argv[2:] if argv is None else argv)]
     print(format_table(records), flush=True)

@@ -16,7 +16,6 @@ launcher's settings are printed beside ours. A plan that cannot fit the GPU exit
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -85,30 +84,6 @@ def resolve(configs: list[str], overrides: list[str]) -> dict:
     return cli.config.as_dict()
 
 
-def training_samples(
-    cfg: dict, plan, num_samples: int | None
-) -> tuple[int | None, int | None, str]:
-    """(samples, batches per rank per epoch, where the count comes from)."""
-    from align.bench.plan import data_epoch
-    from align.data.epochs import no_shard_downloads
-
-    data = cfg["data"]["init_args"]
-    if num_samples is not None:
-        epoch = data_epoch(num_samples, data, plan.world, plan.accumulation)
-        return num_samples, epoch, "--num-samples"
-    module, _, name = cfg["data"]["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not hasattr(cls, "epoch_plan"):
-        return None, None, f"{name} does not stream data epochs"
-    try:
-        with no_shard_downloads():  # a plan downloads nothing
-            datamodule = cls(**data)
-            samples, epoch = datamodule.epoch_plan(plan.world, plan.accumulation)
-    except (FileNotFoundError, ValueError) as err:
-        return None, None, f"{err} (pass --num-samples)"
-    return samples, epoch, "the shards"
-
-
 def main(argv: list[str] | None = None) -> int:
     from align.bench import plan as P
     from align.bench.recipes import COMMON_REASONS, recipe_for
@@ -117,130 +92,122 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs + args.config
     if not configs:
         parser().error("give at least one config")
-    fail = lambda msg: print(f"align plan: error: {msg}", file=sys.stderr) or 2  # noqa: E731
     try:
         device = P.gpu(args.gpu)
         cfg = resolve(configs, overrides)
-        plan = P.batching(cfg, P.world_size(cfg["trainer"], args.devices, args.num_nodes))
-        samples, epoch, source = training_samples(cfg, plan, args.num_samples)
+        world = P.world_size(cfg["trainer"], args.devices, args.num_nodes)
+        plan = P.make_plan(cfg, world, args.num_samples)
     except ValueError as err:
-        return fail(err)
-    P.add_schedule(plan, cfg, samples, epoch)
-    out = print
-    out(f"plan of {' + '.join(configs)}")
+        print(f"align plan: error: {err}", file=sys.stderr)
+        return 2
+    unit = plan.unit
+    print(f"plan of {' + '.join(configs)}")
     target = f" (data.global_batch_size {plan.target_batch})" if plan.target_batch else ""
-    out(
+    print(
         f"  batch       {plan.world} GPUs x {plan.micro} per micro-batch x accumulation "
-        f"{plan.accumulation} = {plan.global_batch:,} {plan.unit}s per optimizer step{target}"
+        f"{plan.accumulation} = {plan.global_batch:,} {unit}s per optimizer step{target}"
     )
     for note in plan.notes:
-        out(f"  note        {note}")
-    if samples is None:
-        out(f"  data        unknown: {source}")
+        print(f"  note        {note}")
+    if plan.samples is None:
+        print(f"  data        unknown: {plan.samples_from}")
     else:
-        out(f"  data        {samples:,} {plan.unit}s (from {source})")
-        out(
+        print(f"  data        {plan.samples:,} {unit}s (from {plan.samples_from})")
+        print(
             f"  epoch       {plan.epoch_batches:,} micro-batches per GPU = "
-            f"{plan.steps_per_epoch:,} steps = {plan.per_pass:,} {plan.unit}s "
-            f"({max(0, samples - plan.per_pass):,} sit out each pass)"
+            f"{plan.steps_per_epoch:,} steps = {plan.per_pass:,} {unit}s "
+            f"({max(0, plan.samples - plan.per_pass):,} sit out each pass)"
         )
     if plan.steps is None:
-        out("  steps       unknown: trainer.max_epochs needs the data size")
+        print("  steps       unknown: trainer.max_epochs needs the data size")
     else:
-        out(f"  steps       {plan.steps:,} optimizer steps; {plan.seen:,} {plan.unit}s seen")
-        if samples:
-            distinct = min(plan.per_pass, plan.seen)
-            out(
-                f"  passes      {plan.seen / samples:.2f} per {plan.unit} "
-                f"({plan.steps / plan.steps_per_epoch:.2f}"
-                f" epochs); {distinct:,} distinct {plan.unit}s"
+        print(f"  steps       {plan.steps:,} optimizer steps; {plan.seen:,} {unit}s seen")
+        if plan.samples:
+            print(
+                f"  passes      {plan.seen / plan.samples:.2f} per {unit} "
+                f"({plan.steps / plan.steps_per_epoch:.2f} epochs); "
+                f"{min(plan.per_pass, plan.seen):,} distinct {unit}s"
             )
-        lrs = ", ".join(
-            f"step {s:,}: {lr:.4g}" for s, lr in P.lr_points(cfg["model"]["init_args"], plan.steps)
-        )
-        out(f"  lr          {lrs}")
-    refusal = None
-    if not args.no_estimate:
-        refusal = print_estimates(cfg, plan, device, args, out)
+        lrs = P.lr_points(cfg["model"]["init_args"], plan.steps)
+        print("  lr          " + ", ".join(f"step {s:,}: {lr:.4g}" for s, lr in lrs))
+    refusal = None if args.no_estimate else print_estimates(cfg, plan, device, args)
     found = recipe_for(configs[0])
     if found:
         key, recipe = found
-        out(f"\nconfigs/{key} vs the official launcher ({recipe.source}):")
-        ours = P.our_settings(cfg, plan)
+        print(f"\nconfigs/{key} vs the official launcher ({recipe.source}):")
         reasons = {**COMMON_REASONS, **recipe.reasons}
         if plan.target_batch and plan.global_batch != plan.target_batch:
             reasons["global batch"] = plan.notes[0]
-        rows = P.compare(ours, recipe.settings, reasons)
-        out(f"  {'setting':16s} {'ours':>12s} {'official':>12s}")
-        for key, mine, theirs, mark in rows:
-            out(f"  {key:16s} {mine:>12s} {theirs:>12s}  {mark}")
+        print(f"  {'setting':16s} {'ours':>12s} {'official':>12s}")
+        for setting, mine, theirs, mark in P.compare(
+            P.our_settings(cfg, plan), recipe.settings, reasons
+        ):
+            print(f"  {setting:16s} {mine:>12s} {theirs:>12s}  {mark}")
     if refusal:
-        return fail(refusal) - 1
+        print(f"align plan: error: {refusal}", file=sys.stderr)
+        return 1
     return 0
 
 
-def print_estimates(cfg: dict, plan, device, args, out) -> str | None:
+def print_estimates(cfg: dict, plan, device, args) -> str | None:
     """Memory and time lines; the reason the plan cannot run on ``device``, if it cannot."""
     from align.bench import plan as P
+    from align.bench.flops import count_step_flops
 
-    model = cfg["model"]["init_args"]
-    preset = P.preset_of(str(model.get("model")), args.preset)
+    preset = P.preset_of(str(cfg["model"]["init_args"].get("model")), args.preset)
     step = P.step_config(cfg, preset) if preset else None
     if step is None:
         why = (
-            "no architecture preset for this model (--preset)"
-            if not preset
-            else "align bench estimates DPO and KTO only, not "
+            "align bench estimates DPO and KTO only, not "
             + P.class_name(cfg["model"]["class_path"])
+            if preset
+            else "no architecture preset for this model (--preset)"
         )
-        out(f"  memory      not estimated: {why}")
+        print(f"  memory      not estimated: {why}")
         return None
     low, high = P.memory_gib(step)
     checkpointing = "checkpointing" if step.gradient_checkpointing else "no checkpointing"
-    out(
+    reserve = P.OVERHEAD_GIB
+    print(
         f"  memory      {low:.1f}-{high:.1f} GiB per GPU "
         f"({preset}, {step.optimizer}, {checkpointing}); "
-        f"{device.name}: {device.memory_gib:.1f} GiB, {P.OVERHEAD_GIB:.0f} GiB kept for CUDA"
+        f"{device.name}: {device.memory_gib:.1f} GiB, {reserve:.0f} GiB kept for CUDA"
     )
     if "fsdp" in str(cfg["trainer"].get("strategy")).lower():
-        out(
+        print(
             "              (unsharded: FSDP divides weights, gradients and optimizer state "
             "by the GPUs)"
         )
-    elif low + P.OVERHEAD_GIB > device.memory_gib:
+    elif low + reserve > device.memory_gib:
         return (
-            f"needs at least {low:.1f} GiB per GPU (+{P.OVERHEAD_GIB:.0f}), the {device.name} has "
+            f"needs at least {low:.1f} GiB per GPU (+{reserve:.0f}), the {device.name} has "
             f"{device.memory_gib:.1f} GiB: lower data.batch_size, enable gradient_checkpointing, "
             "LoRA or frozen_dtype, or pick a larger GPU"
         )
-    elif high + P.OVERHEAD_GIB > device.memory_gib:
-        out("              may not fit: the upper estimate exceeds the GPU")
+    elif high + reserve > device.memory_gib:
+        print("              may not fit: the upper estimate exceeds the GPU")
     mfu, why = args.mfu, "--mfu"
-    if mfu is None:
-        measured = P.measured_mfu(step.objective, preset, step.batch)
-        if measured:
-            mfu, rec = measured
-            why = (
-                f"measured at {rec['batch']} per micro-batch on {rec['env']['device']} "
-                f"(docs/bench_results.jsonl)"
-            )
-    if mfu is None or plan.steps is None:
-        out(
-            "  time        not estimated: "
-            + ("no measured MFU for this set-up (--mfu)" if mfu is None else "unknown steps")
+    if mfu is None and (measured := P.measured_mfu(step.objective, preset, step.batch)):
+        mfu, rec = measured
+        why = (
+            f"measured at {rec['batch']} per micro-batch on {rec['env']['device']} "
+            "(docs/bench_results.jsonl)"
         )
+    if mfu is None or plan.steps is None:
+        missing = "no measured MFU for this set-up (--mfu)" if mfu is None else "unknown steps"
+        print(f"  time        not estimated: {missing}")
         return None
-    flops = P.step_flops(step)
-    h = P.hours(plan, flops, device, mfu, step.gradient_checkpointing, step.precision == "32")
+    flops = count_step_flops(step).total  # of one micro-batch on one GPU
+    h = P.hours(plan, flops, device, mfu, step)
     recompute = (
         f" x {P.CHECKPOINT_RECOMPUTE} (checkpointing)" if step.gradient_checkpointing else ""
     )
-    out(
+    peak = "TF32" if step.precision == "32" else "16-bit"
+    print(
         f"  time        {h:.1f} h on {plan.world} x {device.name} ({h * plan.world:,.0f} GPU-hours)"
     )
-    out(
+    print(
         f"              {flops / 1e12:.2f} TFLOP per micro-batch{recompute} "
-        f"at MFU {mfu:.1%} of the "
-        f"{'TF32' if step.precision == '32' else '16-bit'} peak, {why}"
+        f"at MFU {mfu:.1%} of the {peak} peak, {why}"
     )
     return None

@@ -23,7 +23,7 @@ TINY_DENSCORE := data/synthetic/tiny-denscore
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft test test-all bench bench-gpu eval demo clean
+.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft train-grpo test test-all bench bench-gpu eval demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -84,6 +84,11 @@ train-denscore: $(STAMP) ## Denscore segment-level preference model (default: ti
 train-longalign-rft: CONFIG ?= configs/longalign/rft_tiny.yaml
 train-longalign-rft: $(STAMP) ## LongAlign reward fine-tuning (default: tiny model + tiny Denscore, synthetic prompts; CONFIG=configs/longalign/rft_sd15.yaml)
 	@if [ "$(CONFIG)" = "configs/longalign/rft_tiny.yaml" ]; then $(MAKE) --no-print-directory $(SYNTH_LONG)/longcaption-000003.tar $(TINY_DENSCORE)/.complete; fi
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
+
+train-grpo: CONFIG ?= configs/grpo/tiny.yaml
+train-grpo: $(STAMP) ## GRPO on the model's own samples (default: tiny model, JPEG compressibility, CPU; the monitor's gold: a tiny CLIP)
+	@if [ "$(CONFIG)" = "configs/grpo/tiny.yaml" ]; then $(MAKE) --no-print-directory $(TINY_REWARDS)/imagereward/.complete; fi
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
 
 test: $(DEV_STAMP) ## lint (ruff: lines <= 100, pyflakes) + the fast suite (CPU, tiny models; no slow cases)

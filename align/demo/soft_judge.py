@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from align.demo import world
-from align.demo.judge import parse_caption
+from align.demo.judge import judge_many, parse_caption
 from align.rewards.base import RewardModel
 from align.rewards.registry import register_reward
 
@@ -194,3 +194,20 @@ class SoftJudge(RewardModel):
 def build_soft_judge(source: str | None = None, **options) -> SoftJudge:
     """The soft shapes-world judge; it has no weights, so ``source`` is ignored."""
     return SoftJudge(**options)
+
+
+class ExactJudge(SoftJudge):
+    """The exact judge as a reward (no gradient): for methods that only need scores (GRPO,
+    generated pairs). Images are rounded to 8 bits first, as the evaluation sees them."""
+
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        pixels = (pixel_values.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        scores = judge_many(list(arrays), list(prompts))
+        return torch.tensor(scores, dtype=torch.float32, device=pixel_values.device)
+
+
+@register_reward("shapes-judge-exact")
+def build_exact_judge(source: str | None = None, **_) -> ExactJudge:
+    """The exact shapes-world judge; it has no weights, so ``source`` is ignored."""
+    return ExactJudge()

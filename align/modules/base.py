@@ -171,8 +171,8 @@ class DiffusionModule(L.LightningModule):
         # the base of every rank's random streams: seed_everything's seed
         # (the same in every process), else seed
         self.stream_seed = int(os.environ.get("PL_GLOBAL_SEED", seed))
-        # injected modules are recorded by their config (RFTModule), not pickled
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "objective"])
+        # injected modules are recorded by their config (RFTModule, GRPOModule), not pickled
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "objective", "reward"])
         if reference not in ("auto", "copy", "none"):
             raise ValueError(f"reference must be 'auto', 'copy' or 'none', got {reference!r}")
         if time_ids not in ("official", "image"):

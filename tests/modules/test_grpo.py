@@ -4,6 +4,7 @@ a stock diffusers pipeline loads, and resumes."""
 
 import csv
 import glob
+import json
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,15 @@ def test_align_fit_trains_exports_and_resumes(tmp_path, monkeypatch, tiny_pipeli
 
     from align.cli import main
 
+    from align.rewards.tiny import write_tiny_hf_clip
+
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 2) + "\n")
+    # what the config's reward monitor reads (make train-grpo writes the tiny rewards)
+    (tmp_path / "configs/eval").mkdir(parents=True)
+    (tmp_path / "configs/eval/prompts-tiny.txt").write_text("\n".join(PROMPTS) + "\n")
+    write_tiny_hf_clip(tmp_path / "artifacts/tiny-rewards/clip", seed=13)
     args = [
         "fit",
         "--config",
@@ -128,6 +135,8 @@ def test_align_fit_trains_exports_and_resumes(tmp_path, monkeypatch, tiny_pipeli
     for name in ("train/loss", "train/reward", "train/ratio", "train/clip_frac", "val/reward"):
         assert name in logged, name
     assert max(int(r["step"]) for r in rows if r.get("train/loss")) >= 1
+    monitored = json.loads((run / "reward_monitor.json").read_text())["history"]
+    assert monitored[0]["step"] == 0 and "gold/clip" in monitored[0]
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir))
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt")

@@ -23,7 +23,7 @@ TINY_DENSCORE := data/synthetic/tiny-denscore
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft train-grpo test test-all bench bench-gpu eval demo clean
+.PHONY: help install data-synthetic train-dpo train-kto train-longalign-sft train-sft-winners train-denscore train-longalign-rft train-grpo train-online-dpo train-online-kto test test-all bench bench-gpu eval demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -89,6 +89,16 @@ train-longalign-rft: $(STAMP) ## LongAlign reward fine-tuning (default: tiny mod
 train-grpo: CONFIG ?= configs/grpo/tiny.yaml
 train-grpo: $(STAMP) ## GRPO on the model's own samples (default: tiny model, JPEG compressibility, CPU; the monitor's gold: a tiny CLIP)
 	@if [ "$(CONFIG)" = "configs/grpo/tiny.yaml" ]; then $(MAKE) --no-print-directory $(TINY_REWARDS)/imagereward/.complete; fi
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
+
+train-online-dpo: CONFIG ?= configs/online/dpo_tiny.yaml
+train-online-dpo: $(STAMP) ## iterative online DPO: each round the policy's own pairs, scored by a reward (default: tiny, JPEG compressibility, CPU)
+	@if [ "$(CONFIG)" = "configs/online/dpo_tiny.yaml" ]; then $(MAKE) --no-print-directory $(TINY_REWARDS)/imagereward/.complete; fi
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
+
+train-online-kto: CONFIG ?= configs/online/kto_tiny.yaml
+train-online-kto: $(STAMP) ## iterative online KTO (default: tiny, JPEG compressibility, CPU)
+	@if [ "$(CONFIG)" = "configs/online/kto_tiny.yaml" ]; then $(MAKE) --no-print-directory $(TINY_REWARDS)/imagereward/.complete; fi
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ALIGN) fit --config $(CONFIG) $(ARGS)
 
 test: $(DEV_STAMP) ## lint (ruff: lines <= 100, pyflakes) + the fast suite (CPU, tiny models; no slow cases)

@@ -76,3 +76,13 @@ def run_cache(*args) -> int:
         return cache_main([*map(str, args), "--no-progress", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
+
+
+def online_config_files(root, prompts) -> None:
+    """What the GRPO and online tiny configs read relative to the working directory: the prompt
+    set and the reward monitor's tiny CLIP (make train-grpo writes them in a checkout)."""
+    from align.rewards.tiny import write_tiny_hf_clip
+
+    (root / "configs/eval").mkdir(parents=True, exist_ok=True)
+    (root / "configs/eval/prompts-tiny.txt").write_text("\n".join(prompts) + "\n")
+    write_tiny_hf_clip(root / "artifacts/tiny-rewards/clip", seed=13)

@@ -68,6 +68,10 @@ def made_data(tmp_path_factory):
         assert done.returncode == 0, done.stderr[-2000:]
     done = align("data", "tiny-denscore", "data/synthetic/tiny-denscore", cwd=cwd)
     assert done.returncode == 0, done.stderr[-2000:]
+    (cwd / "configs/eval").mkdir(parents=True)  # the GRPO and online configs' prompts
+    (cwd / "configs/eval/prompts-tiny.txt").write_text(
+        (ROOT / "configs/eval/prompts-tiny.txt").read_text()
+    )
     return cwd
 
 

@@ -131,28 +131,15 @@ class RewardMonitor(L.Callback):
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict:
         """One evaluation's numbers (rank 0)."""
-        from align.models.sampling import generate
+        from align.models.sampling import policy_images
 
         k = self.images_per_prompt
         prompts = [p for p in self.prompts for _ in range(k)]
         seeds = [self.seed + j for _ in self.prompts for j in range(k)]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            unet = getattr(pl_module.unet, "_orig_mod", pl_module.unet)
-            pipe = pl_module.components.to_pipeline(unet=unet)
-            pipe.set_progress_bar_config(disable=True)
-            with trainer.precision_plugin.forward_context():
-                images = generate(
-                    pipe,
-                    prompts,
-                    encoder=pl_module.prompt_encoder,
-                    steps=self.steps,
-                    guidance=self.guidance_scale,
-                    seed=seeds,
-                )
-        finally:
-            pl_module.train(was_training)
+        context = trainer.precision_plugin.forward_context()
+        images = policy_images(
+            pl_module, prompts, seeds, self.steps, self.guidance_scale, context=context
+        )
         reward, gold = self.scorers(pl_module.device)
         train_total, _ = reward(images, prompts)
         gold_total, gold_parts = gold(images, prompts)

@@ -142,31 +142,22 @@ class ValidationImages(L.Callback):
         (or ``unet``) and prompt encoder."""
         import diffusers
 
-        from align.models.sampling import generate
+        from align.models.sampling import policy_images
 
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            unet = (
-                unet if unet is not None else getattr(pl_module.unet, "_orig_mod", pl_module.unet)
-            )
-            scheduler = getattr(diffusers, self.scheduler).from_config(pl_module.scheduler.config)
-            pipe = pl_module.components.to_pipeline(unet=unet, scheduler=scheduler)
-            pipe.set_progress_bar_config(disable=True)
-            with trainer.precision_plugin.forward_context():
-                return generate(
-                    pipe,
-                    self.prompts,
-                    encoder=pl_module.prompt_encoder,
-                    steps=self.steps,
-                    guidance=self.guidance_scale,
-                    seed=self.seed,
-                    negative_prompt=self.negative_prompt,
-                    height=self.height,
-                    width=self.width,
-                )
-        finally:
-            pl_module.train(was_training)
+        scheduler = getattr(diffusers, self.scheduler).from_config(pl_module.scheduler.config)
+        return policy_images(
+            pl_module,
+            self.prompts,
+            [self.seed] * len(self.prompts),
+            self.steps,
+            self.guidance_scale,
+            context=trainer.precision_plugin.forward_context(),
+            unet=unet,
+            scheduler=scheduler,
+            negative_prompt=self.negative_prompt,
+            height=self.height,
+            width=self.width,
+        )
 
     def render_and_log(self, trainer, pl_module) -> None:
         step = trainer.global_step

@@ -29,6 +29,7 @@ hub id such as ``google-t5/t5-large`` or a local directory). Use::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -208,3 +209,40 @@ def generate(
         resolve_encoder(encoder, pipe), prompts, negative_prompt, param.device, param.dtype
     )
     return pipe(**text, **common).images
+
+
+@torch.no_grad()
+def policy_images(
+    module,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    context=None,
+    unet=None,
+    scheduler=None,
+    **kwargs,
+):
+    """PIL images of a training module's current weights (or ``unet``) and prompt encoder, in eval
+    mode (adapter dropout off) and in ``context`` (the trainer's precision); its RNG streams are
+    untouched (each image's noise comes from its own seed). ``scheduler``: default, what an export
+    samples with."""
+    was_training = module.training
+    module.eval()
+    try:
+        unet = unet if unet is not None else getattr(module.unet, "_orig_mod", module.unet)
+        scheduler = scheduler or module.components.sampler()
+        pipe = module.components.to_pipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with context if context is not None else contextlib.nullcontext():
+            return generate(
+                pipe,
+                prompts,
+                encoder=module.prompt_encoder,
+                steps=steps,
+                guidance=guidance,
+                seed=seeds,
+                **kwargs,
+            )
+    finally:
+        module.train(was_training)

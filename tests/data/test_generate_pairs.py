@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from align.data.commands.generate_pairs import main, plan_pairs, plan_singles
+from align.data.commands.generate_pairs import main
+from align.data.generated import plan_pairs, plan_singles
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 

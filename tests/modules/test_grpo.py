@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import online_config_files
+
 from align.modules.grpo import GRPOModule
 from align.rewards.weighted import WeightedReward, parse_rewards
 
@@ -96,15 +98,10 @@ def test_align_fit_trains_exports_and_resumes(tmp_path, monkeypatch, tiny_pipeli
 
     from align.cli import main
 
-    from align.rewards.tiny import write_tiny_hf_clip
-
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 2) + "\n")
-    # what the config's reward monitor reads (make train-grpo writes the tiny rewards)
-    (tmp_path / "configs/eval").mkdir(parents=True)
-    (tmp_path / "configs/eval/prompts-tiny.txt").write_text("\n".join(PROMPTS) + "\n")
-    write_tiny_hf_clip(tmp_path / "artifacts/tiny-rewards/clip", seed=13)
+    online_config_files(tmp_path, PROMPTS)
     args = [
         "fit",
         "--config",

@@ -25,16 +25,12 @@ one; a prompt left with fewer than 2 images makes no pair.
 
 from __future__ import annotations
 
-import io
-import json
-import math
-from collections import Counter
 from pathlib import Path
 
-from align.data.convert_helpers import chunk_units, command_parser, fail
-from align.data.writer import run_command, write_shards
-
-SCORES = "scores.jsonl"
+from align.data.convert_helpers import command_parser, fail
+from align.data.generated import SCORES, check_scorer, plan, read_scores, score_images
+from align.data.generated import write_planned
+from align.data.writer import run_command
 
 
 def parser():
@@ -68,181 +64,6 @@ def parser():
     p.add_argument("--workers", type=int, default=1, help="processes writing shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def read_scores(path: Path) -> dict[tuple[int, int], dict]:
-    """(prompt index, seed) -> its score line; a torn last line (interrupted write) is ignored."""
-    found = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            found[(row["prompt_index"], row["seed"])] = row
-    return found
-
-
-def check_scorer(out: Path, scorer: dict) -> None:
-    """Scores already in ``out`` must come from the same reward; record it for the next run."""
-    path = out / "scorer.json"
-    if path.is_file() and json.loads(path.read_text()) != scorer:
-        raise ValueError(
-            f"{out} holds scores of {json.loads(path.read_text())}, not {scorer}; "
-            "choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(scorer) + "\n")
-
-
-def score_images(image_set, reward, out: Path, batch_size: int, progress: bool) -> Counter:
-    """Score every image of ``image_set`` not yet in ``scores.jsonl``; returns skip counts."""
-    from tqdm.auto import tqdm
-
-    from align.eval.scoring import load_image
-
-    path = out / SCORES
-    done, skipped = read_scores(path), Counter()
-    todo = [e for e in image_set.entries if e.key not in done]
-    bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress)
-    with path.open("a") as handle:
-        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            handle.write("\n")  # after a torn line (an interrupted run), start a new one
-        for start in range(0, len(todo), batch_size):
-            batch, images = [], []
-            for entry in todo[start : start + batch_size]:
-                image, _ = load_image(entry.path)
-                if image is None:
-                    skipped["unreadable_image"] += 1
-                    continue
-                batch.append(entry)
-                images.append(image)
-            if batch:
-                total, parts = reward(images, [image_set.prompt(e) for e in batch])
-                for j, entry in enumerate(batch):
-                    row = {
-                        "prompt_index": entry.prompt_index,
-                        "seed": entry.seed,
-                        "score": float(total[j]),
-                        "scores": {k: float(v[j]) for k, v in parts.items()},
-                    }
-                    handle.write(json.dumps(row) + "\n")
-                handle.flush()
-            bar.update(len(todo[start : start + batch_size]))
-    bar.close()
-    return skipped
-
-
-def group_scores(rows: dict, skipped: Counter) -> dict[int, list[dict]]:
-    """Prompt index -> its finite-scored images, best first (ties: lower seed first)."""
-    groups: dict[int, list[dict]] = {}
-    for row in rows.values():
-        if not math.isfinite(row["score"]):
-            skipped["nonfinite_score"] += 1
-            continue
-        groups.setdefault(row["prompt_index"], []).append(row)
-    for rows_ in groups.values():
-        rows_.sort(key=lambda r: (-r["score"], r["seed"]))
-    return groups
-
-
-def plan_pairs(groups: dict, mode: str, min_margin: float, skipped: Counter) -> list[tuple]:
-    """(prompt index, better row, worse row) of every pair to write."""
-    pairs = []
-    for index in sorted(groups):
-        rows = groups[index]
-        if len(rows) < 2:
-            skipped["too_few_images"] += 1
-            continue
-        candidates = (
-            [(rows[0], rows[-1])]
-            if mode == "best-worst"
-            else [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :]]
-        )
-        for better, worse in candidates:
-            if better["score"] - worse["score"] <= min_margin:
-                skipped["tie"] += 1
-            else:
-                pairs.append((index, better, worse))
-    return pairs
-
-
-def plan_singles(groups: dict, q: float, skipped: Counter) -> list[tuple]:
-    """(prompt index, row, desirable) of every KTO single to write."""
-    singles = []
-    for index in sorted(groups):
-        rows = groups[index]
-        if len(rows) < 2 or rows[0]["score"] == rows[-1]["score"]:
-            skipped["all_tied"] += 1
-            continue
-        top = math.ceil(q * len(rows))
-        singles += [(index, row, rank < top) for rank, row in enumerate(rows)]
-    return singles
-
-
-def jpeg(path: Path) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with Image.open(path) as image:
-        image.convert("RGB").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def convert_pairs(payload: tuple, need):
-    """Writer converter: a chunk of planned pairs (image 0 is the better one for even rows, the
-    worse for odd: the data module must not learn a position)."""
-    root, prompts, model, rows = payload
-    for j, (index, better, worse) in enumerate(rows):
-        if not need(j):
-            yield None
-            continue
-        first, second = (better, worse) if j % 2 == 0 else (worse, better)
-        meta = {
-            "caption": prompts[index],
-            "label_0": 1.0 if first is better else 0.0,
-            "label_1": 0.0 if first is better else 1.0,
-            "image_0_uid": uid(first),
-            "image_1_uid": uid(second),
-            "model_0": model,
-            "model_1": model,
-            "score_0": first["score"],
-            "score_1": second["score"],
-            "scores_0": first["scores"],
-            "scores_1": second["scores"],
-        }
-        yield {
-            "jpg_0.jpg": jpeg(root / image_name(first)),
-            "jpg_1.jpg": jpeg(root / image_name(second)),
-            "json": meta,
-        }
-
-
-def convert_singles(payload: tuple, need):
-    root, prompts, model, rows = payload
-    for j, (index, row, desirable) in enumerate(rows):
-        if not need(j):
-            yield None
-            continue
-        meta = {
-            "caption": prompts[index],
-            "label": desirable,
-            "image_uid": uid(row),
-            "wins": int(desirable),
-            "losses": int(not desirable),
-            "model": model,
-            "score": row["score"],
-            "scores": row["scores"],
-        }
-        yield {"jpg": jpeg(root / image_name(row)), "json": meta}
-
-
-def uid(row: dict) -> str:
-    return f"{row['prompt_index']:05d}_{row['seed']}"
-
-
-def image_name(row: dict) -> str:
-    return uid(row) + ".png"
 
 
 def main(argv: list[str]) -> int:
@@ -288,24 +109,14 @@ def main(argv: list[str]) -> int:
         image_set = scan_image_set(out / "images")
     except (PromptSetError, ImageSetError, ModelSourceError, ValueError) as err:
         return fail(str(err), prog)
-    scoring = score_images(image_set, reward, out, args.batch_size, not args.no_progress)
-    groups = group_scores(read_scores(out / SCORES), scoring)
-    pair_skips = Counter(scoring)
-    pairs = plan_pairs(groups, args.pairs, args.min_margin, pair_skips)
+    paths = {entry.key: entry.path for entry in image_set.entries}
+    progress = not args.no_progress
+    skipped = score_images(paths, prompts, reward, out, args.batch_size, progress)
+    pairs, singles, pair_skips, single_skips = plan(
+        read_scores(out / SCORES), args.pairs, args.min_margin, args.kto, skipped
+    )
     if not pairs:
         return fail(f"no pair has a score gap above --min-margin ({dict(pair_skips)})", prog)
-    context = (out / "images", prompts, args.model)
-    status = write(args, out / "pairs", "pairs", convert_pairs, context, pairs, pair_skips)
-    if status or args.kto is None:
-        return status
-    single_skips = Counter(scoring)
-    singles = plan_singles(groups, args.kto, single_skips)
-    return write(args, out / "singles", "singles", convert_singles, context, singles, single_skips)
-
-
-def write(
-    args, folder: Path, prefix: str, convert, context: tuple, rows: list, skipped: Counter
-) -> int:
     source = {
         "prompts": str(args.prompts),
         "model": args.model,
@@ -315,20 +126,14 @@ def write(
         "min_margin": args.min_margin,
         "kto": args.kto,
         "seed": args.seed,
-        "rows": len(rows),
     }
-    units = chunk_units(rows, args.shard_size, prefix, lambda chunk: (*context, chunk))
-    return run_command(
-        lambda: write_shards(
-            folder,
-            command=f"generate-pairs {prefix}",
-            prefix=prefix,
-            source=source,
-            units=units,
-            convert=convert,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            pre_skipped=skipped,
+    context = (paths, prompts, args.model)
+    options = dict(shard_size=args.shard_size, workers=args.workers, progress=progress)
+    outputs = [("pairs", pairs, pair_skips), ("singles", singles, single_skips)]
+    for kind, rows, skips in outputs[: 1 if singles is None else 2]:
+        status = run_command(
+            lambda: write_planned(out / kind, kind, rows, context, source, skips, **options)
         )
-    )
+        if status:
+            return status
+    return 0

@@ -75,6 +75,7 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
         self.rounds, self.data = rounds, dict(data or {})
         self.drop_ties = True  # pairs never hold ties (DPO's check)
         self.batch_size = self.data.get("batch_size", 1)
+        self.global_batch_size = self.data.get("global_batch_size")  # accumulation follows
         self.current: L.LightningDataModule | None = None
 
     # ---- one round -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each module here (and each module of ``align.data.commands`` for ``align data <name>``) is one
 command: it exposes ``main(argv: list[str]) -> int | None`` and its docstring's first line is its
-help. Discovery is by module name (``kto-labels`` -> ``kto_labels``),
+help. Discovery is by module name (``kto-labels`` -> ``kto_labels``; a trailing underscore
+avoids a Python keyword: ``import`` -> ``import_``),
 so adding a command never edits a shared file.
 """
 
@@ -20,7 +21,7 @@ def discover(package: str) -> dict[str, str]:
     """Map command names to module paths for every public module of ``package``."""
     pkg = importlib.import_module(package)
     return {
-        info.name.replace("_", "-"): f"{package}.{info.name}"
+        info.name.rstrip("_").replace("_", "-"): f"{package}.{info.name}"
         for info in pkgutil.iter_modules(pkg.__path__)
         if not info.name.startswith("_")
     }

@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,"
-        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip (default: all "
-        "but the label-free controls dpo-shuffled and kto-shuffled)",
+        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip,grpo,grpo-flipped (default: "
+        "all but the label-free controls dpo-shuffled and kto-shuffled and GRPO)",
     )
     p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")

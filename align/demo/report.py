@@ -20,10 +20,11 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def expectation(method: str) -> str:
-    """What a method must do to the judge score: "down" for the flipped controls, "control" for
-    truncation (it cannot see facts past token 77) and for random labels (what training on the
-    images does whatever the labels), "up" for everything else."""
-    if method.endswith("-flipped"):
+    """What a method must do to the judge score: "down" for the flipped controls and a misspecified
+    reward (``grpo-redness``), "control" for truncation (it cannot see facts past token 77) and for
+    random labels (what training on the images does whatever the labels), "up" for everything
+    else."""
+    if method.endswith(("-flipped", "-redness")):
         return "down"
     return "control" if method.endswith(("-truncate", "-shuffled")) else "up"
 
@@ -98,6 +99,9 @@ def verdict(
             f"; {word} {rival} ({mr:.4f}) by {abs(m - mr):.4f}: "
             f"{_shown(gap, max(sd, sdr), judging_error(runs, results[rival]))}"
         )
+    marked = [r["monitor"]["hacking_step"] for r in runs if r.get("monitor")]
+    if marked:
+        out += f"; the reward-hacking monitor marked steps {marked} (one per seed; None: never)"
     return out
 
 

@@ -40,8 +40,9 @@ from align.demo.prefs import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-# method -> (config, flags that make it a control). Flipped: the same run on reversed labels;
-# shuffled: on random labels (what training on these images does whatever the preference)
+# method -> (config, flags that make it a control). Flipped: the same run on reversed labels (GRPO:
+# the negated reward); shuffled: on random labels (what training on these images does whatever
+# the preference)
 METHODS = {
     "dpo": ("dpo.yaml", []),
     "dpo-flipped": ("dpo.yaml", ["--data.init_args.train_shards", "{art}/prefs/pairs-flipped"]),
@@ -53,6 +54,15 @@ METHODS = {
     "sft-truncate": ("sft.yaml", ["--model.init_args.prompt_encoder", "clip"]),
     "rft-judge": ("rft_judge.yaml", []),
     "rft-clip": ("rft_clip.yaml", []),
+    "grpo": ("grpo.yaml", []),
+    "grpo-flipped": (
+        "grpo.yaml",
+        [
+            "--model.init_args.reward.init_args.rewards",
+            "align.demo.soft_judge:shapes-judge-exact:-1",
+        ],
+    ),
+    "grpo-redness": ("grpo_redness.yaml", []),  # a misspecified reward the monitor must catch
 }
 PREFERENCE_MODEL = "preference_model.yaml"
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions
@@ -81,6 +91,7 @@ QUICK_ARGS = {
     "sft": steps(80),
     "rft-judge": steps(8) + batch_of(8),
     "rft-clip": steps(8) + batch_of(8),
+    "grpo": steps(4) + batch_of(2),
     "preference-model": steps(30),
 }
 
@@ -106,7 +117,7 @@ class DemoConfig:
     sample_steps: int = 10
     guidance: float = 4.0
     long_scenes: int = 2000  # long-caption SFT shards (rendered scenes, correct long captions)
-    # the label-free controls dpo-shuffled and kto-shuffled are opt-in (time)
+    # opt-in (time): the label-free controls dpo-shuffled and kto-shuffled; the GRPO runs
     methods: tuple = (
         "dpo",
         "dpo-flipped",
@@ -311,6 +322,9 @@ def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> list[dict]:
     for method, seed in jobs:
         run = Path(cfg.artifacts) / "runs" / method / f"seed{seed}"
         result = json.loads((run / "judge.json").read_text())
+        monitor = run / "reward_monitor.json"
+        if monitor.is_file():
+            result["monitor"] = json.loads(monitor.read_text())
         results.append(
             {
                 "method": method,
@@ -414,6 +428,8 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         "guidance": cfg.guidance,
     }
     (art / "judge.json").write_text(json.dumps(judge_set, indent=2) + "\n")
+    # the held-out captions as a prompt file (the reward-hacking monitor's)
+    (art / "heldout_captions.txt").write_text("".join(c + "\n" for c in eval_caps))
     pref_accuracy = None
     if "rft-clip" in cfg.methods:
         t = time.time()
@@ -444,6 +460,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
                 "curve": [start, *map(tuple, r["curve"])],
                 "caption_scores": r["caption_scores"],
                 "seconds": r["seconds"],
+                **({"monitor": r["monitor"]} if "monitor" in r else {}),
             }
         )
         if r["seed"] == 0:

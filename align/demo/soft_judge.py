@@ -211,3 +211,21 @@ class ExactJudge(SoftJudge):
 def build_exact_judge(source: str | None = None, **_) -> ExactJudge:
     """The exact shapes-world judge; it has no weights, so ``source`` is ignored."""
     return ExactJudge()
+
+
+class Redness(SoftJudge):
+    """A deliberately misspecified reward: the share of the image drawn in the palette's red,
+    whatever the caption says. Optimising it paints red over the stated colours, so the judge (the
+    gold reward) falls while it rises: what ``align.callbacks.RewardMonitor`` must catch."""
+
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        red = torch.tensor(world.COLORS["red"], dtype=torch.float32, device=pixel_values.device)
+        pixels = pixel_values.float().permute(0, 2, 3, 1) * 255  # (N, H, W, 3)
+        close = (pixels - red).norm(dim=-1) < 60  # the judge's nearest-colour radius, roughly
+        return close.float().mean(dim=(1, 2))
+
+
+@register_reward("shapes-redness")
+def build_redness(source: str | None = None, **_) -> Redness:
+    """The misspecified colour-only reward; no weights, so ``source`` is ignored."""
+    return Redness()

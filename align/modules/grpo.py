@@ -20,13 +20,14 @@ Lightning's ``gradient_clip_val`` does not apply (manual optimisation): use ``ma
 
 from __future__ import annotations
 
+import time
+
 import torch
-import torch.distributed as dist
 
 from align.modules.base import DiffusionModule
 from align.modules.frozen import adapters_disabled, trainable_parameters
 from align.modules.sampling import DDIMSampling, ddim_timesteps
-from align.objectives.distributed import is_distributed
+from align.objectives.distributed import any_rank
 from align.objectives.grpo import ddim_std, ddim_step_logprob, group_advantages, grpo_loss
 from align.rewards.weighted import WeightedReward
 
@@ -38,8 +39,10 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         reward: what the policy maximises (a registry reward or a weighted sum).
         group_size: images per prompt (G); advantages are normalised within each group.
         num_steps / eta / guidance_scale: the DDIM sampler (eta > 0: every step has a density).
-        train_steps: how many of the ``num_steps`` denoising steps each update trains on (DDPO's
-            ``timestep_fraction``; all by default), drawn at random per batch.
+        train_steps: how many denoising steps each update trains on (DDPO's
+            ``timestep_fraction``; default all), drawn at random per batch among the steps whose
+            timestep lies in ``timestep_range`` (default every step; ``[500, 1000]``: the
+            high-noise half, where layout and colour are decided, as MixGRPO trains early steps).
         updates: optimizer steps per sampled batch, each on 1 / ``updates`` of its samples.
         clip_range: PPO's clip on the probability ratio (DDPO: 1e-4).
         adv_clip: bound on |advantage| (DDPO: 5).
@@ -72,15 +75,19 @@ class GRPOModule(DDIMSampling, DiffusionModule):
             )
         if eta <= 0:
             raise ValueError(f"eta must be > 0 (eta 0 has no transition density), got {eta}")
-        train_steps = num_steps if train_steps is None else train_steps
-        if not 1 <= train_steps <= num_steps:
+        kwargs.setdefault("reference", "auto" if kl_beta else "none")
+        super().__init__(**kwargs)
+        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, num_steps)
+        low, high = self.timestep_range
+        self.trainable_steps = [i for i, t in enumerate(timesteps.tolist()) if low <= t < high]
+        train_steps = len(self.trainable_steps) if train_steps is None else train_steps
+        if not 1 <= train_steps <= len(self.trainable_steps):
             raise ValueError(
-                f"train_steps must be in [1, num_steps={num_steps}], got {train_steps}"
+                f"train_steps must be in [1, {len(self.trainable_steps)}] (the sampler's steps "
+                f"with a timestep in {list(self.timestep_range)}), got {train_steps}"
             )
         if updates < 1:
             raise ValueError(f"updates must be >= 1, got {updates}")
-        kwargs.setdefault("reference", "auto" if kl_beta else "none")
-        super().__init__(**kwargs)
         self.automatic_optimization = False
         self.reward = reward.eval().requires_grad_(False)
         self.hparams["reward"] = reward.config  # checked on resume, rebuilt by align export
@@ -90,7 +97,6 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         self.max_grad_norm = max_grad_norm
         self.resolution = resolution or self.components.resolution
         self.vae_checkpointing = vae_checkpointing
-        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, num_steps)
         alphas = self.scheduler.alphas_cumprod.float()
         prev = torch.cat([alphas[timesteps[1:]], alphas[:1]])
         self.register_buffer("timesteps", timesteps, persistent=False)
@@ -165,13 +171,6 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         self._counts[name] = self._counts.get(name, 0) + n
         self.log(f"train/{name}", float(self._counts[name]), reduce_fx="max")
 
-    def any_rank(self, flag: bool) -> bool:
-        if not is_distributed():
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
     # ---- steps -----------------------------------------------------------------------------------
     def expand(self, captions) -> list[str]:
         return [c for c in captions for _ in range(self.group_size)]
@@ -179,9 +178,11 @@ class GRPOModule(DDIMSampling, DiffusionModule):
     def training_step(self, batch: dict, batch_idx: int):
         self.log_skipped(batch)
         prompts = self.expand(batch["caption"])
+        start = self.clock()
         rollout = self.sample(prompts)
         rewards, parts = self.reward(rollout["images"], prompts)
         rewards = rewards.to(self.device).float()
+        sampled = self.clock()
         adv, valid = self.advantages(rewards)
         n = len(prompts)
         finite = torch.isfinite(rewards)
@@ -190,7 +191,7 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         metrics["valid_fraction"] = valid.float().mean()
         self.log_metrics("train", metrics, n)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        if not self.any_rank(bool(valid.any())):
+        if not any_rank(bool(valid.any()), self.device):
             # nothing to learn from: the updates are counted (no gradients, nothing changes), so
             # a reward that never separates a group still ends at max_steps
             self.count("skipped_no_advantage", 1)
@@ -201,7 +202,7 @@ class GRPOModule(DDIMSampling, DiffusionModule):
             return None
         order = torch.tensor(self.host_rng.sample(range(n), n), device=self.device)
         for chunk in order.chunk(self.updates):
-            for step in self.host_rng.sample(range(self.num_steps), self.train_steps):
+            for step in self.host_rng.sample(self.trainable_steps, self.train_steps):
                 log_prob, mean = self.step_log_prob(rollout, step, chunk)
                 ref_mean = None
                 if self.kl_beta:
@@ -224,7 +225,15 @@ class GRPOModule(DDIMSampling, DiffusionModule):
             if scheduler is not None:
                 scheduler.step()
             self.log_metrics("train", {"loss": out.loss.detach(), **out.metrics()}, len(chunk))
+        # images per second of each phase (sampling includes the reward; one host sync a batch)
+        rates = {"sampling": n / (sampled - start), "training": n / (self.clock() - sampled)}
+        self.log_metrics("train", {f"{k}_images_per_sec": v for k, v in rates.items()}, n)
         return None
+
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def validation_step(self, batch: dict, batch_idx: int):
         prompts = self.expand(batch["caption"])

@@ -36,13 +36,12 @@ import random
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from align.models.sampling import SPEC_FILE, save_prompt_encoder
 from align.modules.base import DiffusionModule
 from align.modules.sampling import DDIMSampling, ddim_timesteps
-from align.objectives.distributed import is_distributed
+from align.objectives.distributed import any_rank
 from align.rewards.rft import RewardObjective
 
 log = logging.getLogger(__name__)
@@ -219,25 +218,16 @@ class RFTModule(DDIMSampling, DiffusionModule):
         for name, total in self._counts.items():
             self.log(f"{prefix}/{name}", float(total), reduce_fx="max")
 
-    @staticmethod
-    def any_rank(flag: bool, device: torch.device) -> bool:
-        """True on every rank if ``flag`` is True on any (a collective under DDP)."""
-        if not is_distributed():
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
     def training_step(self, batch: dict, batch_idx: int):
         self.log_skipped(batch)
         prepared = self.objective.prepare(list(batch["caption"]))
         for name, n in prepared.counts.items():
             self.count(name, n)
-        if self.any_rank(prepared.skip is not None, self.device):
+        if any_rank(prepared.skip is not None, self.device):
             return self.skip(prepared.skip or "skipped_other_rank")
         images = self.decode(self.rollout(prepared.prompts, self.grad_indices()))
         loss, metrics = self.objective(images, prepared, grad=True)
-        if self.any_rank(not bool(torch.isfinite(loss.detach())), self.device):
+        if any_rank(not bool(torch.isfinite(loss.detach())), self.device):
             log.warning(
                 "step %d: non-finite reward on some rank; skipping the step", self.global_step
             )
@@ -248,7 +238,7 @@ class RFTModule(DDIMSampling, DiffusionModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         prepared = self.objective.prepare(list(batch["caption"]))
-        if self.any_rank(prepared.skip is not None, self.device):
+        if any_rank(prepared.skip is not None, self.device):
             return None
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):

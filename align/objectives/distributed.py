@@ -65,3 +65,13 @@ def all_reduce_mean(
         torch.zeros_like(total),
     )
     return mean.float(), count.float()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any (a collective under DDP: a decision every rank
+    must take together, e.g. skipping a step, or one rank would wait for the others forever)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -146,3 +146,10 @@ def test_align_fit_trains_exports_and_resumes(tmp_path, monkeypatch, tiny_pipeli
     main([*args, "--trainer.max_steps", "6", "--ckpt_path", str(run / "checkpoints/last.ckpt")])
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
+
+
+def test_timestep_range_limits_the_trained_steps():
+    m = make(timestep_range=[500, 1000], train_steps=2)
+    assert m.timesteps.tolist() == [999, 749, 499, 249] and m.trainable_steps == [0, 1]
+    with pytest.raises(ValueError, match=r"train_steps must be in \[1, 2\]"):
+        make(timestep_range=[500, 1000], train_steps=3)

@@ -142,3 +142,20 @@ def test_registry_builds_it_without_parameters_in_any_dtype():
     score = reward.score([image], "a red square in the top left.")
     assert score.dtype == torch.float32 and float(score) > 0.9
     assert not hasattr(reward, "embed_images")  # not CLIP-based: RFT maximises it directly
+
+
+def test_exact_judge_reward_is_the_judge_and_redness_pays_for_red_only():
+    from align.rewards import build_reward
+
+    scene = (O(0, "red", "square"), O(3, "blue", "triangle"))
+    wrong = (O(0, "red", "square"), O(3, "red", "triangle"))
+    images = renders(scene, 2) + renders(wrong, 2)
+    caption = world.caption(scene)
+    exact = build_reward("align.demo.soft_judge:shapes-judge-exact")
+    scores = exact.score(as_tensor(images), [caption] * 4)
+    assert scores.tolist() == pytest.approx([judge(im, caption).value for im in images])
+    assert scores[0] == 1.0 and scores[2] < 1.0
+    red = build_reward("align.demo.soft_judge:shapes-redness").score(
+        as_tensor(images), [caption] * 4
+    )
+    assert red[2] > red[0] > 0  # the wrong image has more red, and scores higher

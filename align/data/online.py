@@ -8,7 +8,8 @@ seeds: image j of a prompt from seed ``seed + 10_000 * n + j``), scores and pair
 (``align.data.generated``) into ``<rounds>/round-<n>/rank-<r>/``, and the round reads every rank's
 shards through the ordinary Pick-a-Pic or KTO data module. Everything a round writes stays on disk
 (images, scores, shards); a resumed run reuses what exists, so it resumes at any point of a round
-without rendering or scoring twice. ``rounds`` defaults to ``<run dir>/rounds``.
+without rendering or scoring twice. ``rounds`` defaults to ``<run dir>/rounds`` (the first
+logger's directory when the config chooses its version).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
     def rounds_dir(self) -> Path:
         if self.rounds is not None:
             return Path(self.rounds)
-        run = getattr(self.trainer, "_align_run_dir", None)  # align fit's run directory
+        # align fit's run directory, else the first logger's (a config that names its version)
+        run = getattr(self.trainer, "_align_run_dir", None) or self.trainer.log_dir
         return Path(run or self.trainer.default_root_dir) / "rounds"
 
     def render(self, round_index: int, folder: Path, indices: list[int]) -> dict:

@@ -63,6 +63,11 @@ METHODS = {
         ],
     ),
     "grpo-redness": ("grpo_redness.yaml", []),  # a misspecified reward the monitor must catch
+    "online-dpo": ("online_dpo.yaml", []),
+    "online-dpo-flipped": (
+        "online_dpo.yaml",
+        ["--data.init_args.reward", "align.demo.soft_judge:shapes-judge-exact:-1"],
+    ),
 }
 PREFERENCE_MODEL = "preference_model.yaml"
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions
@@ -92,6 +97,7 @@ QUICK_ARGS = {
     "rft-judge": steps(8) + batch_of(8),
     "rft-clip": steps(8) + batch_of(8),
     "grpo": steps(4) + batch_of(2),
+    "online": ["--data.init_args.prompts_per_round", "16", "--trainer.max_epochs", "1"],
     "preference-model": steps(30),
 }
 

@@ -29,7 +29,7 @@ import torch
 
 from align.callbacks.run_dir import run_dir
 from align.data.prompt_files import read_prompts
-from align.rewards.weighted import WeightedReward
+from align.rewards.weighted import WeightedReward, parse_rewards
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,12 @@ class RewardMonitor(L.Callback):
     # ---- what ------------------------------------------------------------------------------------
     def scorers(self, device) -> tuple:
         if self._scorers is None:
-            pick = lambda spec: (
-                {  # noqa: E731
-                    k: v for k, v in self.sources.items() if k in spec
-                }
-                or None
-            )
-            reward = WeightedReward(self.reward_spec, pick(self.reward_spec)).to(device)
-            gold = WeightedReward(self.gold_spec, pick(self.gold_spec)).to(device)
+
+            def build(spec: str) -> WeightedReward:  # each reward gets the sources it names
+                mine = {k: v for k, v in self.sources.items() if k in parse_rewards(spec)}
+                return WeightedReward(spec, mine or None).to(device)
+
+            reward, gold = build(self.reward_spec), build(self.gold_spec)
             self._scorers = (reward, gold)
         return self._scorers
 

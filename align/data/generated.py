@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from align.data.convert_helpers import chunk_units
+from align.data.images import load_image
 from align.data.writer import Summary, write_shards
 
 SCORES = "scores.jsonl"
@@ -71,7 +72,7 @@ def score_images(
         for start in range(0, len(todo), batch_size):
             batch, pixels = [], []
             for key, image_path in todo[start : start + batch_size]:
-                image = load_rgb(image_path)
+                image, _ = load_image(image_path)
                 if image is None:
                     skipped["unreadable_image"] += 1
                     continue
@@ -203,18 +204,6 @@ def uid(row: dict) -> str:
 
 def key(row: dict) -> tuple[int, int]:
     return row["prompt_index"], row["seed"]
-
-
-def load_rgb(path: Path):
-    """The image at ``path`` as RGB, or None when it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception:  # any decoder failure: the image is skipped and counted
-        return None
 
 
 def plan(

@@ -65,3 +65,13 @@ def read_pair_meta(meta: object, drop_ties: bool) -> tuple[str, float]:
     if label_0 == 0.5 and drop_ties:
         raise SkipSample("tie")
     return caption, label_0
+
+
+def load_image(path) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, why it could not be read)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB"), None
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"

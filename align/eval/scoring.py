@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from PIL import Image
 
+from align.data.images import load_image
 from align.eval.layout import ImageEntry, ImageSet
 from align.eval.stats import Key
 
@@ -41,16 +40,6 @@ class ScoredSet:
             row.update({name: s[entry.key] for name, s in self.scores.items()})
             out.append(row)
         return out
-
-
-def load_image(path: Path) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) or (None, why it could not be read)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB"), None
-    except Exception as err:
-        return None, f"{type(err).__name__}: {err}"
 
 
 def score_columns(name: str, reward, images, prompts, batch_size: int) -> dict[str, list[float]]:

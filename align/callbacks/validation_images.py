@@ -60,7 +60,8 @@ class ValidationImages(L.Callback):
             the same noise each time.
         steps / guidance_scale / negative_prompt / height / width: sampling settings
             (default size: the model's).
-        scheduler: a diffusers scheduler class built from the model's scheduler config.
+        scheduler: a diffusers scheduler class built from the model's scheduler config (SD3 and
+            FLUX.1 sample with their own flow sampler whatever this says).
         at_start / at_end: also render before the first step / after the last.
         key: the logged image key (``val/images``).
     """
@@ -144,7 +145,10 @@ class ValidationImages(L.Callback):
 
         from align.models.sampling import policy_images
 
-        scheduler = getattr(diffusers, self.scheduler).from_config(pl_module.scheduler.config)
+        if pl_module.components.is_flow:
+            scheduler = pl_module.components.sampler()
+        else:
+            scheduler = getattr(diffusers, self.scheduler).from_config(pl_module.scheduler.config)
         return policy_images(
             pl_module,
             self.prompts,

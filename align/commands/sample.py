@@ -3,7 +3,7 @@
 Usage::
 
     align sample --checkpoint DIR|HUB_ID|PRESET --prompts FILE --out DIR [--images-per-prompt N]
-                 [--seed S] [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm] [--steps K]
+                 [--seed S] [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm|flow-euler] [--steps K]
                  [--guidance-scale G] [--batch-size B] [--height H --width W]
                  [--negative-prompt TEXT] [--dtype auto|fp32|bf16|fp16] [--device auto|cpu|cuda]
                  [--prompt-column NAME] [--dedupe|--no-dedupe] [--limit N]
@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of image 0 of every prompt; image j uses seed + j"
     )
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="unipc")
+    p.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="default: unipc (SD1.5, SDXL), flow-euler (SD3, FLUX.1)",
+    )
     p.add_argument(
         "--steps",
         type=int,

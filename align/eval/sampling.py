@@ -30,7 +30,7 @@ from align.eval.layout import (
 )
 from align.data.prompt_files import PromptSetError
 from align.models import load_components
-from align.models.sampling import resolve_encoder, text_arguments
+from align.models.sampling import denoiser_of, resolve_encoder, text_arguments
 
 # name -> (diffusers class, default steps)
 SCHEDULERS = {
@@ -40,8 +40,10 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", 50),
     "euler-a": ("EulerAncestralDiscreteScheduler", 50),
     "pndm": ("PNDMScheduler", 50),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", 28),  # SD3 / FLUX.1's own sampler
 }
-DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+# the pipelines' own defaults
+DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
 # settings that change the pixels: a resumed run must match them
 RENDER_KEYS = (
     "checkpoint",
@@ -89,9 +91,10 @@ def resolve_checkpoint(config: SampleConfig) -> tuple[str, str | None, str | Non
 @dataclass
 class SampleConfig:
     checkpoint: str
-    scheduler: str = "unipc"
-    steps: int | None = None  # default: the scheduler's (UniPC 25, DDIM 50, ...)
-    guidance_scale: float | None = None  # default: 7.5 for SD1.5, 5.0 for SDXL
+    scheduler: str | None = None  # default: unipc (SD1.5, SDXL), flow-euler (SD3, FLUX.1)
+    steps: int | None = None  # default: the scheduler's (UniPC 25, DDIM 50, flow Euler 28, ...)
+    # default: the pipeline's (SD1.5 7.5, SDXL 5.0, SD3 7.0, FLUX.1 3.5: its guidance embedding)
+    guidance_scale: float | None = None
     images_per_prompt: int = 1
     seed: int = 0
     batch_size: int = 8
@@ -156,6 +159,13 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
     )
 
 
+def pipeline_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The initial latents in the layout the pipeline takes: FLUX.1's packed 2 x 2 patches."""
+    if type(pipe).__name__ != "FluxPipeline":
+        return latents
+    return type(pipe)._pack_latents(latents, *latents.shape)
+
+
 def image_ok(path: Path) -> bool:
     """Whether ``path`` is a complete, decodable image (a kept image on resume)."""
     try:
@@ -184,21 +194,34 @@ def _versions() -> dict:
     }
 
 
+def scheduler_name(config: SampleConfig, components) -> str:
+    """The sampler: the configured one, else the family's default; flow models sample only with
+    the flow sampler (the others integrate a DDPM schedule)."""
+    name = config.scheduler or ("flow-euler" if components.is_flow else "unipc")
+    if components.is_flow != (name == "flow-euler"):
+        raise ValueError(
+            f"scheduler {name!r} does not sample a {components.family} model; "
+            + ("use flow-euler" if components.is_flow else "flow-euler is for SD3 / FLUX.1")
+        )
+    return name
+
+
 def render_settings(config: SampleConfig, components, dtype: torch.dtype) -> dict:
-    steps = config.steps or SCHEDULERS[config.scheduler][1]
+    scheduler = scheduler_name(config, components)
+    steps = config.steps or SCHEDULERS[scheduler][1]
     guidance = config.guidance_scale
     if guidance is None:
-        guidance = DEFAULT_GUIDANCE["sdxl" if components.is_sdxl else "sd15"]
+        guidance = DEFAULT_GUIDANCE[components.family]
     return {
         "checkpoint": config.checkpoint,
-        "scheduler": config.scheduler,
+        "scheduler": scheduler,
         "steps": int(steps),
         "guidance_scale": float(guidance),
         "height": int(config.height or components.resolution),
         "width": int(config.width or components.resolution),
         "negative_prompt": config.negative_prompt,
         "dtype": str(dtype).removeprefix("torch."),
-        "model_type": "sdxl" if components.is_sdxl else "sd15",
+        "model_type": components.family,
     }
 
 
@@ -241,7 +264,7 @@ def sample_images(
         raise PromptSetError("the prompt set is empty")
     if config.images_per_prompt < 1:
         raise ValueError("images_per_prompt must be at least 1")
-    if config.scheduler not in SCHEDULERS:
+    if config.scheduler is not None and config.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {config.scheduler!r}; known: {', '.join(SCHEDULERS)}")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -284,16 +307,17 @@ def sample_images(
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
 
     pipe = components.to_pipeline(
-        scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config)
+        scheduler=make_scheduler(settings["scheduler"], components.noise_scheduler.config)
     )
-    pipe = pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device=device, dtype=dtype)
+    denoiser = denoiser_of(pipe)
+    pipe = pipe.to(device) if denoiser.dtype == dtype else pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if lora:
         pipe.load_lora_weights(lora)
     if encoder is not None:
         encoder = resolve_encoder(encoder, pipe).to(device)
     latent_shape = (
-        pipe.unet.config.in_channels,
+        components.vae.config.latent_channels,
         settings["height"] // components.vae_scale_factor,
         settings["width"] // components.vae_scale_factor,
     )
@@ -310,7 +334,7 @@ def sample_images(
             guidance_scale=settings["guidance_scale"],
             height=settings["height"],
             width=settings["width"],
-            latents=initial_latents(seeds, latent_shape).to(device=device, dtype=dtype),
+            latents=pipeline_latents(pipe, initial_latents(seeds, latent_shape)).to(device, dtype),
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="pil",
         )

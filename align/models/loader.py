@@ -1,5 +1,5 @@
-"""One way to get Stable Diffusion components: a local diffusers directory, a hub id,
-or a named preset.
+"""One way to get a model's components (SD1.5, SDXL, SD3/SD3.5, FLUX.1): a local diffusers
+directory, a hub id, or a named preset.
 
 Real weights and presets go through the same ``SDComponents`` so that nothing downstream branches on
 where a model came from. Loading never runs remote code and reads safetensors
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from align.models.presets import PRESETS, get_preset
-from align.models.tokenizer import EOT_TOKEN, build_clip_tokenizer
+from align.models.presets import FLOW_FAMILIES, PRESETS, get_preset
+from align.models.tokenizer import EOT_TOKEN, build_clip_tokenizer, build_t5_tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -33,25 +33,58 @@ class ModelSourceError(ValueError):
     """The model source names nothing loadable; raised before any compute."""
 
 
+_PIPELINES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+# model_index.json's _class_name prefix -> family (the longest prefix first)
+_PIPELINE_PREFIXES = (
+    ("StableDiffusionXL", "sdxl"),
+    ("StableDiffusion3", "sd3"),
+    ("StableDiffusion", "sd15"),
+    ("Flux", "flux"),
+)
+_FAMILY_NAMES = "SD1.5, SDXL, SD3/SD3.5, FLUX.1"
+
+
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion (1.5 or XL) model,
-    as the modules and pipelines consume them."""
+    """The parts of a diffusion model (SD1.5, SDXL, SD3/SD3.5 or FLUX.1), as the modules and
+    pipelines consume them.
+
+    ``unet`` is the denoiser: the UNet of SD1.5/SDXL, the MMDiT or FLUX transformer of the flow
+    families. ``text_encoders`` / ``tokenizers`` in the pipeline's order (SD3: CLIP-L, CLIP-G, T5;
+    FLUX: CLIP-L, T5).
+    """
 
     unet: nn.Module
     vae: nn.Module
-    noise_scheduler: object  # a DDPMScheduler: the training-time forward process
+    # the training-time forward process: DDPMScheduler (UNets) or FlowMatchEulerDiscreteScheduler
+    noise_scheduler: object
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     source: str = ""
-    # the base's own sampler (PNDM for SD1.5, Euler for SDXL): exports ship it
+    # the base's own sampler (PNDM for SD1.5, Euler for SDXL, flow Euler): exports ship it
     inference_scheduler: object = None
     revision: str | None = None
     extras: tuple[str, ...] = ()  # the base's safety_checker / feature_extractor: exports keep them
+    family: str = "sd15"  # one of presets.FAMILIES
+    native_resolution: int | None = None  # presets say; else from the denoiser's config
 
     @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        return self.family == "sdxl"
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline's name for the denoiser (its folder, its LoRA keys' prefix)."""
+        return "transformer" if self.is_flow else "unet"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -59,27 +92,31 @@ class SDComponents:
 
     @property
     def resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        if self.native_resolution:
+            return self.native_resolution
+        # FLUX's transformer has no sample size: its pipeline's default is 128 latent pixels
+        return (getattr(self.unet.config, "sample_size", None) or 128) * self.vae_scale_factor
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, _PIPELINES[self.family])
 
     def to_pipeline(self, unet: nn.Module | None = None, scheduler=None):
-        """A diffusers StableDiffusion(XL)Pipeline over these components
-        (``unet`` overrides the policy)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        kwargs = dict(
-            vae=self.vae,
-            unet=unet if unet is not None else self.unet,
-            scheduler=scheduler or self.noise_scheduler,
-            text_encoder=self.text_encoders[0],
-            tokenizer=self.tokenizers[0],
-        )
-        if self.is_sdxl:
-            return StableDiffusionXLPipeline(
-                text_encoder_2=self.text_encoders[1], tokenizer_2=self.tokenizers[1], **kwargs
+        """A diffusers pipeline of the model's family over these components (``unet`` overrides
+        the denoiser)."""
+        denoiser = unet if unet is not None else self.unet
+        kwargs = dict(vae=self.vae, scheduler=scheduler or self.noise_scheduler)
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        for i, (encoder, tokenizer) in enumerate(zip(self.text_encoders, self.tokenizers)):
+            kwargs[names[i]] = encoder
+            kwargs[names[i].replace("text_encoder", "tokenizer")] = tokenizer
+        kwargs[self.denoiser_name] = denoiser
+        if self.family == "sd15":
+            kwargs.update(
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
-        return StableDiffusionPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs
-        )
+        return self.pipeline_class()(**kwargs)
 
     def sampler(self):
         """A fresh copy of the base's own sampler on the training schedule (betas and prediction
@@ -128,20 +165,19 @@ def point_posterior(vae: nn.Module) -> None:
 def build_preset(name: str, seed: int = 0) -> SDComponents:
     """Build a preset with random weights; ``seed`` makes them identical on every rank and every
     run."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        UNet2DConditionModel,
-    )
+    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     preset = get_preset(name)
+    family = preset.family
+    denoiser_cls = {
+        "sd3": diffusers.SD3Transformer2DModel,
+        "flux": diffusers.FluxTransformer2DModel,
+    }.get(family, diffusers.UNet2DConditionModel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**preset.unet)
-        vae = AutoencoderKL(**preset.vae)
+        denoiser = denoiser_cls(**preset.denoiser)
+        vae = diffusers.AutoencoderKL(**preset.vae)
         if name.startswith("tiny"):
             point_posterior(vae)
         text_encoders, tokenizers = [], []
@@ -154,27 +190,70 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
                 pad_token_id=1,
                 **cfg,
             )
-            cls = CLIPTextModelWithProjection if (preset.is_sdxl and i == 1) else CLIPTextModel
+            # SDXL's second and both of SD3's CLIPs hand over their projection (pooled output)
+            projected = family == "sd3" or (family == "sdxl" and i == 1)
+            cls = CLIPTextModelWithProjection if projected else CLIPTextModel
             text_encoders.append(cls(config))
-            tokenizers.append(
-                build_clip_tokenizer(pad_token="!" if (preset.is_sdxl and i == 1) else EOT_TOKEN)
+            pad = "!" if family in ("sdxl", "sd3") and i == 1 else EOT_TOKEN
+            tokenizers.append(build_clip_tokenizer(pad_token=pad))
+        if preset.t5 is not None:
+            from transformers import T5Config, T5EncoderModel
+
+            tokenizers.append(build_t5_tokenizer())
+            t5 = {"vocab_size": len(tokenizers[-1]), **preset.t5}
+            text_encoders.append(T5EncoderModel(T5Config(**t5, pad_token_id=0, eos_token_id=1)))
+    if family in FLOW_FAMILIES:
+        noise = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler)
+        sampler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(noise.config)
+    else:
+        noise = diffusers.DDPMScheduler(**preset.scheduler)
+        # the SD1.5 / SDXL bases' samplers, as their scheduler configs set them
+        sampler = (
+            diffusers.EulerDiscreteScheduler.from_config(noise.config)
+            if family == "sdxl"
+            else diffusers.PNDMScheduler.from_config(
+                noise.config, skip_prk_steps=True, set_alpha_to_one=False
             )
-    noise = DDPMScheduler(**preset.scheduler)
-    # the SD1.5 / SDXL bases' samplers, as their scheduler configs set them
-    sampler = (
-        EulerDiscreteScheduler.from_config(noise.config)
-        if preset.is_sdxl
-        else PNDMScheduler.from_config(noise.config, skip_prk_steps=True, set_alpha_to_one=False)
-    )
+        )
+    for module in (denoiser, vae, *text_encoders):  # as from_pretrained hands them over
+        module.eval()
     return SDComponents(
-        unet=unet,
+        unet=denoiser,
         vae=vae,
         noise_scheduler=noise,
         tokenizers=tokenizers,
         text_encoders=text_encoders,
         source=f"preset:{name}",
         inference_scheduler=sampler,
+        family=family,
+        native_resolution=preset.resolution,
     )
+
+
+def model_family(index: dict, source: str) -> str:
+    """The family of a pipeline from its ``model_index.json`` (its ``_class_name``)."""
+    name = str(index.get("_class_name", ""))
+    for prefix, family in _PIPELINE_PREFIXES:
+        if name.startswith(prefix):
+            return family
+    raise ModelSourceError(
+        f"model {source!r} is a {name or 'pipeline of unknown class'}; align trains the "
+        f"{_FAMILY_NAMES} families (StableDiffusion[XL|3]Pipeline or FluxPipeline layouts)"
+    )
+
+
+def _load_part(where: str, name: str, index: dict, weights: dict):
+    """One component as model_index.json names it (library, class); tokenizers through
+    AutoTokenizer, which reads whichever tokenizer files the folder holds."""
+    import importlib
+
+    library, cls_name = index[name]
+    if name.startswith("tokenizer"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(where, subfolder=name, revision=weights["revision"])
+    cls = getattr(importlib.import_module(library), cls_name)
+    return cls.from_pretrained(where, subfolder=name, **weights)
 
 
 def load_pretrained(
@@ -183,11 +262,11 @@ def load_pretrained(
     variant: str | None = None,
     revision: str | None = None,
 ) -> SDComponents:
-    """Load every component from a local diffusers directory or a hub id (SD1.5- or SDXL-layout);
-    ``variant`` (e.g. ``fp16``) and ``revision`` pass through to ``from_pretrained``."""
+    """Load every component from a local diffusers directory or a hub id (an SD1.5, SDXL, SD3 or
+    FLUX.1 layout); ``variant`` (e.g. ``fp16``) and ``revision`` pass through to
+    ``from_pretrained``."""
     import diffusers
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDPMScheduler, DiffusionPipeline
 
     where = _where(source, "model")
     try:
@@ -197,55 +276,49 @@ def load_pretrained(
         raise ModelSourceError(
             f"could not read model_index.json of model {source!r}: {err}{_offline_hint(source)}"
         ) from err
+    family = model_family(index, source)
     weights = dict(
         revision=revision,
         variant=variant,
         **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}),
     )
+    encoders = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if index.get(n)]
+    denoiser_name = "transformer" if family in FLOW_FAMILIES else "unet"
     try:
-        text_encoders = [CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights)]
+        text_encoders = [_load_part(where, n, index, weights) for n in encoders]
         tokenizers = [
-            CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=revision)
+            _load_part(where, n.replace("text_encoder", "tokenizer"), index, weights)
+            for n in encoders
         ]
-        if "text_encoder_2" in index:
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(
-                    where, subfolder="text_encoder_2", **weights
-                )
-            )
-            tokenizers.append(
-                CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", revision=revision)
-            )
-        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights)
-        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **weights)
-    except (OSError, ValueError) as err:
+        denoiser = _load_part(where, denoiser_name, index, weights)
+        vae = _load_part(where, "vae", index, weights)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         what = f" variant {variant!r}" if variant else ""
         raise ModelSourceError(
             f"could not load the weights{what} of model {source!r}: {err}"
         ) from err
-    # the base's own sampler class (model_index) from its scheduler config;
-    # training's DDPM from the same
-    sampler_cls = getattr(
-        diffusers, (index.get("scheduler") or [None, "DDPMScheduler"])[1], DDPMScheduler
-    )
-    # the file, as is
+    # the base's own sampler class (model_index) from its scheduler config
+    default = "FlowMatchEulerDiscreteScheduler" if family in FLOW_FAMILIES else "DDPMScheduler"
+    sampler_cls = getattr(diffusers, (index.get("scheduler") or [None, default])[1])
     config = DDPMScheduler.load_config(where, subfolder="scheduler", revision=revision)
+    # training's forward process from the same file: DDPM for the UNets, the flow itself else
+    noise_cls = sampler_cls if family in FLOW_FAMILIES else DDPMScheduler
     extras = tuple(
         k
         for k in ("safety_checker", "feature_extractor")
         if (index.get(k) or [None, None])[1] is not None
     )
-    sampler = sampler_cls.from_config(config)
     return SDComponents(
-        unet=unet,
+        unet=denoiser,
         vae=vae,
-        noise_scheduler=DDPMScheduler.from_config(config),
+        noise_scheduler=noise_cls.from_config(config),
         tokenizers=tokenizers,
         text_encoders=text_encoders,
         source=source,
-        inference_scheduler=sampler,
+        inference_scheduler=sampler_cls.from_config(config),
         revision=revision,
-        extras=extras if len(extras) == 2 else (),
+        extras=extras if len(extras) == 2 and family == "sd15" else (),
+        family=family,
     )
 
 
@@ -270,7 +343,7 @@ def _offline_hint(source: str) -> str:
 
 def load_vae(source: str, unet: nn.Module, torch_dtype: torch.dtype | None = None) -> nn.Module:
     """Another VAE for the model (e.g. ``madebyollin/sdxl-vae-fp16-fix``): a VAE directory or hub
-    id, or a pipeline's ``vae`` subfolder. Its latent channels must be the UNet's."""
+    id, or a pipeline's ``vae`` subfolder. Its latent channels must be the denoiser's."""
     from diffusers import AutoencoderKL
 
     where = _where(source, "vae")
@@ -286,10 +359,12 @@ def load_vae(source: str, unet: nn.Module, torch_dtype: torch.dtype | None = Non
         raise ModelSourceError(
             f"could not load vae {source!r}: {errors[-1]}{_offline_hint(source)}"
         )
-    if vae.config.latent_channels != unet.config.in_channels:
+    # FLUX packs 2 x 2 latent pixels into one token: 4 channels per latent channel
+    takes = unet.config.in_channels // (4 if type(unet).__name__.startswith("Flux") else 1)
+    if vae.config.latent_channels != takes:
         raise ModelSourceError(
-            f"vae {source!r} has {vae.config.latent_channels} latent channels, the UNet "
-            f"takes {unet.config.in_channels}: not a VAE of this model family"
+            f"vae {source!r} has {vae.config.latent_channels} latent channels, the denoiser "
+            f"takes {takes}: not a VAE of this model family"
         )
     return vae
 
@@ -302,8 +377,8 @@ def load_components(
     variant: str | None = None,
     revision: str | None = None,
 ) -> SDComponents:
-    """Components from a preset name (``tiny``, ``tiny-xl``, ``sd15-arch``, ``sdxl-arch``), a local
-    diffusers directory or a hub id. Presets win over directories of the same name only when no such
+    """Components from a preset name (``align.models.PRESETS``), a local diffusers directory or a
+    hub id. Presets win over directories of the same name only when no such
     directory exists. ``vae`` replaces the model's VAE (``load_vae``)."""
     if source in PRESETS and not Path(source).is_dir():
         parts = build_preset(source, seed=seed)

@@ -1,10 +1,12 @@
 """Named model presets built from config with random weights.
 
-``tiny`` / ``tiny-xl`` are SD1.5- and SDXL-shaped models small enough for CPU tests and the embedded
-default (in the style of diffusers' own tiny test components); ``sd15-arch`` / ``sdxl-arch`` are the
-real architectures with random weights, for speed and memory benchmarks without downloading
-anything.
-Every preset uses the real CLIP tokenizer (built offline), so token ids match SD's exactly.
+``tiny`` / ``tiny-xl`` / ``tiny-sd3`` / ``tiny-flux`` are SD1.5-, SDXL-, SD3- and FLUX.1-shaped
+models small enough for CPU tests and the embedded default (in the style of diffusers' own tiny test
+components); ``sd15-arch`` / ``sdxl-arch`` / ``sd35-arch`` (SD3.5 Medium) / ``flux-arch`` (FLUX.1
+dev) are the real architectures with random weights, for speed and memory benchmarks without
+downloading anything. Every preset uses the real CLIP tokenizer (built offline), so CLIP token ids
+match the real models'; the T5 tokenizer of the SD3/FLUX presets is character-level (built offline:
+the real one's vocabulary cannot be downloaded), so their T5 ids differ from the real T5's.
 """
 
 from __future__ import annotations
@@ -128,32 +130,148 @@ _UNET_SDXL = dict(
 )
 
 
+# flow matching: SD3 (stabilityai/stable-diffusion-3.5-medium) and FLUX.1 (black-forest-labs/
+# FLUX.1-dev), as their transformer, vae, scheduler and text_encoder_3 configs set them
+_FLOW_SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
+_FLOW_FLUX = {
+    **_FLOW_SD3,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_VAE_FLOW = {
+    **_VAE_SD,
+    "sample_size": 1024,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_VAE_TINY_SD3 = {**_VAE_TINY, "latent_channels": 16, "shift_factor": 0.0609}
+_VAE_TINY_FLUX = {**_VAE_TINY, "latent_channels": 16, "shift_factor": 0.1159}
+_T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+)
+_T5_TINY = dict(d_model=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+_SD35_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+_SD3_TINY = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=64,  # the T5 width; both CLIPs' 32 + 32 are zero-padded to it
+    caption_projection_dim=32,
+    pooled_projection_dim=64,  # both CLIPs' projections, concatenated
+    pos_embed_max_size=16,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+_FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+_FLUX_TINY = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels packed 2 x 2
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything needed to build one model family with random weights."""
 
-    unet: dict[str, Any]
+    family: str  # one of FAMILIES
+    denoiser: dict[
+        str, Any
+    ]  # UNet2DConditionModel / SD3Transformer2DModel / FluxTransformer2DModel
     vae: dict[str, Any]
-    text_encoders: list[dict[str, Any]]  # one (SD1.5) or two (SDXL) CLIP text configs
+    # CLIP text configs: SD1.5 one, SDXL two, SD3 two (L, G), FLUX one (L)
+    text_encoders: list[dict[str, Any]]
     resolution: int  # native image size in pixels
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER))
+    t5: dict[str, Any] | None = None  # SD3 / FLUX: the T5 encoder's config
 
     @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        return self.family == "sdxl"
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(unet=_UNET_TINY, vae=_VAE_TINY, text_encoders=[_CLIP_TINY], resolution=32),
-    "tiny-xl": Preset(
-        unet=_UNET_TINY_XL, vae=_VAE_TINY, text_encoders=[_CLIP_TINY, _CLIP_TINY], resolution=32
+    "tiny": Preset("sd15", _UNET_TINY, _VAE_TINY, [_CLIP_TINY], resolution=32),
+    "tiny-xl": Preset("sdxl", _UNET_TINY_XL, _VAE_TINY, [_CLIP_TINY, _CLIP_TINY], resolution=32),
+    "tiny-sd3": Preset(
+        "sd3", _SD3_TINY, _VAE_TINY_SD3, [_CLIP_TINY] * 2, 32, dict(_FLOW_SD3), _T5_TINY
     ),
-    "sd15-arch": Preset(unet=_UNET_SD15, vae=_VAE_SD, text_encoders=[_CLIP_L], resolution=512),
+    "tiny-flux": Preset(
+        "flux", _FLUX_TINY, _VAE_TINY_FLUX, [_CLIP_TINY], 32, dict(_FLOW_FLUX), _T5_TINY
+    ),
+    "sd15-arch": Preset("sd15", _UNET_SD15, _VAE_SD, [_CLIP_L], resolution=512),
     "sdxl-arch": Preset(
-        unet=_UNET_SDXL,
+        "sdxl",
+        _UNET_SDXL,
         vae={**_VAE_SD, "sample_size": 1024, "scaling_factor": 0.13025},
         text_encoders=[{**_CLIP_L, "hidden_act": "quick_gelu"}, _CLIP_BIGG],
         resolution=1024,
+    ),
+    "sd35-arch": Preset(
+        "sd3",
+        _SD35_MEDIUM,
+        {**_VAE_FLOW, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        [_CLIP_L, _CLIP_BIGG],
+        1024,
+        dict(_FLOW_SD3),
+        _T5_XXL,
+    ),
+    "flux-arch": Preset(
+        "flux",
+        _FLUX_DEV,
+        {**_VAE_FLOW, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        [_CLIP_L],
+        1024,
+        dict(_FLOW_FLUX),
+        _T5_XXL,
     ),
 }
 

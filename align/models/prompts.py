@@ -8,6 +8,10 @@ this one interface, so SD1.5, SDXL and the segment-level
 * SDXL: penultimate hidden states of both encoders concatenated (768 + 1280), pooled = the projected
   output of encoder 2 (``text_embeds``), as the official Diffusion-DPO SDXL code and diffusers'
   pipeline compute them.
+* SD3: both CLIPs' penultimate hidden states concatenated, zero-padded to T5's width, then T5's
+  last hidden state appended along the sequence; pooled = both CLIPs' projections concatenated
+  (``StableDiffusion3Pipeline.encode_prompt``).
+* FLUX.1: T5's last hidden state; pooled = CLIP-L's pooled output (``FluxPipeline.encode_prompt``).
 """
 
 from __future__ import annotations
@@ -66,17 +70,60 @@ class SDXLPromptEncoder(nn.Module):
         return PromptEmbeds(torch.cat(hidden, dim=-1), pooled)
 
 
+class T5PromptEncoder(nn.Module):
+    """SD3 and FLUX.1: CLIP encoders for the pooled vector (and SD3's first rows) and T5 for the
+    sequence, padded to ``max_sequence_length`` tokens (the pipelines' defaults: SD3 256, FLUX
+    512)."""
+
+    def __init__(self, family: str, tokenizers: list, text_encoders: list[nn.Module], **kwargs):
+        super().__init__()
+        unknown = set(kwargs) - {"max_sequence_length"}
+        if unknown:
+            raise ValueError(
+                f"the {family} prompt encoder takes max_sequence_length, not {unknown}"
+            )
+        self.family, self.tokenizers = family, list(tokenizers)
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.max_sequence_length = kwargs.get(
+            "max_sequence_length", 256 if family == "sd3" else 512
+        )
+
+    def forward(self, captions: list[str]) -> PromptEmbeds:
+        *clips, t5 = self.text_encoders
+        ids = tokenize(self.tokenizers[-1], captions, self.max_sequence_length).to(_device(t5))
+        sequence = t5(ids)[0]
+        if self.family == "flux":
+            ids = tokenize(self.tokenizers[0], captions).to(_device(clips[0]))
+            return PromptEmbeds(sequence, clips[0](ids).pooler_output)
+        hidden, pooled = [], []
+        for tokenizer, encoder in zip(self.tokenizers, clips):
+            out = encoder(
+                tokenize(tokenizer, captions).to(_device(encoder)), output_hidden_states=True
+            )
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(hidden, dim=-1)
+        clip = nn.functional.pad(clip, (0, sequence.shape[-1] - clip.shape[-1]))
+        return PromptEmbeds(torch.cat([clip, sequence], dim=-2), torch.cat(pooled, dim=-1))
+
+
 def build_prompt_encoder(components, kind: str = "clip", **kwargs) -> nn.Module:
-    """The prompt encoder for ``components``: ``clip``
-    (SD1.5 or SDXL by the model) or ``segment`` (LongAlign)."""
+    """The prompt encoder for ``components``: ``clip`` (the model's own text encoding: SD1.5,
+    SDXL, SD3 or FLUX.1) or ``segment`` (LongAlign, SD1.5 only)."""
+    family = getattr(components, "family", "sdxl" if components.is_sdxl else "sd15")
     if kind == "clip":
+        if family in ("sd3", "flux"):
+            return T5PromptEncoder(
+                family, components.tokenizers, components.text_encoders, **kwargs
+            )
         if components.is_sdxl:
             return SDXLPromptEncoder(components.tokenizers, components.text_encoders)
         return CLIPPromptEncoder(components.tokenizers[0], components.text_encoders[0])
     if kind == "segment":
-        if components.is_sdxl:
+        if family != "sd15":
             raise ValueError(
-                "the segment encoder follows LongAlign, which conditions SD1.5-style (one CLIP)"
+                f"the segment encoder follows LongAlign, which conditions SD1.5-style (one CLIP); "
+                f"this model is {family}: use prompt_encoder: clip"
             )
         return SegmentTextEncoder(components.tokenizers[0], components.text_encoders[0], **kwargs)
     raise ValueError(f"unknown prompt encoder {kind!r}; expected 'clip' or 'segment'")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from align.models.embeds import PromptEmbeds
+from align.models.loader import model_family
 from align.models.prompts import build_prompt_encoder
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,24 @@ SPEC_FILE = "prompt_encoder.json"
 ADAPTER_DIR = "text_adapter"
 
 
+def denoiser_of(pipeline) -> nn.Module:
+    """A pipeline's UNet (SD1.5, SDXL) or transformer (SD3, FLUX.1)."""
+    unet = getattr(pipeline, "unet", None)
+    return unet if unet is not None else pipeline.transformer
+
+
 def _parts(pipeline) -> SimpleNamespace:
     """What ``build_prompt_encoder`` needs, from a pipeline or an ``SDComponents``."""
     if hasattr(pipeline, "text_encoders"):  # SDComponents
         return pipeline
-    encoders = [pipeline.text_encoder] + (
-        [pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None) is not None else []
-    )
-    tokenizers = [pipeline.tokenizer] + (
-        [pipeline.tokenizer_2] if getattr(pipeline, "tokenizer_2", None) is not None else []
-    )
+    names = ("", "_2", "_3")
+    present = [n for n in names if getattr(pipeline, f"text_encoder{n}", None) is not None]
+    family = model_family({"_class_name": type(pipeline).__name__}, type(pipeline).__name__)
     return SimpleNamespace(
-        text_encoders=encoders, tokenizers=tokenizers, is_sdxl=len(encoders) == 2
+        text_encoders=[getattr(pipeline, f"text_encoder{n}") for n in present],
+        tokenizers=[getattr(pipeline, f"tokenizer{n}") for n in present],
+        is_sdxl=family == "sdxl",
+        family=family,
     )
 
 
@@ -158,7 +165,7 @@ def text_arguments(
         "prompt_embeds": cond.embeds.to(device, dtype),
         "negative_prompt_embeds": uncond.embeds.to(device, dtype),
     }
-    if cond.pooled is not None:  # SDXL
+    if cond.pooled is not None:  # SDXL, SD3, FLUX.1
         kwargs["pooled_prompt_embeds"] = cond.pooled.to(device, dtype)
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled.to(device, dtype)
     return kwargs
@@ -204,7 +211,7 @@ def generate(
         output_type=output_type,
         **pipeline_kwargs,
     )
-    param = next(pipe.unet.parameters())
+    param = next(denoiser_of(pipe).parameters())
     text = text_arguments(
         resolve_encoder(encoder, pipe), prompts, negative_prompt, param.device, param.dtype
     )

@@ -103,3 +103,20 @@ def build_clip_tokenizer(pad_token: str = EOT_TOKEN):
         write_clip_tokenizer_files(tmp, pad_token=pad_token)
         os.replace(tmp, path) if not path.exists() else None
     return CLIPTokenizer.from_pretrained(str(path))
+
+
+def build_t5_tokenizer():
+    """A character-level T5 tokenizer for the SD3/FLUX presets, built offline.
+
+    The real T5 vocabulary (32,128 sentencepiece ids) cannot be downloaded here; the presets' T5
+    encoders have random weights anyway, so any tokenizer of the same class serves. Every printable
+    character is a piece (with and without the word-start marker), so no caption maps to <unk>.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)

@@ -1,10 +1,12 @@
 """The LightningModule every objective builds on.
 
-It owns the trainable UNet (full or LoRA via peft), the frozen reference (a frozen copy, or with
-LoRA the same UNet with adapters disabled: one UNet of memory instead of two), the frozen VAE and
-prompt encoder, the noise and timestep sampling (shared within a group, e.g. the two images of a DPO
-pair), caption dropout, and export in diffusers format. Objective subclasses implement
-``training_step`` in a few lines on top of ``encode_batch`` and ``unet_errors``.
+It owns the trainable denoiser (the UNet of SD1.5/SDXL or the flow transformer of SD3/FLUX.1; full
+or LoRA via peft), the frozen reference (a frozen copy, or with LoRA the same denoiser with adapters
+disabled: one copy of memory instead of two), the frozen VAE and prompt encoder, the noise and
+timestep sampling (shared within a group, e.g. the two images of a DPO pair), caption dropout, and
+export in diffusers format. Objective subclasses implement ``training_step`` in a few lines on top
+of ``encode_batch`` and ``unet_errors``; the model family only changes what ``unet_errors``
+computes (epsilon / v for the UNets, the flow velocity for SD3/FLUX: ``align.models.flow``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from align.data.cached import model_fingerprint
 from align.models import load_components
 from align.models.embeds import PromptEmbeds
+from align.models.flow import FlowMatching, transformer_forward
 from align.models.prompts import build_prompt_encoder
 from align.modules.frozen import (
     adapters_disabled,
@@ -35,6 +38,26 @@ from align.modules.frozen import (
 from align.objectives.common import diffusion_target, per_sample_error
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# diffusers' SD3 / FLUX LoRA scripts' defaults (Flow-GRPO trains the same lists): joint attention of
+# both streams, and for FLUX the feed-forwards too
+FLOW_LORA_TARGETS = {
+    "sd3": (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ),
+}
+FLOW_LORA_TARGETS["flux"] = FLOW_LORA_TARGETS["sd3"] + (
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 EXPORT_INFO = "align_export.json"  # written beside a LoRA export: the base model it was trained on
 
 
@@ -62,10 +85,25 @@ class Float32Conv2d(torch.nn.Conv2d):
             return self._conv_forward(x.float(), self.weight.float(), bias)
 
 
-def float32_output(unet: torch.nn.Module) -> None:
-    """Run ``unet.conv_out`` in float32 (its weights and the state dict stay as they are)."""
-    if type(unet.conv_out) is torch.nn.Conv2d:
-        unet.conv_out.__class__ = Float32Conv2d
+class Float32Linear(torch.nn.Linear):
+    """A Linear that computes in float32 with autocast off, whatever its weights' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        if x.device.type not in ("cuda", "cpu", "xpu", "mps"):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def float32_output(denoiser: torch.nn.Module) -> None:
+    """Run the denoiser's last layer (a UNet's ``conv_out``, a transformer's ``proj_out``) in
+    float32 (its weights and the state dict stay as they are)."""
+    last = getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out", None)
+    if type(last) is torch.nn.Conv2d:
+        last.__class__ = Float32Conv2d
+    elif type(last) is torch.nn.Linear:
+        last.__class__ = Float32Linear
 
 
 def add_lora(
@@ -76,9 +114,17 @@ def add_lora(
     dropout: float = 0.0,
 ) -> None:
     """A trainable peft LoRA adapter (``default``) on ``unet``'s ``targets``
-    (module-name suffixes)."""
+    (module-name suffixes); a target that names no module fails here, naming it."""
     from peft import LoraConfig
 
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if ".attn." in n or "attn" in n})
+        raise ValueError(
+            f"lora_targets {missing} name no module of the {type(unet).__name__} (its attention "
+            f"layers: {leaves[:12]})"
+        )
     unet.add_adapter(
         LoraConfig(
             r=rank,
@@ -105,8 +151,9 @@ class DiffusionModule(L.LightningModule):
             returns (the T5 adapter).
         lora_rank: 0 trains the full UNet; > 0 trains a LoRA of that rank and uses the adapter-free
             UNet as the reference. ``lora_alpha`` (default: the rank), ``lora_targets`` (module-name
-            suffixes) and ``lora_dropout`` configure it; the export carries them
-            (``load_lora_weights`` rebuilds it).
+            suffixes; default the attention projections, for SD3/FLUX those of diffusers' LoRA
+            scripts: ``FLOW_LORA_TARGETS``) and ``lora_dropout`` configure it; the export carries
+            them (``load_lora_weights`` rebuilds it).
         reference: ``auto`` (a frozen copy for full fine-tuning, adapters-disabled for LoRA),
             ``copy`` or ``none`` (objectives without a reference, e.g. SFT).
         caption_dropout: probability of replacing a caption by the empty string.
@@ -133,6 +180,9 @@ class DiffusionModule(L.LightningModule):
             rounding is visible noise in the DPO logit: ``docs/benchmarks.md``).
         time_ids: SDXL's size conditioning: ``official`` (constant, as the Diffusion-DPO code) or
             ``image`` (each image's original size and crop).
+        flow: SD3/FLUX only: ``align.models.flow.FlowMatching``'s fields (``weighting_scheme``,
+            ``logit_mean``, ``logit_std``, ``mode_scale``, ``precondition_outputs``; FLUX dev's
+            training ``guidance``).
         optimizer / lr_scheduler: injected by LightningCLI
             (``class_path`` + ``init_args`` in the config).
     """
@@ -149,7 +199,7 @@ class DiffusionModule(L.LightningModule):
         prompt_encoder_args: dict | None = None,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
-        lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
+        lora_targets: list[str] | None = None,
         lora_dropout: float = 0.0,
         reference: str = "auto",
         caption_dropout: float = 0.0,
@@ -163,6 +213,7 @@ class DiffusionModule(L.LightningModule):
         frozen_dtype: str | None = None,
         fp32_output: bool = True,
         time_ids: str = "official",
+        flow: dict | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -182,6 +233,11 @@ class DiffusionModule(L.LightningModule):
             model, seed=seed, vae=vae, variant=variant, revision=revision
         )
         parts = self.components
+        if flow is not None and not parts.is_flow:
+            raise ValueError(f"flow settings apply to SD3/FLUX models; {model!r} is {parts.family}")
+        # the family's script default: logit-normal (SD3), uniform (FLUX)
+        scheme = {"weighting_scheme": "none" if parts.family == "flux" else "logit_normal"}
+        self.flow = FlowMatching(**{**scheme, **(flow or {})}) if parts.is_flow else None
         self.vae = freeze(parts.vae)
         self.prompt_encoder = freeze(
             build_prompt_encoder(parts, prompt_encoder, **(prompt_encoder_args or {}))
@@ -198,7 +254,8 @@ class DiffusionModule(L.LightningModule):
         self.use_lora_reference = self.needs_reference and reference == "auto" and use_lora
         if use_lora:
             self.unet.requires_grad_(False)
-            add_lora(self.unet, lora_rank, lora_alpha, lora_targets, lora_dropout)
+            default = FLOW_LORA_TARGETS.get(parts.family, DEFAULT_LORA_TARGETS)
+            add_lora(self.unet, lora_rank, lora_alpha, lora_targets or default, lora_dropout)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # the reference too: cuDNN would otherwise convert its every conv input to NHWC
@@ -221,7 +278,7 @@ class DiffusionModule(L.LightningModule):
             for part in self.trainable_prompt_parts():  # a trainable adapter stays in float32
                 part.float()
         self.scheduler = parts.noise_scheduler
-        self.prediction_type = self.scheduler.config.prediction_type
+        self.prediction_type = "flow" if parts.is_flow else self.scheduler.config.prediction_type
         self.timestep_range = check_timestep_range(
             timestep_range, self.scheduler.config.num_train_timesteps
         )
@@ -363,7 +420,8 @@ class DiffusionModule(L.LightningModule):
         # randn_like follows the memory layout, so the same seed would give the image and cached
         # paths different noise
         latents = DiagonalGaussianDistribution(moments.float()).sample(self.generator).contiguous()
-        return latents * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs
+        return (latents - shift) * self.vae.config.scaling_factor
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor | None:
         """SDXL's added time ids: original (h, w), crop (top, left), target (h, w). ``official``
@@ -392,12 +450,11 @@ class DiffusionModule(L.LightningModule):
         )
         noise = noise.to(latents.device).repeat(group, *([1] * (latents.ndim - 1)))
         low, high = self.timestep_range
-        t = (
-            torch.randint(low, high, (n,), generator=gen, device=gen.device)
-            .to(latents.device)
-            .repeat(group)
-        )
-        return noise, t
+        if self.flow is not None:
+            t = self.flow.sample_timesteps(self.scheduler, n, gen, low, high)
+        else:
+            t = torch.randint(low, high, (n,), generator=gen, device=gen.device)
+        return noise, t.to(latents.device).repeat(group)
 
     # ---- denoising errors ------------------------------------------------------------------------
     def unet_forward(
@@ -408,6 +465,9 @@ class DiffusionModule(L.LightningModule):
         cond: PromptEmbeds,
         time_ids: torch.Tensor | None,
     ) -> torch.Tensor:
+        if self.flow is not None:
+            family, guidance = self.components.family, self.flow.guidance
+            return transformer_forward(family, unet, noisy, t, cond, guidance)
         # a frozen reference may be stored in bf16 (frozen_dtype) while the policy is float32
         dtype = unet.dtype
         pooled = None if cond.pooled is None else cond.pooled.to(dtype)
@@ -423,10 +483,10 @@ class DiffusionModule(L.LightningModule):
     ):
         """Per-sample denoising error (N,) of the policy,
         or of the reference with ``reference=True``."""
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
+        noisy = self.noisy_latents(latents, noise, t)
         if not reference:
-            return per_sample_error(self.unet_forward(self.unet, noisy, t, cond, time_ids), target)
+            pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
+            return self.prediction_error(pred, latents, noise, noisy, t)
         with no_grad_mode(self.hparams.reference_inference_mode):
             if self.use_lora_reference:
                 with adapters_disabled(self.unet):
@@ -437,8 +497,23 @@ class DiffusionModule(L.LightningModule):
                 raise RuntimeError(
                     f"{type(self).__name__} has no reference model (reference='none')"
                 )
-            err = per_sample_error(pred, target)
+            err = self.prediction_error(pred, latents, noise, noisy, t)
         return err.clone()  # a normal tensor again, usable by autograd outside inference mode
+
+    def noisy_latents(self, latents, noise, t) -> torch.Tensor:
+        if self.flow is not None:
+            return self.flow.noisy(latents, noise, t, self.scheduler)
+        return self.scheduler.add_noise(latents, noise, t)
+
+    def prediction_error(self, pred, latents, noise, noisy, t) -> torch.Tensor:
+        """Per-sample error (N,) of a prediction against the family's target."""
+        if self.flow is not None:  # align.models.flow
+            args = (pred, latents, noise, noisy, t, self.scheduler)
+            err = per_sample_error(*self.flow.prediction_and_target(*args))
+            weights = self.flow.weights(t, self.scheduler)
+            return err if weights is None else err * weights.to(err).detach()
+        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
+        return per_sample_error(pred, target)
 
     # ---- logging, optimisation, export -----------------------------------------------------------
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
@@ -529,15 +604,17 @@ class DiffusionModule(L.LightningModule):
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            layers = get_peft_model_state_dict(self.unet)
+            if not self.components.is_flow:  # the transformers' scripts save peft's own keys
+                layers = convert_state_dict_to_diffusers(layers)
             out.mkdir(parents=True, exist_ok=True)
             # the adapter's config (alpha, targets, dropout) travels in the file's metadata, so that
             # load_lora_weights rebuilds the trained scale alpha / rank, not alpha = rank
             config = self.unet.peft_config["default"].to_dict()
-            type(self.components.to_pipeline()).save_lora_weights(
+            name = self.components.denoiser_name  # unet / transformer
+            self.components.pipeline_class().save_lora_weights(
                 str(out),
-                unet_lora_layers=layers,
-                unet_lora_adapter_metadata=config,
+                **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config},
                 safe_serialization=True,
             )
             # what the adapter applies to, so `align sample --checkpoint <this dir>` needs nothing

@@ -34,6 +34,11 @@ class SFTModule(DiffusionModule):
 
     def __init__(self, snr_gamma: float | None = None, **kwargs):
         super().__init__(**kwargs)
+        if snr_gamma is not None and self.flow is not None:
+            raise ValueError(
+                "snr_gamma (Min-SNR) weights DDPM timesteps; a flow model's loss weighting is "
+                "flow.weighting_scheme (sigma_sqrt, cosmap, or none)"
+            )
         self.snr_gamma = snr_gamma
 
     def denoise(self, batch: dict) -> DenoiseOutput:
@@ -42,9 +47,14 @@ class SFTModule(DiffusionModule):
         latents = self.encode_latents(batch)
         noise, t = self.sample_noise(latents)
         time_ids = self.time_ids(batch, latents.shape[0])
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
+        noisy = self.noisy_latents(latents, noise, t)
         pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
+        if self.flow is not None:  # the flow target and weights (align.models.flow)
+            args = (pred, latents, noise, noisy, t, self.scheduler)
+            return denoise_loss(
+                *self.flow.prediction_and_target(*args), self.flow.weights(*args[4:])
+            )
+        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
         weights = None
         if self.snr_gamma is not None:
             weights = min_snr_weights(

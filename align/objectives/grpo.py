@@ -13,6 +13,13 @@ all equal carries no preference and is masked out (counted by the caller, never 
 PPO's clipped surrogate on the ratio exp(logp_new - logp_old), optionally plus beta * KL to the
 reference (the squared difference of the two transition means over 2 std^2: the Gaussians' exact
 KL, Flow-GRPO's estimate).
+
+``flow_sde_step_logprob`` is the same transition for flow matching (SD3, FLUX): Flow-GRPO's SDE
+step with the velocity v (yifan123/flow_grpo, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py,
+``sde_step_with_logprob``), with s the current sigma, dt = s_next - s < 0 and a the noise level:
+
+    std_t = a * sqrt(s / (1 - s)),  s = 1 taken as s_next in the denominator (the first step)
+    mean  = x + [v + std_t^2 / (2 s) * (x + (1 - s) v)] dt,  std = std_t * sqrt(-dt)
 """
 
 from __future__ import annotations
@@ -52,6 +59,60 @@ def ddim_step_logprob(
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.detach().float()
+    log_prob = (
+        -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
+    return prev_sample, log_prob.flatten(1).mean(dim=1), mean
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A float, a 0-d or an (N,) tensor as a tensor broadcasting against ``like`` (N, ...)."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value.view(-1, *[1] * (like.ndim - 1)) if value.ndim == 1 else value
+
+
+def flow_sde_std(
+    sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE noise scale std_t = a * sqrt(s / (1 - s)) and the transition's standard
+    deviation std_t * sqrt(s - s_next). At s = 1 (the first step) the official code puts
+    sigmas[1], the first step's s_next, in the denominator; so does this."""
+    sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+    std_t = noise_level * (sigma / (1 - torch.where(sigma == 1, sigma_next, sigma))).sqrt()
+    return std_t, std_t * (sigma - sigma_next).sqrt()
+
+
+def flow_sde_step_logprob(
+    velocity: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step from x_t = ``sample`` at ``sigma`` to ``sigma_next`` < ``sigma``
+    with the model's velocity (float32 at least). ``sigma`` and ``sigma_next``: floats, or (N,)
+    tensors, one per sample. ``noise_level`` is Flow-GRPO's a (its default 0.7).
+
+    Returns (x_next, log p(x_next | x_t) per sample (N,), the transition mean). Without
+    ``prev_sample`` x_next is drawn (``generator``); with it, its density is evaluated (the sample
+    is detached: only the mean carries the policy's gradient)."""
+    if noise_level <= 0:
+        raise ValueError(f"noise_level must be > 0 for a transition density, got {noise_level}")
+    dtype = torch.promote_types(torch.promote_types(velocity.dtype, sample.dtype), torch.float32)
+    velocity, sample = velocity.to(dtype), sample.to(dtype)
+    sigma, sigma_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
+    std_t, std = flow_sde_std(sigma, sigma_next, noise_level)
+    dt = sigma_next - sigma
+    mean = (
+        sample * (1 + std_t**2 / (2 * sigma) * dt)
+        + velocity * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    )
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+        prev_sample = mean.detach() + std * noise
+    prev_sample = prev_sample.detach().to(dtype)
     log_prob = (
         -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     )

@@ -49,9 +49,9 @@ def test_unreachable_hub_id_names_the_model(monkeypatch):
 def test_arch_presets_are_the_real_architectures():
     # checked on config only (building them is for benchmarks):
     # SD1.5 UNet is 320-640-1280-1280 with 768 cross-attn
-    assert PRESETS["sd15-arch"].unet["block_out_channels"] == [320, 640, 1280, 1280]
-    assert PRESETS["sdxl-arch"].unet["cross_attention_dim"] == 2048
-    assert PRESETS["sdxl-arch"].unet["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
+    assert PRESETS["sd15-arch"].denoiser["block_out_channels"] == [320, 640, 1280, 1280]
+    assert PRESETS["sdxl-arch"].denoiser["cross_attention_dim"] == 2048
+    assert PRESETS["sdxl-arch"].denoiser["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
 
 
 def test_another_vae_replaces_the_models_and_must_fit_its_unet(tmp_path, tiny_pipeline_dir):
@@ -71,7 +71,7 @@ def test_another_vae_replaces_the_models_and_must_fit_its_unet(tmp_path, tiny_pi
     AutoencoderKL(**{**PRESETS["tiny"].vae, "latent_channels": 8}).save_pretrained(
         tmp_path / "vae8"
     )
-    with pytest.raises(ModelSourceError, match="8 latent channels, the UNet takes 4"):
+    with pytest.raises(ModelSourceError, match="8 latent channels, the denoiser takes 4"):
         load_components("tiny", vae=str(tmp_path / "vae8"))
 
 

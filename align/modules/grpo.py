@@ -1,10 +1,12 @@
-"""GRPO for epsilon- and v-prediction UNets (SD1.5, SDXL): the policy learns from its own samples.
+"""GRPO for epsilon- and v-prediction UNets (SD1.5, SDXL) and flow transformers (SD3, FLUX.1):
+the policy learns from its own samples.
 
-Per batch of B prompts (DDPO's stochastic DDIM, Flow-GRPO's group advantages; ``align.objectives
-.grpo``):
+Per batch of B prompts (DDPO's stochastic DDIM or Flow-GRPO's SDE sampler, Flow-GRPO's group
+advantages; ``align.objectives.grpo``, ``align.modules.sampling``):
 
-1. sample G images per prompt with DDIM at ``eta`` > 0 and classifier-free guidance, keeping each
-   step's latents and log-probability (no gradients);
+1. sample G images per prompt with DDIM at ``eta`` > 0 (UNets) or the flow SDE at noise level
+   ``eta`` (flow models) and guidance, keeping each step's latents and log-probability (no
+   gradients);
 2. score the decoded images with the injected reward (one registry reward or a weighted sum);
    advantages are normalised within each prompt's group; a group whose rewards are all equal, or
    that holds a non-finite reward, has none (counted: ``train/groups_without_advantage``,
@@ -26,19 +28,21 @@ import torch
 
 from align.modules.base import DiffusionModule
 from align.modules.frozen import adapters_disabled, trainable_parameters
-from align.modules.sampling import DDIMSampling, ddim_timesteps
+from align.modules.sampling import PolicySampling
 from align.objectives.distributed import any_rank
-from align.objectives.grpo import ddim_std, ddim_step_logprob, group_advantages, grpo_loss
+from align.objectives.grpo import group_advantages, grpo_loss
 from align.rewards.weighted import WeightedReward
 
 
-class GRPOModule(DDIMSampling, DiffusionModule):
+class GRPOModule(PolicySampling, DiffusionModule):
     """GRPO with a reward injected by the config (``align.rewards.weighted.WeightedReward``).
 
     Args:
         reward: what the policy maximises (a registry reward or a weighted sum).
         group_size: images per prompt (G); advantages are normalised within each group.
-        num_steps / eta / guidance_scale: the DDIM sampler (eta > 0: every step has a density).
+        num_steps / eta / guidance_scale: the sampler (eta > 0: every step has a density). UNets:
+            DDIM's eta (DDPO: 1.0); flow models: Flow-GRPO's SDE noise level (its default 0.7);
+            FLUX.1's guidance is its embedding's (Flow-GRPO: 3.5), the others' CFG.
         train_steps: how many denoising steps each update trains on (DDPO's
             ``timestep_fraction``; default all), drawn at random per batch among the steps whose
             timestep lies in ``timestep_range`` (default every step; ``[500, 1000]``: the
@@ -77,9 +81,17 @@ class GRPOModule(DDIMSampling, DiffusionModule):
             raise ValueError(f"eta must be > 0 (eta 0 has no transition density), got {eta}")
         kwargs.setdefault("reference", "auto" if kl_beta else "none")
         super().__init__(**kwargs)
-        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, num_steps)
+        self.guidance_scale = guidance_scale
+        self.resolution = resolution or self.components.resolution
+        self.setup_sampler(num_steps, eta)
         low, high = self.timestep_range
-        self.trainable_steps = [i for i, t in enumerate(timesteps.tolist()) if low <= t < high]
+        # flow timesteps lie in (0, N]: a range up to N includes t = N
+        top = self.components.is_flow and high >= self.scheduler.config.num_train_timesteps
+        self.trainable_steps = [
+            i
+            for i, t in enumerate(self.timesteps.tolist())
+            if low <= t < high or (top and t >= low)
+        ]
         train_steps = len(self.trainable_steps) if train_steps is None else train_steps
         if not 1 <= train_steps <= len(self.trainable_steps):
             raise ValueError(
@@ -91,17 +103,11 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         self.automatic_optimization = False
         self.reward = reward.eval().requires_grad_(False)
         self.hparams["reward"] = reward.config  # checked on resume, rebuilt by align export
-        self.group_size, self.num_steps, self.eta = group_size, num_steps, eta
-        self.guidance_scale, self.train_steps, self.updates = guidance_scale, train_steps, updates
+        self.group_size, self.num_steps = group_size, num_steps
+        self.train_steps, self.updates = train_steps, updates
         self.clip_range, self.adv_clip, self.kl_beta = clip_range, adv_clip, kl_beta
         self.max_grad_norm = max_grad_norm
-        self.resolution = resolution or self.components.resolution
         self.vae_checkpointing = vae_checkpointing
-        alphas = self.scheduler.alphas_cumprod.float()
-        prev = torch.cat([alphas[timesteps[1:]], alphas[:1]])
-        self.register_buffer("timesteps", timesteps, persistent=False)
-        self.register_buffer("a_t", alphas[timesteps], persistent=False)
-        self.register_buffer("a_prev", prev, persistent=False)
         self._counts: dict[str, int] = {}
 
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -111,16 +117,15 @@ class GRPOModule(DDIMSampling, DiffusionModule):
     # ---- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str]) -> dict:
-        """DDIM (eta > 0) from the module's generator; every step's latents and log-probability:
+        """The stochastic sampler from the module's generator; every step's latents and
+        log-probability:
         ``latents`` (S + 1, N, ...), ``log_probs`` (S, N), ``images`` (N, 3, H, W) in [0, 1]."""
         cond, time_ids = self.conditioning(prompts)
         x = self.initial_noise(len(prompts), self.generator).float()
         latents, log_probs = [x], []
         for i, t in enumerate(self.timesteps):
-            x0, eps = self.x0_eps(self.guided_prediction(x, t, cond, time_ids), x, self.a_t[i])
-            x, log_prob, _ = ddim_step_logprob(
-                x0, eps, self.a_t[i], self.a_prev[i], self.eta, generator=self.generator
-            )
+            pred = self.guided_prediction(x, t, cond, time_ids)
+            x, log_prob, _ = self.transition(i, pred, x, generator=self.generator)
             latents.append(x)
             log_probs.append(log_prob)
         images = self.decode(x)
@@ -136,11 +141,12 @@ class GRPOModule(DDIMSampling, DiffusionModule):
         """(log-probability (n,), transition mean) of ``rollout``'s step ``step`` for ``rows``
         under the policy, or the reference (no gradient)."""
         cond, time_ids = rollout["cond"], rollout["time_ids"]
-        both = torch.cat([rows, rows + cond.embeds.shape[0] // 2])  # [cond; uncond] rows
+        # [cond; uncond] rows with CFG
+        both = torch.cat([rows, rows + cond.embeds.shape[0] // 2]) if self.uses_cfg else rows
         cond = type(cond)(cond.embeds[both], None if cond.pooled is None else cond.pooled[both])
         time_ids = None if time_ids is None else time_ids[both]
         x, prev = rollout["latents"][step, rows], rollout["latents"][step + 1, rows]
-        t, a_t, a_prev = self.timesteps[step], self.a_t[step], self.a_prev[step]
+        t = self.timesteps[step]
         if not reference:
             pred = self.guided_prediction(x, t, cond, time_ids)
         else:
@@ -150,8 +156,7 @@ class GRPOModule(DDIMSampling, DiffusionModule):
                         pred = self.guided_prediction(x, t, cond, time_ids)
                 else:
                     pred = self.guided_prediction(x, t, cond, time_ids, unet=self.ref_unet)
-        x0, eps = self.x0_eps(pred, x, a_t)
-        _, log_prob, mean = ddim_step_logprob(x0, eps, a_t, a_prev, self.eta, prev_sample=prev)
+        _, log_prob, mean = self.transition(step, pred, x, prev_sample=prev)
         return log_prob, mean
 
     # ---- rewards and advantages ------------------------------------------------------------------
@@ -214,7 +219,7 @@ class GRPOModule(DDIMSampling, DiffusionModule):
                     self.clip_range,
                     mean=mean,
                     ref_mean=ref_mean,
-                    std=ddim_std(self.a_t[step], self.a_prev[step], self.eta),
+                    std=self.transition_std(step),
                     kl_beta=self.kl_beta,
                 )
                 self.manual_backward(out.loss / self.train_steps)

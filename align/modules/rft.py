@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from align.models.sampling import SPEC_FILE, save_prompt_encoder
 from align.modules.base import DiffusionModule
-from align.modules.sampling import DDIMSampling, ddim_timesteps
+from align.modules.sampling import PolicySampling, ddim_timesteps
 from align.objectives.distributed import any_rank
 from align.rewards.rft import RewardObjective
 
@@ -98,7 +98,7 @@ def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
     return fused
 
 
-class RFTModule(DDIMSampling, DiffusionModule):
+class RFTModule(PolicySampling, DiffusionModule):
     """Reward fine-tuning: a new LoRA trained to maximise ``objective`` of its own samples.
 
     Args:
@@ -138,6 +138,11 @@ class RFTModule(DDIMSampling, DiffusionModule):
                 log.info("RFT prompt encoder from the SFT export: %s %s", *spec)
         self._sft_lora = init_lora  # fused into the base UNet before the new adapter (prepare_unet)
         super().__init__(**kwargs)
+        if self.components.is_flow:  # its sampler backpropagates through deterministic DDIM
+            raise ValueError(
+                f"RFT (LongAlign's reward fine-tuning) trains the SD1.5/SDXL UNets; "
+                f"{self.hparams.model!r} is {self.components.family}: use GRPOModule"
+            )
         self.encoder_kind = kwargs.get("prompt_encoder", "clip")
         self.encoder_args = kwargs.get("prompt_encoder_args")
         self.objective = objective.eval().requires_grad_(False)

@@ -1,11 +1,27 @@
-"""Sampling inside a training step (RFT, GRPO): DDIM timesteps, guided predictions, decoding."""
+"""Sampling inside a training step (RFT, GRPO): timesteps, guided predictions, stochastic
+transitions with their log-probability, decoding.
+
+UNets (SD1.5, SDXL) sample with DDIM (DDPO's transition at ``eta`` > 0); flow models (SD3, FLUX.1)
+with Flow-GRPO's SDE form of the flow ODE (``noise_level`` = ``eta``) on the pipeline's own sigma
+schedule. SD1.5/SDXL/SD3 guide by classifier-free guidance; FLUX.1 dev by its guidance embedding
+(one forward, no unconditional rows), as its pipeline does.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from align.models.embeds import PromptEmbeds
+from align.objectives.grpo import (
+    ddim_std,
+    ddim_step_logprob,
+    flow_sde_std,
+    flow_sde_step_logprob,
+)
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
@@ -14,19 +30,29 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
     return ts[:num_steps]
 
 
-class DDIMSampling:
+class PolicySampling:
     """Mixed into a ``DiffusionModule`` that samples its own images while it trains; the subclass
-    sets ``guidance_scale``, ``resolution`` and ``vae_checkpointing``."""
+    sets ``guidance_scale``, ``resolution`` and ``vae_checkpointing``, and calls
+    ``setup_sampler`` for the stochastic transitions (GRPO)."""
 
     guidance_scale: float
     resolution: int
     vae_checkpointing: bool = False
 
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance ([cond; uncond] rows); FLUX.1 is guided by its embedding."""
+        return self.components.family != "flux"
+
     def conditioning(self, prompts: list[str]) -> tuple[PromptEmbeds, torch.Tensor | None]:
-        """[cond; uncond] embeddings of ``prompts`` and SDXL's time ids for 2 N rows."""
+        """[cond; uncond] embeddings of ``prompts`` (cond only without CFG) and SDXL's time ids
+        for as many rows."""
         n = len(prompts)
         with torch.no_grad():
-            cond, uncond = self.encode_prompts(prompts), self.encode_prompts([""] * n)
+            cond = self.encode_prompts(prompts)
+            if not self.uses_cfg:
+                return cond, None
+            uncond = self.encode_prompts([""] * n)
         pooled = None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled])
         both = PromptEmbeds(torch.cat([cond.embeds, uncond.embeds]), pooled)
         return both, self.time_ids({}, 2 * n)
@@ -34,8 +60,65 @@ class DDIMSampling:
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         side = self.resolution // self.components.vae_scale_factor
         device = self.device if generator is None else generator.device
-        shape = (n, self.unet.config.in_channels, side, side)
+        shape = (n, self.vae.config.latent_channels, side, side)
         return torch.randn(shape, generator=generator, device=device).to(self.device)
+
+    def setup_sampler(self, num_steps: int, eta: float) -> None:
+        """The sampler's timesteps (``self.timesteps``, what the denoiser is told) and the
+        schedule of its transitions: DDIM's trailing spacing and alphas (UNets), or the flow
+        pipeline's sigmas, FLUX's shifted for the image size (flow models)."""
+        self.eta = eta
+        if not self.components.is_flow:
+            timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, num_steps)
+            alphas = self.scheduler.alphas_cumprod.float()
+            prev = torch.cat([alphas[timesteps[1:]], alphas[:1]])
+            self.register_buffer("timesteps", timesteps, persistent=False)
+            self.register_buffer("a_t", alphas[timesteps], persistent=False)
+            self.register_buffer("a_prev", prev, persistent=False)
+            return
+        sampler, kwargs = self.components.sampler(), {}
+        if sampler.config.use_dynamic_shifting:  # FLUX: FluxPipeline's sigmas and shift
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            side = self.resolution // self.components.vae_scale_factor
+            c = sampler.config
+            kwargs["mu"] = calculate_shift(
+                (side // 2) ** 2,
+                c.base_image_seq_len,
+                c.max_image_seq_len,
+                c.base_shift,
+                c.max_shift,
+            )
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+            # the embedded guidance is the sampler's, not the training default
+            self.flow = dataclasses.replace(self.flow, guidance=self.guidance_scale)
+        sampler.set_timesteps(None if "sigmas" in kwargs else num_steps, **kwargs)
+        self.register_buffer("timesteps", sampler.timesteps.float(), persistent=False)
+        self.register_buffer("sigmas", sampler.sigmas.float(), persistent=False)
+
+    def transition(self, step: int, pred, x, prev_sample=None, generator=None):
+        """(x_next, log-probability (N,), transition mean) of step ``step`` from the guided
+        prediction ``pred`` at ``x``: drawn (``generator``), or ``prev_sample``'s."""
+        if self.components.is_flow:
+            return flow_sde_step_logprob(
+                pred.float(),
+                self.sigmas[step],
+                self.sigmas[step + 1],
+                x,
+                self.eta,
+                prev_sample=prev_sample,
+                generator=generator,
+            )
+        x0, eps = self.x0_eps(pred, x, self.a_t[step])
+        return ddim_step_logprob(
+            x0, eps, self.a_t[step], self.a_prev[step], self.eta, prev_sample, generator
+        )
+
+    def transition_std(self, step: int) -> torch.Tensor:
+        """The transition's standard deviation (the KL to the reference divides by it)."""
+        if self.components.is_flow:
+            return flow_sde_std(self.sigmas[step], self.sigmas[step + 1], self.eta)[1]
+        return ddim_std(self.a_t[step], self.a_prev[step], self.eta)
 
     def guided_prediction(
         self,
@@ -45,8 +128,11 @@ class DDIMSampling:
         time_ids: torch.Tensor | None,
         unet: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond)."""
+        """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond);
+        without CFG (FLUX.1), the conditional prediction."""
         n = x.shape[0]
+        if not self.uses_cfg:
+            return self.unet_forward(unet or self.unet, x, t.expand(n), cond, time_ids)
         out = self.unet_forward(
             unet or self.unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids
         )

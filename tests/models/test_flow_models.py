@@ -207,3 +207,73 @@ def test_bad_flow_settings_fail_at_start_naming_the_problem():
         SFTModule(model="tiny-sd3", snr_gamma=5.0)
     with pytest.raises(ValueError, match="weighting_scheme must be one of"):
         SFTModule(model="tiny-sd3", flow={"weighting_scheme": "lognormal"})
+
+
+def _grpo(name, **kw):
+    from align.modules import GRPOModule
+    from align.rewards.weighted import WeightedReward
+
+    args = dict(group_size=2, num_steps=4, eta=0.7, guidance_scale=3.5, lora_rank=4)
+    return GRPOModule(model=name, reward=WeightedReward("jpeg-compressibility"), **{**args, **kw})
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_grpo_samples_on_the_pipelines_own_sigmas(name):
+    module = _grpo(name)
+    pipe = module.components.to_pipeline(scheduler=module.components.sampler())
+    cond = module.encode_prompts(["a red circle"])
+    kwargs = (
+        {}
+        if name == "tiny-flux"
+        else {"negative_prompt_embeds": cond.embeds, "negative_pooled_prompt_embeds": cond.pooled}
+    )
+    pipe(
+        prompt_embeds=cond.embeds,
+        pooled_prompt_embeds=cond.pooled,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="latent",
+        **kwargs,
+    )
+    torch.testing.assert_close(module.sigmas, pipe.scheduler.sigmas.float())
+    torch.testing.assert_close(module.timesteps, pipe.scheduler.timesteps.float())
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_grpo_trains_a_flow_lora_with_log_probs_it_can_recompute(name, tmp_path):
+    import lightning as L
+
+    from align.data.prompts import PromptDataModule
+
+    module = _grpo(name, kl_beta=0.01, timestep_range=[500, 1000])
+    assert [module.timesteps[i] >= 500 for i in module.trainable_steps] and len(
+        module.trainable_steps
+    ) < module.num_steps
+    module.eval()
+    rollout = module.sample(["a red circle"] * 2)
+    log_prob, _ = module.step_log_prob(rollout, 1, torch.arange(2))
+    torch.testing.assert_close(log_prob, rollout["log_probs"][1])
+    before = {n: p.detach().clone() for n, p in module.unet.named_parameters() if p.requires_grad}
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, PromptDataModule(prompts=str(tmp_path / "p.txt"), batch_size=2))
+    moved = [
+        not torch.equal(p, before[n]) for n, p in module.unet.named_parameters() if n in before
+    ]
+    assert any(moved) and all(p.isfinite().all() for p in module.unet.parameters())
+
+
+def test_rft_is_refused_on_flow_models_naming_grpo():
+    from align.modules import RFTModule
+    from align.rewards.rft import DirectReward
+
+    with pytest.raises(ValueError, match="use GRPOModule"):
+        RFTModule(DirectReward("jpeg-compressibility"), model="tiny-sd3", lora_rank=4)

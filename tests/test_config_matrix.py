@@ -2,6 +2,7 @@
 with both CPU trainer configs (one process, two DDP processes with validation) on the data `make`
 writes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,43 @@ def test_tiny_configs_train_with_the_cpu_trainer_configs(method, trainer, made_d
         cwd=made_data,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model", ["configs/parts/model/tiny_sd3.yaml", "configs/parts/model/tiny_flux.yaml"]
+)
+@pytest.mark.parametrize(
+    "method", ["configs/dpo/tiny.yaml", "configs/kto/tiny.yaml", "configs/grpo/tiny.yaml"]
+)
+def test_tiny_configs_train_the_flow_presets(method, model, made_data, tmp_path):
+    """The same method configs on SD3- and FLUX-shaped models, exported where `align sample` reads
+    them (the flow sampler, the family's pipeline)."""
+    export = "[{class_path: align.callbacks.DiffusersExport, init_args: {dirpath: %s}}]" % (
+        tmp_path / "export"
+    )
+    done = align(
+        "fit",
+        *("--config", str(ROOT / method), "--config", str(ROOT / model)),
+        *("--config", str(ROOT / "configs/trainer/cpu.yaml")),
+        *("--trainer.max_steps", "2", "--trainer.val_check_interval", "2"),
+        *("--trainer.logger", "false", "--trainer.enable_checkpointing", "false"),
+        *("--trainer.callbacks", export),
+        cwd=made_data,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    done = align(
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "export" / "final"),
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(tmp_path / "images"),
+        "--steps",
+        "2",
+        cwd=made_data,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "images/meta.json").read_text())["scheduler"] == "flow-euler"

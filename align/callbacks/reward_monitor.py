@@ -9,9 +9,11 @@ from fixed seeds (``images_per_prompt`` each, through ``align.models.sampling.ge
 * ``monitor/diversity``: the mean pairwise distance of a prompt's images (pixels in [0, 1], RMS
   per pixel; or a CLIP-based reward's image embeddings with ``diversity: <reward name>``).
 
-Hacking is marked at the first evaluation where, over the last ``patience`` evaluations, the
-training reward rose each time while gold fell each time (both by more than ``tolerance``), or
-where diversity fell below ``diversity_floor`` times its value at the start: logged
+Hacking is marked at the first evaluation where gold fell at each of the last ``patience``
+evaluations (by more than ``tolerance`` each time) while the training reward stands above its
+value at the start (the policy gains what it is trained on; on a few held-out prompts that reward
+is too noisy to rise at every evaluation, gold's fall is what must be consistent), or where
+diversity fell below ``diversity_floor`` times its value at the start: logged
 (``monitor/hacking`` = 1), warned with the step, and kept in ``<run dir>/reward_monitor.json``
 with every evaluation. ``best_checkpoint`` keeps ``checkpoints/best-gold.ckpt`` at the best gold
 so far; ``stop`` ends the run at the step hacking is marked. Rendering and scoring run on global
@@ -164,12 +166,13 @@ class RewardMonitor(L.Callback):
 
     def judge(self, row: dict) -> str | None:
         """Why the latest evaluation marks hacking, or None."""
-        rewards = [h["reward"] for h in self.history]
         golds = [-h["gold"] for h in self.history]
-        if rising(rewards, self.patience, self.tolerance) and rising(
-            golds, self.patience, self.tolerance
-        ):
-            return f"the training reward rose and gold fell over {self.patience} evaluations"
+        gain = row["reward"] - self.history[0]["reward"]
+        if gain > 0 and rising(golds, self.patience, self.tolerance):
+            return (
+                f"gold fell at each of {self.patience} evaluations while the training reward "
+                f"stands {gain:.4g} above its start"
+            )
         start = self.history[0]["diversity"]
         if start > 0 and row["diversity"] < self.diversity_floor * start:
             return f"diversity fell to {row['diversity']:.4g} from {start:.4g}"

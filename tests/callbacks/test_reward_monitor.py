@@ -38,6 +38,15 @@ def test_hacking_rule():
         marks.append(m.judge(row))
     # gold rose at the second evaluation: the two-step fall completes at the fourth
     assert marks[:3] == [None, None, None] and "gold fell" in marks[3]
+    # a noisy training reward (down at the third evaluation) still stands above its start: marked;
+    # gold falling while the reward is below its start is not hacking (nothing was gained)
+    for rewards, marked in (([0.1, 0.3, 0.2, 0.25], True), ([0.1, 0.3, 0.05, 0.08], False)):
+        m = monitor(patience=2, tolerance=0.01)
+        for step, (reward, gold) in enumerate(zip(rewards, [0.8, 0.81, 0.78, 0.70])):
+            row = {"step": step, "reward": reward, "gold": gold, "diversity": 1.0}
+            m.history.append(row)
+            why = m.judge(row)
+        assert (why is not None) == marked, (rewards, why)
     m = monitor(diversity_floor=0.5)
     m.history = [{"step": 0, "reward": 0, "gold": 0, "diversity": 1.0}]
     collapsed = {"step": 1, "reward": 0, "gold": 0, "diversity": 0.4}

@@ -79,16 +79,29 @@ class BaseConfig:
 
 
 META = "demo_base.json"
-# the code a base is made by: a change to any of these trains a new base instead of reusing one
-BASE_SOURCES = ("demo/base.py", "demo/world.py", "models/presets.py", "models/loader.py")
+# the code a base is trained by: a change to either trains a new base instead of reusing one
+BASE_SOURCES = ("demo/base.py", "demo/world.py")
 
 
 def code_fingerprint() -> str:
-    """sha256 (16 hex digits) of ``BASE_SOURCES``."""
+    """sha256 (16 hex digits) of ``BASE_SOURCES`` and of the ``tiny`` preset a base starts from
+    (weights at seed 0, configs, schedule, token ids): a change to the loader or the presets that
+    leaves that model as it was keeps the trained base, one that changes it trains a new one."""
+    from align.models import load_components
+
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for name in BASE_SOURCES:
         digest.update((root / name).read_bytes())
+    parts = load_components("tiny", seed=0)
+    for config in (parts.unet.config, parts.vae.config, parts.noise_scheduler.config):
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+    digest.update(parts.text_encoders[0].config.to_json_string(use_diff=False).encode())
+    digest.update(str(parts.tokenizers[0]("a red circle at the top left").input_ids).encode())
     return digest.hexdigest()[:16]
 
 

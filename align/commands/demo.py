@@ -25,6 +25,7 @@ import sys
 
 from align.commands import doc_summary
 from align.demo.report import PLOTS
+from align.demo.run import METHODS
 from align.extras import require
 
 
@@ -56,9 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of dpo,dpo-flipped,dpo-shuffled,kto,kto-flipped,"
-        "kto-shuffled,sft-segment,sft-truncate,rft-judge,rft-clip,grpo,grpo-flipped (default: "
-        "all but the label-free controls dpo-shuffled and kto-shuffled and GRPO)",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all but the label-free "
+        "controls dpo-shuffled and kto-shuffled and the online methods)",
     )
     p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")

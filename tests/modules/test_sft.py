@@ -379,7 +379,7 @@ def test_longalign_lora_is_the_official_one(config):
 
     args = resolve([str(ROOT / config)], [])["model"]["init_args"]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**get_preset("sd15-arch").unet)
+        unet = UNet2DConditionModel(**get_preset("sd15-arch").denoiser)
     add_lora(
         unet, args["lora_rank"], args["lora_alpha"], args["lora_targets"], args["lora_dropout"]
     )

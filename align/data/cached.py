@@ -231,7 +231,7 @@ def collate_cached_pairs(samples: list[dict], extras: dict | None = None) -> dic
     """B cached pairs -> ``latent_moments`` (2B, 8, h, w), winners then losers, and per-pair
     embeddings ``prompt_embeds`` (B, L, D) (+ ``pooled_embeds`` (B, P)). ``extras``
     (``CachedShards.extras``) rides along: ``uncond_embeds`` (1, L, D), ``uncond_pooled`` (1, P) and
-    ``cache_fingerprint`` (checked by the module)."""
+    ``cache_fingerprint``, ``cache_model`` (checked by the module)."""
 
     def winners_then_losers(key: str) -> torch.Tensor:
         stacked = torch.stack([s[key] for s in samples])
@@ -374,6 +374,7 @@ class CachedShards:
         self.extras = {
             "uncond_embeds": npy_tensor((first / UNCOND).read_bytes()),
             "cache_fingerprint": self.infos[0].model_fingerprint,
+            "cache_model": self.infos[0].model,  # named when the module refuses the cache
         }
         if (first / UNCOND_POOLED).is_file():
             self.extras["uncond_pooled"] = npy_tensor((first / UNCOND_POOLED).read_bytes())

@@ -102,16 +102,31 @@ def pairs(tmp_path_factory):
     return src, out
 
 
+def cached_with(pairs, model: str):
+    src, out = pairs
+    dest = out.parent / f"pairs-cache-{model}"
+    assert (
+        run_cache("--model", model, "--shards", src, "--out", dest, "--store-dtype", "float32") == 0
+    )
+    return src, dest
+
+
 @pytest.fixture(scope="module")
 def xl_pairs(pairs):
     """The same pairs cached with the SDXL-shaped preset (pooled embeddings, time ids)."""
-    src, out = pairs
-    xl = out.parent / "pairs-cache-xl"
-    assert (
-        run_cache("--model", "tiny-xl", "--shards", src, "--out", xl, "--store-dtype", "float32")
-        == 0
-    )
-    return src, xl
+    return cached_with(pairs, "tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def sd3_pairs(pairs):
+    """The same pairs cached with the SD3-shaped preset (16 latent channels, CLIP + T5 rows)."""
+    return cached_with(pairs, "tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux_pairs(pairs):
+    """The same pairs cached with the FLUX-shaped preset (T5 rows, CLIP-L pooled)."""
+    return cached_with(pairs, "tiny-flux")
 
 
 @pytest.fixture(scope="module")
@@ -258,26 +273,28 @@ def _batches(image_dm, cached_dm, n: int = 1):
     return images, cached
 
 
-@pytest.mark.parametrize("model,dropout", [("tiny", 0.0), ("tiny", 0.5), ("tiny-xl", 0.5)])
+@pytest.mark.parametrize(
+    "model,dropout",
+    [("tiny", 0.0), ("tiny", 0.5), ("tiny-xl", 0.5), ("tiny-sd3", 0.5), ("tiny-flux", 0.0)],
+)
 def test_dpo_loss_is_the_same_on_the_cache_and_on_the_images(request, model, dropout, monkeypatch):
-    src, out = request.getfixturevalue("xl_pairs" if model == "tiny-xl" else "pairs")
+    fixture = {"tiny-xl": "xl_pairs", "tiny-sd3": "sd3_pairs", "tiny-flux": "flux_pairs"}
+    src, out = request.getfixturevalue(fixture.get(model, "pairs"))
     common = dict(batch_size=4, resolution=RES, num_workers=0, val_batches=1, flip_prob=0.0)
     images, cached = _batches(
         PickAPicDataModule(str(src), val_shards=str(src), **common),
         PickAPicDataModule(str(out), val_shards=str(out), cached=True, **common),
         n=4,
     )
-    assert "pixel_values" not in cached and cached["latent_moments"].shape == (
-        8,
-        8,
-        RES // 2,
-        RES // 2,
-    )
+    channels = 32 if model in ("tiny-sd3", "tiny-flux") else 8  # mean and log-variance
+    assert "pixel_values" not in cached
+    assert cached["latent_moments"].shape == (8, channels, RES // 2, RES // 2)
     if model == "tiny-xl":
         assert cached["pooled_embeds"].shape == (4, 32) and cached["uncond_pooled"].shape == (1, 32)
         assert torch.equal(cached["original_size"], images["original_size"])
         assert torch.equal(cached["crop_top_left"], images["crop_top_left"])
-    module = perturbed(DPOModule(model=model, caption_dropout=dropout))
+    beta = 100.0 if channels == 32 else 5000.0  # the flow configs' beta: velocity errors are larger
+    module = perturbed(DPOModule(model=model, caption_dropout=dropout, beta=beta))
     # the module's host stream decides the dropout: this seed drops some captions and keeps others
     seed = 3
     module.seed_streams("train", seed)
@@ -386,7 +403,7 @@ def test_data_modules_refuse_caches_they_cannot_use(pairs, singles):
     dm = PickAPicDataModule(str(pair_cache), flip_prob=0.5, crop="random", batch_size=2, **common)
     batch = next(iter(dm.train_dataloader()))
     other = DPOModule(model="tiny", seed=1)  # other random weights: another VAE and text encoder
-    with pytest.raises(ValueError, match="cached with another VAE"):
+    with pytest.raises(ValueError, match="cached from model .* with another VAE"):
         other.pair_errors(batch)
     same = DPOModule(model="tiny")
     assert batch["cache_fingerprint"] == model_fingerprint(same.vae, same.components.text_encoders)

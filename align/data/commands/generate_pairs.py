@@ -5,7 +5,7 @@ train on unchanged.
 Usage: align data generate-pairs --model <preset|dir|hub id|export> --prompts <txt|jsonl|csv>
        --reward pickscore[,hps:0.5,...] --k 4 --out <dir> [--pairs best-worst|all]
        [--min-margin M] [--kto Q] [--reward-source NAME=PATH ...] [--seed S] [--steps N]
-       [--scheduler ddim] [--guidance-scale G] [--batch-size B] [--dtype auto] [--device auto]
+       [--scheduler NAME] [--guidance-scale G] [--batch-size B] [--dtype auto] [--device auto]
 
 Layout of ``--out`` (every stage resumes where it stopped):
 
@@ -50,7 +50,11 @@ def parser():
     p.add_argument("--min-margin", type=float, default=0.0, help="score gap a pair needs")
     p.add_argument("--kto", type=float, default=None, metavar="Q", help="also write KTO singles")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image j uses seed + j")
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="as align sample: default unipc (SD1.5, SDXL), flow-euler (SD3, FLUX.1)",
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=8)

@@ -74,3 +74,32 @@ def test_each_method_raises_the_score_and_each_flipped_control_lowers_it(tmp_pat
             _finals(summary, control),
             base_score,
         )
+
+
+def test_online_methods_raise_the_score_and_the_monitor_catches_a_colour_only_reward(tmp_path):
+    """On the full demo's base, one training seed each, half the held-out captions with 4 sampling
+    seeds: GRPO with the judge's reward and iterative online DPO on the policy's own judge-made
+    pairs raise the judge score, the same runs on the negated judge lower it, and GRPO on a reward
+    that pays only for red pixels lowers it while the reward-hacking monitor (the judge as gold)
+    marks the step."""
+    base = build_base(ROOT / "artifacts" / "shapes" / "base", BaseConfig())
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "base").symlink_to(base)
+    cfg = DemoConfig()
+    cfg = replace(
+        cfg,
+        out=str(tmp_path / "report"),
+        artifacts=str(tmp_path / "art"),
+        seeds=1,
+        eval_captions=32,
+        eval_seeds=cfg.eval_seeds[:4],
+        methods=("grpo", "grpo-flipped", "online-dpo", "online-dpo-flipped", "grpo-redness"),
+    )
+    summary = run_demo(cfg)
+    base_score = summary["base_score"]
+    for method in ("grpo", "online-dpo"):
+        assert _finals(summary, method)[0] > base_score, (method, summary["results"][method])
+    for control in ("grpo-flipped", "online-dpo-flipped", "grpo-redness"):
+        assert _finals(summary, control)[0] < base_score, (control, summary["results"][control])
+    (redness,) = summary["results"]["grpo-redness"]
+    assert redness["monitor"]["hacking_step"] is not None, redness["monitor"]

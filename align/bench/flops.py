@@ -2,10 +2,13 @@
 module's real ``training_step`` and ``backward`` (on the meta device: nothing allocated, so an
 SDXL-size step is counted on a laptop), and the device's measured matmul rate.
 
-"Model FLOPs": the UNets' (policy forward + backward, reference forward), counted without gradient
-checkpointing or ``torch.compile``, since recomputation is hardware work, not model work. The prompt
-encoder is reported separately and the VAE encoder in ``other``; with cached latents and embeddings
-they do not run. docs/benchmarks.md has the details and the figures.
+"Model FLOPs": the denoisers' (the UNets of SD1.5/SDXL, the flow transformers of SD3/FLUX.1: policy
+forward + backward, reference forward), counted without gradient checkpointing or
+``torch.compile``, since recomputation is hardware work, not model work, and with attention on
+SDPA's math path (two matmuls forward, their gradients backward) on every device: the meta device
+has no other, and the counter knows no formula for the CPU's fused kernel. The prompt encoder is
+reported separately and the VAE encoder in ``other``; with cached latents and embeddings they do
+not run. docs/benchmarks.md has the details and the figures.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from align.bench.report import new_record, software_versions
@@ -26,7 +30,7 @@ class StepFlops:
     """FLOPs of one step (forward + backward + reference forward), split by component."""
 
     total: int
-    unet: int  # policy forward + backward, reference forward
+    unet: int  # the denoiser's (UNet or flow transformer): policy fwd + bwd, reference fwd
     text: int  # prompt encoder forward
     other: int  # everything else (the VAE encoder when latents are not cached)
     images: int  # images per step through the policy (2 x pairs for DPO)
@@ -51,7 +55,7 @@ def count_step_flops(
     batch = make_batch(module, cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a Trainer
-        with FlopCounterMode(display=False) as counter:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             module.training_step(batch, 0).backward()
     counts = counter.get_flop_counts()
 

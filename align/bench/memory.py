@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
 from align.bench.report import new_record, software_versions
-from align.bench.step import StepConfig, build_module, make_batch
+from align.bench.step import StepConfig, build_module, make_batch, quiet_diffusers
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -56,14 +55,26 @@ class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
 
 
 def memory_efficient_attention():
-    """Route ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 calls) to the
+    """Route ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 and
+    JointAttnProcessor2_0 call, and its attention dispatcher's native backend for FLUX) to the
     flash-style kernel with a meta implementation, so meta-device estimates save what flash
     attention saves on a GPU."""
     original = F.scaled_dot_product_attention
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if attn_mask is not None or dropout_p or kw:
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,  # diffusers' attention dispatcher (FLUX) passes it, False
+        **kw,
+    ):
+        if attn_mask is not None or dropout_p or enable_gqa or kw:
+            args = (query, key, value, attn_mask, dropout_p, is_causal)
+            return original(*args, scale=scale, enable_gqa=enable_gqa, **kw)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
 
@@ -79,14 +90,28 @@ def _cast_inputs(dtype: torch.dtype):
     return lambda module, args, kwargs: tree_map_only(torch.Tensor, cast, (args, kwargs))
 
 
-# what diffusers' gradient checkpointing wraps
-CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
+def record_checkpointed_blocks(denoiser: torch.nn.Module, names: set[str]) -> None:
+    """Add to ``names`` the class of every block the denoiser's gradient checkpointing wraps, as
+    it wraps it: diffusers passes each block to its modules' ``_gradient_checkpointing_func``
+    (a UNet's resnets and transformer blocks, SD3's joint blocks, FLUX's double- and
+    single-stream blocks)."""
+
+    def recording(checkpoint):
+        def wrapped(block, *args, **kwargs):
+            names.add(type(getattr(block, "__self__", block)).__name__)
+            return checkpoint(block, *args, **kwargs)
+
+        return wrapped
+
+    for module in denoiser.modules():
+        if getattr(module, "_gradient_checkpointing_func", None) is not None:
+            module._gradient_checkpointing_func = recording(module._gradient_checkpointing_func)
 
 
 @dataclass
 class ActivationMemory:
     saved: int  # bytes kept for backward after the forward
-    largest_block: int  # most bytes one checkpointable block saves when it is not checkpointed
+    largest_block: int  # most bytes one checkpointed block saves when it is not checkpointed
 
     @property
     def peak(self) -> int:
@@ -99,29 +124,32 @@ def activation_memory(cfg: StepConfig, dtype: torch.dtype = torch.float32) -> Ac
     """Saved-for-backward bytes of one ``training_step`` of ``cfg`` (all of its switches), on the
     meta device in ``dtype``; with gradient checkpointing also the largest single block's
     activations, which its recompute holds during backward."""
-    saved, _ = _saved_bytes(cfg, dtype)
+    saved, _, blocks = _saved_bytes(cfg, dtype)
     largest = 0
     if cfg.gradient_checkpointing:
-        _, largest = _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype)
+        _, largest, _ = _saved_bytes(cfg.replace(gradient_checkpointing=False), dtype, blocks)
     return ActivationMemory(saved=saved, largest_block=largest)
 
 
-def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes saved for backward, the most that one checkpointable block saved)."""
+def _saved_bytes(
+    cfg: StepConfig, dtype: torch.dtype, blocks: set[str] = frozenset()
+) -> tuple[int, int, set[str]]:
+    """(bytes saved for backward, the most that one block of a class in ``blocks`` saved, the
+    block classes the denoiser's gradient checkpointing wrapped)."""
     # the text encoders run without grad: saved nothing
     cfg = cfg.replace(compile_unet=False, compile_reference=False, cached_text=False)
     module = build_module(cfg, meta=True)
     if dtype != torch.float32:
-        diffusers_log = logging.getLogger("diffusers")
-        level = diffusers_log.level
-        diffusers_log.setLevel(logging.ERROR)  # "modules to keep in float32: []"
-        for unet in {id(m): m for m in (module.unet, module.ref_unet) if m is not None}.values():
-            unet.to(dtype)
-            unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
-        diffusers_log.setLevel(level)
+        with quiet_diffusers():
+            for unet in {
+                id(m): m for m in (module.unet, module.ref_unet) if m is not None
+            }.values():
+                unet.to(dtype)
+                unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
     batch = make_batch(module, cfg)
     exclude = [*module.parameters(), *module.buffers()]
-    saved_at, largest = {}, 0
+    saved_at, largest, checkpointed = {}, 0, set()
+    record_checkpointed_blocks(module.unet, checkpointed)
     with warnings.catch_warnings(), memory_efficient_attention(), SavedTensors(exclude) as saved:
         warnings.simplefilter("ignore")
 
@@ -133,11 +161,11 @@ def _saved_bytes(cfg: StepConfig, dtype: torch.dtype) -> tuple[int, int]:
             largest = max(largest, saved.bytes - saved_at[block])
 
         for block in module.unet.modules():
-            if type(block).__name__ in CHECKPOINTED_BLOCKS:
+            if type(block).__name__ in blocks:
                 block.register_forward_pre_hook(before)
                 block.register_forward_hook(after)
         module.training_step(batch, 0)
-    return saved.bytes, largest
+    return saved.bytes, largest, checkpointed
 
 
 # ---- weights, gradients, optimizer state ---------------------------------------------------------
@@ -170,6 +198,7 @@ class StaticMemory:
     policy_unet_params: int
     reference_unet_params: int  # 0 with a LoRA reference (adapters disabled on the policy UNet)
     frozen_encoder_params: int  # VAE + text encoders
+    text_encoder_params: int  # of which the text encoders (SD3/FLUX: T5-XXL's 4.76 B among them)
     weights: int  # policy UNet in float32 (Lightning's bf16-mixed keeps float32 parameters)
     gradients: int  # float32, trainable parameters only
     optimizer_state: int
@@ -201,12 +230,14 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
     trainable = [p for p in module.parameters() if p.requires_grad]
     n_train, n_policy = numel(trainable), numel(module.unet.parameters())
     n_ref = numel(module.ref_unet.parameters()) if module.ref_unet is not None else 0
-    n_enc = numel(module.vae.parameters()) + numel(module.prompt_encoder.parameters())
+    n_text = numel(module.prompt_encoder.parameters())
+    n_enc = numel(module.vae.parameters()) + n_text
     return StaticMemory(
         trainable_params=n_train,
         policy_unet_params=n_policy,
         reference_unet_params=n_ref,
         frozen_encoder_params=n_enc,
+        text_encoder_params=n_text,
         weights=4 * n_policy,
         gradients=4 * n_train,
         optimizer_state=optimizer_state_bytes(trainable, cfg.optimizer),
@@ -235,6 +266,7 @@ def memory_record(cfg: StepConfig) -> dict:
         "policy_unet_params": static.policy_unet_params,
         "reference_unet_params": static.reference_unet_params,
         "frozen_encoder_params": static.frozen_encoder_params,
+        "text_encoder_params": static.text_encoder_params,
         "weights_gib": static.weights / gib,
         "gradients_gib": static.gradients / gib,
         "optimizer_state_gib": static.optimizer_state / gib,

@@ -20,7 +20,7 @@ from align.bench.memory import memory_record
 from align.bench.step import StepConfig
 from align.data.batching import accumulation_for
 from align.data.epochs import epoch_batches, no_shard_downloads
-from align.models.presets import PRESETS
+from align.models.presets import FLOW_FAMILIES, PRESETS
 
 OVERHEAD_GIB = 1.0  # CUDA context and allocator reserve, on top of the estimate
 # DPO/KTO: policy forward F + backward 2F + reference forward F = 4F; checkpointing recomputes F
@@ -47,6 +47,8 @@ PRESET_OF_ID = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15-arch",
     "runwayml/stable-diffusion-v1-5": "sd15-arch",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-arch",
+    "stabilityai/stable-diffusion-3.5-medium": "sd35-arch",
+    "black-forest-labs/FLUX.1-dev": "flux-arch",
 }
 BENCH_RECORDS = Path(__file__).resolve().parents[2] / "docs" / "bench_results.jsonl"
 
@@ -184,13 +186,24 @@ def lr_points(model_args: dict, steps: int) -> list[tuple[int, float]]:
 
 def preset_of(model: str, override: str | None = None) -> str | None:
     """The architecture preset to estimate ``model`` with: a preset name, a known hub id, or a local
-    diffusers directory's UNet (SD1.5 or SDXL shaped by its cross-attention width)."""
+    diffusers directory: its UNet (SD1.5 or SDXL shaped by its cross-attention width) or its flow
+    transformer (the SD3/FLUX preset whose every denoiser setting its config has)."""
     if override or model in PRESETS:
         return override or model
     unet = Path(model) / "unet" / "config.json"
     if unet.is_file():
         width = json.loads(unet.read_text()).get("cross_attention_dim")
         return {768: "sd15-arch", 2048: "sdxl-arch"}.get(width)
+    transformer = Path(model) / "transformer" / "config.json"
+    if transformer.is_file():
+        config = json.loads(transformer.read_text())
+        for name, preset in PRESETS.items():
+            wanted = json.loads(json.dumps(preset.denoiser))  # tuples as JSON lists
+            if preset.family in FLOW_FAMILIES and all(
+                config.get(k) == v for k, v in wanted.items()
+            ):
+                return name
+        return None
     return PRESET_OF_ID.get(model)
 
 

@@ -3,7 +3,7 @@ against the same UNet in float64, turned into the logit's scale (``0.5 * beta * 
 
 DPO learns from the difference of two errors of ~0.1 that differ by ~1e-4; at beta 5000 a rounding
 error of 1e-5 in that difference is 0.025 of logit. Measured on random latents and a random UNet of
-the preset.
+the preset (SD1.5-shaped presets: ``tiny``, ``sd15-arch``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from align.models import load_components
+from align.models.presets import get_preset
 from align.modules.base import Float32Conv2d, float32_output
 from align.objectives.common import per_sample_error
 
@@ -38,6 +39,12 @@ def logit_noise(
 ) -> dict[str, float]:
     """Std over ``pairs`` of ``0.5 * beta * ((e_w - e_l) - (e_w - e_l)_float64)`` for every
     setting."""
+    family = get_preset(preset).family
+    if family != "sd15":  # before building it: flux-arch would be 12 B random weights on the host
+        raise ValueError(
+            f"--logit-noise calls an SD1.5-style UNet with text conditioning only; {preset!r} is "
+            f"{family} (SDXL's time ids and the flow transformers are not measured here)"
+        )
     parts = load_components(preset, seed=seed)
     unet, scheduler = parts.unet.to(device).eval(), parts.noise_scheduler
     float32_output(unet)

@@ -60,8 +60,8 @@ TIMED_COLUMNS = _STEP + (
 )
 FLOPS_COLUMNS = _STEP + (
     ("lora", "lora_rank", "{}"),
-    ("UNet GFLOP/step", "unet_flops_per_step", "gflop"),
-    ("UNet GFLOP/sample", "unet_flops_per_sample", "gflop"),
+    ("denoiser GFLOP/step", "unet_flops_per_step", "gflop"),
+    ("denoiser GFLOP/sample", "unet_flops_per_sample", "gflop"),
     ("text GFLOP/step", "text_flops_per_step", "gflop"),
     ("total GFLOP/step", "total_flops_per_step", "gflop"),
 )

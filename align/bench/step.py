@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from torch.utils._device import DeviceContext
 
 from align.extras import require
 
@@ -23,7 +25,8 @@ PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # bench name -> Lightning 
 class StepConfig:
     """What one benchmarked step is: objective, model, batch and every performance switch.
 
-    ``batch`` counts pairs for DPO (the UNet sees 2 x batch images) and images for KTO.
+    ``batch`` counts pairs for DPO (the denoiser, a UNet or a flow transformer, sees 2 x batch
+    images) and images for KTO.
     ``resolution`` is in pixels; None means the preset's native size.
     """
 
@@ -65,7 +68,7 @@ class StepConfig:
 
     @property
     def images(self) -> int:
-        """Images through the UNet per step (policy; the reference sees the same number again)."""
+        """Images through the denoiser per step (policy; the reference sees the same again)."""
         return 2 * self.batch if self.objective == "dpo" else self.batch
 
     @property
@@ -106,18 +109,58 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
+    activation estimates) warns "modules that should be kept in float32: []" once per model."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class MetaDevice(DeviceContext):
+    """``with torch.device("meta")``, except that a meta tensor moved to another device stays on
+    the meta device: a scheduler built inside it moves its tables to the CPU (diffusers' Euler
+    scheduler, SDXL's sampler: ``self.sigmas.to("cpu")``), which no meta tensor can do. Nothing
+    is allocated either way."""
+
+    def __init__(self):
+        super().__init__("meta")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            if func in (torch.Tensor.cpu, torch.Tensor.cuda):
+                return args[0]
+            if func is torch.Tensor.to:
+
+                def stay(x):  # a device stays meta; another tensor gives its dtype only
+                    if isinstance(x, (str, torch.device)):
+                        return self.device
+                    return x.dtype if isinstance(x, torch.Tensor) else x
+
+                args = (args[0], *map(stay, args[1:]))
+                kwargs = {k: self.device if k == "device" else v for k, v in kwargs.items()}
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool = False):
     """The objective's LightningModule with ``cfg``'s switches, on ``device`` (or the meta device).
 
     ``meta=True``: shapes only, nothing allocated, for FLOP counts and memory estimates of
     full-size presets on a laptop. Otherwise the weights are created on ``device`` directly: random
     initialisation of SDXL's 3.5 B parameters on the host, then a copy to the GPU, would cost more
-    than the benchmark's steps.
+    than the benchmark's steps. On the meta device every part is shapes only, the text encoders
+    too (SD3.5 and FLUX.1: T5-XXL's 4.76 B parameters).
     """
     target = torch.device("meta") if meta else torch.device(device)
     module_path, _, name = OBJECTIVES[cfg.objective].rpartition(".")
     cls = getattr(importlib.import_module(module_path), name)  # imported outside the device context
-    with target:
+    with MetaDevice() if meta else target, quiet_diffusers():
         module = cls(
             model=cfg.preset,
             lora_rank=cfg.lora_rank,
@@ -134,11 +177,23 @@ def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool
     return module.to(target).train()
 
 
+def embedding_shapes(module) -> tuple[tuple[int, ...], int | None]:
+    """The (length, width) of the prompt embeddings the module's own prompt encoder hands the
+    denoiser, and the pooled vector's width (None without one): what a latent cache stores
+    (SD1.5 77 x 768; SDXL 77 x 2048 + 1280; SD3 77 + 256 T5 tokens x 4096 + 2048; FLUX.1 512 x
+    4096 + 768). Read from one empty caption through the encoder (nothing is computed on the meta
+    device)."""
+    with torch.no_grad():
+        out = module.encode_prompts([""])
+    return tuple(out.embeds.shape[1:]), None if out.pooled is None else int(out.pooled.shape[-1])
+
+
 def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None) -> dict:
     """A synthetic batch in the data pipelines' format (``align.data.pickapic`` /
-    ``align.data.cached``): captions; cached VAE moments (``2 x latent_channels`` channels) or
-    pixels in [-1, 1]; cached prompt embeddings (one row per caption, + pooled for SDXL) or none.
-    DPO rows are winners then losers."""
+    ``align.data.cached``): captions; cached VAE moments (``2 x latent_channels`` channels: 4 for
+    SD1.5/SDXL, 16 for SD3/FLUX, whose module packs them itself) or pixels in [-1, 1]; cached
+    prompt embeddings in the prompt encoder's shapes (``embedding_shapes``: one row per caption,
+    + pooled for SDXL, SD3 and FLUX) or none. DPO rows are winners then losers."""
     device = torch.device(device) if device is not None else module.device
     gen = torch.Generator().manual_seed(cfg.seed)
     parts = module.components
@@ -160,10 +215,10 @@ def make_batch(module, cfg: StepConfig, device: torch.device | str | None = None
     else:
         batch["pixel_values"] = tensor(n, 3, res, res, sample=torch.rand) * 2 - 1
     if cfg.cached_text:
-        batch["prompt_embeds"] = tensor(cfg.batch, 77, module.unet.config.cross_attention_dim)
-        if parts.is_sdxl:
-            projection = parts.text_encoders[-1].config.projection_dim
-            batch["pooled_embeds"] = tensor(cfg.batch, projection)
+        embeds, pooled = embedding_shapes(module)
+        batch["prompt_embeds"] = tensor(cfg.batch, *embeds)
+        if pooled is not None:
+            batch["pooled_embeds"] = tensor(cfg.batch, pooled)
     if cfg.objective == "kto":
         # P(desirable) = 0.8 as in the paper's batches; at least one of each class when batch >= 2
         desirable = torch.tensor([(i % 5) != 4 for i in range(n)])

@@ -380,8 +380,9 @@ class DiffusionModule(L.LightningModule):
                 self._model_fingerprint = model_fingerprint(self.vae, self.components.text_encoders)
             if batch["cache_fingerprint"] != self._model_fingerprint:
                 raise ValueError(
-                    f"the batch was cached from model {batch.get('cache_model')!r} with another VAE "
-                    f"/ text encoder (fingerprint {batch['cache_fingerprint']}) than this module's "
+                    f"the batch was cached from model {batch.get('cache_model')!r} with another "
+                    f"VAE / text encoder (fingerprint {batch['cache_fingerprint']}) than this "
+                    "module's "
                     f"{self.hparams.model!r}, a {self.components.family} model "
                     f"({self._model_fingerprint}): re-cache with `align data cache-latents --model "
                     f"{self.hparams.model}`"

@@ -73,14 +73,16 @@ def test_cached_latents_skip_the_vae(monkeypatch):
 def test_cached_prompt_embeddings_skip_the_text_encoder(monkeypatch):
     cfg = StepConfig(batch=2, preset="tiny-xl")
     module = build_module(cfg)
+    # made first: the synthetic cache reads its shapes from the prompt encoder, as a cache writer
+    cached, captions = make_batch(module, cfg), make_batch(module, cfg.replace(cached_text=False))
 
     def no_text(*args, **kwargs):
         raise AssertionError("the text encoder ran")
 
     monkeypatch.setattr(module.prompt_encoder, "forward", no_text)
-    module.training_step(make_batch(module, cfg), 0)
+    module.training_step(cached, 0)
     with pytest.raises(AssertionError, match="text encoder ran"):
-        module.training_step(make_batch(module, cfg.replace(cached_text=False)), 0)
+        module.training_step(captions, 0)
 
 
 @pytest.mark.parametrize("inference", [True, False])

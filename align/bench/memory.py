@@ -206,6 +206,8 @@ class StaticMemory:
     autocast_weight_copies: int
     reference_as_built: int  # the frozen parts as base.py builds them today (float32)
     reference_bf16: int  # the frozen parts cast to bfloat16
+    # frozen_dtype bf16 also stores a LoRA policy's frozen base weights in bf16: 2 bytes saved each
+    policy_base_bf16_saving: int = 0
 
     @property
     def train_state(self) -> int:
@@ -217,7 +219,7 @@ class StaticMemory:
 
     @property
     def total_bf16_frozen(self) -> int:
-        return self.train_state + self.reference_bf16
+        return self.train_state + self.reference_bf16 - self.policy_base_bf16_saving
 
 
 def static_memory(cfg: StepConfig) -> StaticMemory:
@@ -244,6 +246,7 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
         autocast_weight_copies=2 * n_train if cfg.precision == "bf16" else 0,
         reference_as_built=4 * (n_ref + n_enc),
         reference_bf16=2 * (n_ref + n_enc),
+        policy_base_bf16_saving=2 * (n_policy - n_train) if cfg.lora_rank else 0,
     )
 
 

@@ -173,8 +173,10 @@ class DiffusionModule(L.LightningModule):
         reference_inference_mode: run reference forwards under ``torch.inference_mode``
             (no autograd state).
         frozen_dtype: ``bf16`` / ``fp16`` stores the frozen VAE, prompt encoder and reference UNet
-            in that dtype (about 6.4 GiB less for SDXL DPO); inputs are cast to each part's dtype
-            and outputs back to float32.
+            in that dtype (about 6.4 GiB less for SDXL DPO), and with LoRA the policy's frozen base
+            weights too (the adapter and the last layer stay float32; bf16 autocast multiplies by
+            the same bf16 weights it made from float32 ones, normalisation weights are rounded);
+            inputs are cast to each part's dtype and outputs back to float32.
         fp32_output: run the UNets' final projection (``conv_out``) in float32 outside autocast, so
             per-sample errors come from an output not rounded to bf16/fp16 (at beta 5000 bf16
             rounding is visible noise in the DPO logit: ``docs/benchmarks.md``).
@@ -263,10 +265,6 @@ class DiffusionModule(L.LightningModule):
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     unet.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.unet.compile(mode=compile_mode)
-        if compile_reference and self.ref_unet is not None:
-            self.ref_unet.compile(mode=compile_mode)
         if frozen_dtype is not None:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if frozen_dtype not in dtypes:
@@ -277,6 +275,17 @@ class DiffusionModule(L.LightningModule):
                 module.to(dtypes[frozen_dtype])
             for part in self.trainable_prompt_parts():  # a trainable adapter stays in float32
                 part.float()
+            if use_lora:  # the policy's frozen base too (FLUX.1: 44 GiB less); the adapter and
+                # the last layer (fp32_output's float32 projection) stay float32
+                last = getattr(self.unet, "conv_out", None) or getattr(self.unet, "proj_out", None)
+                keep = {id(p) for p in last.parameters()} if last is not None else set()
+                for p in self.unet.parameters():
+                    if not p.requires_grad and id(p) not in keep:
+                        p.data = p.data.to(dtypes[frozen_dtype])
+        if compile_unet:
+            self.unet.compile(mode=compile_mode)
+        if compile_reference and self.ref_unet is not None:
+            self.ref_unet.compile(mode=compile_mode)
         self.scheduler = parts.noise_scheduler
         self.prediction_type = "flow" if parts.is_flow else self.scheduler.config.prediction_type
         self.timestep_range = check_timestep_range(

@@ -277,3 +277,18 @@ def test_rft_is_refused_on_flow_models_naming_grpo():
 
     with pytest.raises(ValueError, match="use GRPOModule"):
         RFTModule(DirectReward("jpeg-compressibility"), model="tiny-sd3", lora_rank=4)
+
+
+def test_lora_with_frozen_bf16_stores_the_base_in_bf16_and_trains_the_adapter_in_fp32():
+    module = DPOModule(model="tiny-flux", lora_rank=4, frozen_dtype="bf16", beta=100.0).train()
+    dtypes = {name: p.dtype for name, p in module.unet.named_parameters() if "proj_out" not in name}
+    lora = {n for n in dtypes if "lora_" in n}
+    assert lora and all(dtypes[n] == torch.float32 for n in lora)
+    assert {dtypes[n] for n in dtypes if n not in lora} == {torch.bfloat16}
+    assert module.unet.proj_out.weight.dtype == torch.float32  # fp32_output's last layer
+    batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "caption": ["a", "b"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        policy, ref = module.pair_errors(batch)
+    (policy.sum() - ref.sum()).backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)

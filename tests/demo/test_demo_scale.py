@@ -23,6 +23,25 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def on_the_full_base(tmp_path, methods: tuple) -> dict:
+    """The demo's summary of ``methods`` on the full demo's base (reused, or trained first): one
+    training seed each, half the report's held-out captions, 4 sampling seeds."""
+    base = build_base(ROOT / "artifacts" / "shapes" / "base", BaseConfig())
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "base").symlink_to(base)
+    cfg = DemoConfig()
+    cfg = replace(
+        cfg,
+        out=str(tmp_path / "report"),
+        artifacts=str(tmp_path / "art"),
+        seeds=1,
+        eval_captions=32,
+        eval_seeds=cfg.eval_seeds[:4],
+        methods=methods,
+    )
+    return run_demo(cfg)
+
+
 def _finals(summary: dict, method: str) -> list[float]:
     return [r["final"] for r in summary["results"][method]]
 
@@ -45,22 +64,9 @@ def test_each_method_raises_the_score_and_each_flipped_control_lowers_it(tmp_pat
     with 4 sampling seeds: DPO, KTO, RFT with the judge and RFT with the tiny CLIP preference model
     each raise the judge's score on held-out captions; DPO and KTO with winners and losers
     (desirable and undesirable) swapped lower it."""
-    base = build_base(
-        ROOT / "artifacts" / "shapes" / "base", BaseConfig()
-    )  # the demo's, reused or trained
-    (tmp_path / "art").mkdir()
-    (tmp_path / "art" / "base").symlink_to(base)
-    cfg = DemoConfig()
-    cfg = replace(
-        cfg,
-        out=str(tmp_path / "report"),
-        artifacts=str(tmp_path / "art"),
-        seeds=1,
-        eval_captions=32,
-        eval_seeds=cfg.eval_seeds[:4],
-        methods=("dpo", "dpo-flipped", "kto", "kto-flipped", "rft-judge", "rft-clip"),
+    summary = on_the_full_base(
+        tmp_path, ("dpo", "dpo-flipped", "kto", "kto-flipped", "rft-judge", "rft-clip")
     )
-    summary = run_demo(cfg)
     base_score = summary["base_score"]
     for method in ("dpo", "kto", "rft-judge", "rft-clip"):
         assert _finals(summary, method)[0] > base_score, (
@@ -82,20 +88,9 @@ def test_online_methods_raise_the_score_and_the_monitor_catches_a_colour_only_re
     pairs raise the judge score, the same runs on the negated judge lower it, and GRPO on a reward
     that pays only for red pixels lowers it while the reward-hacking monitor (the judge as gold)
     marks the step."""
-    base = build_base(ROOT / "artifacts" / "shapes" / "base", BaseConfig())
-    (tmp_path / "art").mkdir()
-    (tmp_path / "art" / "base").symlink_to(base)
-    cfg = DemoConfig()
-    cfg = replace(
-        cfg,
-        out=str(tmp_path / "report"),
-        artifacts=str(tmp_path / "art"),
-        seeds=1,
-        eval_captions=32,
-        eval_seeds=cfg.eval_seeds[:4],
-        methods=("grpo", "grpo-flipped", "online-dpo", "online-dpo-flipped", "grpo-redness"),
+    summary = on_the_full_base(
+        tmp_path, ("grpo", "grpo-flipped", "online-dpo", "online-dpo-flipped", "grpo-redness")
     )
-    summary = run_demo(cfg)
     base_score = summary["base_score"]
     for method in ("grpo", "online-dpo"):
         assert _finals(summary, method)[0] > base_score, (method, summary["results"][method])

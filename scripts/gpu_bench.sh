@@ -8,6 +8,12 @@
 #   scripts/gpu_bench.sh fast  [OUTDIR]   SD1.5 DPO at 16 pairs with every speed switch, without and with compile
 #   scripts/gpu_bench.sh compile [OUTDIR] the reference UNet compiled too, at 16 and 24 pairs (fits one 10-minute call)
 #   scripts/gpu_bench.sh graphs  [OUTDIR] the same at 16 pairs with CUDA graphs (compile mode reduce-overhead)
+#   scripts/gpu_bench.sh goals [OUTDIR]   the GPU-speed goals in order (8 min): SD1.5 DPO at 16 pairs with every
+#                                         switch + compiled reference, Lightning vs bare; the float32 output
+#                                         layer's cost; the VAE and text encoders in the step; SDXL full DPO
+#                                         at 1024 px, 4 pairs
+#   scripts/gpu_bench.sh flow [OUTDIR]    SD3.5 Medium DPO (full, LoRA 32) and FLUX.1 dev LoRA-32 DPO, 1 pair,
+#                                         1024 px, bf16 frozen parts: beside the meta-device estimates
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -95,7 +101,20 @@ compile)
 graphs)
   bench 540 --objective dpo --preset sd15-arch --steps 10 --warmup 6 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference --batch 16 --compile-mode reduce-overhead
   ;;
-*) echo "usage: $0 core|extra|fast|compile|graphs [OUTDIR]" >&2; exit 2 ;;
+goals)
+  # most important first; the limits add up to 8 minutes
+  bench 210 --objective dpo --preset sd15-arch --batch 16 --steps 8 --warmup 4 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference --compare-bare
+  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16
+  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --no-fp32-output
+  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --pixels --captions
+  bench 90 --objective dpo --preset sdxl-arch --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --optimizer adafactor
+  ;;
+flow)
+  bench 150 --objective dpo --preset sd35-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
+  bench 120 --objective dpo --preset sd35-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  bench 200 --objective dpo --preset flux-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  ;;
+*) echo "usage: $0 core|extra|fast|compile|graphs|goals|flow [OUTDIR]" >&2; exit 2 ;;
 esac
 
 $PY - "$OUTDIR/bench.jsonl" <<'EOF'

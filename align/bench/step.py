@@ -44,6 +44,8 @@ class StepConfig:
     reference_inference_mode: bool = True
     # bf16 / fp16: the frozen reference, VAE and text encoders stored in it
     frozen_dtype: str | None = None
+    # the denoisers' last layer in float32 (DiffusionModule.fp32_output; off: its cost measured)
+    fp32_output: bool = True
     # VAE moments in the batch (a latent cache): the VAE encoder does not run
     cached_latents: bool = True
     # prompt embeddings in the batch (the same cache): the text encoders do not run
@@ -171,6 +173,7 @@ def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool
             compile_mode=cfg.compile_mode,
             reference_inference_mode=cfg.reference_inference_mode,
             frozen_dtype=cfg.frozen_dtype,
+            fp32_output=cfg.fp32_output,
             optimizer=optimizer_factory(cfg.optimizer, cfg.lr),
             seed=cfg.seed,
         )

@@ -96,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
         "(configs/perf/lowmem.yaml)",
     )
     add(
+        "--no-fp32-output",
+        action="store_false",
+        dest="fp32_output",
+        help="the denoiser's last layer under autocast like the rest (default: float32, so "
+        "per-sample errors are not rounded to bf16): what the float32 layer costs",
+    )
+    add(
         "--pixels",
         action="store_false",
         dest="cached_latents",

@@ -126,6 +126,19 @@ def test_channels_last_changes_the_weight_layout():
     )
 
 
+def test_no_fp32_output_leaves_the_last_layer_under_autocast():
+    from align.modules.base import Float32Conv2d
+
+    on, off = build_module(StepConfig()), build_module(StepConfig(fp32_output=False))
+    assert all(type(u.conv_out) is Float32Conv2d for u in unets(on))
+    assert all(type(u.conv_out) is torch.nn.Conv2d for u in unets(off))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the output's dtype says which ran
+        for module, dtype in ((on, torch.float32), (off, torch.bfloat16)):
+            x = torch.randn(1, 4, 16, 16)
+            out = module.unet(x, torch.tensor([10]), encoder_hidden_states=torch.randn(1, 77, 32))
+            assert out.sample.dtype == dtype
+
+
 def test_compile_switch_compiles_the_policy_unet_only():
     on, off = build_module(StepConfig(compile_unet=True)), build_module(StepConfig())
     assert on.unet._compiled_call_impl is not None and off.unet._compiled_call_impl is None

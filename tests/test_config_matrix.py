@@ -108,7 +108,8 @@ def test_tiny_configs_train_with_the_cpu_trainer_configs(method, trainer, made_d
 @pytest.mark.parametrize(
     "method", ["configs/dpo/tiny.yaml", "configs/kto/tiny.yaml", "configs/grpo/tiny.yaml"]
 )
-def test_tiny_configs_train_the_flow_presets(method, model, made_data, tmp_path):
+@pytest.mark.parametrize("trainer", ["configs/trainer/cpu.yaml", "configs/trainer/ddp_cpu2.yaml"])
+def test_tiny_configs_train_the_flow_presets(method, model, trainer, made_data, tmp_path):
     """The same method configs on SD3- and FLUX-shaped models, exported where `align sample` reads
     them (the flow sampler, the family's pipeline)."""
     export = "[{class_path: align.callbacks.DiffusersExport, init_args: {dirpath: %s}}]" % (
@@ -117,7 +118,7 @@ def test_tiny_configs_train_the_flow_presets(method, model, made_data, tmp_path)
     done = align(
         "fit",
         *("--config", str(ROOT / method), "--config", str(ROOT / model)),
-        *("--config", str(ROOT / "configs/trainer/cpu.yaml")),
+        *("--config", str(ROOT / trainer)),
         *("--trainer.max_steps", "2", "--trainer.val_check_interval", "2"),
         *("--trainer.logger", "false", "--trainer.enable_checkpointing", "false"),
         *("--trainer.callbacks", export),

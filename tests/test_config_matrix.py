@@ -140,3 +140,33 @@ def test_tiny_configs_train_the_flow_presets(method, model, trainer, made_data, 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "images/meta.json").read_text())["scheduler"] == "flow-euler"
+
+
+@pytest.mark.slow
+def test_a_flow_run_resumes_at_its_step_with_its_weights(made_data, tmp_path):
+    """GRPO on the FLUX-shaped preset (LoRA): stopped at step 2, resumed to 4 from last.ckpt."""
+    import torch
+
+    args = [
+        *("fit", "--config", str(ROOT / "configs/grpo/tiny.yaml")),
+        *("--config", str(ROOT / "configs/parts/model/tiny_flux.yaml")),
+        *("--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)),
+        *("--trainer.callbacks", "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "),
+    ]
+    args[-1] += f"init_args: {{dirpath: {tmp_path / 'ckpt'}, save_last: true}}}}]"
+    assert align(*args, "--trainer.max_steps", "2", cwd=made_data).returncode == 0
+    first = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    done = align(
+        *args,
+        "--trainer.max_steps",
+        "4",
+        "--ckpt_path",
+        str(tmp_path / "ckpt/last.ckpt"),
+        cwd=made_data,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    assert (first["global_step"], second["global_step"]) == (2, 4)
+    lora = [k for k in first["state_dict"] if "lora_" in k]
+    assert lora and set(second["state_dict"]) == set(first["state_dict"])  # trainable weights only
+    assert any(not torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in lora)

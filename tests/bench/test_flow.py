@@ -112,6 +112,7 @@ def test_a_local_flow_model_maps_to_its_architecture_preset(tmp_path):
     assert preset_of("black-forest-labs/FLUX.1-dev") == "flux-arch"
 
 
+@pytest.mark.slow  # ~30 s: the full SD3.5 architecture on the meta device
 def test_plan_of_an_sd35_dpo_run_estimates_its_memory(capsys):
     args = [
         "plan",

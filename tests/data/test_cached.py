@@ -275,7 +275,13 @@ def _batches(image_dm, cached_dm, n: int = 1):
 
 @pytest.mark.parametrize(
     "model,dropout",
-    [("tiny", 0.0), ("tiny", 0.5), ("tiny-xl", 0.5), ("tiny-sd3", 0.5), ("tiny-flux", 0.0)],
+    [
+        ("tiny", 0.0),
+        ("tiny", 0.5),
+        ("tiny-xl", 0.5),
+        pytest.param("tiny-sd3", 0.5, marks=pytest.mark.slow),  # caching + 2 modules: ~15 s
+        pytest.param("tiny-flux", 0.0, marks=pytest.mark.slow),
+    ],
 )
 def test_dpo_loss_is_the_same_on_the_cache_and_on_the_images(request, model, dropout, monkeypatch):
     fixture = {"tiny-xl": "xl_pairs", "tiny-sd3": "sd3_pairs", "tiny-flux": "flux_pairs"}

@@ -185,6 +185,7 @@ def test_lora_export_reloads_in_the_stock_pipeline_at_the_trained_scale(name, tm
     assert with_adapter_off.isfinite().all()
 
 
+@pytest.mark.slow  # the fast suite keeps the parity and export-scale tests
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_full_export_is_a_pipeline_of_the_family(name, tmp_path):
     module = DPOModule(model=name, beta=100.0)
@@ -240,6 +241,7 @@ def test_grpo_samples_on_the_pipelines_own_sigmas(name):
     torch.testing.assert_close(module.timesteps, pipe.scheduler.timesteps.float())
 
 
+@pytest.mark.slow  # the fast suite keeps the parity and export-scale tests
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_grpo_trains_a_flow_lora_with_log_probs_it_can_recompute(name, tmp_path):
     import lightning as L

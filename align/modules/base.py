@@ -96,10 +96,15 @@ class Float32Linear(torch.nn.Linear):
             return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
 
 
+def last_layer(denoiser: torch.nn.Module) -> torch.nn.Module | None:
+    """The denoiser's output layer: a UNet's ``conv_out``, a transformer's ``proj_out``."""
+    return getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out", None)
+
+
 def float32_output(denoiser: torch.nn.Module) -> None:
-    """Run the denoiser's last layer (a UNet's ``conv_out``, a transformer's ``proj_out``) in
-    float32 (its weights and the state dict stay as they are)."""
-    last = getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out", None)
+    """Run the denoiser's last layer in float32 (its weights and the state dict stay as they
+    are)."""
+    last = last_layer(denoiser)
     if type(last) is torch.nn.Conv2d:
         last.__class__ = Float32Conv2d
     elif type(last) is torch.nn.Linear:
@@ -277,7 +282,7 @@ class DiffusionModule(L.LightningModule):
                 part.float()
             if use_lora:  # the policy's frozen base too (FLUX.1: 44 GiB less); the adapter and
                 # the last layer (fp32_output's float32 projection) stay float32
-                last = getattr(self.unet, "conv_out", None) or getattr(self.unet, "proj_out", None)
+                last = last_layer(self.unet)
                 keep = {id(p) for p in last.parameters()} if last is not None else set()
                 for p in self.unet.parameters():
                     if not p.requires_grad and id(p) not in keep:

@@ -5,6 +5,7 @@ Usage::
 
     align demo [--quick] [--out reports/] [--seeds 3] [--artifacts artifacts/shapes] [--threads 1]
     align demo --eval-set validation --methods dpo,dpo-flipped --steps 250 --eval-every 50
+    align demo --family sd3     # DPO, KTO, GRPO and their controls on a flow-matching base
 
 Builds the world (the base model, cached under ``<artifacts>/base``; on-policy preference shards
 judged by the exact judge; long-caption shards; the held-out judge set), then runs every method
@@ -14,7 +15,8 @@ training seeds as ``align fit --config configs/demo/<method>.yaml``, and writes
 ``<out>/README.md`` (table, verdicts, commands, timings), ``<out>/judge_curves.png``,
 ``<out>/samples.png`` and ``<out>/demo.json``. ``--eval-set validation`` judges on other held-out
 captions and seeds (also kept out of training): for choosing settings without looking at the
-report's test set.
+report's test set. ``--family sd3`` builds the world around a flow-matching (SD3-shaped) base
+instead (cached under ``artifacts/shapes-sd3``) and runs the same configs on it.
 """
 
 from __future__ import annotations
@@ -25,19 +27,25 @@ import sys
 
 from align.commands import doc_summary
 from align.demo.report import PLOTS
-from align.demo.run import METHODS
+from align.demo.run import FLOW_METHODS, METHODS
 from align.extras import require
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align demo", description=doc_summary(__doc__))
     p.add_argument("--quick", action="store_true", help="fewer captions and steps (CI scale)")
+    p.add_argument(
+        "--family",
+        choices=("sd15", "sd3"),
+        default="sd15",
+        help="the base: a UNet (sd15, default) or a flow-matching transformer (sd3)",
+    )
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
     p.add_argument(
         "--artifacts",
         default=None,
-        help="base model, shards and runs, cached (default: artifacts/shapes; "
-        "--quick: artifacts/shapes-quick)",
+        help="base model, shards and runs, cached (default: artifacts/shapes[-sd3]; "
+        "--quick: artifacts/shapes[-sd3]-quick)",
     )
     p.add_argument(
         "--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)"
@@ -58,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help=f"comma-separated subset of {','.join(METHODS)} (default: all but the label-free "
-        "controls dpo-shuffled and kto-shuffled and the online methods)",
+        "controls dpo-shuffled and kto-shuffled and the online methods; sd3: "
+        f"{','.join(FLOW_METHODS)})",
     )
     p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")
@@ -82,14 +91,21 @@ def parser() -> argparse.ArgumentParser:
 def demo_config(args: argparse.Namespace):
     """The ``DemoConfig`` the command line asks for: the full or quick defaults, its overrides
     given to every run as ``align fit`` flags (after the quick sizes, so they win)."""
-    from align.demo.run import DemoConfig, batch_of, quick_config, steps
+    from align.demo.base import BaseConfig
+    from align.demo.run import DemoConfig, batch_of, default_artifacts, quick_config, steps
 
     given = {
         k: v for k, v in (("seeds", args.seeds), ("artifacts", args.artifacts)) if v is not None
     }
-    cfg = (quick_config if args.quick else DemoConfig)(
-        out=args.out, eval_set=args.eval_set, **given
-    )
+    if args.quick:
+        cfg = quick_config(args.family, out=args.out, eval_set=args.eval_set, **given)
+    else:
+        given.setdefault("artifacts", default_artifacts(args.family))
+        cfg = DemoConfig(
+            out=args.out, eval_set=args.eval_set, base=BaseConfig(family=args.family), **given
+        )
+    if args.family != "sd15":
+        cfg.methods = FLOW_METHODS
     fit_args = {k: list(v) for k, v in cfg.fit_args.items()}
     every = (steps(args.steps) if args.steps else []) + (
         batch_of(args.batch_size) if args.batch_size else []

@@ -24,6 +24,13 @@ SFT on perfectly captioned images; with the wider one (docs/demo/design.md) the 
 shapes right (judge 0.721 there), and DPO, KTO, their flipped controls and both RFTs moved the
 held-out score by 0.05-0.15 in the report. The UNet grows from 0.80 M to 1.08 M parameters.
 
+``family: sd3`` trains a flow-matching base instead: the ``tiny-sd3`` preset's MMDiT transformer
+(deeper and wider: ``flow_layers`` x ``flow_head_dim``), its two CLIPs and T5 trained together on
+the same scenes with SD3's flow objective (logit-normal timesteps, velocity target) and the same
+4x-downsampling VAE (16 latent channels, as SD3's). Its schedule's shift is ``flow_shift``: SD3's
+3.0 serves 1024-pixel images, whose redundancy needs more noise to hide them; 8x8 latents need
+none.
+
 The result is a diffusers pipeline directory (``load_components(dir)`` /
 ``StableDiffusionPipeline.from_pretrained``) with a ``demo_base.json`` recording the settings; it is
 reused when the settings match.
@@ -46,8 +53,13 @@ import torch.nn.functional as F
 from align.demo import world
 
 
+# the preset each family's base starts from
+PRESETS = {"sd15": "tiny", "sd3": "tiny-sd3"}
+
+
 @dataclass
 class BaseConfig:
+    family: str = "sd15"  # or "sd3": a flow-matching (SD3-shaped) base
     scenes: int = 4000
     max_objects: int = (
         2  # one or two objects per scene (see ``align.demo.run.caption_sets`` for why two)
@@ -72,6 +84,10 @@ class BaseConfig:
     cross_attention_levels: int = (
         2  # UNet levels with cross-attention, from the top (tiny preset: 1)
     )
+    # sd3 only: the transformer's depth and head width (4 heads), the flow schedule's shift
+    flow_layers: int = 4
+    flow_head_dim: int = 16
+    flow_shift: float = 1.0
     seed: int = 0
     # torch threads of the training: the same settings and threads give the same weights to the
     # bit (measured), another thread count other weights (another reduction order)
@@ -83,8 +99,8 @@ META = "demo_base.json"
 BASE_SOURCES = ("demo/base.py", "demo/world.py")
 
 
-def code_fingerprint() -> str:
-    """sha256 (16 hex digits) of ``BASE_SOURCES`` and of the ``tiny`` preset a base starts from
+def code_fingerprint(family: str = "sd15") -> str:
+    """sha256 (16 hex digits) of ``BASE_SOURCES`` and of the preset a ``family`` base starts from
     (weights at seed 0, configs, schedule, token ids): a change to the loader or the presets that
     leaves that model as it was keeps the trained base, one that changes it trains a new one."""
     from align.models import load_components
@@ -93,7 +109,7 @@ def code_fingerprint() -> str:
     digest = hashlib.sha256()
     for name in BASE_SOURCES:
         digest.update((root / name).read_bytes())
-    parts = load_components("tiny", seed=0)
+    parts = load_components(PRESETS[family], seed=0)
     for config in (parts.unet.config, parts.vae.config, parts.noise_scheduler.config):
         public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
@@ -124,14 +140,14 @@ def _progress(stage: str, step: int, total: int, loss: float, start: float) -> N
         log(f"{stage} step {step}/{total} loss {loss:.4f} ({time.time() - start:.0f}s)")
 
 
-def demo_vae(blocks: int):
-    """The tiny preset's VAE with ``blocks`` down/up blocks (channels doubling from 8):
+def demo_vae(blocks: int, preset: str = "tiny"):
+    """``preset``'s VAE with ``blocks`` down/up blocks (channels doubling from 8):
     downsampling 2**(blocks-1)."""
     from diffusers import AutoencoderKL
 
     from align.models.presets import get_preset
 
-    config = dict(get_preset("tiny").vae)
+    config = dict(get_preset(preset).vae)
     config.update(
         block_out_channels=[8 * 2**i for i in range(blocks)],
         down_block_types=["DownEncoderBlock2D"] * blocks,
@@ -203,20 +219,45 @@ def encode_moments(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     )
 
 
-def train_unet(
+def demo_transformer(parts, cfg: BaseConfig) -> None:
+    """Replace ``parts``' SD3 transformer by a fresh one ``cfg.flow_layers`` deep with heads
+    ``cfg.flow_head_dim`` wide, for the demo's latents (``sample_size`` from the VAE)."""
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(parts.unet.config)
+    heads = config["num_attention_heads"]
+    config.update(
+        sample_size=world.SIZE // parts.vae_scale_factor,
+        num_layers=cfg.flow_layers,
+        attention_head_dim=cfg.flow_head_dim,
+        caption_projection_dim=heads * cfg.flow_head_dim,  # the joint blocks' width
+    )
+    parts.unet = SD3Transformer2DModel.from_config(config)
+
+
+def train_denoiser(
     parts, moments: torch.Tensor, scenes: list, cfg: BaseConfig, gen: torch.Generator
 ) -> None:
+    """The UNet (noise schedule and ``cfg.prediction_type``) or the flow transformer (SD3's flow
+    objective) and the text encoders, on noisy captions of ``scenes``."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+    from align.models.flow import FlowMatching, transformer_forward
+    from align.models.prompts import build_prompt_encoder
     from align.objectives.common import diffusion_target
 
-    unet, text_encoder, tokenizer = parts.unet, parts.text_encoders[0], parts.tokenizers[0]
-    scheduler, scale = parts.noise_scheduler, parts.vae.config.scaling_factor
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    denoiser, encode = parts.unet, build_prompt_encoder(parts, "clip")
+    scheduler, vae = parts.noise_scheduler, parts.vae.config
+    flow = FlowMatching() if parts.is_flow else None
+    # SD3's T5 stays as initialised: its 256 rows would cost more to train than the transformer
+    trained = parts.text_encoders[:-1] if parts.is_flow else parts.text_encoders
+    params = [p for m in (denoiser, *trained) for p in m.parameters()]
+    for m in parts.text_encoders:
+        m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    unet.train()
-    text_encoder.train()
+    for m in (denoiser, *trained):
+        m.train()
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     rng = random.Random(cfg.seed + 1)
     warmup = max(1, cfg.unet_steps // 20)
@@ -229,19 +270,21 @@ def train_unet(
             else world.caption(world.noisy_scene(scenes[i], rng, cfg.p_color, cfg.p_shape))
             for i in idx.tolist()
         ]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        latents = DiagonalGaussianDistribution(moments[idx]).sample(generator=gen) * scale
+        latents = DiagonalGaussianDistribution(moments[idx]).sample(generator=gen)
+        latents = (latents - (vae.shift_factor or 0.0)) * vae.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, diffusion_target(cfg.prediction_type, latents, noise, t, scheduler))
+        cond = encode(captions)
+        if flow is None:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+            noisy = scheduler.add_noise(latents, noise, t)
+            pred = denoiser(noisy, t, encoder_hidden_states=cond.embeds).sample
+            target = diffusion_target(cfg.prediction_type, latents, noise, t, scheduler)
+        else:
+            t = flow.sample_timesteps(scheduler, len(idx), gen)
+            noisy = flow.noisy(latents, noise, t, scheduler)
+            pred = transformer_forward(parts.family, denoiser, noisy, t, cond)
+            target = noise - latents
+        loss = F.mse_loss(pred, target)
         lr = (
             cfg.unet_lr
             * min(1.0, step / warmup)
@@ -253,8 +296,8 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _progress("unet", step, cfg.unet_steps, loss.item(), start)
-    for m in (unet, text_encoder):
+        _progress(parts.denoiser_name, step, cfg.unet_steps, loss.item(), start)
+    for m in (denoiser, *parts.text_encoders):
         m.eval().requires_grad_(False)
 
 
@@ -264,7 +307,8 @@ def base_matches(out_dir: str | Path, cfg: BaseConfig) -> bool:
     if not meta.is_file():
         return False
     saved = json.loads(meta.read_text())
-    return saved.get("config") == asdict(cfg) and saved.get("code") == code_fingerprint()
+    code = code_fingerprint(cfg.family)
+    return saved.get("config") == asdict(cfg) and saved.get("code") == code
 
 
 def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool = False) -> Path:
@@ -272,6 +316,8 @@ def build_base(out_dir: str | Path, cfg: BaseConfig | None = None, force: bool =
     returns ``out_dir``."""
 
     cfg = cfg or BaseConfig()
+    if cfg.family not in PRESETS:
+        raise ValueError(f"the demo base family must be one of {list(PRESETS)}, got {cfg.family!r}")
     out = Path(out_dir)
     if not force and base_matches(out, cfg):
         log(f"base model: reusing {out}")
@@ -290,41 +336,43 @@ def _train_base(out: Path, cfg: BaseConfig) -> Path:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    parts = load_components("tiny", seed=cfg.seed)
+    parts = load_components(PRESETS[cfg.family], seed=cfg.seed)
     if cfg.vae_blocks != len(parts.vae.config.block_out_channels):
-        parts.vae = demo_vae(cfg.vae_blocks)
+        parts.vae = demo_vae(cfg.vae_blocks, PRESETS[cfg.family])
         parts.unet.register_to_config(sample_size=world.SIZE // 2 ** (cfg.vae_blocks - 1))
-    demo_conditioning(parts, cfg)
-    schedule = (
-        dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        if cfg.zero_terminal_snr
-        else {}
-    )
+    if parts.is_flow:
+        demo_transformer(parts, cfg)
+        schedule = {"shift": cfg.flow_shift}
+    else:
+        demo_conditioning(parts, cfg)
+        schedule = dict(prediction_type=cfg.prediction_type)
+        if cfg.zero_terminal_snr:
+            schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     parts.noise_scheduler = type(parts.noise_scheduler).from_config(
-        parts.noise_scheduler.config, prediction_type=cfg.prediction_type, **schedule
+        parts.noise_scheduler.config, **schedule
     )
     scenes, images = render_dataset(cfg.scenes, cfg.seed, cfg.max_objects)
     log(f"base model: {cfg.scenes} scenes rendered; training the VAE ({cfg.vae_steps} steps)")
     train_vae(parts.vae, images, cfg, gen)
     moments = encode_moments(parts.vae, images)
-    std = float(moments[:, :4].std())
-    parts.vae.register_to_config(
-        scaling_factor=1.0 / std
-    )  # unit-variance latents, as SD's 0.18215 was chosen
+    means = moments[:, : parts.vae.config.latent_channels]
+    # unit-variance latents, as SD's 0.18215 was chosen; flow VAEs also centre them (shift_factor)
+    std = float(means.std())
+    shift = {"shift_factor": float(means.mean())} if parts.is_flow else {}
+    parts.vae.register_to_config(scaling_factor=1.0 / std, **shift)
     t1 = time.time()
     log(
-        f"base model: VAE done in {t1 - t0:.0f}s (latent std {std:.3f}); training UNet + text "
-        "encoder "
-        f"({cfg.unet_steps} steps)"
+        f"base model: VAE done in {t1 - t0:.0f}s (latent std {std:.3f}); training the "
+        f"{parts.denoiser_name} and text encoders ({cfg.unet_steps} steps)"
     )
-    train_unet(parts, moments, scenes, cfg, gen)
+    train_denoiser(parts, moments, scenes, cfg, gen)
     tmp = out.with_name(out.name + ".tmp")
     parts.save_pretrained(tmp)
     (tmp / META).write_text(
         json.dumps(
             {
                 "config": asdict(cfg),
-                "code": code_fingerprint(),
+                "code": code_fingerprint(cfg.family),
                 "seconds": {"vae": t1 - t0, "unet": time.time() - t1},
             },
             indent=2,

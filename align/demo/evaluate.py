@@ -1,5 +1,5 @@
-"""Sampling and judging: DDIM with classifier-free guidance through a stock diffusers pipeline,
-fixed seeds."""
+"""Sampling and judging: DDIM (flow models: Euler) with classifier-free guidance through a stock
+diffusers pipeline, fixed seeds."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from align.demo.judge import judge, judge_many
 
 
 def make_pipeline(components, unet=None):
+    """The judged sampler: DDIM for the UNets, the flow models' own Euler sampler."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    if components.is_flow:
+        scheduler = components.sampler()
+    else:
+        scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
     pipe = components.to_pipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -32,11 +36,11 @@ def sample(
 ) -> np.ndarray:
     """(len(captions) * len(seeds), H, W, 3) uint8, caption-major:
     image j of caption i from seed ``seeds[j]``."""
-    from align.models.sampling import generate
+    from align.models.sampling import denoiser_of, generate
 
     prompts = [c for c in captions for _ in seeds]
     all_seeds = [s for _ in captions for s in seeds]
-    unet = pipe.unet
+    unet = denoiser_of(pipe)
     was_training = unet.training
     unet.eval()
     out = []

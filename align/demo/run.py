@@ -69,6 +69,9 @@ METHODS = {
         ["--data.init_args.reward", "align.demo.soft_judge:shapes-judge-exact:-1"],
     ),
 }
+# what the flow-matching (SD3-shaped) base runs: the same configs, then configs/demo/sd3/<config>
+# where the flow model needs other settings
+FLOW_METHODS = ("dpo", "dpo-flipped", "kto", "kto-flipped", "grpo", "grpo-flipped")
 PREFERENCE_MODEL = "preference_model.yaml"
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions
 
@@ -144,20 +147,25 @@ class DemoConfig:
     fit_args: dict = field(default_factory=dict)
 
 
-def quick_config(**kw) -> DemoConfig:
+def quick_config(family: str = "sd15", **kw) -> DemoConfig:
     """``--quick``: the same pipeline at smoke-test scale: a smaller base (its own cache,
     ``artifacts/shapes-quick``), one training seed, fewer captions and steps. Its numbers check that
     everything runs; the full demo's are the evidence. Sized to finish in 5 minutes on 2 cores."""
     kw.setdefault("seeds", 1)
-    kw.setdefault("artifacts", "artifacts/shapes-quick")
+    kw.setdefault("artifacts", default_artifacts(family, quick=True))
     kw.setdefault("fit_args", QUICK_ARGS)
     return DemoConfig(
-        base=BaseConfig(scenes=2000, vae_steps=120, unet_steps=350),
+        base=BaseConfig(family=family, scenes=2000, vae_steps=120, unet_steps=350),
         pref_captions=64,
         eval_captions=8,
         long_scenes=400,
         **kw,
     )
+
+
+def default_artifacts(family: str = "sd15", quick: bool = False) -> str:
+    """Where a family's world is cached: artifacts/shapes[-sd3][-quick]."""
+    return "artifacts/shapes" + ("-sd3" if family == "sd3" else "") + ("-quick" if quick else "")
 
 
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
@@ -292,9 +300,10 @@ def fit(args: list[str], threads: int = 1) -> float:
 def job_args(cfg: DemoConfig, method: str, seed: int) -> list[str]:
     """The ``align fit`` flags of one run (``ALIGN_DEMO`` names the artifacts)."""
     config, control = METHODS[method]
+    # the shared config, then the family's own settings over it (configs/demo/sd3/<config>)
+    layers = [c for c in (CONFIGS / config, CONFIGS / cfg.base.family / config) if c.is_file()]
     return [
-        "--config",
-        str(CONFIGS / config),
+        *(a for c in layers for a in ("--config", str(c))),
         *(a.format(art=cfg.artifacts) for a in control),
         *seed_args(seed),
         "--trainer.logger.init_args.name",
@@ -380,6 +389,11 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
+    if cfg.base.family != "sd15" and not set(cfg.methods) <= set(FLOW_METHODS):
+        raise ValueError(
+            f"the {cfg.base.family} base runs {', '.join(FLOW_METHODS)}; "
+            f"not {sorted(set(cfg.methods) - set(FLOW_METHODS))}"
+        )
     if cfg.eval_set not in ("test", "validation"):
         raise ValueError(f"eval_set must be 'test' or 'validation', got {cfg.eval_set!r}")
     os.environ["ALIGN_DEMO"] = cfg.artifacts

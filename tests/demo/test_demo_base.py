@@ -1,5 +1,5 @@
 """The demo base's conditioning capacity: wider than the tiny preset's where the config says so, and
-the trained base directory loads back with it."""
+the trained base directory (UNet or flow transformer) loads back with it."""
 
 from __future__ import annotations
 
@@ -64,5 +64,28 @@ def test_the_base_is_reproducible_and_reused_only_by_the_same_settings_and_code(
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # to the bit
     assert base_module.base_matches(tmp_path / "a", cfg)
     assert not base_module.base_matches(tmp_path / "a", BaseConfig(**{**vars(cfg), "threads": 2}))
-    monkeypatch.setattr(base_module, "code_fingerprint", lambda: "changed")
+    monkeypatch.setattr(base_module, "code_fingerprint", lambda family: "changed")
     assert not base_module.base_matches(tmp_path / "a", cfg)  # the code that made it changed
+
+
+def test_the_flow_base_is_an_sd3_pipeline_on_8x8_latents_with_centred_latents(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.set_num_threads(1)
+    cfg = BaseConfig(
+        family="sd3", scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4, threads=1
+    )
+    parts = load_components(str(build_base(tmp_path / "base", cfg)))
+    assert parts.family == "sd3" and parts.resolution == 32
+    assert parts.unet.config.num_layers == cfg.flow_layers
+    assert parts.unet.config.caption_projection_dim == 4 * cfg.flow_head_dim
+    assert parts.noise_scheduler.config.shift == cfg.flow_shift
+    assert parts.vae.config.latent_channels == 16 and parts.vae.config.shift_factor != 0.0
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "base")
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_an_unknown_base_family_fails_with_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="sd15.*sd3"):
+        build_base(tmp_path / "base", BaseConfig(family="flux", scenes=4))

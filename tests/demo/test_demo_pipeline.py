@@ -13,7 +13,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig
 from align.demo.prefs import build_records, pair_samples, single_samples, write_pairs, write_singles
-from align.demo.run import DemoConfig, batch_of, run_demo, steps
+from align.demo.run import FLOW_METHODS, DemoConfig, batch_of, run_demo, steps
 
 
 def _rendered_records(n: int = 6, k: int = 3):
@@ -276,6 +276,58 @@ def test_demo_command_line_overrides():
     assert fit_args(quick, "preference-model") == QUICK_ARGS["preference-model"]
     with pytest.raises(SystemExit):
         parser().parse_args(["--eval-set", "train"])
+    flow = demo_config(parser().parse_args(["--family", "sd3"]))
+    assert flow.base.family == "sd3" and flow.artifacts == "artifacts/shapes-sd3"
+    assert flow.methods == FLOW_METHODS
+    quick_flow = demo_config(parser().parse_args(["--family", "sd3", "--quick"]))
+    assert quick_flow.artifacts == "artifacts/shapes-sd3-quick"
+    assert quick_flow.base.family == "sd3"
+
+
+def test_the_flow_base_refuses_the_methods_it_does_not_run(tmp_path):
+    cfg = DemoConfig(
+        artifacts=str(tmp_path), base=BaseConfig(family="sd3"), methods=("sft-segment",)
+    )
+    with pytest.raises(ValueError, match="sd3 base runs dpo.*sft-segment"):
+        run_demo(cfg)
+
+
+@pytest.mark.slow
+def test_the_flow_base_runs_dpo_kto_and_grpo_through_the_same_configs(tmp_path):
+    torch.set_num_threads(1)
+    cfg = DemoConfig(
+        out=str(tmp_path / "report"),
+        artifacts=str(tmp_path / "art"),
+        seeds=1,
+        base=BaseConfig(
+            family="sd3", scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, threads=1
+        ),
+        pref_captions=8,
+        images_per_caption=3,
+        pref_source="rendered",
+        eval_captions=2,
+        eval_seeds=(0,),
+        sample_steps=2,
+        fit_args={
+            "*": steps(2) + batch_of(2),
+            "grpo": ["--model.init_args.group_size", "2", "--model.init_args.num_steps", "2"],
+        },
+        methods=("dpo", "kto", "grpo-flipped"),
+        workers=1,
+    )
+    summary = run_demo(cfg)
+    assert set(summary["results"]) == {"dpo", "kto", "grpo-flipped"}
+    runs = tmp_path / "art" / "runs"
+    for method in summary["results"]:
+        config = (runs / method / "seed0" / "config.yaml").read_text()
+        assert "art/base" in config and (runs / method / "seed0" / "judge.json").is_file()
+    export = runs / "dpo" / "seed0" / "export" / "final"
+    assert json.loads((export / "model_index.json").read_text())["transformer"][1] == (
+        "SD3Transformer2DModel"
+    )
+    # the flow model's own settings over the shared config
+    assert "configs/demo/sd3/grpo.yaml" in summary["commands"]["grpo-flipped"]
+    assert "eta: 0.7" in (runs / "grpo-flipped" / "seed0" / "config.yaml").read_text()
 
 
 def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():

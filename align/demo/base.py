@@ -29,7 +29,9 @@ held-out score by 0.05-0.15 in the report. The UNet grows from 0.80 M to 1.08 M 
 the same scenes with SD3's flow objective (logit-normal timesteps, velocity target) and the same
 4x-downsampling VAE (16 latent channels, as SD3's). Its schedule's shift is ``flow_shift``: SD3's
 3.0 serves 1024-pixel images, whose redundancy needs more noise to hide them; 8x8 latents need
-none.
+none. Its T5 is cut at ``flow_text_tokens`` rows (the configs say ``max_sequence_length: 77``): the
+transformer's attention over SD3's 77 + 256 text rows made a training step 4-7x slower on the CPU
+than over 77 + 77 (measured), and every caption of the world fits in 64 T5 tokens.
 
 The result is a diffusers pipeline directory (``load_components(dir)`` /
 ``StableDiffusionPipeline.from_pretrained``) with a ``demo_base.json`` recording the settings; it is
@@ -84,10 +86,12 @@ class BaseConfig:
     cross_attention_levels: int = (
         2  # UNet levels with cross-attention, from the top (tiny preset: 1)
     )
-    # sd3 only: the transformer's depth and head width (4 heads), the flow schedule's shift
+    # sd3 only: the transformer's depth and head width (4 heads), the flow schedule's shift, and
+    # the T5 rows of its conditioning (the pipeline's default: 256; the longest caption takes 64)
     flow_layers: int = 4
     flow_head_dim: int = 16
     flow_shift: float = 1.0
+    flow_text_tokens: int = 77
     seed: int = 0
     # torch threads of the training: the same settings and threads give the same weights to the
     # bit (measured), another thread count other weights (another reduction order)
@@ -235,6 +239,14 @@ def demo_transformer(parts, cfg: BaseConfig) -> None:
     parts.unet = SD3Transformer2DModel.from_config(config)
 
 
+def prompt_encoder(parts, cfg: BaseConfig):
+    """The base's text encoding: the model's own, the flow base's T5 cut at ``flow_text_tokens``."""
+    from align.models.prompts import build_prompt_encoder
+
+    rows = {"max_sequence_length": cfg.flow_text_tokens} if parts.is_flow else {}
+    return build_prompt_encoder(parts, "clip", **rows)
+
+
 def train_denoiser(
     parts, moments: torch.Tensor, scenes: list, cfg: BaseConfig, gen: torch.Generator
 ) -> None:
@@ -243,10 +255,9 @@ def train_denoiser(
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from align.models.flow import FlowMatching, transformer_forward
-    from align.models.prompts import build_prompt_encoder
     from align.objectives.common import diffusion_target
 
-    denoiser, encode = parts.unet, build_prompt_encoder(parts, "clip")
+    denoiser, encode = parts.unet, prompt_encoder(parts, cfg)
     scheduler, vae = parts.noise_scheduler, parts.vae.config
     flow = FlowMatching() if parts.is_flow else None
     # SD3's T5 stays as initialised: its 256 rows would cost more to train than the transformer

@@ -49,9 +49,10 @@ class ShapesJudge(L.Callback):
             return evaluate_long(
                 module.components, module.unet, module.prompt_encoder, self.captions, seeds, **kw
             )
-        return evaluate(
-            make_pipeline(module.components, unet=module.unet), self.captions, seeds, **kw
-        )
+        # a flow model samples with the module's text length (the UNets: the pipeline's encoding)
+        encoder = module.prompt_encoder if module.components.is_flow else None
+        pipe = make_pipeline(module.components, unet=module.unet)
+        return evaluate(pipe, self.captions, seeds, encoder=encoder, **kw)
 
     def _judge(self, step: int, module, seeds: list[int]) -> None:
         py_state, np_state = random.getstate(), np.random.get_state()

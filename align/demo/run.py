@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from align.demo import world
-from align.demo.base import BaseConfig, build_base, log
+from align.demo.base import BaseConfig, build_base, log, prompt_encoder
 from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline, sample
 from align.demo.prefs import (
     build_records,
@@ -212,7 +212,9 @@ def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np
     return np.stack(out)
 
 
-def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path) -> dict:
+def preference_data(
+    cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir: Path, encoder=None
+) -> dict:
     """Images for the training captions (on-policy or rendered), judged, written as pair and single
     shards with their flipped (and, when asked for, shuffled) controls; returns the data summary."""
     if cfg.pref_source == "base":
@@ -222,6 +224,7 @@ def preference_data(cfg: DemoConfig, base_pipe, train_caps: list[str], data_dir:
             list(range(cfg.images_per_caption)),
             steps=cfg.sample_steps,
             guidance=cfg.guidance,
+            encoder=encoder,
         )
     else:
         images = rendered_samples(train_caps, cfg.images_per_caption)
@@ -410,10 +413,17 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     train_caps, eval_caps = caption_sets(cfg)
     base = load_components(str(base_dir))
     base_pipe = make_pipeline(base)
+    # the flow base samples with its own text length (the UNets: the pipeline's encoding)
+    encoder = prompt_encoder(base, cfg.base) if base.is_flow else None
     t = time.time()
     judged = {
         "short": evaluate(
-            base_pipe, eval_caps, seeds, steps=cfg.sample_steps, guidance=cfg.guidance
+            base_pipe,
+            eval_caps,
+            seeds,
+            encoder=encoder,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
         )
     }
     timings["evaluate base"] = time.time() - t
@@ -423,7 +433,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     )
 
     t = time.time()
-    pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs")
+    pref_summary = preference_data(cfg, base_pipe, train_caps, art / "prefs", encoder)
     timings["preference data (sample + judge + shards)"] = time.time() - t
     log(f"preference data: {pref_summary}")
 

@@ -328,6 +328,7 @@ def test_the_flow_base_runs_dpo_kto_and_grpo_through_the_same_configs(tmp_path):
     # the flow model's own settings over the shared config
     assert "configs/demo/sd3/grpo.yaml" in summary["commands"]["grpo-flipped"]
     assert "eta: 0.7" in (runs / "grpo-flipped" / "seed0" / "config.yaml").read_text()
+    assert "max_sequence_length: 77" in (runs / "dpo" / "seed0" / "config.yaml").read_text()
 
 
 def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():

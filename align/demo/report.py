@@ -171,8 +171,10 @@ def write_report(
     sample_grid(samples, captions, per_caption, out / "samples.png")
     cfg = summary["config"]
     base = summary["base_score"]
+    flow = cfg["base"].get("family", "sd15") != "sd15"
+    sampler = "flow Euler" if flow else "DDIM"
     lines = [
-        "# align demo: the shapes world",
+        "# align demo: the shapes world" + (", a flow-matching (SD3-shaped) base" if flow else ""),
         "",
         f"Command: `{summary.get('command', 'align demo')}`  ",
         f"torch threads: {summary['torch_threads']}; total time "
@@ -183,7 +185,8 @@ def write_report(
         f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} "
         f"set) x {per_caption} "
         f"fixed sampling seeds "
-        f"(DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation "
+        f"({sampler} {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard "
+        "deviation "
         "over "
         f"{cfg['seeds']} training seeds (the base is one fixed model). The curves "
         "(`judge_curves.png`) are judged "

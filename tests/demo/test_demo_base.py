@@ -80,7 +80,9 @@ def test_the_flow_base_is_an_sd3_pipeline_on_8x8_latents_with_centred_latents(tm
     assert parts.unet.config.num_layers == cfg.flow_layers
     assert parts.unet.config.caption_projection_dim == 4 * cfg.flow_head_dim
     assert parts.noise_scheduler.config.shift == cfg.flow_shift
-    assert parts.vae.config.latent_channels == 16 and parts.vae.config.shift_factor != 0.0
+    assert parts.vae.config.latent_channels == cfg.flow_latent_channels
+    assert parts.unet.config.in_channels == cfg.flow_latent_channels
+    assert parts.vae.config.shift_factor != 0.0
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "base")
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)

@@ -329,6 +329,8 @@ def test_the_flow_base_runs_dpo_kto_and_grpo_through_the_same_configs(tmp_path):
     assert "configs/demo/sd3/grpo.yaml" in summary["commands"]["grpo-flipped"]
     assert "eta: 0.7" in (runs / "grpo-flipped" / "seed0" / "config.yaml").read_text()
     assert "max_sequence_length: 77" in (runs / "dpo" / "seed0" / "config.yaml").read_text()
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "flow-matching (SD3-shaped) base" in report and "flow Euler 2 steps" in report
 
 
 def test_verdicts_compare_dpo_and_its_flipped_control_with_random_winners():

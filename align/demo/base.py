@@ -267,7 +267,7 @@ def train_denoiser(
     denoiser, encode = parts.unet, prompt_encoder(parts, cfg)
     scheduler, vae = parts.noise_scheduler, parts.vae.config
     flow = FlowMatching() if parts.is_flow else None
-    # SD3's T5 stays as initialised: its 256 rows would cost more to train than the transformer
+    # SD3's T5 stays as initialised: backpropagating through it cost as much as the transformer
     trained = parts.text_encoders[:-1] if parts.is_flow else parts.text_encoders
     params = [p for m in (denoiser, *trained) for p in m.parameters()]
     for m in parts.text_encoders:

@@ -77,7 +77,7 @@ def test_fit_writes_every_artifact(finished_run):
         "train/policy_err",
         "train/ref_err",
         "train/grad_norm",
-        "train/samples_per_sec",
+        "train/device/samples_per_sec",
     ):
         assert name in logged, name
     assert any(k.startswith("lr-") for k in logged)

@@ -93,3 +93,28 @@ def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
     assert {BasicTransformerBlock, ResnetBlock2D} <= set(wrap._module_classes)
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy.sharding_strategy.name == "FULL_SHARD"
+
+
+@pytest.mark.parametrize("method", ["configs/dpo/flux.yaml", "configs/kto/sd35.yaml"])
+def test_fsdp_flow_config_turns_a_flow_lora_config_into_sharded_full_fine_tuning(capsys, method):
+    import jsonargparse
+    from diffusers.models.attention import JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    cfg = printed_config(capsys, method, "configs/trainer/fsdp_flow.yaml")
+    model = cfg["model"]["init_args"]
+    assert model["lora_rank"] is None and model["frozen_dtype"] is None
+    assert model["gradient_checkpointing"] is False  # FSDP checkpoints the blocks instead
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy_cfg = {"strategy": cfg["trainer"]["strategy"]}
+    strategy = parser.instantiate_classes(parser.parse_object(strategy_cfg)).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    blocks = {JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock}
+    assert blocks | {T5Block} <= set(strategy.kwargs["auto_wrap_policy"]._module_classes)
+    assert strategy.sharding_strategy.name == "FULL_SHARD"

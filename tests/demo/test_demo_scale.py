@@ -16,20 +16,21 @@ from pathlib import Path
 import pytest
 
 from align.demo.base import BaseConfig, build_base
-from align.demo.run import DemoConfig, quick_config, run_demo
+from align.demo.run import DemoConfig, default_artifacts, quick_config, run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 
-def on_the_full_base(tmp_path, methods: tuple) -> dict:
-    """The demo's summary of ``methods`` on the full demo's base (reused, or trained first): one
-    training seed each, half the report's held-out captions, 4 sampling seeds."""
-    base = build_base(ROOT / "artifacts" / "shapes" / "base", BaseConfig())
+def on_the_full_base(tmp_path, methods: tuple, family: str = "sd15") -> dict:
+    """The demo's summary of ``methods`` on the full demo's base of ``family`` (reused, or trained
+    first): one training seed each, half the report's held-out captions, 4 sampling seeds."""
+    base_config = BaseConfig(family=family)
+    base = build_base(ROOT / default_artifacts(family) / "base", base_config)
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "base").symlink_to(base)
-    cfg = DemoConfig()
+    cfg = DemoConfig(base=base_config)
     cfg = replace(
         cfg,
         out=str(tmp_path / "report"),
@@ -98,3 +99,17 @@ def test_online_methods_raise_the_score_and_the_monitor_catches_a_colour_only_re
         assert _finals(summary, control)[0] < base_score, (control, summary["results"][control])
     (redness,) = summary["results"]["grpo-redness"]
     assert redness["monitor"]["hacking_step"] is not None, redness["monitor"]
+
+
+def test_flow_base_methods_raise_the_score_and_flipped_controls_lower_it(tmp_path):
+    """On the flow-matching (SD3-shaped) demo base, one training seed each, half the held-out
+    captions with 4 sampling seeds: DPO, KTO and GRPO through the same configs raise the judge
+    score, their flipped controls lower it."""
+    methods = ("dpo", "kto", "grpo")
+    flipped = tuple(f"{m}-flipped" for m in methods)
+    summary = on_the_full_base(tmp_path, methods + flipped, family="sd3")
+    base_score = summary["base_score"]
+    for method in methods:
+        assert _finals(summary, method)[0] > base_score, (method, summary["results"][method])
+    for control in flipped:
+        assert _finals(summary, control)[0] < base_score, (control, summary["results"][control])

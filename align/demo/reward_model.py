@@ -77,12 +77,6 @@ def write_small_clip(
     )
 
 
-def _vision_size(source: str, seed: int) -> int:
-    from align.modules.preference import load_clip
-
-    return int(load_clip(source, seed=seed)[0].config.vision_config.image_size)
-
-
 # ---- evaluation ----------------------------------------------------------------------------------
 def read_pairs(shards) -> list[dict]:
     """Pair samples from pair shards: the json's fields (``caption``, ``label_0``, ...) and

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -345,7 +345,3 @@ def sample_images(
         bar.update(len(batch))
     bar.close()
     return {"rendered": len(todo), "kept": kept, "total": kept + len(todo), "settings": meta}
-
-
-def config_dict(config: SampleConfig) -> dict:
-    return asdict(config)

@@ -16,8 +16,9 @@ def caption_count(batch: dict) -> int:
 
 
 class Throughput(ThroughputMonitor):
-    """Logs ``train/samples_per_sec`` (all ranks), ``train/device/samples_per_sec`` (this rank) and
-    ``train/batches_per_sec``, over the last ``window`` steps, data loading included."""
+    """Logs ``train/device/samples_per_sec`` and ``train/device/batches_per_sec`` (rank 0; with
+    several ranks also ``train/samples_per_sec`` and ``train/batches_per_sec``, all ranks) over the
+    last ``window`` steps, data loading included."""
 
     def __init__(self, window: int = 20):
         super().__init__(batch_size_fn=caption_count, window_size=window, separator="/")

@@ -6,6 +6,7 @@ Usage::
     align demo [--quick] [--out reports/] [--seeds 3] [--artifacts artifacts/shapes] [--threads 1]
     align demo --eval-set validation --methods dpo,dpo-flipped --steps 250 --eval-every 50
     align demo --family sd3     # DPO, KTO, GRPO and their controls on a flow-matching base
+    align demo --family sd3 --base-only   # train (or reuse) the base only
 
 Builds the world (the base model, cached under ``<artifacts>/base``; on-policy preference shards
 judged by the exact judge; long-caption shards; the held-out judge set), then runs every method
@@ -41,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
         help="the base: a UNet (sd15, default) or a flow-matching transformer (sd3)",
     )
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
+    p.add_argument(
+        "--base-only",
+        action="store_true",
+        help="train (or reuse) the base under <artifacts>/base and stop",
+    )
     p.add_argument(
         "--artifacts",
         default=None,
@@ -138,9 +144,14 @@ def main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(max(1, args.threads))
+    from align.demo.base import build_base
     from align.demo.run import run_demo
 
-    summary = run_demo(demo_config(args), command="align demo " + " ".join(argv))
+    cfg = demo_config(args)
+    if args.base_only:
+        print(f"align demo: base at {build_base(os.path.join(cfg.artifacts, 'base'), cfg.base)}")
+        return 0
+    summary = run_demo(cfg, command="align demo " + " ".join(argv))
     print(
         f"align demo: report written to {os.path.join(args.out, 'README.md')} "
         f"({summary['timings_s']['total']:.0f}s)"

@@ -284,6 +284,19 @@ def test_demo_command_line_overrides():
     assert quick_flow.base.family == "sd3"
 
 
+def test_base_only_trains_or_reuses_the_family_base_and_runs_nothing_else(monkeypatch, capsys):
+    import align.demo.base
+    import align.demo.run
+    from align.commands.demo import main
+
+    built = []
+    monkeypatch.setattr(align.demo.base, "build_base", lambda out, cfg: built.append((out, cfg)))
+    monkeypatch.setattr(align.demo.run, "run_demo", lambda *a, **k: pytest.fail("ran the demo"))
+    assert main(["--family", "sd3", "--base-only"]) == 0
+    ((out, cfg),) = built
+    assert out == "artifacts/shapes-sd3/base" and cfg == BaseConfig(family="sd3")
+
+
 def test_the_flow_base_refuses_the_methods_it_does_not_run(tmp_path):
     cfg = DemoConfig(
         artifacts=str(tmp_path), base=BaseConfig(family="sd3"), methods=("sft-segment",)

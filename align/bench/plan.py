@@ -307,11 +307,30 @@ def step_config(cfg: dict, preset: str) -> StepConfig | None:
     )
 
 
-def memory_gib(step: StepConfig) -> tuple[float, float]:
-    """GiB per GPU, bracketed by 2- and 4-byte activations, on the meta device (SD1.5: ~20 s)."""
+def memory_gib(step: StepConfig, shards: int = 1) -> tuple[float, float]:
+    """GiB per GPU, bracketed by 2- and 4-byte activations, on the meta device (SD1.5: ~20 s).
+    ``shards``: FSDP's FULL_SHARD divides weights, gradients, optimizer state and the frozen
+    models by it (the activations stay whole; the one gathered block is left out)."""
     record = memory_record(step)
-    low, high = record["total_bf16_frozen_gib" if step.frozen_dtype else "total_fp32_frozen_gib"]
+    frozen = "bf16" if step.frozen_dtype else "fp32"
+    static = record[f"static_{frozen}_frozen_gib"]
+    low, high = (t - static + static / shards for t in record[f"total_{frozen}_frozen_gib"])
     return (high, high) if step.precision == "32" else (low, high)  # float32: 4-byte activations
+
+
+def fsdp_shards(trainer: dict, world: int) -> tuple[int, bool] | None:
+    """(GPUs that share each FSDP shard, whether FSDP checkpoints block activations) of a
+    trainer config with Lightning's FSDPStrategy; None without FSDP or when it shards no weights
+    (SHARD_GRAD_OP, NO_SHARD: estimated unsharded)."""
+    strategy = trainer.get("strategy")
+    if "fsdp" not in str(strategy).lower():
+        return None
+    args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    sharding = args.get("sharding_strategy") or "FULL_SHARD"
+    sharding = str(getattr(sharding, "name", sharding)).upper()  # an enum once resolved
+    devices = world // int(trainer.get("num_nodes") or 1)
+    shards = {"FULL_SHARD": world, "HYBRID_SHARD": devices}.get(sharding)
+    return None if shards is None else (shards, bool(args.get("activation_checkpointing_policy")))
 
 
 def hours(plan: Plan, flops: int, device: Gpu, mfu: float, step: StepConfig) -> float:

@@ -9,7 +9,8 @@ Nothing is downloaded and nothing trains: the config is resolved as ``align fit`
 configs and dotted flags override), the data's size comes from its shards' manifests (or
 --num-samples; remote shards' manifests are fetched from where the shards are, and remote shards
 that no manifest lists are not downloaded to count them), memory and FLOPs from the model built on
-the meta device (DPO and KTO configs; about 25 s for SD1.5). For the paper configs the official
+the meta device (DPO and KTO configs; about 25 s for SD1.5; with FSDP's FULL_SHARD or HYBRID_SHARD
+the static memory is divided by the GPUs sharing it). For the paper configs the official
 launcher's settings are printed beside ours. A plan that cannot fit the GPU exits 1.
 """
 
@@ -20,6 +21,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 
 from align.commands import doc_details, doc_summary
 
@@ -165,19 +167,24 @@ def print_estimates(cfg: dict, plan, device, args) -> str | None:
         )
         print(f"  memory      not estimated: {why}")
         return None
-    low, high = P.memory_gib(step)
+    fsdp = P.fsdp_shards(cfg["trainer"], plan.world)
+    shards, sharded = 1, ""
+    if fsdp is not None:
+        shards, fsdp_checkpointing = fsdp
+        step = replace(
+            step, gradient_checkpointing=step.gradient_checkpointing or fsdp_checkpointing
+        )
+        sharded = f", FSDP: static memory / {shards}"
+    low, high = P.memory_gib(step, shards)
     checkpointing = "checkpointing" if step.gradient_checkpointing else "no checkpointing"
     reserve = P.OVERHEAD_GIB
     print(
         f"  memory      {low:.1f}-{high:.1f} GiB per GPU "
-        f"({preset}, {step.optimizer}, {checkpointing}); "
+        f"({preset}, {step.optimizer}, {checkpointing}{sharded}); "
         f"{device.name}: {device.memory_gib:.1f} GiB, {reserve:.0f} GiB kept for CUDA"
     )
-    if "fsdp" in str(cfg["trainer"].get("strategy")).lower():
-        print(
-            "              (unsharded: FSDP divides weights, gradients and optimizer state "
-            "by the GPUs)"
-        )
+    if fsdp is None and "fsdp" in str(cfg["trainer"].get("strategy")).lower():
+        print("              (unsharded: this FSDP sharding strategy is estimated as DDP)")
     elif low + reserve > device.memory_gib:
         return (
             f"needs at least {low:.1f} GiB per GPU (+{reserve:.0f}), the {device.name} has "

@@ -9,6 +9,7 @@ from align.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 SD15 = str(ROOT / "configs/dpo/sd15.yaml")
 TINY = str(ROOT / "configs/dpo/tiny.yaml")
+FSDP_SDXL = str(ROOT / "configs/trainer/fsdp_sdxl.yaml")
 
 
 def plan(capsys, *args) -> tuple[int, str, str]:
@@ -111,3 +112,26 @@ def test_missing_shards_leave_the_data_unknown(capsys, tmp_path):
     )
     assert code == 0
     assert "data        unknown" in out and "--num-samples" in out
+
+
+def test_fsdp_shards_the_static_memory_over_the_gpus_that_share_it(capsys):
+    from align.bench import plan as P
+    from align.commands.plan import resolve
+
+    fsdp = {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}
+    full = {**fsdp, "init_args": {"activation_checkpointing_policy": ["Block"]}}
+    assert P.fsdp_shards({"strategy": full, "num_nodes": 2}, 16) == (16, True)
+    hybrid = {**fsdp, "init_args": {"sharding_strategy": "HYBRID_SHARD"}}
+    assert P.fsdp_shards({"strategy": hybrid, "num_nodes": 2}, 16) == (8, False)
+    grad_op = {**fsdp, "init_args": {"sharding_strategy": "SHARD_GRAD_OP"}}
+    assert P.fsdp_shards({"strategy": grad_op}, 8) is None
+    assert P.fsdp_shards({"strategy": "ddp"}, 8) is None
+
+    step = P.step_config(resolve([TINY], []), "tiny")
+    record = P.memory_record(step)
+    static = record["static_fp32_frozen_gib"]
+    whole, quarter = P.memory_gib(step), P.memory_gib(step, shards=4)
+    for w, q in zip(whole, quarter):
+        assert q == pytest.approx(w - 0.75 * static)
+    code, out, _ = plan(capsys, TINY, "--config", FSDP_SDXL, "--num-samples", "1000")
+    assert code == 0 and "checkpointing, FSDP: static memory / 4)" in out

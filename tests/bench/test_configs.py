@@ -74,20 +74,27 @@ def test_perf_configs_set_their_switches(capsys):
     )
 
 
-def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
+def built_strategy(cfg: dict):
+    """The trainer's strategy of a printed config, instantiated as LightningCLI does."""
     import jsonargparse
+    from lightning.pytorch.strategies import Strategy
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy_cfg = {"strategy": cfg["trainer"]["strategy"]}
+    return parser.instantiate_classes(parser.parse_object(strategy_cfg)).strategy
+
+
+def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
     cfg = printed_config(capsys, "configs/dpo/sdxl.yaml", "configs/trainer/fsdp_sdxl.yaml")
     assert cfg["trainer"]["precision"] == "bf16-mixed"
     # FSDP checkpoints the blocks instead
     assert cfg["model"]["init_args"]["gradient_checkpointing"] is False
-    strategy_cfg = cfg["trainer"]["strategy"]
-    parser = jsonargparse.ArgumentParser()
-    parser.add_argument("--strategy", type=Strategy)
-    strategy = parser.instantiate_classes(parser.parse_object({"strategy": strategy_cfg})).strategy
+    strategy = built_strategy(cfg)
     assert isinstance(strategy, FSDPStrategy)
     wrap = strategy.kwargs["auto_wrap_policy"]
     assert {BasicTransformerBlock, ResnetBlock2D} <= set(wrap._module_classes)
@@ -97,23 +104,19 @@ def test_fsdp_sdxl_config_parses_and_builds_the_strategy(capsys):
 
 @pytest.mark.parametrize("method", ["configs/dpo/flux.yaml", "configs/kto/sd35.yaml"])
 def test_fsdp_flow_config_turns_a_flow_lora_config_into_sharded_full_fine_tuning(capsys, method):
-    import jsonargparse
     from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import (
         FluxSingleTransformerBlock,
         FluxTransformerBlock,
     )
-    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.t5.modeling_t5 import T5Block
 
     cfg = printed_config(capsys, method, "configs/trainer/fsdp_flow.yaml")
     model = cfg["model"]["init_args"]
     assert model["lora_rank"] is None and model["frozen_dtype"] is None
     assert model["gradient_checkpointing"] is False  # FSDP checkpoints the blocks instead
-    parser = jsonargparse.ArgumentParser()
-    parser.add_argument("--strategy", type=Strategy)
-    strategy_cfg = {"strategy": cfg["trainer"]["strategy"]}
-    strategy = parser.instantiate_classes(parser.parse_object(strategy_cfg)).strategy
+    strategy = built_strategy(cfg)
     assert isinstance(strategy, FSDPStrategy)
     blocks = {JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock}
     assert blocks | {T5Block} <= set(strategy.kwargs["auto_wrap_policy"]._module_classes)

@@ -8,18 +8,20 @@
 #   scripts/gpu_bench.sh fast  [OUTDIR]   SD1.5 DPO at 16 pairs with every speed switch, without and with compile
 #   scripts/gpu_bench.sh compile [OUTDIR] the reference UNet compiled too, at 16 and 24 pairs (fits one 10-minute call)
 #   scripts/gpu_bench.sh graphs  [OUTDIR] the same at 16 pairs with CUDA graphs (compile mode reduce-overhead)
-#   scripts/gpu_bench.sh goals [OUTDIR]   the GPU-speed goals in order (8 min): SD1.5 DPO at 16 pairs with every
-#                                         switch + compiled reference, Lightning vs bare; the float32 output
-#                                         layer's cost; the VAE and text encoders in the step; SDXL full DPO
-#                                         at 1024 px, 4 pairs
-#   scripts/gpu_bench.sh flow [OUTDIR]    SD3.5 Medium DPO (full, LoRA 32) and FLUX.1 dev LoRA-32 DPO, 1 pair,
-#                                         1024 px, bf16 frozen parts: beside the meta-device estimates
+#   scripts/gpu_bench.sh goals [OUTDIR]   the GPU-speed goals in order (8 min on an H200): SD1.5 DPO at 32 pairs
+#                                         with every switch, Lightning vs bare; the same with both UNets
+#                                         compiled; the VAE and text encoders in the step; the float32
+#                                         output layer's cost
+#   scripts/gpu_bench.sh flow [OUTDIR]    SDXL full DPO at 1024 px, 16 pairs; SD3.5 Medium and FLUX.1 dev
+#                                         LoRA-32 DPO and SD3.5 full DPO, 1 pair, 1024 px: beside the
+#                                         meta-device estimates
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
 # that fails (out of memory, say) does not stop the others. PYTHON (default python3) and ALIGN (default
 # `$PYTHON -m align.cli`, which needs only the repository on PYTHONPATH) say how Python and align are called;
-# `make bench-gpu PART=...` sets both to the project's .venv.
+# `make bench-gpu PART=...` sets both to the project's .venv. BUDGET_S (seconds, default none) ends the
+# part by then: each command's limit is cut to the time left, and a command with under 20 s left is skipped.
 set -u
 PART=${1:-core}
 OUTDIR=${2:-reports/gpu}
@@ -33,8 +35,18 @@ if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   exit 2
 fi
 
+if ! $PY -c "import align.cli, align.bench.runner, diffusers, jsonargparse, webdataset" 2>"$OUTDIR/import.txt"; then
+  cat "$OUTDIR/import.txt" >&2
+  echo "gpu_bench.sh: align or a package it needs does not import (above)" >&2
+  exit 3
+fi
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-1000000} ))
+
 run() {  # run LIMIT_S ARGS...: one command, logged, time-limited; failures are logged, not fatal
   local limit=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "### skipped, BUDGET_S spent: $*" | tee -a "$OUTDIR/log.txt"; return; fi
   echo "### $(date -u +%H:%M:%S) $*" | tee -a "$OUTDIR/log.txt"
   timeout "$limit" "$@" >>"$OUTDIR/log.txt" 2>&1
   local rc=$?
@@ -102,17 +114,19 @@ graphs)
   bench 540 --objective dpo --preset sd15-arch --steps 10 --warmup 6 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference --batch 16 --compile-mode reduce-overhead
   ;;
 goals)
-  # most important first; the limits add up to 8 minutes
-  bench 210 --objective dpo --preset sd15-arch --batch 16 --steps 8 --warmup 4 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference --compare-bare
-  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16
-  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --no-fp32-output
-  bench 60 --objective dpo --preset sd15-arch --batch 16 --steps 8 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --pixels --captions
-  bench 90 --objective dpo --preset sdxl-arch --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --optimizer adafactor
+  # most important first; the limits add up to 7.5 minutes. 32 pairs: the largest batch of the H100's
+  # 16 with room on a 141 GB GPU (16 pairs uncompiled peaked at 57.8 GiB)
+  bench 100 --objective dpo --preset sd15-arch --batch 32 --steps 6 --warmup 3 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compare-bare
+  bench 230 --objective dpo --preset sd15-arch --batch 32 --steps 6 --warmup 3 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --compile --compile-reference
+  bench 70 --objective dpo --preset sd15-arch --batch 32 --steps 5 --warmup 2 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --pixels --captions
+  bench 60 --objective dpo --preset sd15-arch --batch 32 --steps 5 --warmup 2 --channels-last --optimizer adamw-fused --frozen-dtype bf16 --no-fp32-output
   ;;
 flow)
-  bench 150 --objective dpo --preset sd35-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
-  bench 120 --objective dpo --preset sd35-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
-  bench 200 --objective dpo --preset flux-arch --batch 1 --steps 5 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  # SDXL at a micro-batch the meta-device estimate fits in 141 GB (16 pairs: 72-100 GiB)
+  bench 100 --objective dpo --preset sdxl-arch --batch 16 --steps 3 --warmup 1 --gradient-checkpointing --frozen-dtype bf16 --optimizer adamw-fused
+  bench 70 --objective dpo --preset sd35-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  bench 100 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  bench 80 --objective dpo --preset sd35-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
   ;;
 *) echo "usage: $0 core|extra|fast|compile|graphs|goals|flow [OUTDIR]" >&2; exit 2 ;;
 esac

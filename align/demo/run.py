@@ -171,11 +171,12 @@ def default_artifacts(family: str = "sd15", quick: bool = False) -> str:
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(training captions for preference data, held-out evaluation captions), fixed by seeds.
 
-    Held-out captions are distinct captions never used for training (at most a quarter of the
-    distinct captions of the world; ``eval_set="validation"``: the rest of that quarter, and
-    training then avoids the whole quarter); training captions are drawn from the world's scene
-    distribution with the held-out ones removed, repeats allowed. With two objects per scene every
-    held-out sentence also occurs in training captions, next to other sentences.
+    A quarter of the world's distinct captions is held out of all training: its first
+    ``eval_captions`` are the test set, the rest the validation set (``eval_set="validation"``).
+    Training captions are the same for both sets (so what is tuned on validation is what the
+    report trains): drawn from the world's scene distribution with that quarter removed, repeats
+    allowed. With two objects per scene every held-out sentence also occurs in training captions,
+    next to other sentences.
     """
     pool: list[str] = []
     for s in world.scenes(4000, seed=7919, max_objects=cfg.base.max_objects):
@@ -184,10 +185,9 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
             pool.append(c)
     quarter = len(pool) // 4
     test = pool[: min(cfg.eval_captions, quarter)]
-    if cfg.eval_set == "validation":
-        held_out, excluded = pool[len(test) : min(quarter, 2 * len(test))], set(pool[:quarter])
-    else:
-        held_out, excluded = test, set(test)
+    validation = pool[len(test) : min(quarter, 2 * len(test))]
+    held_out = validation if cfg.eval_set == "validation" else test
+    excluded = set(pool[:quarter])
     drawn = world.scenes(8 * cfg.pref_captions + 100, seed=104729, max_objects=cfg.base.max_objects)
     train = [c for c in (world.caption(s) for s in drawn) if c not in excluded]
     return train[: cfg.pref_captions], held_out

@@ -234,7 +234,7 @@ def test_validation_captions_and_seeds_are_disjoint_from_training_and_from_the_t
     assert len(test) == 64 and 0 < len(val) <= 64
     assert not set(val) & set(test)
     assert not set(val_train) & (set(val) | set(test))
-    assert not set(train) & set(test)
+    assert train == val_train  # what is tuned on validation is what the report trains
     assert not set(judged_seeds(DemoConfig(eval_set="validation"))) & set(
         judged_seeds(DemoConfig())
     )

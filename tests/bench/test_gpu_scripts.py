@@ -45,6 +45,46 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
     assert not (tmp_path / "bench.jsonl").exists()
 
 
+def _fake_cuda_python(tmp_path, imports_ok: bool = True) -> str:
+    """A Python for the script that passes its CUDA check (and fails its import check if asked)."""
+    shim = tmp_path / "python"
+    fail_imports = "" if imports_ok else 'if [[ "$*" == *"import align.cli"* ]]; then exit 1; fi\n'
+    shim.write_text(
+        "#!/bin/bash\n"
+        'if [[ "$*" == *cuda.is_available* ]]; then exit 0; fi\n'
+        f'{fail_imports}exec {sys.executable} "$@"\n'
+    )
+    shim.chmod(0o755)
+    return str(shim)
+
+
+def _run_script(tmp_path, part: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGN": "echo", **env}
+    return subprocess.run(
+        ["bash", str(SCRIPT), part, str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_gpu_script_budget_skips_what_it_cannot_finish(tmp_path):
+    python = _fake_cuda_python(tmp_path)
+    spent = _run_script(tmp_path, "flow", PYTHON=python, BUDGET_S="0")
+    assert spent.stdout.count("skipped, BUDGET_S spent") == 4
+    rows = _run_script(tmp_path, "flow", PYTHON=python, BUDGET_S="600")
+    assert "skipped" not in rows.stdout
+    assert rows.stdout.count("echo bench --device cuda") == 4
+
+
+def test_gpu_script_stops_when_align_does_not_import(tmp_path):
+    out = _run_script(tmp_path, "goals", PYTHON=_fake_cuda_python(tmp_path, imports_ok=False))
+    assert out.returncode == 3
+    assert "does not import" in out.stderr
+
+
 def test_profile_step_runs_on_the_tiny_preset():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"comma-separated subset of {','.join(METHODS)} (default: all but the label-free "
         "controls dpo-shuffled and kto-shuffled and the online methods; sd3: "
-        f"{','.join(FLOW_METHODS)})",
+        f"{','.join(FLOW_METHODS)}, the label-free controls opt-in)",
     )
     p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
     p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")

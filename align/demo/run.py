@@ -72,6 +72,7 @@ METHODS = {
 # what the flow-matching (SD3-shaped) base runs: the same configs, then configs/demo/sd3/<config>
 # where the flow model needs other settings
 FLOW_METHODS = ("dpo", "dpo-flipped", "kto", "kto-flipped", "grpo", "grpo-flipped")
+FLOW_OPT_IN = ("dpo-shuffled", "kto-shuffled")  # the label-free controls, as on the UNet base
 PREFERENCE_MODEL = "preference_model.yaml"
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions
 
@@ -392,10 +393,11 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
-    if cfg.base.family != "sd15" and not set(cfg.methods) <= set(FLOW_METHODS):
+    flow_runs = FLOW_METHODS + FLOW_OPT_IN
+    if cfg.base.family != "sd15" and not set(cfg.methods) <= set(flow_runs):
         raise ValueError(
-            f"the {cfg.base.family} base runs {', '.join(FLOW_METHODS)}; "
-            f"not {sorted(set(cfg.methods) - set(FLOW_METHODS))}"
+            f"the {cfg.base.family} base runs {', '.join(flow_runs)}; "
+            f"not {sorted(set(cfg.methods) - set(flow_runs))}"
         )
     if cfg.eval_set not in ("test", "validation"):
         raise ValueError(f"eval_set must be 'test' or 'validation', got {cfg.eval_set!r}")

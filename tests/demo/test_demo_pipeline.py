@@ -305,6 +305,29 @@ def test_the_flow_base_refuses_the_methods_it_does_not_run(tmp_path):
         run_demo(cfg)
 
 
+def test_the_flow_base_accepts_the_label_free_controls(tmp_path, monkeypatch):
+    import align.demo.run
+
+    class Started(Exception):
+        pass
+
+    def build_base(*args):
+        raise Started
+
+    monkeypatch.setattr(align.demo.run, "build_base", build_base)
+    cfg = DemoConfig(
+        artifacts=str(tmp_path),
+        out=str(tmp_path / "report"),
+        base=BaseConfig(family="sd3"),
+        methods=("dpo", "dpo-shuffled", "kto-shuffled"),
+    )
+    with pytest.raises(Started):  # past the method check
+        run_demo(cfg)
+    args = align.demo.run.job_args(cfg, "dpo-shuffled", 0)
+    assert f"{tmp_path}/prefs/pairs-shuffled" in args
+    assert any(a.endswith("configs/demo/sd3/dpo.yaml") for a in args)  # the flow layer too
+
+
 @pytest.mark.slow
 def test_the_flow_base_runs_dpo_kto_and_grpo_through_the_same_configs(tmp_path):
     torch.set_num_threads(1)

@@ -309,7 +309,7 @@ def test_the_flow_base_accepts_the_label_free_controls(tmp_path, monkeypatch):
     import align.demo.run
 
     class Started(Exception):
-        pass
+        """Raised where the demo would build its base: the method check has passed."""
 
     def build_base(*args):
         raise Started

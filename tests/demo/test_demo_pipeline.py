@@ -242,6 +242,20 @@ def test_validation_captions_and_seeds_are_disjoint_from_training_and_from_the_t
         run_demo(DemoConfig(eval_set="train"))
 
 
+def test_test_and_validation_captions_are_alike():
+    """A random split of the held-out quarter: its first captions are the world's most frequent,
+    nearly all the one-object ones (the first 64 held 24 of them, the rest 5)."""
+    from align.demo.judge import parse_caption
+    from align.demo.run import caption_sets
+
+    def one_object_share(captions):
+        return sum(len(parse_caption(c)) == 1 for c in captions) / len(captions)
+
+    test = caption_sets(DemoConfig())[1]
+    val = caption_sets(DemoConfig(eval_set="validation"))[1]
+    assert abs(one_object_share(test) - one_object_share(val)) < 0.1
+
+
 def test_demo_command_line_overrides():
     from align.commands.demo import demo_config, parser
     from align.demo.run import QUICK_ARGS, fit_args

@@ -15,6 +15,8 @@
 #   scripts/gpu_bench.sh flow [OUTDIR]    SDXL full DPO at 1024 px, 16 pairs; SD3.5 Medium and FLUX.1 dev
 #                                         LoRA-32 DPO and SD3.5 full DPO, 1 pair, 1024 px: beside the
 #                                         meta-device estimates
+#   scripts/gpu_bench.sh flux [OUTDIR]    FLUX.1 dev LoRA-32 DPO, which failed on an H200: with synchronous
+#                                         kernels, without checkpointing, with float32 frozen weights
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -128,7 +130,17 @@ flow)
   bench 100 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
   bench 80 --objective dpo --preset sd35-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16
   ;;
-*) echo "usage: $0 core|extra|fast|compile|graphs|goals|flow [OUTDIR]" >&2; exit 2 ;;
+flux)
+  # FLUX.1 dev LoRA-32 DPO failed on an H200 (a bf16 GEMM of a LoRA layer in the backward's checkpoint
+  # recompute: CUBLAS_STATUS_EXECUTION_FAILED, then an illegal memory access). Synchronous kernels name
+  # the one that fails; then the step without checkpointing, and with the frozen weights in float32
+  export CUDA_LAUNCH_BLOCKING=1
+  bench 150 --objective dpo --preset flux-arch --batch 1 --steps 3 --warmup 1 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  unset CUDA_LAUNCH_BLOCKING
+  bench 120 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --frozen-dtype bf16 --lora-rank 32
+  bench 150 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --lora-rank 32
+  ;;
+*) echo "usage: $0 core|extra|fast|compile|graphs|goals|flow|flux [OUTDIR]" >&2; exit 2 ;;
 esac
 
 $PY - "$OUTDIR/bench.jsonl" <<'EOF'

@@ -79,6 +79,16 @@ def test_gpu_script_budget_skips_what_it_cannot_finish(tmp_path):
     assert rows.stdout.count("echo bench --device cuda") == 4
 
 
+def test_gpu_script_flux_part_runs_its_first_step_with_synchronous_kernels(tmp_path):
+    align = tmp_path / "align"
+    align.write_text('#!/bin/bash\necho "sync=${CUDA_LAUNCH_BLOCKING:-0} $*"\n')
+    align.chmod(0o755)
+    _run_script(tmp_path, "flux", PYTHON=_fake_cuda_python(tmp_path), ALIGN=str(align))
+    steps = [line for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    steps = [line.split()[0] for line in steps if line.startswith("sync=")]
+    assert steps == ["sync=1", "sync=0", "sync=0"]
+
+
 def test_gpu_script_stops_when_align_does_not_import(tmp_path):
     out = _run_script(tmp_path, "goals", PYTHON=_fake_cuda_python(tmp_path, imports_ok=False))
     assert out.returncode == 3

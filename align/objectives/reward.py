@@ -80,19 +80,19 @@ def segment_text_embedding(
     return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(summed.dtype)
 
 
-def segment_cosines(image_emb: torch.Tensor, segment_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine of each image (B, D) with each of its segments (B, S, D) -> (B, S). Padded segments
-    included: mask them downstream."""
-    if (
-        image_emb.ndim != 2
-        or segment_emb.ndim != 3
-        or segment_emb.shape[0] != image_emb.shape[0]
-        or segment_emb.shape[2] != image_emb.shape[1]
-    ):
+def _check_shapes(image_emb: torch.Tensor, segment_emb: torch.Tensor) -> None:
+    b, d = image_emb.shape if image_emb.ndim == 2 else (None, None)
+    if segment_emb.ndim != 3 or b is None or segment_emb.shape[::2] != (b, d):
         raise ValueError(
             f"image_emb (B, D) and segment_emb (B, S, D) do not match: "
             f"{tuple(image_emb.shape)} vs {tuple(segment_emb.shape)}"
         )
+
+
+def segment_cosines(image_emb: torch.Tensor, segment_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine of each image (B, D) with each of its segments (B, S, D) -> (B, S). Padded segments
+    included: mask them downstream."""
+    _check_shapes(image_emb, segment_emb)
     img = F.normalize(image_emb, dim=-1)
     return torch.einsum("bd,bsd->bs", img, F.normalize(segment_emb, dim=-1))
 
@@ -103,16 +103,7 @@ def segment_score(
     """Segment-level preference score (B,): <normalised image embedding,
     :func:`segment_text_embedding`>, i.e. the mean over real segments of the image-segment
     cosine."""
-    if (
-        image_emb.ndim != 2
-        or segment_emb.ndim != 3
-        or segment_emb.shape[0] != image_emb.shape[0]
-        or segment_emb.shape[2] != image_emb.shape[1]
-    ):
-        raise ValueError(
-            f"image_emb (B, D) and segment_emb (B, S, D) do not match: "
-            f"{tuple(image_emb.shape)} vs {tuple(segment_emb.shape)}"
-        )
+    _check_shapes(image_emb, segment_emb)
     text = segment_text_embedding(segment_emb, mask)
     return (F.normalize(image_emb, dim=-1) * text).sum(dim=-1)
 

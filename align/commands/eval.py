@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "retrieval":  # align eval retrieval --reward <model> --data <shards>
-        from align.eval.retrieval import main as retrieval_main
+        from align.commands._retrieval import main as retrieval_main
 
         return retrieval_main(argv[1:])
     args = build_parser().parse_args(argv)

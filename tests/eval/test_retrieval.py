@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from align.objectives.reward import DegenerateDirection, common_direction
 
+from align.commands._retrieval import main
 from align.eval.retrieval import (
     aggregate,
-    main,
     recall_at_1,
     retrieval_from_embeddings,
     similarity,

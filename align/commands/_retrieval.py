@@ -1,5 +1,5 @@
-"""Text-to-image R@1 of a CLIP-based preference model at segment level (LongAlign, Table 1):
-``align eval retrieval``.
+"""Text-to-image retrieval (R@1) with a CLIP-based preference model at segment level (LongAlign,
+Table 1).
 
 Usage::
 

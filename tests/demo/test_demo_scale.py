@@ -113,7 +113,13 @@ def flow_summary(tmp_path_factory) -> dict:
     return on_the_full_base(tmp_path_factory.mktemp("flow"), FLOW_METHODS + flipped, family="sd3")
 
 
-@pytest.mark.parametrize("method", FLOW_METHODS)
+# The report's open gap (docs/demo/sd3/README.md): on the flow base KTO's gain is within the spread
+# over training seeds (+0.022, 2 sd 0.042; seed 0 +0.003 on the test captions); strict, so a fix
+# shows.
+KTO_GAP = pytest.mark.xfail(strict=True, reason="flow KTO's gain is within noise at this scale")
+
+
+@pytest.mark.parametrize("method", ["dpo", pytest.param("kto", marks=KTO_GAP), "grpo"])
 def test_flow_base_methods_raise_the_score(flow_summary, method):
     assert _finals(flow_summary, method)[0] > flow_summary["base_score"], (
         method,
@@ -121,17 +127,7 @@ def test_flow_base_methods_raise_the_score(flow_summary, method):
     )
 
 
-# The report's open gap (docs/demo/sd3/README.md): on the flow base DPO's flipped control moves the
-# judge too little (-0.008 on the test captions, -0.013 on validation); strict, so a fix shows.
-DPO_FLIPPED_GAP = pytest.mark.xfail(
-    strict=True, reason="flow DPO's flipped control does not lower the score at this scale"
-)
-
-
-@pytest.mark.parametrize(
-    "control",
-    [pytest.param("dpo-flipped", marks=DPO_FLIPPED_GAP), "kto-flipped", "grpo-flipped"],
-)
+@pytest.mark.parametrize("control", [f"{m}-flipped" for m in FLOW_METHODS])
 def test_flow_base_flipped_controls_lower_the_score(flow_summary, control):
     assert _finals(flow_summary, control)[0] < flow_summary["base_score"], (
         control,

@@ -84,8 +84,8 @@ def test_gpu_script_flux_part_runs_its_first_step_with_synchronous_kernels(tmp_p
     align.write_text('#!/bin/bash\necho "sync=${CUDA_LAUNCH_BLOCKING:-0} $*"\n')
     align.chmod(0o755)
     _run_script(tmp_path, "flux", PYTHON=_fake_cuda_python(tmp_path), ALIGN=str(align))
-    steps = [line for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
-    steps = [line.split()[0] for line in steps if line.startswith("sync=")]
+    log = (tmp_path / "out" / "log.txt").read_text().splitlines()
+    steps = [line.split()[0] for line in log if line.startswith("sync=")]
     assert steps == ["sync=1", "sync=0", "sync=0"]
 
 

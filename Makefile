@@ -116,7 +116,7 @@ bench: $(STAMP) ## benchmarks on this machine: Lightning vs a bare loop (tiny), 
 	$(ALIGN) bench --objective dpo kto --preset tiny --batch 4 --steps 20 --compare-bare --threads 1 $(ARGS)
 	$(ALIGN) bench --objective dpo kto --preset sd15-arch sdxl-arch --batch 1 --flops-only
 
-bench-gpu: $(GPU_STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md (PART=goals|flow|core|extra|fast|compile|graphs; rows to reports/gpu)
+bench-gpu: $(GPU_STAMP) ## on a CUDA machine: the GPU figures of docs/benchmarks.md (PART=goals|flow|flux|core|extra|fast|compile|graphs; rows to reports/gpu)
 	PYTHON=$(BIN)/python ALIGN=$(ALIGN) bash scripts/gpu_bench.sh $(or $(PART),core) reports/gpu
 
 # ---- evaluation: sample the newest tiny DPO export and the tiny base, score both, win rates, FID ----------

@@ -101,7 +101,7 @@ def test_online_methods_raise_the_score_and_the_monitor_catches_a_colour_only_re
     assert redness["monitor"]["hacking_step"] is not None, redness["monitor"]
 
 
-FLOW_METHODS = ("dpo", "kto", "grpo")
+FLOW_OBJECTIVES = ("dpo", "kto", "grpo")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,10 @@ def flow_summary(tmp_path_factory) -> dict:
     """On the flow-matching (SD3-shaped) demo base, one training seed each, half the held-out
     captions with 4 sampling seeds: DPO, KTO and GRPO through the same configs, and their flipped
     controls."""
-    flipped = tuple(f"{m}-flipped" for m in FLOW_METHODS)
-    return on_the_full_base(tmp_path_factory.mktemp("flow"), FLOW_METHODS + flipped, family="sd3")
+    flipped = tuple(f"{m}-flipped" for m in FLOW_OBJECTIVES)
+    return on_the_full_base(
+        tmp_path_factory.mktemp("flow"), FLOW_OBJECTIVES + flipped, family="sd3"
+    )
 
 
 # The report's open gap (docs/demo/sd3/README.md): on the flow base KTO's gain is within the spread
@@ -127,7 +129,7 @@ def test_flow_base_methods_raise_the_score(flow_summary, method):
     )
 
 
-@pytest.mark.parametrize("control", [f"{m}-flipped" for m in FLOW_METHODS])
+@pytest.mark.parametrize("control", [f"{m}-flipped" for m in FLOW_OBJECTIVES])
 def test_flow_base_flipped_controls_lower_the_score(flow_summary, control):
     assert _finals(flow_summary, control)[0] < flow_summary["base_score"], (
         control,

@@ -70,7 +70,9 @@ class KTODataModule(StreamingDataModule):
         p_desirable: probability that a sample is desirable (the paper: 0.8).
         cached: the shards are a latent cache of single-image shards (``align data cache-latents``;
             see ``PickAPicDataModule``).
-        Others as ``PickAPicDataModule``.
+        val_shards: single-image shards for validation (optional).
+        resolution, crop, flip_prob: as ``PickAPicDataModule``.
+        Others: the loader settings of ``align.data.shard_module.StreamingDataModule``.
     """
 
     def __init__(
@@ -83,23 +85,18 @@ class KTODataModule(StreamingDataModule):
         resolution: int = 512,
         crop: str = "random",
         flip_prob: float = 0.5,
-        num_workers: int = 4,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
         val_shards: str | list[str] | None = None,
-        val_batches: int | None = 8,
-        seed: int = 0,
         cached: bool = False,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__()
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
+        super().__init__(batch_size=batch_size, **kwargs)
         if not 0.0 < p_desirable < 1.0:
             raise ValueError(f"p_desirable must be in (0, 1), got {p_desirable}")
         if shards is None and (desirable_shards is None or undesirable_shards is None):
             raise ValueError(
                 "give `shards` (both classes) or both `desirable_shards` and `undesirable_shards`"
             )
+        self.p_desirable = p_desirable
         self.desirable_urls = expand_shards(
             desirable_shards if desirable_shards is not None else shards
         )
@@ -112,17 +109,6 @@ class KTODataModule(StreamingDataModule):
             shard_sizes(self.undesirable_urls),
         )
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
-        self.p_desirable, self.batch_size, self.num_workers, self.seed = (
-            p_desirable,
-            batch_size,
-            num_workers,
-            seed,
-        )
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-        )
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_singles

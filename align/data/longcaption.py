@@ -135,7 +135,6 @@ class LongCaptionDataModule(StreamingDataModule):
         sources: ``[{shards: ..., weight: ..., name: ...}, ...]``
             (see ``CaptionSource``) or one shard pattern.
         val_sources: the same for validation (optional; mixed with their own weights).
-        batch_size: images per micro-batch per GPU.
         resolution: square training size in pixels. crop: ``center`` or ``random``. flip_prob:
             see the module doc.
         batches_per_epoch: batches each rank yields per epoch; None: one pass over the concatenated
@@ -143,36 +142,24 @@ class LongCaptionDataModule(StreamingDataModule):
         cached: the sources are latent caches (``align data cache-latents`` on long-caption shards):
             batches carry VAE moments and CLIP embeddings, and the module skips the VAE and text
             encoder (CLIP prompt encoders only: the segment encoder encodes captions itself).
+        Others: the loader settings of ``align.data.shard_module.StreamingDataModule``.
     """
 
     def __init__(
         self,
         sources: list[CaptionSource] | str,
         val_sources: list[CaptionSource] | str | None = None,
-        batch_size: int = 4,
         resolution: int = 512,
         crop: str = "center",
         flip_prob: float = 0.0,
-        num_workers: int = 4,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
-        val_batches: int | None = 8,
-        seed: int = 0,
         cached: bool = False,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__()
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
+        super().__init__(**kwargs)
         self.sources = resolve_sources(sources)
         if not self.sources:
             raise ValueError("LongCaptionDataModule needs at least one source")
         self.val_sources = resolve_sources(val_sources)
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-        )
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
         self.cache, self.collate = None, collate_images

@@ -67,20 +67,17 @@ class PickAPicDataModule(ShardSetDataModule):
     with equal epoch lengths on every rank.
 
     Args:
-        train_shards: brace patterns, globs, directories or files of pair shards.
-        val_shards: the same for validation (optional).
+        train_shards / val_shards: brace patterns, globs, directories or files of pair shards.
         batch_size: pairs per micro-batch per GPU (the UNet sees 2 x batch_size images).
         resolution: square training size in pixels.
         crop: ``center`` or ``random``. flip_prob: probability of a horizontal flip.
         joint_augment: a pair's two images share crop and flip.
         drop_ties: drop pairs labelled 0.5/0.5 (the official default).
-        batches_per_epoch: batches each rank yields per epoch; None (default): one pass over the
-            shards, every pair once across ranks and workers (``align.data.epochs``). val_batches:
-            None reads the whole val set.
         cached: the shards are a latent cache (``align data cache-latents``; ``align.data.cached``):
             batches carry ``latent_moments`` and prompt embeddings instead of pixels, and the module
             skips the VAE and text encoders. The crop is the cache's (center); ``flip_prob > 0``
             needs a cache made with --flip.
+        Others: the loader settings of ``align.data.shard_module.StreamingDataModule``.
     """
 
     def __init__(
@@ -93,25 +90,10 @@ class PickAPicDataModule(ShardSetDataModule):
         flip_prob: float = 0.5,
         joint_augment: bool = True,
         drop_ties: bool = True,
-        num_workers: int = 4,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
-        val_batches: int | None = 8,
-        seed: int = 0,
         cached: bool = False,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            train_shards,
-            val_shards,
-            batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-            seed,
-        )
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
+        super().__init__(train_shards, val_shards, batch_size=batch_size, **kwargs)
         self.drop_ties, self.joint_augment = drop_ties, joint_augment
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)

@@ -112,6 +112,7 @@ class PreferencePairDataModule(ShardSetDataModule):
             too).
         min_segments: keep pairs whose caption has at least this many segments ("long captions").
         drop_ties: drop 0.5 / 0.5 pairs (default False: PickScore trains on ties).
+        Others: the loader settings of ``align.data.shard_module.StreamingDataModule``.
     """
 
     def __init__(
@@ -124,24 +125,9 @@ class PreferencePairDataModule(ShardSetDataModule):
         image_std: list[float] | None = None,
         min_segments: int = 1,
         drop_ties: bool = False,
-        num_workers: int = 4,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
-        val_batches: int | None = 8,
-        seed: int = 0,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            train_shards,
-            val_shards,
-            batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-            seed,
-        )
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
+        super().__init__(train_shards, val_shards, batch_size=batch_size, **kwargs)
         self.collate = collate_preference_pairs
         self.image_size, self.min_segments, self.drop_ties = image_size, min_segments, drop_ties
         self.transform = clip_transform(image_size, image_mean, image_std)

@@ -101,31 +101,24 @@ class PromptDataModule(StreamingDataModule):
             All files are read at start; shards are streamed. Files and shards may not be mixed in
             one list.
         val_prompts: the same for validation (optional).
-        batch_size: prompts per micro-batch per GPU.
+        shuffle: shuffle the training prompts (False: in the order read).
         limit: use at most this many prompts of a file source (None: all).
-        batches_per_epoch: batches each rank yields per epoch (None: one pass over the prompts).
-        val_batches: batches each rank reads per validation (None: every validation prompt).
+        Others: the loader settings of ``align.data.shard_module.StreamingDataModule``
+            (``batch_size`` counts prompts).
     """
 
     def __init__(
         self,
         prompts: str | list[str],
         val_prompts: str | list[str] | None = None,
-        batch_size: int = 4,
         num_workers: int = 0,
         shuffle: bool = True,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
         val_batches: int | None = 2,
         limit: int | None = None,
-        seed: int = 0,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__()
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
-        self.batches_per_epoch, self.val_batches, self.limit = batches_per_epoch, val_batches, limit
+        super().__init__(num_workers=num_workers, val_batches=val_batches, **kwargs)
+        self.shuffle, self.limit = shuffle, limit
         self.train = self._resolve(prompts)
         self.val = self._resolve(val_prompts) if val_prompts else None
 

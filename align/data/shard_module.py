@@ -10,8 +10,40 @@ from align.data.pipeline import SkipCounter, expand_shards
 
 
 class StreamingDataModule(L.LightningDataModule):
-    """What every streaming data module shares: the accumulation window its epochs are made of, and
-    the training progress its stateful loaders save (see ``align.data.epochs``)."""
+    """What every streaming data module shares: its loader settings, the accumulation window its
+    epochs are made of, and the training progress its stateful loaders save (see
+    ``align.data.epochs``).
+
+    Args:
+        batch_size: samples (pairs for pair data) per micro-batch per GPU.
+        num_workers: data-loading processes per GPU.
+        shuffle_buffer: samples shuffled together within a worker's stream (training only).
+        batches_per_epoch: batches each rank yields per epoch; None: one pass over the data, every
+            sample once across ranks and workers (``align.data.epochs``).
+        val_batches: batches each rank reads per validation (None: the whole val set).
+        seed: the data order's seed (a new order each epoch, the same on resume).
+        global_batch_size: samples per optimizer step across GPUs; accumulation follows
+            (``align.data.batching``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int | None = None,
+        val_batches: int | None = 8,
+        seed: int = 0,
+        global_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.batch_size, self.num_workers, self.shuffle_buffer = (
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+        )
+        self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
+        self.seed, self.global_batch_size = seed, global_batch_size
 
     def accumulation(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -57,32 +89,22 @@ class ShardSetDataModule(StreamingDataModule):
     A subclass sets ``self.collate`` and implements ``decoder(train)``:
     ``decode(sample, counter, rng)``, how one raw sample becomes tensors (``rng``: seeded per
     sample, for augmentation). Shard patterns are expanded and counted here, so a pattern that
-    matches nothing fails when the module is built. ``batches_per_epoch`` (None: one pass over the
-    shards) and ``val_batches`` (None: the whole val set).
+    matches nothing fails when the module is built.
+
+    Args:
+        train_shards: brace patterns, globs, directories or files of shards.
+        val_shards: the same for validation (optional).
+        Others: the loader settings of ``StreamingDataModule``.
     """
 
     def __init__(
-        self,
-        train_shards: str | list[str],
-        val_shards: str | list[str] | None,
-        batch_size: int,
-        num_workers: int,
-        shuffle_buffer: int,
-        batches_per_epoch: int | None,
-        val_batches: int | None,
-        seed: int,
+        self, train_shards: str | list[str], val_shards: str | list[str] | None = None, **kwargs
     ):
-        super().__init__()
+        super().__init__(**kwargs)
         self.train_urls = expand_shards(train_shards)
         self.val_urls = expand_shards(val_shards) if val_shards else None
         self.train_sizes = shard_sizes(self.train_urls)
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.batches_per_epoch, self.val_batches = (
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-        )
 
     def train_samples(self) -> tuple[int, bool]:
         return sum(self.train_sizes), False

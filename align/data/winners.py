@@ -43,28 +43,12 @@ class WinnersDataModule(ShardSetDataModule):
         self,
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
-        batch_size: int = 4,
         resolution: int = 512,
         crop: str = "center",
         flip_prob: float = 0.5,
-        num_workers: int = 4,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int | None = None,
-        val_batches: int | None = 8,
-        seed: int = 0,
-        global_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            train_shards,
-            val_shards,
-            batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-            seed,
-        )
-        self.global_batch_size = global_batch_size  # accumulation follows (align.data.batching)
+        super().__init__(train_shards, val_shards, **kwargs)
         self.collate = collate_images
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)

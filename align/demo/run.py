@@ -75,7 +75,7 @@ FLOW_METHODS = ("dpo", "dpo-flipped", "kto", "kto-flipped", "grpo", "grpo-flippe
 FLOW_OPT_IN = ("dpo-shuffled", "kto-shuffled")  # the label-free controls, as on the UNet base
 PREFERENCE_MODEL = "preference_model.yaml"
 VALIDATION_LONG_SEED = 104723  # draws the validation long captions
-HELD_OUT_SEED = 0  # splits the held-out captions into test and validation
+HELD_OUT_SEED = 0  # draws the held-out captions (test, then validation)
 
 
 def steps(n: int) -> list[str]:
@@ -173,28 +173,24 @@ def default_artifacts(family: str = "sd15", quick: bool = False) -> str:
 def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(training captions for preference data, held-out evaluation captions), fixed by seeds.
 
-    A quarter of the world's distinct captions is held out of all training: ``eval_captions`` of
-    it, drawn at random (``HELD_OUT_SEED``), are the test set, the rest the validation set
-    (``eval_set="validation"``), so the two are alike. The quarter is the captions that appear
-    first, the most frequent (nearly all one-object captions); its first 64 held 24 one-object
-    captions where the rest held 5. Training captions are the same for both sets (so what is
-    tuned on validation is what the report trains): drawn from the world's scene distribution
-    with that quarter removed, repeats allowed. With two objects per scene every held-out sentence
-    also occurs in training captions, next to other sentences.
+    A quarter of the world's distinct captions, drawn at random (``HELD_OUT_SEED``), is held out of
+    all preference training: its first ``eval_captions`` are the test set, the rest the validation
+    set (``eval_set="validation"``). Training captions are the same for both sets (so what is tuned
+    on validation is what the report trains): drawn from the world's scene distribution with that
+    quarter removed, repeats allowed. Drawn from the whole pool, the quarter leaves training the
+    one-object captions in their share of the world's scenes. With two objects per scene every
+    held-out sentence also occurs in training captions, next to other sentences.
     """
     pool: list[str] = []
     for s in world.scenes(4000, seed=7919, max_objects=cfg.base.max_objects):
         c = world.caption(s)
         if c not in pool:
             pool.append(c)
-    quarter = len(pool) // 4
-    shuffled = random.Random(HELD_OUT_SEED).sample(pool[:quarter], quarter)
-    test = shuffled[: min(cfg.eval_captions, quarter)]
-    validation = shuffled[len(test) : 2 * len(test)]
-    held_out = validation if cfg.eval_set == "validation" else test
-    excluded = set(pool[:quarter])
+    held = random.Random(HELD_OUT_SEED).sample(pool, len(pool) // 4)
+    test = held[: cfg.eval_captions]
+    held_out = held[len(test) : 2 * len(test)] if cfg.eval_set == "validation" else test
     drawn = world.scenes(8 * cfg.pref_captions + 100, seed=104729, max_objects=cfg.base.max_objects)
-    train = [c for c in (world.caption(s) for s in drawn) if c not in excluded]
+    train = [c for c in (world.caption(s) for s in drawn) if c not in set(held)]
     return train[: cfg.pref_captions], held_out
 
 

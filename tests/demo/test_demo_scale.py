@@ -115,13 +115,7 @@ def flow_summary(tmp_path_factory) -> dict:
     )
 
 
-# The report's open gap (docs/demo/sd3/README.md): on the flow base KTO's gain is within the spread
-# over training seeds (+0.022, 2 sd 0.042; seed 0 +0.003 on the test captions); strict, so a fix
-# shows.
-KTO_GAP = pytest.mark.xfail(strict=True, reason="flow KTO's gain is within noise at this scale")
-
-
-@pytest.mark.parametrize("method", ["dpo", pytest.param("kto", marks=KTO_GAP), "grpo"])
+@pytest.mark.parametrize("method", FLOW_OBJECTIVES)
 def test_flow_base_methods_raise_the_score(flow_summary, method):
     assert _finals(flow_summary, method)[0] > flow_summary["base_score"], (
         method,

@@ -189,8 +189,9 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     held = random.Random(HELD_OUT_SEED).sample(pool, len(pool) // 4)
     test = held[: cfg.eval_captions]
     held_out = held[len(test) : 2 * len(test)] if cfg.eval_set == "validation" else test
+    excluded = set(held)
     drawn = world.scenes(8 * cfg.pref_captions + 100, seed=104729, max_objects=cfg.base.max_objects)
-    train = [c for c in (world.caption(s) for s in drawn) if c not in set(held)]
+    train = [c for c in (world.caption(s) for s in drawn) if c not in excluded]
     return train[: cfg.pref_captions], held_out
 
 

@@ -16,7 +16,8 @@
 #                                         LoRA-32 DPO and SD3.5 full DPO, 1 pair, 1024 px: beside the
 #                                         meta-device estimates
 #   scripts/gpu_bench.sh flux [OUTDIR]    FLUX.1 dev LoRA-32 DPO, which failed on an H200: with synchronous
-#                                         kernels, without checkpointing, with float32 frozen weights
+#                                         kernels, without cuDNN attention, without checkpointing, with
+#                                         float32 frozen weights; SD3.5 LoRA-32 again
 #
 # Every `align bench` row is appended to OUTDIR/bench.jsonl (default reports/gpu); the whole log goes to
 # OUTDIR/log.txt; a summary table of every row is printed last. Each command has its own time limit, so one
@@ -133,12 +134,19 @@ flow)
 flux)
   # FLUX.1 dev LoRA-32 DPO failed on an H200 (a bf16 GEMM of a LoRA layer in the backward's checkpoint
   # recompute: CUBLAS_STATUS_EXECUTION_FAILED, then an illegal memory access). Synchronous kernels name
-  # the one that fails; then the step without checkpointing, and with the frozen weights in float32
+  # the one that fails; then the step with cuDNN's attention kernel switched off (CUDA reports a fault
+  # late: attention runs just before the failing GEMM), without checkpointing, with float32 frozen
+  # weights; last, SD3.5 LoRA-32 again, its peak now taken after the module is built
   export CUDA_LAUNCH_BLOCKING=1
-  bench 150 --objective dpo --preset flux-arch --batch 1 --steps 3 --warmup 1 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  bench 120 --objective dpo --preset flux-arch --batch 1 --steps 2 --warmup 1 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
   unset CUDA_LAUNCH_BLOCKING
-  bench 120 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --frozen-dtype bf16 --lora-rank 32
-  bench 150 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --lora-rank 32
+  NO_CUDNN_ATTENTION=$(mktemp --suffix .py)
+  printf '%s\n' 'import runpy, sys, torch' 'torch.backends.cuda.enable_cudnn_sdp(False)' \
+    'sys.argv[0] = "align"' 'runpy.run_module("align.cli", run_name="__main__")' >"$NO_CUDNN_ATTENTION"
+  ALIGN="$PY $NO_CUDNN_ATTENTION" bench 100 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
+  bench 100 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --frozen-dtype bf16 --lora-rank 32
+  bench 110 --objective dpo --preset flux-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --lora-rank 32
+  bench 60 --objective dpo --preset sd35-arch --batch 1 --steps 4 --warmup 2 --gradient-checkpointing --frozen-dtype bf16 --lora-rank 32
   ;;
 *) echo "usage: $0 core|extra|fast|compile|graphs|goals|flow|flux [OUTDIR]" >&2; exit 2 ;;
 esac

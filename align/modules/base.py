@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -36,6 +37,8 @@ from align.modules.frozen import (
     trainable_state_dict,
 )
 from align.objectives.common import diffusion_target, per_sample_error
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # diffusers' SD3 / FLUX LoRA scripts' defaults (Flow-GRPO trains the same lists): joint attention of
@@ -326,6 +329,13 @@ class DiffusionModule(L.LightningModule):
         encoders)."""
         parts = getattr(self.prompt_encoder, "trainable_prompt_parts", None)
         return list(parts()) if parts is not None else []
+
+    def setup(self, stage: str) -> None:
+        if self.components.family == "flux" and torch.backends.cuda.cudnn_sdp_enabled():
+            # cuDNN's attention backward fails on FLUX.1 (illegal memory access, H200, torch
+            # 2.11); SDPA then takes flash attention (docs/benchmarks.md, the H200 section)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            log.info("FLUX: cuDNN attention switched off for this process (flash attention)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])

@@ -294,3 +294,14 @@ def test_lora_with_frozen_bf16_stores_the_base_in_bf16_and_trains_the_adapter_in
     (policy.sum() - ref.sum()).backward()
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_flux_switches_off_cudnn_attention_whose_backward_fails_on_it(name):
+    module = DPOModule(model=name, lora_rank=4)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        module.setup("fit")
+        assert torch.backends.cuda.cudnn_sdp_enabled() == (name == "tiny-sd3")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

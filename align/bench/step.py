@@ -243,6 +243,7 @@ class BareStep:
 
     def __init__(self, module, cfg: StepConfig):
         self.module, self.cfg = module, cfg
+        module.setup("fit")  # as the Trainer calls it (FLUX: the attention kernel it avoids)
         opt = module.configure_optimizers()
         self.optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]

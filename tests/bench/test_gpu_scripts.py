@@ -79,14 +79,12 @@ def test_gpu_script_budget_skips_what_it_cannot_finish(tmp_path):
     assert rows.stdout.count("echo bench --device cuda") == 4
 
 
-def test_gpu_script_flux_part_runs_its_first_step_with_synchronous_kernels(tmp_path):
-    align = tmp_path / "align"
-    align.write_text('#!/bin/bash\necho "sync=${CUDA_LAUNCH_BLOCKING:-0} $*"\n')
-    align.chmod(0o755)
-    _run_script(tmp_path, "flux", PYTHON=_fake_cuda_python(tmp_path), ALIGN=str(align))
-    log = (tmp_path / "out" / "log.txt").read_text().splitlines()
-    steps = [line.split()[0] for line in log if line.startswith("sync=")]
-    assert steps == ["sync=1", "sync=0", "sync=0"]
+def test_gpu_script_flux_part_measures_flux_lora_rows_then_sd35(tmp_path):
+    out = _run_script(tmp_path, "flux", PYTHON=_fake_cuda_python(tmp_path))
+    rows = [line for line in out.stdout.splitlines() if line.startswith("### ")]
+    presets = [row.split("--preset ")[1].split()[0] for row in rows]
+    assert presets == ["flux-arch"] * 3 + ["sd35-arch"]
+    assert all("--lora-rank 32" in row and "--gradient-checkpointing" in row for row in rows)
 
 
 def test_gpu_script_stops_when_align_does_not_import(tmp_path):

@@ -37,13 +37,13 @@ class StreamingDataModule(L.LightningDataModule):
         global_batch_size: int | None = None,
     ):
         super().__init__()
-        self.batch_size, self.num_workers, self.shuffle_buffer = (
-            batch_size,
-            num_workers,
-            shuffle_buffer,
-        )
-        self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
-        self.seed, self.global_batch_size = seed, global_batch_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
+        self.val_batches = val_batches
+        self.seed = seed
+        self.global_batch_size = global_batch_size
 
     def accumulation(self) -> int:
         trainer = getattr(self, "trainer", None)

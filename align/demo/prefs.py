@@ -1,13 +1,14 @@
 """On-policy preference data from the judge, in the real shard schemas.
 
 The base model samples ``images_per_caption`` images for each training caption (fixed seeds); the
-judge scores them. Pairs (Pick-a-Pic schema): every two images of a caption; the one satisfying more
-facts wins (``label_0`` 1 or 0), equal scores are kept as ties (0.5, which the DPO data module drops
-as the official code does). KTO singles: an image is desirable when it satisfies every fact of its
-caption. ``flipped`` writes the control: winners and losers swapped, desirable and undesirable
-swapped. ``shuffled_seed`` writes the label-free control: each decisive pair's winner drawn at
-random (same images, same ties), or the KTO labels permuted across images (same class sizes), which
-measures what training on these images does whatever the preference.
+judge scores them. Pairs (Pick-a-Pic schema): every two images of a caption, or (``best_worst``) its
+best and worst; the one satisfying more facts wins (``label_0`` 1 or 0), equal scores are kept as
+ties (0.5, which the DPO data module drops as the official code does). KTO singles: an image is
+desirable when it satisfies every fact of its caption. ``flipped`` writes the control: winners and
+losers swapped, desirable and undesirable swapped. ``shuffled_seed`` writes the label-free
+control: each decisive pair's winner drawn at random (same images, same ties), or the KTO labels
+permuted across images (same class sizes), which measures what training on these images does
+whatever the preference.
 """
 
 from __future__ import annotations
@@ -39,12 +40,26 @@ def build_records(captions: list[str], images: np.ndarray, per_caption: int) -> 
     return {"captions": captions, "images": images, "scores": scores, "per_caption": per_caption}
 
 
-def pair_samples(rec: dict, flipped: bool = False, shuffled_seed: int | None = None) -> list[dict]:
+def caption_pairs(scores, best_worst: bool = False) -> list[tuple[int, int]]:
+    """The pairs of one caption's images (indices into ``scores``): every two, or with
+    ``best_worst`` only its best and worst (the first of equal scores; none when all tie)."""
+    if not best_worst:
+        return list(itertools.combinations(range(len(scores)), 2))
+    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+    return [(best, worst)] if scores[best] > scores[worst] else []
+
+
+def pair_samples(
+    rec: dict,
+    flipped: bool = False,
+    shuffled_seed: int | None = None,
+    best_worst: bool = False,
+) -> list[dict]:
     out = []
     rng = np.random.default_rng(shuffled_seed) if shuffled_seed is not None else None
     k = rec["per_caption"]
     for i, cap in enumerate(rec["captions"]):
-        for a, b in itertools.combinations(range(k), 2):
+        for a, b in caption_pairs(rec["scores"][i * k : (i + 1) * k], best_worst):
             ia, ib = i * k + a, i * k + b
             sa, sb = rec["scores"][ia], rec["scores"][ib]
             label_0 = 0.5 if sa == sb else float(sa > sb)
@@ -143,8 +158,8 @@ def write_singles(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) 
     return _write_shards(out_dir, "singles", len(samples), shards, make, seed)
 
 
-def summary(rec: dict) -> dict:
-    pairs = pair_samples(rec)
+def summary(rec: dict, best_worst: bool = False) -> dict:
+    pairs = pair_samples(rec, best_worst=best_worst)
     ties = sum(p["label_0"] == 0.5 for p in pairs)
     return {
         "captions": len(rec["captions"]),
@@ -154,4 +169,5 @@ def summary(rec: dict) -> dict:
         "pairs": len(pairs),
         "decisive_pairs": len(pairs) - ties,
         "ties": ties,
+        "best_worst": best_worst,
     }

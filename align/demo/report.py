@@ -241,9 +241,9 @@ def write_report(
         f"Preference data: the base sampled {p['images']} images for {p['captions']} training "
         "captions "
         f"(disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; {p['pairs']} "
-        "pairs "
-        f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as in "
-        "the official "
+        + ("pairs, each caption's best and worst image " if p.get("best_worst") else "pairs ")
+        + f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as "
+        "in the official "
         f"code); {p['desirable']} of {p['images']} images desirable (every fact satisfied).",
         "",
         *(

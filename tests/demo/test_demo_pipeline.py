@@ -34,6 +34,34 @@ def _rendered_records(n: int = 6, k: int = 3):
     return build_records(captions, np.stack(images), k)
 
 
+def test_best_worst_pairs_keep_each_captions_best_and_worst_image():
+    from align.demo.prefs import caption_pairs
+
+    assert caption_pairs([0.5, 1.0, 0.25, 1.0], best_worst=True) == [(1, 2)]  # first of equals
+    assert caption_pairs([0.5, 0.5, 0.5], best_worst=True) == []  # all tie: no pair
+    assert caption_pairs([0.5, 1.0, 0.25]) == [(0, 1), (0, 2), (1, 2)]
+    scores = np.array([[1.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.5, 1.0, 0.5]])
+    rec = {
+        "captions": ["a", "b", "c"],
+        "images": np.zeros((12, 2, 2, 3), np.uint8),
+        "scores": scores.ravel(),
+        "per_caption": 4,
+    }
+    pairs = pair_samples(rec, best_worst=True)
+    assert [(p["caption"], p["image_0_uid"], p["image_1_uid"], p["label_0"]) for p in pairs] == [
+        ("a", "shapes-0000000", "shapes-0000003", 1.0),
+        ("c", "shapes-0000010", "shapes-0000008", 1.0),
+    ]
+    assert [p["label_0"] for p in pair_samples(rec, flipped=True, best_worst=True)] == [0.0, 0.0]
+
+
+def test_the_flow_demo_pairs_the_best_and_worst_of_16_images_the_unet_demo_every_two_of_4():
+    flow, unet = DemoConfig(base=BaseConfig(family="sd3")), DemoConfig()
+    assert (flow.images_per_caption, flow.best_worst_pairs) == (16, True)
+    assert (unet.images_per_caption, unet.best_worst_pairs) == (4, False)
+    assert DemoConfig(images_per_caption=3, best_worst_pairs=True).images_per_caption == 3
+
+
 def test_pairs_and_singles_follow_the_judge_and_flip(tmp_path):
     from align.data.kto import KTODataModule
     from align.data.pickapic import PickAPicDataModule

@@ -55,10 +55,11 @@ def test_best_worst_pairs_keep_each_captions_best_and_worst_image():
     assert [p["label_0"] for p in pair_samples(rec, flipped=True, best_worst=True)] == [0.0, 0.0]
 
 
-def test_the_flow_demo_pairs_the_best_and_worst_of_16_images_the_unet_demo_every_two_of_4():
+def test_the_flow_demo_pairs_the_best_and_worst_of_16_images_and_judges_32_seeds():
     flow, unet = DemoConfig(base=BaseConfig(family="sd3")), DemoConfig()
     assert (flow.images_per_caption, flow.best_worst_pairs) == (16, True)
     assert (unet.images_per_caption, unet.best_worst_pairs) == (4, False)
+    assert flow.eval_seeds == tuple(range(1000, 1032)) and unet.eval_seeds[-1] == 1007
     assert DemoConfig(images_per_caption=3, best_worst_pairs=True).images_per_caption == 3
 
 

@@ -374,6 +374,22 @@ def test_the_flow_base_accepts_the_label_free_controls(tmp_path, monkeypatch):
     assert any(a.endswith("configs/demo/sd3/dpo.yaml") for a in args)  # the flow layer too
 
 
+def test_flow_grpo_samples_12_images_per_caption_with_flow_grpos_kl_and_noise_level(capsys):
+    """The flow layer over the shared GRPO config: a group of 12 (6 left the seeds as far apart as
+    the gain), Flow-GRPO's KL coefficient and SDE noise level; the rest is the shared config's."""
+    import yaml
+
+    from align.cli import main
+    from align.demo.run import CONFIGS
+
+    layers = [CONFIGS / "grpo.yaml", CONFIGS / "sd3" / "grpo.yaml"]
+    with pytest.raises(SystemExit):
+        main(["fit", *(a for c in layers for a in ("--config", str(c))), "--print_config"])
+    args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert (args["group_size"], args["kl_beta"], args["eta"]) == (12, 0.04, 0.7)
+    assert (args["num_steps"], args["lora_rank"], args["updates"]) == (10, 8, 2)
+
+
 @pytest.mark.slow
 def test_the_flow_base_runs_dpo_kto_and_grpo_through_the_same_configs(tmp_path):
     torch.set_num_threads(1)

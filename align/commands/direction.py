@@ -19,7 +19,7 @@ from align.commands import doc_summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.data.prompts import read_prompts
+    from align.data.prompts import read_prompt_sources
     from align.eval.sampling import resolve_device
     from align.rewards import RewardSourceError, build_reward
     from align.objectives.reward import DegenerateDirection, save_direction
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
-        prompts = read_prompts(args.prompts, limit=args.limit)
+        prompts = read_prompt_sources(args.prompts, limit=args.limit)
         reward = build_reward(args.reward, args.source, device=resolve_device(args.device))
         v = estimate_direction(reward, prompts, args.splitter, args.batch_size, progress=True)
     except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:

@@ -27,7 +27,7 @@ import webdataset as wds
 from align.data.epochs import EpochStream, ListStream, shard_sizes
 from align.data.images import decode_caption, decode_json
 from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
-from align.data.prompt_files import read_prompts as read_prompt_file
+from align.data.prompt_files import read_prompts
 from align.data.shard_module import StreamingDataModule
 from align.models.splitters import official_split
 from align.rewards.segments import has_segments
@@ -57,14 +57,14 @@ def caption_of(sample: dict) -> str:
     return caption
 
 
-def read_prompts(sources: str | Iterable[str], limit: int | None = None) -> list[str]:
+def read_prompt_sources(sources: str | Iterable[str], limit: int | None = None) -> list[str]:
     """Every prompt of ``sources`` (files and shards, see the module doc), in order; prompts without
     segments are dropped. A source that names nothing raises FileNotFoundError naming it."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     out: list[str] = []
     for source in sources:
         if is_prompt_file(source):
-            out.extend(p for p in read_prompt_file(source) if _official_has_segments(p))
+            out.extend(p for p in read_prompts(source) if _official_has_segments(p))
         else:
             for url in expand_shards(str(source)):
                 for sample in wds.DataPipeline(
@@ -133,7 +133,7 @@ class PromptDataModule(StreamingDataModule):
             items = [
                 [
                     {"__key__": str(i), "__url__": str(s), "txt": p}
-                    for i, p in enumerate(read_prompt_file(s))
+                    for i, p in enumerate(read_prompts(s))
                 ]
                 for s in sources
             ]

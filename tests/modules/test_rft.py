@@ -208,7 +208,7 @@ def test_sft_lora_is_merged_under_the_new_lora(denscore_dir, tmp_path):
 
 
 def test_prompt_data_module_reads_files_and_shards_and_skips_empty_prompts(tmp_path):
-    from align.data.prompts import PromptDataModule, read_prompts
+    from align.data.prompts import PromptDataModule, read_prompt_sources
     from align.data.synthetic_long import write_synthetic_longcaption
 
     txt = tmp_path / "prompts.txt"
@@ -222,7 +222,7 @@ def test_prompt_data_module_reads_files_and_shards_and_skips_empty_prompts(tmp_p
 
     shards = tmp_path / "shards"
     write_synthetic_longcaption(shards, samples=6, shards=2, resolution=16)
-    got = read_prompts(str(shards))
+    got = read_prompt_sources(str(shards))
     assert len(got) == 6 and all(len(p.split(". ")) > 3 for p in got)
     dm = PromptDataModule(str(shards), batch_size=3, batches_per_epoch=2, shuffle=False)
     assert [len(b["caption"]) for b in dm.train_dataloader()] == [3, 3]

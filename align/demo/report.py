@@ -234,17 +234,16 @@ def write_report(
             f"- {method}: {verdict(method, runs, baselines[method], summary['results'], cap_base)}"
         )
     p = summary["preferences"]
+    pairs = "pairs, each caption's best and worst image" if p.get("best_worst") else "pairs"
     lines += [
         "",
         "## Data",
         "",
         f"Preference data: the base sampled {p['images']} images for {p['captions']} training "
-        "captions "
-        f"(disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; {p['pairs']} "
-        + ("pairs, each caption's best and worst image " if p.get("best_worst") else "pairs ")
-        + f"({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the DPO data module as "
-        "in the official "
-        f"code); {p['desirable']} of {p['images']} images desirable (every fact satisfied).",
+        f"captions (disjoint from the held-out ones), mean judge score {p['mean_score']:.4f}; "
+        f"{p['pairs']} {pairs} ({p['decisive_pairs']} decisive, {p['ties']} ties, dropped by the "
+        f"DPO data module as in the official code); {p['desirable']} of {p['images']} images "
+        "desirable (every fact satisfied).",
         "",
         *(
             [

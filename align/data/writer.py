@@ -40,6 +40,7 @@ import time
 import traceback
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -436,18 +437,84 @@ def write_shards(
         raise ValueError("shard_size must be >= 1")
     start = time.time()
     out = Path(out_dir)
-    plan = [[u.name, u.rows] for u in units]
     print_id = fingerprint(
         {
             "command": command,
             "prefix": prefix,
             "source": source,
             "shard_size": shard_size,
-            "plan": plan,
+            "plan": [[u.name, u.rows] for u in units],
             "pre_skipped": dict(pre_skipped or {}),
             "files_skipped": files_skipped or {},
         }
     )
+    old_manifest = _own_manifest(out, print_id)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        counts = [math.ceil(unit.rows / shard_size) for unit in units]
+        firsts = list(accumulate(counts, initial=0))
+        first_rows = list(accumulate((unit.rows for unit in units), initial=0))
+        total_shards, total_rows = firsts[-1], first_rows[-1]
+        names = {shard_name(prefix, i) for i in range(total_shards)}
+        records = _kept_records(out, old_manifest, names, workers, progress, log)
+        for stale in out.glob("*.tmp-*"):
+            stale.unlink()
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "command": command,
+            "prefix": prefix,
+            "fingerprint": print_id,
+            "source": source,
+            "shard_size": shard_size,
+            "planned_shards": total_shards,
+            "complete": False,
+            "shards": {},
+        }
+
+        def save_manifest() -> None:
+            manifest["shards"] = {k: records[k] for k in sorted(records)}
+            manifest["complete"] = len(records) == total_shards
+            _atomic_write_json(out / MANIFEST, manifest)
+
+        save_manifest()
+        kept = len(records)
+        tasks = []
+        for unit, n, first, first_row in zip(units, counts, firsts, first_rows):
+            done = frozenset(j for j in range(n) if shard_name(prefix, first + j) in records)
+            if len(done) < n:
+                args = (convert, shard_size, str(out), prefix)
+                tasks.append(_Task(unit, first, first_row, done, *args))
+        kept_rows = sum(r["rows"] for r in records.values())
+        converted, warnings = _convert(
+            tasks, workers, records, save_manifest, command, total_rows, kept_rows, progress
+        )
+        summary = Summary(
+            command=command,
+            out=str(out),
+            shards=total_shards,
+            shards_kept=kept,
+            shards_written=total_shards - kept,
+            files_skipped=dict(files_skipped or {}),
+            seconds=time.time() - start,
+            rows_converted=converted,
+            extra=dict(extra or {}),
+        )
+        summary.skipped.update(pre_skipped or {})
+        for record in records.values():
+            summary.written += record["samples"]
+            summary.skipped.update(record["skipped"])
+        if warnings:
+            summary.extra["warnings"] = warnings
+        _atomic_write_json(out / SUMMARY, summary.to_dict())
+        log(summary.format())
+        return summary
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _own_manifest(out: Path, print_id: str) -> dict | None:
+    """The manifest of ``out`` if this run may write there; refuses a folder of another source."""
     manifest = load_manifest(out) if out.exists() else None
     if manifest is not None and manifest.get("fingerprint") != print_id:
         raise ForeignOutputError(
@@ -464,29 +531,7 @@ def write_shards(
                 f"({strangers[0]}, ...) but no {MANIFEST}, so their source is unknown. Nothing was "
                 "changed; use another --out."
             )
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    try:
-        return _write_locked(
-            out,
-            manifest,
-            print_id,
-            command=command,
-            prefix=prefix,
-            source=source,
-            units=units,
-            convert=convert,
-            shard_size=shard_size,
-            workers=workers,
-            progress=progress,
-            pre_skipped=pre_skipped,
-            files_skipped=files_skipped,
-            extra=extra,
-            log=log,
-            start=start,
-        )
-    finally:
-        lock.unlink(missing_ok=True)
+    return manifest
 
 
 def _lock(out: Path) -> Path:
@@ -514,98 +559,41 @@ def _lock(out: Path) -> Path:
     raise BusyOutputError(f"could not take {lock}")
 
 
-def _write_locked(
-    out: Path,
-    manifest: dict | None,
-    print_id: str,
-    *,
-    command,
-    prefix,
-    source,
-    units,
-    convert,
-    shard_size,
-    workers,
-    progress,
-    pre_skipped,
-    files_skipped,
-    extra,
-    log,
-    start,
-) -> Summary:
+def _kept_records(out: Path, manifest, names: set, workers: int, progress: bool, log) -> dict:
+    """The manifest's records of planned shards whose size and sha256 still verify."""
     from tqdm import tqdm
 
-    offsets, rows_before, total_shards, total_rows = [], [], 0, 0
-    for unit in units:
-        offsets.append(total_shards)
-        rows_before.append(total_rows)
-        total_shards += math.ceil(unit.rows / shard_size)
-        total_rows += unit.rows
-    expected = {shard_name(prefix, i) for i in range(total_shards)}
+    listed = {k: v for k, v in (manifest or {}).get("shards", {}).items() if k in names}
+    if not listed:
+        return {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        checks = pool.map(lambda kv: _verify_entry(out, *kv), listed.items())
+        bar = dict(desc="verifying kept shards", unit="shard", leave=False)
+        ok = list(tqdm(checks, total=len(listed), disable=not progress, **bar))
+    records = {k: v for (k, v), good in zip(listed.items(), ok) if good}
+    if len(records) < len(listed):
+        log(
+            f"{len(listed) - len(records)} shard(s) listed in {MANIFEST} failed verification; "
+            "rewriting"
+        )
+    return records
 
-    records: dict[str, dict] = {}
-    if manifest is not None:
-        listed = {k: v for k, v in manifest.get("shards", {}).items() if k in expected}
-        if listed:
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                ok = list(
-                    tqdm(
-                        pool.map(lambda kv: _verify_entry(out, *kv), listed.items()),
-                        total=len(listed),
-                        desc="verifying kept shards",
-                        unit="shard",
-                        disable=not progress,
-                        leave=False,
-                    )
-                )
-            records = {k: v for (k, v), good in zip(listed.items(), ok) if good}
-            if len(records) < len(listed):
-                log(
-                    f"{len(listed) - len(records)} shard(s) listed in {MANIFEST} failed "
-                    "verification; rewriting"
-                )
-    for stale in out.glob("*.tmp-*"):
-        stale.unlink()
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "command": command,
-        "prefix": prefix,
-        "fingerprint": print_id,
-        "source": source,
-        "shard_size": shard_size,
-        "planned_shards": total_shards,
-        "complete": False,
-        "shards": {},
-    }
-
-    def save_manifest(complete: bool = False) -> None:
-        manifest["shards"] = {k: records[k] for k in sorted(records)}
-        manifest["complete"] = complete
-        _atomic_write_json(out / MANIFEST, manifest)
-
-    save_manifest()
-    kept = len(records)
-
-    tasks = []
-    kept_rows = sum(r["rows"] for r in records.values())
-    for unit, first, first_row in zip(units, offsets, rows_before):
-        n = math.ceil(unit.rows / shard_size)
-        done = frozenset(j for j in range(n) if shard_name(prefix, first + j) in records)
-        if len(done) < n:
-            tasks.append(_Task(unit, first, first_row, done, convert, shard_size, str(out), prefix))
+def _convert(tasks, workers, records, save_manifest, command, total, kept, progress):
+    """Run ``tasks`` (in this process, or a pool of ``workers``), entering each finished shard in
+    ``records`` and saving the manifest; returns (rows converted, warnings)."""
+    from tqdm import tqdm
 
     bar = tqdm(
-        total=total_rows,
-        initial=kept_rows,
+        total=total,
+        initial=kept,
         unit="row",
         desc=f"align data {command}",
         disable=not progress,
         dynamic_ncols=True,
         smoothing=0.05,
     )
-    converted = 0
-    warnings: list[str] = []
+    converted, warnings = 0, []
 
     def handle(event) -> None:
         nonlocal converted
@@ -625,66 +613,49 @@ def _write_locked(
                 for event in _run_unit(task):
                     handle(event)
         else:
-            # fork where there is one: workers inherit the imports
-            # (spawn re-imports align.data -> torch)
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            events = ctx.Queue()
-            # ProcessPoolExecutor, not Pool: a worker that dies
-            # (OOM kill) fails its future instead of hanging
-            with ProcessPoolExecutor(
-                min(workers, len(tasks)),
-                mp_context=ctx,
-                initializer=_pool_init,
-                initargs=(events, os.getpid()),
-            ) as pool:
-                futures = []
-                try:
-                    futures = [pool.submit(_pool_run, task) for task in tasks]
-                    remaining = len(tasks)
-                    while remaining:
-                        try:
-                            event = events.get(timeout=1.0)
-                        except queue_module.Empty:
-                            for future in futures:
-                                if future.done() and future.exception() is not None:
-                                    raise future.exception()
-                            continue
-                        if event[0] == "done":
-                            remaining -= 1
-                        elif event[0] == "fatal":
-                            raise RuntimeError(f"worker failed on {event[1]}:\n{event[2]}")
-                        else:
-                            handle(event)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    for process in list(getattr(pool, "_processes", {}).values()):
-                        process.terminate()
-                    raise
+            _convert_in_pool(tasks, workers, handle)
     finally:
         bar.close()
-        save_manifest(complete=len(records) == total_shards)
+        save_manifest()
+    return converted, warnings
 
-    summary = Summary(
-        command=command,
-        out=str(out),
-        shards=total_shards,
-        shards_kept=kept,
-        shards_written=total_shards - kept,
-        files_skipped=dict(files_skipped or {}),
-        seconds=time.time() - start,
-        rows_converted=converted,
-        extra=dict(extra or {}),
-    )
-    summary.skipped.update(pre_skipped or {})
-    for record in records.values():
-        summary.written += record["samples"]
-        summary.skipped.update(record["skipped"])
-    if warnings:
-        summary.extra["warnings"] = warnings
-    _atomic_write_json(out / SUMMARY, summary.to_dict())
-    log(summary.format())
-    return summary
+
+def _convert_in_pool(tasks: list[_Task], workers: int, handle: Callable) -> None:
+    # fork where there is one: workers inherit the imports (spawn re-imports align.data -> torch)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    events = ctx.Queue()
+    # ProcessPoolExecutor, not Pool: a worker that dies (OOM kill) fails its future instead of
+    # hanging
+    with ProcessPoolExecutor(
+        min(workers, len(tasks)),
+        mp_context=ctx,
+        initializer=_pool_init,
+        initargs=(events, os.getpid()),
+    ) as pool:
+        futures = []
+        try:
+            futures = [pool.submit(_pool_run, task) for task in tasks]
+            remaining = len(tasks)
+            while remaining:
+                try:
+                    event = events.get(timeout=1.0)
+                except queue_module.Empty:
+                    for future in futures:
+                        if future.done() and future.exception() is not None:
+                            raise future.exception()
+                    continue
+                if event[0] == "done":
+                    remaining -= 1
+                elif event[0] == "fatal":
+                    raise RuntimeError(f"worker failed on {event[1]}:\n{event[2]}")
+                else:
+                    handle(event)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
 
 
 def run_command(write: Callable[[], Summary]) -> int:

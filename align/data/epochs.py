@@ -253,7 +253,8 @@ class EpochStream(torch.utils.data.IterableDataset):
     ``segment_samples(segment, rank, role)`` yields the raw samples of a role in a segment (a pass
     of the plan by default; KTO and weighted sources mix their own).
     ``decode(sample, counter, rng)`` turns a raw sample into tensors or raises ``SkipSample``;
-    ``collate`` stacks a batch.
+    ``collate`` stacks a batch. ``items``: raw samples held in memory (a prompt file), one list per
+    ``urls`` entry, read instead of tars.
     """
 
     def __init__(
@@ -271,6 +272,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         batches_per_epoch: int | None = None,
         multiple_of: int = 1,
         segment_samples: Callable | None = None,
+        items: list[list[dict]] | None = None,
     ):
         super().__init__()
         self.urls, self.sizes, self.decode, self.collate = urls, sizes, decode, collate
@@ -285,6 +287,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         self.workers = 1  # set by EpochLoader from its num_workers
         self._batches_per_epoch, self.multiple_of = batches_per_epoch, multiple_of
         self.position = (0, 0)
+        self.items = items
 
     # what the loader and Lightning see
     def set_workers(self, workers: int) -> None:
@@ -342,7 +345,9 @@ class EpochStream(torch.utils.data.IterableDataset):
         return samples
 
     def read(self, shard: int, lo: int, hi: int, counter) -> Iterator[dict]:
-        """Raw samples ``lo:hi`` of shard ``shard``, a tar (``ListStream`` reads lists instead)."""
+        """Raw samples ``lo:hi`` of shard ``shard``: a tar, or a list of ``items``."""
+        if self.items is not None:
+            return iter(self.items[shard][lo:hi])
         tar = wds.tarfile_to_samples(handler=counter.handler)([{"url": self.urls[shard]}])
         return itertools.islice(tar, lo, hi)
 
@@ -431,25 +436,6 @@ class EpochStream(torch.utils.data.IterableDataset):
                 yield batch
                 count -= 1
             segment, skip = segment + 1, 0
-
-
-class ListStream(EpochStream):
-    """An ``EpochStream`` over raw samples held in memory (a prompt file):
-    each list plays a shard."""
-
-    def __init__(
-        self,
-        names: list[str],
-        items: list[list[dict]],
-        decode: Callable,
-        collate: Callable,
-        **kwargs,
-    ):
-        super().__init__(names, [len(part) for part in items], decode, collate, **kwargs)
-        self.items = items
-
-    def read(self, shard: int, lo: int, hi: int, counter) -> Iterator[dict]:
-        return iter(self.items[shard][lo:hi])
 
 
 class MixedSegments:

@@ -15,10 +15,10 @@ import random
 
 import torch
 
-from align.data.epochs import EpochStream, MixedSegments, shard_sizes
+from align.data.epochs import EpochStream, shard_sizes
 from align.data.cached import CachedShards
 from align.data.images import decode_image, decode_json
-from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, expand_shards, merge_skips
 from align.data.schema import SINGLE_IMAGE_KEY, single_meta_problem
 from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
@@ -127,62 +127,25 @@ class KTODataModule(StreamingDataModule):
             return self.cache.single_decoder(transform.flip_prob, want)
         return lambda sample, counter, rng: decode_single(sample, transform, want, rng)
 
-    def _stream(
-        self, urls, sizes, decode, batch_size: int, shuffle: bool, seed: int, **kwargs
-    ) -> EpochStream:
-        return EpochStream(
-            urls,
-            sizes,
-            decode,
-            self.collate,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
-            counter_factory=SkipCounter,
-            **kwargs,
-        )
-
     def train_samples(self) -> tuple[int, bool]:
         urls = dict.fromkeys(self.desirable_urls + self.undesirable_urls)
         return sum(shard_sizes(list(urls))), True
 
-    def train_dataloader(self):
+    def stream(self, train: bool) -> EpochStream | None:
+        if not train:
+            if not self.val_urls:
+                return None
+            return self.epoch_stream(
+                self.val_urls, self.val_sizes, self._decoder(self.val_transform), train
+            )
         classes = [
             (self.desirable_urls, self.desirable_sizes, True),
             (self.undesirable_urls, self.undesirable_sizes, False),
         ]
-        sources = [
-            self._stream(
-                urls, sizes, self._decoder(self.train_transform, want), 1, True, self.seed + i
-            )
+        parts = [
+            (i, urls, sizes, self._decoder(self.train_transform, want))
             for i, (urls, sizes, want) in enumerate(classes)
         ]
         urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
-        mix = MixedSegments(sources, [self.p_desirable, 1.0 - self.p_desirable], seed=self.seed)
-        stream = self._stream(
-            urls,
-            shard_sizes(urls),
-            None,
-            self.batch_size,
-            True,
-            self.seed,
-            batches_per_epoch=self.batches_per_epoch,
-            multiple_of=self.accumulation(),
-            segment_samples=mix,
-        )
-        return self.loader(stream, self.num_workers, train=True)
-
-    def val_dataloader(self):
-        if not self.val_urls:
-            return []
-        stream = self._stream(
-            self.val_urls,
-            self.val_sizes,
-            self._decoder(self.val_transform),
-            self.batch_size,
-            False,
-            self.seed,
-            batches_per_epoch=self.val_batches,
-        )
-        return self.loader(stream, min(self.num_workers, 1), train=False)
+        weights = [self.p_desirable, 1.0 - self.p_desirable]
+        return self.mixed_stream(urls, shard_sizes(urls), parts, weights, train)

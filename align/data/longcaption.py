@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data.epochs import EpochStream, MixedSegments, shard_sizes
+from align.data.epochs import EpochStream, shard_sizes
 from align.data.cached import CachedShards
 from align.data.images import decode_caption, decode_image
-from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, expand_shards, merge_skips
 from align.data.schema import LONG_CAPTION_KEYS
 from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
@@ -173,9 +173,12 @@ class LongCaptionDataModule(StreamingDataModule):
             )
             self.collate = self.cache.collate_singles
 
-    def _stream(
-        self, sources: list[CaptionSource], transform: ImageTransform, train: bool
-    ) -> EpochStream:
+    def stream(self, train: bool) -> EpochStream | None:
+        sources = self.sources if train else self.val_sources
+        if not sources:
+            return None
+        transform = self.train_transform if train else self.val_transform
+
         def decoder(name: str):
             if self.cache is not None:
                 return source_decoder(
@@ -185,69 +188,23 @@ class LongCaptionDataModule(StreamingDataModule):
                 lambda sample, counter, rng: decode_long_caption(sample, transform, name, rng), name
             )
 
-        def stream(urls, decode, batch_size, seed, **kwargs):
-            return EpochStream(
-                urls,
-                shard_sizes(urls),
-                decode,
-                self.collate,
-                batch_size=batch_size,
-                seed=seed,
-                shuffle=train,
-                shuffle_buffer=self.shuffle_buffer if train else 0,
-                counter_factory=SkipCounter,
-                **kwargs,
-            )
-
-        per_epoch = self.batches_per_epoch if train else self.val_batches
-        multiple = self.accumulation() if train else 1
-        urls = [u for src in sources for u in src.shards]
         if sources[0].weight is None:  # concatenated: one plan over every source's shards
+            urls = [u for src in sources for u in src.shards]
             owner = {u: src.name for src in sources for u in src.shards}
 
             def decode(sample, counter, rng):
                 name = owner.get(sample.get("__url__"), "default")
                 return decoder(name)(sample, counter, rng)
 
-            return stream(
-                urls,
-                decode,
-                self.batch_size,
-                self.seed,
-                batches_per_epoch=per_epoch,
-                multiple_of=multiple,
-            )
+            return self.epoch_stream(urls, shard_sizes(urls), decode, train)
         used = [(i, src) for i, src in enumerate(sources) if src.weight > 0]
-        parts = [stream(src.shards, decoder(src.name), 1, self.seed + i) for i, src in used]
-        mix = MixedSegments(parts, [src.weight for _, src in used], seed=self.seed)
-        return stream(
-            [u for _, src in used for u in src.shards],
-            None,
-            self.batch_size,
-            self.seed,
-            segment_samples=mix,
-            multiple_of=multiple,
-            batches_per_epoch=per_epoch,
-        )
+        parts = [(i, src.shards, shard_sizes(src.shards), decoder(src.name)) for i, src in used]
+        urls = [u for _, src in used for u in src.shards]
+        weights = [src.weight for _, src in used]
+        return self.mixed_stream(urls, shard_sizes(urls), parts, weights, train)
 
     def train_samples(self) -> tuple[int, bool]:
-        used = [src for src in self.sources if src.weight is None or src.weight > 0]
-        return sum(shard_sizes([u for src in used for u in src.shards])), self.sources[
-            0
-        ].weight is not None
-
-    def train_dataloader(self):
-        return self.loader(
-            self._stream(self.sources, self.train_transform, train=True),
-            self.num_workers,
-            train=True,
-        )
-
-    def val_dataloader(self):
-        if not self.val_sources:
-            return []
-        return self.loader(
-            self._stream(self.val_sources, self.val_transform, train=False),
-            min(self.num_workers, 1),
-            train=False,
-        )
+        urls = [
+            u for src in self.sources if src.weight is None or src.weight > 0 for u in src.shards
+        ]
+        return sum(shard_sizes(urls)), self.sources[0].weight is not None

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import webdataset as wds
 
-from align.data.epochs import EpochStream, ListStream, shard_sizes
+from align.data.epochs import EpochStream, shard_sizes
 from align.data.images import decode_caption, decode_json
-from align.data.pipeline import SkipCounter, SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, expand_shards, merge_skips
 from align.data.prompt_files import read_prompts
 from align.data.shard_module import StreamingDataModule
 from align.models.splitters import official_split
@@ -118,7 +118,7 @@ class PromptDataModule(StreamingDataModule):
         **kwargs,
     ):
         super().__init__(num_workers=num_workers, val_batches=val_batches, **kwargs)
-        self.shuffle, self.limit = shuffle, limit
+        self.shuffle, self.limit, self.collate = shuffle, limit, collate_prompts
         self.train = self._resolve(prompts)
         self.val = self._resolve(val_prompts) if val_prompts else None
 
@@ -150,31 +150,13 @@ class PromptDataModule(StreamingDataModule):
         urls = [u for s in sources for u in expand_shards(str(s))]
         return urls, shard_sizes(urls), None
 
-    def _stream(self, spec, train: bool) -> EpochStream:
+    def stream(self, train: bool) -> EpochStream | None:
+        spec = self.train if train else self.val
+        if not spec:
+            return None
         names, sizes, items = spec
         shuffle = train and self.shuffle
-        kwargs = dict(
-            batch_size=self.batch_size,
-            seed=self.seed,
-            shuffle=shuffle,
-            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
-            counter_factory=SkipCounter,
-            batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
-            multiple_of=self.accumulation() if train else 1,
-        )
-        if items is not None:
-            return ListStream(names, items, _decode_prompt, collate_prompts, **kwargs)
-        return EpochStream(names, sizes, _decode_prompt, collate_prompts, **kwargs)
+        return self.epoch_stream(names, sizes, _decode_prompt, train, shuffle=shuffle, items=items)
 
     def train_samples(self) -> tuple[int, bool]:
         return sum(self.train[1]), False
-
-    def train_dataloader(self):
-        return self.loader(self._stream(self.train, train=True), self.num_workers, train=True)
-
-    def val_dataloader(self):
-        if not self.val:
-            return []
-        return self.loader(
-            self._stream(self.val, train=False), min(self.num_workers, 1), train=False
-        )

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import lightning as L
 
-from align.data.epochs import EpochLoader, EpochStream, epoch_batches, shard_sizes
+from align.data.epochs import EpochLoader, EpochStream, MixedSegments, epoch_batches, shard_sizes
 from align.data.pipeline import SkipCounter, expand_shards
 
 
 class StreamingDataModule(L.LightningDataModule):
     """What every streaming data module shares: its loader settings, the accumulation window its
     epochs are made of, and the training progress its stateful loaders save (see
-    ``align.data.epochs``).
+    ``align.data.epochs``). A subclass sets ``self.collate`` and implements ``stream(train)``
+    (with ``epoch_stream`` and ``mixed_stream``); the loaders follow.
 
     Args:
         batch_size: samples (pairs for pair data) per micro-batch per GPU.
@@ -76,10 +77,57 @@ class StreamingDataModule(L.LightningDataModule):
             mixed=mixed,
         )
 
-    def loader(self, stream: EpochStream, num_workers: int, train: bool) -> EpochLoader:
-        return EpochLoader(
-            stream, num_workers, consumed=self.consumed_batches if train else None, advance=train
+    def stream(self, train: bool) -> EpochStream | None:
+        """The train or val stream (None: no validation set)."""
+        raise NotImplementedError  # abstract: each data module knows its sources
+
+    def epoch_stream(self, urls, sizes, decode, train: bool, **overrides) -> EpochStream:
+        """An ``EpochStream`` with this module's train or val settings; ``overrides`` replace them
+        (``shuffle`` also decides the shuffle buffer)."""
+        shuffle = overrides.pop("shuffle", train)
+        settings = dict(
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
+            counter_factory=SkipCounter,
+            batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
+            multiple_of=self.accumulation() if train else 1,
         )
+        return EpochStream(urls, sizes, decode, self.collate, **{**settings, **overrides})
+
+    def mixed_stream(self, urls, sizes, parts, weights, train: bool) -> EpochStream:
+        """A stream over ``urls`` whose every sample comes from part ``i`` with probability
+        ``weights[i] / sum(weights)`` (``MixedSegments``). ``parts``: ``(offset, urls, sizes,
+        decode)``, each streamed alone, one sample at a time, seeded ``seed + offset``."""
+        sources = [
+            self.epoch_stream(
+                part_urls,
+                part_sizes,
+                decode,
+                train,
+                batch_size=1,
+                seed=self.seed + i,
+                batches_per_epoch=None,
+                multiple_of=1,
+            )
+            for i, part_urls, part_sizes, decode in parts
+        ]
+        mix = MixedSegments(sources, weights, seed=self.seed)
+        return self.epoch_stream(urls, sizes, None, train, segment_samples=mix)
+
+    def loader(self, stream: EpochStream | None, train: bool) -> EpochLoader | list:
+        if stream is None:  # no validation set
+            return []
+        workers = self.num_workers if train else min(self.num_workers, 1)
+        consumed = self.consumed_batches if train else None
+        return EpochLoader(stream, workers, consumed=consumed, advance=train)
+
+    def train_dataloader(self):
+        return self.loader(self.stream(train=True), train=True)
+
+    def val_dataloader(self):
+        return self.loader(self.stream(train=False), train=False)
 
 
 class ShardSetDataModule(StreamingDataModule):
@@ -112,28 +160,10 @@ class ShardSetDataModule(StreamingDataModule):
     def decoder(self, train: bool):
         raise NotImplementedError  # abstract: each data module decodes its own schema
 
-    def stream(self, train: bool) -> EpochStream:
+    def stream(self, train: bool) -> EpochStream | None:
+        if not train and not self.val_urls:
+            return None
         urls, sizes = (
             (self.train_urls, self.train_sizes) if train else (self.val_urls, self.val_sizes)
         )
-        return EpochStream(
-            urls,
-            sizes,
-            self.decoder(train),
-            self.collate,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            shuffle=train,
-            shuffle_buffer=self.shuffle_buffer if train else 0,
-            counter_factory=SkipCounter,
-            batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
-            multiple_of=self.accumulation() if train else 1,
-        )
-
-    def train_dataloader(self):
-        return self.loader(self.stream(train=True), self.num_workers, train=True)
-
-    def val_dataloader(self):
-        if not self.val_urls:
-            return []
-        return self.loader(self.stream(train=False), min(self.num_workers, 1), train=False)
+        return self.epoch_stream(urls, sizes, self.decoder(train), train)

@@ -41,7 +41,6 @@ recipe's). A data module reading a cache with ``crop: random`` uses that center 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 
 from align.data.images import decode_json, read_pair_meta
-from align.data.pipeline import SkipSample, merge_skips
+from align.data.pipeline import SkipSample
 from align.data.schema import single_meta_problem
 from align.data.writer import MANIFEST, load_manifest
 
@@ -218,53 +217,6 @@ def decode_cached_single(
     return _embeds(sample, out)
 
 
-def _finish(batch: dict, samples: list[dict], extras: dict | None) -> dict:
-    batch["prompt_embeds"] = torch.stack([s["prompt_embeds"] for s in samples])
-    if "pooled_embeds" in samples[0]:
-        batch["pooled_embeds"] = torch.stack([s["pooled_embeds"] for s in samples])
-    batch.update(extras or {})
-    batch["skipped"] = merge_skips(samples)
-    return batch
-
-
-def collate_cached_pairs(samples: list[dict], extras: dict | None = None) -> dict:
-    """B cached pairs -> ``latent_moments`` (2B, 8, h, w), winners then losers, and per-pair
-    embeddings ``prompt_embeds`` (B, L, D) (+ ``pooled_embeds`` (B, P)). ``extras``
-    (``CachedShards.extras``) rides along: ``uncond_embeds`` (1, L, D), ``uncond_pooled`` (1, P) and
-    ``cache_fingerprint``, ``cache_model`` (checked by the module)."""
-
-    def winners_then_losers(key: str) -> torch.Tensor:
-        stacked = torch.stack([s[key] for s in samples])
-        return torch.cat([stacked[:, 0], stacked[:, 1]])
-
-    batch = {
-        "latent_moments": winners_then_losers("latent_moments"),
-        "original_size": winners_then_losers("original_size"),
-        "crop_top_left": winners_then_losers("crop_top_left"),
-        "caption": [s["caption"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples]),
-        "key": [s["key"] for s in samples],
-    }
-    return _finish(batch, samples, extras)
-
-
-def collate_cached_singles(samples: list[dict], extras: dict | None = None) -> dict:
-    """B cached single images -> ``latent_moments`` (B, 8, h, w), embeddings,
-    and ``desirable`` when labelled."""
-    batch = {
-        "latent_moments": torch.stack([s["latent_moments"] for s in samples]),
-        "original_size": torch.stack([s["original_size"] for s in samples]),
-        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
-    if "desirable" in samples[0]:
-        batch["desirable"] = torch.tensor([s["desirable"] for s in samples], dtype=torch.bool)
-    if "source" in samples[0]:
-        batch["source"] = [s["source"] for s in samples]
-    return _finish(batch, samples, extras)
-
-
 # ---------------------------------------------------------------------------------- opening a cache
 
 
@@ -312,8 +264,9 @@ def read_cache_info(folder: str | os.PathLike) -> CacheInfo:
 
 
 class CachedShards:
-    """The cache folders behind a data module's shard lists, checked before training, and the decode
-    and collate functions that read them.
+    """The cache folders behind a data module's shard lists, checked before training, the decode
+    functions that read them, and the ``extras`` every batch carries: ``uncond_embeds`` (1, L, D),
+    ``uncond_pooled`` (1, P), and what made the cache (checked by the module).
 
     Args:
         url_sets: the shard lists (train, val, ...; None entries ignored) as ``expand_shards``
@@ -388,11 +341,3 @@ class CachedShards:
         return lambda sample, counter, rng: decode_cached_single(
             sample, want, flip_prob, rng, source=source
         )
-
-    @property
-    def collate_pairs(self):
-        return functools.partial(collate_cached_pairs, extras=self.extras)
-
-    @property
-    def collate_singles(self):
-        return functools.partial(collate_cached_singles, extras=self.extras)

@@ -11,6 +11,7 @@ images). Each class streams every one of its images once per pass across ranks a
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from align.data.epochs import EpochStream, shard_sizes
 from align.data.cached import CachedShards
 from align.data.images import decode_image, decode_json
-from align.data.pipeline import SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, collate, expand_shards
 from align.data.schema import SINGLE_IMAGE_KEY, single_meta_problem
 from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
@@ -45,18 +46,6 @@ def decode_single(
         "caption": caption,
         "desirable": bool(meta["label"]),
         "key": sample.get("__key__", ""),
-    }
-
-
-def collate_singles(samples: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "original_size": torch.stack([s["original_size"] for s in samples]),
-        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "desirable": torch.tensor([s["desirable"] for s in samples], dtype=torch.bool),
-        "key": [s["key"] for s in samples],
-        "skipped": merge_skips(samples),
     }
 
 
@@ -111,7 +100,7 @@ class KTODataModule(StreamingDataModule):
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
-        self.cache, self.collate = None, collate_singles
+        self.cache, self.collate = None, collate
         if cached:
             self.cache = CachedShards(
                 [self.desirable_urls, self.undesirable_urls, self.val_urls],
@@ -120,7 +109,7 @@ class KTODataModule(StreamingDataModule):
                 flip_prob,
                 crop,
             )
-            self.collate = self.cache.collate_singles
+            self.collate = functools.partial(collate, extras=self.cache.extras)
 
     def _decoder(self, transform: ImageTransform, want: bool | None = None):
         if self.cache is not None:

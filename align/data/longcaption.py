@@ -19,6 +19,7 @@ captions say "on the left" and "on the right", which a flip would make false.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 from align.data.epochs import EpochStream, shard_sizes
 from align.data.cached import CachedShards
 from align.data.images import decode_caption, decode_image
-from align.data.pipeline import SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, collate, expand_shards
 from align.data.schema import LONG_CAPTION_KEYS
 from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
@@ -65,19 +66,6 @@ def decode_long_caption(
         "caption": caption,
         "key": sample.get("__key__", ""),
         "source": source,
-    }
-
-
-def collate_images(samples: list[dict]) -> dict:
-    """B single images with captions (the batch SFT trains on)."""
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "original_size": torch.stack([s["original_size"] for s in samples]),
-        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "source": [s["source"] for s in samples],
-        "skipped": merge_skips(samples),
     }
 
 
@@ -162,7 +150,7 @@ class LongCaptionDataModule(StreamingDataModule):
         self.val_sources = resolve_sources(val_sources)
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
-        self.cache, self.collate = None, collate_images
+        self.cache, self.collate = None, collate
         if cached:
             self.cache = CachedShards(
                 [s.shards for s in self.sources + self.val_sources],
@@ -171,7 +159,7 @@ class LongCaptionDataModule(StreamingDataModule):
                 flip_prob,
                 crop,
             )
-            self.collate = self.cache.collate_singles
+            self.collate = functools.partial(collate, extras=self.cache.extras)
 
     def stream(self, train: bool) -> EpochStream | None:
         sources = self.sources if train else self.val_sources

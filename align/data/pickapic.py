@@ -9,13 +9,14 @@ corners ride along.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
 
 from align.data.cached import CachedShards
 from align.data.images import decode_image, decode_json, read_pair_meta
-from align.data.pipeline import merge_skips
+from align.data.pipeline import collate
 from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule
 from align.data.transforms import ImageTransform, augment_pair
@@ -43,23 +44,10 @@ def decode_pair(
     }
 
 
-def collate_pairs(samples: list[dict]) -> dict:
-    """Stack B pairs into 2B rows: all winners, then all losers
-    (the order the objective relies on)."""
-
-    def winners_then_losers(key: str) -> torch.Tensor:
-        stacked = torch.stack([s[key] for s in samples])  # (B, 2, ...)
-        return torch.cat([stacked[:, 0], stacked[:, 1]])
-
-    return {
-        "pixel_values": winners_then_losers("pixel_values"),
-        "original_size": winners_then_losers("original_size"),
-        "crop_top_left": winners_then_losers("crop_top_left"),
-        "caption": [s["caption"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples]),
-        "key": [s["key"] for s in samples],
-        "skipped": merge_skips(samples),
-    }
+# a pair's two rows (winner, loser) of images or cached latents: batches hold every winner, then
+# every loser (the order the objective relies on)
+PAIR_ROWS = ("pixel_values", "latent_moments", "original_size", "crop_top_left")
+collate_pairs = functools.partial(collate, split=PAIR_ROWS)
 
 
 class PickAPicDataModule(ShardSetDataModule):
@@ -102,7 +90,7 @@ class PickAPicDataModule(ShardSetDataModule):
             self.cache = CachedShards(
                 [self.train_urls, self.val_urls], ("pair",), resolution, flip_prob, crop
             )
-            self.collate = self.cache.collate_pairs
+            self.collate = functools.partial(collate_pairs, extras=self.cache.extras)
 
     def decoder(self, train: bool):
         transform = self.train_transform if train else self.val_transform

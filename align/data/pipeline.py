@@ -116,3 +116,25 @@ def merge_skips(samples: list[dict]) -> dict[str, int]:
     for sample in samples:
         total.update(sample.get(SKIPPED, {}))
     return dict(total)
+
+
+def collate(samples: list[dict], split: tuple[str, ...] = (), extras: dict | None = None) -> dict:
+    """A batch of decoded samples: tensors stacked, those named in ``split`` (a pair's two rows,
+    ``(B, 2, ...)``) as ``2B`` rows, every first row then every second (winners then losers);
+    bools and floats as tensors; anything else as lists. ``extras`` ride along, and ``skipped``
+    holds the samples' merged skip counts."""
+    import torch  # here: the shard checks import this module without torch
+
+    batch = {}
+    for key in samples[0]:
+        if key == SKIPPED:
+            continue
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            stacked = torch.stack(values)
+            batch[key] = torch.cat([stacked[:, 0], stacked[:, 1]]) if key in split else stacked
+        elif isinstance(values[0], (bool, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return {**batch, **(extras or {}), "skipped": merge_skips(samples)}

@@ -24,6 +24,7 @@ reshaped, so only the sentence about that shape tells the two apart.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from align.data.images import decode_image, decode_json, read_pair_meta
-from align.data.pipeline import SkipSample, merge_skips
+from align.data.pipeline import SkipSample, collate
 from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule
 from align.data.synthetic import COLORS, SHAPES, _write_shards, jpeg_bytes
@@ -89,18 +90,6 @@ def decode_preference_pair(
     }
 
 
-def collate_preference_pairs(samples: list[dict]) -> dict:
-    stacked = torch.stack([s["pixel_values"] for s in samples])  # (B, 2, 3, S, S)
-    return {
-        "pixel_values": torch.cat([stacked[:, 0], stacked[:, 1]]),
-        "caption": [s["caption"] for s in samples],
-        "label_0": torch.tensor([s["label_0"] for s in samples]),
-        "label_1": torch.tensor([s["label_1"] for s in samples]),
-        "key": [s["key"] for s in samples],
-        "skipped": merge_skips(samples),
-    }
-
-
 class PreferencePairDataModule(ShardSetDataModule):
     """Streams pair shards for preference-model training (DDP-safe, equal batches per rank).
 
@@ -128,7 +117,8 @@ class PreferencePairDataModule(ShardSetDataModule):
         **kwargs,
     ):
         super().__init__(train_shards, val_shards, batch_size=batch_size, **kwargs)
-        self.collate = collate_preference_pairs
+        # every pair's first image in rows [:B], its second in [B:]
+        self.collate = functools.partial(collate, split=("pixel_values",))
         self.image_size, self.min_segments, self.drop_ties = image_size, min_segments, drop_ties
         self.transform = clip_transform(image_size, image_mean, image_std)
 

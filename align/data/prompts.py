@@ -26,7 +26,7 @@ import webdataset as wds
 
 from align.data.epochs import EpochStream, shard_sizes
 from align.data.images import decode_caption, decode_json
-from align.data.pipeline import SkipSample, expand_shards, merge_skips
+from align.data.pipeline import SkipSample, collate, expand_shards
 from align.data.prompt_files import read_prompts
 from align.data.shard_module import StreamingDataModule
 from align.models.splitters import official_split
@@ -81,14 +81,6 @@ def read_prompt_sources(sources: str | Iterable[str], limit: int | None = None) 
     return out
 
 
-def collate_prompts(samples: list[dict]) -> dict:
-    return {
-        "caption": [s["caption"] for s in samples],
-        "key": [s.get("key", "") for s in samples],
-        "skipped": merge_skips(samples),
-    }
-
-
 def _decode_prompt(sample: dict, counter, rng) -> dict:
     return {"caption": caption_of(sample), "key": sample.get("__key__", "")}
 
@@ -118,7 +110,7 @@ class PromptDataModule(StreamingDataModule):
         **kwargs,
     ):
         super().__init__(num_workers=num_workers, val_batches=val_batches, **kwargs)
-        self.shuffle, self.limit, self.collate = shuffle, limit, collate_prompts
+        self.shuffle, self.limit, self.collate = shuffle, limit, collate
         self.train = self._resolve(prompts)
         self.val = self._resolve(val_prompts) if val_prompts else None
 

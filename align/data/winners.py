@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from align.data.longcaption import collate_images
 from align.data.pickapic import decode_pair
+from align.data.pipeline import collate
 from align.data.shard_module import ShardSetDataModule
 from align.data.transforms import ImageTransform
 
@@ -49,7 +49,7 @@ class WinnersDataModule(ShardSetDataModule):
         **kwargs,
     ):
         super().__init__(train_shards, val_shards, **kwargs)
-        self.collate = collate_images
+        self.collate = collate
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
 

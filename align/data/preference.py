@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import random
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from align.data.images import decode_image, decode_json, read_pair_meta
 from align.data.pipeline import SkipSample, collate
 from align.data.schema import PAIR_IMAGE_KEYS
 from align.data.shard_module import ShardSetDataModule
-from align.data.synthetic import COLORS, SHAPES, _write_shards, jpeg_bytes
+from align.data.synthetic import COLORS, SHAPES, _write_shards, pair_sample
 from align.data.synthetic_long import render_scene, scene_caption, synthetic_scene
 from align.models.splitters import official_split
 from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
@@ -151,27 +150,7 @@ def synthetic_long_pair(
     scene = synthetic_scene(rng)
     caption = scene_caption(scene, rng)
     good, bad = render_scene(scene, size, rng), render_scene(_perturb(scene, rng), size, rng)
-    tie = rng.random() < tie_fraction
-    good_first = rng.random() < 0.5
-    label_0 = 0.5 if tie else (1.0 if good_first else 0.0)
-    first, second = (good, bad) if good_first else (bad, good)
-    meta = {
-        "caption": caption,
-        "label_0": label_0,
-        "label_1": 1.0 - label_0,
-        "image_0_uid": f"synth-long-{index:07d}-0",
-        "image_1_uid": f"synth-long-{index:07d}-1",
-        "model_0": "synthetic",
-        "model_1": "synthetic",
-        "ranking_id": index,
-        "user_id": index % 97,
-    }
-    return {
-        "__key__": f"{index:09d}",
-        "jpg_0.jpg": jpeg_bytes(first),
-        "jpg_1.jpg": jpeg_bytes(second),
-        "json": json.dumps(meta).encode(),
-    }
+    return pair_sample(index, caption, good, bad, rng, tie_fraction, "synth-long")
 
 
 def write_synthetic_long_pairs(

@@ -68,31 +68,34 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: float) -> dict:
-    """One pair sample in the Pick-a-Pic schema (winner position and ties drawn at random)."""
-    shape, color, background = (
-        rng.choice(SHAPES),
-        rng.choice(list(COLORS)),
-        rng.choice(list(BACKGROUNDS)),
-    )
-    good = render(shape, color, background, size, rng)
-    if rng.random() < 0.5:
-        bad = render(shape, rng.choice([c for c in COLORS if c != color]), background, size, rng)
-    else:
-        bad = render(rng.choice([s for s in SHAPES if s != shape]), color, background, size, rng)
-    bad = with_noise(bad, seed=index)
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _draw_kind(rng: random.Random) -> tuple[str, str, str]:
+    """A random (shape, colour, background), drawn in that order."""
+    return rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
+
+
+def _kind_caption(shape: str, color: str, background: str) -> str:
+    return f"{_article(color)} {color} {shape} on a {background} background"
+
+
+def pair_sample(
+    index: int, caption: str, good, bad, rng: random.Random, tie_fraction: float, uid: str
+) -> dict:
+    """A pair sample in the Pick-a-Pic schema: ``good`` preferred (a tie with probability
+    ``tie_fraction``), in a random position; image uids ``<uid>-<index>-0|1``."""
     tie = rng.random() < tie_fraction
     good_first = rng.random() < 0.5
     label_0 = 0.5 if tie else (1.0 if good_first else 0.0)
     first, second = (good, bad) if good_first else (bad, good)
     meta = {
-        "caption": (
-            f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape} on a {background} background"
-        ),
+        "caption": caption,
         "label_0": label_0,
         "label_1": 1.0 - label_0,
-        "image_0_uid": f"synth-{index:07d}-0",
-        "image_1_uid": f"synth-{index:07d}-1",
+        "image_0_uid": f"{uid}-{index:07d}-0",
+        "image_1_uid": f"{uid}-{index:07d}-1",
         "model_0": "synthetic",
         "model_1": "synthetic",
         "ranking_id": index,
@@ -104,6 +107,19 @@ def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: floa
         "jpg_1.jpg": jpeg_bytes(second),
         "json": json.dumps(meta).encode(),
     }
+
+
+def synthetic_pair(index: int, size: int, rng: random.Random, tie_fraction: float) -> dict:
+    """One pair sample in the Pick-a-Pic schema (winner position and ties drawn at random)."""
+    shape, color, background = _draw_kind(rng)
+    good = render(shape, color, background, size, rng)
+    if rng.random() < 0.5:
+        bad = render(shape, rng.choice([c for c in COLORS if c != color]), background, size, rng)
+    else:
+        bad = render(rng.choice([s for s in SHAPES if s != shape]), color, background, size, rng)
+    bad = with_noise(bad, seed=index)
+    caption = _kind_caption(shape, color, background)
+    return pair_sample(index, caption, good, bad, rng, tie_fraction, "synth")
 
 
 def _write_shards(out_dir, prefix: str, samples: int, shards: int, make, seed: int) -> list[Path]:
@@ -152,18 +168,13 @@ def write_synthetic_pickapic(
 def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: float) -> dict:
     """One single-image sample in the KTO schema: desirable when the image matches its caption
     (drawn cleanly); undesirable ones get the colour wrong and pixel noise."""
-    shape, color, background = (
-        rng.choice(SHAPES),
-        rng.choice(list(COLORS)),
-        rng.choice(list(BACKGROUNDS)),
-    )
+    shape, color, background = _draw_kind(rng)
     desirable = rng.random() < p_desirable
     drawn = color if desirable else rng.choice([c for c in COLORS if c != color])
     image = render(shape, drawn, background, size, rng)
     image = image if desirable else with_noise(image, seed=index)
-    article = "an" if color[0] in "aeiou" else "a"
     meta = {
-        "caption": f"{article} {color} {shape} on a {background} background",
+        "caption": _kind_caption(shape, color, background),
         "label": desirable,
         "image_uid": f"synth-single-{index:07d}",
         "wins": int(desirable),

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from align.data.synthetic import BACKGROUNDS, COLORS, SHAPES, _write_shards, draw_shape, jpeg_bytes
+from align.data.synthetic import BACKGROUNDS, COLORS, SHAPES, _article, _write_shards
+from align.data.synthetic import draw_shape, jpeg_bytes
 
 CELLS = [
     "top left corner",
@@ -31,10 +32,6 @@ CELLS = [
     "bottom right corner",
 ]
 SIZES = {"small": 0.22, "large": 0.40}  # radius as a fraction of a grid cell's side
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _relation(a: dict, b: dict) -> str:

@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +54,11 @@ import torch
 
 from align.data.images import decode_json, read_pair_meta
 from align.data.pipeline import SkipSample
-from align.data.schema import single_meta_problem
+from align.data.schema import CACHE_COMMAND, cache_settings, single_meta_problem
 from align.data.writer import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
 
-COMMAND = "cache-latents"
 SCHEMAS = ("pair", "single", "long")
 PAIR_MOMENTS = ("moments_0.npy", "moments_1.npy")
 PAIR_MOMENTS_FLIP = ("moments_0_flip.npy", "moments_1_flip.npy")
@@ -220,47 +218,25 @@ def decode_cached_single(
 # ---------------------------------------------------------------------------------- opening a cache
 
 
-@dataclass
-class CacheInfo:
-    """What ``align data cache-latents`` recorded for a cache folder
-    (``manifest.json``'s ``source.cache``)."""
-
-    folder: str
-    model: str
-    model_fingerprint: str
-    resolution: int
-    flip: bool
-    schema: str
-    store_dtype: str
-    complete: bool
-
-
-def read_cache_info(folder: str | os.PathLike) -> CacheInfo:
-    """The settings of the cache in ``folder``; ValueError naming the folder when it is not a
+def read_cache_info(folder: str | os.PathLike) -> dict:
+    """The settings of the cache in ``folder`` (its manifest's ``source.cache``) with its
+    ``folder`` and whether it is ``complete``; ValueError naming the folder when it is not a
     finished cache."""
     folder = Path(folder)
     manifest = load_manifest(folder)
-    cache = (manifest or {}).get("source", {}).get("cache") if isinstance(manifest, dict) else None
-    if manifest is None or manifest.get("command") != COMMAND or not isinstance(cache, dict):
+    cache = cache_settings(manifest)
+    if cache is None:
         raise ValueError(
-            f"{folder} is not a latent cache: no {MANIFEST} written by `align data {COMMAND}` "
-            f"there (make one with `align data {COMMAND} --model ... --shards ... --out {folder}`)"
+            f"{folder} is not a latent cache: no {MANIFEST} written by `align data "
+            f"{CACHE_COMMAND}` there (make one with `align data {CACHE_COMMAND} --model ... "
+            f"--shards ... --out {folder}`)"
         )
     if not (folder / UNCOND).is_file():
         raise ValueError(
             f"{folder}: {UNCOND} is missing (the cache run did not finish: rerun the same "
-            f"`align data {COMMAND}` command to resume it)"
+            f"`align data {CACHE_COMMAND}` command to resume it)"
         )
-    return CacheInfo(
-        folder=str(folder),
-        model=cache["model"],
-        model_fingerprint=cache["model_fingerprint"],
-        resolution=int(cache["resolution"]),
-        flip=bool(cache["flip"]),
-        schema=cache["schema"],
-        store_dtype=cache["store_dtype"],
-        complete=bool(manifest.get("complete")),
-    )
+    return {**cache, "folder": str(folder), "complete": bool(manifest.get("complete"))}
 
 
 class CachedShards:
@@ -293,44 +269,46 @@ class CachedShards:
         )
         self.infos = [read_cache_info(folder) for folder in folders]
         for info in self.infos:
-            if info.schema not in schemas:
+            folder, schema, res = info["folder"], info["schema"], info["resolution"]
+            if schema not in schemas:
                 raise ValueError(
-                    f"{info.folder} caches {info.schema} shards; this data module reads "
+                    f"{folder} caches {schema} shards; this data module reads "
                     f"{' or '.join(schemas)} shards"
                 )
-            if info.resolution != resolution:
+            if res != resolution:
                 raise ValueError(
-                    f"{info.folder} was cached at {info.resolution} px but resolution is "
-                    f"{resolution}: set resolution: {info.resolution} or re-cache with "
-                    f"--resolution {resolution}"
+                    f"{folder} was cached at {res} px but resolution is {resolution}: set "
+                    f"resolution: {res} or re-cache with --resolution {resolution}"
                 )
-            if flip_prob > 0 and not info.flip:
+            if flip_prob > 0 and not info["flip"]:
                 raise ValueError(
-                    f"{info.folder} has no flipped latents (cached without --flip) but flip_prob "
+                    f"{folder} has no flipped latents (cached without --flip) but flip_prob "
                     f"is {flip_prob}: set flip_prob: 0.0 or re-cache with --flip"
                 )
-            if not info.complete:
+            if not info["complete"]:
                 log.warning(
                     "latent cache %s is incomplete (its run was interrupted): training "
                     "reads what is there",
-                    info.folder,
+                    folder,
                 )
-        prints = {info.model_fingerprint for info in self.infos}
-        if len(prints) > 1:
+        first = self.infos[0]
+        if any(i["model_fingerprint"] != first["model_fingerprint"] for i in self.infos):
             raise ValueError(
                 "these caches were made with different models: "
-                + ", ".join(f"{i.folder} ({i.model}, {i.model_fingerprint})" for i in self.infos)
+                + ", ".join(
+                    f"{i['folder']} ({i['model']}, {i['model_fingerprint']})" for i in self.infos
+                )
             )
         if crop != "center":
             log.info("latent cache: crop=%r ignored, cached latents hold the center crop", crop)
-        first = Path(self.infos[0].folder)
+        folder = Path(first["folder"])
         self.extras = {
-            "uncond_embeds": npy_tensor((first / UNCOND).read_bytes()),
-            "cache_fingerprint": self.infos[0].model_fingerprint,
-            "cache_model": self.infos[0].model,  # named when the module refuses the cache
+            "uncond_embeds": npy_tensor((folder / UNCOND).read_bytes()),
+            "cache_fingerprint": first["model_fingerprint"],
+            "cache_model": first["model"],  # named when the module refuses the cache
         }
-        if (first / UNCOND_POOLED).is_file():
-            self.extras["uncond_pooled"] = npy_tensor((first / UNCOND_POOLED).read_bytes())
+        if (folder / UNCOND_POOLED).is_file():
+            self.extras["uncond_pooled"] = npy_tensor((folder / UNCOND_POOLED).read_bytes())
 
     def pair_decoder(self, flip_prob: float, drop_ties: bool, joint_augment: bool):
         return lambda sample, counter, rng: decode_cached_pair(

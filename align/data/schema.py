@@ -32,6 +32,8 @@ SINGLE_REQUIRED_META = ("caption", "label", "image_uid")
 
 LONG_CAPTION_KEYS = ("jpg", "txt")
 
+CACHE_COMMAND = "cache-latents"  # the manifest ``command`` of a latent cache (align.data.cached)
+
 
 def pair_meta_problem(meta: object) -> str | None:
     """Why a pair sample's json is unusable (a short reason used as a skip counter name),
@@ -67,3 +69,13 @@ def single_meta_problem(meta: object) -> str | None:
     if not isinstance(meta["caption"], str):
         return "caption_not_string"
     return None
+
+
+def cache_settings(manifest: object) -> dict | None:
+    """A latent cache's settings (the ``source.cache`` of a manifest written by ``align data
+    cache-latents``); None for any other manifest."""
+    if not isinstance(manifest, dict) or manifest.get("command") != CACHE_COMMAND:
+        return None
+    source = manifest.get("source")
+    cache = source.get("cache") if isinstance(source, dict) else None
+    return cache if isinstance(cache, dict) else None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align.data.schema import pair_meta_problem, single_meta_problem
+from align.data.schema import cache_settings, pair_meta_problem, single_meta_problem
 from align.data.writer import MANIFEST
 
 # the per-sample ``cache`` settings that must agree with the manifest's ``source.cache``
@@ -45,17 +45,6 @@ def parse_json(data: bytes | None) -> tuple[object, str | None]:
         return json.loads(data), None
     except (TypeError, ValueError) as exn:
         return None, f"{type(exn).__name__}: {exn}"
-
-
-def cache_settings(manifest: dict | None) -> dict | None:
-    """A ``cache-latents`` manifest's ``source.cache``; None for any other manifest."""
-    source = (manifest or {}).get("source")
-    cache = source.get("cache") if isinstance(source, dict) else None
-    if not isinstance(cache, dict):
-        return None
-    from align.data.cached import COMMAND
-
-    return cache if manifest.get("command") == COMMAND else None
 
 
 def detect_cached(fields: set[str]) -> bool:

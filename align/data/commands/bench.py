@@ -143,7 +143,7 @@ def make_cache(out: Path, shape: str, pairs: int, flip: bool, seed: int = 0) -> 
     ]
     write_shards(
         out,
-        command=C.COMMAND,
+        command=C.CACHE_COMMAND,
         prefix="cache",
         source={"inputs": [], "cache": settings},
         units=units,

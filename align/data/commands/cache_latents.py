@@ -38,7 +38,6 @@ import torch
 
 from align.commands import doc_summary
 from align.data.cached import (
-    COMMAND,
     EMBEDS,
     PAIR_MOMENTS,
     PAIR_MOMENTS_FLIP,
@@ -56,7 +55,7 @@ from align.data.commands.verify import detect_schema
 from align.data.convert_helpers import add_writer_args, fail
 from align.data.images import decode_caption, decode_image, decode_json
 from align.data.pipeline import SkipSample
-from align.data.schema import PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY
+from align.data.schema import CACHE_COMMAND, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, cache_settings
 from align.data.tars import READ_ERRORS, expand_shard_paths, iter_tar_groups, iter_tar_samples
 from align.data.transforms import ImageTransform
 from align.data.writer import Skip, Unit, file_identity, load_manifest, run_command, write_shards
@@ -233,8 +232,8 @@ def refused_settings(out: Path, settings: dict) -> str | None:
     manifest = load_manifest(out) if out.is_dir() else None
     if manifest is None:
         return None
-    old = (manifest.get("source") or {}).get("cache")
-    if manifest.get("command") != COMMAND or not isinstance(old, dict):
+    old = cache_settings(manifest)
+    if old is None:
         return (
             f"{out} holds shards written by `align data {manifest.get('command')}`, "
             "not a latent cache"
@@ -261,7 +260,7 @@ def _write_npy(path: Path, array) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog=f"align data {COMMAND}",
+        prog=f"align data {CACHE_COMMAND}",
         description=doc_summary(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -338,8 +337,8 @@ def main(argv: list[str]) -> int:
     _ENCODER = Encoder(components, settings, device, args.batch_size)
     if not args.no_progress:
         print(
-            f"{COMMAND}: {args.model} ({settings['model_fingerprint']}) on {device} ({dtype}), "
-            f"{settings['resolution']} px, {schema} shards, loaded in "
+            f"{CACHE_COMMAND}: {args.model} ({settings['model_fingerprint']}) on {device} "
+            f"({dtype}), {settings['resolution']} px, {schema} shards, loaded in "
             f"{time.time() - started:.1f} s",
             file=sys.stderr,
         )
@@ -353,7 +352,7 @@ def main(argv: list[str]) -> int:
     def write():
         summary = write_shards(
             out,
-            command=COMMAND,
+            command=CACHE_COMMAND,
             prefix=args.prefix,
             source=source,
             units=units,

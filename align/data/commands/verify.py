@@ -29,7 +29,6 @@ from pathlib import Path
 from align.data.commands._verify_cache import (
     META_PROBLEM,
     CachedShardCheck,
-    cache_settings,
     detect_cached,
     parse_json,
 )
@@ -43,7 +42,7 @@ from align.data.remote import (
     manifest_location,
     open_remote,
 )
-from align.data.schema import LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY
+from align.data.schema import LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, cache_settings
 from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
 from align.data.writer import MANIFEST
 

@@ -63,23 +63,30 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (key or name), (ext or "")
 
 
+def _grouped(tar: tarfile.TarFile, value: Callable) -> Iterator[tuple[str, dict]]:
+    """(key, {field: value(member, field)}) for each run of consecutive members sharing a key (a
+    new sample also starts when a field repeats), as webdataset groups them. ``value`` runs as each
+    member goes by: a streamed tar cannot go back to it."""
+    key, group = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        member_key, ext = split_member_name(member.name)
+        if member_key != key or ext in group:
+            if key is not None:
+                yield key, group
+            key, group = member_key, {}
+        group[ext] = value(member, ext)
+    if key is not None:
+        yield key, group
+
+
 def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """Yield (key, {field: TarInfo}, open tar) for each run of consecutive members sharing a key (a
-    new sample also starts when a field repeats), like webdataset's grouping; read a member with
+    """Yield (key, {field: TarInfo}, open tar) per sample (``_grouped``); read a member with
     ``tar.extractfile(info)`` (random access: only the members read are read). A damaged tar raises
     ``tarfile.TarError`` / ``OSError`` / ``EOFError`` where the damage is."""
     with tarfile.open(path, "r:*") as tar:
-        key, group = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key or ext in group:
-                if key is not None:
-                    yield key, group, tar
-                key, group = member_key, {}
-            group[ext] = member
-        if key is not None:
+        for key, group in _grouped(tar, lambda member, field: member):
             yield key, group, tar
 
 
@@ -100,15 +107,20 @@ def iter_tar_samples(
     read. ``source``: a local path, a remote shard URL (``align.data.remote``) or an open binary
     stream; the last two are read once, front to back. A stream that breaks off raises where it
     does, as a damaged file would (``READ_ERRORS``)."""
+
+    def samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+        wanted = fields or (lambda field: True)
+        return _grouped(tar, lambda m, field: read_member(tar, m) if wanted(field) else None)
+
     if isinstance(source, (str, os.PathLike)) and not is_remote(str(source)):
         with tarfile.open(source, "r:*") as tar:
-            yield from _tar_samples(tar, fields)
+            yield from samples(tar)
         return
     stream = open_remote(str(source)) if isinstance(source, str) else source
     finished = False
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            yield from _tar_samples(tar, fields)
+            yield from samples(tar)
         finished = True
     finally:
         if stream is not source and finished:
@@ -116,23 +128,6 @@ def iter_tar_samples(
         elif stream is not source:  # stopped early or broke: the read error says what happened
             with suppress(OSError):
                 stream.close()
-
-
-def _tar_samples(
-    tar: tarfile.TarFile, fields: Callable[[str], bool] | None
-) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    key, sample = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        member_key, ext = split_member_name(member.name)
-        if member_key != key or ext in sample:
-            if key is not None:
-                yield key, sample
-            key, sample = member_key, {}
-        sample[ext] = read_member(tar, member) if fields is None or fields(ext) else None
-    if key is not None:
-        yield key, sample
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

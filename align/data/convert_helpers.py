@@ -90,6 +90,19 @@ def long_caption_sample(
     return sample
 
 
+def convert_image_rows(payload: tuple, need):
+    """Writer converter: a chunk of ``(image file under the folder, caption or None, json meta,
+    sample key or None)`` rows as long-caption samples (payload: the folder, the rows, ``opts``)."""
+    images, rows, opts = payload
+    for j, (file, caption, meta, key) in enumerate(rows):
+        if not need(j):
+            yield None
+            continue
+        path = Path(images) / file
+        image = path.read_bytes() if caption and path.is_file() else None
+        yield long_caption_sample(image, caption, meta, opts, key=key)
+
+
 def chunk_units(
     rows: list, shard_size: int, name: str, payload: Callable[[list], Any]
 ) -> list[Unit]:

@@ -24,9 +24,9 @@ from align.data.convert_helpers import (
     add_writer_args,
     chunk_units,
     command_parser,
+    convert_image_rows,
     fail,
     image_options,
-    long_caption_sample,
     write_from_args,
 )
 from align.data.writer import file_identity
@@ -46,25 +46,8 @@ def combine(captions: list[str], mode: str) -> str | None:
     return " ".join(captions)
 
 
-def convert_images(payload: tuple, need):
-    """Writer converter: a chunk of (image id, file name, caption or None)."""
-    images, rows, opts = payload
-    for j, (image_id, file_name, caption) in enumerate(rows):
-        if not need(j):
-            yield None
-            continue
-        path = Path(images) / file_name
-        image = path.read_bytes() if caption and path.is_file() else None
-        yield long_caption_sample(
-            image,
-            caption,
-            {"source": "coco", "image_id": image_id, "file_name": file_name},
-            opts,
-            key=f"coco_{image_id}",
-        )
-
-
 def load_rows(caption_files: list[str], mode: str) -> list[tuple]:
+    """``convert_image_rows`` rows: every image of the jsons, by id, with its combined caption."""
     files: dict[int, str] = {}
     captions: dict[int, list[tuple[int, str]]] = {}
     for path in caption_files:
@@ -77,7 +60,9 @@ def load_rows(caption_files: list[str], mode: str) -> list[tuple]:
     rows = []
     for image_id in sorted(files):
         ordered = sorted(captions.get(image_id, []), key=lambda annotation: annotation[0])
-        rows.append((image_id, files[image_id], combine([c for _, c in ordered], mode)))
+        caption = combine([c for _, c in ordered], mode)
+        meta = {"source": "coco", "image_id": image_id, "file_name": files[image_id]}
+        rows.append((files[image_id], caption, meta, f"coco_{image_id}"))
     return rows
 
 
@@ -103,4 +88,4 @@ def main(argv: list[str]) -> int:
         "caption_mode": args.caption_mode,
         "options": opts,
     }
-    return write_from_args(args, "coco", source=source, units=units, convert=convert_images)
+    return write_from_args(args, "coco", source=source, units=units, convert=convert_image_rows)

@@ -22,27 +22,15 @@ from align.data.convert_helpers import (
     add_writer_args,
     chunk_units,
     command_parser,
+    convert_image_rows,
     dotted,
     fail,
     image_options,
     iter_jsonl,
-    long_caption_sample,
     norm_relpath,
     write_from_args,
 )
 from align.data.writer import file_identity
-
-
-def convert_files(payload: tuple, need):
-    """Writer converter: a chunk of (relative path, caption or None)."""
-    images, rows, opts = payload
-    for j, (rel, caption) in enumerate(rows):
-        if not need(j):
-            yield None
-            continue
-        path = Path(images) / rel
-        image = path.read_bytes() if caption and path.is_file() else None
-        yield long_caption_sample(image, caption, {"source": "folder", "file": rel}, opts)
 
 
 def main(argv: list[str]) -> int:
@@ -75,7 +63,10 @@ def main(argv: list[str]) -> int:
                 pre_skipped["duplicate_caption"] += 1
             else:
                 captions[norm_relpath(name)] = text
-    rows = [(rel, captions.get(rel)) for rel in sorted(files | set(captions))]
+    rows = [
+        (rel, captions.get(rel), {"source": "folder", "file": rel}, None)
+        for rel in sorted(files | set(captions))
+    ]
     opts = image_options(args)
     units = chunk_units(rows, args.shard_size, "folder", lambda chunk: (str(root), chunk, opts))
     listing = hashlib.sha256("\n".join(sorted(files)).encode("utf-8")).hexdigest()
@@ -91,6 +82,6 @@ def main(argv: list[str]) -> int:
         "folder",
         source=source,
         units=units,
-        convert=convert_files,
+        convert=convert_image_rows,
         pre_skipped=pre_skipped,
     )

@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from align.data.pipeline import SKIPPED, SkipSample
+from align.data.pipeline import SKIPPED, SkipCounter, SkipSample
 from align.data.remote import MANIFEST, describe, is_remote, manifest_location, manifest_sizes
 from align.data.tars import READ_ERRORS, iter_tar_groups, iter_tar_samples
 
@@ -268,7 +268,6 @@ class EpochStream(torch.utils.data.IterableDataset):
         seed: int,
         shuffle: bool,
         shuffle_buffer: int,
-        counter_factory: Callable,
         batches_per_epoch: int | None = None,
         multiple_of: int = 1,
         segment_samples: Callable | None = None,
@@ -282,7 +281,7 @@ class EpochStream(torch.utils.data.IterableDataset):
             shuffle,
             shuffle_buffer,
         )
-        self.counter_factory, self.custom_segment = counter_factory, segment_samples
+        self.custom_segment = segment_samples
         self.rank, self.world, _, _ = wds.utils.pytorch_worker_info()  # of the process that plans
         self.workers = 1  # set by EpochLoader from its num_workers
         self._batches_per_epoch, self.multiple_of = batches_per_epoch, multiple_of
@@ -427,7 +426,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         role = first % self.workers
         count = len(range(first, (epoch + 1) * length, self.workers))
         per_segment = self.segment_batches
-        counter = self.counter_factory()
+        counter = SkipCounter()
         segment, index = divmod(first, per_segment)
         skip = index // self.workers  # batches of this role already consumed in that segment
         while count > 0:
@@ -450,8 +449,7 @@ class MixedSegments:
     def __call__(self, segment: int, rank: int, role: int, counter) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/mix")
         streams = [
-            source.forever(f"{segment}", rank, role, source.counter_factory())
-            for source in self.sources
+            source.forever(f"{segment}", rank, role, SkipCounter()) for source in self.sources
         ]
         while True:
             yield next(streams[rng.choices(range(len(streams)), weights=self.weights)[0]])

@@ -93,10 +93,9 @@ class KTODataModule(StreamingDataModule):
             undesirable_shards if undesirable_shards is not None else shards
         )
         self.val_urls = expand_shards(val_shards) if val_shards else None
-        self.desirable_sizes, self.undesirable_sizes = (
-            shard_sizes(self.desirable_urls),
-            shard_sizes(self.undesirable_urls),
-        )
+        # both classes' shards, each counted once (the same shards when ``shards`` holds both)
+        self.train_urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
+        self.sizes = dict(zip(self.train_urls, shard_sizes(self.train_urls)))
         self.val_sizes = shard_sizes(self.val_urls) if self.val_urls else None
         self.train_transform = ImageTransform(resolution, crop=crop, flip_prob=flip_prob)
         self.val_transform = ImageTransform(resolution, crop="center", flip_prob=0.0)
@@ -117,8 +116,7 @@ class KTODataModule(StreamingDataModule):
         return lambda sample, counter, rng: decode_single(sample, transform, want, rng)
 
     def train_samples(self) -> tuple[int, bool]:
-        urls = dict.fromkeys(self.desirable_urls + self.undesirable_urls)
-        return sum(shard_sizes(list(urls))), True
+        return sum(self.sizes.values()), True
 
     def stream(self, train: bool) -> EpochStream | None:
         if not train:
@@ -127,14 +125,10 @@ class KTODataModule(StreamingDataModule):
             return self.epoch_stream(
                 self.val_urls, self.val_sizes, self._decoder(self.val_transform), train
             )
-        classes = [
-            (self.desirable_urls, self.desirable_sizes, True),
-            (self.undesirable_urls, self.undesirable_sizes, False),
-        ]
+        classes = [(self.desirable_urls, True), (self.undesirable_urls, False)]
         parts = [
-            (i, urls, sizes, self._decoder(self.train_transform, want))
-            for i, (urls, sizes, want) in enumerate(classes)
+            (i, urls, [self.sizes[u] for u in urls], self._decoder(self.train_transform, want))
+            for i, (urls, want) in enumerate(classes)
         ]
-        urls = list(dict.fromkeys(self.desirable_urls + self.undesirable_urls))
         weights = [self.p_desirable, 1.0 - self.p_desirable]
-        return self.mixed_stream(urls, shard_sizes(urls), parts, weights, train)
+        return self.mixed_stream(self.train_urls, list(self.sizes.values()), parts, weights, train)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 
 from align.data.epochs import EpochLoader, EpochStream, MixedSegments, epoch_batches, shard_sizes
-from align.data.pipeline import SkipCounter, expand_shards
+from align.data.pipeline import expand_shards
 
 
 class StreamingDataModule(L.LightningDataModule):
@@ -90,7 +90,6 @@ class StreamingDataModule(L.LightningDataModule):
             seed=self.seed,
             shuffle=shuffle,
             shuffle_buffer=self.shuffle_buffer if shuffle else 0,
-            counter_factory=SkipCounter,
             batches_per_epoch=self.batches_per_epoch if train else self.val_batches,
             multiple_of=self.accumulation() if train else 1,
         )

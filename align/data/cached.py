@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.data.images import decode_json, read_pair_meta
+from align.data.images import decode_caption, decode_json, read_pair_meta, read_single_meta
 from align.data.pipeline import SkipSample
-from align.data.schema import CACHE_COMMAND, cache_settings, single_meta_problem
+from align.data.schema import CACHE_COMMAND, cache_settings
 from align.data.writer import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
@@ -185,20 +185,12 @@ def decode_cached_single(
     their ``txt``; ``source`` (a long-caption source's name) rides along when given."""
     meta = _meta(sample)
     if "txt" in sample:  # long-caption schema: the caption is the txt member
-        try:
-            caption = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise SkipSample("bad_caption") from None
-        desirable = None
+        caption, desirable = decode_caption(sample["txt"]), None
     else:
-        problem = single_meta_problem(meta)
-        if problem:
-            raise SkipSample(problem)
-        if want is not None and meta["label"] is not want:
+        read = read_single_meta(meta, want)
+        if read is None:
             return None
-        caption, desirable = meta["caption"].strip(), bool(meta["label"])
-    if not caption:
-        raise SkipSample("empty_caption")
+        caption, desirable = read
     cache = meta["cache"]
     flip = rng.random() < flip_prob
     out = {

@@ -9,7 +9,7 @@ import json
 from PIL import Image
 
 from align.data.pipeline import SkipSample
-from align.data.schema import pair_meta_problem
+from align.data.schema import pair_meta_problem, single_meta_problem
 
 
 def decode_image(sample: dict, key: str) -> Image.Image:
@@ -65,6 +65,21 @@ def read_pair_meta(meta: object, drop_ties: bool) -> tuple[str, float]:
     if label_0 == 0.5 and drop_ties:
         raise SkipSample("tie")
     return caption, label_0
+
+
+def read_single_meta(meta: object, want: bool | None = None) -> tuple[str, bool] | None:
+    """(caption, label) of a single image's parsed json; None when its label is not ``want`` (the
+    other class's stream); SkipSample for an unusable one. Shared by the image and the latent-cache
+    decoders, so both skip exactly the same samples."""
+    problem = single_meta_problem(meta)
+    if problem:
+        raise SkipSample(problem)
+    if want is not None and meta["label"] is not want:
+        return None
+    caption = meta["caption"].strip()
+    if not caption:
+        raise SkipSample("empty_caption")
+    return caption, meta["label"]
 
 
 def load_image(path) -> tuple[Image.Image | None, str | None]:

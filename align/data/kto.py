@@ -18,9 +18,9 @@ import torch
 
 from align.data.epochs import EpochStream, shard_sizes
 from align.data.cached import CachedShards
-from align.data.images import decode_image, decode_json
-from align.data.pipeline import SkipSample, collate, expand_shards
-from align.data.schema import SINGLE_IMAGE_KEY, single_meta_problem
+from align.data.images import decode_image, decode_json, read_single_meta
+from align.data.pipeline import collate, expand_shards
+from align.data.schema import SINGLE_IMAGE_KEY
 from align.data.shard_module import StreamingDataModule
 from align.data.transforms import ImageTransform
 
@@ -29,22 +29,17 @@ def decode_single(
     sample: dict, transform: ImageTransform, want: bool | None = None, rng: random.Random = random
 ) -> dict | None:
     """One raw single-image sample -> tensors; None when it belongs to the other class's stream."""
-    meta = decode_json(sample)
-    problem = single_meta_problem(meta)
-    if problem:
-        raise SkipSample(problem)
-    if want is not None and meta["label"] is not want:
+    read = read_single_meta(decode_json(sample), want)
+    if read is None:
         return None
-    caption = meta["caption"].strip()
-    if not caption:
-        raise SkipSample("empty_caption")
+    caption, desirable = read
     out = transform(decode_image(sample, SINGLE_IMAGE_KEY), rng)
     return {
         "pixel_values": out.pixels,
         "original_size": torch.tensor(out.original_size),
         "crop_top_left": torch.tensor(out.crop_top_left),
         "caption": caption,
-        "desirable": bool(meta["label"]),
+        "desirable": desirable,
         "key": sample.get("__key__", ""),
     }
 

@@ -130,6 +130,28 @@ def iter_tar_samples(
                 stream.close()
 
 
+class HashingStream:
+    """A binary stream whose bytes read or written through it are hashed (``sha256``) and counted
+    (``size``): a shard's checksum in the one pass that writes or streams it."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.sha256, self.size = stream, hashlib.sha256(), 0
+
+    def _seen(self, data: bytes) -> bytes:
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        return self._seen(self.stream.read(size))
+
+    def write(self, data: bytes) -> int:
+        return self.stream.write(self._seen(data))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from align.data.tars import READ_ERRORS, sha256_file
+from align.data.tars import READ_ERRORS, HashingStream, sha256_file
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -176,23 +176,6 @@ def fingerprint(obj: Any) -> str:
 # ------------------------------------------------------------------------------------------ writing
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes and counts what goes through it."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 class _ShardOut:
     def __init__(self, out_dir: Path, name: str):
         import webdataset as wds
@@ -200,7 +183,7 @@ class _ShardOut:
         self.path = out_dir / name
         self.tmp = out_dir / f"{name}.tmp-{os.getpid()}"
         self.handle = open(self.tmp, "wb")
-        self.hashing = _HashingFile(self.handle)
+        self.hashing = HashingStream(self.handle)
         self.tar = wds.TarWriter(self.hashing, mtime=0, user="", group="", mode=0o444, encoder=True)
 
     def write(self, sample: dict) -> None:
@@ -212,7 +195,7 @@ class _ShardOut:
         os.fsync(self.handle.fileno())
         self.handle.close()
         os.replace(self.tmp, self.path)
-        return self.hashing.size, self.hashing.digest.hexdigest()
+        return self.hashing.size, self.hashing.sha256.hexdigest()
 
     def abandon(self) -> None:
         try:

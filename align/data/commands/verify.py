@@ -17,13 +17,13 @@ Latent caches (``align data cache-latents``) are ``cached`` shards, checked by
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
 import sys
 import tarfile
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 from align.data.commands._verify_cache import (
@@ -43,7 +43,7 @@ from align.data.remote import (
     open_remote,
 )
 from align.data.schema import LONG_CAPTION_KEYS, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, cache_settings
-from align.data.tars import expand_shard_paths, iter_tar_samples, sha256_file
+from align.data.tars import HashingStream, expand_shard_paths, iter_tar_samples, sha256_file
 from align.data.writer import MANIFEST
 
 CACHED = "cached"  # shards of a latent cache (align.data.cached)
@@ -138,33 +138,16 @@ def _manifest_record(shard: str) -> tuple[dict | None, dict | None]:
     return manifest, record if isinstance(record, dict) else None
 
 
-class HashingReader:
-    """A remote shard's stream that hashes what is read through it: its sha256 in the one pass."""
-
-    def __init__(self, url: str):
-        self.stream, self.sha256 = open_remote(url), hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.sha256.update(data)
-        return data
-
-    def finish(self) -> str | None:
-        """The sha256 of the whole stream (what the tar reader left unread included); None when
-        the stream breaks off."""
-        try:
-            while self.read(1 << 20):
-                pass
-            self.stream.close()  # raises when the download failed
-        except OSError:
-            return None
-        return self.sha256.hexdigest()
-
-    def close(self) -> None:
-        try:
-            self.stream.close()
-        except OSError:  # a broken stream: already reported as corrupt_tar
+def _stream_sha256(remote: HashingStream) -> str | None:
+    """The sha256 of a remote shard's whole stream (what the tar reader left unread included);
+    None when the stream breaks off."""
+    try:
+        while remote.read(1 << 20):
             pass
+        remote.stream.close()  # raises when the download failed
+    except OSError:
+        return None
+    return remote.sha256.hexdigest()
 
 
 def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
@@ -185,7 +168,7 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
 
     seen: set[str] = set()
     manifest, record = _manifest_record(path)
-    remote = HashingReader(path) if is_remote(path) else None
+    remote = HashingStream(open_remote(path)) if is_remote(path) else None
     intact = True
     cached: CachedShardCheck | None = None
     try:
@@ -216,8 +199,9 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
         note("-", "corrupt_tar", f"after {report['samples']} samples: {type(exn).__name__}: {exn}")
         intact = False
     if remote is not None:
-        digest = remote.finish() if intact and record is not None else None
-        remote.close()
+        digest = _stream_sha256(remote) if intact and record is not None else None
+        with suppress(OSError):  # a broken stream: already reported as corrupt_tar
+            remote.stream.close()
     else:
         digest = sha256_file(path) if record is not None else None
     if record is not None:

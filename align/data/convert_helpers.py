@@ -159,6 +159,21 @@ def fail(message: str, prog: str | None = None) -> int:
     return 2
 
 
+def out_dir_command(argv: list[str], command: str, write: Callable) -> int:
+    """``align data <command> OUT_DIR`` (else its usage, exit status 2): ``write(OUT_DIR)``, then
+    the path it returns, or one ``<name> <path>`` line per entry of the dict it returns."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(f"usage: align data {command} OUT_DIR", file=sys.stderr)
+        return 2
+    written = write(argv[0])
+    if isinstance(written, dict):
+        for name, path in written.items():
+            print(f"{name:<12} {path}")
+    else:
+        print(f"{command.replace('-', ' ')}: {written}")
+    return 0
+
+
 def map_in_processes(function: Callable, items: list, workers: int) -> Iterable:
     """``map(function, items)``, in up to ``workers`` processes (which die with this one) when
     there are several items."""

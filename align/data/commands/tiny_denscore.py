@@ -5,14 +5,10 @@ align data tiny-denscore data/synthetic/tiny-denscore
 
 from __future__ import annotations
 
-import sys
+from align.data.convert_helpers import out_dir_command
 
 
 def main(argv: list[str]) -> int:
     from align.rewards.denscore import write_tiny_denscore
 
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: align data tiny-denscore OUT_DIR", file=sys.stderr)
-        return 2
-    print(f"tiny denscore: {write_tiny_denscore(argv[0])}")
-    return 0
+    return out_dir_command(argv, "tiny-denscore", write_tiny_denscore)

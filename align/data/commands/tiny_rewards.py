@@ -5,15 +5,10 @@ align data tiny-rewards artifacts/tiny-rewards      # what `make eval` scores wi
 
 from __future__ import annotations
 
-import sys
+from align.data.convert_helpers import out_dir_command
 
 
 def main(argv: list[str]) -> int:
     from align.rewards.tiny import write_tiny_rewards
 
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: align data tiny-rewards OUT_DIR", file=sys.stderr)
-        return 2
-    for name, path in write_tiny_rewards(argv[0]).items():
-        print(f"{name:<12} {path}")
-    return 0
+    return out_dir_command(argv, "tiny-rewards", write_tiny_rewards)

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from align.commands import doc_summary
 from align.data.writer import Skip, Unit, die_with_parent, run_command, write_shards
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -195,8 +196,9 @@ def map_in_processes(function: Callable, items: list, workers: int) -> Iterable:
 
 def command_parser(command: str, doc: str, **kwargs) -> argparse.ArgumentParser:
     """The parser of ``align data <command>``, described by the first paragraph of ``doc``."""
-    description = doc.split("\n\n")[0]
-    return argparse.ArgumentParser(prog=f"align data {command}", description=description, **kwargs)
+    return argparse.ArgumentParser(
+        prog=f"align data {command}", description=doc_summary(doc), **kwargs
+    )
 
 
 def add_image_args(parser, max_side: int = 0, shorter_side: int = 0) -> None:

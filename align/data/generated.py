@@ -227,7 +227,6 @@ def write_planned(
     shard_size: int = 1000,
     workers: int = 1,
     progress: bool = True,
-    command: str = "generate-pairs",
 ) -> Summary:
     """Write planned ``pairs`` or ``singles`` (``context``: paths, prompts, model name) as shards
     of their schema into ``folder`` (resumable; another source is refused)."""
@@ -235,7 +234,7 @@ def write_planned(
     units = chunk_units(rows, shard_size, kind, lambda chunk: (*context, chunk))
     return write_shards(
         folder,
-        command=f"{command} {kind}",
+        command=f"generate-pairs {kind}",
         prefix=kind,
         source={**source, "rows": len(rows)},
         units=units,

@@ -25,7 +25,6 @@ setting, dtype or from other inputs is refused without touching it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -36,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.commands import doc_summary
 from align.data.cached import (
     EMBEDS,
     PAIR_MOMENTS,
@@ -52,7 +50,7 @@ from align.data.cached import (
 )
 from align.data.commands._verify_cache import CACHE_SETTINGS, META_PROBLEM
 from align.data.commands.verify import detect_schema
-from align.data.convert_helpers import add_writer_args, fail
+from align.data.convert_helpers import add_writer_args, command_parser, fail
 from align.data.images import decode_caption, decode_image, decode_json
 from align.data.pipeline import SkipSample
 from align.data.schema import CACHE_COMMAND, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, cache_settings
@@ -89,12 +87,8 @@ class Encoder:
         self.transform = ImageTransform(settings["resolution"], crop="center", flip_prob=0.0)
         self.flip = settings["flip"]
         self.store = STORE_DTYPES[settings["store_dtype"]]
-        self.autocast_dtype = {"bf16": torch.bfloat16}.get(settings["dtype"])
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        dtype = {"bf16": torch.bfloat16}.get(settings["dtype"])
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
     def moments(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
@@ -103,7 +97,7 @@ class Encoder:
             chunk = torch.stack(pixels[start : start + self.batch_size]).to(
                 self.device, self.vae.dtype
             )
-            with self._autocast():
+            with self.autocast:
                 params = self.vae.encode(chunk).latent_dist.parameters
             out.extend(params.float().cpu().numpy().astype(self.store))
         return out
@@ -112,7 +106,7 @@ class Encoder:
     def prompts(self, captions: list[str]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         embeds, pooled = [], []
         for start in range(0, len(captions), self.batch_size):
-            with self._autocast():
+            with self.autocast:
                 cond = self.prompt_encoder(captions[start : start + self.batch_size])
             embeds.extend(cond.embeds.float().cpu().numpy().astype(self.store))
             if cond.pooled is not None:
@@ -259,10 +253,8 @@ def _write_npy(path: Path, array) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"align data {CACHE_COMMAND}",
-        description=doc_summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        CACHE_COMMAND, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--model", required=True, help="local diffusers folder, hub id, or preset (tiny, ...)")

@@ -26,8 +26,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from align.commands import doc_summary
-from align.data.convert_helpers import fail
+from align.data.convert_helpers import command_parser, fail
 from align.data.schema import PAIR_IMAGE_KEYS, pair_meta_problem
 from align.data.tars import iter_tar_groups, read_member
 
@@ -130,7 +129,7 @@ def relabel_shard(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align data relabel", description=doc_summary(__doc__))
+    p = command_parser("relabel", __doc__)
     p.add_argument(
         "--reward", required=True, help="reward name (pickscore, hps, clip, aesthetic, imagereward)"
     )

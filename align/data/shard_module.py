@@ -99,17 +99,9 @@ class StreamingDataModule(L.LightningDataModule):
         """A stream over ``urls`` whose every sample comes from part ``i`` with probability
         ``weights[i] / sum(weights)`` (``MixedSegments``). ``parts``: ``(offset, urls, sizes,
         decode)``, each streamed alone, one sample at a time, seeded ``seed + offset``."""
+        alone = dict(batch_size=1, batches_per_epoch=None, multiple_of=1)
         sources = [
-            self.epoch_stream(
-                part_urls,
-                part_sizes,
-                decode,
-                train,
-                batch_size=1,
-                seed=self.seed + i,
-                batches_per_epoch=None,
-                multiple_of=1,
-            )
+            self.epoch_stream(part_urls, part_sizes, decode, train, seed=self.seed + i, **alone)
             for i, part_urls, part_sizes, decode in parts
         ]
         mix = MixedSegments(sources, weights, seed=self.seed)

@@ -156,12 +156,7 @@ def sample_grid(
 
 
 def write_report(
-    out: Path,
-    summary: dict,
-    samples: dict,
-    captions: list[str],
-    per_caption: int,
-    extra_sections: list[str] | None = None,
+    out: Path, summary: dict, samples: dict, captions: list[str], per_caption: int
 ) -> Path:
     out = Path(out)
     baselines = summary["baselines"]
@@ -283,7 +278,6 @@ def write_report(
         "(`long_eval_captions` in demo.json).",
         "",
     ]
-    lines += extra_sections or []
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -4,9 +4,11 @@ It owns the trainable denoiser (the UNet of SD1.5/SDXL or the flow transformer o
 or LoRA via peft), the frozen reference (a frozen copy, or with LoRA the same denoiser with adapters
 disabled: one copy of memory instead of two), the frozen VAE and prompt encoder, the noise and
 timestep sampling (shared within a group, e.g. the two images of a DPO pair), caption dropout, and
-export in diffusers format. Objective subclasses implement ``training_step`` in a few lines on top
-of ``encode_batch`` and ``unet_errors``; the model family only changes what ``unet_errors``
-computes (epsilon / v for the UNets, the flow velocity for SD3/FLUX: ``align.models.flow``).
+export in diffusers format. Objective subclasses implement ``objective_output`` (the shared
+training and validation steps log and return its loss) in a few lines on top of ``prompt_embeds``,
+``encode_latents``, ``sample_noise`` and ``unet_errors``; the model family only changes what
+``unet_errors`` computes (epsilon / v for the UNets, the flow velocity for SD3/FLUX:
+``align.models.flow``).
 """
 
 from __future__ import annotations
@@ -540,6 +542,22 @@ class DiffusionModule(L.LightningModule):
             return err if weights is None else err * weights.to(err).detach()
         target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
         return per_sample_error(pred, target)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def objective_output(self, batch: dict):
+        """The objective's output on ``batch`` (``loss`` and ``metrics()``): the subclass's."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.objective_output(batch)
+        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
+        self.log_skipped(batch)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        # the same draws at every validation (seed_streams)
+        out = self.objective_output(batch)
+        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
 
     # ---- logging, optimisation, export -----------------------------------------------------------
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:

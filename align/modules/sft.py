@@ -62,16 +62,8 @@ class SFTModule(DiffusionModule):
             )
         return denoise_loss(pred, target, weights)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        out = self.denoise(batch)
-        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
-        self.log_skipped(batch)
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        # the same draws at every validation (DiffusionModule.seed_streams)
-        out = self.denoise(batch)
-        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
+    def objective_output(self, batch: dict) -> DenoiseOutput:
+        return self.denoise(batch)
 
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)

@@ -21,7 +21,6 @@ import os
 import random
 from pathlib import Path
 
-import lightning as L
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -35,9 +34,9 @@ from align.modules.frozen import (
     adapters_disabled,
     freeze,
     no_grad_mode,
-    trainable_parameters,
     trainable_state_dict,
 )
+from align.modules.trainable import TrainableModule
 from align.objectives.common import diffusion_target, per_sample_error
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ def add_lora(
     )
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(TrainableModule):
     """Base of the DPO, KTO, SFT and RFT modules.
 
     Args:
@@ -302,7 +301,6 @@ class DiffusionModule(L.LightningModule):
             timestep_range, self.scheduler.config.num_train_timesteps
         )
         self.caption_dropout = caption_dropout
-        self._skipped: dict[str, int] = {}
         self._generator: torch.Generator | None = None
         self.host_rng = random.Random(self.stream_seed)
         if fp32_output:
@@ -570,14 +568,6 @@ class DiffusionModule(L.LightningModule):
                 sync_dist=prefix != "train",
             )
 
-    def log_skipped(self, batch: dict) -> None:
-        """Running totals of samples skipped by the data pipeline, by reason
-        (``train/skipped/<reason>``)."""
-        for reason, count in batch.get("skipped", {}).items():
-            self._skipped[reason] = self._skipped.get(reason, 0) + count
-        for reason, total in self._skipped.items():
-            self.log(f"train/skipped/{reason}", float(total), reduce_fx="max")
-
     def _fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -585,12 +575,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # local gradient shards: the total norm is logged by configure_gradient_clipping
-        if self._fsdp():
-            return
-        grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
-        if grads:
-            # one foreach pass, not a norm per tensor
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        if not self._fsdp():
+            super().on_before_optimizer_step(optimizer)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -630,15 +616,6 @@ class DiffusionModule(L.LightningModule):
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
         )
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(trainable_parameters(self))
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
 
     def export(self, out_dir: str | Path) -> Path:
         """Diffusers format: a full pipeline directory, or for LoRA the adapter file

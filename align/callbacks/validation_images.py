@@ -124,13 +124,8 @@ class ValidationImages(L.Callback):
     def render_reference(self, trainer, pl_module) -> list:
         """The reference model's images from the same noise
         (the frozen copy, or the UNet without adapters)."""
-        # align.modules imports diffusers, and `align export --help` imports align.callbacks
-        from align.modules.frozen import adapters_disabled
-
-        if pl_module.ref_unet is not None:
-            return self.render(trainer, pl_module, unet=pl_module.ref_unet)
-        with adapters_disabled(pl_module.unet):
-            return self.render(trainer, pl_module)
+        with pl_module.reference_denoiser() as unet:
+            return self.render(trainer, pl_module, unet=unet)
 
     def score(self, images, device) -> float:
         if self._reward is None:

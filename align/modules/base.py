@@ -13,6 +13,7 @@ training and validation steps log and return its loss) in a few lines on top of 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -514,17 +515,23 @@ class DiffusionModule(TrainableModule):
             pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
             return self.prediction_error(pred, latents, noise, noisy, t)
         with no_grad_mode(self.hparams.reference_inference_mode):
-            if self.use_lora_reference:
-                with adapters_disabled(self.unet):
-                    pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
-            elif self.ref_unet is not None:
-                pred = self.unet_forward(self.ref_unet, noisy, t, cond, time_ids)
-            else:
-                raise RuntimeError(
-                    f"{type(self).__name__} has no reference model (reference='none')"
-                )
+            with self.reference_denoiser() as unet:
+                pred = self.unet_forward(unet or self.unet, noisy, t, cond, time_ids)
             err = self.prediction_error(pred, latents, noise, noisy, t)
         return err.clone()  # a normal tensor again, usable by autograd outside inference mode
+
+    @contextlib.contextmanager
+    def reference_denoiser(self, required: bool = True):
+        """The reference: the frozen copy, or None for the policy's own denoiser with its LoRA
+        adapters disabled (one copy in memory). Without either: a RuntimeError, or with
+        ``required=False`` None, the policy as it is."""
+        if self.use_lora_reference:
+            with adapters_disabled(self.unet):
+                yield None
+        elif self.ref_unet is not None or not required:
+            yield self.ref_unet
+        else:
+            raise RuntimeError(f"{type(self).__name__} has no reference model (reference='none')")
 
     def noisy_latents(self, latents, noise, t) -> torch.Tensor:
         if self.flow is not None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from align.models.sampling import SPEC_FILE, save_prompt_encoder
+from align.models.sampling import read_prompt_encoder_spec, save_prompt_encoder
 from align.modules.base import DiffusionModule
 from align.modules.sampling import PolicySampling
 from align.objectives.distributed import any_rank
@@ -59,17 +59,8 @@ def grad_step_indices(num_steps: int, grad_steps: int, offset: int) -> list[int]
 
 
 def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
-    """(kind, args) of ``<export>/prompt_encoder.json`` (T5 adapter path made absolute), or None."""
-    if export_dir is None:
-        return None
-    path = Path(export_dir).expanduser() / SPEC_FILE
-    if not path.is_file():
-        return None
-    spec = json.loads(path.read_text())
-    args = dict(spec.get("args") or {})
-    if args.get("t5"):
-        args["t5"] = {**args["t5"], "adapter": str(path.parent / args["t5"]["adapter"])}
-    return spec["kind"], args
+    """(kind, args) of ``<export>/prompt_encoder.json`` (``~`` expanded), or None."""
+    return None if export_dir is None else read_prompt_encoder_spec(Path(export_dir).expanduser())
 
 
 def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:

@@ -538,15 +538,19 @@ class DiffusionModule(TrainableModule):
             return self.flow.noisy(latents, noise, t, self.scheduler)
         return self.scheduler.add_noise(latents, noise, t)
 
+    def prediction_target(self, pred, latents, noise, noisy, t):
+        """(prediction, target, per-sample weights or None) that the family's loss compares: the
+        flow's (``align.models.flow``), or the UNet's output against epsilon or v."""
+        if self.flow is not None:
+            args = (pred, latents, noise, noisy, t, self.scheduler)
+            return *self.flow.prediction_and_target(*args), self.flow.weights(t, self.scheduler)
+        return pred, diffusion_target(self.prediction_type, latents, noise, t, self.scheduler), None
+
     def prediction_error(self, pred, latents, noise, noisy, t) -> torch.Tensor:
         """Per-sample error (N,) of a prediction against the family's target."""
-        if self.flow is not None:  # align.models.flow
-            args = (pred, latents, noise, noisy, t, self.scheduler)
-            err = per_sample_error(*self.flow.prediction_and_target(*args))
-            weights = self.flow.weights(t, self.scheduler)
-            return err if weights is None else err * weights.to(err).detach()
-        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
-        return per_sample_error(pred, target)
+        pred, target, weights = self.prediction_target(pred, latents, noise, noisy, t)
+        err = per_sample_error(pred, target)
+        return err if weights is None else err * weights.to(err).detach()
 
     # ---- steps -----------------------------------------------------------------------------------
     def objective_output(self, batch: dict):

@@ -79,26 +79,26 @@ def check_timestep_range(timestep_range, num_train_timesteps: int) -> tuple[int,
     return low, high
 
 
-class Float32Conv2d(torch.nn.Conv2d):
-    """A Conv2d that computes in float32 with autocast off, whatever its weights' dtype."""
+class Float32Forward:
+    """Mixed into a layer: it computes in float32 with autocast off, whatever its weights'
+    dtype; the layer class gives ``float32_op(x, weight, bias)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
         if x.device.type not in ("cuda", "cpu", "xpu", "mps"):  # the meta device has no autocast
-            return self._conv_forward(x.float(), self.weight.float(), bias)
+            return self.float32_op(x.float(), self.weight.float(), bias)
         with torch.autocast(x.device.type, enabled=False):
-            return self._conv_forward(x.float(), self.weight.float(), bias)
+            return self.float32_op(x.float(), self.weight.float(), bias)
 
 
-class Float32Linear(torch.nn.Linear):
-    """A Linear that computes in float32 with autocast off, whatever its weights' dtype."""
+class Float32Conv2d(Float32Forward, torch.nn.Conv2d):
+    def float32_op(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        if x.device.type not in ("cuda", "cpu", "xpu", "mps"):
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+class Float32Linear(Float32Forward, torch.nn.Linear):
+    def float32_op(self, x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def last_layer(denoiser: torch.nn.Module) -> torch.nn.Module | None:

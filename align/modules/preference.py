@@ -103,11 +103,8 @@ class PreferenceModelModule(TrainableModule):
             clip_model.logit_scale.requires_grad_(False)
         self.scorer = Denscore(HFClip(clip_model, tokenizer, processor), splitter=splitter)
         self.scorer.train()
-        self.splitter, self.segment_weight, self.fixed_logit_scale = (
-            splitter,
-            segment_weight,
-            logit_scale,
-        )
+        self.splitter, self.segment_weight = splitter, segment_weight
+        self.fixed_logit_scale = logit_scale
         self._recent: collections.deque[str] = collections.deque(maxlen=direction_captions)
 
     @property
@@ -132,10 +129,8 @@ class PreferenceModelModule(TrainableModule):
         img_0, img_1 = image_emb[:b], image_emb[b:]
         scores_0 = segment_score(img_0, texts.embeddings, texts.mask)
         scores_1 = segment_score(img_1, texts.embeddings, texts.mask)
-        seg_0, seg_1 = (
-            segment_cosines(img_0, texts.embeddings),
-            segment_cosines(img_1, texts.embeddings),
-        )
+        seg_0 = segment_cosines(img_0, texts.embeddings)
+        seg_1 = segment_cosines(img_1, texts.embeddings)
         return preference_loss(
             scores_0,
             scores_1,

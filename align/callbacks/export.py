@@ -67,12 +67,8 @@ class DiffusersExport(L.Callback):
         export_dtype_of(export_dtype)  # an unknown dtype fails when the run starts
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (or None for every export), got {keep}")
-        self.dirpath, self.on_checkpoint, self.export_dtype, self.keep = (
-            dirpath,
-            on_checkpoint,
-            export_dtype,
-            keep,
-        )
+        self.dirpath, self.on_checkpoint = dirpath, on_checkpoint
+        self.export_dtype, self.keep = export_dtype, keep
         self.last_export: Path | None = None
         self._final_step: int | None = None
         self._step: int | None = None  # of the last checkpoint export

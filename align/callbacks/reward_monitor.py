@@ -92,11 +92,8 @@ class RewardMonitor(L.Callback):
         if not self.prompts:
             raise ValueError(f"no held-out prompts in {prompts!r}")
         self.reward_spec, self.gold_spec, self.sources = reward, gold, sources or {}
-        self.every_n_steps, self.images_per_prompt, self.seed = (
-            every_n_steps,
-            images_per_prompt,
-            seed,
-        )
+        self.every_n_steps, self.images_per_prompt = every_n_steps, images_per_prompt
+        self.seed = seed
         self.steps, self.guidance_scale, self.diversity = steps, guidance_scale, diversity
         self.patience, self.tolerance, self.diversity_floor = patience, tolerance, diversity_floor
         self.best_checkpoint, self.stop = best_checkpoint, stop
@@ -213,16 +210,13 @@ class RewardMonitor(L.Callback):
             (folder / "reward_monitor.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # ---- resume ----------------------------------------------------------------------------------
+    STATE = ("history", "hacking_step", "hacking_reason", "best_gold")  # what a resume restores
+
     def state_dict(self) -> dict:
-        return {
-            "history": self.history,
-            "hacking_step": self.hacking_step,
-            "hacking_reason": self.hacking_reason,
-            "best_gold": self.best_gold,
-        }
+        return {key: getattr(self, key) for key in self.STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = list(state.get("history", []))
-        self.hacking_step = state.get("hacking_step")
-        self.hacking_reason = state.get("hacking_reason")
-        self.best_gold = state.get("best_gold", -float("inf"))
+        initial = {"history": [], "best_gold": -float("inf")}  # a missing key: the start value
+        for key in self.STATE:
+            setattr(self, key, state.get(key, initial.get(key)))
+        self.history = list(self.history)

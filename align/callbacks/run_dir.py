@@ -29,11 +29,14 @@ def run_dir(trainer: L.Trainer) -> Path:
         return Path(trainer.strategy.broadcast(str(explicit)))
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
+    return Path(trainer.strategy.broadcast(logger_dir(trainer)))
+
+
+def logger_dir(trainer: L.Trainer) -> str:
+    """Lightning's ``<save_dir>/<name>/<version>`` of the first logger, on this rank alone."""
     logger = trainer.loggers[0]
-    save_dir = logger.save_dir or trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    path = os.path.join(save_dir, str(logger.name), version)
-    return Path(trainer.strategy.broadcast(path))
+    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
 def set_run_dir(trainer: L.Trainer, path: Path) -> None:

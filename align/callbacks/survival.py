@@ -19,6 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from align.callbacks.run_dir import logger_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -72,9 +74,7 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
         finite = all_finite(grads)
         strategy = getattr(trainer, "strategy", None)
-        if (
-            strategy is not None
-        ):  # every rank decides alike (FSDP shards differ): no rank left waiting
+        if strategy is not None:  # every rank decides alike (FSDP shards differ): none left waiting
             finite = strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.in_a_row = 0
@@ -100,11 +100,7 @@ class NonFiniteGuard(L.Callback):
             self.in_a_row,
             self.patience,
         )
-        for (
-            group
-        ) in optimizer.param_groups:  # no update at all: AdamW skips parameters without a gradient
-            for p in group["params"]:
-                p.grad = None
+        optimizer.zero_grad(set_to_none=True)  # no update at all: AdamW skips grad-less params
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         assert_finite_weights(pl_module, f"a checkpoint at step {trainer.global_step}")
@@ -139,11 +135,7 @@ class Preemption(L.Callback):
         directory). Computed locally: no collective while ranks are being stopped."""
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         if folder is None and trainer.loggers:
-            logger = trainer.loggers[0]
-            version = logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            root = logger.save_dir or trainer.default_root_dir
-            folder = os.path.join(root, str(logger.name), version, "checkpoints")
+            folder = os.path.join(logger_dir(trainer), "checkpoints")
         return Path(folder or trainer.default_root_dir) / "last.ckpt"
 
 

@@ -91,11 +91,8 @@ class ValidationImages(L.Callback):
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.height, self.width, self.scheduler = height, width, scheduler
         self.at_start, self.at_end, self.key = at_start, at_end, key
-        self.compare_reference, self.reward_name, self.reward_source = (
-            compare_reference,
-            reward,
-            reward_source,
-        )
+        self.compare_reference = compare_reference
+        self.reward_name, self.reward_source = reward, reward_source
         self._reward = None
         self.rendered_steps: list[int] = []
 
@@ -124,13 +121,8 @@ class ValidationImages(L.Callback):
     def render_reference(self, trainer, pl_module) -> list:
         """The reference model's images from the same noise
         (the frozen copy, or the UNet without adapters)."""
-        # align.modules imports diffusers, and `align export --help` imports align.callbacks
-        from align.modules.frozen import adapters_disabled
-
-        if pl_module.ref_unet is not None:
-            return self.render(trainer, pl_module, unet=pl_module.ref_unet)
-        with adapters_disabled(pl_module.unet):
-            return self.render(trainer, pl_module)
+        with pl_module.reference_denoiser() as unet:
+            return self.render(trainer, pl_module, unet=unet)
 
     def score(self, images, device) -> float:
         if self._reward is None:
@@ -170,22 +162,16 @@ class ValidationImages(L.Callback):
         out = run_dir(trainer) / "images" / f"step-{step:06d}"
         if not trainer.is_global_zero:
             return
-        images = self.render(trainer, pl_module)
-        metrics = {}
+        images, reference, metrics = self.render(trainer, pl_module), None, {}
         if self.compare_reference and self.has_reference(pl_module):
             reference = self.render_reference(trainer, pl_module)
-            if self.reward_name:
-                metrics = {
-                    f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device),
-                    f"val/reward/{self.reward_name}/reference": self.score(
-                        reference, pl_module.device
-                    ),
-                }
+        if self.reward_name:
+            key = f"val/reward/{self.reward_name}"
+            metrics[f"{key}/policy"] = self.score(images, pl_module.device)
+            if reference is not None:
+                metrics[f"{key}/reference"] = self.score(reference, pl_module.device)
+        if reference is not None:
             images = [side_by_side(a, b) for a, b in zip(images, reference)]
-        elif self.reward_name:
-            metrics = {
-                f"val/reward/{self.reward_name}/policy": self.score(images, pl_module.device)
-            }
         out.mkdir(parents=True, exist_ok=True)
         (out / "prompts.txt").write_text(
             "\n".join(p.replace("\n", " ") for p in self.prompts) + "\n"

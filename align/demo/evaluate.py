@@ -75,15 +75,18 @@ def caption_means(scores, seeds_per_caption: int) -> list[float]:
 def evaluate(
     pipe, captions: list[str], seeds: list[int], encoder=None, only_cells=None, **kw
 ) -> dict:
-    """Mean judge score (fraction of facts satisfied) of samples for ``captions`` x ``seeds``."""
+    """Mean judge score (fraction of facts satisfied) of samples for ``captions`` x ``seeds``;
+    ``only_cells``: per caption, the cells whose facts are judged (None: every fact)."""
     t = time.time()
     images = sample(pipe, captions, seeds, encoder=encoder, **kw)
     texts = [c for c in captions for _ in seeds]
     if only_cells is None:
         scores = judge_many(images, texts)
     else:
+        cells = [k for k in only_cells for _ in seeds]
         scores = np.array(
-            [judge(im, tx, only_cells=only_cells).value for im, tx in zip(images, texts)]
+            [judge(im, tx, only_cells=k).value for im, tx, k in zip(images, texts, cells)],
+            dtype=np.float64,
         )
     return {
         "score": float(scores.mean()),

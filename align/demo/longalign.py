@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from align.demo import world
-from align.demo.judge import judge, parse_caption
+from align.demo.judge import parse_caption
 
 ENCODERS = {"segment": "segment", "truncate": "clip"}  # demo arm -> DiffusionModule prompt_encoder
 CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -80,11 +80,10 @@ def write_long_caption_shards(
     max_objects: int = 1,
     exclude=(),
     shards: int = 16,
-    long: bool = True,
 ) -> Path:
     """``n_scenes`` rendered scenes (jittered, as the base's) with their correct long captions, as
     long-caption shards (``jpg``, ``txt``, ``json``; ``align.data.schema``)
-    ``longcaption-000000.tar`` ... in ``out_dir``. ``long=False`` writes the short captions instead.
+    ``longcaption-000000.tar`` ... in ``out_dir``.
 
     Scenes whose long caption is in ``exclude`` (the held-out captions) are redrawn. Scenes are
     written in random order, so shards need no buffer shuffle; many small shards give each training
@@ -98,7 +97,7 @@ def write_long_caption_shards(
     def make(i, rng):
         for _ in range(10_000):
             scene = world.random_scene(rng, max_objects=max_objects)
-            cap = world.caption(scene, long=long)
+            cap = world.caption(scene, long=True)
             if cap not in excluded:
                 break
         else:
@@ -141,7 +140,6 @@ def evaluate_long(
     seeds: list[int],
     steps: int = 10,
     guidance: float = 4.0,
-    tokenizer=None,
 ) -> dict:
     """Judge score of samples for long ``captions`` x ``seeds``,
     counting only the facts past token 77.
@@ -152,37 +150,16 @@ def evaluate_long(
     satisfied; ``scores``, ``images``, ``seconds``) plus ``cells`` (the late cells of each caption).
     Captions without late facts are an error.
     """
-    from align.demo.evaluate import make_pipeline, sample
+    from align.demo.evaluate import evaluate, make_pipeline
 
     t = time.time()
-    tokenizer = tokenizer or components.tokenizers[0]
-    cells = [cells_beyond(c, tokenizer) for c in captions]
+    cells = [cells_beyond(c, components.tokenizers[0]) for c in captions]
     if not all(cells):
         raise ValueError(
             "every evaluation caption needs facts past token 77: "
             f"{[c for c, k in zip(captions, cells) if not k]}"
         )
     pipe = make_pipeline(components, unet=unet)
-    images = sample(
-        pipe,
-        captions,
-        list(seeds),
-        steps=steps,
-        guidance=guidance,
-        encoder=resolve_encoder(components, encoder),
-    )
-    scores = np.array(
-        [
-            judge(images[i * len(seeds) + j], cap, only_cells=cells[i]).value
-            for i, cap in enumerate(captions)
-            for j in range(len(seeds))
-        ],
-        dtype=np.float64,
-    )
-    return {
-        "score": float(scores.mean()),
-        "scores": scores,
-        "images": images,
-        "cells": cells,
-        "seconds": time.time() - t,
-    }
+    encoder = resolve_encoder(components, encoder)
+    res = evaluate(pipe, captions, list(seeds), encoder, cells, steps=steps, guidance=guidance)
+    return {**res, "cells": cells, "seconds": time.time() - t}

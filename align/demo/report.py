@@ -156,12 +156,7 @@ def sample_grid(
 
 
 def write_report(
-    out: Path,
-    summary: dict,
-    samples: dict,
-    captions: list[str],
-    per_caption: int,
-    extra_sections: list[str] | None = None,
+    out: Path, summary: dict, samples: dict, captions: list[str], per_caption: int
 ) -> Path:
     out = Path(out)
     baselines = summary["baselines"]
@@ -181,24 +176,18 @@ def write_report(
         f"{summary['timings_s']['total']:.0f}s",
         "",
         "Judge score = fraction of a caption's facts (colour and shape of each object at its "
-        "position) that the "
-        f"image satisfies, on {len(captions)} held-out captions ({cfg.get('eval_set', 'test')} "
-        f"set) x {per_caption} "
-        f"fixed sampling seeds "
-        f"({sampler} {cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard "
-        "deviation "
-        "over "
+        f"position) that the image satisfies, on {len(captions)} held-out captions "
+        f"({cfg.get('eval_set', 'test')} set) x {per_caption} fixed sampling seeds ({sampler} "
+        f"{cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
         f"{cfg['seeds']} training seeds (the base is one fixed model). The curves "
-        "(`judge_curves.png`) are judged "
-        f"on the first {min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling "
-        "seeds at every "
-        "step, the table on all of them.",
+        "(`judge_curves.png`) are judged on the first "
+        f"{min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling seeds at "
+        "every step, the table on all of them.",
         "",
         "## Results",
         "",
         "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change "
-        "vs base "
-        "(judging SE) | per seed |",
+        "vs base (judging SE) | per seed |",
         "|---|---|---|---|---|---|",
         f"| base | short captions | {base:.4f} | — | — | — |",
     ]
@@ -209,23 +198,19 @@ def write_report(
         se = judging_error(runs, summary.get("caption_baselines", {}).get(method))
         lines.append(
             f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | "
-            f"{m - b:+.4f}"
-            f"{'' if se is None else f' ({se:.4f})'} | {', '.join(f'{v:.4f}' for v in finals)} |"
+            f"{m - b:+.4f}{'' if se is None else f' ({se:.4f})'} | "
+            f"{', '.join(f'{v:.4f}' for v in finals)} |"
         )
     lines += [
         "",
         "Verdicts (a method 'raises' the score when mean - base > 2 sd over training seeds; a "
-        "flipped "
-        "control 'lowers' it when base - mean > 2 sd; segment encoding 'beats' truncation, and "
-        "DPO, KTO or a "
-        "flipped control differs from the same method on random labels, when the difference of "
-        "means > 2 sd, "
-        "the larger of the two. Each must also exceed 2 judging SE: the standard error of the "
-        "change over the "
-        "held-out captions (per-caption changes averaged over training and sampling seeds, sd / "
-        "sqrt(#captions)), which the spread over training seeds misses because every seed is "
-        "judged on the "
-        "same captions and sampling seeds):",
+        "flipped control 'lowers' it when base - mean > 2 sd; segment encoding 'beats' "
+        "truncation, and DPO, KTO or a flipped control differs from the same method on random "
+        "labels, when the difference of means > 2 sd, the larger of the two. Each must also "
+        "exceed 2 judging SE: the standard error of the change over the held-out captions "
+        "(per-caption changes averaged over training and sampling seeds, sd / sqrt(#captions)), "
+        "which the spread over training seeds misses because every seed is judged on the same "
+        "captions and sampling seeds):",
         "",
     ]
     for method, runs in summary["results"].items():
@@ -278,12 +263,10 @@ def write_report(
         "![samples](samples.png)",
         "",
         "Sample grid: rows are the first held-out captions (`samples.txt`), columns the models "
-        "(training "
-        "seed 0, first sampling seed); the sft-* columns show the held-out long captions instead "
-        "(`long_eval_captions` in demo.json).",
+        "(training seed 0, first sampling seed); the sft-* columns show the held-out long "
+        "captions instead (`long_eval_captions` in demo.json).",
         "",
     ]
-    lines += extra_sections or []
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

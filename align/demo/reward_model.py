@@ -40,13 +40,10 @@ def write_small_clip(
     image_size: int = DEFAULT_IMAGE_SIZE,
     patch_size: int = DEFAULT_PATCH_SIZE,
     seed: int = 0,
-    width: int | None = None,
-    projection_dim: int | None = None,
 ) -> Path:
     """The tiny CLIP of ``align.rewards.tiny`` with a vision tower for ``image_size`` px inputs in
     ``patch_size`` px patches (random weights from ``seed``), written in the Denscore layout with a
-    CLIP image processor config for ``image_size``. ``width`` (both towers' hidden size, MLPs 4x)
-    and ``projection_dim`` (the embedding) default to the tiny CLIP's (32 and 16)."""
+    CLIP image processor config for ``image_size``."""
     from transformers import CLIPModel
 
     from align.modules.preference import TINY, load_clip
@@ -57,13 +54,6 @@ def write_small_clip(
     tiny, tokenizer, processor = load_clip(TINY, seed=seed)
     config = tiny.config
     config.vision_config.image_size, config.vision_config.patch_size = image_size, patch_size
-    if width is not None:
-        for tower in (config.vision_config, config.text_config):
-            tower.hidden_size, tower.intermediate_size = width, 4 * width
-    if projection_dim is not None:
-        config.projection_dim = config.vision_config.projection_dim = (
-            config.text_config.projection_dim
-        ) = projection_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
@@ -153,33 +143,23 @@ def corrupt(scene: tuple, kind: str, rng: random.Random) -> tuple | None:
     return tuple(sorted(objs, key=lambda x: x.cell))
 
 
-def rendered_pairs(
-    n: int,
-    seed: int = 0,
-    kinds: Sequence[str] = CORRUPTIONS,
-    min_objects: int = 1,
-    max_objects: int = 1,
-    jitter: bool = True,
-) -> list[dict]:
-    """``n`` judge-labelled pairs of rendered images: a caption's scene against the same scene with
-    one corruption (kinds drawn in turn), in random order; labels come from the judge
-    (``prefs.build_records`` + ``pair_samples``), so they are the judge's, and a pair the judge
-    cannot tell apart is a tie (0.5). Each pair also records its ``corruption``."""
+def rendered_pairs(n: int, seed: int = 0, max_objects: int = 1) -> list[dict]:
+    """``n`` judge-labelled pairs of rendered (jittered) images: a caption's scene against the same
+    scene with one corruption (``CORRUPTIONS`` drawn in turn), in random order; labels come from
+    the judge (``prefs.build_records`` + ``pair_samples``), so they are the judge's, and a pair the
+    judge cannot tell apart is a tie (0.5). Each pair also records its ``corruption``."""
     from align.demo.prefs import build_records, pair_samples
 
     rng = random.Random(seed)
     captions, images, kinds_used = [], [], []
     while len(captions) < n:
-        scene = world.random_scene(rng, min_objects, max_objects)
-        possible = [k for k in kinds if corrupt(scene, k, random.Random(0)) is not None]
+        scene = world.random_scene(rng, 1, max_objects)
+        possible = [k for k in CORRUPTIONS if corrupt(scene, k, random.Random(0)) is not None]
         if not possible:
             continue
         kind = possible[len(captions) % len(possible)]
         bad = corrupt(scene, kind, rng)
-        pair = [
-            world.render(scene, rng if jitter else None),
-            world.render(bad, rng if jitter else None),
-        ]
+        pair = [world.render(scene, rng), world.render(bad, rng)]
         if rng.random() < 0.5:
             pair.reverse()
         captions.append(world.caption(scene))

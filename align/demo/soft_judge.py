@@ -74,24 +74,11 @@ def templates(size: int = world.SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     ``world.render``'s range), and (cells, size, size) masks of the cells."""
     offsets, halves = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
     cells = world.GRID * world.GRID
-    shapes = np.stack(
-        [
-            np.stack(
-                [
-                    np.stack(
-                        [
-                            _draw_mask(shape, c, size, dx, dy, dh)
-                            for dx in offsets
-                            for dy in offsets
-                            for dh in halves
-                        ]
-                    )
-                    for c in range(cells)
-                ]
-            )
-            for shape in world.SHAPES
-        ]
-    )
+    jitters = [(dx, dy, dh) for dx in offsets for dy in offsets for dh in halves]
+    masks = [
+        _draw_mask(s, c, size, *j) for s in world.SHAPES for c in range(cells) for j in jitters
+    ]
+    shapes = np.stack(masks).reshape(len(world.SHAPES), cells, len(jitters), size, size)
     boxes = np.zeros((cells, size, size), np.float32)
     for c in range(cells):
         left, top, right, bottom = world.cell_box(c, size)
@@ -124,10 +111,8 @@ class SoftJudge(RewardModel):
     ):
         super().__init__()
         self.tau, self.min_pixels = float(tau), float(min_pixels)
-        self.fit_temperature, self.shape_temperature = (
-            float(fit_temperature),
-            float(shape_temperature),
-        )
+        self.fit_temperature = float(fit_temperature)
+        self.shape_temperature = float(shape_temperature)
         # no parameters: this buffer only carries the device
         # (``.to(device)``) for ``RewardModel.score``
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)

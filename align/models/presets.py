@@ -233,10 +233,6 @@ class Preset:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER))
     t5: dict[str, Any] | None = None  # SD3 / FLUX: the T5 encoder's config
 
-    @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
-
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("sd15", _UNET_TINY, _VAE_TINY, [_CLIP_TINY], resolution=32),

@@ -108,23 +108,32 @@ def save_prompt_encoder(
     return path
 
 
+def read_prompt_encoder_spec(export_dir: str | os.PathLike) -> tuple[str, dict] | None:
+    """(kind, args) of ``<export>/prompt_encoder.json`` (the T5 adapter's path made absolute),
+    or None without one."""
+    export = Path(export_dir)
+    if not (export / SPEC_FILE).is_file():
+        return None
+    spec = json.loads((export / SPEC_FILE).read_text())
+    args = dict(spec.get("args") or {})
+    if args.get("t5"):
+        args["t5"] = {**args["t5"], "adapter": str(export / args["t5"]["adapter"])}
+    return spec["kind"], args
+
+
 def load_prompt_encoder(export_dir: str | os.PathLike, pipeline) -> nn.Module:
     """The prompt encoder an export was trained with, on ``pipeline``'s text encoder (and device).
 
     The T5 adapter is read from ``<export>/text_adapter``; the frozen T5 from the recorded source.
     """
     export = Path(export_dir)
-    spec_path = export / SPEC_FILE
-    if not spec_path.is_file():
+    spec = read_prompt_encoder_spec(export)
+    if spec is None:
         raise FileNotFoundError(
-            f"{spec_path} not found: {export} was not exported with a prompt encoder spec"
+            f"{export / SPEC_FILE} not found: {export} was not exported with a prompt encoder spec"
         )
-    spec = json.loads(spec_path.read_text())
-    args = dict(spec.get("args") or {})
-    if args.get("t5"):
-        args["t5"] = {**args["t5"], "adapter": str(export / args["t5"]["adapter"])}
     parts = _parts(pipeline)
-    encoder = build_prompt_encoder(parts, spec["kind"], **args)
+    encoder = build_prompt_encoder(parts, spec[0], **spec[1])
     return encoder.to(next(parts.text_encoders[0].parameters()).device).eval()
 
 

@@ -35,36 +35,8 @@ MAX_SEGMENT_TOKENS = 75
 # Words that end with "." without ending a sentence. "etc." and "no." are left out:
 # they often do end one.
 ABBREVIATIONS = frozenset(
-    {
-        "mr",
-        "mrs",
-        "ms",
-        "dr",
-        "prof",
-        "sr",
-        "jr",
-        "st",
-        "mt",
-        "ft",
-        "vs",
-        "cf",
-        "approx",
-        "fig",
-        "figs",
-        "e.g",
-        "i.e",
-        "incl",
-        "dept",
-        "gen",
-        "col",
-        "lt",
-        "sgt",
-        "capt",
-        "rev",
-        "hon",
-        "ave",
-        "blvd",
-    }
+    "mr mrs ms dr prof sr jr st mt ft vs cf approx fig figs e.g i.e incl dept gen col lt sgt capt"
+    " rev hon ave blvd".split()
 )
 _DOTTED = re.compile(r"^(?:[a-z]\.){2,}$", re.IGNORECASE)  # e.g. i.e. U.S. a.m. p.m.
 _INITIAL = re.compile(r"^[A-Z]\.$")  # J. R. R. Tolkien

@@ -17,33 +17,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU(dim -> mult * dim) -> Dropout -> Linear(mult * dim -> dim_out)."""
-
-    def __init__(self, dim: int, dim_out: int, mult: int = 4, dropout: float = 0.1):
-        super().__init__()
-        self.net = nn.Sequential(
-            GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim_out)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class TextAdapter(ModelMixin, ConfigMixin):
@@ -62,6 +39,7 @@ class TextAdapter(ModelMixin, ConfigMixin):
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         self.norm1 = nn.LayerNorm(in_dim)
+        # diffusers' GEGLU feed-forward: LaVi-Bridge's keys (net.0.proj, net.2) and outputs
         self.ff1 = FeedForward(in_dim, int_dim, mult, dropout)
         self.norm2 = nn.LayerNorm(int_dim)
         self.ff2 = FeedForward(int_dim, out_dim, mult, dropout)

@@ -19,32 +19,6 @@ SOT_ID, EOT_ID = 49406, 49407
 MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table
-    (same order as open_clip and transformers)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _bpe_merges() -> list[str]:
-    import open_clip.tokenizer as oc_tok
-
-    path = Path(oc_tok.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    return lines[1 : 49152 - 256 - 2 + 1]
-
-
 def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_TOKEN) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs of SD's CLIP tokenizer into
     ``out_dir``.
@@ -52,10 +26,13 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_
     ``pad_token``: SD1.5 and SDXL's first tokenizer pad with <|endoftext|>;
     SDXL's second pads with "!".
     """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merges = _bpe_merges()
-    units = list(_bytes_to_unicode().values())
+    # open_clip's BPE file, first line (the version) and lines past CLIP's 49152 - 256 - 2 dropped
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    units = list(bytes_to_unicode().values())
     vocab = (
         units
         + [u + "</w>" for u in units]

@@ -4,13 +4,16 @@ It owns the trainable denoiser (the UNet of SD1.5/SDXL or the flow transformer o
 or LoRA via peft), the frozen reference (a frozen copy, or with LoRA the same denoiser with adapters
 disabled: one copy of memory instead of two), the frozen VAE and prompt encoder, the noise and
 timestep sampling (shared within a group, e.g. the two images of a DPO pair), caption dropout, and
-export in diffusers format. Objective subclasses implement ``training_step`` in a few lines on top
-of ``encode_batch`` and ``unet_errors``; the model family only changes what ``unet_errors``
-computes (epsilon / v for the UNets, the flow velocity for SD3/FLUX: ``align.models.flow``).
+export in diffusers format. Objective subclasses implement ``objective_output`` (the shared
+training and validation steps log and return its loss) in a few lines on top of ``prompt_embeds``,
+``encode_latents``, ``sample_noise`` and ``unet_errors``; the model family only changes what
+``unet_errors`` computes (epsilon / v for the UNets, the flow velocity for SD3/FLUX:
+``align.models.flow``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -19,7 +22,6 @@ import os
 import random
 from pathlib import Path
 
-import lightning as L
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -33,9 +35,9 @@ from align.modules.frozen import (
     adapters_disabled,
     freeze,
     no_grad_mode,
-    trainable_parameters,
     trainable_state_dict,
 )
+from align.modules.trainable import TrainableModule
 from align.objectives.common import diffusion_target, per_sample_error
 
 log = logging.getLogger(__name__)
@@ -77,26 +79,26 @@ def check_timestep_range(timestep_range, num_train_timesteps: int) -> tuple[int,
     return low, high
 
 
-class Float32Conv2d(torch.nn.Conv2d):
-    """A Conv2d that computes in float32 with autocast off, whatever its weights' dtype."""
+class Float32Forward:
+    """Mixed into a layer: it computes in float32 with autocast off, whatever its weights'
+    dtype; the layer class gives ``float32_op(x, weight, bias)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
         if x.device.type not in ("cuda", "cpu", "xpu", "mps"):  # the meta device has no autocast
-            return self._conv_forward(x.float(), self.weight.float(), bias)
+            return self.float32_op(x.float(), self.weight.float(), bias)
         with torch.autocast(x.device.type, enabled=False):
-            return self._conv_forward(x.float(), self.weight.float(), bias)
+            return self.float32_op(x.float(), self.weight.float(), bias)
 
 
-class Float32Linear(torch.nn.Linear):
-    """A Linear that computes in float32 with autocast off, whatever its weights' dtype."""
+class Float32Conv2d(Float32Forward, torch.nn.Conv2d):
+    def float32_op(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        if x.device.type not in ("cuda", "cpu", "xpu", "mps"):
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+class Float32Linear(Float32Forward, torch.nn.Linear):
+    def float32_op(self, x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def last_layer(denoiser: torch.nn.Module) -> torch.nn.Module | None:
@@ -144,7 +146,7 @@ def add_lora(
     )
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(TrainableModule):
     """Base of the DPO, KTO, SFT and RFT modules.
 
     Args:
@@ -300,7 +302,6 @@ class DiffusionModule(L.LightningModule):
             timestep_range, self.scheduler.config.num_train_timesteps
         )
         self.caption_dropout = caption_dropout
-        self._skipped: dict[str, int] = {}
         self._generator: torch.Generator | None = None
         self.host_rng = random.Random(self.stream_seed)
         if fp32_output:
@@ -514,32 +515,58 @@ class DiffusionModule(L.LightningModule):
             pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
             return self.prediction_error(pred, latents, noise, noisy, t)
         with no_grad_mode(self.hparams.reference_inference_mode):
-            if self.use_lora_reference:
-                with adapters_disabled(self.unet):
-                    pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
-            elif self.ref_unet is not None:
-                pred = self.unet_forward(self.ref_unet, noisy, t, cond, time_ids)
-            else:
-                raise RuntimeError(
-                    f"{type(self).__name__} has no reference model (reference='none')"
-                )
+            with self.reference_denoiser() as unet:
+                pred = self.unet_forward(unet or self.unet, noisy, t, cond, time_ids)
             err = self.prediction_error(pred, latents, noise, noisy, t)
         return err.clone()  # a normal tensor again, usable by autograd outside inference mode
+
+    @contextlib.contextmanager
+    def reference_denoiser(self, required: bool = True):
+        """The reference: the frozen copy, or None for the policy's own denoiser with its LoRA
+        adapters disabled (one copy in memory). Without either: a RuntimeError, or with
+        ``required=False`` None, the policy as it is."""
+        if self.use_lora_reference:
+            with adapters_disabled(self.unet):
+                yield None
+        elif self.ref_unet is not None or not required:
+            yield self.ref_unet
+        else:
+            raise RuntimeError(f"{type(self).__name__} has no reference model (reference='none')")
 
     def noisy_latents(self, latents, noise, t) -> torch.Tensor:
         if self.flow is not None:
             return self.flow.noisy(latents, noise, t, self.scheduler)
         return self.scheduler.add_noise(latents, noise, t)
 
+    def prediction_target(self, pred, latents, noise, noisy, t):
+        """(prediction, target, per-sample weights or None) that the family's loss compares: the
+        flow's (``align.models.flow``), or the UNet's output against epsilon or v."""
+        if self.flow is not None:
+            args = (pred, latents, noise, noisy, t, self.scheduler)
+            return *self.flow.prediction_and_target(*args), self.flow.weights(t, self.scheduler)
+        return pred, diffusion_target(self.prediction_type, latents, noise, t, self.scheduler), None
+
     def prediction_error(self, pred, latents, noise, noisy, t) -> torch.Tensor:
         """Per-sample error (N,) of a prediction against the family's target."""
-        if self.flow is not None:  # align.models.flow
-            args = (pred, latents, noise, noisy, t, self.scheduler)
-            err = per_sample_error(*self.flow.prediction_and_target(*args))
-            weights = self.flow.weights(t, self.scheduler)
-            return err if weights is None else err * weights.to(err).detach()
-        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
-        return per_sample_error(pred, target)
+        pred, target, weights = self.prediction_target(pred, latents, noise, noisy, t)
+        err = per_sample_error(pred, target)
+        return err if weights is None else err * weights.to(err).detach()
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def objective_output(self, batch: dict):
+        """The objective's output on ``batch`` (``loss`` and ``metrics()``): the subclass's."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.objective_output(batch)
+        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
+        self.log_skipped(batch)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        # the same draws at every validation (seed_streams)
+        out = self.objective_output(batch)
+        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
 
     # ---- logging, optimisation, export -----------------------------------------------------------
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
@@ -552,14 +579,6 @@ class DiffusionModule(L.LightningModule):
                 sync_dist=prefix != "train",
             )
 
-    def log_skipped(self, batch: dict) -> None:
-        """Running totals of samples skipped by the data pipeline, by reason
-        (``train/skipped/<reason>``)."""
-        for reason, count in batch.get("skipped", {}).items():
-            self._skipped[reason] = self._skipped.get(reason, 0) + count
-        for reason, total in self._skipped.items():
-            self.log(f"train/skipped/{reason}", float(total), reduce_fx="max")
-
     def _fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -567,12 +586,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # local gradient shards: the total norm is logged by configure_gradient_clipping
-        if self._fsdp():
-            return
-        grads = [p.grad for p in trainable_parameters(self) if p.grad is not None]
-        if grads:
-            # one foreach pass, not a norm per tensor
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        if not self._fsdp():
+            super().on_before_optimizer_step(optimizer)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -612,15 +627,6 @@ class DiffusionModule(L.LightningModule):
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
         )
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(trainable_parameters(self))
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
 
     def export(self, out_dir: str | Path) -> Path:
         """Diffusers format: a full pipeline directory, or for LoRA the adapter file

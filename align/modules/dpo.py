@@ -44,12 +44,5 @@ class DPOModule(DiffusionModule):
         ref = self.unet_errors(latents, noise, t, cond, time_ids, reference=True)
         return policy, ref
 
-    def training_step(self, batch: dict, batch_idx: int):
-        out = dpo_loss(*self.pair_errors(batch), beta=self.beta)
-        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
-        self.log_skipped(batch)
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        out = dpo_loss(*self.pair_errors(batch), beta=self.beta)
-        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
+    def objective_output(self, batch: dict):
+        return dpo_loss(*self.pair_errors(batch), beta=self.beta)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from align.modules.base import DiffusionModule
-from align.modules.frozen import adapters_disabled, trainable_parameters
+from align.modules.frozen import trainable_parameters
 from align.modules.sampling import PolicySampling
 from align.objectives.distributed import any_rank
 from align.objectives.grpo import group_advantages, grpo_loss
@@ -149,13 +149,9 @@ class GRPOModule(PolicySampling, DiffusionModule):
         t = self.timesteps[step]
         if not reference:
             pred = self.guided_prediction(x, t, cond, time_ids)
-        else:
-            with torch.no_grad():
-                if self.use_lora_reference:
-                    with adapters_disabled(self.unet):
-                        pred = self.guided_prediction(x, t, cond, time_ids)
-                else:
-                    pred = self.guided_prediction(x, t, cond, time_ids, unet=self.ref_unet)
+        else:  # reference 'none' with kl_beta: the policy, without gradient, stands in
+            with torch.no_grad(), self.reference_denoiser(required=False) as unet:
+                pred = self.guided_prediction(x, t, cond, time_ids, unet=unet)
         _, log_prob, mean = self.transition(step, pred, x, prev_sample=prev)
         return log_prob, mean
 

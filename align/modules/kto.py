@@ -82,12 +82,5 @@ class KTOModule(DiffusionModule):
             lambda_u=self.lambda_u,
         )
 
-    def training_step(self, batch: dict, batch_idx: int):
-        out = self.kto_step(batch)
-        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
-        self.log_skipped(batch)
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        out = self.kto_step(batch)
-        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
+    def objective_output(self, batch: dict):
+        return self.kto_step(batch)

@@ -21,11 +21,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from align.modules.trainable import TrainableModule
 from align.objectives.preference import preference_loss
 from align.objectives.reward import DegenerateDirection, segment_cosines, segment_score
 from align.rewards.denscore import Denscore, write_denscore_export
@@ -62,7 +62,7 @@ def load_clip(source: str, seed: int = 0):
     return model, tokenizer, processor
 
 
-class PreferenceModelModule(L.LightningModule):
+class PreferenceModelModule(TrainableModule):
     """Fine-tunes a CLIPModel into a segment-level preference model.
 
     Args:
@@ -103,13 +103,9 @@ class PreferenceModelModule(L.LightningModule):
             clip_model.logit_scale.requires_grad_(False)
         self.scorer = Denscore(HFClip(clip_model, tokenizer, processor), splitter=splitter)
         self.scorer.train()
-        self.splitter, self.segment_weight, self.fixed_logit_scale = (
-            splitter,
-            segment_weight,
-            logit_scale,
-        )
+        self.splitter, self.segment_weight = splitter, segment_weight
+        self.fixed_logit_scale = logit_scale
         self._recent: collections.deque[str] = collections.deque(maxlen=direction_captions)
-        self._skipped: dict[str, int] = {}
 
     @property
     def clip(self):
@@ -133,10 +129,8 @@ class PreferenceModelModule(L.LightningModule):
         img_0, img_1 = image_emb[:b], image_emb[b:]
         scores_0 = segment_score(img_0, texts.embeddings, texts.mask)
         scores_1 = segment_score(img_1, texts.embeddings, texts.mask)
-        seg_0, seg_1 = (
-            segment_cosines(img_0, texts.embeddings),
-            segment_cosines(img_1, texts.embeddings),
-        )
+        seg_0 = segment_cosines(img_0, texts.embeddings)
+        seg_1 = segment_cosines(img_1, texts.embeddings)
         return preference_loss(
             scores_0,
             scores_1,
@@ -154,10 +148,7 @@ class PreferenceModelModule(L.LightningModule):
         self._recent.extend(batch["caption"])
         self.log_metrics("train", out.metrics(), len(batch["caption"]))
         self.log("train/logit_scale", self.current_logit_scale().detach())
-        for reason, count in batch.get("skipped", {}).items():
-            self._skipped[reason] = self._skipped.get(reason, 0) + count
-        for reason, total in self._skipped.items():
-            self.log(f"train/skipped/{reason}", float(total), reduce_fx="max")
+        self.log_skipped(batch)
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -183,23 +174,7 @@ class PreferenceModelModule(L.LightningModule):
                 f"the data module crops {size} px but the CLIP vision tower takes {expected} px"
             )
 
-    # ---- optimisation, export --------------------------------------------------------------------
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            # one foreach pass, not a norm per tensor
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
-
+    # ---- export ----------------------------------------------------------------------------------
     @torch.no_grad()
     def export_direction(self, captions: list[str] | None = None) -> torch.Tensor | None:
         """The common direction of ``captions`` (default: the recent training captions) under the

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from align.models.sampling import SPEC_FILE, save_prompt_encoder
+from align.models.sampling import read_prompt_encoder_spec, save_prompt_encoder
 from align.modules.base import DiffusionModule
-from align.modules.sampling import PolicySampling, ddim_timesteps
+from align.modules.sampling import PolicySampling
 from align.objectives.distributed import any_rank
 from align.rewards.rft import RewardObjective
 
@@ -59,17 +59,8 @@ def grad_step_indices(num_steps: int, grad_steps: int, offset: int) -> list[int]
 
 
 def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
-    """(kind, args) of ``<export>/prompt_encoder.json`` (T5 adapter path made absolute), or None."""
-    if export_dir is None:
-        return None
-    path = Path(export_dir).expanduser() / SPEC_FILE
-    if not path.is_file():
-        return None
-    spec = json.loads(path.read_text())
-    args = dict(spec.get("args") or {})
-    if args.get("t5"):
-        args["t5"] = {**args["t5"], "adapter": str(path.parent / args["t5"]["adapter"])}
-    return spec["kind"], args
+    """(kind, args) of ``<export>/prompt_encoder.json`` (``~`` expanded), or None."""
+    return None if export_dir is None else read_prompt_encoder_spec(Path(export_dir).expanduser())
 
 
 def merge_lora_into_unet(unet, source: str | Path, sdxl: bool = False) -> int:
@@ -150,9 +141,7 @@ class RFTModule(PolicySampling, DiffusionModule):
         self.num_steps, self.grad_steps, self.guidance_scale = num_steps, grad_steps, guidance_scale
         self.resolution = resolution or self.components.resolution
         self.vae_checkpointing = vae_checkpointing
-        self.register_buffer(
-            "alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
+        self.setup_sampler(num_steps, eta=0.0)  # DDIM's trailing timesteps and alphas
         self.init_lora = init_lora
         self._counts: dict[str, int] = {}
 
@@ -190,14 +179,10 @@ class RFTModule(PolicySampling, DiffusionModule):
         both, time_ids = self.conditioning(prompts)
         if noise is None:
             noise = self.initial_noise(len(prompts), generator)
-        timesteps = ddim_timesteps(self.scheduler.config.num_train_timesteps, self.num_steps)
-        timesteps = timesteps.to(self.device)
-        alphas = self.alphas_cumprod.to(self.device)
         chosen = set(grad_indices)
         x, x0 = noise.float(), None
-        for i, t in enumerate(timesteps):
-            a_t = alphas[t]
-            a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
+        for i, t in enumerate(self.timesteps):
+            a_t, a_prev = self.a_t[i], self.a_prev[i]
             x_in = x.detach()  # official: the UNet never differentiates through its input
             if i in chosen and torch.is_grad_enabled():
                 pred = checkpoint(

@@ -33,7 +33,7 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
 class PolicySampling:
     """Mixed into a ``DiffusionModule`` that samples its own images while it trains; the subclass
     sets ``guidance_scale``, ``resolution`` and ``vae_checkpointing``, and calls
-    ``setup_sampler`` for the stochastic transitions (GRPO)."""
+    ``setup_sampler`` for the sampler's schedule (GRPO's stochastic transitions, RFT's DDIM)."""
 
     guidance_scale: float
     resolution: int

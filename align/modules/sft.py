@@ -11,7 +11,6 @@ from pathlib import Path
 
 from align.models.sampling import save_prompt_encoder
 from align.modules.base import DiffusionModule
-from align.objectives.common import diffusion_target
 from align.objectives.denoise import DenoiseOutput, denoise_loss, min_snr_weights
 
 
@@ -49,29 +48,15 @@ class SFTModule(DiffusionModule):
         time_ids = self.time_ids(batch, latents.shape[0])
         noisy = self.noisy_latents(latents, noise, t)
         pred = self.unet_forward(self.unet, noisy, t, cond, time_ids)
-        if self.flow is not None:  # the flow target and weights (align.models.flow)
-            args = (pred, latents, noise, noisy, t, self.scheduler)
-            return denoise_loss(
-                *self.flow.prediction_and_target(*args), self.flow.weights(*args[4:])
-            )
-        target = diffusion_target(self.prediction_type, latents, noise, t, self.scheduler)
-        weights = None
-        if self.snr_gamma is not None:
+        pred, target, weights = self.prediction_target(pred, latents, noise, noisy, t)
+        if self.snr_gamma is not None:  # UNets only: a flow model refuses snr_gamma
             weights = min_snr_weights(
                 t, self.scheduler.alphas_cumprod, self.snr_gamma, self.prediction_type
             )
         return denoise_loss(pred, target, weights)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        out = self.denoise(batch)
-        self.log_metrics("train", out.metrics(), batch_size=len(batch["caption"]))
-        self.log_skipped(batch)
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        # the same draws at every validation (DiffusionModule.seed_streams)
-        out = self.denoise(batch)
-        self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
+    def objective_output(self, batch: dict) -> DenoiseOutput:
+        return self.denoise(batch)
 
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)

@@ -1,8 +1,17 @@
-"""Pieces shared by every denoising objective: the regression target and the per-sample error."""
+"""Pieces shared by the objectives: the regression target, the per-sample error and the base of
+their output dataclasses."""
 
 from __future__ import annotations
 
 import torch
+
+
+class ObjectiveOutput:
+    """Base of an objective's output dataclass: ``loss`` and diagnostics, logged by ``metrics``."""
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Every field, detached."""
+        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def diffusion_target(

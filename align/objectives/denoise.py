@@ -13,19 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from align.objectives.common import per_sample_error
+from align.objectives.common import ObjectiveOutput, per_sample_error
 
 
 @dataclass
-class DenoiseOutput:
+class DenoiseOutput(ObjectiveOutput):
     """The loss and its diagnostics (all detached except ``loss``)."""
 
     loss: torch.Tensor
     err: torch.Tensor  # mean *unweighted* per-sample error: comparable across weighting schemes
     weight_mean: torch.Tensor  # mean per-sample weight (1.0 when unweighted)
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def denoise_loss(

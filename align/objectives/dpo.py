@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from align.objectives.common import ObjectiveOutput
+
 
 @dataclass
-class DPOOutput:
+class DPOOutput(ObjectiveOutput):
     """The loss and what a researcher watches while it trains (all detached except ``loss``)."""
 
     loss: torch.Tensor
@@ -34,9 +36,6 @@ class DPOOutput:
     policy_err_l: torch.Tensor
     ref_err_w: torch.Tensor
     ref_err_l: torch.Tensor
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def _split_pairs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:

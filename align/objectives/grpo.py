@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from align.objectives.common import ObjectiveOutput
+
 
 def ddim_std(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
     """The DDIM transition's standard deviation sigma_t(eta) (DDIM eq. 16)."""
@@ -145,15 +147,12 @@ def group_advantages(
 
 
 @dataclass
-class GRPOOutput:
+class GRPOOutput(ObjectiveOutput):
     loss: torch.Tensor
     ratio: torch.Tensor  # mean exp(logp_new - logp_old)
     clip_frac: torch.Tensor  # fraction of samples where the clip was active
     approx_kl: torch.Tensor  # 0.5 * mean (logp_new - logp_old)^2 (DDPO's diagnostic)
     kl_ref: torch.Tensor  # mean KL to the reference transition (0 without one)
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def grpo_loss(

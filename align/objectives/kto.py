@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from align.objectives.common import ObjectiveOutput
 from align.objectives.distributed import all_reduce_mean
 
 UTILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -34,7 +35,7 @@ UTILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 @dataclass
-class KTOOutput:
+class KTOOutput(ObjectiveOutput):
     """The loss and what a researcher watches while it trains (all detached except ``loss``).
 
     ``reward_desirable`` / ``reward_undesirable`` are the mean implicit reward g over this rank's
@@ -52,9 +53,6 @@ class KTOOutput:
     frac_desirable: torch.Tensor  # fraction of this rank's samples labelled desirable
     policy_err: torch.Tensor  # mean policy error
     ref_err: torch.Tensor  # mean reference error
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def kto_reference_point(policy_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from align.objectives.common import ObjectiveOutput
+
 
 @dataclass
-class PreferenceOutput:
+class PreferenceOutput(ObjectiveOutput):
     """The loss and its diagnostics (all detached except ``loss``).
 
     ``accuracy`` counts pairs with a human preference (label_0 != label_1): correct when the higher
@@ -47,9 +49,6 @@ class PreferenceOutput:
     n_decided: torch.Tensor  # number of non-tied pairs behind ``accuracy``
     tie_frac: torch.Tensor  # fraction of pairs labelled a tie
     score_margin: torch.Tensor  # mean over non-tied pairs of s_preferred - s_other; 0.0 when none
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.__dict__.items()}
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 
 from helpers import perturb_lora
 
-from align.modules.rft import RFTModule, ddim_timesteps, grad_step_indices
+from align.modules.rft import RFTModule, grad_step_indices
+from align.modules.sampling import ddim_timesteps
 from align.objectives.reward import rft_loss
 from align.rewards.rft import SegmentPreference
 

@@ -67,13 +67,10 @@ def _count_tar_samples(url: str) -> int:
     """Samples in a tar up to where it is damaged
     (a shard that cannot be read at all: 0, logged). A remote one is streamed through once."""
     count = 0
+    remote = is_remote(url)
     try:
-        if is_remote(url):
-            for _ in iter_tar_samples(url, fields=lambda field: False):
-                count += 1
-        else:
-            for _ in iter_tar_groups(url):
-                count += 1
+        for _ in iter_tar_samples(url, lambda field: False) if remote else iter_tar_groups(url):
+            count += 1
     except READ_ERRORS as err:
         log.warning(
             "shard %s is damaged after %d samples (%r): the rest of it is left out", url, count, err
@@ -127,14 +124,13 @@ def shard_sizes(urls: list[str]) -> list[int]:
     command wrote beside the shards to start without that download. Inside ``no_shard_downloads()``
     (``align plan``) such shards are a ``ValueError`` instead."""
     manifests: dict = {}
-    sizes: list[int | None] = []
-    for url in urls:
-        if is_remote(url):
-            sizes.append(_remote_manifest_size(url, manifests))
-        else:
-            sizes.append(_local_manifest_size(url, manifests))
+    sizes = [
+        (_remote_manifest_size if is_remote(url) else _local_manifest_size)(url, manifests)
+        for url in urls
+    ]
     unlisted = [i for i, size in enumerate(sizes) if size is None]
-    remote = [urls[i] for i in unlisted if is_remote(urls[i])]
+    remote_at = [i for i in unlisted if is_remote(urls[i])]
+    remote = [urls[i] for i in remote_at]
     if remote and not _count_remote_shards.get():
         raise ValueError(
             f"{len(remote)} remote shard(s) ({describe(remote)}) are listed in no {MANIFEST} "
@@ -153,16 +149,11 @@ def shard_sizes(urls: list[str]) -> list[int]:
     for i in unlisted:
         if not is_remote(urls[i]):
             sizes[i] = _count_tar_samples(urls[i])
-    remote_at = [i for i in unlisted if is_remote(urls[i])]
-    if remote_at:
-        with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote_at))) as pool:
-            counts = tqdm(
-                pool.map(_count_tar_samples, [urls[i] for i in remote_at]),
-                total=len(remote_at),
-                desc="counting remote shards",
-                unit="shard",
-            )
-            for i, count in zip(remote_at, counts):
+    if remote:
+        with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote))) as pool:
+            counts = pool.map(_count_tar_samples, remote)
+            bar = tqdm(counts, total=len(remote), desc="counting remote shards", unit="shard")
+            for i, count in zip(remote_at, bar):
                 sizes[i] = count
     return sizes
 
@@ -275,12 +266,8 @@ class EpochStream(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         self.urls, self.sizes, self.decode, self.collate = urls, sizes, decode, collate
-        self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = (
-            batch_size,
-            seed,
-            shuffle,
-            shuffle_buffer,
-        )
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.custom_segment = segment_samples
         self.rank, self.world, _, _ = wds.utils.pytorch_worker_info()  # of the process that plans
         self.workers = 1  # set by EpochLoader from its num_workers
@@ -413,7 +400,6 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator:
         _, _, worker, workers = wds.utils.pytorch_worker_info()
-        rank = self.rank
         if workers != self.workers:
             raise RuntimeError(
                 f"the stream was planned for {self.workers} workers, runs in {workers}"
@@ -430,7 +416,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         segment, index = divmod(first, per_segment)
         skip = index // self.workers  # batches of this role already consumed in that segment
         while count > 0:
-            stream = self._segment_stream(segment, rank, role, counter)
+            stream = self._segment_stream(segment, self.rank, role, counter)
             for batch in itertools.islice(stream, skip, skip + count):
                 yield batch
                 count -= 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import json
 import logging
 import math
 import os
@@ -38,7 +37,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from align.data.pipeline import SKIPPED, SkipCounter, SkipSample
-from align.data.remote import MANIFEST, describe, is_remote, manifest_location, manifest_sizes
+from align.data.remote import MANIFEST, describe, is_remote, local_manifest, manifest_location
+from align.data.remote import manifest_sizes
 from align.data.tars import READ_ERRORS, iter_tar_groups, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ def _local_manifest_size(url: str, manifests: dict) -> int | None:
     path = Path(url)
     folder = path.parent
     if folder not in manifests:
-        try:
-            manifests[folder] = json.loads((folder / MANIFEST).read_text()).get("shards", {})
-        except (OSError, ValueError, AttributeError):
-            manifests[folder] = {}
+        manifests[folder] = (local_manifest(folder) or {}).get("shards", {})
     record = manifests[folder].get(path.name)
     if not (isinstance(record, dict) and "samples" in record):
         return None

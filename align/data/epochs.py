@@ -184,36 +184,6 @@ def epoch_batches(
     return max(m, n // m * m)
 
 
-def role_ranges(
-    sizes: list[int],
-    *,
-    seed: int,
-    segment: int,
-    shuffle: bool,
-    world: int,
-    workers: int,
-    batch_size: int,
-    rank: int,
-    role: int,
-) -> list[tuple[int, int, int]]:
-    """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in this
-    pass."""
-    per_role = batches_per_role(sum(sizes), world, workers, batch_size) * batch_size
-    order = list(range(len(sizes)))
-    if shuffle:
-        random.Random(f"{seed}/{segment}/shards").shuffle(order)
-    start = (rank * workers + role) * per_role
-    end, ranges, offset = start + per_role, [], 0
-    for shard in order:
-        lo, hi = max(start, offset), min(end, offset + sizes[shard])
-        if lo < hi:
-            ranges.append((shard, lo - offset, hi - offset))
-        offset += sizes[shard]
-        if offset >= end:
-            break
-    return ranges
-
-
 def interleave(
     iterators: list[Iterator], weights: list[int], rng: random.Random | None
 ) -> Iterator:
@@ -303,20 +273,29 @@ class EpochStream(torch.utils.data.IterableDataset):
         )
 
     # reading
+    def _role_ranges(self, segment, rank: int, role: int) -> list[tuple[int, int, int]]:
+        """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in
+        this pass."""
+        sizes, workers, batch = self.sizes, self.workers, self.batch_size
+        per_role = batches_per_role(sum(sizes), self.world, workers, batch) * batch
+        order = list(range(len(sizes)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{segment}/shards").shuffle(order)
+        start = (rank * workers + role) * per_role
+        end, ranges, offset = start + per_role, [], 0
+        for shard in order:
+            lo, hi = max(start, offset), min(end, offset + sizes[shard])
+            if lo < hi:
+                ranges.append((shard, lo - offset, hi - offset))
+            offset += sizes[shard]
+            if offset >= end:
+                break
+        return ranges
+
     def _role_samples(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
         """Raw samples of a role's range in one pass
         (``segment``: the pass's name in every seed)."""
-        ranges = role_ranges(
-            self.sizes,
-            seed=self.seed,
-            segment=segment,
-            shuffle=self.shuffle,
-            world=self.world,
-            workers=self.workers,
-            batch_size=self.batch_size,
-            rank=rank,
-            role=role,
-        )
+        ranges = self._role_ranges(segment, rank, role)
         readers = [self.read(s, lo, hi, counter) for s, lo, hi in ranges]
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/order") if self.shuffle else None
         samples = interleave(readers, [hi - lo for _, lo, hi in ranges], rng)

@@ -383,13 +383,12 @@ class EpochStream(torch.utils.data.IterableDataset):
         epoch, start = self.position
         length = len(self)
         first = epoch * length + start + worker  # this worker's first batch (rank-local numbering)
-        if first >= (epoch + 1) * length:
+        end = (epoch + 1) * length
+        if first >= end:
             return
-        role = first % self.workers
-        count = len(range(first, (epoch + 1) * length, self.workers))
-        per_segment = self.segment_batches
+        role, count = first % self.workers, len(range(first, end, self.workers))
         counter = SkipCounter()
-        segment, index = divmod(first, per_segment)
+        segment, index = divmod(first, self.segment_batches)
         skip = index // self.workers  # batches of this role already consumed in that segment
         while count > 0:
             stream = self._segment_stream(segment, self.rank, role, counter)

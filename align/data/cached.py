@@ -254,11 +254,8 @@ class CachedShards:
         flip_prob: float = 0.0,
         crop: str = "center",
     ):
-        folders = list(
-            dict.fromkeys(
-                os.path.dirname(os.path.abspath(u)) for urls in url_sets if urls for u in urls
-            )
-        )
+        urls = [u for url_set in url_sets if url_set for u in url_set]
+        folders = dict.fromkeys(os.path.dirname(os.path.abspath(u)) for u in urls)
         self.infos = [read_cache_info(folder) for folder in folders]
         for info in self.infos:
             folder, schema, res = info["folder"], info["schema"], info["resolution"]

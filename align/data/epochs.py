@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import json
 import logging
 import math
 import os
@@ -38,7 +37,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from align.data.pipeline import SKIPPED, SkipCounter, SkipSample
-from align.data.remote import MANIFEST, describe, is_remote, manifest_location, manifest_sizes
+from align.data.remote import MANIFEST, describe, is_remote, local_manifest, manifest_location
+from align.data.remote import manifest_sizes
 from align.data.tars import READ_ERRORS, iter_tar_groups, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,10 @@ def _count_tar_samples(url: str) -> int:
     """Samples in a tar up to where it is damaged
     (a shard that cannot be read at all: 0, logged). A remote one is streamed through once."""
     count = 0
+    remote = is_remote(url)
     try:
-        if is_remote(url):
-            for _ in iter_tar_samples(url, fields=lambda field: False):
-                count += 1
-        else:
-            for _ in iter_tar_groups(url):
-                count += 1
+        for _ in iter_tar_samples(url, lambda field: False) if remote else iter_tar_groups(url):
+            count += 1
     except READ_ERRORS as err:
         log.warning(
             "shard %s is damaged after %d samples (%r): the rest of it is left out", url, count, err
@@ -86,10 +83,7 @@ def _local_manifest_size(url: str, manifests: dict) -> int | None:
     path = Path(url)
     folder = path.parent
     if folder not in manifests:
-        try:
-            manifests[folder] = json.loads((folder / MANIFEST).read_text()).get("shards", {})
-        except (OSError, ValueError, AttributeError):
-            manifests[folder] = {}
+        manifests[folder] = (local_manifest(folder) or {}).get("shards", {})
     record = manifests[folder].get(path.name)
     if not (isinstance(record, dict) and "samples" in record):
         return None
@@ -127,14 +121,13 @@ def shard_sizes(urls: list[str]) -> list[int]:
     command wrote beside the shards to start without that download. Inside ``no_shard_downloads()``
     (``align plan``) such shards are a ``ValueError`` instead."""
     manifests: dict = {}
-    sizes: list[int | None] = []
-    for url in urls:
-        if is_remote(url):
-            sizes.append(_remote_manifest_size(url, manifests))
-        else:
-            sizes.append(_local_manifest_size(url, manifests))
+    sizes = [
+        (_remote_manifest_size if is_remote(url) else _local_manifest_size)(url, manifests)
+        for url in urls
+    ]
     unlisted = [i for i, size in enumerate(sizes) if size is None]
-    remote = [urls[i] for i in unlisted if is_remote(urls[i])]
+    remote_at = [i for i in unlisted if is_remote(urls[i])]
+    remote = [urls[i] for i in remote_at]
     if remote and not _count_remote_shards.get():
         raise ValueError(
             f"{len(remote)} remote shard(s) ({describe(remote)}) are listed in no {MANIFEST} "
@@ -153,16 +146,11 @@ def shard_sizes(urls: list[str]) -> list[int]:
     for i in unlisted:
         if not is_remote(urls[i]):
             sizes[i] = _count_tar_samples(urls[i])
-    remote_at = [i for i in unlisted if is_remote(urls[i])]
-    if remote_at:
-        with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote_at))) as pool:
-            counts = tqdm(
-                pool.map(_count_tar_samples, [urls[i] for i in remote_at]),
-                total=len(remote_at),
-                desc="counting remote shards",
-                unit="shard",
-            )
-            for i, count in zip(remote_at, counts):
+    if remote:
+        with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote))) as pool:
+            counts = pool.map(_count_tar_samples, remote)
+            bar = tqdm(counts, total=len(remote), desc="counting remote shards", unit="shard")
+            for i, count in zip(remote_at, bar):
                 sizes[i] = count
     return sizes
 
@@ -194,36 +182,6 @@ def epoch_batches(
         n = batches_per_epoch or batches_per_role(total, world, workers, batch_size) * workers
         m = multiple_of
     return max(m, n // m * m)
-
-
-def role_ranges(
-    sizes: list[int],
-    *,
-    seed: int,
-    segment: int,
-    shuffle: bool,
-    world: int,
-    workers: int,
-    batch_size: int,
-    rank: int,
-    role: int,
-) -> list[tuple[int, int, int]]:
-    """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in this
-    pass."""
-    per_role = batches_per_role(sum(sizes), world, workers, batch_size) * batch_size
-    order = list(range(len(sizes)))
-    if shuffle:
-        random.Random(f"{seed}/{segment}/shards").shuffle(order)
-    start = (rank * workers + role) * per_role
-    end, ranges, offset = start + per_role, [], 0
-    for shard in order:
-        lo, hi = max(start, offset), min(end, offset + sizes[shard])
-        if lo < hi:
-            ranges.append((shard, lo - offset, hi - offset))
-        offset += sizes[shard]
-        if offset >= end:
-            break
-    return ranges
 
 
 def interleave(
@@ -275,12 +233,8 @@ class EpochStream(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         self.urls, self.sizes, self.decode, self.collate = urls, sizes, decode, collate
-        self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = (
-            batch_size,
-            seed,
-            shuffle,
-            shuffle_buffer,
-        )
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.custom_segment = segment_samples
         self.rank, self.world, _, _ = wds.utils.pytorch_worker_info()  # of the process that plans
         self.workers = 1  # set by EpochLoader from its num_workers
@@ -319,20 +273,29 @@ class EpochStream(torch.utils.data.IterableDataset):
         )
 
     # reading
+    def _role_ranges(self, segment, rank: int, role: int) -> list[tuple[int, int, int]]:
+        """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in
+        this pass."""
+        sizes, workers, batch = self.sizes, self.workers, self.batch_size
+        per_role = batches_per_role(sum(sizes), self.world, workers, batch) * batch
+        order = list(range(len(sizes)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{segment}/shards").shuffle(order)
+        start = (rank * workers + role) * per_role
+        end, ranges, offset = start + per_role, [], 0
+        for shard in order:
+            lo, hi = max(start, offset), min(end, offset + sizes[shard])
+            if lo < hi:
+                ranges.append((shard, lo - offset, hi - offset))
+            offset += sizes[shard]
+            if offset >= end:
+                break
+        return ranges
+
     def _role_samples(self, segment, rank: int, role: int, counter) -> Iterator[dict]:
         """Raw samples of a role's range in one pass
         (``segment``: the pass's name in every seed)."""
-        ranges = role_ranges(
-            self.sizes,
-            seed=self.seed,
-            segment=segment,
-            shuffle=self.shuffle,
-            world=self.world,
-            workers=self.workers,
-            batch_size=self.batch_size,
-            rank=rank,
-            role=role,
-        )
+        ranges = self._role_ranges(segment, rank, role)
         readers = [self.read(s, lo, hi, counter) for s, lo, hi in ranges]
         rng = random.Random(f"{self.seed}/{segment}/{rank}/{role}/order") if self.shuffle else None
         samples = interleave(readers, [hi - lo for _, lo, hi in ranges], rng)
@@ -413,7 +376,6 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator:
         _, _, worker, workers = wds.utils.pytorch_worker_info()
-        rank = self.rank
         if workers != self.workers:
             raise RuntimeError(
                 f"the stream was planned for {self.workers} workers, runs in {workers}"
@@ -421,16 +383,15 @@ class EpochStream(torch.utils.data.IterableDataset):
         epoch, start = self.position
         length = len(self)
         first = epoch * length + start + worker  # this worker's first batch (rank-local numbering)
-        if first >= (epoch + 1) * length:
+        end = (epoch + 1) * length
+        if first >= end:
             return
-        role = first % self.workers
-        count = len(range(first, (epoch + 1) * length, self.workers))
-        per_segment = self.segment_batches
+        role, count = first % self.workers, len(range(first, end, self.workers))
         counter = SkipCounter()
-        segment, index = divmod(first, per_segment)
+        segment, index = divmod(first, self.segment_batches)
         skip = index // self.workers  # batches of this role already consumed in that segment
         while count > 0:
-            stream = self._segment_stream(segment, rank, role, counter)
+            stream = self._segment_stream(segment, self.rank, role, counter)
             for batch in itertools.islice(stream, skip, skip + count):
                 yield batch
                 count -= 1

@@ -47,17 +47,12 @@ class CaptionSource:
     name: str | None = None
 
 
-def read_caption(sample: dict, key: str = CAPTION_KEY) -> str:
-    """The stripped caption of a raw sample; SkipSample when it is missing, not UTF-8 or empty."""
-    return decode_caption(sample.get(key))
-
-
 def decode_long_caption(
     sample: dict, transform: ImageTransform, source: str = "", rng: random.Random = random
 ) -> dict:
     """One raw long-caption sample -> an image tensor and its caption;
     raises SkipSample for unusable ones."""
-    caption = read_caption(sample)
+    caption = decode_caption(sample.get(CAPTION_KEY))
     aug = transform(decode_image(sample, IMAGE_KEY), rng)
     return {
         "pixel_values": aug.pixels,

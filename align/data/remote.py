@@ -37,6 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import BinaryIO
 
 from braceexpand import braceexpand
@@ -263,6 +264,15 @@ def manifest_location(url: str) -> tuple[str, str] | None:
         beside = f"{folder}/{MANIFEST}" if folder else MANIFEST
         return PIPE_PREFIX + command.replace(tars[0], beside), name
     return None
+
+
+def local_manifest(folder: Path) -> dict | None:
+    """The ``manifest.json`` in local ``folder`` (None when absent, unreadable or not an object)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def fetch_manifest(where: str) -> dict | None:

@@ -88,10 +88,8 @@ class CachedShardCheck:
         self.settings_from = MANIFEST if settings is not None else None
         self.schema = (settings or {}).get("schema")
         if self.schema not in cached.SCHEMAS:  # no cache manifest: the first sample's layout
-            if fields & set(cached.PAIR_MOMENTS):
-                self.schema = "pair"
-            else:
-                self.schema = "long" if "txt" in fields else "single"
+            single = "long" if "txt" in fields else "single"
+            self.schema = "pair" if fields & set(cached.PAIR_MOMENTS) else single
         pair = self.schema == "pair"
         self.moments = cached.PAIR_MOMENTS if pair else (cached.SINGLE_MOMENTS,)
         self.flip_moments = cached.PAIR_MOMENTS_FLIP if pair else (cached.SINGLE_MOMENTS_FLIP,)
@@ -214,13 +212,8 @@ class CachedShardCheck:
         shape = tuple(array.shape)
         resolution = (self.settings or {}).get("resolution")
         if group == "moments":
-            ok = (
-                len(shape) == 3
-                and shape[0] > 0
-                and shape[0] % 2 == 0
-                and shape[1] == shape[2] > 0
-                and (not isinstance(resolution, int) or resolution % shape[1] == 0)
-            )
+            ok = len(shape) == 3 and shape[0] > 0 and shape[0] % 2 == 0 and shape[1] == shape[2] > 0
+            ok = ok and (not isinstance(resolution, int) or resolution % shape[1] == 0)
             expected = f"(2C, h, h) with h dividing the resolution {resolution}"
         else:
             ok = len(shape) == (2 if group == self.cached.EMBEDS else 1) and all(shape)

@@ -94,9 +94,8 @@ class Encoder:
     def moments(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            chunk = torch.stack(pixels[start : start + self.batch_size]).to(
-                self.device, self.vae.dtype
-            )
+            batch = pixels[start : start + self.batch_size]
+            chunk = torch.stack(batch).to(self.device, self.vae.dtype)
             with self.autocast:
                 params = self.vae.encode(chunk).latent_dist.parameters
             out.extend(params.float().cpu().numpy().astype(self.store))
@@ -295,10 +294,8 @@ def main(argv: list[str]) -> int:
         schema = detect_schema(set(first[1])) if first else None
     if schema is None:
         return fail(f"cannot tell the schema of {paths[0]} (pair, single or long): pass --schema")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -45,10 +45,7 @@ ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 
 def archive_stem(path: str) -> str:
     name = Path(path).name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return next((name[: -len(s)] for s in ARCHIVE_SUFFIXES if name.endswith(s)), name)
 
 
 def _sample(annotation: dict, image: bytes | None, opts: dict):

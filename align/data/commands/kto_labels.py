@@ -155,12 +155,8 @@ def build_plan(paths: list[str], policy: str, workers: int, progress: bool):
             )
     for entries in emit.values():
         entries.sort()
-    stats = {
-        "images": dict(sorted(images.items())),
-        "pairs": pairs,
-        "tie_pairs": ties,
-        "policy": policy,
-    }
+    stats = {"images": dict(sorted(images.items())), "pairs": pairs, "tie_pairs": ties}
+    stats["policy"] = policy
     return emit, slot_skips, stats, read_errors
 
 

@@ -39,6 +39,7 @@ from align.data.remote import (
     RemoteShardError,
     fetch_manifest,
     is_remote,
+    local_manifest,
     manifest_location,
     open_remote,
 )
@@ -113,15 +114,6 @@ def sample_problems(schema: str, sample: dict[str, bytes]) -> list[tuple[str, st
     return problems
 
 
-def _local_manifest(path: Path) -> dict | None:
-    """The ``manifest.json`` beside ``path`` (None when absent or unreadable)."""
-    try:
-        data = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # every shard of a remote folder shares one manifest: fetched once per process
 _remote_manifest = functools.lru_cache(maxsize=16)(fetch_manifest)
 
@@ -129,7 +121,7 @@ _remote_manifest = functools.lru_cache(maxsize=16)(fetch_manifest)
 def _manifest_record(shard: str) -> tuple[dict | None, dict | None]:
     """(the manifest where ``shard`` is, or None; its record of the shard, or None)."""
     if not is_remote(shard):
-        manifest, name = _local_manifest(Path(shard)), Path(shard).name
+        manifest, name = local_manifest(Path(shard).parent), Path(shard).name
     else:
         location = manifest_location(shard)
         manifest, name = (_remote_manifest(location[0]), location[1]) if location else (None, "")
@@ -154,12 +146,8 @@ def verify_shard(path: str, schema: str = "auto", examples: int = 20) -> dict:
     """One shard's report: samples, schema, problems by reason, examples (key, reason, detail)."""
     problems: Counter = Counter()
     found: list[tuple[str, str, str]] = []
-    report = {
-        "shard": path,
-        "samples": 0,
-        "bad_samples": 0,
-        "schema": None if schema == "auto" else schema,
-    }
+    report = {"shard": path, "samples": 0, "bad_samples": 0}
+    report["schema"] = None if schema == "auto" else schema
 
     def note(key: str, reason: str, detail: str) -> None:
         problems[reason] += 1
@@ -288,12 +276,6 @@ def main(argv: list[str]) -> int:
     samples, bad, totals = print_reports(reports)
     if args.report:
         with open(args.report, "w", encoding="utf-8") as handle:
-            report = {
-                "shards": reports,
-                "samples": samples,
-                "bad_samples": bad,
-                "problems": dict(totals),
-                "missing": missing,
-            }
-            json.dump(report, handle, indent=1)
+            found = dict(samples=samples, bad_samples=bad, problems=dict(totals), missing=missing)
+            json.dump({"shards": reports, **found}, handle, indent=1)
     return 1 if totals or missing else 0

@@ -18,14 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from align.rewards.base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ClipRewardModel,
-    normalize,
-    openai_clip_transform,
-    resize_shortest_center_crop,
-)
+from align.rewards.base import ClipRewardModel, OpenAIClipPreprocess
 from align.rewards.hf_clip import HFClip
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, resolve_file
@@ -55,7 +48,7 @@ class AestheticMLP(nn.Module):
         return self.layers(x)
 
 
-class AestheticScore(ClipRewardModel):
+class AestheticScore(OpenAIClipPreprocess, ClipRewardModel):
     name = "aesthetic"
     uses_text = False
 
@@ -64,15 +57,6 @@ class AestheticScore(ClipRewardModel):
         self.clip = clip
         self.head = head
         self.image_size = image_size
-        self._transform = openai_clip_transform(image_size)
-
-    def preprocess_pil(self, images):
-        return torch.stack([self._transform(im) for im in images])
-
-    def preprocess_tensor(self, images):
-        return normalize(
-            resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        )
 
     def image_features(self, pixel_values):
         return self.clip.image_features(pixel_values)

@@ -16,6 +16,7 @@ base class, without a copy per model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,9 +49,9 @@ def slice_images(images, start: int, stop: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Differentiable tensor preprocessing (images in [0, 1], shape (N, 3, H, W)).
+# Preprocessing; torchvision is imported on first use (about 1 s).
 # --------------------------------------------------------------------------------------------------
-def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
+def check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"image tensors must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}"
@@ -58,82 +59,58 @@ def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def resize_shortest(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased; torchvision's output-size
-    rule)."""
-    images = _check_tensor_images(images)
-    h, w = images.shape[-2:]
-    if min(h, w) == size:
-        return images
-    short, long = (h, w) if h <= w else (w, h)
-    new_short, new_long = size, int(size * long / short)
-    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
-    return F.interpolate(
-        images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-    )
+def clip_preprocess_tensor(
+    images: torch.Tensor,
+    resize: int | None,
+    crop: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """CLIP's ``Resize(resize, BICUBIC)`` (shorter side, antialiased), ``CenterCrop(crop)`` and
+    ``Normalize(mean, std)`` (None skips a step) on (N, 3, H, W) in [0, 1], differentiable."""
+    from torchvision.transforms import InterpolationMode, functional as TF
+
+    if resize is not None:
+        images = check_tensor_images(images)
+        images = TF.resize(images, resize, InterpolationMode.BICUBIC, antialias=True)
+    if crop is not None:
+        h, w = images.shape[-2:]
+        if h < crop or w < crop:  # torchvision would pad instead
+            raise ValueError(f"cannot center-crop {crop} from an image of {h}x{w}")
+        images = TF.center_crop(images, crop)
+    return TF.normalize(images, mean, std)
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Center-crop ``size`` x ``size`` (torchvision's rounding)."""
-    h, w = images.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"cannot center-crop {size} from an image of {h}x{w}")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top : top + size, left : left + size]
-
-
-def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``Resize(size, BICUBIC) + CenterCrop(size)`` (OpenAI CLIP, BLIP, the HF CLIP image processor)
-    as differentiable tensor ops."""
-    return center_crop(resize_shortest(images, size), size)
-
-
-def resize_longest_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
-    """Resize the longer side to ``size`` (bicubic, antialiased) and pad to a centred square
-    (HPSv2's ``ResizeMaxSize``), differentiable."""
-    images = _check_tensor_images(images)
-    h, w = images.shape[-2:]
-    scale = size / float(max(h, w))
-    if scale != 1.0:
-        new_h, new_w = round(h * scale), round(w * scale)
-        images = F.interpolate(
-            images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-        )
-        pad_h, pad_w = size - new_h, size - new_w
-        images = F.pad(
-            images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill
-        )
-    return images
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
-
-
+@functools.cache
 def openai_clip_transform(size: int = 224):
     """OpenAI CLIP's ``_transform(n_px)`` (also ImageReward's and the LAION aesthetic predictor's):
     PIL bicubic resize of the shorter side, center crop, RGB, ToTensor,
     normalise with the OpenAI CLIP statistics."""
-    from torchvision.transforms import (
-        CenterCrop,
-        Compose,
-        InterpolationMode,
-        Normalize,
-        Resize,
-        ToTensor,
-    )
+    from torchvision import transforms as T
 
-    return Compose(
+    return T.Compose(
         [
-            Resize(size, interpolation=InterpolationMode.BICUBIC),
-            CenterCrop(size),
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
             to_rgb,
-            ToTensor(),
-            Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+            T.ToTensor(),
+            T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ]
     )
+
+
+class OpenAIClipPreprocess:
+    """OpenAI CLIP's preprocessing at ``self.image_size`` (ImageReward, the aesthetic predictor):
+    ``openai_clip_transform`` for PIL images, the same steps as tensor ops for tensors."""
+
+    image_size: int
+
+    def preprocess_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([openai_clip_transform(self.image_size)(im) for im in images])
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        return clip_preprocess_tensor(images, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from align.rewards.base import ClipRewardModel, center_crop, normalize, resize_shortest
+from align.rewards.base import ClipRewardModel, clip_preprocess_tensor
 from align.rewards.sources import load_error, resolve_pretrained
 
 
@@ -74,9 +74,9 @@ class HFClip(nn.Module):
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         p = self.processor
-        x = resize_shortest(images, _shortest_edge(p)) if p.do_resize else images
-        x = center_crop(x, _crop_size(p)) if p.do_center_crop else x
-        return normalize(x, p.image_mean, p.image_std)
+        resize = _shortest_edge(p) if p.do_resize else None
+        crop = _crop_size(p) if p.do_center_crop else None
+        return clip_preprocess_tensor(images, resize, crop, p.image_mean, p.image_std)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixel_values))

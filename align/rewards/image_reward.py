@@ -39,14 +39,7 @@ from torch import nn
 
 from align.extras import require
 from align.rewards.aesthetic import AestheticMLP
-from align.rewards.base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    RewardModel,
-    normalize,
-    openai_clip_transform,
-    resize_shortest_center_crop,
-)
+from align.rewards.base import OpenAIClipPreprocess, RewardModel
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, load_error, resolve_file
 
@@ -128,7 +121,7 @@ def load_blip_tokenizer(source: str):
     return tokenizer
 
 
-class ImageReward(RewardModel):
+class ImageReward(OpenAIClipPreprocess, RewardModel):
     name = "imagereward"
 
     def __init__(
@@ -148,15 +141,6 @@ class ImageReward(RewardModel):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.mean, self.std = mean, std
-        self._transform = openai_clip_transform(image_size)
-
-    def preprocess_pil(self, images):
-        return torch.stack([self._transform(im) for im in images])
-
-    def preprocess_tensor(self, images):
-        return normalize(
-            resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        )
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from align.models.splitters import official_split
 from align.objectives.reward import decomposed_score, segment_score, segment_text_embedding
@@ -38,14 +39,6 @@ class RewardSourceError(FileNotFoundError):
 
 def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def num_images(images) -> int:
-    return int(images.shape[0]) if isinstance(images, torch.Tensor) else len(images)
-
-
-def slice_images(images, start: int, stop: int):
-    return images[start:stop]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,15 +107,6 @@ class OpenAIClipPreprocess:
 
 
 # --------------------------------------------------------------------------------------------------
-# LongAlign segments.
-# --------------------------------------------------------------------------------------------------
-def split_segments(caption: str) -> list[str]:
-    """LongAlign's own caption split (``align.models.splitters.official_split``),
-    the default for segment scores."""
-    return official_split(caption)
-
-
-# --------------------------------------------------------------------------------------------------
 # The interface.
 # --------------------------------------------------------------------------------------------------
 class RewardModel(nn.Module):
@@ -131,12 +115,7 @@ class RewardModel(nn.Module):
     grad control and device handling live here."""
 
     name: str = "reward"
-    #: whether a higher score means "better" (all rewards here); used by win rates and relabelling
-    higher_is_better: bool = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.default_batch_size = 32
+    default_batch_size: int = 32
 
     # -- to implement ------------------------------------------------------------------------------
     def preprocess_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -188,18 +167,22 @@ class RewardModel(nn.Module):
         """Scores (float32, shape (N,), on the model's device) of ``images`` for ``prompts`` (one
         per image, or one string for all). ``grad=True`` keeps the graph (needs tensor images to
         reach the pixels)."""
-        n = num_images(images)
+        n = len(images)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"{self.name}: {n} images but {len(prompts)} prompts")
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                pixels = self.pixel_values(slice_images(images, start, stop))
-                out.append(self(pixels, prompts[start:stop]).float().reshape(-1))
+        score = lambda ims, texts: self(self.pixel_values(ims), texts).reshape(-1)
+        out = self.batched(score, batch_size, grad, images, prompts)
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def batched(self, fn: Callable, batch_size: int | None, grad: bool, *seqs) -> list:
+        """``fn`` (as float32) of consecutive batches of ``seqs``, sliced alike (``batch_size``,
+        default ``default_batch_size``), with gradients only if ``grad``."""
+        size = batch_size or self.default_batch_size
+        with torch.set_grad_enabled(grad):
+            return [
+                fn(*(x[i : i + size] for x in seqs)).float() for i in range(0, len(seqs[0]), size)
+            ]
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -238,40 +221,23 @@ class ClipRewardModel(RewardModel):
         return self.score_embeddings(image_emb, text_emb)
 
     def embed_images(
-        self, images, batch_size: int | None = None, grad: bool = False, normalized: bool = True
+        self, images, batch_size: int | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Image embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, num_images(images), batch_size):
-                feats = self.image_features(
-                    self.pixel_values(slice_images(images, start, start + batch_size))
-                )
-                out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
-        return torch.cat(out)
+        """L2-normalised image embeddings (N, D) in float32."""
+        embed = lambda x: F.normalize(self.image_features(self.pixel_values(x)).float(), dim=-1)
+        return torch.cat(self.batched(embed, batch_size, grad, images))
 
     def embed_texts(
-        self,
-        prompts: Sequence[str],
-        batch_size: int | None = None,
-        grad: bool = False,
-        normalized: bool = True,
+        self, prompts: Sequence[str], batch_size: int | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Text embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
-        prompts = list(prompts)
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, len(prompts), batch_size):
-                feats = self.text_features(prompts[start : start + batch_size])
-                out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
-        return torch.cat(out)
+        """L2-normalised text embeddings (N, D) in float32."""
+        embed = lambda x: F.normalize(self.text_features(x).float(), dim=-1)
+        return torch.cat(self.batched(embed, batch_size, grad, list(prompts)))
 
     def embed_segments(
         self,
         captions: Sequence[str],
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LongAlign's segment-level text embeddings: each caption split into segments (LongAlign's
@@ -283,23 +249,20 @@ class ClipRewardModel(RewardModel):
         one batched call.
         """
         segments = [split(c) for c in captions]
-        flat = [s for segs in segments for s in segs]
-        emb = self.embed_texts(flat, grad=grad)
-        s_max = max(len(s) for s in segments)
-        out = emb.new_zeros(len(segments), s_max, emb.shape[-1])
-        mask = torch.zeros(len(segments), s_max, dtype=torch.bool, device=emb.device)
-        i = 0
-        for b, segs in enumerate(segments):
-            out[b, : len(segs)] = emb[i : i + len(segs)]
-            mask[b, : len(segs)] = True
-            i += len(segs)
+        emb = self.embed_texts([s for segs in segments for s in segs], grad=grad)
+        lengths = [len(segs) for segs in segments]
+        out = pad_sequence(list(emb.split(lengths)), batch_first=True)
+        mask = (
+            torch.arange(out.shape[1], device=emb.device)
+            < torch.tensor(lengths, device=emb.device)[:, None]
+        )
         return out, mask
 
     def segment_scores(
         self,
         images,
         captions: Sequence[str],
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ) -> torch.Tensor:
         """LongAlign's segment-level score (B,): the mean over segments of cos(image, segment)
@@ -314,7 +277,7 @@ class ClipRewardModel(RewardModel):
         captions: Sequence[str],
         direction: torch.Tensor,
         w: float = 0.3,
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ):
         """LongAlign's decomposition of the segment score along ``direction`` (v): a

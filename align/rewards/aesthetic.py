@@ -13,13 +13,11 @@ file is published in the GitHub repository christophschuhmann/improved-aesthetic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from align.rewards.base import ClipRewardModel, OpenAIClipPreprocess
-from align.rewards.hf_clip import HFClip
+from align.rewards.base import OpenAIClipPreprocess
+from align.rewards.hf_clip import HFClip, HFClipReward
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, resolve_file
 
@@ -48,21 +46,14 @@ class AestheticMLP(nn.Module):
         return self.layers(x)
 
 
-class AestheticScore(OpenAIClipPreprocess, ClipRewardModel):
+class AestheticScore(OpenAIClipPreprocess, HFClipReward):  # OpenAI CLIP's preprocessing, not HF's
     name = "aesthetic"
     uses_text = False
 
     def __init__(self, clip: HFClip, head: AestheticMLP, image_size: int = 224):
-        super().__init__()
-        self.clip = clip
+        super().__init__(clip)
         self.head = head
         self.image_size = image_size
-
-    def image_features(self, pixel_values):
-        return self.clip.image_features(pixel_values)
-
-    def text_features(self, prompts: Sequence[str]):
-        return self.clip.text_features(prompts)
 
     def score_embeddings(self, image_emb, text_emb=None):
         return self.head(image_emb.to(self.head.layers[0].weight.dtype)).squeeze(-1).float()

@@ -137,13 +137,7 @@ def build_denscore(
     """Denscore from an export directory (its own processor and direction) or a hub id (default: the
     published model with the CLIP-H processor, no direction). ``direction``: a saved direction file
     (overrides the export's)."""
-    if (
-        processor is None
-        and source is not None
-        and (Path(source).expanduser() / "preprocessor_config.json").is_file()
-    ):
-        processor = source
-    clip = HFClip.load("denscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR)
+    clip = HFClip.load("denscore", source, DEFAULT_MODEL, processor, DEFAULT_PROCESSOR)
     v = load_direction(direction) if direction else None
     return Denscore(clip, direction=v, w=float(w), splitter=splitter)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary
+from align.commands import doc_summary, options_of
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -95,21 +95,14 @@ def main(argv: list[str]) -> int:
     from align.rewards import RewardSourceError
 
     config = EvalConfig(
-        images=args.images,
-        baseline=args.baseline,
-        rewards=[r for r in args.rewards.split(",") if r.strip()],
-        reward_sources=dict(args.reward_source),
-        reward_root=args.reward_root,
-        pairing=args.pairing,
-        n_boot=args.bootstrap,
-        confidence=args.confidence,
-        seed=args.bootstrap_seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        fid_reference=args.fid_reference,
-        fid_features=args.fid_features,
-        out=args.out,
-        progress=not args.no_progress,
+        **{
+            **options_of(EvalConfig, args),  # those named alike; the others:
+            "rewards": [r for r in args.rewards.split(",") if r.strip()],
+            "reward_sources": dict(args.reward_source),
+            "n_boot": args.bootstrap,
+            "seed": args.bootstrap_seed,
+            "progress": not args.no_progress,
+        }
     )
     plot = bool(args.baseline) and not args.no_plot
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary
+from align.commands import doc_summary, options_of
 from align.eval.sampling import SCHEDULERS
 
 
@@ -96,23 +96,7 @@ def main(argv: list[str]) -> int:
         prompts = read_prompts(
             args.prompts, column=args.prompt_column, dedupe=args.dedupe, limit=args.limit
         )
-        config = SampleConfig(
-            checkpoint=args.checkpoint,
-            scheduler=args.scheduler,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            images_per_prompt=args.images_per_prompt,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            height=args.height,
-            width=args.width,
-            negative_prompt=args.negative_prompt,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-            encoder=args.encoder,
-            base=args.base,
-        )
+        config = SampleConfig(**options_of(SampleConfig, args), progress=not args.no_progress)
         result = sample_images(prompts, args.out, config, prompt_source=str(args.prompts))
     except (PromptSetError, ImageSetError, ModelSourceError, ValueError) as err:
         print(f"align sample: error: {err}", file=sys.stderr)

@@ -1,14 +1,6 @@
 """Score image sets with reward models: means, win rates vs a baseline (bootstrap CIs), FID;
 writes a report.
 
-Usage::
-
-    align eval --images DIR [--baseline DIR] [--rewards pickscore,hps,clip,aesthetic,imagereward]
-               [--reward-source NAME=PATH_OR_HUB_ID ...] [--reward-root DIR] [--pairing seed|median]
-               [--bootstrap 1000] [--confidence 0.95] [--fid-reference DIR|STATS.npz]
-               [--fid-features inception[:WEIGHTS.pth]|clip:DIR] [--out DIR] [--batch-size B]
-               [--device auto] [--no-plot]
-
 ``--images`` / ``--baseline`` are image sets written by ``align sample`` from the same prompt set
 and seeds; images pair on (prompt, seed) (``--pairing median``: the median-scoring image per prompt,
 the Diffusion-KTO protocol). Writes ``report.md``, ``report.csv``, ``report.json``,

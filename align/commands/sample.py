@@ -1,14 +1,6 @@
 """Render a prompt set with fixed seeds into an image set that `align eval` scores (resumable).
 
-Usage::
-
-    align sample --checkpoint DIR|HUB_ID|PRESET --prompts FILE --out DIR [--images-per-prompt N]
-                 [--seed S] [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm|flow-euler] [--steps K]
-                 [--guidance-scale G] [--batch-size B] [--height H --width W]
-                 [--negative-prompt TEXT] [--dtype auto|fp32|bf16|fp16] [--device auto|cpu|cuda]
-                 [--prompt-column NAME] [--dedupe|--no-dedupe] [--limit N]
-
-Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from seed S + j),
+Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from ``--seed`` + j),
 ``<out>/prompts.jsonl`` and ``<out>/meta.json``. Defaults: UniPC 25 steps (DDIM: 50), guidance 7.5
 (SD1.5) / 5.0 (SDXL), bf16 on GPU. Re-running renders only the missing images.
 """

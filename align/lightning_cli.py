@@ -51,15 +51,20 @@ from align.extras import MissingExtra, check_run_extras
 from align.models.loader import ModelSourceError
 
 STARTUP_ERRORS = (ModelSourceError, FileNotFoundError, MissingExtra)
+# how `align fit` and `align plan` resolve a config
+CLI_KWARGS = dict(
+    model_class=L.LightningModule,
+    datamodule_class=L.LightningDataModule,
+    subclass_mode_model=True,
+    subclass_mode_data=True,
+    parser_kwargs={"parser_mode": "omegaconf"},
+    auto_configure_optimizers=False,
+)
 
 
 class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config as ``<run dir>/config.yaml``
     (one per run, beside its checkpoints)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["save_to_log_dir"] = False
-        super().__init__(*args, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # run_dir broadcasts: every rank must call it,
@@ -219,21 +224,12 @@ class AlignCLI(LightningCLI):
             sys.exit(f"align: error: {err}")
 
 
-class _DropRecords(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
 def quiet_library_noise() -> None:
     """Silence what other libraries print because of choices align makes on purpose, so that
     what is left on screen is the run's own."""
     # advertisements on every start
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        _DropRecords("litlogger", "litmodels")
+        lambda record: not any(ad in record.getMessage() for ad in ("litlogger", "litmodels"))
     )
     for message in (
         # the frozen reference, VAE and text encoders are in eval mode by design
@@ -271,14 +267,10 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
 
 def _run(argv: list[str]) -> LightningCLI:
     return AlignCLI(
-        model_class=L.LightningModule,
-        datamodule_class=L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+        **CLI_KWARGS,
         save_config_callback=SaveRunConfig,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
-        auto_configure_optimizers=False,
+        # beside the run's checkpoints (SaveRunConfig.save_config), not in Lightning's log_dir
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         # the start line of align.callbacks.ArtifactSummary instead of a table whose FLOPs read 0
         trainer_defaults={"enable_model_summary": False},
         args=None if argv == sys.argv[1:] else argv,

@@ -163,15 +163,12 @@ def _training_samples(
 def lr_points(model_args: dict, steps: int) -> list[tuple[int, float]]:
     """The learning rate after ``s`` optimizer steps at a few points, from the config's optimizer
     and scheduler (stepped per optimizer step, as ``configure_optimizers`` does)."""
+    from lightning.pytorch.cli import instantiate_class  # seconds to import; align plan has it
+
     lr = float(model_args.get("optimizer", {}).get("init_args", {}).get("lr", 1e-3))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     spec = model_args.get("lr_scheduler") or {}
-    scheduler = None
-    if spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        scheduler = getattr(importlib.import_module(module), name)(
-            optimizer, **spec.get("init_args", {})
-        )
+    scheduler = instantiate_class(optimizer, spec) if spec else None
     warm = spec.get("init_args", {}).get("total_iters")
     marks = {0, 1, steps // 4, steps // 2, steps - 1, *([warm] if warm and warm < steps else [])}
     points = []

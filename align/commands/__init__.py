@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from dataclasses import fields
 from types import ModuleType
 
 from align.extras import MissingExtra
@@ -38,6 +39,11 @@ def doc_details(doc: str | None) -> str:
     ``epilog`` for ``RawDescriptionHelpFormatter``)."""
     rest = (doc or "").strip("\n").split("\n\n", 1)[1:]
     return "\n".join(["", *rest[0].splitlines()]) if rest else ""
+
+
+def options_of(config_class, args) -> dict:
+    """The parsed options named as ``config_class``'s dataclass fields (by their dest)."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
 
 
 def summary(module_path: str) -> str:

@@ -18,9 +18,8 @@ import argparse
 import itertools
 import os
 import sys
-from dataclasses import fields
 
-from align.commands import doc_details, doc_summary
+from align.commands import doc_details, doc_summary, options_of
 from align.extras import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or args.memory_estimate else "32"
     # the options named as StepConfig's fields (by their dest), for every objective and preset
-    switches = {f.name: getattr(args, f.name) for f in fields(StepConfig) if hasattr(args, f.name)}
+    switches = options_of(StepConfig, args)
     switches.update(precision=precision, grad_clip=args.grad_clip or None)
     records = []
     for objective, preset in itertools.product(args.objective, args.preset):

@@ -1,14 +1,6 @@
 """Score image sets with reward models: means, win rates vs a baseline (bootstrap CIs), FID;
 writes a report.
 
-Usage::
-
-    align eval --images DIR [--baseline DIR] [--rewards pickscore,hps,clip,aesthetic,imagereward]
-               [--reward-source NAME=PATH_OR_HUB_ID ...] [--reward-root DIR] [--pairing seed|median]
-               [--bootstrap 1000] [--confidence 0.95] [--fid-reference DIR|STATS.npz]
-               [--fid-features inception[:WEIGHTS.pth]|clip:DIR] [--out DIR] [--batch-size B]
-               [--device auto] [--no-plot]
-
 ``--images`` / ``--baseline`` are image sets written by ``align sample`` from the same prompt set
 and seeds; images pair on (prompt, seed) (``--pairing median``: the median-scoring image per prompt,
 the Diffusion-KTO protocol). Writes ``report.md``, ``report.csv``, ``report.json``,
@@ -23,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary
+from align.commands import doc_summary, options_of
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -95,21 +87,14 @@ def main(argv: list[str]) -> int:
     from align.rewards import RewardSourceError
 
     config = EvalConfig(
-        images=args.images,
-        baseline=args.baseline,
-        rewards=[r for r in args.rewards.split(",") if r.strip()],
-        reward_sources=dict(args.reward_source),
-        reward_root=args.reward_root,
-        pairing=args.pairing,
-        n_boot=args.bootstrap,
-        confidence=args.confidence,
-        seed=args.bootstrap_seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        fid_reference=args.fid_reference,
-        fid_features=args.fid_features,
-        out=args.out,
-        progress=not args.no_progress,
+        **{
+            **options_of(EvalConfig, args),  # those named alike; the others:
+            "rewards": [r for r in args.rewards.split(",") if r.strip()],
+            "reward_sources": dict(args.reward_source),
+            "n_boot": args.bootstrap,
+            "seed": args.bootstrap_seed,
+            "progress": not args.no_progress,
+        }
     )
     plot = bool(args.baseline) and not args.no_plot
     try:

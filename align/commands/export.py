@@ -72,14 +72,9 @@ def build_module(config: dict, ckpt: Path):
     import torch
 
     model = config["model"]
-    module_path, _, name = model["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name)
-    args = {
-        k: instantiate(v)
-        for k, v in model.get("init_args", {}).items()
-        if k not in ("optimizer", "lr_scheduler")
-    }
-    module = cls(**args)
+    args = model.get("init_args", {})
+    args = {k: v for k, v in args.items() if k not in ("optimizer", "lr_scheduler")}
+    module = instantiate({"class_path": model["class_path"], "init_args": args})
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict({**module.state_dict(), **state})
     return module.eval()

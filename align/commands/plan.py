@@ -60,9 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(configs: list[str], overrides: list[str]) -> dict:
     """The config as ``align fit`` would resolve it, without instantiating anything."""
-    import lightning as L
-
-    from align.lightning_cli import AlignCLI
+    from align.lightning_cli import CLI_KWARGS, AlignCLI
 
     class PlanCLI(AlignCLI):
         def instantiate_classes(self) -> None:  # a plan builds nothing
@@ -73,17 +71,7 @@ def resolve(configs: list[str], overrides: list[str]) -> dict:
     warnings.filterwarnings(
         "ignore", message=".*args parameter is intended to run from within Python"
     )
-    cli = PlanCLI(
-        model_class=L.LightningModule,
-        datamodule_class=L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        auto_configure_optimizers=False,
-    )
-    return cli.config.as_dict()
+    return PlanCLI(**CLI_KWARGS, run=False, args=args).config.as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

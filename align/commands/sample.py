@@ -1,14 +1,6 @@
 """Render a prompt set with fixed seeds into an image set that `align eval` scores (resumable).
 
-Usage::
-
-    align sample --checkpoint DIR|HUB_ID|PRESET --prompts FILE --out DIR [--images-per-prompt N]
-                 [--seed S] [--scheduler unipc|ddim|dpm++|euler|euler-a|pndm|flow-euler] [--steps K]
-                 [--guidance-scale G] [--batch-size B] [--height H --width W]
-                 [--negative-prompt TEXT] [--dtype auto|fp32|bf16|fp16] [--device auto|cpu|cuda]
-                 [--prompt-column NAME] [--dedupe|--no-dedupe] [--limit N]
-
-Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from seed S + j),
+Writes ``<out>/<prompt_index:05d>_<seed>.png`` (image j of every prompt from ``--seed`` + j),
 ``<out>/prompts.jsonl`` and ``<out>/meta.json``. Defaults: UniPC 25 steps (DDIM: 50), guidance 7.5
 (SD1.5) / 5.0 (SDXL), bf16 on GPU. Re-running renders only the missing images.
 """
@@ -18,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary
+from align.commands import doc_summary, options_of
 from align.eval.sampling import SCHEDULERS
 
 
@@ -96,23 +88,7 @@ def main(argv: list[str]) -> int:
         prompts = read_prompts(
             args.prompts, column=args.prompt_column, dedupe=args.dedupe, limit=args.limit
         )
-        config = SampleConfig(
-            checkpoint=args.checkpoint,
-            scheduler=args.scheduler,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            images_per_prompt=args.images_per_prompt,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            height=args.height,
-            width=args.width,
-            negative_prompt=args.negative_prompt,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-            encoder=args.encoder,
-            base=args.base,
-        )
+        config = SampleConfig(**options_of(SampleConfig, args), progress=not args.no_progress)
         result = sample_images(prompts, args.out, config, prompt_source=str(args.prompts))
     except (PromptSetError, ImageSetError, ModelSourceError, ValueError) as err:
         print(f"align sample: error: {err}", file=sys.stderr)

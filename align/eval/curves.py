@@ -190,13 +190,16 @@ def newest_run(logs: str | Path = "logs") -> Path:
     """The most recently started run directory under ``logs`` (a folder holding a ``config.yaml``,
     wandb's own folders aside); else the folder of the newest ``metrics.csv``."""
     root = locate(logs)
-    configs = [p for p in root.rglob("config.yaml") if "wandb" not in p.relative_to(root).parts]
-    if configs:
-        return max(configs, key=lambda p: p.stat().st_mtime).parent
-    metrics = list(root.rglob("metrics.csv"))
-    if metrics:
-        return max(metrics, key=lambda p: p.stat().st_mtime).parent
-    raise FileNotFoundError(f"no run under {root} (no config.yaml, no metrics.csv)")
+    configs = (p for p in root.rglob("config.yaml") if "wandb" not in p.relative_to(root).parts)
+    newest = _newest(configs) or _newest(root.rglob("metrics.csv"))
+    if newest is None:
+        raise FileNotFoundError(f"no run under {root} (no config.yaml, no metrics.csv)")
+    return newest.parent
+
+
+def _newest(paths) -> Path | None:
+    """The most recently modified of ``paths`` (the first of a tie), None for none."""
+    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _span(version_dir: Path) -> tuple[float, float]:
@@ -226,7 +229,7 @@ def _csv_of_run(run_dir: Path) -> list[Path]:
             continue
         config = run_dir / "config.yaml"
         if not config.is_file():  # nothing to match on: the newest
-            return [max(candidates, key=lambda p: p.stat().st_mtime)]
+            return [_newest(candidates)]
         started = config.stat().st_mtime
         during = []
         for candidate in candidates:

@@ -73,11 +73,6 @@ class FeatureStats:
         )
 
 
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((matrix + matrix.T) / 2.0)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
@@ -89,7 +84,8 @@ def frechet_distance(
     )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FIDError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
-    root = _sqrt_psd(sigma1)
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2.0)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # sigma1^1/2
     middle = root @ sigma2 @ root
     eig = np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)
     diff = mu1 - mu2
@@ -105,16 +101,9 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
-class FeatureExtractor:
-    """images (list of RGB PIL images) -> (N, D) float64 features."""
+class ClipFeatures:
+    """A feature extractor: RGB PIL images -> (N, D) float64 features, named by ``spec``."""
 
-    spec: str = ""
-
-    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        raise NotImplementedError
-
-
-class ClipFeatures(FeatureExtractor):
     def __init__(self, source: str, device: str | torch.device = "cpu"):
         self.spec = f"clip:{source}"
         self.clip = HFClip.load("fid", source, source, vision_only=True).eval().to(device)
@@ -126,7 +115,7 @@ class ClipFeatures(FeatureExtractor):
         return self.clip.image_features(pixels).double().cpu().numpy()
 
 
-class InceptionFeatures(FeatureExtractor):
+class InceptionFeatures:
     def __init__(self, weights: str | None = None, device: str | torch.device = "cpu"):
         # torchmetrics' Inception is torch-fidelity's; --fid-features clip:<dir> needs neither
         require("torch_fidelity", "eval", "FID with Inception features")
@@ -167,6 +156,9 @@ class InceptionFeatures(FeatureExtractor):
         return self.model(batch).reshape(len(images), -1).double().cpu().numpy()
 
 
+FeatureExtractor = ClipFeatures | InceptionFeatures
+
+
 def build_feature_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtractor:
     kind, _, arg = spec.partition(":")
     if kind == "inception":
@@ -176,17 +168,6 @@ def build_feature_extractor(spec: str, device: str | torch.device = "cpu") -> Fe
             raise FIDError("clip features need a model: clip:<local CLIP dir or hub id>")
         return ClipFeatures(arg, device=device)
     raise FIDError(f"unknown FID features {spec!r} (inception[:weights.pth] or clip:<dir>)")
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not p.name.endswith(".partial.png")
-    )
 
 
 def compute_stats(
@@ -247,13 +228,10 @@ def shard_images(shards: Sequence[Path], skipped: list | None = None) -> Iterabl
 
 def _shard_samples(shard: Path):
     try:
-        yield from iter_tar_samples(str(shard), fields=_is_image_field)
+        is_image = lambda field: "." + field.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES
+        yield from iter_tar_samples(str(shard), fields=is_image)
     except READ_ERRORS as err:  # a damaged reference is the user's to fix: one line, no traceback
         raise FIDError(f"FID reference shard {shard} cannot be read: {err}") from err
-
-
-def _is_image_field(field: str) -> bool:
-    return "." + field.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES
 
 
 def reference_stats(
@@ -272,7 +250,13 @@ def reference_stats(
             )
         return stats
     if path.is_dir():
-        files = list_images(path)
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not p.name.endswith(".partial.png")
+        )
         if files:
             return compute_stats(files, extractor, batch_size=batch_size)
         shards = sorted(path.rglob("*.tar"))

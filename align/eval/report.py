@@ -50,27 +50,20 @@ def table_rows(report: dict) -> list[dict]:
     """The report as flat rows (the CSV)."""
     rows = []
     for name, r in report["rewards"].items():
-        run, base, win = r["run"], r.get("baseline"), r.get("win_rate")
-        rows.append(
-            {
-                "reward": name,
-                "n_images": run["n"],
-                "run_mean": run["value"],
-                "run_ci_low": run["low"],
-                "run_ci_high": run["high"],
-                "baseline_mean": base["value"] if base else None,
-                "baseline_ci_low": base["low"] if base else None,
-                "baseline_ci_high": base["high"] if base else None,
-                "win_rate": win["value"] if win else None,
-                "win_rate_ci_low": win["low"] if win else None,
-                "win_rate_ci_high": win["high"] if win else None,
-                "wins": win["wins"] if win else None,
-                "ties": win["ties"] if win else None,
-                "losses": win["losses"] if win else None,
-                "n_pairs": win["n"] if win else None,
-                "pairing": win["pairing"] if win else None,
-            }
-        )
+        row = {"reward": name, "n_images": r["run"]["n"]}
+        for part, value in (
+            ("run", "run_mean"),
+            ("baseline", "baseline_mean"),
+            ("win_rate", "win_rate"),
+        ):
+            est = r.get(part)  # None without a baseline: its columns are empty
+            keys = {value: "value", f"{part}_ci_low": "low", f"{part}_ci_high": "high"}
+            if part == "win_rate":
+                keys.update(
+                    wins="wins", ties="ties", losses="losses", n_pairs="n", pairing="pairing"
+                )
+            row.update({column: est[key] if est else None for column, key in keys.items()})
+        rows.append(row)
     fid = report.get("fid")
     if fid:
         rows.append(

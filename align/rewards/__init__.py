@@ -7,14 +7,13 @@ path or hub id; each is a ``RewardModel`` (``score(images, prompts)``) and the C
 writes tiny random models of every reward in the real on-disk layouts (tests, the embedded default).
 """
 
-from align.rewards.base import ClipRewardModel, RewardModel, RewardSourceError, split_segments
+from align.rewards.base import ClipRewardModel, RewardModel, RewardSourceError
 from align.rewards.registry import available_rewards, build_reward, canonical_name, register_reward
 
 __all__ = [
     "RewardModel",
     "ClipRewardModel",
     "RewardSourceError",
-    "split_segments",
     "available_rewards",
     "build_reward",
     "canonical_name",

@@ -13,20 +13,11 @@ file is published in the GitHub repository christophschuhmann/improved-aesthetic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from align.rewards.base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ClipRewardModel,
-    normalize,
-    openai_clip_transform,
-    resize_shortest_center_crop,
-)
-from align.rewards.hf_clip import HFClip
+from align.rewards.base import OpenAIClipPreprocess
+from align.rewards.hf_clip import HFClip, HFClipReward
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, resolve_file
 
@@ -55,30 +46,14 @@ class AestheticMLP(nn.Module):
         return self.layers(x)
 
 
-class AestheticScore(ClipRewardModel):
+class AestheticScore(OpenAIClipPreprocess, HFClipReward):  # OpenAI CLIP's preprocessing, not HF's
     name = "aesthetic"
     uses_text = False
 
     def __init__(self, clip: HFClip, head: AestheticMLP, image_size: int = 224):
-        super().__init__()
-        self.clip = clip
+        super().__init__(clip)
         self.head = head
         self.image_size = image_size
-        self._transform = openai_clip_transform(image_size)
-
-    def preprocess_pil(self, images):
-        return torch.stack([self._transform(im) for im in images])
-
-    def preprocess_tensor(self, images):
-        return normalize(
-            resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        )
-
-    def image_features(self, pixel_values):
-        return self.clip.image_features(pixel_values)
-
-    def text_features(self, prompts: Sequence[str]):
-        return self.clip.text_features(prompts)
 
     def score_embeddings(self, image_emb, text_emb=None):
         return self.head(image_emb.to(self.head.layers[0].weight.dtype)).squeeze(-1).float()

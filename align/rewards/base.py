@@ -16,12 +16,14 @@ base class, without a copy per model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from align.models.splitters import official_split
 from align.objectives.reward import decomposed_score, segment_score, segment_text_embedding
@@ -39,18 +41,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def num_images(images) -> int:
-    return int(images.shape[0]) if isinstance(images, torch.Tensor) else len(images)
-
-
-def slice_images(images, start: int, stop: int):
-    return images[start:stop]
-
-
 # --------------------------------------------------------------------------------------------------
-# Differentiable tensor preprocessing (images in [0, 1], shape (N, 3, H, W)).
+# Preprocessing; torchvision is imported on first use (about 1 s).
 # --------------------------------------------------------------------------------------------------
-def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
+def check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"image tensors must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}"
@@ -58,91 +52,58 @@ def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def resize_shortest(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased; torchvision's output-size
-    rule)."""
-    images = _check_tensor_images(images)
-    h, w = images.shape[-2:]
-    if min(h, w) == size:
-        return images
-    short, long = (h, w) if h <= w else (w, h)
-    new_short, new_long = size, int(size * long / short)
-    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
-    return F.interpolate(
-        images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-    )
+def clip_preprocess_tensor(
+    images: torch.Tensor,
+    resize: int | None,
+    crop: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """CLIP's ``Resize(resize, BICUBIC)`` (shorter side, antialiased), ``CenterCrop(crop)`` and
+    ``Normalize(mean, std)`` (None skips a step) on (N, 3, H, W) in [0, 1], differentiable."""
+    from torchvision.transforms import InterpolationMode, functional as TF
+
+    if resize is not None:
+        images = check_tensor_images(images)
+        images = TF.resize(images, resize, InterpolationMode.BICUBIC, antialias=True)
+    if crop is not None:
+        h, w = images.shape[-2:]
+        if h < crop or w < crop:  # torchvision would pad instead
+            raise ValueError(f"cannot center-crop {crop} from an image of {h}x{w}")
+        images = TF.center_crop(images, crop)
+    return TF.normalize(images, mean, std)
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Center-crop ``size`` x ``size`` (torchvision's rounding)."""
-    h, w = images.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"cannot center-crop {size} from an image of {h}x{w}")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top : top + size, left : left + size]
-
-
-def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``Resize(size, BICUBIC) + CenterCrop(size)`` (OpenAI CLIP, BLIP, the HF CLIP image processor)
-    as differentiable tensor ops."""
-    return center_crop(resize_shortest(images, size), size)
-
-
-def resize_longest_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
-    """Resize the longer side to ``size`` (bicubic, antialiased) and pad to a centred square
-    (HPSv2's ``ResizeMaxSize``), differentiable."""
-    images = _check_tensor_images(images)
-    h, w = images.shape[-2:]
-    scale = size / float(max(h, w))
-    if scale != 1.0:
-        new_h, new_w = round(h * scale), round(w * scale)
-        images = F.interpolate(
-            images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-        )
-        pad_h, pad_w = size - new_h, size - new_w
-        images = F.pad(
-            images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill
-        )
-    return images
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
-
-
+@functools.cache
 def openai_clip_transform(size: int = 224):
     """OpenAI CLIP's ``_transform(n_px)`` (also ImageReward's and the LAION aesthetic predictor's):
     PIL bicubic resize of the shorter side, center crop, RGB, ToTensor,
     normalise with the OpenAI CLIP statistics."""
-    from torchvision.transforms import (
-        CenterCrop,
-        Compose,
-        InterpolationMode,
-        Normalize,
-        Resize,
-        ToTensor,
-    )
+    from torchvision import transforms as T
 
-    return Compose(
+    return T.Compose(
         [
-            Resize(size, interpolation=InterpolationMode.BICUBIC),
-            CenterCrop(size),
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
             to_rgb,
-            ToTensor(),
-            Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+            T.ToTensor(),
+            T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ]
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# LongAlign segments.
-# --------------------------------------------------------------------------------------------------
-def split_segments(caption: str) -> list[str]:
-    """LongAlign's own caption split (``align.models.splitters.official_split``),
-    the default for segment scores."""
-    return official_split(caption)
+class OpenAIClipPreprocess:
+    """OpenAI CLIP's preprocessing at ``self.image_size`` (ImageReward, the aesthetic predictor):
+    ``openai_clip_transform`` for PIL images, the same steps as tensor ops for tensors."""
+
+    image_size: int
+
+    def preprocess_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([openai_clip_transform(self.image_size)(im) for im in images])
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        return clip_preprocess_tensor(images, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,12 +115,7 @@ class RewardModel(nn.Module):
     grad control and device handling live here."""
 
     name: str = "reward"
-    #: whether a higher score means "better" (all rewards here); used by win rates and relabelling
-    higher_is_better: bool = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.default_batch_size = 32
+    default_batch_size: int = 32
 
     # -- to implement ------------------------------------------------------------------------------
     def preprocess_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -211,18 +167,22 @@ class RewardModel(nn.Module):
         """Scores (float32, shape (N,), on the model's device) of ``images`` for ``prompts`` (one
         per image, or one string for all). ``grad=True`` keeps the graph (needs tensor images to
         reach the pixels)."""
-        n = num_images(images)
+        n = len(images)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"{self.name}: {n} images but {len(prompts)} prompts")
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                pixels = self.pixel_values(slice_images(images, start, stop))
-                out.append(self(pixels, prompts[start:stop]).float().reshape(-1))
+        score = lambda ims, texts: self(self.pixel_values(ims), texts).reshape(-1)
+        out = self.batched(score, batch_size, grad, images, prompts)
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def batched(self, fn: Callable, batch_size: int | None, grad: bool, *seqs) -> list:
+        """``fn`` (as float32) of consecutive batches of ``seqs``, sliced alike (``batch_size``,
+        default ``default_batch_size``), with gradients only if ``grad``."""
+        size = batch_size or self.default_batch_size
+        with torch.set_grad_enabled(grad):
+            return [
+                fn(*(x[i : i + size] for x in seqs)).float() for i in range(0, len(seqs[0]), size)
+            ]
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -261,40 +221,23 @@ class ClipRewardModel(RewardModel):
         return self.score_embeddings(image_emb, text_emb)
 
     def embed_images(
-        self, images, batch_size: int | None = None, grad: bool = False, normalized: bool = True
+        self, images, batch_size: int | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Image embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, num_images(images), batch_size):
-                feats = self.image_features(
-                    self.pixel_values(slice_images(images, start, start + batch_size))
-                )
-                out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
-        return torch.cat(out)
+        """L2-normalised image embeddings (N, D) in float32."""
+        embed = lambda x: F.normalize(self.image_features(self.pixel_values(x)).float(), dim=-1)
+        return torch.cat(self.batched(embed, batch_size, grad, images))
 
     def embed_texts(
-        self,
-        prompts: Sequence[str],
-        batch_size: int | None = None,
-        grad: bool = False,
-        normalized: bool = True,
+        self, prompts: Sequence[str], batch_size: int | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Text embeddings (N, D) in float32; L2-normalised unless ``normalized=False``."""
-        prompts = list(prompts)
-        batch_size = batch_size or self.default_batch_size
-        out = []
-        with torch.set_grad_enabled(grad):
-            for start in range(0, len(prompts), batch_size):
-                feats = self.text_features(prompts[start : start + batch_size])
-                out.append(F.normalize(feats.float(), dim=-1) if normalized else feats.float())
-        return torch.cat(out)
+        """L2-normalised text embeddings (N, D) in float32."""
+        embed = lambda x: F.normalize(self.text_features(x).float(), dim=-1)
+        return torch.cat(self.batched(embed, batch_size, grad, list(prompts)))
 
     def embed_segments(
         self,
         captions: Sequence[str],
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LongAlign's segment-level text embeddings: each caption split into segments (LongAlign's
@@ -306,23 +249,20 @@ class ClipRewardModel(RewardModel):
         one batched call.
         """
         segments = [split(c) for c in captions]
-        flat = [s for segs in segments for s in segs]
-        emb = self.embed_texts(flat, grad=grad)
-        s_max = max(len(s) for s in segments)
-        out = emb.new_zeros(len(segments), s_max, emb.shape[-1])
-        mask = torch.zeros(len(segments), s_max, dtype=torch.bool, device=emb.device)
-        i = 0
-        for b, segs in enumerate(segments):
-            out[b, : len(segs)] = emb[i : i + len(segs)]
-            mask[b, : len(segs)] = True
-            i += len(segs)
+        emb = self.embed_texts([s for segs in segments for s in segs], grad=grad)
+        lengths = [len(segs) for segs in segments]
+        out = pad_sequence(list(emb.split(lengths)), batch_first=True)
+        mask = (
+            torch.arange(out.shape[1], device=emb.device)
+            < torch.tensor(lengths, device=emb.device)[:, None]
+        )
         return out, mask
 
     def segment_scores(
         self,
         images,
         captions: Sequence[str],
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ) -> torch.Tensor:
         """LongAlign's segment-level score (B,): the mean over segments of cos(image, segment)
@@ -337,7 +277,7 @@ class ClipRewardModel(RewardModel):
         captions: Sequence[str],
         direction: torch.Tensor,
         w: float = 0.3,
-        split: Callable[[str], list[str]] = split_segments,
+        split: Callable[[str], list[str]] = official_split,
         grad: bool = False,
     ):
         """LongAlign's decomposition of the segment score along ``direction`` (v): a

@@ -1,20 +1,12 @@
 """Denscore (LongAlign): a CLIP preference model scored at segment level, and decomposed.
 
-Score (Denscore-O) = the segment-aggregated cosine <img, t>, t = the mean of the normalised segment
-embeddings (``align.rewards.segments``), as the official ``dense_score`` computes it (no logit
-scale). With a common direction v (``direction.safetensors`` in the export, or any saved direction),
-``score_columns`` also reports the decomposition: ``denscore`` = the text-relevant part
-<img, t - eta v> (the paper's "Denscore"), and ``denscore-w`` = S_w = relevant + w * irrelevant (the
-reward fine-tuning objective).
-
-Layout (written by ``PreferenceModelModule.export`` and by :func:`write_denscore_export`): a
-transformers ``CLIPModel`` directory (``config.json``, ``model.safetensors``), its tokenizer files,
-``preprocessor_config.json``, ``direction.safetensors`` (optional) and ``align_reward.json``
-(``{"options": {"direction": ...}}``).
-The published model is ``luping-liu/Denscore`` (a CLIP-H; processor:
-``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
-
-    align data tiny-denscore OUT_DIR     # a tiny random Denscore in this layout (CPU defaults)
+``score()`` is Denscore-O, the segment-aggregated cosine as the official ``dense_score`` computes
+it; ``score_columns`` adds its decomposition along a common direction v (the export's
+``direction.safetensors`` or any saved one). An export (``PreferenceModelModule.export``,
+:func:`write_denscore_export`) is a transformers ``CLIPModel`` directory with its tokenizer,
+``preprocessor_config.json``, an optional ``direction.safetensors`` and ``align_reward.json``. The
+published model is ``luping-liu/Denscore``; ``align data tiny-denscore OUT_DIR`` writes a tiny
+random one.
 """
 
 from __future__ import annotations
@@ -137,13 +129,7 @@ def build_denscore(
     """Denscore from an export directory (its own processor and direction) or a hub id (default: the
     published model with the CLIP-H processor, no direction). ``direction``: a saved direction file
     (overrides the export's)."""
-    if (
-        processor is None
-        and source is not None
-        and (Path(source).expanduser() / "preprocessor_config.json").is_file()
-    ):
-        processor = source
-    clip = HFClip.load("denscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR)
+    clip = HFClip.load("denscore", source, DEFAULT_MODEL, processor, DEFAULT_PROCESSOR)
     v = load_direction(direction) if direction else None
     return Denscore(clip, direction=v, w=float(w), splitter=splitter)
 

@@ -4,13 +4,16 @@ PickScore, CLIP score and the LAION aesthetic predictor."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from align.rewards.base import ClipRewardModel, center_crop, normalize, resize_shortest
+from align.rewards.base import ClipRewardModel, clip_preprocess_tensor
 from align.rewards.sources import load_error, resolve_pretrained
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def _features(out) -> torch.Tensor:
@@ -49,14 +52,17 @@ class HFClip(nn.Module):
         source: str | None,
         default: str,
         processor: str | None = None,
+        default_processor: str | None = None,
         vision_only: bool = False,
     ) -> "HFClip":
+        """``processor`` defaults to a local ``source`` holding ``preprocessor_config.json``, then
+        to ``default_processor``, then to the model itself."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         where = resolve_pretrained(reward, source, default)
-        proc_where = resolve_pretrained(
-            reward, processor or where, default, needs="preprocessor_config.json"
-        )
+        own = source is not None and (Path(source).expanduser() / PROCESSOR_CONFIG).is_file()
+        processor = processor or (source if own else default_processor) or where
+        proc_where = resolve_pretrained(reward, processor, default, needs=PROCESSOR_CONFIG)
         try:
             model = CLIPModel.from_pretrained(where)
         except Exception as err:
@@ -74,9 +80,9 @@ class HFClip(nn.Module):
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         p = self.processor
-        x = resize_shortest(images, _shortest_edge(p)) if p.do_resize else images
-        x = center_crop(x, _crop_size(p)) if p.do_center_crop else x
-        return normalize(x, p.image_mean, p.image_std)
+        resize = _shortest_edge(p) if p.do_resize else None
+        crop = _crop_size(p) if p.do_center_crop else None
+        return clip_preprocess_tensor(images, resize, crop, p.image_mean, p.image_std)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixel_values))
@@ -98,8 +104,9 @@ class HFClip(nn.Module):
 
 
 class HFClipReward(ClipRewardModel):
-    """A reward over a transformers CLIPModel (PickScore, CLIP score, Denscore): preprocessing and
-    the two towers come from ``HFClip``; a subclass only says how two embeddings make a score."""
+    """A reward over a transformers CLIPModel (PickScore, CLIP score, Denscore, the aesthetic
+    predictor): preprocessing and the two towers come from ``HFClip``; a subclass only says how two
+    embeddings make a score."""
 
     def __init__(self, clip: HFClip):
         super().__init__()

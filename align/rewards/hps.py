@@ -28,8 +28,7 @@ from align.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ClipRewardModel,
-    normalize,
-    resize_longest_pad,
+    check_tensor_images,
     to_rgb,
 )
 from align.rewards.registry import register_reward
@@ -41,18 +40,24 @@ DEFAULT_ARCH = "ViT-H-14"
 CONFIG_FILE = "open_clip_config.json"
 
 
-def hps_preprocess(image, size: int = 224) -> torch.Tensor:
-    """HPS's ``preprocess_val`` for one PIL image: ToTensor,
-    ResizeMaxSize(size) on the tensor, normalise."""
-    x = TF.to_tensor(to_rgb(image))
-    h, w = x.shape[1:]
+def hps_tensor_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """HPS's ``ResizeMaxSize(size)`` and normalisation on (N, 3, H, W) in [0, 1], differentiable:
+    the longer side resized to ``size`` (bicubic, antialiased) and zero-padded to a centred square;
+    as in HPS, an image whose longer side is already ``size`` is neither resized nor padded."""
+    images = check_tensor_images(images)
+    h, w = images.shape[-2:]
     scale = size / float(max(h, w))
     if scale != 1.0:
-        new_size = tuple(round(d * scale) for d in (h, w))
-        x = TF.resize(x, list(new_size), InterpolationMode.BICUBIC)
-        pad_h, pad_w = size - new_size[0], size - new_size[1]
-        x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
-    return TF.normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        new_h, new_w = round(h * scale), round(w * scale)
+        images = TF.resize(images, [new_h, new_w], InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = size - new_h, size - new_w
+        images = TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
+    return TF.normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def hps_preprocess(image, size: int = 224) -> torch.Tensor:
+    """HPS's ``preprocess_val`` for one PIL image: ToTensor, then the tensor path."""
+    return hps_tensor_preprocess(TF.to_tensor(to_rgb(image))[None], size)[0]
 
 
 class HPSv2(ClipRewardModel):
@@ -68,9 +73,7 @@ class HPSv2(ClipRewardModel):
         return torch.stack([hps_preprocess(im, self.image_size) for im in images])
 
     def preprocess_tensor(self, images):
-        return normalize(
-            resize_longest_pad(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        )
+        return hps_tensor_preprocess(images, self.image_size)
 
     def image_features(self, pixel_values):
         return self.model.encode_image(pixel_values)

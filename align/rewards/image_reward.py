@@ -39,14 +39,7 @@ from torch import nn
 
 from align.extras import require
 from align.rewards.aesthetic import AestheticMLP
-from align.rewards.base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    RewardModel,
-    normalize,
-    openai_clip_transform,
-    resize_shortest_center_crop,
-)
+from align.rewards.base import OpenAIClipPreprocess, RewardModel
 from align.rewards.registry import register_reward
 from align.rewards.sources import RewardSourceError, load_error, resolve_file
 
@@ -60,6 +53,20 @@ MAX_LENGTH = 35
 VIT_PURPOSE = "the reward model ImageReward (its ViT)"
 
 
+def blip_vit(timm_vit, **shape) -> nn.Module:
+    """timm's VisionTransformer laid out as BLIP's ViT: ``shape`` (img_size, patch_size, embed_dim,
+    depth, num_heads, mlp_ratio), LayerNorm eps 1e-6, exact GELU, every token out."""
+    return timm_vit.VisionTransformer(
+        **shape,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="",
+        class_token=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+    )
+
+
 def build_blip_vit(state: dict[str, torch.Tensor], num_heads: int | None = None) -> nn.Module:
     """A timm VisionTransformer shaped like the BLIP ViT whose weights are ``state``
     (prefix stripped)."""
@@ -69,19 +76,14 @@ def build_blip_vit(state: dict[str, torch.Tensor], num_heads: int | None = None)
     grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    return timm_vit.VisionTransformer(
+    return blip_vit(
+        timm_vit,
         img_size=grid * patch,
         patch_size=patch,
         embed_dim=embed_dim,
         depth=depth,
         num_heads=num_heads or max(1, embed_dim // 64),
         mlp_ratio=mlp_ratio,
-        qkv_bias=True,
-        num_classes=0,
-        global_pool="",
-        class_token=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        act_layer=nn.GELU,
     )
 
 
@@ -128,7 +130,7 @@ def load_blip_tokenizer(source: str):
     return tokenizer
 
 
-class ImageReward(RewardModel):
+class ImageReward(OpenAIClipPreprocess, RewardModel):
     name = "imagereward"
 
     def __init__(
@@ -148,15 +150,6 @@ class ImageReward(RewardModel):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.mean, self.std = mean, std
-        self._transform = openai_clip_transform(image_size)
-
-    def preprocess_pil(self, images):
-        return torch.stack([self._transform(im) for im in images])
-
-    def preprocess_tensor(self, images):
-        return normalize(
-            resize_shortest_center_crop(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        )
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
@@ -193,25 +186,18 @@ class ImageReward(RewardModel):
 
 
 def split_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    parts: dict[str, dict[str, torch.Tensor]] = {
-        "blip.visual_encoder.": {},
-        "blip.text_encoder.": {},
-        "mlp.": {},
-    }
-    for key, value in state.items():
-        for prefix, part in parts.items():
-            if key.startswith(prefix):
-                part[key[len(prefix) :]] = value
-    for prefix, part in parts.items():
-        if not part:
+    parts = {}
+    for part, prefix in (
+        ("visual", "blip.visual_encoder."),
+        ("text", "blip.text_encoder."),
+        ("mlp", "mlp."),
+    ):
+        parts[part] = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not parts[part]:
             raise RewardSourceError(
                 f"reward 'imagereward': the checkpoint has no {prefix}* weights"
             )
-    return {
-        "visual": parts["blip.visual_encoder."],
-        "text": parts["blip.text_encoder."],
-        "mlp": parts["mlp."],
-    }
+    return parts
 
 
 def _load_strict(

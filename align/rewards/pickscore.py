@@ -9,9 +9,6 @@ holding ``preprocessor_config.json`` is its own processor.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 from align.rewards.hf_clip import HFClip, HFClipReward
 from align.rewards.registry import register_reward
 
@@ -28,12 +25,4 @@ class PickScore(HFClipReward):
 
 @register_reward("pickscore")
 def build_pickscore(source: str | None = None, processor: str | None = None, **_) -> PickScore:
-    if (
-        processor is None
-        and source is not None
-        and (Path(source).expanduser() / "preprocessor_config.json").is_file()
-    ):
-        processor = source
-    return PickScore(
-        HFClip.load("pickscore", source, DEFAULT_MODEL, processor=processor or DEFAULT_PROCESSOR)
-    )
+    return PickScore(HFClip.load("pickscore", source, DEFAULT_MODEL, processor, DEFAULT_PROCESSOR))

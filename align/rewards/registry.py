@@ -10,6 +10,7 @@ package is named ``module:name`` (e.g. the shapes-world demo's
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -88,3 +89,24 @@ def build_reward(
     model = _FACTORIES[key](source, **merged)
     model.name = key
     return model.freeze().to(device=device, dtype=dtype)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a config's reward dtypes
+
+
+def reward_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def init_config(obj, args: dict) -> dict:
+    """``{class_path, init_args}``: how a config names ``obj`` (hparams checked on resume, exports
+    rebuilt by ``align export``), its ``__init__`` arguments read from ``args`` (that
+    ``__init__``'s ``locals()``)."""
+    cls = type(obj)
+    names = list(inspect.signature(cls.__init__).parameters)[1:]
+    return {
+        "class_path": f"{cls.__module__}.{cls.__name__}",
+        "init_args": {k: args[k] for k in names},
+    }

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 
 from align.objectives.reward import DegenerateDirection, load_direction, rft_loss
-from align.rewards.registry import build_reward
+from align.rewards.registry import build_reward, init_config, reward_dtype
 from align.rewards.segments import batch_direction, embed_prompt_segments, score_segments
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -48,25 +47,15 @@ class Prepared:
 class RewardObjective(torch.nn.Module):
     """A frozen registry reward and how RFT turns its scores into a loss."""
 
-    def __init__(
-        self,
-        reward: str,
-        source: str | None,
-        options: dict | None,
-        dtype: str,
-        random_crop: int | None,
-    ):
+    def __init__(self, args: dict):
+        """``args``: the subclass ``__init__``'s ``locals()``, its arguments named once."""
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.reward = build_reward(reward, source, dtype=DTYPES[dtype], **(options or {}))
+        self.config = init_config(self, args)
+        reward, source, options = args["reward"], args["source"], args["options"]
+        dtype = reward_dtype(args["dtype"])
+        self.reward = build_reward(reward, source, dtype=dtype, **(options or {}))
         self.settings = {"reward": reward, "reward_source": source}
-        self.random_crop = random_crop
-
-    def record(self, init_args: dict) -> None:
-        """``config``: how a config names this objective (``class_path`` + ``init_args``)."""
-        cls = type(self)
-        self.config = {"class_path": f"{cls.__module__}.{cls.__name__}", "init_args": init_args}
+        self.random_crop = args["random_crop"]
 
     def crop(self, images: torch.Tensor) -> torch.Tensor:
         """A random ``random_crop``-pixel square (official: 504 of 512) or the images as given."""
@@ -92,12 +81,7 @@ class DirectReward(RewardObjective):
         dtype: str = "float32",
         random_crop: int | None = None,
     ):
-        super().__init__(reward, source, options, dtype, random_crop)
-        self.record(
-            dict(
-                reward=reward, source=source, options=options, dtype=dtype, random_crop=random_crop
-            )
-        )
+        super().__init__(locals())
 
     def forward(self, images: torch.Tensor, prepared: Prepared, grad: bool):
         scores = self.reward.score(self.crop(images), prepared.prompts, grad=grad)
@@ -132,7 +116,7 @@ class SegmentPreference(RewardObjective):
     ):
         fixed = None if direction == "batch" else load_direction(direction)  # a missing file: now
         fallback = None if direction_fallback is None else load_direction(direction_fallback)
-        super().__init__(reward, source, options, dtype, random_crop)
+        super().__init__(locals())
         if not all(hasattr(self.reward, a) for a in ("embed_images", "embed_segments")):
             raise TypeError(
                 f"reward {reward!r} has no image/text embeddings: LongAlign's "
@@ -140,19 +124,6 @@ class SegmentPreference(RewardObjective):
             )
         self.w, self.splitter = w, splitter
         self.settings["w"] = w
-        self.record(
-            dict(
-                reward=reward,
-                source=source,
-                options=options,
-                dtype=dtype,
-                w=w,
-                direction=direction,
-                direction_fallback=direction_fallback,
-                splitter=splitter,
-                random_crop=random_crop,
-            )
-        )
         self.register_buffer("fixed_direction", fixed, persistent=False)
         self.register_buffer("fallback_direction", fallback, persistent=False)
 

@@ -1,30 +1,11 @@
-"""LongAlign's segment-level scoring for every CLIP-based reward
-(CLIP, PickScore, HPSv2, Denscore, ...).
+"""LongAlign's segment-level scoring for every CLIP-based reward (CLIP, PickScore, HPSv2,
+Denscore, ...), built on the embeddings every ``ClipRewardModel`` exposes and the pure functions of
+``align.objectives.reward``: nothing here depends on the model behind the reward.
 
-Built on the embeddings every ``ClipRewardModel`` exposes (``embed_images``, ``embed_texts``,
-``embed_segments``) and on the pure functions of ``align.objectives.reward``; nothing here depends
-on which model is behind the reward, so no reward carries its own copy.
-
-* :func:`embed_prompt_segments`: split each prompt (``align.models.splitters``, the official
-  splitter by default), embed every segment of the batch in one batched call, and aggregate: t = the
-  mean of the normalised segment embeddings (not re-normalised). A prompt with no segment (no piece
-  holding a letter or a digit: "", "  ", "...") has no text to score against: its mask row is empty,
-  t = 0, ``has_text`` is False, and callers drop it (reward fine-tuning) or report it
-  (evaluation) rather than score it.
-* :func:`batch_direction`: the common text direction v of a batch (averaged across DDP ranks), with
-  a saved direction as the fallback when the batch cannot define one (a batch of one prompt).
-* :func:`estimate_direction`: v over a whole prompt set, to save once
-  (``save_direction``) and reuse.
-* :func:`score_segments`: the segment-aggregated score and its decomposition (``DecomposedScore``:
-  original, text-relevant, text-irrelevant, reweighted S_w).
-* :class:`SegmentScorer`: a reward + splitter + direction + w, scoring image sets into named columns
-  (``<name>-seg-o`` original, ``<name>-seg`` text-relevant, ``<name>-seg-w`` S_w; Denscore names its
-  own).
-
-Save a direction estimated over a prompt set (txt / jsonl / long-caption shards, see
-``align.data.prompts``)::
-
-    align direction --reward denscore --source DIR --prompts PROMPTS --out direction.safetensors
+A prompt with no segment holding a letter or a digit ("", "  ", "...") has no text to score
+against: callers drop it (reward fine-tuning) or report it (evaluation) rather than score it. Save
+a direction estimated over a prompt set with
+``align direction --reward denscore --source DIR --prompts PROMPTS --out direction.safetensors``.
 """
 
 from __future__ import annotations
@@ -92,9 +73,6 @@ class SegmentTexts:
     # (B, D) mean of the real segments' normalised embeddings (not re-normalised)
     text: torch.Tensor
     has_text: torch.Tensor  # (B,) bool, prompts with at least one segment
-
-    def __len__(self) -> int:
-        return len(self.segments)
 
     def select(self, keep: torch.Tensor) -> "SegmentTexts":
         """The rows where ``keep`` (B,) is True."""
@@ -186,15 +164,8 @@ class SegmentScores:
     """Segment-level scores of B images against their prompts."""
 
     texts: SegmentTexts
-    image_emb: torch.Tensor  # (B, D) normalised
     cosines: torch.Tensor  # (B, S) image-segment cosines (zero where mask is False)
     decomposed: DecomposedScore  # original, relevant, irrelevant, weighted, eta (B,)
-    direction: torch.Tensor  # (D,) the v used
-    direction_source: str  # "given", "batch" or "saved"
-
-    @property
-    def original(self) -> torch.Tensor:
-        return self.decomposed.original
 
 
 def score_segments(
@@ -225,9 +196,9 @@ def score_segments(
     if isinstance(direction, str):
         if direction != "batch":
             raise ValueError(f"direction must be a (D,) tensor or 'batch', got {direction!r}")
-        v, source = batch_direction(texts.text[texts.has_text], fallback=fallback)
+        v, _ = batch_direction(texts.text[texts.has_text], fallback=fallback)
     else:
-        v, source = direction, "given"
+        v = direction
     if image_emb is None:
         image_emb = reward.embed_images(images, grad=grad)
     with torch.set_grad_enabled(grad):
@@ -237,7 +208,7 @@ def score_segments(
         dec = decomposed_score(
             image_emb, texts.text.to(image_emb.device), v.to(image_emb.device), w=w
         )
-    return SegmentScores(texts, image_emb, cos, dec, v, source)
+    return SegmentScores(texts, cos, dec)
 
 
 class SegmentScorer:
@@ -301,7 +272,7 @@ class SegmentScorer:
     ) -> dict[str, torch.Tensor]:
         """``{column: scores (N,)}`` for the parts named in ``columns``; prompts without segments
         give NaN (no score, rather than a misleading 0)."""
-        n = len(images) if not isinstance(images, torch.Tensor) else images.shape[0]
+        n = len(images)
         batch_size = batch_size or getattr(self.reward, "default_batch_size", 32)
         parts: dict[str, list[torch.Tensor]] = {p: [] for p in self.columns}
         for start in range(0, n, batch_size):

@@ -23,7 +23,7 @@ from align.extras import require
 from align.models.tokenizer import build_clip_tokenizer
 from align.rewards.aesthetic import AestheticMLP
 from align.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from align.rewards.image_reward import blip_text_config, load_blip_tokenizer
+from align.rewards.image_reward import blip_text_config, blip_vit, load_blip_tokenizer
 from align.rewards.sources import MANIFEST
 
 TINY_NAMES = ("pickscore", "hps", "clip", "aesthetic", "imagereward")
@@ -185,7 +185,6 @@ def write_tiny_image_reward(out: str | Path, seed: int = 0) -> Path:
     ``blip.vision_proj``, ``blip.text_proj``, ``mlp.layers.*``) and ``med_config.json``; a tiny BERT
     tokenizer."""
     from transformers import BlipTextModel
-    from functools import partial
 
     timm_vit = require("timm.models.vision_transformer", "rewards", "the tiny ImageReward's ViT")
 
@@ -215,17 +214,7 @@ def write_tiny_image_reward(out: str | Path, seed: int = 0) -> Path:
     (out / "med_config.json").write_text(json.dumps(med_config, indent=2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = timm_vit.VisionTransformer(
-            img_size=224,
-            patch_size=32,
-            embed_dim=WIDTH,
-            depth=2,
-            num_heads=2,
-            qkv_bias=True,
-            num_classes=0,
-            global_pool="",
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        )
+        vit = blip_vit(timm_vit, img_size=224, patch_size=32, embed_dim=WIDTH, depth=2, num_heads=2)
         text = BlipTextModel(blip_text_config(med_config, WIDTH), add_pooling_layer=False)
         vision_proj, text_proj = torch.nn.Linear(WIDTH, 16), torch.nn.Linear(WIDTH, 16)
     state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from align.rewards.registry import build_reward
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from align.rewards.registry import build_reward, init_config, reward_dtype
 
 
 def parse_rewards(spec: str) -> dict[str, float]:
@@ -48,28 +46,19 @@ class WeightedReward(torch.nn.Module):
         batch_size: int | None = None,
     ):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.config = init_config(self, locals())
+        torch_dtype = reward_dtype(dtype)
         self.weights = parse_rewards(rewards)
         unknown = set(sources or {}) - set(self.weights)
         if unknown:
             raise ValueError(f"sources for rewards not in {rewards!r}: {sorted(unknown)}")
         self.models = torch.nn.ModuleDict(
             {
-                self.key(name): build_reward(name, (sources or {}).get(name), dtype=DTYPES[dtype])
+                self.key(name): build_reward(name, (sources or {}).get(name), dtype=torch_dtype)
                 for name in self.weights
             }
         )
         self.batch_size = batch_size
-        self.config = {
-            "class_path": f"{__name__}.{type(self).__name__}",
-            "init_args": {
-                "rewards": rewards,
-                "sources": sources,
-                "dtype": dtype,
-                "batch_size": batch_size,
-            },
-        }
 
     @staticmethod
     def key(name: str) -> str:

@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from align.commands import doc_summary
 from align.data.writer import Skip, Unit, die_with_parent, run_command, write_shards
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -195,10 +194,10 @@ def map_in_processes(function: Callable, items: list, workers: int) -> Iterable:
 
 
 def command_parser(command: str, doc: str, **kwargs) -> argparse.ArgumentParser:
-    """The parser of ``align data <command>``, described by the first paragraph of ``doc``."""
-    return argparse.ArgumentParser(
-        prog=f"align data {command}", description=doc_summary(doc), **kwargs
-    )
+    """The parser of ``align data <command>``, described by the first paragraph of ``doc`` (on one
+    line, so that a raw formatter prints it as the others do)."""
+    description = " ".join(doc.strip().split("\n\n")[0].split())
+    return argparse.ArgumentParser(prog=f"align data {command}", description=description, **kwargs)
 
 
 def add_image_args(parser, max_side: int = 0, shorter_side: int = 0) -> None:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from align.demo.judge import judge, judge_many
+from align.demo.judge import judge_many
 
 
 def make_pipeline(components, unet=None):
@@ -80,14 +80,8 @@ def evaluate(
     t = time.time()
     images = sample(pipe, captions, seeds, encoder=encoder, **kw)
     texts = [c for c in captions for _ in seeds]
-    if only_cells is None:
-        scores = judge_many(images, texts)
-    else:
-        cells = [k for k in only_cells for _ in seeds]
-        scores = np.array(
-            [judge(im, tx, only_cells=k).value for im, tx, k in zip(images, texts, cells)],
-            dtype=np.float64,
-        )
+    cells = None if only_cells is None else [k for k in only_cells for _ in seeds]
+    scores = judge_many(images, texts, cells)
     return {
         "score": float(scores.mean()),
         "scores": scores,

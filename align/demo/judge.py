@@ -113,6 +113,8 @@ def judge(image, text: str, only_cells: set[int] | None = None) -> Score:
     return Score(color_ok + shape_ok, 2 * len(objs), color_ok, shape_ok, len(objs))
 
 
-def judge_many(images, texts) -> np.ndarray:
-    """Scores (fractions of facts satisfied) of ``images[i]`` against ``texts[i]``."""
-    return np.array([judge(im, t).value for im, t in zip(images, texts)], dtype=np.float64)
+def judge_many(images, texts, only_cells=None) -> np.ndarray:
+    """Scores (fractions of facts satisfied) of ``images[i]`` against ``texts[i]``, on the facts of
+    ``only_cells[i]`` (None: every fact)."""
+    cells = only_cells if only_cells is not None else [None] * len(texts)
+    return np.array([judge(*args).value for args in zip(images, texts, cells)], dtype=np.float64)

@@ -23,17 +23,10 @@ from align.demo import world
 from align.demo.judge import parse_caption
 
 ENCODERS = {"segment": "segment", "truncate": "clip"}  # demo arm -> DiffusionModule prompt_encoder
-CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TRUNCATION = 77  # CLIP's positions: <sot> + 75 content tokens + <eot>
 
 
-def _tokenizer():
-    from align.models.tokenizer import build_clip_tokenizer
-
-    return build_clip_tokenizer()
-
-
-def cells_beyond(caption: str, tokenizer=None, max_length: int = TRUNCATION) -> set[int]:
+def cells_beyond(caption: str, tokenizer, max_length: int = TRUNCATION) -> set[int]:
     """The cells of the objects whose sentence lies wholly past CLIP's ``max_length`` tokens.
 
     A 77-token encoder keeps <sot>, the first ``max_length - 2`` content tokens and <eot>; a
@@ -41,7 +34,6 @@ def cells_beyond(caption: str, tokenizer=None, max_length: int = TRUNCATION) -> 
     are counted with the CLIP tokenizer on the caption's prefix (CLIP's BPE never merges across
     whitespace, so the prefix's tokens are the caption's first tokens).
     """
-    tokenizer = tokenizer or _tokenizer()
     cells = set()
     for match in re.finditer(r"[^.]+", caption):
         objs = parse_caption(match.group())

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline
 from align.demo.longalign import evaluate_long
@@ -55,11 +54,8 @@ class ShapesJudge(L.Callback):
         return evaluate(pipe, self.captions, seeds, encoder=encoder, **kw)
 
     def _judge(self, step: int, module, seeds: list[int]) -> None:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        with isolate_rng(include_cuda=False):  # Python's, NumPy's and torch's CPU generator
             res = self.evaluate(module, seeds)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
         point = first_seeds_score(res["scores"], len(seeds), self.curve_seeds)
         self.curve = [p for p in self.curve if p[0] != step] + [(step, point)]
         self.last = res

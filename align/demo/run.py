@@ -40,6 +40,7 @@ from align.demo.prefs import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+NEGATED_JUDGE = "align.demo.soft_judge:shapes-judge-exact:-1"  # the flipped online runs' reward
 # method -> (config, flags that make it a control). Flipped: the same run on reversed labels (GRPO:
 # the negated reward); shuffled: on random labels (what training on these images does whatever
 # the preference)
@@ -55,19 +56,10 @@ METHODS = {
     "rft-judge": ("rft_judge.yaml", []),
     "rft-clip": ("rft_clip.yaml", []),
     "grpo": ("grpo.yaml", []),
-    "grpo-flipped": (
-        "grpo.yaml",
-        [
-            "--model.init_args.reward.init_args.rewards",
-            "align.demo.soft_judge:shapes-judge-exact:-1",
-        ],
-    ),
+    "grpo-flipped": ("grpo.yaml", ["--model.init_args.reward.init_args.rewards", NEGATED_JUDGE]),
     "grpo-redness": ("grpo_redness.yaml", []),  # a misspecified reward the monitor must catch
     "online-dpo": ("online_dpo.yaml", []),
-    "online-dpo-flipped": (
-        "online_dpo.yaml",
-        ["--data.init_args.reward", "align.demo.soft_judge:shapes-judge-exact:-1"],
-    ),
+    "online-dpo-flipped": ("online_dpo.yaml", ["--data.init_args.reward", NEGATED_JUDGE]),
 }
 # what the flow-matching (SD3-shaped) base runs: the same configs, then configs/demo/sd3/<config>
 # where the flow model needs other settings
@@ -162,6 +154,11 @@ class DemoConfig:
         if self.eval_seeds is None:
             self.eval_seeds = tuple(range(1000, 1032 if flow else 1008))
 
+    @property
+    def sampling(self) -> dict:
+        """How every model is sampled for judging (and the base for its preference data)."""
+        return {"steps": self.sample_steps, "guidance": self.guidance}
+
 
 def quick_config(family: str = "sd15", **kw) -> DemoConfig:
     """``--quick``: the same pipeline at smoke-test scale: a smaller base (its own cache,
@@ -195,11 +192,8 @@ def caption_sets(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     one-object captions in their share of the world's scenes. With two objects per scene every
     held-out sentence also occurs in training captions, next to other sentences.
     """
-    pool: list[str] = []
-    for s in world.scenes(4000, seed=7919, max_objects=cfg.base.max_objects):
-        c = world.caption(s)
-        if c not in pool:
-            pool.append(c)
+    scenes = world.scenes(4000, seed=7919, max_objects=cfg.base.max_objects)
+    pool = list(dict.fromkeys(world.caption(s) for s in scenes))  # distinct, in order
     held = random.Random(HELD_OUT_SEED).sample(pool, len(pool) // 4)
     test = held[: cfg.eval_captions]
     held_out = held[len(test) : 2 * len(test)] if cfg.eval_set == "validation" else test
@@ -234,14 +228,8 @@ def preference_data(
     """Images for the training captions (on-policy or rendered), judged, written as pair and single
     shards with their flipped (and, when asked for, shuffled) controls; returns the data summary."""
     if cfg.pref_source == "base":
-        images = sample(
-            base_pipe,
-            train_caps,
-            list(range(cfg.images_per_caption)),
-            steps=cfg.sample_steps,
-            guidance=cfg.guidance,
-            encoder=encoder,
-        )
+        seeds = list(range(cfg.images_per_caption))
+        images = sample(base_pipe, train_caps, seeds, encoder=encoder, **cfg.sampling)
     else:
         images = rendered_samples(train_caps, cfg.images_per_caption)
     rec = build_records(train_caps, images, cfg.images_per_caption)
@@ -281,15 +269,7 @@ def long_caption_data(cfg: DemoConfig, base, data_dir: Path) -> tuple[list[str],
         exclude=list(dict.fromkeys(test_caps + long_caps)),
     )
     results = {
-        enc: evaluate_long(
-            base,
-            base.unet,
-            enc,
-            long_caps,
-            judged_seeds(cfg),
-            steps=cfg.sample_steps,
-            guidance=cfg.guidance,
-        )
+        enc: evaluate_long(base, base.unet, enc, long_caps, judged_seeds(cfg), **cfg.sampling)
         for enc in ("segment", "truncate")
     }
     return long_caps, results
@@ -341,35 +321,21 @@ def longest_first(jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return sorted(jobs, key=lambda job: not job[0].startswith("rft"))
 
 
-def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> list[dict]:
-    """Every (method, seed) run, in ``workers`` spawned processes (longest first); each result is
-    its ``judge.json`` with ``seconds``, in job order."""
-    for method, seed in jobs:
-        shutil.rmtree(Path(cfg.artifacts) / "runs" / method / f"seed{seed}", ignore_errors=True)
+def job_dir(cfg: DemoConfig, method: str, seed: int) -> Path:
+    return Path(cfg.artifacts) / "runs" / method / f"seed{seed}"
+
+
+def run_jobs(cfg: DemoConfig, jobs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+    """Every (method, seed) run, in ``workers`` spawned processes (longest first); returns each
+    one's seconds, in job order (its results are in its run directory)."""
+    for job in jobs:
+        shutil.rmtree(job_dir(cfg, *job), ignore_errors=True)
     args = {job: job_args(cfg, *job) for job in jobs}
     if cfg.workers <= 1:
-        seconds = {job: fit(args[job]) for job in jobs}
-    else:
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
-            futures = {job: pool.submit(fit, args[job]) for job in longest_first(jobs)}
-            seconds = {job: futures[job].result() for job in jobs}
-    results = []
-    for method, seed in jobs:
-        run = Path(cfg.artifacts) / "runs" / method / f"seed{seed}"
-        result = json.loads((run / "judge.json").read_text())
-        monitor = run / "reward_monitor.json"
-        if monitor.is_file():
-            result["monitor"] = json.loads(monitor.read_text())
-        results.append(
-            {
-                "method": method,
-                "seed": seed,
-                **result,
-                "seconds": seconds[(method, seed)],
-                "run": str(run),
-            }
-        )
-    return results
+        return {job: fit(args[job]) for job in jobs}
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
+        futures = {job: pool.submit(fit, args[job]) for job in longest_first(jobs)}
+        return {job: futures[job].result() for job in jobs}
 
 
 def preference_model(cfg: DemoConfig, out_dir: Path) -> tuple[Path, float]:
@@ -434,16 +400,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     # the flow base samples with its own text length (the UNets: the pipeline's encoding)
     encoder = prompt_encoder(base, cfg.base) if base.is_flow else None
     t = time.time()
-    judged = {
-        "short": evaluate(
-            base_pipe,
-            eval_caps,
-            seeds,
-            encoder=encoder,
-            steps=cfg.sample_steps,
-            guidance=cfg.guidance,
-        )
-    }
+    judged = {"short": evaluate(base_pipe, eval_caps, seeds, encoder=encoder, **cfg.sampling)}
     timings["evaluate base"] = time.time() - t
     log(
         f"base model: judge score {judged['short']['score']:.4f} on {len(eval_caps)} "
@@ -472,8 +429,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         "seeds": seeds,
         "every": cfg.eval_every,
         "curve_seeds": cfg.curve_seeds,
-        "steps": cfg.sample_steps,
-        "guidance": cfg.guidance,
+        **cfg.sampling,
     }
     (art / "judge.json").write_text(json.dumps(judge_set, indent=2) + "\n")
     # the held-out captions as a prompt file (the reward-hacking monitor's)
@@ -490,7 +446,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         f"{len(jobs)} runs of align fit ({', '.join(cfg.methods)} x {cfg.seeds} seeds) on "
         f"{cfg.workers} worker(s)"
     )
-    done = run_jobs(cfg, jobs)
+    seconds = run_jobs(cfg, jobs)
     timings[f"training runs ({len(jobs)}, {cfg.workers} workers)"] = time.time() - t
     timings["total"] = time.time() - t_all
 
@@ -499,20 +455,24 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
 
     results: dict = {m: [] for m in cfg.methods}
     samples: dict = {"base": judged["short"]["images"]}
-    for r in done:
-        start = (0, first_seeds_score(base_on(r["method"])["scores"], len(seeds), cfg.curve_seeds))
-        results[r["method"]].append(
+    for (method, seed), secs in seconds.items():
+        run, monitor = job_dir(cfg, method, seed), {}
+        if (run / "reward_monitor.json").is_file():
+            monitor["monitor"] = json.loads((run / "reward_monitor.json").read_text())
+        r = json.loads((run / "judge.json").read_text())
+        start = (0, first_seeds_score(base_on(method)["scores"], len(seeds), cfg.curve_seeds))
+        results[method].append(
             {
-                "seed": r["seed"],
+                "seed": seed,
                 "final": r["final"],
                 "curve": [start, *map(tuple, r["curve"])],
                 "caption_scores": r["caption_scores"],
-                "seconds": r["seconds"],
-                **({"monitor": r["monitor"]} if "monitor" in r else {}),
+                "seconds": secs,
+                **monitor,
             }
         )
-        if r["seed"] == 0:
-            samples[r["method"]] = np.load(Path(r["run"]) / "judge_images.npy")
+        if seed == 0:
+            samples[method] = np.load(run / "judge_images.npy")
     summary_out = {
         "config": asdict(cfg),
         "base_score": judged["short"]["score"],

@@ -24,6 +24,9 @@ from PIL import Image
 from align.data.synthetic import _write_shards
 from align.demo.judge import judge_many
 
+# a pair's json fields (Pick-a-Pic's) taken from its sample
+PAIR_FIELDS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "score_0", "score_1")
+
 
 def png_free_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes (quality 95, no chroma subsampling: colours survive at 32 px) of an
@@ -106,56 +109,37 @@ def single_samples(
     return out
 
 
-def write_pairs(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) -> list[Path]:
+def _write_shuffled(out_dir, prefix: str, samples: list[dict], shards: int, seed: int, files):
+    """``samples`` in a random order (``seed``) as ``<prefix>-*.tar`` shards; ``files(sample,
+    index)`` gives a sample's entries (``index``: its place in ``samples``)."""
     order = np.random.default_rng(seed).permutation(len(samples))
 
     def make(i, rng):
-        s = samples[order[i]]
-        meta = {
-            k: s[k]
-            for k in (
-                "caption",
-                "label_0",
-                "label_1",
-                "image_0_uid",
-                "image_1_uid",
-                "score_0",
-                "score_1",
-            )
-        }
-        meta.update(
-            model_0="shapes-base", model_1="shapes-base", ranking_id=int(order[i]), user_id=0
-        )
+        return {"__key__": f"{i:09d}", **files(samples[order[i]], int(order[i]))}
+
+    return _write_shards(out_dir, prefix, len(samples), shards, make, seed)
+
+
+def write_pairs(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) -> list[Path]:
+    def files(s: dict, index: int) -> dict:
+        meta = {k: s[k] for k in PAIR_FIELDS}
+        meta.update(model_0="shapes-base", model_1="shapes-base", ranking_id=index, user_id=0)
         return {
-            "__key__": f"{i:09d}",
             "jpg_0.jpg": png_free_jpeg(s["image_0"]),
             "jpg_1.jpg": png_free_jpeg(s["image_1"]),
             "json": json.dumps(meta).encode(),
         }
 
-    return _write_shards(out_dir, "pairs", len(samples), shards, make, seed)
+    return _write_shuffled(out_dir, "pairs", samples, shards, seed, files)
 
 
 def write_singles(out_dir, samples: list[dict], shards: int = 4, seed: int = 0) -> list[Path]:
-    order = np.random.default_rng(seed).permutation(len(samples))
+    def files(s: dict, index: int) -> dict:
+        meta = {k: s[k] for k in ("caption", "label", "image_uid", "score")}
+        meta.update(wins=int(s["label"]), losses=int(not s["label"]))
+        return {"jpg": png_free_jpeg(s["image"]), "json": json.dumps(meta).encode()}
 
-    def make(i, rng):
-        s = samples[order[i]]
-        meta = {
-            "caption": s["caption"],
-            "label": s["label"],
-            "image_uid": s["image_uid"],
-            "score": s["score"],
-            "wins": int(s["label"]),
-            "losses": int(not s["label"]),
-        }
-        return {
-            "__key__": f"{i:09d}",
-            "jpg": png_free_jpeg(s["image"]),
-            "json": json.dumps(meta).encode(),
-        }
-
-    return _write_shards(out_dir, "singles", len(samples), shards, make, seed)
+    return _write_shuffled(out_dir, "singles", samples, shards, seed, files)
 
 
 def summary(rec: dict, best_worst: bool = False) -> dict:

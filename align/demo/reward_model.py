@@ -90,12 +90,8 @@ def read_pairs(shards) -> list[dict]:
 def _to_tensor(images: Sequence) -> torch.Tensor:
     """(N, 3, H, W) float in [0, 1] from PIL images or (H, W, 3) arrays
     (uint8, or float in [0, 1])."""
-    return (
-        torch.from_numpy(np.stack([world.to_array(im) for im in images]))
-        .permute(0, 3, 1, 2)
-        .float()
-        / 255.0
-    )
+    arrays = np.stack([world.to_array(im) for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
 
 
 @torch.no_grad()

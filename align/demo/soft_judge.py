@@ -57,13 +57,11 @@ def _draw_mask(shape: str, cell: int, size: int, dx: float, dy: float, dhalf: fl
     left, top, _, _ = world.cell_box(cell, size)
     half, cx, cy = step * 0.34 + dhalf, left + step / 2 + dx, top + step / 2 + dy
     if shape == "square":
-        draw.rectangle(
-            [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1], fill=1
-        )
+        box = [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1]
+        draw.rectangle(box, fill=1)
     else:
-        draw.polygon(
-            [(cx, cy - half - 1), (cx - half - 1, cy + half), (cx + half + 1, cy + half)], fill=1
-        )
+        corners = [(cx, cy - half - 1), (cx - half - 1, cy + half), (cx + half + 1, cy + half)]
+        draw.polygon(corners, fill=1)
     return np.asarray(image, dtype=np.float32)
 
 
@@ -159,15 +157,13 @@ class SoftJudge(RewardModel):
             for o in objs:
                 fg_cell = fg[i] * cell_t[o.cell]
                 mass = fg_cell.sum()
-                color = (p[i, _COLOR_INDEX[o.color]] * cell_t[o.cell]).sum() / mass.clamp(
-                    min=self.min_pixels
-                )
+                color = (p[i, _COLOR_INDEX[o.color]] * cell_t[o.cell]).sum()
+                color = color / mass.clamp(min=self.min_pixels)
                 masks = shape_t[:, o.cell]  # (shapes, J, H, W)
                 inter = (masks * fg_cell).sum((-2, -1))
                 iou = inter / (masks.sum((-2, -1)) + mass - inter)
-                fit = (torch.softmax(iou / self.fit_temperature, -1) * iou).sum(
-                    -1
-                )  # (shapes,): ~ best jitter
+                # (shapes,): about the best jitter's
+                fit = (torch.softmax(iou / self.fit_temperature, -1) * iou).sum(-1)
                 k = world.SHAPES.index(o.shape)
                 shape = fit[k] * torch.softmax(fit / self.shape_temperature, 0)[k]
                 scores.append(0.5 * (color + shape))

@@ -136,19 +136,15 @@ def sample_grid(
     names = list(samples)
     cell = 32 * scale
     pad, header = 4, 14
-    grid = Image.new(
-        "RGB",
-        (len(names) * (cell + pad) + pad, header + rows * (cell + pad) + pad),
-        (255, 255, 255),
-    )
+    size = (len(names) * (cell + pad) + pad, header + rows * (cell + pad) + pad)
+    grid = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for j, name in enumerate(names):
-        draw.text((pad + j * (cell + pad), 1), name[:16], fill=(0, 0, 0))
+        x = pad + j * (cell + pad)
+        draw.text((x, 1), name[:16], fill=(0, 0, 0))
         for i in range(min(rows, len(captions))):
-            img = Image.fromarray(samples[name][i * per_caption]).resize(
-                (cell, cell), Image.NEAREST
-            )
-            grid.paste(img, (pad + j * (cell + pad), header + i * (cell + pad)))
+            tile = Image.fromarray(samples[name][i * per_caption])
+            grid.paste(tile.resize((cell, cell), Image.NEAREST), (x, header + i * (cell + pad)))
     grid.save(path)
     (path.with_suffix(".txt")).write_text(
         "\n".join(f"row {i}: {c}" for i, c in enumerate(captions[:rows])) + "\n"

@@ -121,8 +121,7 @@ class RewardMonitor(L.Callback):
                 mine = {k: v for k, v in self.sources.items() if k in parse_rewards(spec)}
                 return WeightedReward(spec, mine or None).to(device)
 
-            reward, gold = build(self.reward_spec), build(self.gold_spec)
-            self._scorers = (reward, gold)
+            self._scorers = (build(self.reward_spec), build(self.gold_spec))
         return self._scorers
 
     @torch.no_grad()
@@ -144,9 +143,8 @@ class RewardMonitor(L.Callback):
             features = torch.from_numpy(np.stack([np.asarray(im) for im in images]) / 255.0)
             scale = features[0].numel() ** 0.5  # RMS distance per pixel
         else:
-            model = gold.models.get(WeightedReward.key(self.diversity)) or reward.models.get(
-                WeightedReward.key(self.diversity)
-            )
+            key = WeightedReward.key(self.diversity)
+            model = gold.models.get(key) or reward.models.get(key)
             if model is None or not hasattr(model, "embed_images"):
                 raise ValueError(
                     f"diversity {self.diversity!r} must be 'pixels' or a CLIP-based reward of "

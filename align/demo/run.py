@@ -30,6 +30,7 @@ import torch
 from align.demo import world
 from align.demo.base import BaseConfig, build_base, log, prompt_encoder
 from align.demo.evaluate import caption_means, evaluate, first_seeds_score, make_pipeline, sample
+from align.demo.judge import parse_caption
 from align.demo.prefs import (
     build_records,
     pair_samples,
@@ -209,17 +210,11 @@ def judged_seeds(cfg: DemoConfig) -> list[int]:
 
 
 def rendered_samples(captions: list[str], per_caption: int, seed: int = 0) -> np.ndarray:
-    from align.demo.judge import parse_caption
-
     rng = random.Random(seed)
-    out = []
-    for cap in captions:
-        scene = tuple(parse_caption(cap))
-        out += [
-            np.asarray(world.render(world.noisy_scene(scene, rng, 0.5, 0.0), rng))
-            for _ in range(per_caption)
-        ]
-    return np.stack(out)
+    scenes = [tuple(parse_caption(c)) for c in captions for _ in range(per_caption)]
+    return np.stack(
+        [np.asarray(world.render(world.noisy_scene(s, rng, 0.5, 0.0), rng)) for s in scenes]
+    )
 
 
 def preference_data(
@@ -348,20 +343,10 @@ def preference_model(cfg: DemoConfig, out_dir: Path) -> tuple[Path, float]:
     objects, seed = cfg.base.max_objects, cfg.base.seed
     shutil.rmtree(out_dir, ignore_errors=True)
     write_small_clip(out_dir / "init", seed=seed)
-    write_pairs(
-        out_dir / "rendered-pairs",
-        rendered_pairs(2000, seed=seed + 29, max_objects=objects),
-        shards=4,
-    )
-    fit(
-        [
-            "--config",
-            str(CONFIGS / PREFERENCE_MODEL),
-            *seed_args(seed),
-            *fit_args(cfg, "preference-model"),
-        ],
-        threads=torch.get_num_threads(),
-    )
+    pairs = rendered_pairs(2000, seed=seed + 29, max_objects=objects)
+    write_pairs(out_dir / "rendered-pairs", pairs, shards=4)
+    args = ["--config", str(CONFIGS / PREFERENCE_MODEL), *seed_args(seed)]
+    fit(args + fit_args(cfg, "preference-model"), threads=torch.get_num_threads())
     export = out_dir / "export" / "final"
     held_out = rendered_pairs(300, seed=seed + 31, max_objects=objects)
     acc = pairwise_accuracy(build_reward("denscore", str(export)), held_out)
@@ -453,6 +438,9 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     def base_on(method: str) -> dict:  # the base on the captions ``method`` is judged on
         return judged["long-" + method.split("-", 1)[1] if method.startswith("sft-") else "short"]
 
+    curve_baselines = {
+        m: first_seeds_score(base_on(m)["scores"], len(seeds), cfg.curve_seeds) for m in cfg.methods
+    }
     results: dict = {m: [] for m in cfg.methods}
     samples: dict = {"base": judged["short"]["images"]}
     for (method, seed), secs in seconds.items():
@@ -460,12 +448,11 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         if (run / "reward_monitor.json").is_file():
             monitor["monitor"] = json.loads((run / "reward_monitor.json").read_text())
         r = json.loads((run / "judge.json").read_text())
-        start = (0, first_seeds_score(base_on(method)["scores"], len(seeds), cfg.curve_seeds))
         results[method].append(
             {
                 "seed": seed,
                 "final": r["final"],
-                "curve": [start, *map(tuple, r["curve"])],
+                "curve": [(0, curve_baselines[method]), *map(tuple, r["curve"])],
                 "caption_scores": r["caption_scores"],
                 "seconds": secs,
                 **monitor,
@@ -478,10 +465,7 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
         "base_score": judged["short"]["score"],
         "preferences": pref_summary,
         "baselines": {m: base_on(m)["score"] for m in cfg.methods},
-        "curve_baselines": {
-            m: first_seeds_score(base_on(m)["scores"], len(seeds), cfg.curve_seeds)
-            for m in cfg.methods
-        },
+        "curve_baselines": curve_baselines,
         "caption_baselines": {
             m: caption_means(base_on(m)["scores"], len(seeds)) for m in cfg.methods
         },

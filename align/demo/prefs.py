@@ -89,24 +89,19 @@ def single_samples(
 ) -> list[dict]:
     """KTO singles; ``shuffled_seed``: the judge's labels permuted across images
     (same class sizes, random labels)."""
-    out = []
-    k = rec["per_caption"]
     labels = np.asarray(rec["scores"]) == 1.0
     if shuffled_seed is not None:
         labels = np.random.default_rng(shuffled_seed).permutation(labels)
-    for i, cap in enumerate(rec["captions"]):
-        for j in range(k):
-            idx = i * k + j
-            out.append(
-                {
-                    "caption": cap,
-                    "label": bool(labels[idx]) != flipped,
-                    "image": rec["images"][idx],
-                    "image_uid": f"shapes-{idx:07d}",
-                    "score": float(rec["scores"][idx]),
-                }
-            )
-    return out
+    return [
+        {
+            "caption": rec["captions"][idx // rec["per_caption"]],
+            "label": bool(label) != flipped,
+            "image": rec["images"][idx],
+            "image_uid": f"shapes-{idx:07d}",
+            "score": float(rec["scores"][idx]),
+        }
+        for idx, label in enumerate(labels)
+    ]
 
 
 def _write_shuffled(out_dir, prefix: str, samples: list[dict], shards: int, seed: int, files):

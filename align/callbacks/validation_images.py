@@ -173,9 +173,7 @@ class ValidationImages(L.Callback):
         if reference is not None:
             images = [side_by_side(a, b) for a, b in zip(images, reference)]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "prompts.txt").write_text(
-            "\n".join(p.replace("\n", " ") for p in self.prompts) + "\n"
-        )
+        (out / "prompts.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in self.prompts))
         for i, image in enumerate(images):
             image.save(out / f"{i:02d}.png")
         for logger in trainer.loggers:

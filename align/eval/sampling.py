@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from align.eval.layout import (
@@ -149,14 +150,8 @@ def make_scheduler(name: str, base_config):
 def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
     """(N, C, h, w) float32 standard-normal latents, image i from
     ``torch.Generator('cpu').manual_seed(seeds[i])``."""
-    return torch.cat(
-        [
-            torch.randn(
-                (1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32
-            )
-            for s in seeds
-        ]
-    )
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return randn_tensor((len(seeds), *shape), generators, torch.device("cpu"), torch.float32)
 
 
 def pipeline_latents(pipe, latents: torch.Tensor) -> torch.Tensor:

@@ -251,13 +251,10 @@ class BareStep:
 
     def __call__(self, batch: dict, index: int) -> torch.Tensor:
         # the autocast Lightning's bf16-mixed applies around training_step
-        if self.cfg.precision == "bf16":
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        else:
-            autocast = contextlib.nullcontext()
+        bf16 = self.cfg.precision == "bf16"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log() without a Trainer warns and does nothing
-            with autocast:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = self.module.training_step(batch, index)
             loss.backward()
             self.module.on_before_optimizer_step(self.optimizer)

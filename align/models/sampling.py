@@ -60,12 +60,10 @@ def _parts(pipeline) -> SimpleNamespace:
         return pipeline
     names = ("", "_2", "_3")
     present = [n for n in names if getattr(pipeline, f"text_encoder{n}", None) is not None]
-    family = model_family({"_class_name": type(pipeline).__name__}, type(pipeline).__name__)
     return SimpleNamespace(
         text_encoders=[getattr(pipeline, f"text_encoder{n}") for n in present],
         tokenizers=[getattr(pipeline, f"tokenizer{n}") for n in present],
-        is_sdxl=family == "sdxl",
-        family=family,
+        family=model_family({"_class_name": type(pipeline).__name__}, type(pipeline).__name__),
     )
 
 

@@ -200,6 +200,7 @@ class DiffusionModule(TrainableModule):
     """
 
     needs_reference = True
+    prog_bar_metrics = ("loss", "implicit_acc")
 
     def __init__(
         self,
@@ -568,17 +569,7 @@ class DiffusionModule(TrainableModule):
         out = self.objective_output(batch)
         self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
 
-    # ---- logging, optimisation, export -----------------------------------------------------------
-    def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-        for name, value in metrics.items():
-            self.log(
-                f"{prefix}/{name}",
-                value,
-                prog_bar=name in ("loss", "implicit_acc"),
-                batch_size=batch_size,
-                sync_dist=prefix != "train",
-            )
-
+    # ---- optimisation, export --------------------------------------------------------------------
     def _fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
 

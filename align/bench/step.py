@@ -112,16 +112,21 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
-    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
-    activation estimates) warns "modules that should be kept in float32: []" once per model."""
-    log = logging.getLogger("diffusers")
-    level = log.level
-    log.setLevel(logging.ERROR)
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """The logger ``name`` at ``level`` inside the block."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(before)
+
+
+def quiet_diffusers():
+    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
+    activation estimates) warns "modules that should be kept in float32: []" once per model."""
+    return quiet_logger("diffusers")
 
 
 class MetaDevice(DeviceContext):

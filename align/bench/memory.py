@@ -141,9 +141,7 @@ def _saved_bytes(
     module = build_module(cfg, meta=True)
     if dtype != torch.float32:
         with quiet_diffusers():
-            for unet in {
-                id(m): m for m in (module.unet, module.ref_unet) if m is not None
-            }.values():
+            for unet in (m for m in (module.unet, module.ref_unet) if m is not None):
                 unet.to(dtype)
                 unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
     batch = make_batch(module, cfg)

@@ -27,7 +27,8 @@ from lightning.pytorch.callbacks import LambdaCallback
 
 from align.bench.flops import StepFlops, measure_matmul_rate
 from align.bench.report import new_record, software_versions
-from align.bench.step import PRECISIONS, BareStep, StepConfig, build_module, make_batch, sync
+from align.bench.step import PRECISIONS, BareStep, StepConfig, build_module, make_batch
+from align.bench.step import quiet_logger, sync
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -147,19 +148,13 @@ def run(
     started = datetime.now(timezone.utc)
     step_times = {mode: [] for mode in modes}
     peak_mem = dict.fromkeys(modes, 0)
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    level = lightning_logger.level
-    lightning_logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(rounds):
-                for mode in modes:
-                    times, peak = time_steps(mode, cfg, device, warmup, steps)
-                    step_times[mode] += times
-                    peak_mem[mode] = max(peak_mem[mode], peak)
-    finally:
-        lightning_logger.setLevel(level)
+    with quiet_logger("lightning.pytorch", logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(rounds):
+            for mode in modes:
+                times, peak = time_steps(mode, cfg, device, warmup, steps)
+                step_times[mode] += times
+                peak_mem[mode] = max(peak_mem[mode], peak)
     env = {
         "device": device_name(device),
         "device_type": device.type,

@@ -112,16 +112,21 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
-    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
-    activation estimates) warns "modules that should be kept in float32: []" once per model."""
-    log = logging.getLogger("diffusers")
-    level = log.level
-    log.setLevel(logging.ERROR)
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """The logger ``name`` at ``level`` inside the block."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(before)
+
+
+def quiet_diffusers():
+    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
+    activation estimates) warns "modules that should be kept in float32: []" once per model."""
+    return quiet_logger("diffusers")
 
 
 class MetaDevice(DeviceContext):
@@ -251,13 +256,10 @@ class BareStep:
 
     def __call__(self, batch: dict, index: int) -> torch.Tensor:
         # the autocast Lightning's bf16-mixed applies around training_step
-        if self.cfg.precision == "bf16":
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        else:
-            autocast = contextlib.nullcontext()
+        bf16 = self.cfg.precision == "bf16"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log() without a Trainer warns and does nothing
-            with autocast:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = self.module.training_step(batch, index)
             loss.backward()
             self.module.on_before_optimizer_step(self.optimizer)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from align.eval.layout import (
@@ -30,7 +31,7 @@ from align.eval.layout import (
 )
 from align.data.prompt_files import PromptSetError
 from align.models import load_components
-from align.models.sampling import denoiser_of, resolve_encoder, text_arguments
+from align.models.sampling import denoiser_of, generate, resolve_encoder
 
 # name -> (diffusers class, default steps)
 SCHEDULERS = {
@@ -149,14 +150,8 @@ def make_scheduler(name: str, base_config):
 def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
     """(N, C, h, w) float32 standard-normal latents, image i from
     ``torch.Generator('cpu').manual_seed(seeds[i])``."""
-    return torch.cat(
-        [
-            torch.randn(
-                (1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32
-            )
-            for s in seeds
-        ]
-    )
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return randn_tensor((len(seeds), *shape), generators, torch.device("cpu"), torch.float32)
 
 
 def pipeline_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -316,11 +311,10 @@ def sample_images(
         pipe.load_lora_weights(lora)
     if encoder is not None:
         encoder = resolve_encoder(encoder, pipe).to(device)
-    latent_shape = (
-        components.vae.config.latent_channels,
-        settings["height"] // components.vae_scale_factor,
-        settings["width"] // components.vae_scale_factor,
-    )
+    steps, guidance = settings["steps"], settings["guidance_scale"]
+    height, width = settings["height"], settings["width"]
+    negative, scale = config.negative_prompt, components.vae_scale_factor
+    latent_shape = (components.vae.config.latent_channels, height // scale, width // scale)
     bar = tqdm(
         total=len(todo), desc=f"sampling {out.name}", unit="img", disable=not config.progress
     )
@@ -328,18 +322,11 @@ def sample_images(
         batch = todo[start : start + config.batch_size]
         seeds = [s for _, s in batch]
         texts = [prompts[i] for i, _ in batch]
-        kwargs = dict(
-            **text_arguments(encoder, texts, config.negative_prompt, dtype=dtype),
-            num_inference_steps=settings["steps"],
-            guidance_scale=settings["guidance_scale"],
-            height=settings["height"],
-            width=settings["width"],
-            latents=pipeline_latents(pipe, initial_latents(seeds, latent_shape)).to(device, dtype),
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            output_type="pil",
-        )
-        with torch.inference_mode():
-            images = pipe(**kwargs).images
+        noise = pipeline_latents(pipe, initial_latents(seeds, latent_shape)).to(device, dtype)
+        with torch.inference_mode():  # generate: the prompts' embeddings, a CPU generator per seed
+            images = generate(
+                pipe, texts, encoder, steps, guidance, seeds, negative, height, width, latents=noise
+            )
         for (i, s), image in zip(batch, images):
             _save_atomic(image, out / image_name(i, s))
         bar.update(len(batch))

@@ -56,15 +56,8 @@ class FlowMatching:
         """(n,) float timesteps of ``scheduler``'s training schedule, drawn as diffusers' scripts
         draw them; ``[low, high)`` keeps the same density on the timesteps in that range (the
         full range draws exactly the scripts' timesteps; ``high`` = N includes t = N)."""
-        u = compute_density_for_timestep_sampling(
-            self.weighting_scheme,
-            n,
-            logit_mean=self.logit_mean,
-            logit_std=self.logit_std,
-            mode_scale=self.mode_scale,
-            device=generator.device,
-            generator=generator,
-        )
+        density = (self.weighting_scheme, n, self.logit_mean, self.logit_std, self.mode_scale)
+        u = compute_density_for_timestep_sampling(*density, generator.device, generator)
         timesteps = scheduler.timesteps.to(generator.device)
         # flow timesteps lie in (0, N]: a range up to N includes t = N (sigma = 1)
         top = high >= scheduler.config.num_train_timesteps

@@ -107,10 +107,8 @@ class SDComponents:
         the denoiser)."""
         denoiser = unet if unet is not None else self.unet
         kwargs = dict(vae=self.vae, scheduler=scheduler or self.noise_scheduler)
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-        for i, (encoder, tokenizer) in enumerate(zip(self.text_encoders, self.tokenizers)):
-            kwargs[names[i]] = encoder
-            kwargs[names[i].replace("text_encoder", "tokenizer")] = tokenizer
+        for n, encoder, tokenizer in zip(("", "_2", "_3"), self.text_encoders, self.tokenizers):
+            kwargs[f"text_encoder{n}"], kwargs[f"tokenizer{n}"] = encoder, tokenizer
         kwargs[self.denoiser_name] = denoiser
         if self.family == "sd15":
             kwargs.update(

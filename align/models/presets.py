@@ -223,9 +223,8 @@ class Preset:
     """Everything needed to build one model family with random weights."""
 
     family: str  # one of FAMILIES
-    denoiser: dict[
-        str, Any
-    ]  # UNet2DConditionModel / SD3Transformer2DModel / FluxTransformer2DModel
+    # UNet2DConditionModel / SD3Transformer2DModel / FluxTransformer2DModel
+    denoiser: dict[str, Any]
     vae: dict[str, Any]
     # CLIP text configs: SD1.5 one, SDXL two, SD3 two (L, G), FLUX one (L)
     text_encoders: list[dict[str, Any]]

@@ -38,6 +38,17 @@ def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> t
     ).input_ids
 
 
+def penultimate_states(tokenizers, encoders, captions: list[str]):
+    """The CLIP encoders' penultimate hidden states concatenated along the width, and each
+    encoder's first output (a projected one's: the pooled vector)."""
+    hidden, first = [], []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        out = encoder(tokenize(tokenizer, captions).to(_device(encoder)), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        first.append(out[0])
+    return torch.cat(hidden, dim=-1), first
+
+
 class CLIPPromptEncoder(nn.Module):
     """SD1.5: the last hidden state of one CLIP text encoder."""
 
@@ -61,13 +72,8 @@ class SDXLPromptEncoder(nn.Module):
         self.text_encoders = nn.ModuleList(text_encoders)
 
     def forward(self, captions: list[str]) -> PromptEmbeds:
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenize(tokenizer, captions).to(_device(encoder))
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
-        return PromptEmbeds(torch.cat(hidden, dim=-1), pooled)
+        hidden, first = penultimate_states(self.tokenizers, self.text_encoders, captions)
+        return PromptEmbeds(hidden, first[-1])  # encoder 2's projected pooled output (text_embeds)
 
 
 class T5PromptEncoder(nn.Module):
@@ -95,14 +101,7 @@ class T5PromptEncoder(nn.Module):
         if self.family == "flux":
             ids = tokenize(self.tokenizers[0], captions).to(_device(clips[0]))
             return PromptEmbeds(sequence, clips[0](ids).pooler_output)
-        hidden, pooled = [], []
-        for tokenizer, encoder in zip(self.tokenizers, clips):
-            out = encoder(
-                tokenize(tokenizer, captions).to(_device(encoder)), output_hidden_states=True
-            )
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
-        clip = torch.cat(hidden, dim=-1)
+        clip, pooled = penultimate_states(self.tokenizers, clips, captions)
         clip = nn.functional.pad(clip, (0, sequence.shape[-1] - clip.shape[-1]))
         return PromptEmbeds(torch.cat([clip, sequence], dim=-2), torch.cat(pooled, dim=-1))
 
@@ -110,20 +109,19 @@ class T5PromptEncoder(nn.Module):
 def build_prompt_encoder(components, kind: str = "clip", **kwargs) -> nn.Module:
     """The prompt encoder for ``components``: ``clip`` (the model's own text encoding: SD1.5,
     SDXL, SD3 or FLUX.1) or ``segment`` (LongAlign, SD1.5 only)."""
-    family = getattr(components, "family", "sdxl" if components.is_sdxl else "sd15")
+    family = components.family
+    tokenizers, encoders = components.tokenizers, components.text_encoders
     if kind == "clip":
         if family in ("sd3", "flux"):
-            return T5PromptEncoder(
-                family, components.tokenizers, components.text_encoders, **kwargs
-            )
-        if components.is_sdxl:
-            return SDXLPromptEncoder(components.tokenizers, components.text_encoders)
-        return CLIPPromptEncoder(components.tokenizers[0], components.text_encoders[0])
+            return T5PromptEncoder(family, tokenizers, encoders, **kwargs)
+        if family == "sdxl":
+            return SDXLPromptEncoder(tokenizers, encoders)
+        return CLIPPromptEncoder(tokenizers[0], encoders[0])
     if kind == "segment":
         if family != "sd15":
             raise ValueError(
                 f"the segment encoder follows LongAlign, which conditions SD1.5-style (one CLIP); "
                 f"this model is {family}: use prompt_encoder: clip"
             )
-        return SegmentTextEncoder(components.tokenizers[0], components.text_encoders[0], **kwargs)
+        return SegmentTextEncoder(tokenizers[0], encoders[0], **kwargs)
     raise ValueError(f"unknown prompt encoder {kind!r}; expected 'clip' or 'segment'")

@@ -39,7 +39,6 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from align.models.embeds import PromptEmbeds
 from align.models.loader import model_family
 from align.models.prompts import build_prompt_encoder
 
@@ -61,12 +60,10 @@ def _parts(pipeline) -> SimpleNamespace:
         return pipeline
     names = ("", "_2", "_3")
     present = [n for n in names if getattr(pipeline, f"text_encoder{n}", None) is not None]
-    family = model_family({"_class_name": type(pipeline).__name__}, type(pipeline).__name__)
     return SimpleNamespace(
         text_encoders=[getattr(pipeline, f"text_encoder{n}") for n in present],
         tokenizers=[getattr(pipeline, f"tokenizer{n}") for n in present],
-        is_sdxl=family == "sdxl",
-        family=family,
+        family=model_family({"_class_name": type(pipeline).__name__}, type(pipeline).__name__),
     )
 
 
@@ -140,24 +137,11 @@ def load_prompt_encoder(export_dir: str | os.PathLike, pipeline) -> nn.Module:
 def resolve_encoder(encoder, pipeline) -> nn.Module | None:
     """None (the pipeline's own text handling), ``clip``/``segment``, an export directory,
     or a module."""
-    if (
-        encoder is None
-        or isinstance(encoder, nn.Module)
-        or (callable(encoder) and not isinstance(encoder, str))
-    ):
+    if encoder is None or callable(encoder):  # a module or another callable
         return encoder
     if encoder in ("clip", "segment"):
         return build_prompt_encoder(_parts(pipeline), encoder)
     return load_prompt_encoder(encoder, pipeline)
-
-
-@torch.no_grad()
-def encode_for_guidance(
-    encoder, prompts: list[str], negative_prompt: str = ""
-) -> tuple[PromptEmbeds, PromptEmbeds]:
-    """(cond, uncond) for ``prompts``, both from ``encoder``
-    (the uncond of every prompt is ``negative_prompt``)."""
-    return encoder(list(prompts)), encoder([negative_prompt] * len(prompts))
 
 
 def text_arguments(
@@ -169,7 +153,8 @@ def text_arguments(
     if encoder is None:
         negative = [negative_prompt] * len(prompts) if negative_prompt else None
         return {"prompt": list(prompts), "negative_prompt": negative}
-    cond, uncond = encode_for_guidance(encoder, prompts, negative_prompt)
+    with torch.no_grad():
+        cond, uncond = encoder(list(prompts)), encoder([negative_prompt] * len(prompts))
     kwargs = {
         "prompt_embeds": cond.embeds.to(device, dtype),
         "negative_prompt_embeds": uncond.embeds.to(device, dtype),
@@ -205,26 +190,24 @@ def generate(
     """
     if hasattr(pipeline, "to_pipeline"):  # SDComponents: sample with a copy of its sampler
         pipeline = pipeline.to_pipeline(scheduler=pipeline.sampler())  # what an export samples with
-    pipe = pipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    common = dict(
+    param = next(denoiser_of(pipeline).parameters())
+    text = text_arguments(
+        resolve_encoder(encoder, pipeline), prompts, negative_prompt, param.device, param.dtype
+    )
+    return pipeline(
+        **text,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        generator=generators,
+        generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
         height=height,
         width=width,
         output_type=output_type,
         **pipeline_kwargs,
-    )
-    param = next(denoiser_of(pipe).parameters())
-    text = text_arguments(
-        resolve_encoder(encoder, pipe), prompts, negative_prompt, param.device, param.dtype
-    )
-    return pipe(**text, **common).images
+    ).images
 
 
 @torch.no_grad()
@@ -251,14 +234,7 @@ def policy_images(
         pipe = module.components.to_pipeline(unet=unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         with context if context is not None else contextlib.nullcontext():
-            return generate(
-                pipe,
-                prompts,
-                encoder=module.prompt_encoder,
-                steps=steps,
-                guidance=guidance,
-                seed=seeds,
-                **kwargs,
-            )
+            encoder = module.prompt_encoder
+            return generate(pipe, prompts, encoder, steps, guidance, seeds, **kwargs)
     finally:
         module.train(was_training)

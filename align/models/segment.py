@@ -108,11 +108,8 @@ class SegmentTextEncoder(nn.Module):
         never with grad."""
         device = like.device if like is not None else next(self.text_encoder.parameters()).device
         cached = self.pad_embed
-        stale = (
-            cached is None
-            or cached.device != device
-            or (like is not None and cached.dtype != like.dtype)
-        )
+        stale = cached is None or cached.device != device
+        stale = stale or (like is not None and cached.dtype != like.dtype)
         if stale or (cached.is_inference() and not torch.is_inference_mode_enabled()):
             ids = self.tokenizer(
                 [""],
@@ -123,11 +120,8 @@ class SegmentTextEncoder(nn.Module):
             ).input_ids
             with torch.no_grad():
                 hidden = self.text_encoder(ids.to(device))[0]
-            self.pad_embed = (
-                hidden[0, PAD_START:]
-                .mean(dim=0)
-                .to(like.dtype if like is not None else hidden.dtype)
-            )
+            dtype = like.dtype if like is not None else hidden.dtype
+            self.pad_embed = hidden[0, PAD_START:].mean(dim=0).to(dtype)
         return self.pad_embed
 
     def segments(self, caption: str) -> list[str]:

@@ -54,12 +54,7 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_
         "clean_up_tokenization_spaces": True,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    specials = {
-        "bos_token": SOT_TOKEN,
-        "eos_token": EOT_TOKEN,
-        "unk_token": EOT_TOKEN,
-        "pad_token": pad_token,
-    }
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return out
 

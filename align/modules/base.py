@@ -200,6 +200,7 @@ class DiffusionModule(TrainableModule):
     """
 
     needs_reference = True
+    prog_bar_metrics = ("loss", "implicit_acc")
 
     def __init__(
         self,
@@ -568,17 +569,7 @@ class DiffusionModule(TrainableModule):
         out = self.objective_output(batch)
         self.log_metrics("val", out.metrics(), batch_size=len(batch["caption"]))
 
-    # ---- logging, optimisation, export -----------------------------------------------------------
-    def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-        for name, value in metrics.items():
-            self.log(
-                f"{prefix}/{name}",
-                value,
-                prog_bar=name in ("loss", "implicit_acc"),
-                batch_size=batch_size,
-                sync_dist=prefix != "train",
-            )
-
+    # ---- optimisation, export --------------------------------------------------------------------
     def _fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -622,11 +613,7 @@ class DiffusionModule(TrainableModule):
                 plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm"
             )
             return
-        self.clip_gradients(
-            optimizer,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
-        )
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def export(self, out_dir: str | Path) -> Path:
         """Diffusers format: a full pipeline directory, or for LoRA the adapter file
@@ -649,18 +636,10 @@ class DiffusionModule(TrainableModule):
                 **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config},
                 safe_serialization=True,
             )
-            # what the adapter applies to, so `align sample --checkpoint <this dir>` needs nothing
-            # else
-            (out / EXPORT_INFO).write_text(
-                json.dumps(
-                    {
-                        "base_model": self.hparams.model,
-                        "lora_rank": self.hparams.lora_rank,
-                        "seed": self.hparams.seed,
-                    },
-                    indent=2,
-                )
-            )
+            # what the adapter applies to: `align sample --checkpoint <this dir>` needs nothing else
+            hp = self.hparams
+            info = {"base_model": hp.model, "lora_rank": hp.lora_rank, "seed": hp.seed}
+            (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
             return out
         unet = getattr(self.unet, "_orig_mod", self.unet)
         return self.components.save_pretrained(out, unet=unet)

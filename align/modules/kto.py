@@ -56,7 +56,7 @@ class KTOModule(DiffusionModule):
                 f"batch: it needs data.init_args.batch_size >= 2 per rank, got {batch_size}"
             )
 
-    def kto_step(self, batch: dict):
+    def objective_output(self, batch: dict):
         cond = self.prompt_embeds(batch)  # cached embeddings when the batch has them
         latents = self.encode_latents(batch)
         noise, t = self.sample_noise(latents)
@@ -81,6 +81,3 @@ class KTOModule(DiffusionModule):
             lambda_d=self.lambda_d,
             lambda_u=self.lambda_u,
         )
-
-    def objective_output(self, batch: dict):
-        return self.kto_step(batch)

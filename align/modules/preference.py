@@ -80,6 +80,8 @@ class PreferenceModelModule(TrainableModule):
         optimizer / lr_scheduler: injected by LightningCLI.
     """
 
+    prog_bar_metrics = ("loss", "accuracy")
+
     def __init__(
         self,
         model: str = TINY,
@@ -156,14 +158,7 @@ class PreferenceModelModule(TrainableModule):
         self.log_metrics("val", out.metrics(), len(batch["caption"]))
 
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-        for name, value in metrics.items():
-            self.log(
-                f"{prefix}/{name}",
-                value.float(),
-                prog_bar=name in ("loss", "accuracy"),
-                batch_size=batch_size,
-                sync_dist=prefix != "train",
-            )
+        super().log_metrics(prefix, {k: v.float() for k, v in metrics.items()}, batch_size)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -82,13 +82,8 @@ class PolicySampling:
 
             side = self.resolution // self.components.vae_scale_factor
             c = sampler.config
-            kwargs["mu"] = calculate_shift(
-                (side // 2) ** 2,
-                c.base_image_seq_len,
-                c.max_image_seq_len,
-                c.base_shift,
-                c.max_shift,
-            )
+            limits = (c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            kwargs["mu"] = calculate_shift((side // 2) ** 2, *limits)
             kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
             # the embedded guidance is the sampler's, not the training default
             self.flow = dataclasses.replace(self.flow, guidance=self.guidance_scale)
@@ -100,15 +95,9 @@ class PolicySampling:
         """(x_next, log-probability (N,), transition mean) of step ``step`` from the guided
         prediction ``pred`` at ``x``: drawn (``generator``), or ``prev_sample``'s."""
         if self.components.is_flow:
-            return flow_sde_step_logprob(
-                pred.float(),
-                self.sigmas[step],
-                self.sigmas[step + 1],
-                x,
-                self.eta,
-                prev_sample=prev_sample,
-                generator=generator,
-            )
+            sigmas = self.sigmas[step], self.sigmas[step + 1]
+            args = (pred.float(), *sigmas, x, self.eta)
+            return flow_sde_step_logprob(*args, prev_sample=prev_sample, generator=generator)
         x0, eps = self.x0_eps(pred, x, self.a_t[step])
         return ddim_step_logprob(
             x0, eps, self.a_t[step], self.a_prev[step], self.eta, prev_sample, generator
@@ -120,22 +109,13 @@ class PolicySampling:
             return flow_sde_std(self.sigmas[step], self.sigmas[step + 1], self.eta)[1]
         return ddim_std(self.a_t[step], self.a_prev[step], self.eta)
 
-    def guided_prediction(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        cond: PromptEmbeds,
-        time_ids: torch.Tensor | None,
-        unet: torch.nn.Module | None = None,
-    ) -> torch.Tensor:
+    def guided_prediction(self, x, t, cond: PromptEmbeds, time_ids, unet=None) -> torch.Tensor:
         """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond);
-        without CFG (FLUX.1), the conditional prediction."""
-        n = x.shape[0]
+        without CFG (FLUX.1), the conditional prediction. ``unet``: default the policy's."""
+        n, unet = x.shape[0], unet or self.unet
         if not self.uses_cfg:
-            return self.unet_forward(unet or self.unet, x, t.expand(n), cond, time_ids)
-        out = self.unet_forward(
-            unet or self.unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids
-        )
+            return self.unet_forward(unet, x, t.expand(n), cond, time_ids)
+        out = self.unet_forward(unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids)
         c, u = out[:n], out[n:]
         return u + self.guidance_scale * (c - u)
 

@@ -40,7 +40,7 @@ class SFTModule(DiffusionModule):
             )
         self.snr_gamma = snr_gamma
 
-    def denoise(self, batch: dict) -> DenoiseOutput:
+    def objective_output(self, batch: dict) -> DenoiseOutput:
         # caption dropout, then the encoder (or a latent cache's embeddings)
         cond = self.prompt_embeds(batch)
         latents = self.encode_latents(batch)
@@ -54,9 +54,6 @@ class SFTModule(DiffusionModule):
                 t, self.scheduler.alphas_cumprod, self.snr_gamma, self.prediction_type
             )
         return denoise_loss(pred, target, weights)
-
-    def objective_output(self, batch: dict) -> DenoiseOutput:
-        return self.denoise(batch)
 
     def export(self, out_dir: str | Path) -> Path:
         out = super().export(out_dir)

@@ -1,5 +1,6 @@
 """What every trained module here shares (``DiffusionModule``, ``PreferenceModelModule``): the
-injected optimizer and scheduler, the gradient norm and the data pipeline's skip counts in the logs.
+injected optimizer and scheduler, metric logging, the gradient norm and the data pipeline's skip
+counts in the logs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ from align.modules.frozen import trainable_parameters
 class TrainableModule(L.LightningModule):
     """Subclasses set ``optimizer_factory`` and ``scheduler_factory`` (LightningCLI's callables)."""
 
+    prog_bar_metrics: tuple[str, ...] = ("loss",)  # shown in the progress bar
+
     def __init__(self):
         super().__init__()
         self._skipped: dict[str, int] = {}
+
+    def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """``<prefix>/<name>`` for each metric; outside training reduced over ranks."""
+        sync = prefix != "train"
+        for name, value in metrics.items():
+            bar = name in self.prog_bar_metrics
+            self.log(f"{prefix}/{name}", value, prog_bar=bar, batch_size=batch_size, sync_dist=sync)
 
     def log_skipped(self, batch: dict) -> None:
         """Running totals of samples skipped by the data pipeline, by reason

@@ -47,7 +47,7 @@ def test_a_step_raises_desirable_and_lowers_undesirable_rewards(batch):
 
     def rewards():
         m.seed_streams("train", 7)
-        out = m.kto_step(batch)
+        out = m.objective_output(batch)
         return out.reward_desirable.item(), out.reward_undesirable.item(), out
 
     d0, u0, out = rewards()
@@ -61,7 +61,7 @@ def test_a_step_raises_desirable_and_lowers_undesirable_rewards(batch):
 def test_all_one_class_batch_gives_a_finite_loss(batch):
     m = KTOModule(model="tiny").train()
     one_class = {**batch, "desirable": torch.ones(6, dtype=torch.bool)}
-    out = m.kto_step(one_class)
+    out = m.objective_output(one_class)
     assert torch.isfinite(out.loss) and out.reward_undesirable == 0 and out.frac_desirable == 1
 
 
@@ -75,7 +75,7 @@ def test_mismatched_reference_point_uses_rolled_prompts(batch, monkeypatch):
         return original(latents, noise, t, cond, time_ids, reference=reference)
 
     monkeypatch.setattr(m, "unet_errors", spy)
-    out = m.kto_step(batch)
+    out = m.objective_output(batch)
     assert len(calls) == 4
     matched, rolled = calls[0][0], calls[2][0]
     assert torch.equal(rolled, matched.roll(1, dims=0)) and calls[2][1] is calls[0][1]

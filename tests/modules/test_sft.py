@@ -61,7 +61,7 @@ def cond_and_loss(m: SFTModule, batch: dict, caption: str, monkeypatch):
     monkeypatch.setattr(m, "unet_forward", spy)
     m.seed_streams("train", 0)
     with torch.no_grad():
-        loss = m.denoise({**batch, "caption": [caption] * len(batch["caption"])}).loss
+        loss = m.objective_output({**batch, "caption": [caption] * len(batch["caption"])}).loss
     monkeypatch.undo()
     return seen[0], loss
 
@@ -83,7 +83,7 @@ def test_text_beyond_77_tokens_changes_the_modules_conditioning(batch, monkeypat
 
 
 def replay(m: SFTModule, batch: dict, seed: int):
-    """The prediction, noise and timesteps of ``m.denoise(batch)`` after
+    """The prediction, noise and timesteps of ``m.objective_output(batch)`` after
     ``m.seed_streams("train", seed)``, by hand: the posterior sample, then the noise, then the
     timesteps, from the module's generator."""
     m.seed_streams("train", seed)
@@ -112,14 +112,14 @@ def test_loss_is_the_denoising_mse_without_reference(batch):
             reference=True,
         )
     m.seed_streams("train", 7)
-    out = m.denoise(batch)
+    out = m.objective_output(batch)
     pred, noise, _ = replay(m, batch, 7)
     torch.testing.assert_close(out.loss.detach(), F.mse_loss(pred, noise), rtol=1e-5, atol=1e-6)
     assert out.weight_mean.item() == 1.0
 
     weighted = SFTModule(model="tiny", prompt_encoder="segment", snr_gamma=5.0).train()
     weighted.seed_streams("train", 7)
-    w = weighted.denoise(batch)
+    w = weighted.objective_output(batch)
     pred, noise, t = replay(weighted, batch, 7)
     weights = min_snr_weights(t, weighted.scheduler.alphas_cumprod, 5.0)
     per_sample = (pred - noise).pow(2).flatten(1).mean(1)

@@ -517,7 +517,8 @@ class DiffusionModule(TrainableModule):
             return self.prediction_error(pred, latents, noise, noisy, t)
         with no_grad_mode(self.hparams.reference_inference_mode):
             with self.reference_denoiser() as unet:
-                pred = self.unet_forward(unet or self.unet, noisy, t, cond, time_ids)
+                unet = self.unet if unet is None else unet
+                pred = self.unet_forward(unet, noisy, t, cond, time_ids)
             err = self.prediction_error(pred, latents, noise, noisy, t)
         return err.clone()  # a normal tensor again, usable by autograd outside inference mode
 

@@ -112,7 +112,7 @@ class PolicySampling:
     def guided_prediction(self, x, t, cond: PromptEmbeds, time_ids, unet=None) -> torch.Tensor:
         """CFG: one UNet call on [x; x] with [cond; uncond] -> uncond + s * (cond - uncond);
         without CFG (FLUX.1), the conditional prediction. ``unet``: default the policy's."""
-        n, unet = x.shape[0], unet or self.unet
+        n, unet = x.shape[0], self.unet if unet is None else unet
         if not self.uses_cfg:
             return self.unet_forward(unet, x, t.expand(n), cond, time_ids)
         out = self.unet_forward(unet, torch.cat([x, x]), t.expand(2 * n), cond, time_ids)

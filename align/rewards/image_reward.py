@@ -93,19 +93,10 @@ def blip_text_config(med_config: dict, vision_width: int):
     from transformers import BlipTextConfig
 
     keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "hidden_act",
-        "hidden_dropout_prob",
-        "attention_probs_dropout_prob",
-        "max_position_embeddings",
-        "layer_norm_eps",
-        "pad_token_id",
-        "initializer_range",
-    )
+        "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act "
+        "hidden_dropout_prob attention_probs_dropout_prob max_position_embeddings layer_norm_eps "
+        "pad_token_id initializer_range"
+    ).split()
     kwargs = {k: med_config[k] for k in keys if k in med_config}
     if med_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("ImageReward's text encoder uses absolute position embeddings only")
@@ -160,22 +151,13 @@ class ImageReward(OpenAIClipPreprocess, RewardModel):
             return_tensors="pt",
         )
 
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual_encoder.forward_features(pixel_values)
-
     def features(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """The [CLS] state of the text encoder cross-attending to the image: the head's input."""
         tokens = self.tokenize(prompts)
-        image_embeds = self.image_embeds(pixel_values)
-        image_atts = torch.ones(
-            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-        )
         out = self.text_encoder(
             input_ids=tokens["input_ids"].to(self.device),
             attention_mask=tokens["attention_mask"].to(self.device),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
+            encoder_hidden_states=self.visual_encoder.forward_features(pixel_values),
         )
         return out.last_hidden_state[:, 0, :]
 

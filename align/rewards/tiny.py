@@ -72,28 +72,19 @@ def write_tiny_hf_clip(out: str | Path, seed: int = 0) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    tower = dict(
+        hidden_size=WIDTH,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407
+    )
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=WIDTH,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-            hidden_act="quick_gelu",
-        ),
-        vision_config=dict(
-            image_size=224,
-            patch_size=32,
-            hidden_size=WIDTH,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            hidden_act="quick_gelu",
-        ),
+        text_config=dict(**text, pad_token_id=1, **tower),
+        vision_config=dict(image_size=224, patch_size=32, **tower),
         projection_dim=PROJECTION_DIM,
     )
     with torch.random.fork_rng(devices=[]):

@@ -169,11 +169,8 @@ class ImageReward(OpenAIClipPreprocess, RewardModel):
 
 def split_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     parts = {}
-    for part, prefix in (
-        ("visual", "blip.visual_encoder."),
-        ("text", "blip.text_encoder."),
-        ("mlp", "mlp."),
-    ):
+    prefixes = {"visual": "blip.visual_encoder.", "text": "blip.text_encoder.", "mlp": "mlp."}
+    for part, prefix in prefixes.items():
         parts[part] = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not parts[part]:
             raise RewardSourceError(
@@ -186,7 +183,7 @@ def _load_strict(
     reward_part: str, module: nn.Module, state: dict, ignore: tuple[str, ...] = ()
 ) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith(ignore)] if ignore else unexpected
+    unexpected = [k for k in unexpected if not k.endswith(ignore)]
     if missing or unexpected:
         raise RewardSourceError(
             f"reward 'imagereward': {reward_part} weights do not fit (missing {missing[:4]}, "
@@ -206,14 +203,9 @@ def build_image_reward(
 
     require("timm.models.vision_transformer", "rewards", VIT_PURPOSE)  # before any download
     checkpoint = resolve_file("imagereward", source, CHECKPOINT, DEFAULT_REPO)
-    if med_config is None:
-        local = checkpoint.parent / MED_CONFIG
-        med_config = (
-            str(local)
-            if local.is_file()
-            else resolve_file("imagereward", source, MED_CONFIG, DEFAULT_REPO)
-        )
-    config_path = Path(med_config)
+    config_path = checkpoint.parent / MED_CONFIG if med_config is None else Path(med_config)
+    if med_config is None and not config_path.is_file():
+        config_path = resolve_file("imagereward", source, MED_CONFIG, DEFAULT_REPO)
     if not config_path.is_file():
         raise RewardSourceError(f"reward 'imagereward': no {MED_CONFIG} (looked for {config_path})")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)

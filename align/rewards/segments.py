@@ -183,11 +183,9 @@ def score_segments(
     embeddings computed elsewhere). Prompts without segments score 0 in every part (their t is 0);
     see ``texts.has_text``.
     """
-    texts = (
-        prompts
-        if isinstance(prompts, SegmentTexts)
-        else embed_prompt_segments(reward, prompts, splitter)
-    )
+    texts = prompts
+    if not isinstance(texts, SegmentTexts):
+        texts = embed_prompt_segments(reward, prompts, splitter)
     if isinstance(direction, str):
         if direction != "batch":
             raise ValueError(f"direction must be a (D,) tensor or 'batch', got {direction!r}")

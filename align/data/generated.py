@@ -207,10 +207,11 @@ def key(row: dict) -> tuple[int, int]:
 
 
 def plan(
-    scores: dict, mode: str, min_margin: float, kto: float | None, skipped: Counter
+    out: Path, mode: str, min_margin: float, kto: float | None, skipped: Counter
 ) -> tuple[list, list | None, Counter, Counter]:
-    """(pairs, singles or None, the pairs' skip counts, the singles' skip counts)."""
-    groups = group_scores(scores, skipped)
+    """(pairs, singles or None, the pairs' skip counts, the singles' skip counts) of the scores in
+    ``out``."""
+    groups = group_scores(read_scores(out / SCORES), skipped)
     pair_skips, single_skips = Counter(skipped), Counter(skipped)
     pairs = plan_pairs(groups, mode, min_margin, pair_skips)
     singles = None if kto is None else plan_singles(groups, kto, single_skips)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import lightning as L
 
-from align.data.generated import SCORES, check_scorer, plan, read_scores, score_images
-from align.data.generated import write_planned
+from align.data.generated import check_scorer, plan, score_images, write_planned
 from align.data.kto import KTODataModule
 from align.data.pickapic import PickAPicDataModule
 from align.data.prompt_files import read_prompts
@@ -130,18 +129,12 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
         paths = self.render(round_index, mine, indices)
         reward = self.reward.to(trainer.lightning_module.device)
         skipped = score_images(paths, self.prompts, reward, mine, 16, progress=False)
+        kto = self.kto_desirable if self.method == "kto" else None
         pairs, singles, pair_skips, single_skips = plan(
-            read_scores(mine / SCORES),
-            self.pairs,
-            self.min_margin,
-            self.kto_desirable if self.method == "kto" else None,
-            skipped,
+            mine, self.pairs, self.min_margin, kto, skipped
         )
-        kind, rows, skips = (
-            ("pairs", pairs, pair_skips)
-            if self.method == "dpo"
-            else ("singles", singles, single_skips)
-        )
+        kind = "pairs" if self.method == "dpo" else "singles"
+        rows, skips = (pairs, pair_skips) if self.method == "dpo" else (singles, single_skips)
         source = {"round": round_index, "rank": trainer.global_rank, "reward": self.reward_spec}
         context = (paths, self.prompts, "policy")
         if rows:

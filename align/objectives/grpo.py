@@ -38,6 +38,12 @@ def ddim_std(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tenso
     return eta * variance.clamp(min=0).sqrt()
 
 
+def _gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) per sample (N,), averaged over the other dimensions."""
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.flatten(1).mean(dim=1)
+
+
 def ddim_step_logprob(
     x0: torch.Tensor,
     eps: torch.Tensor,
@@ -61,10 +67,7 @@ def ddim_step_logprob(
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.detach().float()
-    log_prob = (
-        -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    )
-    return prev_sample, log_prob.flatten(1).mean(dim=1), mean
+    return prev_sample, _gaussian_logprob(prev_sample, mean, std), mean
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -115,10 +118,7 @@ def flow_sde_step_logprob(
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.detach().to(dtype)
-    log_prob = (
-        -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    )
-    return prev_sample, log_prob.flatten(1).mean(dim=1), mean
+    return prev_sample, _gaussian_logprob(prev_sample, mean, std), mean
 
 
 def group_advantages(

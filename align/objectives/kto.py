@@ -100,11 +100,7 @@ def kto_loss(
     """
     if utility not in UTILITIES:
         raise ValueError(f"unknown utility {utility!r}; expected one of {sorted(UTILITIES)}")
-    if (
-        policy_err.ndim != 1
-        or policy_err.shape != ref_err.shape
-        or policy_err.shape != desirable.shape
-    ):
+    if policy_err.ndim != 1 or not policy_err.shape == ref_err.shape == desirable.shape:
         raise ValueError(
             f"policy_err {tuple(policy_err.shape)}, ref_err {tuple(ref_err.shape)} and desirable "
             f"{tuple(desirable.shape)} must all have the same shape (N,)"

@@ -38,12 +38,11 @@ class HFClip(nn.Module):
     """CLIPModel + tokenizer + image processor loaded with ``from_pretrained``
     (local directory or hub id)."""
 
-    def __init__(self, model, tokenizer, processor, max_length: int = 77):
+    max_length = 77  # CLIP's text context
+
+    def __init__(self, model, tokenizer, processor):
         super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.processor = processor
-        self.max_length = max_length
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
 
     @classmethod
     def load(

@@ -107,11 +107,8 @@ def build_hps(
             f"reward 'hps': unknown version {version!r}; known: {', '.join(FILENAMES)}"
         )
     checkpoint = resolve_file("hps", source, FILENAMES[version], DEFAULT_REPO)
-    if arch is not None:
-        config = Path(arch) if Path(arch).is_file() else None
-    else:
-        config = checkpoint.parent / CONFIG_FILE
-    if config is not None and config.is_file():
+    config = Path(arch) if arch is not None else checkpoint.parent / CONFIG_FILE
+    if config.is_file():
         model_cfg = json.loads(config.read_text())
         model_cfg = model_cfg.get("model_cfg", model_cfg)
         model = open_clip.CLIP(**model_cfg)

@@ -93,19 +93,10 @@ def blip_text_config(med_config: dict, vision_width: int):
     from transformers import BlipTextConfig
 
     keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "hidden_act",
-        "hidden_dropout_prob",
-        "attention_probs_dropout_prob",
-        "max_position_embeddings",
-        "layer_norm_eps",
-        "pad_token_id",
-        "initializer_range",
-    )
+        "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act "
+        "hidden_dropout_prob attention_probs_dropout_prob max_position_embeddings layer_norm_eps "
+        "pad_token_id initializer_range"
+    ).split()
     kwargs = {k: med_config[k] for k in keys if k in med_config}
     if med_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("ImageReward's text encoder uses absolute position embeddings only")
@@ -160,22 +151,13 @@ class ImageReward(OpenAIClipPreprocess, RewardModel):
             return_tensors="pt",
         )
 
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual_encoder.forward_features(pixel_values)
-
     def features(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """The [CLS] state of the text encoder cross-attending to the image: the head's input."""
         tokens = self.tokenize(prompts)
-        image_embeds = self.image_embeds(pixel_values)
-        image_atts = torch.ones(
-            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-        )
         out = self.text_encoder(
             input_ids=tokens["input_ids"].to(self.device),
             attention_mask=tokens["attention_mask"].to(self.device),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
+            encoder_hidden_states=self.visual_encoder.forward_features(pixel_values),
         )
         return out.last_hidden_state[:, 0, :]
 
@@ -187,11 +169,8 @@ class ImageReward(OpenAIClipPreprocess, RewardModel):
 
 def split_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     parts = {}
-    for part, prefix in (
-        ("visual", "blip.visual_encoder."),
-        ("text", "blip.text_encoder."),
-        ("mlp", "mlp."),
-    ):
+    prefixes = {"visual": "blip.visual_encoder.", "text": "blip.text_encoder.", "mlp": "mlp."}
+    for part, prefix in prefixes.items():
         parts[part] = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not parts[part]:
             raise RewardSourceError(
@@ -204,7 +183,7 @@ def _load_strict(
     reward_part: str, module: nn.Module, state: dict, ignore: tuple[str, ...] = ()
 ) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith(ignore)] if ignore else unexpected
+    unexpected = [k for k in unexpected if not k.endswith(ignore)]
     if missing or unexpected:
         raise RewardSourceError(
             f"reward 'imagereward': {reward_part} weights do not fit (missing {missing[:4]}, "
@@ -224,14 +203,9 @@ def build_image_reward(
 
     require("timm.models.vision_transformer", "rewards", VIT_PURPOSE)  # before any download
     checkpoint = resolve_file("imagereward", source, CHECKPOINT, DEFAULT_REPO)
-    if med_config is None:
-        local = checkpoint.parent / MED_CONFIG
-        med_config = (
-            str(local)
-            if local.is_file()
-            else resolve_file("imagereward", source, MED_CONFIG, DEFAULT_REPO)
-        )
-    config_path = Path(med_config)
+    config_path = checkpoint.parent / MED_CONFIG if med_config is None else Path(med_config)
+    if med_config is None and not config_path.is_file():
+        config_path = resolve_file("imagereward", source, MED_CONFIG, DEFAULT_REPO)
     if not config_path.is_file():
         raise RewardSourceError(f"reward 'imagereward': no {MED_CONFIG} (looked for {config_path})")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)

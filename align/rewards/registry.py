@@ -42,15 +42,7 @@ def register_reward(name: str):
     return wrap
 
 
-BUILTINS = (
-    "aesthetic",
-    "clip_score",
-    "compressibility",
-    "denscore",
-    "hps",
-    "image_reward",
-    "pickscore",
-)
+BUILTINS = "aesthetic clip_score compressibility denscore hps image_reward pickscore".split()
 
 
 def _ensure_builtins() -> None:

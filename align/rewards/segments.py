@@ -77,13 +77,8 @@ class SegmentTexts:
     def select(self, keep: torch.Tensor) -> "SegmentTexts":
         """The rows where ``keep`` (B,) is True."""
         idx = keep.nonzero().flatten().tolist()
-        return SegmentTexts(
-            [self.segments[i] for i in idx],
-            self.embeddings[keep],
-            self.mask[keep],
-            self.text[keep],
-            self.has_text[keep],
-        )
+        rows = (self.embeddings[keep], self.mask[keep], self.text[keep], self.has_text[keep])
+        return SegmentTexts([self.segments[i] for i in idx], *rows)
 
 
 def _text_dim(reward) -> int:
@@ -188,11 +183,9 @@ def score_segments(
     embeddings computed elsewhere). Prompts without segments score 0 in every part (their t is 0);
     see ``texts.has_text``.
     """
-    texts = (
-        prompts
-        if isinstance(prompts, SegmentTexts)
-        else embed_prompt_segments(reward, prompts, splitter)
-    )
+    texts = prompts
+    if not isinstance(texts, SegmentTexts):
+        texts = embed_prompt_segments(reward, prompts, splitter)
     if isinstance(direction, str):
         if direction != "batch":
             raise ValueError(f"direction must be a (D,) tensor or 'batch', got {direction!r}")
@@ -204,7 +197,7 @@ def score_segments(
     with torch.set_grad_enabled(grad):
         image_emb = F.normalize(image_emb.float(), dim=-1)
         cos = segment_cosines(image_emb, texts.embeddings.to(image_emb.device))
-        cos = torch.where(texts.mask.to(cos.device), cos, torch.zeros_like(cos))
+        cos = cos.masked_fill(~texts.mask.to(cos.device), 0.0)
         dec = decomposed_score(
             image_emb, texts.text.to(image_emb.device), v.to(image_emb.device), w=w
         )
@@ -239,11 +232,8 @@ class SegmentScorer:
             direction = load_direction(direction)
         self.direction = direction
         name = getattr(reward, "name", "reward")
-        self.columns = columns or {
-            "original": f"{name}-seg-o",
-            "relevant": f"{name}-seg",
-            "weighted": f"{name}-seg-w",
-        }
+        suffixes = {"original": "-seg-o", "relevant": "-seg", "weighted": "-seg-w"}
+        self.columns = columns or {part: name + suffix for part, suffix in suffixes.items()}
         self._warned = False
 
     def fit_direction(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -282,11 +272,7 @@ class SegmentScorer:
             for part in self.columns:
                 value = getattr(out.decomposed, part).float()
                 parts[part].append(
-                    torch.where(
-                        out.texts.has_text.to(value.device),
-                        value,
-                        torch.full_like(value, float("nan")),
-                    )
+                    value.masked_fill(~out.texts.has_text.to(value.device), torch.nan)
                 )
         return {
             col: torch.cat(parts[part]) if parts[part] else torch.zeros(0)

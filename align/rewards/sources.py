@@ -25,16 +25,15 @@ def read_manifest(source: str | Path | None) -> dict:
         return {}
     path = Path(source).expanduser()
     folder = path if path.is_dir() else path.parent
-    manifest = folder / MANIFEST
-    if not manifest.is_file() or not (path.is_dir() or path.exists()):
+    if not path.exists() or not (folder / MANIFEST).is_file():
         return {}
-    options = json.loads(manifest.read_text()).get("options", {})
-    resolved = {}
-    for key, value in options.items():
-        if isinstance(value, str) and not value.startswith("/") and (folder / value).exists():
-            value = str(folder / value)
-        resolved[key] = value
-    return resolved
+    options = json.loads((folder / MANIFEST).read_text()).get("options", {})
+    return {
+        k: str(folder / v)
+        if isinstance(v, str) and not v.startswith("/") and (folder / v).exists()
+        else v
+        for k, v in options.items()
+    }
 
 
 def resolve_file(
@@ -42,7 +41,6 @@ def resolve_file(
     source: str | None,
     filename: str,
     default_repo: str | None,
-    also: tuple[str, ...] = (),
     where_to_get: str = "",
 ) -> Path:
     """The path of ``filename`` for ``reward``: ``source`` is that file itself, a directory holding
@@ -55,16 +53,13 @@ def resolve_file(
             f"directory holding it){'; ' + where_to_get if where_to_get else ''}"
         )
     path = Path(source).expanduser()
-    names = (filename, *also)
     if path.is_file():
         return path
     if path.is_dir():
-        for name in names:
-            if (path / name).is_file():
-                return path / name
+        if (path / filename).is_file():
+            return path / filename
         raise RewardSourceError(
-            f"reward {reward!r}: no {filename} in {path} (looked for "
-            f"{', '.join(str(path / n) for n in names)})"
+            f"reward {reward!r}: no {filename} in {path} (looked for {path / filename})"
         )
     if not is_hub_id(source):
         raise RewardSourceError(
@@ -73,16 +68,13 @@ def resolve_file(
         )
     from huggingface_hub import hf_hub_download
 
-    errors = []
-    for name in names:
-        try:
-            return Path(hf_hub_download(source, name))
-        except Exception as err:  # offline, missing file, gated repository
-            errors.append(f"{name}: {type(err).__name__}")
-    raise RewardSourceError(
-        f"reward {reward!r}: could not get {filename} from hub repository {source!r} "
-        f"({'; '.join(errors)}); download it and pass its local path"
-    )
+    try:
+        return Path(hf_hub_download(source, filename))
+    except Exception as err:  # offline, missing file, gated repository
+        raise RewardSourceError(
+            f"reward {reward!r}: could not get {filename} from hub repository {source!r} "
+            f"({filename}: {type(err).__name__}); download it and pass its local path"
+        ) from err
 
 
 def resolve_pretrained(

@@ -44,20 +44,8 @@ _CLIP_PREPROCESSOR = {
 }
 TINY_OPEN_CLIP = {
     "embed_dim": PROJECTION_DIM,
-    "vision_cfg": {
-        "image_size": 224,
-        "layers": 2,
-        "width": WIDTH,
-        "head_width": 16,
-        "patch_size": 32,
-    },
-    "text_cfg": {
-        "context_length": 77,
-        "vocab_size": 49408,
-        "width": WIDTH,
-        "heads": 2,
-        "layers": 2,
-    },
+    "vision_cfg": dict(image_size=224, layers=2, width=WIDTH, head_width=16, patch_size=32),
+    "text_cfg": dict(context_length=77, vocab_size=49408, width=WIDTH, heads=2, layers=2),
 }
 
 
@@ -72,28 +60,19 @@ def write_tiny_hf_clip(out: str | Path, seed: int = 0) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    tower = dict(
+        hidden_size=WIDTH,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407
+    )
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=WIDTH,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-            hidden_act="quick_gelu",
-        ),
-        vision_config=dict(
-            image_size=224,
-            patch_size=32,
-            hidden_size=WIDTH,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            hidden_act="quick_gelu",
-        ),
+        text_config=dict(**text, pad_token_id=1, **tower),
+        vision_config=dict(image_size=224, patch_size=32, **tower),
         projection_dim=PROJECTION_DIM,
     )
     with torch.random.fork_rng(devices=[]):
@@ -116,15 +95,9 @@ def write_tiny_hps(out: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = open_clip.CLIP(**TINY_OPEN_CLIP)
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, out / "HPS_v2.1_compressed.pt")
-    (out / "open_clip_config.json").write_text(
-        json.dumps(
-            {
-                "model_cfg": TINY_OPEN_CLIP,
-                "preprocess_cfg": {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)},
-            },
-            indent=2,
-        )
-    )
+    preprocess = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": preprocess}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 

@@ -48,16 +48,14 @@ class WeightedReward(torch.nn.Module):
         super().__init__()
         self.config = init_config(self, locals())
         torch_dtype = reward_dtype(dtype)
-        self.weights = parse_rewards(rewards)
-        unknown = set(sources or {}) - set(self.weights)
+        self.weights, sources = parse_rewards(rewards), sources or {}
+        unknown = set(sources) - set(self.weights)
         if unknown:
             raise ValueError(f"sources for rewards not in {rewards!r}: {sorted(unknown)}")
-        self.models = torch.nn.ModuleDict(
-            {
-                self.key(name): build_reward(name, (sources or {}).get(name), dtype=torch_dtype)
-                for name in self.weights
-            }
-        )
+        models = {
+            self.key(n): build_reward(n, sources.get(n), dtype=torch_dtype) for n in self.weights
+        }
+        self.models = torch.nn.ModuleDict(models)
         self.batch_size = batch_size
 
     @staticmethod

@@ -28,8 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.data.convert_helpers import command_parser, fail
-from align.data.generated import SCORES, check_scorer, plan, read_scores, score_images
-from align.data.generated import write_planned
+from align.data.generated import check_scorer, plan, score_images, write_planned
 from align.data.writer import run_command
 
 
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> int:
     progress = not args.no_progress
     skipped = score_images(paths, prompts, reward, out, args.batch_size, progress)
     pairs, singles, pair_skips, single_skips = plan(
-        read_scores(out / SCORES), args.pairs, args.min_margin, args.kto, skipped
+        out, args.pairs, args.min_margin, args.kto, skipped
     )
     if not pairs:
         return fail(f"no pair has a score gap above --min-margin ({dict(pair_skips)})", prog)

@@ -199,10 +199,5 @@ def main(argv: list[str]) -> int:
         source["archives"] = [file_identity(a) for a in archives]
     source["options"] = opts
     return write_from_args(
-        args,
-        "journeydb",
-        source=source,
-        units=units,
-        convert=convert,
-        pre_skipped=pre_skipped,
+        args, "journeydb", source=source, units=units, convert=convert, pre_skipped=pre_skipped
     )

@@ -60,9 +60,7 @@ def convert_row(row: dict, opts: dict) -> dict | Skip:
     if opts["drop_ties"] and label_0 == 0.5:
         return Skip("tie")
     meta = {"caption": caption, "label_0": label_0, "label_1": label_1}
-    for key in PAIR_OPTIONAL_META:
-        if row.get(key) is not None:
-            meta[key] = row[key]
+    meta.update({k: row[k] for k in PAIR_OPTIONAL_META if row.get(k) is not None})
     problem = pair_meta_problem(meta)
     if problem:
         return Skip(problem)

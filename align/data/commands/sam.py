@@ -92,10 +92,5 @@ def main(argv: list[str]) -> int:
         "options": opts,
     }
     return write_from_args(
-        args,
-        "sam",
-        source=source,
-        units=units,
-        convert=convert_tar,
-        files_skipped=files_skipped,
+        args, "sam", source=source, units=units, convert=convert_tar, files_skipped=files_skipped
     )

@@ -206,8 +206,12 @@ def build_image_reward(
     config_path = checkpoint.parent / MED_CONFIG if med_config is None else Path(med_config)
     if med_config is None and not config_path.is_file():
         config_path = resolve_file("imagereward", source, MED_CONFIG, DEFAULT_REPO)
+    if config_path == checkpoint:  # the .pt given alone, no med_config.json beside it
+        config_path = checkpoint.parent / MED_CONFIG
     if not config_path.is_file():
-        raise RewardSourceError(f"reward 'imagereward': no {MED_CONFIG} (looked for {config_path})")
+        raise RewardSourceError(
+            f"reward 'imagereward': no {MED_CONFIG} (looked for {config_path}; pass med_config)"
+        )
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     parts = split_checkpoint(state)

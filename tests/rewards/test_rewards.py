@@ -5,6 +5,7 @@ segments); bad sources."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -252,6 +253,13 @@ def test_missing_checkpoints_name_the_file(tmp_path):
         build_reward("aesthetic")  # no default source: says which file to get
     with pytest.raises(RewardSourceError, match=str(tmp_path / "nowhere")):
         build_reward("hps", str(tmp_path / "nowhere" / "HPS_v2.1_compressed.pt"))
+
+
+def test_image_reward_checkpoint_without_its_config_names_the_config(tmp_path, tiny_rewards):
+    alone = tmp_path / "ImageReward.pt"
+    shutil.copy(tiny_rewards["imagereward"] / "ImageReward.pt", alone)
+    with pytest.raises(RewardSourceError, match=f"{tmp_path / 'med_config.json'}.*med_config"):
+        build_reward("imagereward", str(alone))
 
 
 def test_hub_ids_offline_fail_naming_the_file(monkeypatch):

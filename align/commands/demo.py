@@ -111,14 +111,13 @@ def demo_config(args: argparse.Namespace):
     )
     for key in {*fit_args, "*"} - {"preference-model"}:  # after the quick sizes: they win
         fit_args[key] = fit_args.get(key, []) + every
+    dpo_kto = []
+    if args.lr is not None:
+        dpo_kto += ["--model.init_args.optimizer.init_args.lr", str(args.lr)]
+    if args.beta is not None:
+        dpo_kto += ["--model.init_args.beta", str(args.beta)]
     for family in ("dpo", "kto"):
-        if args.lr is not None:
-            fit_args[family] = fit_args.get(family, []) + [
-                "--model.init_args.optimizer.init_args.lr",
-                str(args.lr),
-            ]
-        if args.beta is not None:
-            fit_args[family] = fit_args.get(family, []) + ["--model.init_args.beta", str(args.beta)]
+        fit_args[family] = fit_args.get(family, []) + dpo_kto
     cfg.fit_args = {k: v for k, v in fit_args.items() if v}
     if args.eval_every is not None:
         cfg.eval_every = max(0, args.eval_every)

@@ -178,9 +178,8 @@ class AlignCLI(LightningCLI):
                 del init["anonymous"]
         for kind in (NonFiniteGuard, Preemption, ResumeGuard):
             if not any(isinstance(c, kind) for c in trainer.callbacks):
-                trainer.callbacks.insert(
-                    0, kind()
-                )  # first: the guard checks before anything is written
+                # first: the guard checks before anything is written
+                trainer.callbacks.insert(0, kind())
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -195,9 +194,8 @@ class AlignCLI(LightningCLI):
             return super()._parse_ckpt_path()
         args = self.config[sub]["model"]["init_args"]
         now = args.as_dict() if hasattr(args, "as_dict") else dict(args)
-        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get(
-            "hyper_parameters", {}
-        )
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        saved = checkpoint.get("hyper_parameters", {})
         try:
             refuse_resume(setting_differences(saved, now))
         except RunRefused as err:
@@ -252,7 +250,15 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     named = RUN_NAME_ENV in os.environ  # by a launcher: keep it; ours lasts one run
     try:
         check_run_extras(argv)  # before parsing: jsonargparse imports every class_path it reads
-        return _run(argv)
+        return AlignCLI(
+            **CLI_KWARGS,
+            save_config_callback=SaveRunConfig,
+            # beside the run's checkpoints (SaveRunConfig.save_config), not in Lightning's log_dir
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            # align.callbacks.ArtifactSummary's start line, not a table whose FLOPs read 0
+            trainer_defaults={"enable_model_summary": False},
+            args=None if argv == sys.argv[1:] else argv,
+        )
     except (RunRefused, MissingExtra) as err:
         sys.exit(f"align: error: {err}")
     except SIGTERMException:
@@ -263,15 +269,3 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     finally:
         if not named:
             os.environ.pop(RUN_NAME_ENV, None)
-
-
-def _run(argv: list[str]) -> LightningCLI:
-    return AlignCLI(
-        **CLI_KWARGS,
-        save_config_callback=SaveRunConfig,
-        # beside the run's checkpoints (SaveRunConfig.save_config), not in Lightning's log_dir
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-        # the start line of align.callbacks.ArtifactSummary instead of a table whose FLOPs read 0
-        trainer_defaults={"enable_model_summary": False},
-        args=None if argv == sys.argv[1:] else argv,
-    )

@@ -13,7 +13,6 @@ import importlib
 import pkgutil
 import sys
 from dataclasses import fields
-from types import ModuleType
 
 from align.extras import MissingExtra
 
@@ -66,14 +65,11 @@ def dispatch(package: str, argv: list[str], prog: str) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in commands:
-        print(
-            f"{prog}: unknown command {name!r}; known: {', '.join(sorted(commands))}",
-            file=sys.stderr,
-        )
+        known = ", ".join(sorted(commands))
+        print(f"{prog}: unknown command {name!r}; known: {known}", file=sys.stderr)
         return 2
     try:
-        module: ModuleType = importlib.import_module(commands[name])
-        return int(module.main(argv[1:]) or 0)
+        return int(importlib.import_module(commands[name]).main(argv[1:]) or 0)
     except MissingExtra as err:  # an optional package the command needs: one line, no traceback
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

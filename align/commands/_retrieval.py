@@ -23,7 +23,7 @@ from pathlib import Path
 from align.commands import doc_details, doc_summary
 from align.eval.retrieval import load_retrieval_set, retrieval, to_markdown
 from align.objectives.reward import DegenerateDirection, load_direction
-from align.rewards import RewardSourceError, build_reward
+from align.rewards import build_reward
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore"
     )
-    p.add_argument("--reward-source", default=None, help="the reward's local directory or hub id")
+    p.add_argument("--reward-source", help="the reward's local directory or hub id")
     p.add_argument("--data", required=True, nargs="+", help="long-caption or pair shards")
     p.add_argument(
         "--limit", type=int, default=1000, help="use the first N usable samples (0: all)"
@@ -44,15 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-sentences", type=int, default=0, help="R@1 curve up to this many sentences (0: all)"
     )
-    p.add_argument(
-        "--direction",
-        default=None,
-        help="a saved common direction (default: estimated over the set)",
-    )
+    p.add_argument("--direction", help="a saved common direction (default: estimated over the set)")
     p.add_argument("--splitter", default="official")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="directory for retrieval.json and retrieval.md")
+    p.add_argument("--out", help="directory for retrieval.json and retrieval.md")
     return p
 
 
@@ -74,7 +70,7 @@ def main(argv: list[str]) -> int:
         result = retrieval(
             reward, images, captions, args.splitter, direction, args.max_sentences, args.batch_size
         )
-    except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:
+    except (FileNotFoundError, ValueError, DegenerateDirection) as err:  # RewardSourceError too
         print(f"align eval retrieval: error: {err}", file=sys.stderr)
         return 2
     result.reward = reward.name

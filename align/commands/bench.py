@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # the options named as StepConfig's fields (by their dest), for every objective and preset
     switches = options_of(StepConfig, args)
     switches.update(precision=precision, grad_clip=args.grad_clip or None)
+    timing = {k: getattr(args, k) for k in ("warmup", "steps", "compare_bare", "rounds")}
     records = []
     for objective, preset in itertools.product(args.objective, args.preset):
         cfg = StepConfig(**{**switches, "objective": objective, "preset": preset})
@@ -164,15 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.flops_only:
             records.append(flops_record(cfg, flops))
             continue
-        records += run(
-            cfg,
-            device,
-            flops,
-            warmup=args.warmup,
-            steps=args.steps,
-            compare_bare=args.compare_bare,
-            rounds=args.rounds,
-        )
+        records += run(cfg, device, flops, **timing)
     for record in records:
         record["argv"] = ["align", "bench", *(sys.argv[2:] if argv is None else argv)]
     print(format_table(records), flush=True)

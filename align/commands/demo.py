@@ -49,40 +49,33 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--artifacts",
-        default=None,
         help="base model, shards and runs, cached (default: artifacts/shapes[-sd3]; "
         "--quick: artifacts/shapes[-sd3]-quick)",
     )
-    p.add_argument(
-        "--seeds", type=int, default=None, help="training seeds per method (default: 3; --quick: 1)"
-    )
+    p.add_argument("--seeds", type=int, help="training seeds per method (default: 3; --quick: 1)")
     p.add_argument(
         "--threads",
         type=int,
-        default=None,
         help="torch threads of the driver: base training, sampling (default: all cores)",
     )
     p.add_argument(
         "--workers",
         type=int,
-        default=None,
         help="processes running training runs side by side, one thread each (default: 2)",
     )
     p.add_argument(
         "--methods",
-        default=None,
         help=f"comma-separated subset of {','.join(METHODS)} (default: all but the label-free "
         "controls dpo-shuffled and kto-shuffled and the online methods; sd3: "
         f"{','.join(FLOW_METHODS)}, the label-free controls opt-in)",
     )
-    p.add_argument("--lr", type=float, default=None, help="the learning rate of DPO and KTO")
-    p.add_argument("--beta", type=float, default=None, help="beta of DPO and KTO")
-    p.add_argument("--steps", type=int, default=None, help="the training steps of every method")
-    p.add_argument("--batch-size", type=int, default=None, help="the batch size of every method")
+    p.add_argument("--lr", type=float, help="the learning rate of DPO and KTO")
+    p.add_argument("--beta", type=float, help="beta of DPO and KTO")
+    p.add_argument("--steps", type=int, help="the training steps of every method")
+    p.add_argument("--batch-size", type=int, help="the batch size of every method")
     p.add_argument(
         "--eval-every",
         type=int,
-        default=None,
         help="judge every method every N steps (default 0: at the end only)",
     )
     p.add_argument(
@@ -118,14 +111,13 @@ def demo_config(args: argparse.Namespace):
     )
     for key in {*fit_args, "*"} - {"preference-model"}:  # after the quick sizes: they win
         fit_args[key] = fit_args.get(key, []) + every
+    dpo_kto = []
+    if args.lr is not None:
+        dpo_kto += ["--model.init_args.optimizer.init_args.lr", str(args.lr)]
+    if args.beta is not None:
+        dpo_kto += ["--model.init_args.beta", str(args.beta)]
     for family in ("dpo", "kto"):
-        if args.lr is not None:
-            fit_args[family] = fit_args.get(family, []) + [
-                "--model.init_args.optimizer.init_args.lr",
-                str(args.lr),
-            ]
-        if args.beta is not None:
-            fit_args[family] = fit_args.get(family, []) + ["--model.init_args.beta", str(args.beta)]
+        fit_args[family] = fit_args.get(family, []) + dpo_kto
     cfg.fit_args = {k: v for k, v in fit_args.items() if v}
     if args.eval_every is not None:
         cfg.eval_every = max(0, args.eval_every)

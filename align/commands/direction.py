@@ -21,7 +21,7 @@ from align.commands import doc_summary
 def main(argv: list[str] | None = None) -> int:
     from align.data.prompts import read_prompt_sources
     from align.eval.sampling import resolve_device
-    from align.rewards import RewardSourceError, build_reward
+    from align.rewards import build_reward
     from align.objectives.reward import DegenerateDirection, save_direction
     from align.rewards.segments import estimate_direction
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)",
     )
-    p.add_argument("--source", default=None, help="the reward's local directory or hub id")
+    p.add_argument("--source", help="the reward's local directory or hub id")
     p.add_argument(
         "--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards"
     )
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", required=True, type=Path, help="where to write the direction (.safetensors)"
     )
     p.add_argument("--splitter", default="official")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--limit", type=int, help="use at most this many prompts")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompt_sources(args.prompts, limit=args.limit)
         reward = build_reward(args.reward, args.source, device=resolve_device(args.device))
         v = estimate_direction(reward, prompts, args.splitter, args.batch_size, progress=True)
-    except (RewardSourceError, FileNotFoundError, ValueError, DegenerateDirection) as err:
+    except (FileNotFoundError, ValueError, DegenerateDirection) as err:  # RewardSourceError too
         print(f"align direction: error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,7 @@ def _key_value(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align eval", description=doc_summary(__doc__))
     p.add_argument("--images", required=True, help="image set to evaluate (from align sample)")
-    p.add_argument(
-        "--baseline", default=None, help="image set to compare against (same prompts and seeds)"
-    )
+    p.add_argument("--baseline", help="image set to compare against (same prompts and seeds)")
     p.add_argument(
         "--rewards",
         default="pickscore,hps,clip,aesthetic,imagereward",
@@ -44,16 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="where a reward's weights are (local path or hub id); repeatable",
     )
-    p.add_argument(
-        "--reward-root", default=None, help="directory whose <name>/ subfolders are reward sources"
-    )
+    p.add_argument("--reward-root", help="directory whose <name>/ subfolders are reward sources")
     p.add_argument("--pairing", choices=["seed", "median"], default="seed")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (of prompts)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument(
         "--fid-reference",
-        default=None,
         help="real images: a directory, .tar shards (or a directory of them) or an .npz of "
         "statistics; not --images or --baseline",
     )
@@ -62,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="inception",
         help="inception[:weights.pth] or clip:<CLIP dir/hub id>",
     )
-    p.add_argument("--out", default=None, help="report directory (default: <images>/eval)")
+    p.add_argument("--out", help="report directory (default: <images>/eval)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -79,12 +74,9 @@ def main(argv: list[str]) -> int:
         return retrieval_main(argv[1:])
     args = build_parser().parse_args(argv)
     from align.eval.evaluate import EvalConfig, evaluate
-    from align.eval.fid import FIDError
     from align.eval.figures import write_figures
-    from align.eval.layout import ImageSetError
     from align.eval.report import to_markdown, write_report
     from align.extras import MissingExtra, require
-    from align.rewards import RewardSourceError
 
     config = EvalConfig(
         **{
@@ -105,14 +97,7 @@ def main(argv: list[str]) -> int:
         # per-model "Loading weights" bars; ours show the scoring progress
         hf_logging.disable_progress_bar()
         report, rows, out = evaluate(config)
-    except (
-        ImageSetError,
-        RewardSourceError,
-        FIDError,
-        FileNotFoundError,
-        ValueError,
-        MissingExtra,
-    ) as err:
+    except (ValueError, FileNotFoundError, MissingExtra) as err:  # ImageSetError, FIDError, ...
         print(f"align eval: error: {err}", file=sys.stderr)
         return 2
     figures = write_figures(report, rows, out, plot=plot)

@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from align.callbacks.export import write_export
     from align.models.export_dtype import export_dtype
-    from align.models.loader import ModelSourceError
 
     args = parser().parse_args(argv)
     try:
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, config_path = find_run(args.checkpoint)
         config = yaml.safe_load(config_path.read_text())
         module = build_module(config, ckpt)
-    except (FileNotFoundError, ValueError, ModelSourceError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ModelSourceError is a ValueError
         print(f"align export: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser()

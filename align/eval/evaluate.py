@@ -71,14 +71,13 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, ImageSet | None]:
     return run, baseline
 
 
-def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
+def evaluate(config: EvalConfig) -> tuple[dict, list[dict], Path]:
     """Run the evaluation; returns (report dict, per-image score rows, report directory). Writes
     nothing."""
     # align.eval.sampling imports diffusers (through align.models.sampling): `align eval` needs
     # only its device helper
     from align.eval.sampling import resolve_device
 
-    log = log if log is not None else sys.stderr
     names = list(dict.fromkeys(canonical_name(n) for n in config.rewards))
     if not names and not config.fid_reference:
         raise ValueError("nothing to evaluate: give --rewards and/or --fid-reference")
@@ -98,16 +97,15 @@ def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
     for reward in rewards.values():
         if hasattr(reward, "fit_direction") and getattr(reward, "direction", 0) is None:
             reward.fit_direction(run.prompts)
-    scored_run = score_image_set(run, rewards, config.batch_size, config.progress, log=log)
+    scored_run = score_image_set(run, rewards, config.batch_size, config.progress)
     scored_base = (
-        score_image_set(baseline, rewards, config.batch_size, config.progress, log=log)
-        if baseline is not None
-        else None
+        score_image_set(baseline, rewards, config.batch_size, config.progress) if baseline else None
     )
     del rewards
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    skipped = {"run": scored_run.skipped, "baseline": scored_base.skipped if scored_base else []}
     report = {
         "run": str(run.root),
         "baseline": str(baseline.root) if baseline else None,
@@ -119,42 +117,25 @@ def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
         "seeds": run.seeds,
         "run_meta": run.meta,
         "baseline_meta": baseline.meta if baseline else None,
-        "skipped": {
-            k: v
-            for k, v in {
-                "run": scored_run.skipped,
-                "baseline": scored_base.skipped if scored_base else [],
-            }.items()
-            if v
-        },
+        "skipped": {k: v for k, v in skipped.items() if v},
         "rewards": {},
         "fid": None,
     }
-    for name in scored_run.scores:
-        run_scores = scored_run.scores[name]
-        entry = {
-            "run": mean_score(run_scores, config.n_boot, config.seed, config.confidence).as_dict()
-        }
+    boot = dict(n_boot=config.n_boot, seed=config.seed, confidence=config.confidence)
+    for name, run_scores in scored_run.scores.items():
+        entry = {"run": mean_score(run_scores, **boot).as_dict()}
         if scored_base is not None:
             base_scores = scored_base.scores.get(name, {})
-            entry["baseline"] = mean_score(
-                base_scores, config.n_boot, config.seed, config.confidence
-            ).as_dict()
+            entry["baseline"] = mean_score(base_scores, **boot).as_dict()
             missing = len(set(run_scores) ^ set(base_scores))
             if missing:
                 print(
                     f"warning: {name}: {missing} images have no counterpart in the other set and "
                     "are left out of the win rate",
-                    file=log,
+                    file=sys.stderr,
                 )
-            entry["win_rate"] = paired_win_rate(
-                run_scores,
-                base_scores,
-                config.pairing,
-                config.n_boot,
-                config.seed,
-                config.confidence,
-            ).as_dict()
+            win_rate = paired_win_rate(run_scores, base_scores, config.pairing, **boot)
+            entry["win_rate"] = win_rate.as_dict()
         report["rewards"][name] = entry
 
     if config.fid_reference:
@@ -175,7 +156,5 @@ def evaluate(config: EvalConfig, log=None) -> tuple[dict, list[dict], Path]:
             fid.update(baseline=fid_from_stats(base_stats, ref), baseline_n=base_stats.n)
         report["fid"] = fid
 
-    rows = scored_run.rows("run") + (
-        scored_base.rows("baseline") if scored_base is not None else []
-    )
+    rows = scored_run.rows("run") + (scored_base.rows("baseline") if scored_base else [])
     return report, rows, out

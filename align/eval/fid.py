@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from align.data.tars import READ_ERRORS, iter_tar_samples
-from align.eval.scoring import load_image
+from align.data.images import load_image
 from align.extras import require
 from align.rewards.hf_clip import HFClip
 
@@ -78,10 +79,7 @@ def frechet_distance(
 ) -> float:
     """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = (
-        np.atleast_2d(np.asarray(sigma1, np.float64)),
-        np.atleast_2d(np.asarray(sigma2, np.float64)),
-    )
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FIDError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2.0)
@@ -124,15 +122,9 @@ class InceptionFeatures:
         if weights is not None and not Path(weights).is_file():
             raise FIDError(f"FID Inception weights not found: {weights}")
         self.spec = "inception"
-        self.model = (
-            fid_module.NoTrainInceptionV3(
-                name="inception-v3-compat",
-                features_list=["2048"],
-                feature_extractor_weights_path=weights,
-            )
-            .eval()
-            .to(device)
-        )
+        # pool3 (2048-d) of the TF-ported FID Inception-v3, as torchmetrics' FID computes it
+        inception = fid_module.NoTrainInceptionV3("inception-v3-compat", ["2048"], weights)
+        self.model = inception.eval().to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -143,15 +135,9 @@ class InceptionFeatures:
         ]
         sizes = {tuple(a.shape) for a in arrays}
         if len(sizes) > 1:  # the extractor resizes to 299 itself; a batch needs one size
-            arrays = [
-                torch.nn.functional.interpolate(
-                    a[None].float(), size=arrays[0].shape[1:], mode="bilinear"
-                )[0]
-                .round()
-                .clamp(0, 255)
-                .to(torch.uint8)
-                for a in arrays
-            ]
+            size = arrays[0].shape[1:]
+            resize = lambda a: F.interpolate(a[None].float(), size=size, mode="bilinear")[0]
+            arrays = [resize(a).round().clamp(0, 255).to(torch.uint8) for a in arrays]
         batch = torch.stack(arrays).to(self.device)
         return self.model(batch).reshape(len(images), -1).double().cpu().numpy()
 
@@ -171,13 +157,10 @@ def build_feature_extractor(spec: str, device: str | torch.device = "cpu") -> Fe
 
 
 def compute_stats(
-    images: Iterable[Image.Image | Path],
-    extractor: FeatureExtractor,
-    batch_size: int = 32,
-    skipped: list | None = None,
+    images: Iterable[Image.Image | Path], extractor: FeatureExtractor, batch_size: int = 32
 ) -> FeatureStats:
     """Mean and covariance (float64, unbiased) of the features of ``images`` (PIL images or paths;
-    unreadable paths are appended to ``skipped`` and left out)."""
+    unreadable paths are left out)."""
     n, total, outer = 0, None, None
 
     def flush(batch):
@@ -192,10 +175,8 @@ def compute_stats(
         if isinstance(item, Image.Image):
             image = item.convert("RGB")
         else:
-            image, why = load_image(Path(item))
+            image, _ = load_image(Path(item))
             if image is None:
-                if skipped is not None:
-                    skipped.append((str(item), why))
                 continue
         batch.append(image)
         if len(batch) == batch_size:
@@ -210,20 +191,19 @@ def compute_stats(
     return FeatureStats(mu=mu, sigma=sigma, n=n, features=extractor.spec)
 
 
-def shard_images(shards: Sequence[Path], skipped: list | None = None) -> Iterable[Image.Image]:
+def shard_images(shards: Sequence[Path]) -> Iterable[Image.Image]:
     """Every image of webdataset shards (fields ``jpg``, ``png``, ``jpg_0.jpg``, ...: both images of
-    a pair); an unreadable image is appended to ``skipped`` and left out."""
+    a pair); an unreadable image is left out."""
     for shard in shards:
-        for key, sample in _shard_samples(shard):
-            for name, data in sample.items():
+        for _, sample in _shard_samples(shard):
+            for data in sample.values():
                 if data is None:  # not an image field: not read
                     continue
                 try:
                     with Image.open(io.BytesIO(data)) as image:
                         yield image.convert("RGB")
-                except READ_ERRORS as err:
-                    if skipped is not None:
-                        skipped.append((f"{shard}:{key}.{name}", f"{type(err).__name__}: {err}"))
+                except READ_ERRORS:
+                    pass
 
 
 def _shard_samples(shard: Path):
@@ -250,13 +230,8 @@ def reference_stats(
             )
         return stats
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not p.name.endswith(".partial.png")
-        )
+        images = (p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in images if p.is_file() and not p.name.endswith(".partial.png"))
         if files:
             return compute_stats(files, extractor, batch_size=batch_size)
         shards = sorted(path.rglob("*.tar"))

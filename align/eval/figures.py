@@ -127,14 +127,8 @@ def win_rate_figure(report: dict):
     fig = Figure(figsize=(7.0, 1.4 + 0.45 * len(names)), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     rows = list(range(len(names)))[::-1]  # the first reward on top, as in the table
-    values = [w["value"] for w in wins]
-    ax.errorbar(
-        values,
-        rows,
-        xerr=[[w["value"] - w["low"] for w in wins], [w["high"] - w["value"] for w in wins]],
-        fmt="o",
-        capsize=4,
-    )
+    below, above = [w["value"] - w["low"] for w in wins], [w["high"] - w["value"] for w in wins]
+    ax.errorbar([w["value"] for w in wins], rows, xerr=[below, above], fmt="o", capsize=4)
     ax.axvline(0.5, color="gray", ls="--", lw=0.8)  # no preference either way
     ax.set_xlim(-0.03, 1.03)  # a win rate of 0 or 1 stays visible
     ax.set_ylim(-0.6, len(names) - 0.4)

@@ -48,10 +48,8 @@ def read_prompts_file(folder: Path) -> list[str]:
         raise ImageSetError(
             f"{folder} is not an image set: no {PROMPTS_FILE} (render one with `align sample`)"
         )
-    rows = [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-    rows.sort(key=lambda r: r["index"])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["index"])
     if [r["index"] for r in rows] != list(range(len(rows))):
         raise ImageSetError(f"{path}: prompt indices are not 0..{len(rows) - 1}")
     return [r["prompt"] for r in rows]
@@ -63,8 +61,9 @@ def prompt_difference(
     """Why two prompt lists differ (a readable listing), or None when they are identical."""
     if a == b:
         return None
-    only_a = [p for p in dict.fromkeys(a) if p not in set(b)]
-    only_b = [p for p in dict.fromkeys(b) if p not in set(a)]
+    set_a, set_b = set(a), set(b)
+    only_a = [p for p in dict.fromkeys(a) if p not in set_b]
+    only_b = [p for p in dict.fromkeys(b) if p not in set_a]
     lines = [f"the prompt sets differ ({len(a)} prompts in {name_a}, {len(b)} in {name_b})"]
     for label, items in ((f"only in {name_a}", only_a), (f"only in {name_b}", only_b)):
         if items:

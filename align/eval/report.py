@@ -10,34 +10,17 @@ import math
 from pathlib import Path
 
 REPORT_FILES = ("report.md", "report.csv", "report.json", "scores.csv")
-CSV_COLUMNS = (
-    "reward",
-    "n_images",
-    "run_mean",
-    "run_ci_low",
-    "run_ci_high",
-    "baseline_mean",
-    "baseline_ci_low",
-    "baseline_ci_high",
-    "win_rate",
-    "win_rate_ci_low",
-    "win_rate_ci_high",
-    "wins",
-    "ties",
-    "losses",
-    "n_pairs",
-    "pairing",
+CSV_COLUMNS = tuple(
+    "reward n_images run_mean run_ci_low run_ci_high baseline_mean baseline_ci_low baseline_ci_high"
+    " win_rate win_rate_ci_low win_rate_ci_high wins ties losses n_pairs pairing".split()
 )
 
 
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return (
-        f"{value:.{digits}g}"
-        if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3)
-        else f"{value:.{digits}f}"
-    )
+    style = "g" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else "f"
+    return f"{value:.{digits}{style}}"
 
 
 def _with_ci(est: dict | None, digits: int = 4) -> str:
@@ -82,11 +65,8 @@ def to_markdown(report: dict) -> str:
     conf = int(round(100 * report.get("confidence", 0.95)))
     head = ["reward", "images", f"run mean [{conf}% CI]"]
     if has_base:
-        pairing = (
-            "median image per prompt"
-            if report.get("pairing") == "median"
-            else "paired by prompt and seed"
-        )
+        median = report.get("pairing") == "median"
+        pairing = "median image per prompt" if median else "paired by prompt and seed"
         head += [
             f"baseline mean [{conf}% CI]",
             f"win rate vs baseline [{conf}% CI] ({pairing})",
@@ -139,17 +119,16 @@ def write_report(report: dict, out_dir: str | Path, score_rows: list[dict]) -> d
     paths = {name: out / name for name in REPORT_FILES}
     paths["report.md"].write_text(to_markdown(report), encoding="utf-8")
     paths["report.json"].write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    with paths["report.csv"].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in table_rows(report):
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
     columns = ["set", "prompt_index", "seed", "prompt", "path", *report["rewards"].keys()]
-    with paths["scores.csv"].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in score_rows:
-            writer.writerow({k: row.get(k, "") for k in columns})
+    # the csv module writes None and missing cells as empty ones
+    for name, fields, rows in (
+        ("report.csv", CSV_COLUMNS, table_rows(report)),
+        ("scores.csv", columns, score_rows),
+    ):
+        with paths[name].open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
     return paths
 
 

@@ -27,11 +27,7 @@ import torch.nn.functional as F
 
 from align.data.images import decode_image
 from align.data.pipeline import SkipSample, expand_shards
-from align.objectives.reward import (
-    common_direction,
-    decompose_text,
-    segment_text_embedding,
-)
+from align.objectives.reward import common_direction, decompose_text, segment_text_embedding
 from align.rewards.segments import embed_prompt_segments
 
 
@@ -62,13 +58,11 @@ def recall_at_1(scores: torch.Tensor) -> float:
         raise ValueError(
             f"scores must be a non-empty square (N, N) matrix, got {tuple(scores.shape)}"
         )
-    diag = scores.diagonal()
-    others = scores.masked_fill(
-        torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device), float("-inf")
-    )
     if scores.shape[0] == 1:
         return 1.0
-    return float((diag > others.max(dim=1).values).float().mean())
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    best_other = scores.masked_fill(eye, float("-inf")).max(dim=1).values
+    return float((scores.diagonal() > best_other).float().mean())
 
 
 def aggregate(
@@ -122,21 +116,10 @@ def retrieval_from_embeddings(
     curve = []
     for k in range(1, k_max + 1):
         r_full, r_rel = measure(k)
-        curve.append(
-            {
-                "sentences": k,
-                "r1_full": r_full,
-                "r1_relevant": r_rel,
-                "n_cut": int((counts > k).sum()),
-            }
-        )  # captions that lost segments at this k
-    return RetrievalResult(
-        n=int(image_emb.shape[0]),
-        r1_full=full,
-        r1_relevant=relevant,
-        direction="given" if direction is not None else "set",
-        curve=curve,
-    )
+        n_cut = int((counts > k).sum())  # captions that lost segments at this k
+        curve.append({"sentences": k, "r1_full": r_full, "r1_relevant": r_rel, "n_cut": n_cut})
+    source = "given" if direction is not None else "set"
+    return RetrievalResult(int(image_emb.shape[0]), full, relevant, source, curve)
 
 
 def load_retrieval_set(data: str | list[str], limit: int | None = None):
@@ -157,12 +140,8 @@ def load_retrieval_set(data: str | list[str], limit: int | None = None):
                     image = decode_image(sample, "jpg")
                 elif "jpg_0.jpg" in sample:
                     meta = json.loads(sample["json"])
-                    key = (
-                        "jpg_1.jpg"
-                        if float(meta.get("label_1", 0)) > float(meta.get("label_0", 0))
-                        else "jpg_0.jpg"
-                    )
-                    image = decode_image(sample, key)
+                    second = float(meta.get("label_1", 0)) > float(meta.get("label_0", 0))
+                    image = decode_image(sample, "jpg_1.jpg" if second else "jpg_0.jpg")
                 else:
                     raise SkipSample("missing_jpg")
                 if segment_count(caption) == 0:

@@ -16,7 +16,9 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -31,6 +33,7 @@ from align.eval.layout import (
 )
 from align.data.prompt_files import PromptSetError
 from align.models import load_components
+from align.models.export_dtype import EXPORT_DTYPES
 from align.models.sampling import denoiser_of, generate, resolve_encoder
 
 # name -> (diffusers class, default steps)
@@ -46,16 +49,8 @@ SCHEDULERS = {
 # the pipelines' own defaults
 DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
 # settings that change the pixels: a resumed run must match them
-RENDER_KEYS = (
-    "checkpoint",
-    "scheduler",
-    "steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "negative_prompt",
-    "dtype",
-    "encoder",
+RENDER_KEYS = tuple(
+    "checkpoint scheduler steps guidance_scale height width negative_prompt dtype encoder".split()
 )
 
 
@@ -68,18 +63,15 @@ def resolve_checkpoint(config: SampleConfig) -> tuple[str, str | None, str | Non
     otherwise.
     """
     ckpt = Path(config.checkpoint).expanduser()
-    lora = (
-        ckpt.is_dir()
-        and (ckpt / "pytorch_lora_weights.safetensors").exists()
-        and not (ckpt / "model_index.json").exists()
-    )
+    has = lambda name: (ckpt / name).exists()  # False unless ckpt is a folder
+    lora = has("pytorch_lora_weights.safetensors") and not has("model_index.json")
     encoder = config.encoder
-    if encoder is None and ckpt.is_dir() and (ckpt / "prompt_encoder.json").exists():
+    if encoder is None and has("prompt_encoder.json"):
         encoder = str(ckpt)
     if not lora:
         return config.checkpoint, None, encoder
     base = config.base
-    if base is None and (ckpt / "align_export.json").exists():
+    if base is None and has("align_export.json"):
         base = json.loads((ckpt / "align_export.json").read_text()).get("base_model")
     if base is None:
         raise ValueError(
@@ -112,7 +104,7 @@ class SampleConfig:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + j for j in range(self.images_per_prompt)]
+        return list(range(self.seed, self.seed + self.images_per_prompt))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -124,27 +116,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
+    # fp32, bf16, fp16 and torch's own names (float32, bfloat16, float16)
+    table = {**EXPORT_DTYPES, **{str(d).removeprefix("torch."): d for d in EXPORT_DTYPES.values()}}
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
     return table[dtype]
-
-
-def make_scheduler(name: str, base_config):
-    """A sampling scheduler of kind ``name`` built from the model's own
-    (training) scheduler config."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name][0]).from_config(base_config)
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -178,9 +154,6 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
     return {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -279,13 +252,9 @@ def sample_images(
         "encoder": encoder,
         "lora_base": model if lora else None,
     }
-    changed = {
-        k: (previous[k], settings[k])
-        for k in RENDER_KEYS
-        if k in previous and previous[k] != settings[k]
-    }
+    changed = [k for k in RENDER_KEYS if k in previous and previous[k] != settings[k]]
     if changed and kept:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        detail = ", ".join(f"{k}: {previous[k]!r} -> {settings[k]!r}" for k in changed)
         raise ImageSetError(
             f"{out} holds {kept} images rendered with other settings ({detail}); "
             "choose another --out or render with the same settings"
@@ -301,8 +270,10 @@ def sample_images(
     write_prompts_file(out, prompts)
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
 
+    # the sampler, built from the model's own (training) scheduler config
+    scheduler = getattr(diffusers, SCHEDULERS[settings["scheduler"]][0])
     pipe = components.to_pipeline(
-        scheduler=make_scheduler(settings["scheduler"], components.noise_scheduler.config)
+        scheduler=scheduler.from_config(components.noise_scheduler.config)
     )
     denoiser = denoiser_of(pipe)
     pipe = pipe.to(device) if denoiser.dtype == dtype else pipe.to(device=device, dtype=dtype)

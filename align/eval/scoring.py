@@ -10,9 +10,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-
 from align.data.images import load_image
-from align.eval.layout import ImageEntry, ImageSet
+from align.eval.layout import ImageSet
 from align.eval.stats import Key
 
 
@@ -28,17 +27,12 @@ class ScoredSet:
         one column per reward."""
         out = []
         for entry in self.image_set.entries:
-            if not all(entry.key in s for s in self.scores.values()) or not self.scores:
+            if not self.scores or not all(entry.key in s for s in self.scores.values()):
                 continue
-            row = {
-                "set": label,
-                "prompt_index": entry.prompt_index,
-                "seed": entry.seed,
-                "prompt": self.image_set.prompt(entry),
-                "path": str(entry.path),
-            }
-            row.update({name: s[entry.key] for name, s in self.scores.items()})
-            out.append(row)
+            prompt, path = self.image_set.prompt(entry), str(entry.path)
+            row = {"set": label, "prompt_index": entry.prompt_index, "seed": entry.seed}
+            row |= {"prompt": prompt, "path": path}
+            out.append(row | {name: s[entry.key] for name, s in self.scores.items()})
         return out
 
 
@@ -54,24 +48,22 @@ def score_columns(name: str, reward, images, prompts, batch_size: int) -> dict[s
 
 
 def score_image_set(
-    image_set: ImageSet, rewards: dict, batch_size: int = 16, progress: bool = True, log=None
+    image_set: ImageSet, rewards: dict, batch_size: int = 16, progress: bool = True
 ) -> ScoredSet:
     """Score ``image_set`` with every reward in ``rewards`` (name -> RewardModel)."""
     from tqdm.auto import tqdm
 
-    log = log if log is not None else sys.stderr
-    result = ScoredSet(image_set=image_set, scores={})
+    result = ScoredSet(image_set)
     entries = image_set.entries
     bar = tqdm(
         total=len(entries), desc=f"scoring {image_set.root.name}", unit="img", disable=not progress
     )
     for start in range(0, len(entries), batch_size):
-        batch: list[ImageEntry] = []
-        images = []
+        batch, images = [], []
         for entry in entries[start : start + batch_size]:
             image, why = load_image(entry.path)
             if image is None:
-                print(f"warning: skipping unreadable image {entry.path} ({why})", file=log)
+                print(f"warning: skipping unreadable image {entry.path} ({why})", file=sys.stderr)
                 result.skipped.append((str(entry.path), why))
                 continue
             batch.append(entry)
@@ -79,11 +71,9 @@ def score_image_set(
         if batch:
             prompts = [image_set.prompt(e) for e in batch]
             for name, reward in rewards.items():
-                for column, values in score_columns(
-                    name, reward, images, prompts, batch_size
-                ).items():
+                columns = score_columns(name, reward, images, prompts, batch_size)
+                for column, values in columns.items():  # NaN: no segment
                     scores = result.scores.setdefault(column, {})
-                    # NaN: no segment
                     scores.update({e.key: float(v) for e, v in zip(batch, values) if v == v})
         bar.update(len(entries[start : start + batch_size]))
     bar.close()

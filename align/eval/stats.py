@@ -75,13 +75,8 @@ def mean_score(
 ) -> Estimate:
     """Mean score over images, bootstrapped over prompts."""
     keys = sorted(scores)
-    return cluster_bootstrap(
-        np.array([scores[k] for k in keys]),
-        np.array([k[0] for k in keys]),
-        n_boot,
-        seed,
-        confidence,
-    )
+    values, prompts = np.array([scores[k] for k in keys]), np.array([k[0] for k in keys])
+    return cluster_bootstrap(values, prompts, n_boot, seed, confidence)
 
 
 def per_prompt_median(scores: dict[Key, float]) -> dict[int, float]:
@@ -100,13 +95,8 @@ class WinRate:
     pairing: str
 
     def as_dict(self) -> dict:
-        return {
-            **self.estimate.as_dict(),
-            "wins": self.wins,
-            "ties": self.ties,
-            "losses": self.losses,
-            "pairing": self.pairing,
-        }
+        fields = asdict(self)
+        return {**fields.pop("estimate"), **fields}
 
 
 def paired_win_rate(
@@ -135,11 +125,6 @@ def paired_win_rate(
         clusters = np.array(prompts)
     else:
         raise ValueError(f"unknown pairing {pairing!r} (seed or median)")
-    est = cluster_bootstrap(outcomes, clusters, n_boot=n_boot, seed=seed, confidence=confidence)
-    return WinRate(
-        est,
-        wins=int((outcomes == 1).sum()),
-        ties=int((outcomes == 0.5).sum()),
-        losses=int((outcomes == 0).sum()),
-        pairing=pairing,
-    )
+    est = cluster_bootstrap(outcomes, clusters, n_boot, seed, confidence)
+    wins, ties, losses = (int((outcomes == o).sum()) for o in (1.0, 0.5, 0.0))
+    return WinRate(est, wins, ties, losses, pairing)

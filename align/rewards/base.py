@@ -52,6 +52,14 @@ def check_tensor_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Per-channel ``(images - mean) / std`` as torchvision's ``normalize`` computes it, without
+    its ``std == 0`` check, a device sync at every differentiable reward batch."""
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images - mean_t) / std_t
+
+
 def clip_preprocess_tensor(
     images: torch.Tensor,
     resize: int | None,
@@ -71,7 +79,7 @@ def clip_preprocess_tensor(
         if h < crop or w < crop:  # torchvision would pad instead
             raise ValueError(f"cannot center-crop {crop} from an image of {h}x{w}")
         images = TF.center_crop(images, crop)
-    return TF.normalize(images, mean, std)
+    return normalize(images, mean, std)
 
 
 @functools.cache

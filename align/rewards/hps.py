@@ -29,6 +29,7 @@ from align.rewards.base import (
     OPENAI_CLIP_STD,
     ClipRewardModel,
     check_tensor_images,
+    normalize,
     to_rgb,
 )
 from align.rewards.registry import register_reward
@@ -52,7 +53,7 @@ def hps_tensor_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor
         images = TF.resize(images, [new_h, new_w], InterpolationMode.BICUBIC, antialias=True)
         pad_h, pad_w = size - new_h, size - new_w
         images = TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
-    return TF.normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return normalize(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 def hps_preprocess(image, size: int = 224) -> torch.Tensor:

@@ -20,6 +20,15 @@ METHODS = sorted(
     and str(p.relative_to(ROOT)) not in OVERLAYS
 )
 TRAINERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/trainer").glob("*.yaml"))
+# trainer configs written for one kind of model: full-parameter FSDP of a flow transformer sets
+# the diffusion module's lora_rank and frozen_dtype, which the CLIP preference model does not have
+NOT_FOR = {
+    "configs/trainer/fsdp_flow.yaml": {
+        "configs/demo/preference_model.yaml",
+        "configs/longalign/denscore_clip_h.yaml",
+        "configs/longalign/denscore_tiny.yaml",
+    }
+}
 TINY = [m for m in METHODS if Path(m).stem.endswith("tiny")]
 DATA = [
     ["data", "synthetic", "pickapic", "--out", "data/synthetic/pickapic"],
@@ -45,6 +54,8 @@ def test_every_method_config_composes_with_every_trainer_config(trainer, capsys)
     from align.cli import main
 
     for method in METHODS + list(OVERLAYS):
+        if method in NOT_FOR.get(trainer, ()):
+            continue
         parts = [OVERLAYS[method], method] if method in OVERLAYS else [method]
         with pytest.raises(SystemExit) as done:
             main(

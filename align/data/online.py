@@ -40,6 +40,8 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
     prompts_per_round: prompts drawn for each round (None: all of them).
     steps / guidance_scale: the policy's sampler (the model's own scheduler, as an export samples).
     data: the round's data module's arguments (batch_size, resolution, batches_per_epoch, ...).
+    batch_size: the round's ``data.batch_size`` set from outside ``data`` (a trainer config such as
+        ``configs/trainer/fsdp_sdxl.yaml`` sets ``data.init_args.batch_size`` for every method).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         rounds: str | None = None,
         data: dict | None = None,
+        batch_size: int | None = None,
     ):
         super().__init__()
         if method not in ("dpo", "kto"):
@@ -73,6 +76,8 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
         self.kto_desirable, self.prompts_per_round = kto_desirable, prompts_per_round
         self.steps, self.guidance_scale, self.seed = steps, guidance_scale, seed
         self.rounds, self.data = rounds, dict(data or {})
+        if batch_size is not None:
+            self.data["batch_size"] = batch_size
         self.drop_ties = True  # pairs never hold ties (DPO's check)
         self.batch_size = self.data.get("batch_size", 1)
         self.global_batch_size = self.data.get("global_batch_size")  # accumulation follows

@@ -99,3 +99,15 @@ def test_bad_settings_fail_at_start(tmp_path):
     dm.trainer = SimpleNamespace(reload_dataloaders_every_n_epochs=0)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         dm.train_dataloader()
+
+
+def test_a_batch_size_set_from_outside_data_sets_the_rounds_batch(tmp_path):
+    """A trainer config (configs/trainer/fsdp_sdxl.yaml) sets data.init_args.batch_size for every
+    method; the online data module passes it to its rounds' data module."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data = {"batch_size": 4, "resolution": 32}
+    dm = OnlinePreferenceDataModule(str(prompts), "jpeg-compressibility", data=data, batch_size=2)
+    assert dm.batch_size == 2 and dm.data == {"batch_size": 2, "resolution": 32}
+    alone = OnlinePreferenceDataModule(str(prompts), "jpeg-compressibility", data=data)
+    assert alone.batch_size == 4

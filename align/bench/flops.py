@@ -37,10 +37,8 @@ class StepFlops:
     by_op: dict[str, int]
 
 
-def count_step_flops(
-    cfg: StepConfig, meta: bool = True, device: torch.device | str = "cpu"
-) -> StepFlops:
-    """Count the FLOPs of ``cfg``'s step with the real module (on the meta device by default)."""
+def count_step_flops(cfg: StepConfig, meta: bool = True) -> StepFlops:
+    """Count the FLOPs of ``cfg``'s step with the real module (on the meta device, or the CPU)."""
     cached_text = cfg.cached_text
     # The meta device cannot run the cached-embeddings path (it branches on a tensor's value); count
     # the text encoders and drop them below instead: with cached embeddings they do not run,
@@ -51,11 +49,11 @@ def count_step_flops(
         compile_reference=False,
         cached_text=cfg.cached_text and not meta,
     )
-    module = build_module(cfg, device=device, meta=meta)
+    module = build_module(cfg, meta=meta)
     batch = make_batch(module, cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log() without a Trainer
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    # warnings: self.log() without a Trainer
+    with warnings.catch_warnings(action="ignore"), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
             module.training_step(batch, 0).backward()
     counts = counter.get_flop_counts()
 

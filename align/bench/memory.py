@@ -61,20 +61,10 @@ def memory_efficient_attention():
     attention saves on a GPU."""
     original = F.scaled_dot_product_attention
 
-    def sdpa(
-        query,
-        key,
-        value,
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        scale=None,
-        enable_gqa=False,  # diffusers' attention dispatcher (FLUX) passes it, False
-        **kw,
-    ):
-        if attn_mask is not None or dropout_p or enable_gqa or kw:
-            args = (query, key, value, attn_mask, dropout_p, is_causal)
-            return original(*args, scale=scale, enable_gqa=enable_gqa, **kw)
+    # kw: enable_gqa, which diffusers' attention dispatcher (FLUX) passes, False
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if attn_mask is not None or dropout_p or any(kw.values()):
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
 
@@ -90,11 +80,12 @@ def _cast_inputs(dtype: torch.dtype):
     return lambda module, args, kwargs: tree_map_only(torch.Tensor, cast, (args, kwargs))
 
 
-def record_checkpointed_blocks(denoiser: torch.nn.Module, names: set[str]) -> None:
-    """Add to ``names`` the class of every block the denoiser's gradient checkpointing wraps, as
-    it wraps it: diffusers passes each block to its modules' ``_gradient_checkpointing_func``
+def record_checkpointed_blocks(denoiser: torch.nn.Module) -> set[str]:
+    """A set that collects the class of every block the denoiser's gradient checkpointing wraps,
+    as it wraps it: diffusers passes each block to its modules' ``_gradient_checkpointing_func``
     (a UNet's resnets and transformer blocks, SD3's joint blocks, FLUX's double- and
     single-stream blocks)."""
+    names = set()
 
     def recording(checkpoint):
         def wrapped(block, *args, **kwargs):
@@ -106,6 +97,7 @@ def record_checkpointed_blocks(denoiser: torch.nn.Module, names: set[str]) -> No
     for module in denoiser.modules():
         if getattr(module, "_gradient_checkpointing_func", None) is not None:
             module._gradient_checkpointing_func = recording(module._gradient_checkpointing_func)
+    return names
 
 
 @dataclass
@@ -146,10 +138,9 @@ def _saved_bytes(
                 unet.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
     batch = make_batch(module, cfg)
     exclude = [*module.parameters(), *module.buffers()]
-    saved_at, largest, checkpointed = {}, 0, set()
-    record_checkpointed_blocks(module.unet, checkpointed)
-    with warnings.catch_warnings(), memory_efficient_attention(), SavedTensors(exclude) as saved:
-        warnings.simplefilter("ignore")
+    saved_at, largest, checkpointed = {}, 0, record_checkpointed_blocks(module.unet)
+    ignore = warnings.catch_warnings(action="ignore")
+    with ignore, memory_efficient_attention(), SavedTensors(exclude) as saved:
 
         def before(block, args):
             saved_at[block] = saved.bytes
@@ -251,7 +242,6 @@ def static_memory(cfg: StepConfig) -> StaticMemory:
 def memory_record(cfg: StepConfig) -> dict:
     """A ``--memory-estimate`` record: static memory plus bracketed activation memory,
     all in GiB."""
-    record = new_record(cfg, "memory")
     gib = 2.0**30
     static = static_memory(cfg)
     act_hi = activation_memory(cfg, torch.float32)
@@ -261,7 +251,7 @@ def memory_record(cfg: StepConfig) -> dict:
         return [(static_bytes + act.peak) / gib for act in (act_lo, act_hi)]
 
     return {
-        **record,
+        **new_record(cfg, "memory"),
         "estimate": True,
         "trainable_params": static.trainable_params,
         "policy_unet_params": static.policy_unet_params,

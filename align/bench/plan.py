@@ -204,13 +204,13 @@ def preset_of(model: str, override: str | None = None) -> str | None:
     return PRESET_OF_ID.get(model)
 
 
-def measured_mfu(objective: str, preset: str, batch: int, path: Path = BENCH_RECORDS):
+def measured_mfu(objective: str, preset: str, batch: int):
     """(MFU vs the spec bf16 peak, the record) of the nearest-batch Lightning GPU benchmark of
     ``objective`` on ``preset`` in ``docs/bench_results.jsonl``; None when there is none."""
-    if not path.is_file():
+    if not BENCH_RECORDS.is_file():
         return None
     found = []  # (record, the GPU's spec)
-    for line in path.read_text().splitlines():
+    for line in BENCH_RECORDS.read_text().splitlines():
         rec = json.loads(line)
         device = rec.get("env", {}).get("device", "").upper()
         spec = next((g for key, g in GPUS.items() if key.upper() in device), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def new_record(cfg: StepConfig, mode: str, started: datetime | None = None) -> d
     return {
         "time_utc": (started or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
         "mode": mode,
-        **cfg.to_dict(),
+        **asdict(cfg),
         "resolution": cfg.resolution or get_preset(cfg.preset).resolution,
         "sample_unit": cfg.sample_unit,
     }

@@ -148,8 +148,8 @@ def run(
     started = datetime.now(timezone.utc)
     step_times = {mode: [] for mode in modes}
     peak_mem = dict.fromkeys(modes, 0)
-    with quiet_logger("lightning.pytorch", logging.WARNING), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    quiet = quiet_logger("lightning.pytorch", logging.WARNING)
+    with quiet, warnings.catch_warnings(action="ignore"):
         for _ in range(rounds):
             for mode in modes:
                 times, peak = time_steps(mode, cfg, device, warmup, steps)

@@ -9,7 +9,7 @@ import functools
 import importlib
 import logging
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._device import DeviceContext
@@ -77,35 +77,27 @@ class StepConfig:
     def sample_unit(self) -> str:
         return "pair" if self.objective == "dpo" else "image"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def replace(self, **changes) -> "StepConfig":
         return replace(self, **changes)
 
 
-def optimizer_factory(name: str, lr: float, weight_decay: float = 0.01):
-    """The optimizer callables the configs in ``configs/optim/`` name,
+def optimizer_factory(name: str, lr: float):
+    """The optimizer callables the configs in ``configs/optim/`` name (weight decay 0.01),
     as a LightningCLI would inject them."""
+    kw = {"lr": lr, "weight_decay": 0.01}
     if name in ("adamw", "adamw-fused"):
         fused = True if name == "adamw-fused" else None  # None: torch's default
-        return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=fused)
+        return functools.partial(torch.optim.AdamW, **kw, fused=fused)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return functools.partial(
-            Adafactor,
-            lr=lr,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=weight_decay,
-        )
+        off = dict.fromkeys(("scale_parameter", "relative_step", "warmup_init"), False)
+        return functools.partial(Adafactor, **kw, **off)
     if name == "adamw8bit":
         # imported when the optimizer is made: FLOP/memory estimates need no bitsandbytes
         def adamw8bit(params):
             bnb = require("bitsandbytes", "8bit", "the optimizer adamw8bit")
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+            return bnb.optim.AdamW8bit(params, **kw)
 
         return adamw8bit
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
@@ -123,10 +115,9 @@ def quiet_logger(name: str, level: int = logging.ERROR):
         log.setLevel(before)
 
 
-def quiet_diffusers():
-    """diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
-    activation estimates) warns "modules that should be kept in float32: []" once per model."""
-    return quiet_logger("diffusers")
+# diffusers' logger at ERROR: a model cast with ``to(dtype)`` (``frozen_dtype``, the bf16
+# activation estimates) warns "modules that should be kept in float32: []" once per model
+quiet_diffusers = functools.partial(quiet_logger, "diffusers")
 
 
 class MetaDevice(DeviceContext):
@@ -257,8 +248,8 @@ class BareStep:
     def __call__(self, batch: dict, index: int) -> torch.Tensor:
         # the autocast Lightning's bf16-mixed applies around training_step
         bf16 = self.cfg.precision == "bf16"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # self.log() without a Trainer warns and does nothing
+        # self.log() without a Trainer warns and does nothing
+        with warnings.catch_warnings(action="ignore"):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = self.module.training_step(batch, index)
             loss.backward()

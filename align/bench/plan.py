@@ -284,10 +284,9 @@ def step_config(cfg: dict, preset: str) -> StepConfig | None:
     if objective is None:
         return None
     opt = model.get("optimizer") or {}
-    optimizer = {"Adafactor": "adafactor", "AdamW8bit": "adamw8bit"}.get(
-        class_name(opt.get("class_path"))
-    )
-    optimizer = optimizer or ("adamw-fused" if opt.get("init_args", {}).get("fused") else "adamw")
+    adamw = "adamw-fused" if opt.get("init_args", {}).get("fused") else "adamw"
+    named = {"Adafactor": "adafactor", "AdamW8bit": "adamw8bit"}
+    optimizer = named.get(class_name(opt.get("class_path")), adamw)
     cached = bool(data.get("cached"))
     return StepConfig(
         objective=objective,

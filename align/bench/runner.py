@@ -9,6 +9,7 @@ the CPU the whole process's peak RSS. docs/benchmarks.md says what each figure m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -44,14 +45,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                model,
-            )
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        model = next(names, model)
     return f"{model}, {os.cpu_count()} logical cores visible"
 
 
@@ -63,9 +59,8 @@ def _loader(batch: dict, n: int) -> torch.utils.data.DataLoader:
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-        1 if sys.platform == "darwin" else 1024
-    )
+    kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
 
 
 def time_steps(

@@ -56,15 +56,10 @@ class StepConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name, known in (
-            ("objective", OBJECTIVES),
-            ("optimizer", OPTIMIZERS),
-            ("precision", PRECISIONS),
-        ):
-            if getattr(self, name) not in known:
-                raise ValueError(
-                    f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}"
-                )
+        checks = {"objective": OBJECTIVES, "optimizer": OPTIMIZERS, "precision": PRECISIONS}
+        for name, known in checks.items():
+            if (value := getattr(self, name)) not in known:
+                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 

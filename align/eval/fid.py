@@ -25,6 +25,7 @@ eigendecompositions (exact for PSD matrices, no scipy needed).
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from align.data.tars import READ_ERRORS, iter_tar_samples
 from align.data.images import load_image
 from align.extras import require
 from align.rewards.hf_clip import HFClip
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -160,7 +163,7 @@ def compute_stats(
     images: Iterable[Image.Image | Path], extractor: FeatureExtractor, batch_size: int = 32
 ) -> FeatureStats:
     """Mean and covariance (float64, unbiased) of the features of ``images`` (PIL images or paths;
-    unreadable paths are left out)."""
+    unreadable paths are left out, logged)."""
     n, total, outer = 0, None, None
 
     def flush(batch):
@@ -175,8 +178,9 @@ def compute_stats(
         if isinstance(item, Image.Image):
             image = item.convert("RGB")
         else:
-            image, _ = load_image(Path(item))
+            image, why = load_image(Path(item))
             if image is None:
+                log.warning("FID: unreadable image %s left out (%s)", item, why)
                 continue
         batch.append(image)
         if len(batch) == batch_size:
@@ -193,17 +197,17 @@ def compute_stats(
 
 def shard_images(shards: Sequence[Path]) -> Iterable[Image.Image]:
     """Every image of webdataset shards (fields ``jpg``, ``png``, ``jpg_0.jpg``, ...: both images of
-    a pair); an unreadable image is left out."""
+    a pair); an unreadable image is left out, logged."""
     for shard in shards:
-        for _, sample in _shard_samples(shard):
-            for data in sample.values():
+        for key, sample in _shard_samples(shard):
+            for name, data in sample.items():
                 if data is None:  # not an image field: not read
                     continue
                 try:
                     with Image.open(io.BytesIO(data)) as image:
                         yield image.convert("RGB")
-                except READ_ERRORS:
-                    pass
+                except READ_ERRORS as err:
+                    log.warning("FID: unreadable %s:%s.%s left out (%r)", shard, key, name, err)
 
 
 def _shard_samples(shard: Path):

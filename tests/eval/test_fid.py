@@ -3,6 +3,9 @@ statistics files."""
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +18,7 @@ from align.eval.fid import (
     fid_from_stats,
     frechet_distance,
     reference_stats,
+    shard_images,
 )
 
 
@@ -125,3 +129,16 @@ def test_a_scored_set_is_no_reference(tmp_path):
         check_reference_is_real(tmp_path / "samples" / "base" / ".", sets)
     with pytest.raises(FIDError, match="holds the run image set"):
         check_reference_is_real(tmp_path / "samples", sets)
+
+
+def test_an_unreadable_reference_image_is_left_out_and_logged(tmp_path, caplog):
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(good, "png")
+    with tarfile.open(tmp_path / "ref.tar", "w") as tar:
+        for name, data in (("a.png", good.getvalue()), ("b.png", b"not an image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level("WARNING", logger="align.eval.fid"):
+        assert len(list(shard_images([tmp_path / "ref.tar"]))) == 1
+    assert "ref.tar:b.png left out" in caplog.text

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import yaml
 
-from align.callbacks.run_dir import run_dir
+from align.callbacks.run_dir import broadcast, run_dir
 from align.callbacks.survival import assert_finite_weights, replace_dir_atomically
 from align.models.export_dtype import cast_export
 from align.models.export_dtype import export_dtype as export_dtype_of
@@ -76,8 +76,9 @@ class DiffusersExport(L.Callback):
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
-    def _export(self, trainer: L.Trainer, pl_module, name: str) -> None:
-        root = self._root(trainer)  # every rank calls it: run_dir broadcasts
+    def _export(self, trainer: L.Trainer, pl_module, name: str) -> Path:
+        """Every rank calls it (run_dir broadcasts); rank 0 writes. Returns the export root."""
+        root = self._root(trainer)
         config = run_config(trainer)
         assert_finite_weights(pl_module, f"the export {name}")
         if trainer.is_global_zero:
@@ -85,6 +86,7 @@ class DiffusersExport(L.Callback):
             write_export(pl_module, root / name, self.export_dtype, config, metrics)
             self.last_export = root / name
             log.info("exported %s", self.last_export)
+        return root
 
     def _prune(self, root: Path) -> None:
         steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
@@ -94,16 +96,16 @@ class DiffusersExport(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # ModelCheckpoint saves step-N.ckpt and last.ckpt at the same step: one export for both
         if self.on_checkpoint and trainer.global_step not in (self._final_step, self._step):
-            self._export(trainer, pl_module, f"step-{trainer.global_step}")
+            root = self._export(trainer, pl_module, f"step-{trainer.global_step}")
             self._step = trainer.global_step
             if trainer.is_global_zero:
-                self._prune(self._root(trainer))
+                self._prune(root)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        root = self._root(trainer)
+        root = self._root(trainer)  # every rank: run_dir broadcasts
         newest = root / f"step-{trainer.global_step}"
-        # the same weights: no second copy
-        if self._step == trainer.global_step and newest.is_dir():
+        # the same weights: no second copy (rank 0 decides: other nodes may not see the folder)
+        if broadcast(trainer, self._step == trainer.global_step and newest.is_dir()):
             if trainer.is_global_zero:
                 replace_dir_atomically(root / "final", lambda folder: os.replace(newest, folder))
                 self.last_export = root / "final"

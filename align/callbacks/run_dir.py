@@ -32,6 +32,12 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.strategy.broadcast(logger_dir(trainer)))
 
 
+def broadcast(trainer: L.Trainer, obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a strategy, e.g. in unit tests)."""
+    strategy = getattr(trainer, "strategy", None)
+    return obj if strategy is None else strategy.broadcast(obj)
+
+
 def logger_dir(trainer: L.Trainer) -> str:
     """Lightning's ``<save_dir>/<name>/<version>`` of the first logger, on this rank alone."""
     logger = trainer.loggers[0]

@@ -275,12 +275,11 @@ class EpochStream(torch.utils.data.IterableDataset):
     def _role_ranges(self, segment, rank: int, role: int) -> list[tuple[int, int, int]]:
         """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in
         this pass."""
-        sizes, workers, batch = self.sizes, self.workers, self.batch_size
-        per_role = batches_per_role(sum(sizes), self.world, workers, batch) * batch
+        sizes, per_role = self.sizes, self.per_role * self.batch_size
         order = list(range(len(sizes)))
         if self.shuffle:
             random.Random(f"{self.seed}/{segment}/shards").shuffle(order)
-        start = (rank * workers + role) * per_role
+        start = (rank * self.workers + role) * per_role
         end, ranges, offset = start + per_role, [], 0
         for shard in order:
             lo, hi = max(start, offset), min(end, offset + sizes[shard])

@@ -125,15 +125,14 @@ def shard_sizes(urls: list[str]) -> list[int]:
         (_remote_manifest_size if is_remote(url) else _local_manifest_size)(url, manifests)
         for url in urls
     ]
-    unlisted = [i for i, size in enumerate(sizes) if size is None]
-    remote_at = [i for i in unlisted if is_remote(urls[i])]
+    remote_at = [i for i, size in enumerate(sizes) if size is None and is_remote(urls[i])]
     remote = [urls[i] for i in remote_at]
-    if remote and not _count_remote_shards.get():
-        raise ValueError(
-            f"{len(remote)} remote shard(s) ({describe(remote)}) are listed in no {MANIFEST} "
-            "where they are, and counting their samples would download them"
-        )
     if remote:
+        if not _count_remote_shards.get():
+            raise ValueError(
+                f"{len(remote)} remote shard(s) ({describe(remote)}) are listed in no {MANIFEST} "
+                "where they are, and counting their samples would download them"
+            )
         log.warning(
             "%d remote shard(s) (%s) are listed in no %s where they are: counting their samples "
             "by reading each through once now. Put the %s that their `align data` command wrote "
@@ -143,9 +142,9 @@ def shard_sizes(urls: list[str]) -> list[int]:
             MANIFEST,
             MANIFEST,
         )
-    for i in unlisted:
-        if not is_remote(urls[i]):
-            sizes[i] = _count_tar_samples(urls[i])
+    for i, url in enumerate(urls):
+        if sizes[i] is None and not is_remote(url):
+            sizes[i] = _count_tar_samples(url)
     if remote:
         with ThreadPoolExecutor(min(REMOTE_COUNT_THREADS, len(remote))) as pool:
             counts = pool.map(_count_tar_samples, remote)
@@ -276,12 +275,11 @@ class EpochStream(torch.utils.data.IterableDataset):
     def _role_ranges(self, segment, rank: int, role: int) -> list[tuple[int, int, int]]:
         """(shard index, first sample, end) ranges that role ``role`` of rank ``rank`` reads in
         this pass."""
-        sizes, workers, batch = self.sizes, self.workers, self.batch_size
-        per_role = batches_per_role(sum(sizes), self.world, workers, batch) * batch
+        sizes, per_role = self.sizes, self.per_role * self.batch_size
         order = list(range(len(sizes)))
         if self.shuffle:
             random.Random(f"{self.seed}/{segment}/shards").shuffle(order)
-        start = (rank * workers + role) * per_role
+        start = (rank * self.workers + role) * per_role
         end, ranges, offset = start + per_role, [], 0
         for shard in order:
             lo, hi = max(start, offset), min(end, offset + sizes[shard])

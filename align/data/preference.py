@@ -163,11 +163,8 @@ def write_synthetic_long_pairs(
 ) -> list[Path]:
     """Write ``samples`` long-caption pairs into ``shards`` tars ``longpairs-000000.tar`` ...;
     returns them."""
-    return _write_shards(
-        out_dir,
-        "longpairs",
-        samples,
-        shards,
-        lambda i, rng: synthetic_long_pair(i, resolution, rng, tie_fraction),
-        seed,
-    )
+
+    def make(i: int, rng: random.Random) -> dict:
+        return synthetic_long_pair(i, resolution, rng, tie_fraction)
+
+    return _write_shards(out_dir, "longpairs", samples, shards, make, seed)

@@ -45,14 +45,11 @@ def pair_meta_problem(meta: object) -> str | None:
             return f"missing_{key}"
     if not isinstance(meta["caption"], str):
         return "caption_not_string"
-    for key in ("label_0", "label_1"):
-        try:
-            value = float(meta[key])
-        except (TypeError, ValueError):
-            return "bad_label"
-        if value not in VALID_LABELS:
-            return "bad_label"
-    if float(meta["label_0"]) + float(meta["label_1"]) != 1.0:
+    try:
+        labels = [float(meta["label_0"]), float(meta["label_1"])]
+    except (TypeError, ValueError):
+        return "bad_label"
+    if any(label not in VALID_LABELS for label in labels) or sum(labels) != 1.0:
         return "bad_label"
     return None
 

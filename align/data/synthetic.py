@@ -155,14 +155,11 @@ def write_synthetic_pickapic(
 ) -> list[Path]:
     """Write ``pairs`` synthetic pairs into ``shards`` tar files named ``pairs-000000.tar`` ...;
     returns them."""
-    return _write_shards(
-        out_dir,
-        "pairs",
-        pairs,
-        shards,
-        lambda i, rng: synthetic_pair(i, resolution, rng, tie_fraction),
-        seed,
-    )
+
+    def make(i: int, rng: random.Random) -> dict:
+        return synthetic_pair(i, resolution, rng, tie_fraction)
+
+    return _write_shards(out_dir, "pairs", pairs, shards, make, seed)
 
 
 def synthetic_single(index: int, size: int, rng: random.Random, p_desirable: float) -> dict:
@@ -197,11 +194,8 @@ def write_synthetic_kto(
 ) -> list[Path]:
     """Single images, about ``p_desirable`` of them desirable (Pick-a-Pic: ~26%), as
     ``singles-000000.tar`` ..."""
-    return _write_shards(
-        out_dir,
-        "singles",
-        samples,
-        shards,
-        lambda i, rng: synthetic_single(i, resolution, rng, p_desirable),
-        seed,
-    )
+
+    def make(i: int, rng: random.Random) -> dict:
+        return synthetic_single(i, resolution, rng, p_desirable)
+
+    return _write_shards(out_dir, "singles", samples, shards, make, seed)

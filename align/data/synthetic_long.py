@@ -110,11 +110,8 @@ def write_synthetic_longcaption(
 ) -> list[Path]:
     """Write ``samples`` long-caption samples into ``shards`` tars ``longcaption-000000.tar`` ...;
     returns them."""
-    return _write_shards(
-        out_dir,
-        "longcaption",
-        samples,
-        shards,
-        lambda i, rng: synthetic_longcaption(i, resolution, rng),
-        seed,
-    )
+
+    def make(i: int, rng: random.Random) -> dict:
+        return synthetic_longcaption(i, resolution, rng)
+
+    return _write_shards(out_dir, "longcaption", samples, shards, make, seed)

@@ -50,9 +50,7 @@ def expand_shard_paths(
             if not matches:
                 missing.append(pattern)
             found.extend(matches)
-    seen: set[str] = set()
-    unique = [p for p in found if not (p in seen or seen.add(p))]
-    return unique, missing
+    return list(dict.fromkeys(found)), missing
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -152,9 +150,6 @@ class HashingStream:
         self.stream.flush()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

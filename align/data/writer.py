@@ -186,9 +186,6 @@ class _ShardOut:
         self.hashing = HashingStream(self.handle)
         self.tar = wds.TarWriter(self.hashing, mtime=0, user="", group="", mode=0o444, encoder=True)
 
-    def write(self, sample: dict) -> None:
-        self.tar.write(sample)
-
     def finish(self) -> tuple[int, str]:
         self.tar.close()
         self.handle.flush()
@@ -230,38 +227,29 @@ class _Task:
 
 def _run_unit(task: _Task) -> Iterator[tuple]:
     """Convert one unit; yields events: ("rows", n), ("shard", name, record), ("warning", text)."""
-    unit, size = task.unit, task.shard_size
+    unit, size, done = task.unit, task.shard_size, task.done
     n_shards = math.ceil(unit.rows / size)
-    out_dir = Path(task.out_dir)
-    stats = {j: {"rows": 0, "samples": 0, "skipped": Counter()} for j in range(n_shards)}
+    stats = {j: {"samples": 0, "rows": 0, "skipped": Counter()} for j in range(n_shards)}
     open_shard: dict[int, _ShardOut] = {}
 
-    def need(j: int) -> bool:
-        return (j // size) not in task.done
+    def new_shard(j: int) -> _ShardOut:
+        return _ShardOut(Path(task.out_dir), shard_name(task.prefix, task.first_shard + j))
 
-    def close(j: int):
-        if j in task.done or j >= n_shards:
-            return None
-        out = open_shard.pop(j, None) or _ShardOut(
-            out_dir, shard_name(task.prefix, task.first_shard + j)
-        )
-        nbytes, digest = out.finish()
-        s = stats[j]
-        return (
-            "shard",
-            out.path.name,
-            {
-                "samples": s["samples"],
-                "rows": s["rows"],
-                "skipped": dict(sorted(s["skipped"].items())),
-                "bytes": nbytes,
-                "sha256": digest,
-                "unit": unit.name,
-            },
-        )
+    def close_before(end: int) -> Iterator[tuple]:
+        """Finish every needed shard before ``end`` not finished yet (an empty one too)."""
+        nonlocal current
+        for j in range(current, end):
+            current = j + 1
+            if j in done:
+                continue
+            out = open_shard.pop(j, None) or new_shard(j)
+            nbytes, digest = out.finish()
+            s = stats[j]
+            record = {**s, "skipped": dict(sorted(s["skipped"].items())), "bytes": nbytes}
+            yield "shard", out.path.name, {**record, "sha256": digest, "unit": unit.name}
 
     pos, pending_progress, current = 0, 0, 0
-    items = iter(task.convert(unit.payload, need))
+    items = iter(task.convert(unit.payload, lambda j: (j // size) not in done))
     try:
         while True:
             try:
@@ -277,16 +265,15 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
                     f"({type(exn).__name__}: {exn}); {unit.rows - pos} rows counted as read_error",
                 )
                 for row in range(pos, unit.rows):
-                    j = row // size
-                    if j not in task.done:
-                        stats[j]["rows"] += 1
-                        stats[j]["skipped"]["read_error"] += 1
+                    if row // size not in done:
+                        stats[row // size]["rows"] += 1
+                        stats[row // size]["skipped"]["read_error"] += 1
                         pending_progress += 1
                 pos = unit.rows
                 break
             if isinstance(item, Skip) and not item.row:
                 j = min(pos // size, n_shards - 1)
-                if n_shards and j not in task.done:
+                if n_shards and j not in done:
                     stats[j]["skipped"][item.reason] += 1
                 continue
             if pos >= unit.rows:
@@ -294,13 +281,9 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
                     f"converter yielded more than the {unit.rows} planned rows of {unit.name}"
                 )
             j = pos // size
-            while current < j:
-                event = close(current)
-                if event:
-                    yield event
-                current += 1
+            yield from close_before(j)
             pos += 1
-            if j in task.done:
+            if j in done:
                 continue
             if item is None:
                 raise RuntimeError(
@@ -310,15 +293,10 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
             if isinstance(item, Skip):
                 stats[j]["skipped"][item.reason] += 1
             else:
-                item = dict(item)
-                item["__key__"] = _clean_key(
-                    item.get("__key__", f"{task.first_row + pos - 1:010d}")
-                )
+                key = item.get("__key__", f"{task.first_row + pos - 1:010d}")
                 if j not in open_shard:
-                    open_shard[j] = _ShardOut(
-                        out_dir, shard_name(task.prefix, task.first_shard + j)
-                    )
-                open_shard[j].write(item)
+                    open_shard[j] = new_shard(j)
+                open_shard[j].tar.write({**item, "__key__": _clean_key(key)})
                 stats[j]["samples"] += 1
             pending_progress += 1
             if pending_progress >= 32:
@@ -330,11 +308,7 @@ def _run_unit(task: _Task) -> Iterator[tuple]:
             )
         if pending_progress:
             yield ("rows", pending_progress)
-        while current < n_shards:
-            event = close(current)
-            if event:
-                yield event
-            current += 1
+        yield from close_before(n_shards)
     finally:
         for out in open_shard.values():
             out.abandon()
@@ -386,11 +360,10 @@ def _pool_run(task: _Task) -> None:
 def _verify_entry(out_dir: Path, name: str, record: dict) -> bool:
     path = out_dir / name
     try:
-        if path.stat().st_size != record.get("bytes"):
-            return False
+        size = path.stat().st_size
     except OSError:
         return False
-    return sha256_file(path) == record.get("sha256")
+    return size == record.get("bytes") and sha256_file(path) == record.get("sha256")
 
 
 def write_shards(

@@ -240,7 +240,7 @@ def convert_rate(model: str, resolution: int, shards: str, pairs: int, threads: 
         work()
         return time.process_time() - clock
 
-    vae = cpu_time(lambda: encoder.moments([p for r in rows for p in r.pixels]))
+    vae = cpu_time(lambda: encoder.moments([c.pixels for r in rows for c in r.crops]))
     text = cpu_time(lambda: encoder.prompts([r.caption for r in rows]))
     wall = time.perf_counter()
     full = cpu_time(lambda: list(encoder.encode(rows, "pair")))

@@ -55,7 +55,7 @@ from align.data.images import decode_caption, decode_image, decode_json
 from align.data.pipeline import SkipSample
 from align.data.schema import CACHE_COMMAND, PAIR_IMAGE_KEYS, SINGLE_IMAGE_KEY, cache_settings
 from align.data.tars import READ_ERRORS, expand_shard_paths, iter_tar_groups, iter_tar_samples
-from align.data.transforms import ImageTransform
+from align.data.transforms import Augmented, ImageTransform
 from align.data.writer import Skip, Unit, file_identity, load_manifest, run_command, write_shards
 
 # settings that change the cached values: an existing output made with other values is refused
@@ -64,14 +64,12 @@ CHECKED = ("schema", *(k for k in CACHE_SETTINGS if k != "model"))
 
 @dataclass
 class Prepared:
-    """A row ready to encode (pixels in [-1, 1], in the source's image order)."""
+    """A row ready to encode: its images' crops, in the source's image order."""
 
     key: str
     meta: dict
     caption: str
-    pixels: list[torch.Tensor]
-    original_size: list[tuple[int, int]]
-    crop_top_left: list[tuple[int, int]]
+    crops: list[Augmented]
     txt: bytes | None = None
 
 
@@ -133,21 +131,12 @@ class Encoder:
             images = [decode_image(sample, k) for k in keys]
         except SkipSample as skip:
             return Skip(skip.reason)
-        crops = [self.transform(image) for image in images]
-        return Prepared(
-            key,
-            meta,
-            caption,
-            [c.pixels for c in crops],
-            [c.original_size for c in crops],
-            [c.crop_top_left for c in crops],
-            txt,
-        )
+        return Prepared(key, meta, caption, [self.transform(image) for image in images], txt)
 
     def encode(self, rows: list, schema: str):
         """Encode the prepared rows of ``rows`` together; one writer item per row, in order."""
         ready = [r for r in rows if isinstance(r, Prepared)]
-        pixels = [p for r in ready for p in r.pixels]
+        pixels = [c.pixels for r in ready for c in r.crops]
         if self.flip:
             pixels += [p.flip(-1) for p in pixels]
         moments = self.moments(pixels) if pixels else []
@@ -165,8 +154,8 @@ class Encoder:
             cache = {
                 **{k: self.settings[k] for k in CACHE_SETTINGS},
                 "crop": "center",
-                "original_size": [list(s) for s in row.original_size],
-                "crop_top_left": [list(c) for c in row.crop_top_left],
+                "original_size": [list(c.original_size) for c in row.crops],
+                "crop_top_left": [list(c.crop_top_left) for c in row.crops],
             }
             embed, pooled_embed = next(texts)
             out = {

@@ -158,18 +158,15 @@ def plan_archives(
 
 def main(argv: list[str]) -> int:
     parser = command_parser("journeydb", __doc__)
-    parser.add_argument(
-        "--annotations", nargs="+", required=True, help="jsonl files with img_path and a caption"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--annotations", nargs="+", required=True, help="jsonl files with img_path and a caption")
+    add(
         "--images",
         nargs="+",
         required=True,
         help="image folder, or tar/tgz archives or a folder of them",
     )
-    parser.add_argument(
-        "--caption-field", default="prompt", help="dotted path of the caption in an annotation"
-    )
+    add("--caption-field", default="prompt", help="dotted path of the caption in an annotation")
     add_writer_args(parser, prefix="journeydb")
     add_image_args(parser, shorter_side=512)
     args = parser.parse_args(argv)

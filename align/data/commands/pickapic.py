@@ -153,17 +153,12 @@ def main(argv: list[str]) -> int:
     parser = command_parser(
         "pickapic", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--src", nargs="+", required=True, help="parquet files or folders of them")
-    parser.add_argument("--drop-ties", action="store_true", help="skip rows with label_0 == 0.5")
-    parser.add_argument(
-        "--drop-unlabeled", action="store_true", help="skip rows whose has_label is false"
-    )
-    parser.add_argument(
-        "--images-dir", help="folder of <uid>.jpg|.png|.webp for the _no_images variant"
-    )
-    parser.add_argument(
-        "--batch-rows", type=int, default=32, help="rows per parquet read (memory bound)"
-    )
+    add = parser.add_argument
+    add("--src", nargs="+", required=True, help="parquet files or folders of them")
+    add("--drop-ties", action="store_true", help="skip rows with label_0 == 0.5")
+    add("--drop-unlabeled", action="store_true", help="skip rows whose has_label is false")
+    add("--images-dir", help="folder of <uid>.jpg|.png|.webp for the _no_images variant")
+    add("--batch-rows", type=int, default=32, help="rows per parquet read (memory bound)")
     add_writer_args(parser, prefix="pickapic", shard_size=1000)
     add_image_args(parser, max_side=512)
     args = parser.parse_args(argv)

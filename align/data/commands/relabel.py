@@ -130,22 +130,17 @@ def relabel_shard(
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("relabel", __doc__)
-    p.add_argument(
+    add = p.add_argument
+    add(
         "--reward", required=True, help="reward name (pickscore, hps, clip, aesthetic, imagereward)"
     )
-    p.add_argument(
-        "--reward-source", default=None, help="local path or hub id of the reward's weights"
-    )
-    p.add_argument(
-        "--src", required=True, help="pair shards: directory, .tar, glob or brace pattern"
-    )
-    p.add_argument("--out", required=True, help="output directory (same shard names)")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs scored per batch")
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace output shards that already exist"
-    )
-    p.add_argument("--no-progress", action="store_true")
+    add("--reward-source", default=None, help="local path or hub id of the reward's weights")
+    add("--src", required=True, help="pair shards: directory, .tar, glob or brace pattern")
+    add("--out", required=True, help="output directory (same shard names)")
+    add("--batch-size", type=int, default=16, help="pairs scored per batch")
+    add("--device", default="auto")
+    add("--overwrite", action="store_true", help="replace output shards that already exist")
+    add("--no-progress", action="store_true")
     return p
 
 

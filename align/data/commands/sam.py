@@ -59,10 +59,9 @@ def convert_tar(payload: tuple, need):
 
 def main(argv: list[str]) -> int:
     parser = command_parser("sam", __doc__)
-    parser.add_argument(
-        "--src", nargs="+", required=True, help="SA-1B tars: paths, globs, braces or folders"
-    )
-    parser.add_argument("--captions", required=True, help="folder of sa_N.txt captions")
+    add = parser.add_argument
+    add("--src", nargs="+", required=True, help="SA-1B tars: paths, globs, braces or folders")
+    add("--captions", required=True, help="folder of sa_N.txt captions")
     add_writer_args(parser, prefix="sam")
     add_image_args(parser, shorter_side=512)
     args = parser.parse_args(argv)

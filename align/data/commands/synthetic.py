@@ -19,15 +19,14 @@ WRITERS = {
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="align data synthetic", description=__doc__)
-    parser.add_argument("kind", choices=sorted(WRITERS), help="which schema to write")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--samples", type=int, default=256, help="number of samples (pairs for pickapic)"
-    )
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rewrite even if the shards exist")
+    add = parser.add_argument
+    add("kind", choices=sorted(WRITERS), help="which schema to write")
+    add("--out", required=True, type=Path, help="output folder")
+    add("--samples", type=int, default=256, help="number of samples (pairs for pickapic)")
+    add("--shards", type=int, default=4)
+    add("--resolution", type=int, default=64, help="image side in pixels")
+    add("--seed", type=int, default=0)
+    add("--force", action="store_true", help="rewrite even if the shards exist")
     args = parser.parse_args(argv)
     if not args.force and args.out.is_dir() and len(list(args.out.glob("*.tar"))) >= args.shards:
         print(f"synthetic {args.kind} shards already in {args.out} (use --force to rewrite)")

@@ -152,9 +152,7 @@ class RewardModel(nn.Module):
     def freeze(self) -> "RewardModel":
         """Eval mode, no parameter requires grad (gradients still flow to the *input* with
         ``grad=True``)."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
+        return self.eval().requires_grad_(False)
 
     def pixel_values(self, images) -> torch.Tensor:
         """Model-ready pixels: the original PIL preprocessing for PIL images,

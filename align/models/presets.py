@@ -108,11 +108,9 @@ _UNET_SD15 = dict(
     attention_head_dim=8,
 )
 _UNET_SDXL = dict(
+    _UNET_SD15,
     block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
     sample_size=128,
-    in_channels=4,
-    out_channels=4,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     cross_attention_dim=2048,

@@ -39,13 +39,6 @@ _PIPELINES = {
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
-# model_index.json's _class_name prefix -> family (the longest prefix first)
-_PIPELINE_PREFIXES = (
-    ("StableDiffusionXL", "sdxl"),
-    ("StableDiffusion3", "sd3"),
-    ("StableDiffusion", "sd15"),
-    ("Flux", "flux"),
-)
 _FAMILY_NAMES = "SD1.5, SDXL, SD3/SD3.5, FLUX.1"
 
 
@@ -229,10 +222,11 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
 
 
 def model_family(index: dict, source: str) -> str:
-    """The family of a pipeline from its ``model_index.json`` (its ``_class_name``)."""
+    """The family of a pipeline from its ``model_index.json``: its ``_class_name`` starts as the
+    family's pipeline class does (the longest first: StableDiffusionXL before StableDiffusion)."""
     name = str(index.get("_class_name", ""))
-    for prefix, family in _PIPELINE_PREFIXES:
-        if name.startswith(prefix):
+    for family, pipeline in sorted(_PIPELINES.items(), key=lambda item: -len(item[1])):
+        if name.startswith(pipeline.removesuffix("Pipeline")):
             return family
     raise ModelSourceError(
         f"model {source!r} is a {name or 'pipeline of unknown class'}; align trains the "

@@ -85,16 +85,11 @@ _UNET_TINY = dict(
     norm_num_groups=8,
 )
 _UNET_TINY_XL = dict(
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
+    _UNET_TINY,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
     cross_attention_dim=64,
     attention_head_dim=[2, 4],
-    norm_num_groups=8,
     transformer_layers_per_block=[1, 2],
     use_linear_projection=True,
     addition_embed_type="text_time",
@@ -113,11 +108,9 @@ _UNET_SD15 = dict(
     attention_head_dim=8,
 )
 _UNET_SDXL = dict(
+    _UNET_SD15,
     block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
     sample_size=128,
-    in_channels=4,
-    out_channels=4,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     cross_attention_dim=2048,
@@ -176,10 +169,8 @@ _SD35_MEDIUM = dict(
     qk_norm="rms_norm",
 )
 _SD3_TINY = dict(
+    _SD35_MEDIUM,
     sample_size=16,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
     num_layers=2,
     attention_head_dim=8,
     num_attention_heads=4,
@@ -188,11 +179,10 @@ _SD3_TINY = dict(
     pooled_projection_dim=64,  # both CLIPs' projections, concatenated
     pos_embed_max_size=16,
     dual_attention_layers=(0,),
-    qk_norm="rms_norm",
 )
 _FLUX_DEV = dict(
     patch_size=1,
-    in_channels=64,
+    in_channels=64,  # 16 latent channels packed 2 x 2
     num_layers=19,
     num_single_layers=38,
     attention_head_dim=128,
@@ -203,15 +193,13 @@ _FLUX_DEV = dict(
     axes_dims_rope=(16, 56, 56),
 )
 _FLUX_TINY = dict(
-    patch_size=1,
-    in_channels=64,  # 16 latent channels packed 2 x 2
+    _FLUX_DEV,
     num_layers=1,
     num_single_layers=1,
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=64,
     pooled_projection_dim=32,
-    guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
 )
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
@@ -247,7 +235,7 @@ PRESETS: dict[str, Preset] = {
         "sdxl",
         _UNET_SDXL,
         vae={**_VAE_SD, "sample_size": 1024, "scaling_factor": 0.13025},
-        text_encoders=[{**_CLIP_L, "hidden_act": "quick_gelu"}, _CLIP_BIGG],
+        text_encoders=[_CLIP_L, _CLIP_BIGG],
         resolution=1024,
     ),
     "sd35-arch": Preset(

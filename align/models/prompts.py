@@ -21,21 +21,11 @@ from torch import nn
 
 from align.models.embeds import PromptEmbeds
 from align.models.segment import SegmentTextEncoder
+from align.models.tokenizer import tokenize
 
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
-    """Token ids (B, max_length), padded and truncated as SD's pipelines do."""
-    return tokenizer(
-        list(captions),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length or tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
 
 
 def penultimate_states(tokenizers, encoders, captions: list[str]):

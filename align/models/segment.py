@@ -36,6 +36,7 @@ from torch import nn
 from align.models.embeds import PromptEmbeds
 from align.models.splitters import Splitter, resolve_splitter
 from align.models.t5_adapter import T5Branch, build_t5_branch
+from align.models.tokenizer import tokenize
 
 # <pad*> = mean of the empty prompt's rows 17..76 (the official ``pad_embed[0, -60:]``)
 PAD_START = 17
@@ -111,13 +112,7 @@ class SegmentTextEncoder(nn.Module):
         stale = cached is None or cached.device != device
         stale = stale or (like is not None and cached.dtype != like.dtype)
         if stale or (cached.is_inference() and not torch.is_inference_mode_enabled()):
-            ids = self.tokenizer(
-                [""],
-                padding="max_length",
-                max_length=self.segment_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = tokenize(self.tokenizer, [""], self.segment_length)
             with torch.no_grad():
                 hidden = self.text_encoder(ids.to(device))[0]
             dtype = like.dtype if like is not None else hidden.dtype

@@ -80,10 +80,9 @@ def split_sentences(text: str) -> list[str]:
         sentences.append(text[start : match.start(1)])
         start = match.end(1)
     sentences.append(text[start:])
-    out = []
-    for sentence in sentences:  # line breaks without punctuation are boundaries too
-        out.extend(line.strip() for line in sentence.splitlines())
-    return [s for s in out if s]
+    # line breaks without punctuation are boundaries too
+    lines = (line.strip() for sentence in sentences for line in sentence.splitlines())
+    return [line for line in lines if line]
 
 
 class PackedSplitter:

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 SOT_ID, EOT_ID = 49406, 49407
 MAX_LENGTH = 77
@@ -57,6 +59,17 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, pad_token: str = EOT_
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return out
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids (B, max_length), padded and truncated as SD's pipelines do."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length or tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
 
 
 def _cache_root() -> Path:

@@ -201,6 +201,7 @@ class DiffusionModule(TrainableModule):
 
     needs_reference = True
     prog_bar_metrics = ("loss", "implicit_acc")
+    frozen_parts = ("vae", "prompt_encoder", "ref_unet")  # subclasses add their frozen scorers
 
     def __init__(
         self,
@@ -271,11 +272,11 @@ class DiffusionModule(TrainableModule):
             add_lora(self.unet, lora_rank, lora_alpha, lora_targets or default, lora_dropout)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        denoisers = [unet for unet in (self.unet, self.ref_unet) if unet is not None]
         # the reference too: cuDNN would otherwise convert its every conv input to NHWC
         if channels_last:
-            for unet in (self.unet, self.ref_unet):
-                if unet is not None:
-                    unet.to(memory_format=torch.channels_last)
+            for unet in denoisers:
+                unet.to(memory_format=torch.channels_last)
         if frozen_dtype is not None:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if frozen_dtype not in dtypes:
@@ -306,9 +307,8 @@ class DiffusionModule(TrainableModule):
         self._generator: torch.Generator | None = None
         self.host_rng = random.Random(self.stream_seed)
         if fp32_output:
-            for unet in (self.unet, self.ref_unet):
-                if unet is not None:
-                    float32_output(unet)
+            for unet in denoisers:
+                float32_output(unet)
 
     def prepare_unet(self, unet: torch.nn.Module) -> None:
         """A subclass's change to the base UNet before the reference copy and the adapter (RFT: fuse
@@ -316,7 +316,8 @@ class DiffusionModule(TrainableModule):
 
     # ---- frozen parts stay frozen ----------------------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.prompt_encoder, self.ref_unet) if m is not None]
+        parts = (getattr(self, name, None) for name in self.frozen_parts)
+        return [m for m in parts if m is not None]
 
     def train(self, mode: bool = True):
         super().train(mode)

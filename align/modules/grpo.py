@@ -23,6 +23,7 @@ Lightning's ``gradient_clip_val`` does not apply (manual optimisation): use ``ma
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
@@ -32,6 +33,13 @@ from align.modules.sampling import PolicySampling
 from align.objectives.distributed import any_rank
 from align.objectives.grpo import group_advantages, grpo_loss
 from align.rewards.weighted import WeightedReward
+
+
+def reward_metrics(rewards: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict:
+    """Mean reward and mean of each part over the finite rewards (0 when none is)."""
+    finite = torch.isfinite(rewards)
+    metrics = {"reward": rewards[finite].mean() if finite.any() else rewards.new_zeros(())}
+    return metrics | {f"reward/{k}": v[finite.to(v.device)].mean() for k, v in parts.items()}
 
 
 class GRPOModule(PolicySampling, DiffusionModule):
@@ -55,6 +63,8 @@ class GRPOModule(PolicySampling, DiffusionModule):
         resolution: image side in pixels (None: the model's native resolution).
         Everything else: see ``DiffusionModule``.
     """
+
+    frozen_parts = DiffusionModule.frozen_parts + ("reward",)
 
     def __init__(
         self,
@@ -108,11 +118,7 @@ class GRPOModule(PolicySampling, DiffusionModule):
         self.clip_range, self.adv_clip, self.kl_beta = clip_range, adv_clip, kl_beta
         self.max_grad_norm = max_grad_norm
         self.vae_checkpointing = vae_checkpointing
-        self._counts: dict[str, int] = {}
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        reward = getattr(self, "reward", None)
-        return super().frozen_modules() + ([reward] if reward is not None else [])
+        self._counts: Counter[str] = Counter()
 
     # ---- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,7 +175,7 @@ class GRPOModule(PolicySampling, DiffusionModule):
         return adv, valid
 
     def count(self, name: str, n: int) -> None:
-        self._counts[name] = self._counts.get(name, 0) + n
+        self._counts[name] += n
         self.log(f"train/{name}", float(self._counts[name]), reduce_fx="max")
 
     # ---- steps -----------------------------------------------------------------------------------
@@ -186,10 +192,7 @@ class GRPOModule(PolicySampling, DiffusionModule):
         sampled = self.clock()
         adv, valid = self.advantages(rewards)
         n = len(prompts)
-        finite = torch.isfinite(rewards)
-        metrics = {"reward": rewards[finite].mean() if finite.any() else rewards.new_zeros(())}
-        metrics.update({f"reward/{k}": v[finite.to(v.device)].mean() for k, v in parts.items()})
-        metrics["valid_fraction"] = valid.float().mean()
+        metrics = {**reward_metrics(rewards, parts), "valid_fraction": valid.float().mean()}
         self.log_metrics("train", metrics, n)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         if not any_rank(bool(valid.any()), self.device):
@@ -241,11 +244,8 @@ class GRPOModule(PolicySampling, DiffusionModule):
         rollout = self.sample(prompts)
         rewards, parts = self.reward(rollout["images"], prompts)
         finite = torch.isfinite(rewards)
-        if not finite.any():
-            return None
-        metrics = {"reward": rewards[finite].mean()}
-        metrics.update({f"reward/{k}": v[finite.to(v.device)].mean() for k, v in parts.items()})
-        self.log_metrics("val", metrics, int(finite.sum()))
+        if finite.any():
+            self.log_metrics("val", reward_metrics(rewards, parts), int(finite.sum()))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(trainable_parameters(self))

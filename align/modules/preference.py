@@ -29,7 +29,7 @@ from align.modules.trainable import TrainableModule
 from align.objectives.preference import preference_loss
 from align.objectives.reward import DegenerateDirection, segment_cosines, segment_score
 from align.rewards.denscore import Denscore, write_denscore_export
-from align.rewards.hf_clip import HFClip
+from align.rewards.hf_clip import HFClip, crop_size
 from align.rewards.segments import embed_prompt_segments, estimate_direction
 from align.rewards.tiny import write_tiny_hf_clip
 
@@ -189,13 +189,11 @@ class PreferenceModelModule(TrainableModule):
         """A Denscore directory (``align.rewards.denscore`` layout) that
         ``build_reward('denscore', out_dir)`` loads."""
         proc = self.scorer.clip.processor
-        crop = proc.crop_size
-        size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
         return write_denscore_export(
             self.clip,
             self.scorer.clip.tokenizer,
             out_dir,
-            image_size=size,
+            image_size=crop_size(proc),
             image_mean=proc.image_mean,
             image_std=proc.image_std,
             direction=self.export_direction(),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def grad_step_indices(num_steps: int, grad_steps: int, offset: int) -> list[int]
 
 
 def read_encoder_spec(export_dir: str | Path | None) -> tuple[str, dict] | None:
-    """(kind, args) of ``<export>/prompt_encoder.json`` (``~`` expanded), or None."""
+    """(kind, args) of ``<export>/prompt_encoder.json`` (``~`` expanded), or None (also for a
+    ``model`` that is a preset name or a hub id)."""
     return None if export_dir is None else read_prompt_encoder_spec(Path(export_dir).expanduser())
 
 
@@ -103,6 +105,7 @@ class RFTModule(PolicySampling, DiffusionModule):
     """
 
     needs_reference = False
+    frozen_parts = DiffusionModule.frozen_parts + ("objective",)
 
     def __init__(
         self,
@@ -121,9 +124,7 @@ class RFTModule(PolicySampling, DiffusionModule):
         if init_lora is not None and not Path(init_lora).expanduser().exists():
             raise FileNotFoundError(f"init_lora {init_lora} does not exist")
         if kwargs.get("prompt_encoder_args") is None:
-            spec = read_encoder_spec(init_lora) or read_encoder_spec(
-                _local_dir(kwargs.get("model"))
-            )
+            spec = read_encoder_spec(init_lora) or read_encoder_spec(kwargs.get("model"))
             if spec is not None:
                 kwargs["prompt_encoder"], kwargs["prompt_encoder_args"] = spec
                 log.info("RFT prompt encoder from the SFT export: %s %s", *spec)
@@ -143,7 +144,7 @@ class RFTModule(PolicySampling, DiffusionModule):
         self.vae_checkpointing = vae_checkpointing
         self.setup_sampler(num_steps, eta=0.0)  # DDIM's trailing timesteps and alphas
         self.init_lora = init_lora
-        self._counts: dict[str, int] = {}
+        self._counts: Counter[str] = Counter()
 
     def prepare_unet(self, unet: torch.nn.Module) -> None:
         if self._sft_lora is not None:
@@ -153,10 +154,6 @@ class RFTModule(PolicySampling, DiffusionModule):
     # ---- frozen parts ----------------------------------------------------------------------------
     def trainable_prompt_parts(self) -> list[torch.nn.Module]:
         return []  # RFT trains the new LoRA only; an SFT T5 adapter stays frozen
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        objective = getattr(self, "objective", None)
-        return super().frozen_modules() + ([objective] if objective is not None else [])
 
     # ---- sampling --------------------------------------------------------------------------------
     def grad_indices(self, step: int | None = None) -> list[int]:
@@ -196,23 +193,19 @@ class RFTModule(PolicySampling, DiffusionModule):
         return x0
 
     # ---- steps -----------------------------------------------------------------------------------
-    def count(self, name: str, n: int = 1) -> None:
-        self._counts[name] = self._counts.get(name, 0) + n
-
     def skip(self, name: str) -> None:
         """Count a skipped step under ``train/<name>`` (every rank skips together)."""
-        self.count(name)
+        self._counts[name] += 1
         self.log_counts()
 
-    def log_counts(self, prefix: str = "train") -> None:
+    def log_counts(self) -> None:
         for name, total in self._counts.items():
-            self.log(f"{prefix}/{name}", float(total), reduce_fx="max")
+            self.log(f"train/{name}", float(total), reduce_fx="max")
 
     def training_step(self, batch: dict, batch_idx: int):
         self.log_skipped(batch)
         prepared = self.objective.prepare(list(batch["caption"]))
-        for name, n in prepared.counts.items():
-            self.count(name, n)
+        self._counts.update(prepared.counts)
         if any_rank(prepared.skip is not None, self.device):
             return self.skip(prepared.skip or "skipped_other_rank")
         images = self.decode(self.rollout(prepared.prompts, self.grad_indices()))
@@ -236,7 +229,7 @@ class RFTModule(PolicySampling, DiffusionModule):
             images = self.decode(self.rollout(prepared.prompts, []))
             loss, metrics = self.objective(images, prepared, grad=False)
         if not bool(torch.isfinite(loss)):
-            self.count("val_nonfinite")
+            self._counts["val_nonfinite"] += 1
             return None
         self.log_metrics("val", {"loss": loss, **metrics}, len(prepared.prompts))
 
@@ -256,7 +249,3 @@ class RFTModule(PolicySampling, DiffusionModule):
         }
         (Path(out) / "rft.json").write_text(json.dumps(info, indent=2) + "\n")
         return out
-
-
-def _local_dir(model: str | None) -> str | None:
-    return model if model and Path(model).expanduser().is_dir() else None

@@ -56,11 +56,8 @@ class SFTModule(DiffusionModule):
         return denoise_loss(pred, target, weights)
 
     def export(self, out_dir: str | Path) -> Path:
-        out = super().export(out_dir)
+        out, hp = super().export(out_dir), self.hparams
         save_prompt_encoder(
-            self.prompt_encoder,
-            out,
-            self.hparams.prompt_encoder,
-            self.hparams.get("prompt_encoder_args"),
+            self.prompt_encoder, out, hp.prompt_encoder, hp.get("prompt_encoder_args")
         )
         return out

@@ -5,6 +5,8 @@ counts in the logs.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import lightning as L
 import torch
 
@@ -18,7 +20,7 @@ class TrainableModule(L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self._skipped: dict[str, int] = {}
+        self._skipped: Counter[str] = Counter()
 
     def log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """``<prefix>/<name>`` for each metric; outside training reduced over ranks."""
@@ -30,8 +32,7 @@ class TrainableModule(L.LightningModule):
     def log_skipped(self, batch: dict) -> None:
         """Running totals of samples skipped by the data pipeline, by reason
         (``train/skipped/<reason>``)."""
-        for reason, count in batch.get("skipped", {}).items():
-            self._skipped[reason] = self._skipped.get(reason, 0) + count
+        self._skipped.update(batch.get("skipped", {}))
         for reason, total in self._skipped.items():
             self.log(f"train/skipped/{reason}", float(total), reduce_fx="max")
 

@@ -48,15 +48,6 @@ class NonFiniteReward(ValueError):
     garbage."""
 
 
-def _check_mask(mask: torch.Tensor | None, shape: tuple[int, int], name: str = "mask") -> None:
-    if mask is None:
-        return
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = real segment), got {mask.dtype}")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
-
-
 def segment_text_embedding(
     segment_emb: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -70,9 +61,14 @@ def segment_text_embedding(
     """
     if segment_emb.ndim != 3:
         raise ValueError(f"segment_emb must have shape (B, S, D), got {tuple(segment_emb.shape)}")
-    _check_mask(mask, tuple(segment_emb.shape[:2]))
     if mask is None:
         return F.normalize(segment_emb, dim=-1).mean(dim=1)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real segment), got {mask.dtype}")
+    if mask.shape != segment_emb.shape[:2]:
+        raise ValueError(
+            f"mask must have shape {tuple(segment_emb.shape[:2])}, got {tuple(mask.shape)}"
+        )
     mask = mask.to(segment_emb.device)
     # zero padded rows *before* normalising: a NaN there would otherwise come back as a NaN gradient
     real = torch.where(mask.unsqueeze(-1), segment_emb, torch.zeros_like(segment_emb))

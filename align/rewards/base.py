@@ -138,23 +138,16 @@ class RewardModel(nn.Module):
     # -- shared ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        return torch.device("cpu")
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     def freeze(self) -> "RewardModel":
         """Eval mode, no parameter requires grad (gradients still flow to the *input* with
         ``grad=True``)."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
+        return self.eval().requires_grad_(False)
 
     def pixel_values(self, images) -> torch.Tensor:
         """Model-ready pixels: the original PIL preprocessing for PIL images,

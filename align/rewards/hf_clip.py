@@ -22,7 +22,7 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _crop_size(processor) -> int:
+def crop_size(processor) -> int:
     crop = processor.crop_size
     return int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
 
@@ -80,7 +80,7 @@ class HFClip(nn.Module):
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         p = self.processor
         resize = _shortest_edge(p) if p.do_resize else None
-        crop = _crop_size(p) if p.do_center_crop else None
+        crop = crop_size(p) if p.do_center_crop else None
         return clip_preprocess_tensor(images, resize, crop, p.image_mean, p.image_std)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -225,11 +225,5 @@ def build_image_reward(
     _load_strict("text encoder", text, parts["text"], ignore=("position_ids",))
     head = AestheticMLP(int(parts["mlp"]["layers.0.weight"].shape[1]))
     _load_strict("mlp", head, parts["mlp"])
-    image_size = visual.patch_embed.img_size[0]
-    return ImageReward(
-        visual,
-        text,
-        head,
-        load_blip_tokenizer(tokenizer or DEFAULT_TOKENIZER),
-        image_size=image_size,
-    )
+    tokenizer = load_blip_tokenizer(tokenizer or DEFAULT_TOKENIZER)
+    return ImageReward(visual, text, head, tokenizer, image_size=visual.patch_embed.img_size[0])

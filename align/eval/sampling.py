@@ -153,15 +153,6 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _versions() -> dict:
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def scheduler_name(config: SampleConfig, components) -> str:
     """The sampler: the configured one, else the family's default; flow models sample only with
     the flow sampler (the others integrate a DDPM schedule)."""
@@ -265,7 +256,10 @@ def sample_images(
         "seeds": seeds_all,
         "num_prompts": len(prompts),
         "prompt_source": prompt_source,
-        "versions": _versions(),
+        "versions": {
+            **{m.__name__: m.__version__ for m in (torch, diffusers, transformers)},
+            "python": platform.python_version(),
+        },
     }
     write_prompts_file(out, prompts)
     (out / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -100,7 +100,6 @@ class SampleConfig:
     # clip | segment | an export dir with prompt_encoder.json; None: auto (see below)
     encoder: str | None = None
     base: str | None = None  # the base model of a LoRA-only export (default: its align_export.json)
-    extra: dict = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 from unittest import mock
 
@@ -253,11 +253,7 @@ def memory_record(cfg: StepConfig) -> dict:
     return {
         **new_record(cfg, "memory"),
         "estimate": True,
-        "trainable_params": static.trainable_params,
-        "policy_unet_params": static.policy_unet_params,
-        "reference_unet_params": static.reference_unet_params,
-        "frozen_encoder_params": static.frozen_encoder_params,
-        "text_encoder_params": static.text_encoder_params,
+        **{key: n for key, n in asdict(static).items() if key.endswith("_params")},
         "weights_gib": static.weights / gib,
         "gradients_gib": static.gradients / gib,
         "optimizer_state_gib": static.optimizer_state / gib,

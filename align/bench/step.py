@@ -19,6 +19,11 @@ from align.extras import require
 OBJECTIVES = {"dpo": "align.modules.dpo.DPOModule", "kto": "align.modules.kto.KTOModule"}
 OPTIMIZERS = ("adamw", "adamw-fused", "adafactor", "adamw8bit")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # bench name -> Lightning precision
+# StepConfig's fields that are the module's arguments of the same name
+MODULE_SWITCHES = tuple(
+    "lora_rank gradient_checkpointing channels_last compile_unet compile_reference compile_mode"
+    " reference_inference_mode frozen_dtype fp32_output".split()
+)
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,7 @@ class StepConfig:
     """What one benchmarked step is: objective, model, batch and every performance switch.
 
     ``batch`` counts pairs for DPO (the denoiser, a UNet or a flow transformer, sees 2 x batch
-    images) and images for KTO.
-    ``resolution`` is in pixels; None means the preset's native size.
+    images) and images for KTO. ``resolution`` is in pixels; None means the preset's native size.
     """
 
     objective: str = "dpo"
@@ -154,29 +158,18 @@ def build_module(cfg: StepConfig, device: torch.device | str = "cpu", meta: bool
     module_path, _, name = OBJECTIVES[cfg.objective].rpartition(".")
     cls = getattr(importlib.import_module(module_path), name)  # imported outside the device context
     with MetaDevice() if meta else target, quiet_diffusers():
-        module = cls(
-            model=cfg.preset,
-            lora_rank=cfg.lora_rank,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            channels_last=cfg.channels_last,
-            compile_unet=cfg.compile_unet,
-            compile_reference=cfg.compile_reference,
-            compile_mode=cfg.compile_mode,
-            reference_inference_mode=cfg.reference_inference_mode,
-            frozen_dtype=cfg.frozen_dtype,
-            fp32_output=cfg.fp32_output,
-            optimizer=optimizer_factory(cfg.optimizer, cfg.lr),
-            seed=cfg.seed,
-        )
+        switches = {key: getattr(cfg, key) for key in MODULE_SWITCHES}
+        optimizer = optimizer_factory(cfg.optimizer, cfg.lr)
+        module = cls(model=cfg.preset, **switches, optimizer=optimizer, seed=cfg.seed)
     return module.to(target).train()
 
 
 def embedding_shapes(module) -> tuple[tuple[int, ...], int | None]:
     """The (length, width) of the prompt embeddings the module's own prompt encoder hands the
     denoiser, and the pooled vector's width (None without one): what a latent cache stores
-    (SD1.5 77 x 768; SDXL 77 x 2048 + 1280; SD3 77 + 256 T5 tokens x 4096 + 2048; FLUX.1 512 x
-    4096 + 768). Read from one empty caption through the encoder (nothing is computed on the meta
-    device)."""
+    (SD1.5 77 x 768; SDXL 77 x 2048 + 1280; SD3 77 + 256 T5 tokens x 4096 + 2048; FLUX.1
+    512 x 4096 + 768). Read from one empty caption through the encoder (nothing is computed on the
+    meta device)."""
     with torch.no_grad():
         out = module.encode_prompts([""])
     return tuple(out.embeds.shape[1:]), None if out.pooled is None else int(out.pooled.shape[-1])

@@ -2,13 +2,13 @@
 
 Each module here (and each module of ``align.data.commands`` for ``align data <name>``) is one
 command: it exposes ``main(argv: list[str]) -> int | None`` and its docstring's first line is its
-help. Discovery is by module name (``kto-labels`` -> ``kto_labels``; a trailing underscore
-avoids a Python keyword: ``import`` -> ``import_``),
-so adding a command never edits a shared file.
+help. Discovery is by module name (``kto-labels`` -> ``kto_labels``; a trailing underscore avoids a
+Python keyword: ``import`` -> ``import_``), so adding a command never edits a shared file.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
 import sys
@@ -38,6 +38,19 @@ def doc_details(doc: str | None) -> str:
     ``epilog`` for ``RawDescriptionHelpFormatter``)."""
     rest = (doc or "").strip("\n").split("\n\n", 1)[1:]
     return "\n".join(["", *rest[0].splitlines()]) if rest else ""
+
+
+def tool_parser(prog: str, doc: str | None, details: bool = False) -> argparse.ArgumentParser:
+    """A command's parser, described by its docstring's first paragraph; ``details``: the rest of
+    the docstring below the options, line breaks kept."""
+    if not details:
+        return argparse.ArgumentParser(prog=prog, description=doc_summary(doc))
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc_summary(doc),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc_details(doc),
+    )
 
 
 def options_of(config_class, args) -> dict:

@@ -20,35 +20,25 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from align.commands import doc_details, doc_summary
+from align.commands import tool_parser
 from align.eval.retrieval import load_retrieval_set, retrieval, to_markdown
 from align.objectives.reward import DegenerateDirection, load_direction
 from align.rewards import build_reward
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="align eval retrieval",
-        description=doc_summary(__doc__),
-        epilog=doc_details(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore"
-    )
-    p.add_argument("--reward-source", help="the reward's local directory or hub id")
-    p.add_argument("--data", required=True, nargs="+", help="long-caption or pair shards")
-    p.add_argument(
-        "--limit", type=int, default=1000, help="use the first N usable samples (0: all)"
-    )
-    p.add_argument(
-        "--max-sentences", type=int, default=0, help="R@1 curve up to this many sentences (0: all)"
-    )
-    p.add_argument("--direction", help="a saved common direction (default: estimated over the set)")
-    p.add_argument("--splitter", default="official")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="directory for retrieval.json and retrieval.md")
+    p = tool_parser("align eval retrieval", __doc__, details=True)
+    add = p.add_argument
+    add("--reward", required=True, help="a CLIP-based reward: clip, pickscore, hps, denscore")
+    add("--reward-source", help="the reward's local directory or hub id")
+    add("--data", required=True, nargs="+", help="long-caption or pair shards")
+    add("--limit", type=int, default=1000, help="use the first N usable samples (0: all)")
+    add("--max-sentences", type=int, default=0, help="R@1 curve up to this many sentences (0: all)")
+    add("--direction", help="a saved common direction (default: estimated over the set)")
+    add("--splitter", default="official")
+    add("--batch-size", type=int, default=32)
+    add("--device", default="auto")
+    add("--out", help="directory for retrieval.json and retrieval.md")
     return p
 
 

@@ -19,7 +19,7 @@ import itertools
 import os
 import sys
 
-from align.commands import doc_details, doc_summary, options_of
+from align.commands import tool_parser, options_of
 from align.extras import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,12 +30,7 @@ def parser() -> argparse.ArgumentParser:
     from align.bench.step import OBJECTIVES, OPTIMIZERS, PRECISIONS
     from align.models.presets import PRESETS
 
-    p = argparse.ArgumentParser(
-        prog="align bench",
-        description=doc_summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=doc_details(__doc__),
-    )
+    p = tool_parser("align bench", __doc__, details=True)
     add = p.add_argument
     add("--objective", nargs="+", default=["dpo"], choices=sorted(OBJECTIVES))
     add("--preset", nargs="+", default=["tiny"], choices=sorted(PRESETS))

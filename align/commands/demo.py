@@ -26,59 +26,60 @@ import argparse
 import os
 import sys
 
-from align.commands import doc_summary
+from align.commands import tool_parser
 from align.demo.report import PLOTS
 from align.demo.run import FLOW_METHODS, METHODS
 from align.extras import require
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align demo", description=doc_summary(__doc__))
-    p.add_argument("--quick", action="store_true", help="fewer captions and steps (CI scale)")
-    p.add_argument(
+    p = tool_parser("align demo", __doc__)
+    add = p.add_argument
+    add("--quick", action="store_true", help="fewer captions and steps (CI scale)")
+    add(
         "--family",
         choices=("sd15", "sd3"),
         default="sd15",
         help="the base: a UNet (sd15, default) or a flow-matching transformer (sd3)",
     )
-    p.add_argument("--out", default="reports", help="report directory (default: reports)")
-    p.add_argument(
+    add("--out", default="reports", help="report directory (default: reports)")
+    add(
         "--base-only",
         action="store_true",
         help="train (or reuse) the base under <artifacts>/base and stop",
     )
-    p.add_argument(
+    add(
         "--artifacts",
         help="base model, shards and runs, cached (default: artifacts/shapes[-sd3]; "
         "--quick: artifacts/shapes[-sd3]-quick)",
     )
-    p.add_argument("--seeds", type=int, help="training seeds per method (default: 3; --quick: 1)")
-    p.add_argument(
+    add("--seeds", type=int, help="training seeds per method (default: 3; --quick: 1)")
+    add(
         "--threads",
         type=int,
         help="torch threads of the driver: base training, sampling (default: all cores)",
     )
-    p.add_argument(
+    add(
         "--workers",
         type=int,
         help="processes running training runs side by side, one thread each (default: 2)",
     )
-    p.add_argument(
+    add(
         "--methods",
         help=f"comma-separated subset of {','.join(METHODS)} (default: all but the label-free "
         "controls dpo-shuffled and kto-shuffled and the online methods; sd3: "
         f"{','.join(FLOW_METHODS)}, the label-free controls opt-in)",
     )
-    p.add_argument("--lr", type=float, help="the learning rate of DPO and KTO")
-    p.add_argument("--beta", type=float, help="beta of DPO and KTO")
-    p.add_argument("--steps", type=int, help="the training steps of every method")
-    p.add_argument("--batch-size", type=int, help="the batch size of every method")
-    p.add_argument(
+    add("--lr", type=float, help="the learning rate of DPO and KTO")
+    add("--beta", type=float, help="beta of DPO and KTO")
+    add("--steps", type=int, help="the training steps of every method")
+    add("--batch-size", type=int, help="the batch size of every method")
+    add(
         "--eval-every",
         type=int,
         help="judge every method every N steps (default 0: at the end only)",
     )
-    p.add_argument(
+    add(
         "--eval-set",
         choices=("test", "validation"),
         default="test",

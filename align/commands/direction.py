@@ -11,11 +11,10 @@ their own.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from align.commands import doc_summary
+from align.commands import tool_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,23 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     from align.objectives.reward import DegenerateDirection, save_direction
     from align.rewards.segments import estimate_direction
 
-    p = argparse.ArgumentParser(prog="align direction", description=doc_summary(__doc__))
-    p.add_argument(
+    p = tool_parser("align direction", __doc__)
+
+    add = p.add_argument
+    add(
         "--reward",
         required=True,
         help="reward name (a CLIP-based one: clip, pickscore, hps, denscore)",
     )
-    p.add_argument("--source", help="the reward's local directory or hub id")
-    p.add_argument(
-        "--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards"
-    )
-    p.add_argument(
-        "--out", required=True, type=Path, help="where to write the direction (.safetensors)"
-    )
-    p.add_argument("--splitter", default="official")
-    p.add_argument("--limit", type=int, help="use at most this many prompts")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    add("--source", help="the reward's local directory or hub id")
+    add("--prompts", required=True, nargs="+", help="txt / jsonl files or long-caption shards")
+    add("--out", required=True, type=Path, help="where to write the direction (.safetensors)")
+    add("--splitter", default="official")
+    add("--limit", type=int, help="use at most this many prompts")
+    add("--batch-size", type=int, default=64)
+    add("--device", default="auto")
     args = p.parse_args(argv)
     try:
         prompts = read_prompt_sources(args.prompts, limit=args.limit)

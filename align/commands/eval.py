@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary, options_of
+from align.commands import tool_parser, options_of
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -26,15 +26,16 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align eval", description=doc_summary(__doc__))
-    p.add_argument("--images", required=True, help="image set to evaluate (from align sample)")
-    p.add_argument("--baseline", help="image set to compare against (same prompts and seeds)")
-    p.add_argument(
+    p = tool_parser("align eval", __doc__)
+    add = p.add_argument
+    add("--images", required=True, help="image set to evaluate (from align sample)")
+    add("--baseline", help="image set to compare against (same prompts and seeds)")
+    add(
         "--rewards",
         default="pickscore,hps,clip,aesthetic,imagereward",
         help="comma-separated reward names ('' for none)",
     )
-    p.add_argument(
+    add(
         "--reward-source",
         type=_key_value,
         action="append",
@@ -42,28 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="where a reward's weights are (local path or hub id); repeatable",
     )
-    p.add_argument("--reward-root", help="directory whose <name>/ subfolders are reward sources")
-    p.add_argument("--pairing", choices=["seed", "median"], default="seed")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (of prompts)")
-    p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--bootstrap-seed", type=int, default=0)
-    p.add_argument(
+    add("--reward-root", help="directory whose <name>/ subfolders are reward sources")
+    add("--pairing", choices=["seed", "median"], default="seed")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples (of prompts)")
+    add("--confidence", type=float, default=0.95)
+    add("--bootstrap-seed", type=int, default=0)
+    add(
         "--fid-reference",
         help="real images: a directory, .tar shards (or a directory of them) or an .npz of "
         "statistics; not --images or --baseline",
     )
-    p.add_argument(
+    add(
         "--fid-features",
         default="inception",
         help="inception[:weights.pth] or clip:<CLIP dir/hub id>",
     )
-    p.add_argument("--out", help="report directory (default: <images>/eval)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--no-plot", action="store_true", help="skip win_rates.png (it needs matplotlib)"
-    )
+    add("--out", help="report directory (default: <images>/eval)")
+    add("--batch-size", type=int, default=16)
+    add("--device", default="auto")
+    add("--no-progress", action="store_true")
+    add("--no-plot", action="store_true", help="skip win_rates.png (it needs matplotlib)")
     return p
 
 

@@ -18,21 +18,17 @@ import importlib
 import sys
 from pathlib import Path
 
-from align.commands import doc_details, doc_summary
+from align.commands import tool_parser
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="align export",
-        description=doc_summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=doc_details(__doc__),
-    )
-    p.add_argument("--checkpoint", required=True, help="a run directory or a .ckpt file of one")
-    p.add_argument("--out", required=True, help="the export folder (replaced if it exists)")
-    p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
-    p.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hub repository (org/name)")
-    p.add_argument("--private", action="store_true", help="create the Hub repository private")
+    p = tool_parser("align export", __doc__, details=True)
+    add = p.add_argument
+    add("--checkpoint", required=True, help="a run directory or a .ckpt file of one")
+    add("--out", required=True, help="the export folder (replaced if it exists)")
+    add("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    add("--push-to-hub", metavar="REPO", help="upload to this Hub repository (org/name)")
+    add("--private", action="store_true", help="create the Hub repository private")
     return p
 
 

@@ -23,7 +23,7 @@ import sys
 import warnings
 from dataclasses import replace
 
-from align.commands import doc_details, doc_summary
+from align.commands import tool_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,30 +31,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def parser() -> argparse.ArgumentParser:
     from align.bench.plan import GPUS
 
-    p = argparse.ArgumentParser(
-        prog="align plan",
-        description=doc_summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=doc_details(__doc__),
-    )
-    p.add_argument("configs", nargs="*", help="config files (as --config)")
-    p.add_argument("--config", action="append", default=[], help="config file; repeat to compose")
-    p.add_argument("--devices", type=int, help="GPUs per node (default: trainer.devices)")
-    p.add_argument("--num-nodes", type=int, help="nodes (default: trainer.num_nodes)")
-    p.add_argument("--gpu", default="h100", help=f"GPU for memory and time: {', '.join(GPUS)}")
-    p.add_argument(
-        "--num-samples", type=int, help="training samples (default: the shards' manifests)"
-    )
-    p.add_argument(
+    p = tool_parser("align plan", __doc__, details=True)
+
+    add = p.add_argument
+    add("configs", nargs="*", help="config files (as --config)")
+    add("--config", action="append", default=[], help="config file; repeat to compose")
+    add("--devices", type=int, help="GPUs per node (default: trainer.devices)")
+    add("--num-nodes", type=int, help="nodes (default: trainer.num_nodes)")
+    add("--gpu", default="h100", help=f"GPU for memory and time: {', '.join(GPUS)}")
+    add("--num-samples", type=int, help="training samples (default: the shards' manifests)")
+    add(
         "--mfu",
         type=float,
         help="model FLOP utilisation for the time estimate "
         "(default: the nearest measured one in docs/)",
     )
-    p.add_argument(
-        "--preset", help="architecture to estimate the model with (default: from the model id)"
-    )
-    p.add_argument("--no-estimate", action="store_true", help="skip the memory and time estimates")
+    add("--preset", help="architecture to estimate the model with (default: from the model id)")
+    add("--no-estimate", action="store_true", help="skip the memory and time estimates")
     return p
 
 
@@ -121,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         lrs = P.lr_points(cfg["model"]["init_args"], plan.steps)
         print("  lr          " + ", ".join(f"step {s:,}: {lr:.4g}" for s, lr in lrs))
     refusal = None if args.no_estimate else print_estimates(cfg, plan, device, args)
-    found = recipe_for(configs[0])
-    if found:
+    if found := recipe_for(configs[0]):
         key, recipe = found
         print(f"\nconfigs/{key} vs the official launcher ({recipe.source}):")
         reasons = {**COMMON_REASONS, **recipe.reasons}

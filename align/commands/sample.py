@@ -10,60 +10,58 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.commands import doc_summary, options_of
+from align.commands import tool_parser, options_of
 from align.eval.sampling import SCHEDULERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align sample", description=doc_summary(__doc__))
-    p.add_argument(
+    p = tool_parser("align sample", __doc__)
+    add = p.add_argument
+    add(
         "--checkpoint",
         required=True,
         help="diffusers export directory, hub id, or preset (tiny, ...)",
     )
-    p.add_argument(
+    add(
         "--prompts",
         "--prompt-file",
         required=True,
         help="prompt set: .txt, .jsonl, .csv/.tsv (Prompt), .parquet (caption)",
     )
-    p.add_argument(
+    add(
         "--encoder",
         help="prompt encoder: clip (77 tokens), segment (LongAlign, long prompts) or an export "
         "dir with prompt_encoder.json (default: the checkpoint's own if it has one, else "
         "the pipeline's)",
     )
-    p.add_argument(
-        "--base",
-        help="base model of a LoRA-only export (default: its align_export.json)",
-    )
-    p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
-    p.add_argument("--images-per-prompt", "-n", type=int, default=1)
-    p.add_argument(
+    add("--base", help="base model of a LoRA-only export (default: its align_export.json)")
+    add("--out", required=True, help="output directory (resumed if it exists)")
+    add("--images-per-prompt", "-n", type=int, default=1)
+    add(
         "--seed", type=int, default=0, help="seed of image 0 of every prompt; image j uses seed + j"
     )
-    p.add_argument(
+    add(
         "--scheduler",
         choices=sorted(SCHEDULERS),
         help="default: unipc (SD1.5, SDXL), flow-euler (SD3, FLUX.1)",
     )
-    p.add_argument("--steps", type=int, help="default: 25 for unipc/dpm++, 50 for ddim and others")
-    p.add_argument("--guidance-scale", type=float, help="default: 7.5 for SD1.5, 5.0 for SDXL")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--prompt-column", help="column / field holding the prompt")
-    p.add_argument(
+    add("--steps", type=int, help="default: 25 for unipc/dpm++, 50 for ddim and others")
+    add("--guidance-scale", type=float, help="default: 7.5 for SD1.5, 5.0 for SDXL")
+    add("--batch-size", type=int, default=8)
+    add("--height", type=int)
+    add("--width", type=int)
+    add("--negative-prompt", default="")
+    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add("--device", default="auto")
+    add("--prompt-column", help="column / field holding the prompt")
+    add(
         "--dedupe",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="drop repeated prompts (default: on for parquet, off otherwise)",
     )
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--no-progress", action="store_true")
+    add("--limit", type=int, help="use only the first N prompts")
+    add("--no-progress", action="store_true")
     return p
 
 

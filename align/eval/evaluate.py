@@ -141,19 +141,12 @@ def evaluate(config: EvalConfig) -> tuple[dict, list[dict], Path]:
     if config.fid_reference:
         extractor = build_feature_extractor(config.fid_features, device=device)
         ref = reference_stats(config.fid_reference, extractor, batch_size=config.batch_size)
-        run_stats = compute_stats([e.path for e in run.entries], extractor, config.batch_size)
-        fid = {
-            "reference": str(config.fid_reference),
-            "features": extractor.spec,
-            "reference_n": ref.n,
-            "run": fid_from_stats(run_stats, ref),
-            "run_n": run_stats.n,
-        }
-        if baseline is not None:
-            base_stats = compute_stats(
-                [e.path for e in baseline.entries], extractor, config.batch_size
-            )
-            fid.update(baseline=fid_from_stats(base_stats, ref), baseline_n=base_stats.n)
+        fid = dict(reference=str(config.fid_reference), features=extractor.spec, reference_n=ref.n)
+        for label, image_set in (("run", run), ("baseline", baseline)):
+            if image_set is not None:
+                paths = [e.path for e in image_set.entries]
+                stats = compute_stats(paths, extractor, config.batch_size)
+                fid.update({label: fid_from_stats(stats, ref), f"{label}_n": stats.n})
         report["fid"] = fid
 
     rows = scored_run.rows("run") + (scored_base.rows("baseline") if scored_base else [])

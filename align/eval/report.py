@@ -34,12 +34,9 @@ def table_rows(report: dict) -> list[dict]:
     rows = []
     for name, r in report["rewards"].items():
         row = {"reward": name, "n_images": r["run"]["n"]}
-        for part, value in (
-            ("run", "run_mean"),
-            ("baseline", "baseline_mean"),
-            ("win_rate", "win_rate"),
-        ):
+        for part in ("run", "baseline", "win_rate"):
             est = r.get(part)  # None without a baseline: its columns are empty
+            value = part if part == "win_rate" else f"{part}_mean"
             keys = {value: "value", f"{part}_ci_low": "low", f"{part}_ci_high": "high"}
             if part == "win_rate":
                 keys.update(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -100,7 +100,6 @@ class SampleConfig:
     # clip | segment | an export dir with prompt_encoder.json; None: auto (see below)
     encoder: str | None = None
     base: str | None = None  # the base model of a LoRA-only export (default: its align_export.json)
-    extra: dict = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -151,15 +150,6 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(path.stem + ".partial.png")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def scheduler_name(config: SampleConfig, components) -> str:
@@ -265,7 +255,10 @@ def sample_images(
         "seeds": seeds_all,
         "num_prompts": len(prompts),
         "prompt_source": prompt_source,
-        "versions": _versions(),
+        "versions": {
+            **{m.__name__: m.__version__ for m in (torch, diffusers, transformers)},
+            "python": platform.python_version(),
+        },
     }
     write_prompts_file(out, prompts)
     (out / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -29,9 +29,8 @@ class ScoredSet:
         for entry in self.image_set.entries:
             if not self.scores or not all(entry.key in s for s in self.scores.values()):
                 continue
-            prompt, path = self.image_set.prompt(entry), str(entry.path)
             row = {"set": label, "prompt_index": entry.prompt_index, "seed": entry.seed}
-            row |= {"prompt": prompt, "path": path}
+            row |= {"prompt": self.image_set.prompt(entry), "path": str(entry.path)}
             out.append(row | {name: s[entry.key] for name, s in self.scores.items()})
         return out
 

@@ -36,10 +36,6 @@ class ResumeMismatch(RunRefused):
     """A resume whose settings differ from the checkpoint's where a change is not sound."""
 
 
-def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """One fused norm per device group: finite iff every element of every tensor is."""
     tensors = [t.detach() for t in tensors if t is not None]
@@ -54,7 +50,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def assert_finite_weights(module: torch.nn.Module, what: str) -> None:
-    if not all_finite(trainable(module)):
+    if not all_finite([p for p in module.parameters() if p.requires_grad]):
         raise NonFiniteError(f"refusing to write {what}: the trainable weights are not finite")
 
 
@@ -115,9 +111,8 @@ class Preemption(L.Callback):
         self.saved: Path | None = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
-            return
-        if trainer.state.fn != TrainerFn.FITTING:
+        stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if not stopped or trainer.state.fn != TrainerFn.FITTING:
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)

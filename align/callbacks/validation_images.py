@@ -1,15 +1,14 @@
-"""Render a few fixed (long) prompts with fixed seeds every N steps: what the policy draws,
-as it trains.
+"""Render a few fixed (long) prompts with fixed seeds every N steps: what the policy draws, as it
+trains.
 
 With ``compare_reference`` (on by default for modules that have a reference: DPO, KTO) each logged
 image is the policy's and the reference's side by side, from the same noise, labelled
-``policy | reference``; with ``reward`` set,
-both are scored by that reward model and the means are logged as ``val/reward/<name>/policy`` and
-``.../reference``.
+``policy | reference``; with ``reward`` set, both are scored by that reward model and the means are
+logged as ``val/reward/<name>/policy`` and ``.../reference``.
 
 Images go to every logger that has ``log_image`` (wandb: one panel per prompt, the caption under it)
-and, as PNGs, to ``<run>/images/step-<N>/`` (so a CSV-only run has them too). Rendering
-uses the module's own prompt encoder (segment encoding for LongAlign) through
+and, as PNGs, to ``<run>/images/step-<N>/`` (so a CSV-only run has them too). Rendering uses the
+module's own prompt encoder (segment encoding for LongAlign) through
 ``align.models.sampling.generate``, on global rank 0 only, with the module in eval mode (adapter
 dropout off) and in the trainer's precision (bf16 autocast in ``bf16-mixed``); the training RNG
 streams are untouched.
@@ -50,16 +49,15 @@ DEFAULT_PROMPTS = [
 
 
 class ValidationImages(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training),
-    render ``prompts`` and log them.
+    """Renders ``prompts`` and logs them every ``every_n_steps`` optimizer steps (and at the end).
 
     Args:
         prompts: the prompts (default: three long ones, ``DEFAULT_PROMPTS``).
         every_n_steps: render when ``global_step`` is a positive multiple of this.
-        seed: every image starts from ``torch.Generator('cpu').manual_seed(seed)``:
-            the same noise each time.
-        steps / guidance_scale / negative_prompt / height / width: sampling settings
-            (default size: the model's).
+        seed: every image starts from ``torch.Generator('cpu').manual_seed(seed)``: the same noise
+            each time.
+        steps / guidance_scale / negative_prompt / height / width: sampling settings (default
+            size: the model's).
         scheduler: a diffusers scheduler class built from the model's scheduler config (SD3 and
             FLUX.1 sample with their own flow sampler whatever this says).
         at_start / at_end: also render before the first step / after the last.
@@ -111,19 +109,6 @@ class ValidationImages(L.Callback):
             self.render_and_log(trainer, pl_module)
 
     # ---- what ------------------------------------------------------------------------------------
-    @staticmethod
-    def has_reference(pl_module) -> bool:
-        return getattr(pl_module, "ref_unet", None) is not None or getattr(
-            pl_module, "use_lora_reference", False
-        )
-
-    @torch.no_grad()
-    def render_reference(self, trainer, pl_module) -> list:
-        """The reference model's images from the same noise
-        (the frozen copy, or the UNet without adapters)."""
-        with pl_module.reference_denoiser() as unet:
-            return self.render(trainer, pl_module, unet=unet)
-
     def score(self, images, device) -> float:
         if self._reward is None:
             self._reward = build_reward(self.reward_name, self.reward_source, device=device)
@@ -131,8 +116,8 @@ class ValidationImages(L.Callback):
 
     @torch.no_grad()
     def render(self, trainer, pl_module, unet=None) -> list:
-        """PIL images of ``self.prompts`` from the module's current weights
-        (or ``unet``) and prompt encoder."""
+        """PIL images of ``self.prompts`` from the module's weights (or ``unet``) and prompt
+        encoder."""
         import diffusers
 
         from align.models.sampling import policy_images
@@ -163,8 +148,13 @@ class ValidationImages(L.Callback):
         if not trainer.is_global_zero:
             return
         images, reference, metrics = self.render(trainer, pl_module), None, {}
-        if self.compare_reference and self.has_reference(pl_module):
-            reference = self.render_reference(trainer, pl_module)
+        has_reference = getattr(pl_module, "ref_unet", None) is not None or getattr(
+            pl_module, "use_lora_reference", False
+        )
+        if self.compare_reference and has_reference:
+            # the same noise through the frozen copy, or through the UNet without its adapters
+            with pl_module.reference_denoiser() as unet:
+                reference = self.render(trainer, pl_module, unet=unet)
         if self.reward_name:
             key = f"val/reward/{self.reward_name}"
             metrics[f"{key}/policy"] = self.score(images, pl_module.device)
@@ -195,9 +185,8 @@ def side_by_side(left, right, labels=("policy", "reference"), min_size: int = 12
         im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (left, right)
     )
     strip = 14
-    canvas = Image.new(
-        "RGB", (left.width + right.width, max(left.height, right.height) + strip), "white"
-    )
+    size = (left.width + right.width, max(left.height, right.height) + strip)
+    canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     for x, image, label in ((0, left, labels[0]), (left.width, right, labels[1])):
         draw.text((x + 3, 1), label, fill="black")

@@ -124,16 +124,8 @@ def resolve_encoder(components, encoder):
     return encoder
 
 
-def evaluate_long(
-    components,
-    unet,
-    encoder,
-    captions: list[str],
-    seeds: list[int],
-    steps: int = 10,
-    guidance: float = 4.0,
-) -> dict:
-    """Judge score of samples for long ``captions`` x ``seeds``,
+def evaluate_long(components, unet, encoder, captions: list[str], seeds: list[int], **kw) -> dict:
+    """Judge score of samples for long ``captions`` x ``seeds`` (``kw``: ``steps``, ``guidance``),
     counting only the facts past token 77.
 
     ``encoder``: ``segment``, ``truncate`` or a prompt encoder module (a trained module's
@@ -153,5 +145,5 @@ def evaluate_long(
         )
     pipe = make_pipeline(components, unet=unet)
     encoder = resolve_encoder(components, encoder)
-    res = evaluate(pipe, captions, list(seeds), encoder, cells, steps=steps, guidance=guidance)
+    res = evaluate(pipe, captions, list(seeds), encoder, cells, **kw)
     return {**res, "cells": cells, "seconds": time.time() - t}

@@ -154,30 +154,25 @@ def sample_grid(
 def write_report(
     out: Path, summary: dict, samples: dict, captions: list[str], per_caption: int
 ) -> Path:
-    out = Path(out)
-    baselines = summary["baselines"]
-    plot_curves(
-        summary["results"], summary.get("curve_baselines", baselines), out / "judge_curves.png"
-    )
+    results, baselines, cfg = summary["results"], summary["baselines"], summary["config"]
+    plot_curves(results, summary["curve_baselines"], out / "judge_curves.png")
     sample_grid(samples, captions, per_caption, out / "samples.png")
-    cfg = summary["config"]
-    base = summary["base_score"]
-    flow = cfg["base"].get("family", "sd15") != "sd15"
+    flow = cfg["base"]["family"] != "sd15"
     sampler = "flow Euler" if flow else "DDIM"
     lines = [
         "# align demo: the shapes world" + (", a flow-matching (SD3-shaped) base" if flow else ""),
         "",
-        f"Command: `{summary.get('command', 'align demo')}`  ",
+        f"Command: `{summary['command']}`  ",
         f"torch threads: {summary['torch_threads']}; total time "
         f"{summary['timings_s']['total']:.0f}s",
         "",
         "Judge score = fraction of a caption's facts (colour and shape of each object at its "
         f"position) that the image satisfies, on {len(captions)} held-out captions "
-        f"({cfg.get('eval_set', 'test')} set) x {per_caption} fixed sampling seeds ({sampler} "
+        f"({cfg['eval_set']} set) x {per_caption} fixed sampling seeds ({sampler} "
         f"{cfg['sample_steps']} steps, CFG {cfg['guidance']}). Spread = standard deviation over "
         f"{cfg['seeds']} training seeds (the base is one fixed model). The curves "
         "(`judge_curves.png`) are judged on the first "
-        f"{min(cfg.get('curve_seeds') or per_caption, per_caption)} of those sampling seeds at "
+        f"{min(cfg['curve_seeds'] or per_caption, per_caption)} of those sampling seeds at "
         "every step, the table on all of them.",
         "",
         "## Results",
@@ -185,13 +180,15 @@ def write_report(
         "| model | evaluated on | judge score (mean ± sd over seeds) | base on the same | change "
         "vs base (judging SE) | per seed |",
         "|---|---|---|---|---|---|",
-        f"| base | short captions | {base:.4f} | — | — | — |",
+        f"| base | short captions | {summary['base_score']:.4f} | — | — | — |",
     ]
-    for method, runs in summary["results"].items():
+    verdicts = []
+    for method, runs in results.items():
         finals = [r["final"] for r in runs]
         m, sd = mean_spread(finals)
-        b = baselines[method]
-        se = judging_error(runs, summary.get("caption_baselines", {}).get(method))
+        b, caption_baseline = baselines[method], summary["caption_baselines"][method]
+        se = judging_error(runs, caption_baseline)
+        verdicts.append(f"- {method}: {verdict(method, runs, b, results, caption_baseline)}")
         lines.append(
             f"| {method} | {summary['eval_sets'][method]} | {m:.4f} ± {sd:.4f} | {b:.4f} | "
             f"{m - b:+.4f}{'' if se is None else f' ({se:.4f})'} | "
@@ -208,12 +205,8 @@ def write_report(
         "which the spread over training seeds misses because every seed is judged on the same "
         "captions and sampling seeds):",
         "",
+        *verdicts,
     ]
-    for method, runs in summary["results"].items():
-        cap_base = summary.get("caption_baselines", {}).get(method)
-        lines.append(
-            f"- {method}: {verdict(method, runs, baselines[method], summary['results'], cap_base)}"
-        )
     p = summary["preferences"]
     pairs = "pairs, each caption's best and worst image" if p.get("best_worst") else "pairs"
     lines += [
@@ -226,22 +219,21 @@ def write_report(
         f"DPO data module as in the official code); {p['desirable']} of {p['images']} images "
         "desirable (every fact satisfied).",
         "",
-        *(
-            [
-                f"Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
-                f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.",
-                "",
-            ]
-            if summary.get("preference_model") is not None
-            else []
-        ),
+    ]
+    if summary["preference_model"] is not None:
+        lines += [
+            "Tiny CLIP preference model (rft-clip's reward): held-out pairwise accuracy "
+            f"{summary['preference_model']:.3f} on judge-labelled rendered pairs.",
+            "",
+        ]
+    lines += [
         "## Runs",
         "",
         "Each method is one config of `configs/demo/` run by `align fit` "
         "(training seed 0 shown; the others differ in the seed flags only):",
         "",
         "```",
-        *summary.get("commands", {}).values(),
+        *summary["commands"].values(),
         "```",
         "",
         "## Settings",

@@ -444,20 +444,18 @@ def run_demo(cfg: DemoConfig, command: str = "align demo") -> dict:
     results: dict = {m: [] for m in cfg.methods}
     samples: dict = {"base": judged["short"]["images"]}
     for (method, seed), secs in seconds.items():
-        run, monitor = job_dir(cfg, method, seed), {}
-        if (run / "reward_monitor.json").is_file():
-            monitor["monitor"] = json.loads((run / "reward_monitor.json").read_text())
+        run = job_dir(cfg, method, seed)
         r = json.loads((run / "judge.json").read_text())
-        results[method].append(
-            {
-                "seed": seed,
-                "final": r["final"],
-                "curve": [(0, curve_baselines[method]), *map(tuple, r["curve"])],
-                "caption_scores": r["caption_scores"],
-                "seconds": secs,
-                **monitor,
-            }
-        )
+        result = {
+            "seed": seed,
+            "final": r["final"],
+            "curve": [(0, curve_baselines[method]), *map(tuple, r["curve"])],
+            "caption_scores": r["caption_scores"],
+            "seconds": secs,
+        }
+        if (run / "reward_monitor.json").is_file():
+            result["monitor"] = json.loads((run / "reward_monitor.json").read_text())
+        results[method].append(result)
         if seed == 0:
             samples[method] = np.load(run / "judge_images.npy")
     summary_out = {

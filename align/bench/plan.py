@@ -106,9 +106,17 @@ def world_size(trainer: dict, devices: int | None, num_nodes: int | None) -> int
     return devices * (num_nodes or int(trainer.get("num_nodes") or 1))
 
 
+def data_args(cfg: dict) -> dict:
+    """The data module's arguments, an online module's round data (its ``data`` dict) included."""
+    args = cfg["data"]["init_args"]
+    if not isinstance(args.get("data"), dict):
+        return args
+    return {**args["data"], **{k: v for k, v in args.items() if v is not None}}
+
+
 def make_plan(cfg: dict, world: int, num_samples: int | None = None) -> Plan:
     """The batch, the data's size and epoch, and the steps of ``cfg`` on ``world`` GPUs."""
-    data, trainer = cfg["data"]["init_args"], cfg["trainer"]
+    data, trainer = data_args(cfg), cfg["trainer"]
     micro, target = int(data["batch_size"]), data.get("global_batch_size")
     if target:
         accumulation, actual = accumulation_for(int(target), micro, world)
@@ -137,7 +145,7 @@ def _training_samples(
     cfg: dict, plan: Plan, num_samples: int | None
 ) -> tuple[int | None, int | None, str]:
     """(samples, batches per rank per epoch, where the count comes from)."""
-    data = cfg["data"]["init_args"]
+    data = data_args(cfg)
     if num_samples is not None:
         epoch = epoch_batches(
             num_samples,
@@ -154,7 +162,9 @@ def _training_samples(
         return None, None, f"{name} does not stream data epochs"
     try:
         with no_shard_downloads():  # a plan downloads nothing
-            samples, epoch = cls(**data).epoch_plan(plan.world, plan.accumulation)
+            samples, epoch = cls(**cfg["data"]["init_args"]).epoch_plan(
+                plan.world, plan.accumulation
+            )
     except (FileNotFoundError, ValueError) as err:
         return None, None, f"{err} (pass --num-samples)"
     return samples, epoch, "the shards"
@@ -255,7 +265,7 @@ def compare(ours: dict[str, object], official: dict[str, object], reasons: dict[
 
 def our_settings(cfg: dict, plan: Plan) -> dict[str, object]:
     """The values of ``cfg`` under the names the recipes use."""
-    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    model, data, trainer = cfg["model"]["init_args"], data_args(cfg), cfg["trainer"]
     opt = model.get("optimizer") or {}
     sched = (model.get("lr_scheduler") or {}).get("init_args", {})
     return {
@@ -279,7 +289,7 @@ def our_settings(cfg: dict, plan: Plan) -> dict[str, object]:
 
 def step_config(cfg: dict, preset: str) -> StepConfig | None:
     """The ``align.bench`` step of a DPO/KTO config (None for other modules)."""
-    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    model, data, trainer = cfg["model"]["init_args"], data_args(cfg), cfg["trainer"]
     objective = OBJECTIVES.get(class_name(cfg["model"]["class_path"]))
     if objective is None:
         return None

@@ -135,3 +135,12 @@ def test_fsdp_shards_the_static_memory_over_the_gpus_that_share_it(capsys):
         assert q == pytest.approx(w - 0.75 * static)
     code, out, _ = plan(capsys, TINY, "--config", FSDP_SDXL, "--num-samples", "1000")
     assert code == 0 and "checkpointing, FSDP: static memory / 4)" in out
+
+
+def test_an_online_config_plans_its_round_batch(capsys):
+    """The online module holds its rounds' batch in its ``data`` dict (it crashed the plan)."""
+    online = str(ROOT / "configs/online/dpo_sd15.yaml")
+    code, out, _ = plan(capsys, online, "--no-estimate")
+    assert code == 0
+    assert "8 GPUs x 1 per micro-batch x accumulation 32 = 256 pairs per optimizer step" in out
+    assert "OnlinePreferenceDataModule does not stream data epochs" in out

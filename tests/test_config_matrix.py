@@ -3,6 +3,7 @@ with both CPU trainer configs (one process, two DDP processes with validation) o
 writes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +37,17 @@ DATA = [
     ["data", "synthetic", "longcaption", "--out", "data/synthetic/longcaption"],
     ["data", "synthetic", "longpairs", "--out", "data/synthetic/longpairs"],
 ]
+REWARDS = "artifacts/tiny-rewards"  # the monitors' gold rewards (`make train-grpo`)
 
 
-def align(*args, cwd, timeout=600):
+def align(*args, cwd, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, "-m", "align.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -73,13 +76,15 @@ def test_every_method_config_composes_with_every_trainer_config(trainer, capsys)
 
 @pytest.fixture(scope="module")
 def made_data(tmp_path_factory):
-    """The synthetic sets and the tiny Denscore `make train-*` writes, in a scratch directory."""
+    """The synthetic sets, tiny Denscore and tiny rewards `make train-*` writes, in a scratch
+    directory."""
     cwd = tmp_path_factory.mktemp("matrix")
     for args in DATA:
         done = align(*args, cwd=cwd)
         assert done.returncode == 0, done.stderr[-2000:]
-    done = align("data", "tiny-denscore", "data/synthetic/tiny-denscore", cwd=cwd)
-    assert done.returncode == 0, done.stderr[-2000:]
+    for args in (("tiny-denscore", "data/synthetic/tiny-denscore"), ("tiny-rewards", REWARDS)):
+        done = align("data", *args, cwd=cwd)
+        assert done.returncode == 0, done.stderr[-2000:]
     (cwd / "configs/eval").mkdir(parents=True)  # the GRPO and online configs' prompts
     (cwd / "configs/eval/prompts-tiny.txt").write_text(
         (ROOT / "configs/eval/prompts-tiny.txt").read_text()
@@ -110,6 +115,35 @@ def test_tiny_configs_train_with_the_cpu_trainer_configs(method, trainer, made_d
         cwd=made_data,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", TINY)
+def test_tiny_configs_run_whole_on_two_ranks(method, made_data, tmp_path):
+    """Each tiny config as shipped (its loggers, images, exports, monitors) on two DDP ranks, with
+    a checkpoint and export at every step: every rank makes the same broadcasts (one that does not
+    leaves the other waiting: NCCL hangs)."""
+    audit = tmp_path / "audit"
+    tests = str(ROOT / "tests")  # the rank audit is a test fixture
+    done = align(
+        "fit",
+        *("--config", str(ROOT / method), "--config", str(ROOT / "configs/trainer/ddp_cpu2.yaml")),
+        *("--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        *("--trainer.callbacks.every_n_train_steps", "1"),
+        *("--trainer.callbacks.dirpath", str(tmp_path / "every-step")),
+        *("--trainer.callbacks+=rank_audit.RankAudit", "--trainer.callbacks.out_dir", str(audit)),
+        cwd=made_data,
+        timeout=300,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((audit / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["broadcasts"] == ranks[1]["broadcasts"]
 
 
 @pytest.mark.slow

@@ -102,3 +102,32 @@ def test_checkpoint_exports_under_ddp_leave_no_rank_waiting(tmp_path, pair_shard
     assert ranks[0]["broadcasts"] == ranks[1]["broadcasts"]
     exports = (tmp_path / "logs").glob("*/*/export/*")
     assert sorted(p.name for p in exports) == ["final"]  # step-1 pruned, step-2 renamed
+
+
+def test_a_two_rank_run_resumed_mid_epoch_continues_exactly(tmp_path, pair_shards):
+    """Stopped at step 2 of a 3-batch epoch and resumed to step 4 (into the next epoch): each rank
+    trains on the same samples with the same random draws and ends with the same weights as the
+    run that went through."""
+
+    def run(audit: str, *args: str) -> list[dict]:
+        fit_on_two_ranks(
+            tmp_path,
+            pair_shards,
+            *("--trainer.max_steps", "4", "--data.batches_per_epoch", "3"),
+            *("--trainer.callbacks", "rank_audit.RankAudit"),
+            *("--trainer.callbacks.out_dir", str(tmp_path / audit)),
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            *("--trainer.callbacks.every_n_train_steps", "2"),
+            *("--trainer.callbacks.save_top_k", "-1"),
+            *("--trainer.callbacks.dirpath", str(tmp_path / audit / "ckpt")),
+            *args,
+        )
+        return [json.loads((tmp_path / audit / f"rank{r}.json").read_text()) for r in range(2)]
+
+    whole = run("whole")
+    resumed = run("resumed", "--ckpt_path", str(tmp_path / "whole/ckpt/epoch=0-step=2.ckpt"))
+    for full, rest in zip(whole, resumed):
+        assert rest["global_step"] == 4 and len(rest["streams"]) == 2
+        assert rest["keys"] == full["keys"][len(full["keys"]) // 2 :]
+        assert rest["streams"] == full["streams"][2:]
+        assert rest["weight_sum"] == full["weight_sum"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import yaml
 
-from align.callbacks.run_dir import broadcast, run_dir
+from align.callbacks.run_dir import broadcast, refuse_fsdp, run_dir
 from align.callbacks.survival import assert_finite_weights, replace_dir_atomically
 from align.models.export_dtype import cast_export
 from align.models.export_dtype import export_dtype as export_dtype_of
@@ -92,6 +92,9 @@ class DiffusersExport(L.Callback):
         steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
         for old in steps[: -self.keep] if self.keep else []:
             shutil.rmtree(old, ignore_errors=True)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        refuse_fsdp(trainer, self)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # ModelCheckpoint saves step-N.ckpt and last.ckpt at the same step: one export for both

@@ -29,7 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from align.callbacks.run_dir import run_dir
+from align.callbacks.run_dir import refuse_fsdp, run_dir
 from align.data.prompt_files import read_prompts
 from align.rewards.weighted import WeightedReward, parse_rewards
 
@@ -104,6 +104,9 @@ class RewardMonitor(L.Callback):
         self._scorers: tuple | None = None
 
     # ---- when ------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage) -> None:
+        refuse_fsdp(trainer, self)
+
     def on_train_start(self, trainer, pl_module) -> None:
         if not any(h["step"] == trainer.global_step for h in self.history):
             self.evaluate(trainer, pl_module)

@@ -38,6 +38,19 @@ def broadcast(trainer: L.Trainer, obj):
     return obj if strategy is None else strategy.broadcast(obj)
 
 
+def refuse_fsdp(trainer: L.Trainer, callback: L.Callback) -> None:
+    """Fail at start: under FSDP every rank must join each all-gather of a sharded module, and
+    ``callback`` runs the model (or reads its full weights) on rank 0 alone, which would hang."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
+        raise ValueError(
+            f"{type(callback).__name__} uses the model on rank 0 alone, which FSDP's sharded "
+            "modules cannot do (every rank must join each all-gather): leave it out under FSDP "
+            "(configs/trainer/fsdp_*.yaml set callbacks without it)"
+        )
+
+
 def logger_dir(trainer: L.Trainer) -> str:
     """Lightning's ``<save_dir>/<name>/<version>`` of the first logger, on this rank alone."""
     logger = trainer.loggers[0]

@@ -21,7 +21,7 @@ import logging
 import lightning as L
 import torch
 
-from align.callbacks.run_dir import run_dir
+from align.callbacks.run_dir import refuse_fsdp, run_dir
 from align.rewards import build_reward
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class ValidationImages(L.Callback):
         self.rendered_steps: list[int] = []
 
     # ---- when ------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage) -> None:
+        refuse_fsdp(trainer, self)
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self.at_start:
             self.render_and_log(trainer, pl_module)

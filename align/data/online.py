@@ -156,6 +156,16 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
         return folder
 
     # ---- what Lightning asks for -----------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
+            raise ValueError(
+                "online rounds render each rank's share of the prompts outside the training step, "
+                "which FSDP's sharded modules cannot do (every rank must join each all-gather): "
+                "train the online methods under DDP"
+            )
+
     def train_dataloader(self):
         if self.trainer.reload_dataloaders_every_n_epochs != 1:
             raise ValueError(

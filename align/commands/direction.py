@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     from align.rewards.segments import estimate_direction
 
     p = tool_parser("align direction", __doc__)
-
     add = p.add_argument
     add(
         "--reward",

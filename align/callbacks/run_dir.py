@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 
 RUN_NAME_ENV = "ALIGN_RUN_NAME"  # inherited by the ranks Lightning launches: one name for all
 
@@ -41,8 +42,6 @@ def broadcast(trainer: L.Trainer, obj):
 def refuse_fsdp(trainer: L.Trainer, callback: L.Callback) -> None:
     """Fail at start: under FSDP every rank must join each all-gather of a sharded module, and
     ``callback`` runs the model (or reads its full weights) on rank 0 alone, which would hang."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
         raise ValueError(
             f"{type(callback).__name__} uses the model on rank 0 alone, which FSDP's sharded "

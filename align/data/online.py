@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 
 from align.data.generated import check_scorer, plan, score_images, write_planned
 from align.data.kto import KTODataModule
@@ -157,8 +158,6 @@ class OnlinePreferenceDataModule(L.LightningDataModule):
 
     # ---- what Lightning asks for -----------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
             raise ValueError(
                 "online rounds render each rank's share of the prompts outside the training step, "

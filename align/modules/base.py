@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 
 from align.data.cached import model_fingerprint
 from align.models import load_components
@@ -573,8 +574,6 @@ class DiffusionModule(TrainableModule):
 
     # ---- optimisation, export --------------------------------------------------------------------
     def _fsdp(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy
-
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def on_before_optimizer_step(self, optimizer) -> None:
